@@ -18,7 +18,10 @@ pub struct CpusConfig {
 
 impl Default for CpusConfig {
     fn default() -> Self {
-        CpusConfig { boot_vcpus: DEFAULT_VCPUS, max_vcpus: DEFAULT_VCPUS }
+        CpusConfig {
+            boot_vcpus: DEFAULT_VCPUS,
+            max_vcpus: DEFAULT_VCPUS,
+        }
     }
 }
 
@@ -31,7 +34,9 @@ pub struct MemoryConfig {
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        MemoryConfig { size: DEFAULT_MEMORY_SIZE }
+        MemoryConfig {
+            size: DEFAULT_MEMORY_SIZE,
+        }
     }
 }
 
@@ -95,8 +100,14 @@ impl Default for VmConfig {
             cpus: CpusConfig::default(),
             memory: MemoryConfig::default(),
             payload: None,
-            serial: ConsoleConfig { mode: ConsoleOutputMode::Tty, file: None },
-            console: ConsoleConfig { mode: ConsoleOutputMode::Off, file: None },
+            serial: ConsoleConfig {
+                mode: ConsoleOutputMode::Tty,
+                file: None,
+            },
+            console: ConsoleConfig {
+                mode: ConsoleOutputMode::Off,
+                file: None,
+            },
             heki: HekiConfig::default(),
         }
     }

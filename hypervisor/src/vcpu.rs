@@ -1,0 +1,248 @@
+use kvm_bindings::{
+    KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, Msrs,
+    kvm_msr_entry, kvm_run,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::cpuid::{CpuidEntry, to_kvm_cpuid};
+use crate::error::{HypervisorError, Result, ioctl_err};
+use crate::exit::{EmulationFailure, MsrRead, MsrWrite, SystemEventKind, VmExit};
+use crate::regs::{Regs, SpecialRegs, merge_sregs};
+
+/// Local APIC register offsets and delivery modes for LINT0/LINT1.
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_EXTINT: u32 = 0x7;
+const APIC_MODE_NMI: u32 = 0x4;
+
+/// One virtual CPU. Owned by exactly one thread.
+pub struct Vcpu {
+    fd: VcpuFd,
+    id: u8,
+}
+
+impl Vcpu {
+    pub(crate) fn new(fd: VcpuFd, id: u8) -> Self {
+        Vcpu { fd, id }
+    }
+
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// Runs the guest until the next exit that needs the VMM.
+    pub fn run(&mut self) -> Result<VmExit<'_>> {
+        // Read after an internal error, when `exit` borrows nothing from the run page.
+        let run_page: *const kvm_run = self.fd.get_kvm_run();
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return Ok(VmExit::Interrupted);
+            }
+            Err(e) => return Err(ioctl_err("KVM_RUN")(e)),
+        };
+        Ok(match exit {
+            VcpuExit::IoIn(port, data) => VmExit::IoIn { port, data },
+            VcpuExit::IoOut(port, data) => VmExit::IoOut { port, data },
+            VcpuExit::MmioRead(gpa, data) => VmExit::MmioRead { gpa, data },
+            VcpuExit::MmioWrite(gpa, data) => VmExit::MmioWrite { gpa, data },
+            VcpuExit::X86Rdmsr(m) => VmExit::MsrRead(MsrRead {
+                index: m.index,
+                data: m.data,
+                error: m.error,
+            }),
+            VcpuExit::X86Wrmsr(m) => VmExit::MsrWrite(MsrWrite {
+                index: m.index,
+                value: m.data,
+                error: m.error,
+            }),
+            VcpuExit::Hypercall(h) => VmExit::Hypercall {
+                nr: h.nr,
+                args: h.args,
+            },
+            VcpuExit::Hlt => VmExit::Hlt,
+            VcpuExit::Shutdown => VmExit::Shutdown,
+            VcpuExit::SystemEvent(kind, _) => VmExit::SystemEvent(match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => SystemEventKind::Shutdown,
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => SystemEventKind::Reset,
+                kvm_bindings::KVM_SYSTEM_EVENT_CRASH => SystemEventKind::Crash,
+                other => SystemEventKind::Other(other),
+            }),
+            VcpuExit::FailEntry(reason, cpu) => VmExit::FailEntry { reason, cpu },
+            VcpuExit::Intr => VmExit::Interrupted,
+            // SAFETY: the run page is mapped for the vCPU's lifetime and KVM does not
+            // touch it while we are out of KVM_RUN.
+            VcpuExit::InternalError => internal_error(unsafe { &*run_page }),
+            other => VmExit::Unhandled(format!("{other:?}")),
+        })
+    }
+
+    /// Makes the next `run` return `Interrupted` at once; the caller clears it
+    /// again after that `run`.
+    pub fn set_immediate_exit(&mut self, on: bool) {
+        self.fd.set_kvm_immediate_exit(u8::from(on));
+    }
+
+    pub fn regs(&self) -> Result<Regs> {
+        self.fd
+            .get_regs()
+            .map(Regs::from)
+            .map_err(ioctl_err("KVM_GET_REGS"))
+    }
+
+    pub fn set_regs(&self, regs: &Regs) -> Result<()> {
+        self.fd
+            .set_regs(&(*regs).into())
+            .map_err(ioctl_err("KVM_SET_REGS"))
+    }
+
+    pub fn sregs(&self) -> Result<SpecialRegs> {
+        self.fd
+            .get_sregs()
+            .map(SpecialRegs::from)
+            .map_err(ioctl_err("KVM_GET_SREGS"))
+    }
+
+    pub fn set_sregs(&self, sregs: &SpecialRegs) -> Result<()> {
+        let mut raw = self.fd.get_sregs().map_err(ioctl_err("KVM_GET_SREGS"))?;
+        merge_sregs(&mut raw, sregs);
+        self.fd.set_sregs(&raw).map_err(ioctl_err("KVM_SET_SREGS"))
+    }
+
+    /// Resets the FPU to its power-on state (x87 control word 0x37f, MXCSR 0x1f80).
+    pub fn reset_fpu(&self) -> Result<()> {
+        let fpu = kvm_bindings::kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(ioctl_err("KVM_SET_FPU"))
+    }
+
+    pub fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()> {
+        let cpuid = to_kvm_cpuid(entries).map_err(|_| HypervisorError::Ioctl {
+            op: "KVM_SET_CPUID2",
+            source: std::io::Error::from_raw_os_error(libc::E2BIG),
+        })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(ioctl_err("KVM_SET_CPUID2"))
+    }
+
+    pub fn set_msrs(&self, msrs: &[(u32, u64)]) -> Result<()> {
+        let entries: Vec<kvm_msr_entry> = msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let kvm_msrs = Msrs::from_entries(&entries).map_err(|_| HypervisorError::Ioctl {
+            op: "KVM_SET_MSRS",
+            source: std::io::Error::from_raw_os_error(libc::E2BIG),
+        })?;
+        let written = self
+            .fd
+            .set_msrs(&kvm_msrs)
+            .map_err(ioctl_err("KVM_SET_MSRS"))?;
+        if written != entries.len() {
+            let index = entries[written].index;
+            return Err(HypervisorError::Ioctl {
+                op: "KVM_SET_MSRS",
+                source: std::io::Error::other(format!("MSR {index:#x} was rejected")),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads one MSR.
+    pub fn msr(&self, index: u32) -> Result<u64> {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .map_err(|_| HypervisorError::Ioctl {
+            op: "KVM_GET_MSRS",
+            source: std::io::Error::other("bad MSR list"),
+        })?;
+        let read = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(ioctl_err("KVM_GET_MSRS"))?;
+        if read != 1 {
+            return Err(HypervisorError::Ioctl {
+                op: "KVM_GET_MSRS",
+                source: std::io::Error::other(format!("MSR {index:#x} is not readable")),
+            });
+        }
+        Ok(msrs.as_slice()[0].data)
+    }
+
+    /// Routes LINT0 to ExtINT (the legacy PIC) and LINT1 to NMI, as firmware would.
+    pub fn setup_lapic_lints(&self) -> Result<()> {
+        let mut lapic = self.fd.get_lapic().map_err(ioctl_err("KVM_GET_LAPIC"))?;
+        for (offset, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+            let mut bytes = [0u8; 4];
+            for (i, b) in bytes.iter_mut().enumerate() {
+                *b = lapic.regs[offset + i] as u8;
+            }
+            let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+            for (i, b) in value.to_le_bytes().iter().enumerate() {
+                lapic.regs[offset + i] = *b as libc::c_char;
+            }
+        }
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(ioctl_err("KVM_SET_LAPIC"))
+    }
+
+    /// Translates a guest virtual address with the vCPU's current page tables.
+    pub fn translate_gva(&self, gva: u64) -> Result<Option<u64>> {
+        let t = self
+            .fd
+            .translate_gva(gva)
+            .map_err(ioctl_err("KVM_TRANSLATE"))?;
+        Ok((t.valid != 0).then_some(t.physical_address))
+    }
+
+    /// Queues a hardware exception for delivery on the next entry.
+    pub fn inject_exception(&self, vector: u8, error_code: Option<u32>) -> Result<()> {
+        let mut events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(ioctl_err("KVM_GET_VCPU_EVENTS"))?;
+        events.exception.injected = 1;
+        events.exception.nr = vector;
+        events.exception.has_error_code = u8::from(error_code.is_some());
+        events.exception.error_code = error_code.unwrap_or(0);
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(ioctl_err("KVM_SET_VCPU_EVENTS"))
+    }
+}
+
+/// Decodes `KVM_EXIT_INTERNAL_ERROR`, including emulation failures.
+fn internal_error(run: &kvm_run) -> VmExit<'static> {
+    // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active union member.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
+        // SAFETY: for the emulation suberror KVM fills the `emulation_failure` view of the same union.
+        let emu = unsafe { run.__bindgen_anon_1.emulation_failure };
+        let has_bytes = u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES);
+        let insn_bytes = if emu.ndata >= 3 && emu.flags & has_bytes != 0 {
+            // SAFETY: the flag says the instruction bytes are valid.
+            let bytes = unsafe { emu.__bindgen_anon_1.__bindgen_anon_1 };
+            let len = usize::from(bytes.insn_size).min(bytes.insn_bytes.len());
+            Some(bytes.insn_bytes[..len].to_vec())
+        } else {
+            None
+        };
+        return VmExit::EmulationFailure(EmulationFailure { insn_bytes });
+    }
+    let n = (internal.ndata as usize).min(internal.data.len());
+    VmExit::InternalError {
+        suberror: internal.suberror,
+        data: internal.data[..n].to_vec(),
+    }
+}

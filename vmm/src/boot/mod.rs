@@ -1,0 +1,201 @@
+//! Loading a kernel and describing the machine to it: PVH for ELF vmlinux,
+//! the Linux 64-bit boot protocol for bzImage.
+
+mod e820;
+mod linux;
+mod pvh;
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+pub use e820::{E820_RAM, E820_RESERVED, E820Entry, e820_map};
+
+use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_RAM_START, LOW_RAM_END};
+use crate::memory::RamRegion;
+
+#[derive(Debug, Error)]
+pub enum BootError {
+    #[error("kernel {path}: {reason}")]
+    Kernel { path: PathBuf, reason: String },
+    #[error("initramfs {path}: {reason}")]
+    Initramfs { path: PathBuf, reason: String },
+    #[error("command line: {0}")]
+    Cmdline(String),
+    #[error("no kernel configured (payload.kernel is missing)")]
+    NoKernel,
+    #[error("cannot write boot structures to guest memory")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+}
+
+/// How the boot vCPU must be started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryPoint {
+    /// 32-bit protected mode, paging off, EBX = `start_info`.
+    Pvh { entry: u64, start_info: u64 },
+    /// 64-bit long mode with identity paging, RSI = `boot_params`.
+    Linux64 { entry: u64, boot_params: u64 },
+}
+
+/// What the loaded payload asks of the machine.
+pub struct BootInputs<'a> {
+    pub kernel: &'a Path,
+    pub initramfs: Option<&'a Path>,
+    pub cmdline: &'a str,
+    pub ram: &'a [RamRegion],
+    pub rsdp: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KernelFormat {
+    Elf,
+    BzImage,
+}
+
+/// Loads kernel, initramfs and command line, and writes the boot structures.
+pub fn load_payload(
+    mem: &GuestMemoryMmap,
+    inputs: &BootInputs<'_>,
+) -> Result<EntryPoint, BootError> {
+    let kernel_err = |reason: String| BootError::Kernel {
+        path: inputs.kernel.to_path_buf(),
+        reason,
+    };
+    let mut file =
+        File::open(inputs.kernel).map_err(|e| kernel_err(format!("cannot open: {e}")))?;
+    let file_size = file
+        .metadata()
+        .map_err(|e| kernel_err(format!("cannot stat: {e}")))?
+        .len();
+    let ram_size: u64 = inputs.ram.iter().map(|r| r.size).sum();
+    if file_size > ram_size.saturating_sub(HIGH_RAM_START) {
+        return Err(kernel_err(format!(
+            "image is {file_size} bytes, larger than the {ram_size} bytes of guest memory"
+        )));
+    }
+    let format = detect_format(&mut file).map_err(kernel_err)?;
+    let cmdline_len = write_cmdline(mem, inputs.cmdline)?;
+    match format {
+        KernelFormat::Elf => {
+            let loaded = pvh::load_elf(mem, &mut file).map_err(kernel_err)?;
+            let initramfs = load_initramfs(mem, inputs, loaded.kernel_end, LOW_RAM_END)?;
+            let start_info =
+                pvh::write_start_info(mem, inputs, initramfs).map_err(BootError::GuestMemory)?;
+            Ok(EntryPoint::Pvh {
+                entry: loaded.entry,
+                start_info,
+            })
+        }
+        KernelFormat::BzImage => {
+            let loaded = linux::load_bzimage(mem, &mut file).map_err(kernel_err)?;
+            let header = loaded.header;
+            let max_cmdline = u64::from(header.cmdline_size);
+            if max_cmdline != 0 && cmdline_len > max_cmdline {
+                return Err(BootError::Cmdline(format!(
+                    "{cmdline_len} bytes is longer than the kernel accepts ({max_cmdline})"
+                )));
+            }
+            let limit = u64::from(header.initrd_addr_max)
+                .saturating_add(1)
+                .min(LOW_RAM_END);
+            let initramfs = load_initramfs(mem, inputs, loaded.kernel_end, limit)?;
+            let boot_params =
+                linux::write_boot_params(mem, inputs, &loaded, cmdline_len, initramfs)
+                    .map_err(BootError::GuestMemory)?;
+            Ok(EntryPoint::Linux64 {
+                entry: loaded.entry,
+                boot_params,
+            })
+        }
+    }
+}
+
+fn detect_format(file: &mut File) -> Result<KernelFormat, String> {
+    let mut head = [0u8; 0x206];
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let n = read_up_to(file, &mut head).map_err(|e| format!("cannot read: {e}"))?;
+    if n >= 4 && head[..4] == *b"\x7fELF" {
+        if n < 64 {
+            return Err("truncated ELF header".into());
+        }
+        return Ok(KernelFormat::Elf);
+    }
+    if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
+        return Ok(KernelFormat::BzImage);
+    }
+    if n < 0x206 {
+        return Err(format!(
+            "file is truncated ({n} bytes): not an ELF vmlinux or a bzImage"
+        ));
+    }
+    Err("not an ELF vmlinux (no ELF magic) or a bzImage (no HdrS header)".into())
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// Writes the NUL-terminated command line; returns its length with the NUL.
+fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<u64, BootError> {
+    if cmdline.as_bytes().contains(&0) {
+        return Err(BootError::Cmdline("contains a NUL byte".into()));
+    }
+    let len = cmdline.len() as u64 + 1;
+    if len > CMDLINE_MAX_SIZE {
+        return Err(BootError::Cmdline(format!(
+            "{len} bytes exceeds the {CMDLINE_MAX_SIZE}-byte limit"
+        )));
+    }
+    let mut bytes = cmdline.as_bytes().to_vec();
+    bytes.push(0);
+    mem.write_slice(&bytes, GuestAddress(CMDLINE_START))
+        .map_err(BootError::GuestMemory)?;
+    Ok(len)
+}
+
+/// Where the initramfs landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InitramfsPlacement {
+    pub addr: u64,
+    pub size: u64,
+}
+
+/// Places the initramfs at the top of low RAM (below `limit`), page aligned,
+/// above the kernel.
+fn load_initramfs(
+    mem: &GuestMemoryMmap,
+    inputs: &BootInputs<'_>,
+    kernel_end: u64,
+    limit: u64,
+) -> Result<Option<InitramfsPlacement>, BootError> {
+    let Some(path) = inputs.initramfs else {
+        return Ok(None);
+    };
+    let err = |reason: String| BootError::Initramfs {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+    let size = file
+        .metadata()
+        .map_err(|e| err(format!("cannot stat: {e}")))?
+        .len();
+    let low_ram_end = inputs.ram.first().map(|r| r.end()).unwrap_or(0).min(limit);
+    let addr = low_ram_end.checked_sub(size).map(|a| a & !0xfff).filter(|&a| a >= kernel_end).ok_or_else(|| {
+        err(format!("{size} bytes do not fit in guest memory between the kernel end ({kernel_end:#x}) and {low_ram_end:#x}"))
+    })?;
+    mem.read_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(|e| err(format!("cannot read into guest memory: {e}")))?;
+    Ok(Some(InitramfsPlacement { addr, size }))
+}

@@ -1,0 +1,14 @@
+//! vCPUs: initial state, the per-vCPU thread, exit dispatch, and the gate
+//! that keeps them out of guest mode when the VM is changed under them.
+
+mod boot_state;
+pub mod cpuid;
+pub mod exit;
+pub mod gate;
+pub mod kick;
+mod vcpu_thread;
+
+pub use boot_state::boot_registers;
+pub use exit::{ExitOutcome, VcpuEvent, handle_exit};
+pub use gate::VcpuGate;
+pub use vcpu_thread::{VcpuContext, run_vcpu};

@@ -1,0 +1,110 @@
+//! The vCPU thread: run the guest, dispatch exits, report what stops it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+
+use hypervisor::Vcpu;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::exit::{ExitOutcome, VcpuEvent, handle_exit};
+use super::gate::VcpuGate;
+use crate::devices::PioBus;
+
+/// What every vCPU thread of a VM shares.
+pub struct VcpuContext {
+    pub pio: PioBus,
+    pub mem: GuestMemoryMmap,
+    pub gate: VcpuGate,
+    /// Set when the VM is being torn down.
+    pub stop: AtomicBool,
+    pub events: std::sync::Mutex<Sender<VcpuEvent>>,
+    pub events_wake: EventFd,
+    pub heki_port: Option<u16>,
+}
+
+impl VcpuContext {
+    fn report(&self, event: VcpuEvent) {
+        let sent = self
+            .events
+            .lock()
+            .map(|tx| tx.send(event).is_ok())
+            .unwrap_or(false);
+        if sent {
+            let _ = self.events_wake.write(1);
+        }
+    }
+}
+
+/// Runs one vCPU until the VM stops or the vCPU reports a stopping event.
+pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
+    let id = vcpu.id();
+    loop {
+        if ctx.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let in_guest = ctx.gate.enter_guest();
+        if ctx.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let outcome = match vcpu.run() {
+            Ok(exit) => {
+                drop(in_guest);
+                handle_exit(exit, id, &ctx.pio, ctx.heki_port)
+            }
+            Err(e) => ExitOutcome::Stop(VcpuEvent::Failed {
+                vcpu: id,
+                error: format!("{e}"),
+            }),
+        };
+        match outcome {
+            ExitOutcome::Continue => {}
+            ExitOutcome::HekiCall | ExitOutcome::ProtectedWrite { .. } => {
+                // Wired up by the heki exit path; without heki nothing produces these.
+            }
+            ExitOutcome::EmulationFailure { insn_bytes } => {
+                let error = describe_emulation_failure(&vcpu, &ctx.mem, insn_bytes);
+                ctx.report(VcpuEvent::Failed { vcpu: id, error });
+                return;
+            }
+            ExitOutcome::Stop(event) => {
+                ctx.report(event);
+                return;
+            }
+        }
+    }
+}
+
+/// "emulation failure at RIP 0x…: instruction bytes 0f c7 …" — as much as we can learn.
+fn describe_emulation_failure(
+    vcpu: &Vcpu,
+    mem: &GuestMemoryMmap,
+    insn_bytes: Option<Vec<u8>>,
+) -> String {
+    let rip = match vcpu.regs() {
+        Ok(regs) => regs.rip,
+        Err(e) => {
+            return format!(
+                "KVM could not emulate a guest instruction (registers unavailable: {e})"
+            );
+        }
+    };
+    let bytes = insn_bytes.or_else(|| {
+        let gpa = vcpu.translate_gva(rip).ok().flatten()?;
+        let mut buf = [0u8; 15];
+        mem.read_slice(&mut buf, GuestAddress(gpa)).ok()?;
+        Some(buf.to_vec())
+    });
+    let bytes = match bytes {
+        Some(b) => b
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => "unavailable".into(),
+    };
+    format!(
+        "KVM could not emulate the guest instruction at RIP {rip:#x} (instruction bytes: {bytes})"
+    )
+}

@@ -1,0 +1,111 @@
+//! The I/O port bus: port ranges mapped to devices.
+
+use std::sync::{Arc, Mutex};
+
+use super::DeviceAction;
+
+/// A device behind I/O ports. `offset` is relative to its base port.
+pub trait PioDevice: Send {
+    fn read(&mut self, offset: u16, data: &mut [u8]);
+    fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction;
+}
+
+struct BusEntry {
+    base: u16,
+    len: u16,
+    device: Arc<Mutex<dyn PioDevice>>,
+}
+
+/// Sorted, non-overlapping port ranges.
+#[derive(Default)]
+pub struct PioBus {
+    entries: Vec<BusEntry>,
+}
+
+impl PioBus {
+    /// Adds a device; panics on overlap, which is a wiring bug in the VMM.
+    pub fn insert(&mut self, base: u16, len: u16, device: Arc<Mutex<dyn PioDevice>>) {
+        let end = u32::from(base) + u32::from(len);
+        assert!(
+            self.entries.iter().all(|e| end <= u32::from(e.base)
+                || u32::from(e.base) + u32::from(e.len) <= u32::from(base)),
+            "I/O port range {base:#x}+{len} overlaps another device"
+        );
+        self.entries.push(BusEntry { base, len, device });
+        self.entries.sort_by_key(|e| e.base);
+    }
+
+    fn find(&self, port: u16) -> Option<(&BusEntry, u16)> {
+        let idx = self
+            .entries
+            .partition_point(|e| e.base <= port)
+            .checked_sub(1)?;
+        let entry = &self.entries[idx];
+        let offset = port - entry.base;
+        (offset < entry.len).then_some((entry, offset))
+    }
+
+    /// Reads from a port; unclaimed ports read as all ones, like an open bus.
+    pub fn read(&self, port: u16, data: &mut [u8]) {
+        match self.find(port) {
+            Some((entry, offset)) => lock(&entry.device).read(offset, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// Writes to a port; writes to unclaimed ports are dropped.
+    pub fn write(&self, port: u16, data: &[u8]) -> DeviceAction {
+        match self.find(port) {
+            Some((entry, offset)) => lock(&entry.device).write(offset, data),
+            None => DeviceAction::None,
+        }
+    }
+}
+
+/// A poisoned device lock only means another vCPU thread panicked mid-access;
+/// device state is still usable.
+fn lock<'a>(
+    device: &'a Mutex<dyn PioDevice + 'static>,
+) -> std::sync::MutexGuard<'a, dyn PioDevice + 'static> {
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Recorder(Vec<(u16, u8)>);
+
+    impl PioDevice for Recorder {
+        fn read(&mut self, offset: u16, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction {
+            self.0.push((offset, data[0]));
+            DeviceAction::None
+        }
+    }
+
+    #[test]
+    fn ports_route_to_the_owning_device_with_relative_offsets() {
+        let dev = Arc::new(Mutex::new(Recorder(Vec::new())));
+        let mut bus = PioBus::default();
+        bus.insert(0x3f8, 8, dev.clone());
+        let mut data = [0u8; 1];
+        bus.read(0x3fd, &mut data);
+        assert_eq!(data, [5]);
+        bus.write(0x3f8, &[b'x']);
+        assert_eq!(dev.lock().expect("lock").0, vec![(0, b'x')]);
+    }
+
+    #[test]
+    fn unclaimed_ports_read_all_ones() {
+        let bus = PioBus::default();
+        let mut data = [0u8; 2];
+        bus.read(0x1234, &mut data);
+        assert_eq!(data, [0xff, 0xff]);
+        assert_eq!(bus.write(0x1234, &[1]), DeviceAction::None);
+    }
+}

@@ -1,0 +1,19 @@
+//! Platform devices on the I/O port bus.
+
+mod acpi_pm;
+mod bus;
+mod i8042;
+mod serial;
+
+pub use acpi_pm::AcpiPmDevice;
+pub use bus::{PioBus, PioDevice};
+pub use i8042::I8042Device;
+pub use serial::{SerialDevice, SerialOutput};
+
+/// What a device access asks of the VM as a whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceAction {
+    None,
+    PowerOff,
+    Reset,
+}

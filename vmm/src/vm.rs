@@ -1,0 +1,239 @@
+//! One virtual machine: memory, devices, vCPUs, built from a `VmConfig`.
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hypervisor::{Hypervisor, Vcpu};
+use thiserror::Error;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{BootInputs, EntryPoint, load_payload};
+use crate::config::{ConsoleOutputMode, VmConfig};
+use crate::cpu::{VcpuContext, VcpuEvent, VcpuGate, boot_registers, cpuid, kick, run_vcpu};
+use crate::devices::{AcpiPmDevice, I8042Device, PioBus, SerialDevice};
+use crate::layout::{self, ports};
+use crate::memory::{self, RamRegion};
+
+/// How long a pause or teardown may wait for vCPUs to leave guest mode.
+pub const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("KVM setup failed")]
+    Hypervisor(#[from] hypervisor::HypervisorError),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Boot(#[from] crate::boot::BootError),
+    #[error("cannot write ACPI tables: {0}")]
+    Acpi(String),
+    #[error("cannot set up the boot vCPU registers")]
+    BootRegisters(#[source] vm_memory::GuestMemoryError),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot start vCPU thread")]
+    SpawnVcpu(#[source] std::io::Error),
+    #[error(transparent)]
+    GateTimeout(#[from] crate::cpu::gate::GateTimeout),
+}
+
+/// Where the guest's serial output goes; it outlives a VM across reboots.
+pub type SharedOutput = Arc<Mutex<Box<dyn Write + Send>>>;
+
+/// A `Write` that forwards to the VMM-wide serial output.
+struct SharedWriter(SharedOutput);
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+pub struct Vm {
+    // Field order matters on drop: vCPU threads end before KVM objects and memory go.
+    threads: Vec<JoinHandle<()>>,
+    pending_vcpus: Vec<Vcpu>,
+    ctx: Arc<VcpuContext>,
+    kvm_vm: Arc<hypervisor::Vm>,
+    mem: GuestMemoryMmap,
+    serial: Option<Arc<Mutex<SerialDevice>>>,
+}
+
+impl Vm {
+    /// Builds the VM and loads the payload; vCPUs do not run until `start`.
+    pub fn new(
+        hv: &Hypervisor,
+        config: &VmConfig,
+        serial_out: Option<SharedOutput>,
+        events: Sender<VcpuEvent>,
+        events_wake: &EventFd,
+    ) -> Result<Vm, VmError> {
+        kick::install_kick_handler().map_err(VmError::SpawnVcpu)?;
+        let kvm_vm = Arc::new(hv.create_vm()?);
+        kvm_vm.setup_platform(layout::KVM_TSS_ADDRESS, layout::KVM_IDENTITY_MAP_ADDRESS)?;
+        let ram = memory::ram_regions(config.memory.size);
+        let mem = memory::create_guest_memory(&ram)?;
+        memory::register_ram(&kvm_vm, &mem)?;
+
+        let cpus = config.cpus.boot_vcpus;
+        let rsdp = crate::acpi::create_acpi_tables(&mem, cpus)
+            .map_err(|e| VmError::Acpi(e.to_string()))?;
+        let entry = load_kernel(&mem, config, &ram, rsdp.0)?;
+
+        let mut pio = PioBus::default();
+        let serial = match (&serial_out, config.serial.mode) {
+            (Some(out), mode) if mode != ConsoleOutputMode::Off => {
+                let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+                kvm_vm.register_irqfd(&irq, ports::COM1_IRQ)?;
+                let dev = Arc::new(Mutex::new(SerialDevice::new(
+                    irq,
+                    Box::new(SharedWriter(out.clone())),
+                )));
+                pio.insert(ports::COM1, 8, dev.clone());
+                Some(dev)
+            }
+            _ => None,
+        };
+        pio.insert(ports::I8042_DATA, 5, Arc::new(Mutex::new(I8042Device)));
+        pio.insert(
+            ports::ACPI_SLEEP_CONTROL,
+            3,
+            Arc::new(Mutex::new(AcpiPmDevice)),
+        );
+
+        let supported = hv.supported_cpuid()?;
+        let mut pending_vcpus = Vec::new();
+        for id in 0..cpus {
+            let vcpu = kvm_vm.create_vcpu(id)?;
+            vcpu.set_cpuid(&cpuid::vcpu_cpuid(&supported, id, cpus, &[]))?;
+            vcpu.setup_lapic_lints()?;
+            vcpu.reset_fpu()?;
+            vcpu.set_msrs(&[(hypervisor::msr_index::IA32_MISC_ENABLE, 1)])?;
+            if id == 0 {
+                let (regs, sregs) =
+                    boot_registers(&mem, entry, vcpu.sregs()?).map_err(VmError::BootRegisters)?;
+                vcpu.set_sregs(&sregs)?;
+                vcpu.set_regs(&regs)?;
+            }
+            pending_vcpus.push(vcpu);
+        }
+
+        let ctx = Arc::new(VcpuContext {
+            pio,
+            mem: mem.clone(),
+            gate: VcpuGate::default(),
+            stop: Default::default(),
+            events: Mutex::new(events),
+            events_wake: events_wake.try_clone().map_err(VmError::EventFd)?,
+            heki_port: None,
+        });
+        Ok(Vm {
+            threads: Vec::new(),
+            pending_vcpus,
+            ctx,
+            kvm_vm,
+            mem,
+            serial,
+        })
+    }
+
+    /// Starts every vCPU thread.
+    pub fn start(&mut self) -> Result<(), VmError> {
+        for vcpu in self.pending_vcpus.drain(..) {
+            let ctx = self.ctx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.id()))
+                .spawn(move || run_vcpu(vcpu, ctx))
+                .map_err(VmError::SpawnVcpu)?;
+            self.ctx.gate.register_thread(&handle);
+            self.threads.push(handle);
+        }
+        Ok(())
+    }
+
+    pub fn pause(&self) -> Result<(), VmError> {
+        Ok(self.ctx.gate.pause_all(VCPU_STOP_TIMEOUT)?)
+    }
+
+    pub fn resume(&self) {
+        self.ctx.gate.resume_all();
+    }
+
+    /// Feeds host input to the guest's serial port.
+    pub fn serial_input(&self, bytes: &[u8]) {
+        if let Some(serial) = &self.serial {
+            serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .enqueue_input(bytes);
+        }
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn stop(&mut self) {
+        self.ctx.stop.store(true, Ordering::Release);
+        // Wake paused vCPUs so they can see `stop`.
+        while self.ctx.gate.pause_requested() {
+            self.ctx.gate.resume_all();
+        }
+        let deadline = std::time::Instant::now() + VCPU_STOP_TIMEOUT;
+        while self.threads.iter().any(|t| !t.is_finished()) && std::time::Instant::now() < deadline
+        {
+            self.ctx.gate.kick_all();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.ctx.gate.clear_threads();
+        for t in self.threads.drain(..) {
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                log::error!(
+                    "a vCPU thread did not stop within {VCPU_STOP_TIMEOUT:?}; leaving it detached"
+                );
+            }
+        }
+        let _ = &self.kvm_vm;
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    ram: &[RamRegion],
+    rsdp: u64,
+) -> Result<EntryPoint, VmError> {
+    let payload = config
+        .payload
+        .as_ref()
+        .ok_or(crate::boot::BootError::NoKernel)?;
+    let kernel = payload
+        .kernel
+        .as_deref()
+        .ok_or(crate::boot::BootError::NoKernel)?;
+    let inputs = BootInputs {
+        kernel,
+        initramfs: payload.initramfs.as_deref(),
+        cmdline: payload.cmdline.as_deref().unwrap_or(""),
+        ram,
+        rsdp,
+    };
+    Ok(load_payload(mem, &inputs)?)
+}

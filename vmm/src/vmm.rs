@@ -1,0 +1,339 @@
+//! The VMM thread: owns the VM, reacts to vCPU events and API requests.
+//!
+//! Other threads never touch VM state: vCPU threads send `VcpuEvent`s, the
+//! API thread sends requests, each over a channel plus an eventfd that wakes
+//! this thread's epoll loop.
+
+use std::io::Read;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+
+use hypervisor::Hypervisor;
+use thiserror::Error;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{ConsoleOutputMode, VmConfig};
+use crate::cpu::VcpuEvent;
+use crate::vm::{SharedOutput, Vm, VmError};
+
+#[derive(Debug, Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Hypervisor(#[from] hypervisor::HypervisorError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("cannot open serial output file {path}")]
+    SerialFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serial mode File needs a file path")]
+    SerialFileMissing,
+    #[error("VMM event loop failed")]
+    EventLoop(#[source] std::io::Error),
+    #[error("the guest failed: {0}")]
+    GuestFailed(String),
+}
+
+/// Lifecycle state, spelled as Cloud Hypervisor's `vm.info` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmState {
+    Created,
+    Running,
+    Paused,
+    Shutdown,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Created => "Created",
+            VmState::Running => "Running",
+            VmState::Paused => "Paused",
+            VmState::Shutdown => "Shutdown",
+        }
+    }
+}
+
+/// How to run the VMM.
+pub struct VmmRunConfig {
+    /// Boot this VM at once (the CLI's `--kernel`).
+    pub vm: Option<VmConfig>,
+    /// Serve the REST API on this socket.
+    pub api_listener: Option<std::os::unix::net::UnixListener>,
+    /// A guest reboot ends the VMM (exit 0) instead of rebooting.
+    pub no_reboot: bool,
+}
+
+const TOKEN_VCPU: u64 = 1;
+const TOKEN_API: u64 = 2;
+const TOKEN_STDIN: u64 = 3;
+
+pub(crate) struct Vmm {
+    pub(crate) hv: Hypervisor,
+    pub(crate) config: Option<VmConfig>,
+    pub(crate) vm: Option<Vm>,
+    pub(crate) state: VmState,
+    serial_out: Option<SharedOutput>,
+    vcpu_tx: Sender<VcpuEvent>,
+    vcpu_rx: Receiver<VcpuEvent>,
+    vcpu_wake: EventFd,
+    stdin_rx: Receiver<Vec<u8>>,
+    stdin_wake: EventFd,
+    stdin_forwarding: bool,
+    no_reboot: bool,
+    /// With an API socket the VMM outlives its VM.
+    api_mode: bool,
+    /// Set when the VMM should exit, with its exit status.
+    pub(crate) exit_status: Option<Result<i32, VmmError>>,
+}
+
+/// Runs the VMM until the guest powers off (CLI) or `vmm.shutdown` (API).
+pub fn run(run_config: VmmRunConfig) -> Result<i32, VmmError> {
+    let hv = Hypervisor::new()?;
+    let (vcpu_tx, vcpu_rx) = channel();
+    let (_stdin_tx, stdin_rx) = channel();
+    let new_fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventLoop);
+    let mut vmm = Vmm {
+        hv,
+        config: None,
+        vm: None,
+        state: VmState::Shutdown,
+        serial_out: None,
+        vcpu_tx,
+        vcpu_rx,
+        vcpu_wake: new_fd()?,
+        stdin_rx,
+        stdin_wake: new_fd()?,
+        stdin_forwarding: false,
+        no_reboot: run_config.no_reboot,
+        api_mode: run_config.api_listener.is_some(),
+        exit_status: None,
+    };
+    let epoll = Epoll::new().map_err(VmmError::EventLoop)?;
+    let watch = |fd: &EventFd, token: u64| {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                std::os::fd::AsRawFd::as_raw_fd(fd),
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(VmmError::EventLoop)
+    };
+    watch(&vmm.vcpu_wake, TOKEN_VCPU)?;
+    watch(&vmm.stdin_wake, TOKEN_STDIN)?;
+    let api = match run_config.api_listener {
+        Some(listener) => {
+            let (api, wake) = crate::api_handler::start(listener)?;
+            watch(&wake, TOKEN_API)?;
+            Some((api, wake))
+        }
+        None => None,
+    };
+    crate::events::emit("vmm", "starting", &[]);
+
+    if let Some(config) = run_config.vm {
+        vmm.create(config);
+        if let Err(e) = vmm.boot() {
+            crate::events::emit("vmm", "shutdown", &[]);
+            return Err(e);
+        }
+    }
+
+    let mut events = vec![EpollEvent::default(); 4];
+    while vmm.exit_status.is_none() {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(VmmError::EventLoop(e)),
+        };
+        for event in &events[..n] {
+            match event.data() {
+                TOKEN_VCPU => {
+                    let _ = vmm.vcpu_wake.read();
+                    while let Ok(ev) = vmm.vcpu_rx.try_recv() {
+                        vmm.on_vcpu_event(ev);
+                    }
+                }
+                TOKEN_STDIN => {
+                    let _ = vmm.stdin_wake.read();
+                    while let Ok(bytes) = vmm.stdin_rx.try_recv() {
+                        if let Some(vm) = &vmm.vm {
+                            vm.serial_input(&bytes);
+                        }
+                    }
+                }
+                TOKEN_API => {
+                    if let Some((api, wake)) = &api {
+                        let _ = wake.read();
+                        api.drain(&mut vmm);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    vmm.shutdown_vm();
+    crate::events::emit("vmm", "shutdown", &[]);
+    crate::events::flush();
+    vmm.exit_status.unwrap_or(Ok(0))
+}
+
+impl Vmm {
+    /// Records the configuration (state Created).
+    pub(crate) fn create(&mut self, config: VmConfig) {
+        self.config = Some(config);
+        self.state = VmState::Created;
+    }
+
+    /// Builds and starts the VM from the stored configuration.
+    pub(crate) fn boot(&mut self) -> Result<(), VmmError> {
+        let config = self
+            .config
+            .clone()
+            .ok_or(VmmError::GuestFailed("no VM configured".into()))?;
+        crate::events::emit("vm", "booting", &[]);
+        if self.serial_out.is_none() {
+            self.serial_out = serial_output(&config)?;
+            if config.serial.mode == ConsoleOutputMode::Tty && !self.stdin_forwarding {
+                self.start_stdin_forwarding();
+            }
+        }
+        let mut vm = Vm::new(
+            &self.hv,
+            &config,
+            self.serial_out.clone(),
+            self.vcpu_tx.clone(),
+            &self.vcpu_wake,
+        )?;
+        vm.start()?;
+        self.vm = Some(vm);
+        self.state = VmState::Running;
+        crate::events::emit("vm", "booted", &[]);
+        Ok(())
+    }
+
+    /// Stops the VM's vCPUs and frees it; the configuration stays.
+    pub(crate) fn shutdown_vm(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            vm.stop();
+            if let Some(out) = &self.serial_out {
+                let _ = out.lock().unwrap_or_else(|p| p.into_inner()).flush();
+            }
+            crate::events::emit("vm", "shutdown", &[]);
+        }
+        if self.config.is_some() {
+            self.state = VmState::Shutdown;
+        }
+    }
+
+    /// Reboots: a fresh VM from the same configuration (fresh RAM, kernel reloaded).
+    pub(crate) fn reboot(&mut self) -> Result<(), VmmError> {
+        crate::events::emit("vm", "rebooting", &[]);
+        if let Some(mut vm) = self.vm.take() {
+            vm.stop();
+        }
+        // Events from the old vCPUs are stale now.
+        while self.vcpu_rx.try_recv().is_ok() {}
+        self.boot()?;
+        crate::events::emit("vm", "rebooted", &[]);
+        Ok(())
+    }
+
+    fn on_vcpu_event(&mut self, event: VcpuEvent) {
+        if self.vm.is_none() {
+            return;
+        }
+        match event {
+            VcpuEvent::PowerOff { vcpu } => {
+                log::info!("guest powered off (vCPU {vcpu})");
+                crate::events::emit("guest", "poweroff", &[("vcpu", vcpu.to_string())]);
+                self.shutdown_vm();
+                self.finish_if_cli(Ok(0));
+            }
+            VcpuEvent::Reset { vcpu, cause } => {
+                log::info!("guest reset ({cause}, vCPU {vcpu})");
+                crate::events::emit(
+                    "guest",
+                    "reboot",
+                    &[("vcpu", vcpu.to_string()), ("cause", cause.to_string())],
+                );
+                if self.no_reboot {
+                    self.shutdown_vm();
+                    self.finish_if_cli(Ok(0));
+                } else if let Err(e) = self.reboot() {
+                    log::error!("reboot failed: {e}");
+                    self.shutdown_vm();
+                    self.finish_if_cli(Err(e));
+                }
+            }
+            VcpuEvent::Failed { vcpu, error } => {
+                log::error!("vCPU {vcpu}: {error}");
+                crate::events::emit(
+                    "vm",
+                    "failed",
+                    &[("vcpu", vcpu.to_string()), ("error", error.clone())],
+                );
+                self.shutdown_vm();
+                self.finish_if_cli(Err(VmmError::GuestFailed(format!("vCPU {vcpu}: {error}"))));
+            }
+        }
+    }
+
+    /// Without an API socket, the end of the VM is the end of the VMM.
+    fn finish_if_cli(&mut self, status: Result<i32, VmmError>) {
+        if !self.api_mode {
+            self.exit_status = Some(status);
+        } else if let Err(e) = status {
+            log::error!("{e}");
+        }
+    }
+
+    fn start_stdin_forwarding(&mut self) {
+        let (tx, rx) = channel();
+        self.stdin_rx = rx;
+        let Ok(wake) = self.stdin_wake.try_clone() else {
+            return;
+        };
+        self.stdin_forwarding = true;
+        let spawned = std::thread::Builder::new()
+            .name("stdin".into())
+            .spawn(move || {
+                let mut buf = [0u8; 256];
+                let mut stdin = std::io::stdin();
+                while let Ok(n) = stdin.read(&mut buf) {
+                    if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                    let _ = wake.write(1);
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot forward stdin to the serial port: {e}");
+        }
+    }
+}
+
+fn serial_output(config: &VmConfig) -> Result<Option<SharedOutput>, VmmError> {
+    let out: Box<dyn std::io::Write + Send> = match config.serial.mode {
+        ConsoleOutputMode::Off => return Ok(None),
+        ConsoleOutputMode::Null => Box::new(std::io::sink()),
+        ConsoleOutputMode::Tty => Box::new(std::io::stdout()),
+        ConsoleOutputMode::File => {
+            let path = config
+                .serial
+                .file
+                .as_ref()
+                .ok_or(VmmError::SerialFileMissing)?;
+            Box::new(
+                std::fs::File::create(path).map_err(|source| VmmError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?,
+            )
+        }
+    };
+    Ok(Some(Arc::new(Mutex::new(out))))
+}
