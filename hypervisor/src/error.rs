@@ -6,13 +6,15 @@ pub type Result<T> = std::result::Result<T, HypervisorError>;
 #[derive(Debug, Error)]
 pub enum HypervisorError {
     #[error(
-        "/dev/kvm does not exist: KVM is not available on this host (load the kvm module, or run on a machine with virtualization)"
+        "{0} does not exist: KVM is not available on this host (load the kvm module, or use a machine with virtualization enabled)"
     )]
-    KvmMissing,
-    #[error("permission denied opening /dev/kvm: add your user to the 'kvm' group or run as root")]
-    KvmPermission,
-    #[error("cannot open /dev/kvm")]
-    KvmOpen(#[source] std::io::Error),
+    KvmMissing(String),
+    #[error("permission denied opening {0}: add your user to the 'kvm' group or run as root")]
+    KvmPermission(String),
+    #[error("cannot open {0}")]
+    KvmOpen(String, #[source] std::io::Error),
+    #[error("{0} is not a usable KVM device")]
+    NotKvm(String),
     #[error("unsupported KVM API version {0} (expected 12)")]
     ApiVersion(i32),
     #[error("KVM lacks a required capability: {0}")]

@@ -16,7 +16,7 @@ pub use cpuid::CpuidEntry;
 pub use error::{HypervisorError, Result};
 pub use exit::{EmulationFailure, MsrRead, MsrWrite, SystemEventKind, VmExit};
 pub use regs::{DescriptorTable, Regs, Segment, SpecialRegs};
-pub use system::Hypervisor;
+pub use system::{Hypervisor, KVM_DEVICE_ENV};
 pub use vcpu::Vcpu;
 pub use vm::{MemSlot, Vm};
 

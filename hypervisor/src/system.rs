@@ -4,20 +4,32 @@ use crate::cpuid::{CpuidEntry, from_kvm_cpuid};
 use crate::error::{HypervisorError, Result, ioctl_err};
 use crate::vm::Vm;
 
+/// Overrides the KVM device path (tests use it to simulate a host without KVM).
+pub const KVM_DEVICE_ENV: &str = "HEKIVISOR_KVM_DEVICE";
+
 /// An open `/dev/kvm`.
 pub struct Hypervisor {
     kvm: Kvm,
 }
 
 impl Hypervisor {
-    /// Opens `/dev/kvm`, turning the usual failures into messages a user can act on.
+    /// Opens `/dev/kvm` (or `$HEKIVISOR_KVM_DEVICE`, for tests), turning the
+    /// usual failures into messages a user can act on.
     pub fn new() -> Result<Self> {
-        let kvm = Kvm::new().map_err(|e| match e.errno() {
-            libc::ENOENT => HypervisorError::KvmMissing,
-            libc::EACCES | libc::EPERM => HypervisorError::KvmPermission,
-            errno => HypervisorError::KvmOpen(std::io::Error::from_raw_os_error(errno)),
+        let path = std::env::var_os(KVM_DEVICE_ENV).unwrap_or_else(|| "/dev/kvm".into());
+        let display = path.to_string_lossy().into_owned();
+        let c_path = std::ffi::CString::new(path.into_encoded_bytes())
+            .map_err(|_| HypervisorError::KvmMissing(display.clone()))?;
+        let kvm = Kvm::new_with_path(&c_path).map_err(|e| match e.errno() {
+            libc::ENOENT => HypervisorError::KvmMissing(display.clone()),
+            libc::EACCES | libc::EPERM => HypervisorError::KvmPermission(display.clone()),
+            errno => HypervisorError::KvmOpen(display.clone(), std::io::Error::from_raw_os_error(errno)),
         })?;
+        // A file that is not the KVM device fails its first ioctl.
         let version = kvm.get_api_version();
+        if version < 0 {
+            return Err(HypervisorError::NotKvm(display));
+        }
         if version != kvm_bindings::KVM_API_VERSION as i32 {
             return Err(HypervisorError::ApiVersion(version));
         }

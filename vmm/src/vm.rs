@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{BootInputs, EntryPoint, load_payload};
 use crate::config::{ConsoleOutputMode, VmConfig};
-use crate::cpu::{VcpuContext, VcpuEvent, VcpuGate, boot_registers, cpuid, kick, run_vcpu};
+use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, VcpuGate, boot_registers, cpuid, kick, run_vcpu};
 use crate::devices::{AcpiPmDevice, I8042Device, PioBus, SerialDevice};
 use crate::layout::{self, ports};
 use crate::memory::{self, RamRegion};
@@ -134,6 +134,7 @@ impl Vm {
             events: Mutex::new(events),
             events_wake: events_wake.try_clone().map_err(VmError::EventFd)?,
             heki_port: None,
+            counters: (0..cpus).map(|_| ExitCounters::default()).collect(),
         });
         Ok(Vm {
             threads: Vec::new(),
@@ -175,6 +176,15 @@ impl Vm {
                 .unwrap_or_else(|p| p.into_inner())
                 .enqueue_input(bytes);
         }
+    }
+
+    /// Counters for `vm.counters`, one object per component.
+    pub fn counters(&self) -> serde_json::Value {
+        let mut all = serde_json::Map::new();
+        for (id, c) in self.ctx.counters.iter().enumerate() {
+            all.insert(format!("vcpu{id}"), c.to_json());
+        }
+        serde_json::Value::Object(all)
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {

@@ -242,6 +242,38 @@ impl Vmm {
         Ok(())
     }
 
+    /// Holds every vCPU out of guest mode (API `vm.pause`, heki `pause` policy).
+    pub(crate) fn pause(&mut self) -> Result<(), VmmError> {
+        let Some(vm) = &self.vm else { return Ok(()) };
+        if self.state != VmState::Running {
+            return Ok(());
+        }
+        crate::events::emit("vm", "pausing", &[]);
+        vm.pause()?;
+        self.state = VmState::Paused;
+        crate::events::emit("vm", "paused", &[]);
+        Ok(())
+    }
+
+    pub(crate) fn resume(&mut self) {
+        let Some(vm) = &self.vm else { return };
+        if self.state != VmState::Paused {
+            return;
+        }
+        crate::events::emit("vm", "resuming", &[]);
+        vm.resume();
+        self.state = VmState::Running;
+        crate::events::emit("vm", "resumed", &[]);
+    }
+
+    /// Per-component counters for `vm.counters`.
+    pub(crate) fn counters(&self) -> serde_json::Value {
+        match &self.vm {
+            Some(vm) => vm.counters(),
+            None => serde_json::json!({}),
+        }
+    }
+
     fn on_vcpu_event(&mut self, event: VcpuEvent) {
         if self.vm.is_none() {
             return;

@@ -11,4 +11,4 @@ mod vcpu_thread;
 pub use boot_state::boot_registers;
 pub use exit::{ExitOutcome, VcpuEvent, handle_exit};
 pub use gate::VcpuGate;
-pub use vcpu_thread::{VcpuContext, run_vcpu};
+pub use vcpu_thread::{ExitCounters, VcpuContext, run_vcpu};

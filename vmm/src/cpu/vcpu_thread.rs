@@ -1,10 +1,10 @@
 //! The vCPU thread: run the guest, dispatch exits, report what stops it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 
-use hypervisor::Vcpu;
+use hypervisor::{Vcpu, VmExit};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -22,6 +22,35 @@ pub struct VcpuContext {
     pub events: std::sync::Mutex<Sender<VcpuEvent>>,
     pub events_wake: EventFd,
     pub heki_port: Option<u16>,
+    /// Exit counters, indexed by vCPU id.
+    pub counters: Vec<ExitCounters>,
+}
+
+/// Lock-free per-vCPU exit counters for `vm.counters`.
+#[derive(Default)]
+pub struct ExitCounters {
+    pub exits: AtomicU64,
+    pub pio: AtomicU64,
+    pub mmio: AtomicU64,
+}
+
+impl ExitCounters {
+    fn count(&self, exit: &VmExit<'_>) {
+        self.exits.fetch_add(1, Ordering::Relaxed);
+        match exit {
+            VmExit::IoIn { .. } | VmExit::IoOut { .. } => self.pio.fetch_add(1, Ordering::Relaxed),
+            VmExit::MmioRead { .. } | VmExit::MmioWrite { .. } => self.mmio.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "exits": self.exits.load(Ordering::Relaxed),
+            "pio_exits": self.pio.load(Ordering::Relaxed),
+            "mmio_exits": self.mmio.load(Ordering::Relaxed),
+        })
+    }
 }
 
 impl VcpuContext {
@@ -51,6 +80,9 @@ pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
         let outcome = match vcpu.run() {
             Ok(exit) => {
                 drop(in_guest);
+                if let Some(counters) = ctx.counters.get(usize::from(id)) {
+                    counters.count(&exit);
+                }
                 handle_exit(exit, id, &ctx.pio, ctx.heki_port)
             }
             Err(e) => ExitOutcome::Stop(VcpuEvent::Failed {
