@@ -23,7 +23,9 @@ impl Hypervisor {
         let kvm = Kvm::new_with_path(&c_path).map_err(|e| match e.errno() {
             libc::ENOENT => HypervisorError::KvmMissing(display.clone()),
             libc::EACCES | libc::EPERM => HypervisorError::KvmPermission(display.clone()),
-            errno => HypervisorError::KvmOpen(display.clone(), std::io::Error::from_raw_os_error(errno)),
+            errno => {
+                HypervisorError::KvmOpen(display.clone(), std::io::Error::from_raw_os_error(errno))
+            }
         })?;
         // A file that is not the KVM device fails its first ioctl.
         let version = kvm.get_api_version();

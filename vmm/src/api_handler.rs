@@ -56,7 +56,9 @@ fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResult {
         }
         ApiRequest::VmCreate(config) => {
             if vmm.config.is_some() {
-                return Err(ApiError::Conflict("a VM already exists; delete it first".into()));
+                return Err(ApiError::Conflict(
+                    "a VM already exists; delete it first".into(),
+                ));
             }
             vmm.create(*config);
             crate::events::emit("vm", "created", &[]);

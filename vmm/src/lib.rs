@@ -7,11 +7,12 @@ pub mod boot;
 pub mod config;
 pub mod cpu;
 pub mod devices;
-mod heki;
 mod events;
+mod heki;
 pub mod layout;
 pub mod memory;
 pub mod vm;
 pub mod vmm;
 
+pub use events::start_event_monitor;
 pub use vmm::{VmState, VmmError, VmmRunConfig, run};

@@ -14,7 +14,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{BootInputs, EntryPoint, load_payload};
 use crate::config::{ConsoleOutputMode, VmConfig};
-use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, VcpuGate, boot_registers, cpuid, kick, run_vcpu};
+use crate::cpu::{
+    ExitCounters, VcpuContext, VcpuEvent, VcpuGate, boot_registers, cpuid, kick, run_vcpu,
+};
 use crate::devices::{AcpiPmDevice, I8042Device, PioBus, SerialDevice};
 use crate::layout::{self, ports};
 use crate::memory::{self, RamRegion};

@@ -39,7 +39,9 @@ impl ExitCounters {
         self.exits.fetch_add(1, Ordering::Relaxed);
         match exit {
             VmExit::IoIn { .. } | VmExit::IoOut { .. } => self.pio.fetch_add(1, Ordering::Relaxed),
-            VmExit::MmioRead { .. } | VmExit::MmioWrite { .. } => self.mmio.fetch_add(1, Ordering::Relaxed),
+            VmExit::MmioRead { .. } | VmExit::MmioWrite { .. } => {
+                self.mmio.fetch_add(1, Ordering::Relaxed)
+            }
             _ => 0,
         };
     }

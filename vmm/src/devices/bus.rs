@@ -96,7 +96,7 @@ mod tests {
         let mut data = [0u8; 1];
         bus.read(0x3fd, &mut data);
         assert_eq!(data, [5]);
-        bus.write(0x3f8, &[b'x']);
+        bus.write(0x3f8, b"x");
         assert_eq!(dev.lock().expect("lock").0, vec![(0, b'x')]);
     }
 

@@ -5,7 +5,7 @@ mod bus;
 mod i8042;
 mod serial;
 
-pub use acpi_pm::AcpiPmDevice;
+pub use acpi_pm::{AcpiPmDevice, S5_SLEEP_TYPE};
 pub use bus::{PioBus, PioDevice};
 pub use i8042::I8042Device;
 pub use serial::{SerialDevice, SerialOutput};

@@ -45,7 +45,16 @@ impl MemslotTable {
     pub fn new(initial: &[MemSlot], max_slots: usize) -> Self {
         let installed: BTreeMap<SlotSpec, u32> = initial
             .iter()
-            .map(|s| (SlotSpec { gpa: s.guest_addr, size: s.size, readonly: s.readonly }, s.slot))
+            .map(|s| {
+                (
+                    SlotSpec {
+                        gpa: s.guest_addr,
+                        size: s.size,
+                        readonly: s.readonly,
+                    },
+                    s.slot,
+                )
+            })
             .collect();
         let next_unused = installed.values().map(|id| id + 1).max().unwrap_or(0);
         MemslotTable {
@@ -78,14 +87,24 @@ impl MemslotTable {
         wanted: &[SlotSpec],
         gate: Option<&VcpuGate>,
     ) -> Result<(), MemslotError> {
-        let remove: Vec<(SlotSpec, u32)> =
-            self.installed.iter().filter(|(spec, _)| !wanted.contains(spec)).map(|(s, id)| (*s, *id)).collect();
-        let add: Vec<SlotSpec> = wanted.iter().filter(|spec| !self.installed.contains_key(spec)).copied().collect();
+        let remove: Vec<(SlotSpec, u32)> = self
+            .installed
+            .iter()
+            .filter(|(spec, _)| !wanted.contains(spec))
+            .map(|(s, id)| (*s, *id))
+            .collect();
+        let add: Vec<SlotSpec> = wanted
+            .iter()
+            .filter(|spec| !self.installed.contains_key(spec))
+            .copied()
+            .collect();
         if remove.is_empty() && add.is_empty() {
             return Ok(());
         }
-        let hosts: Vec<u64> =
-            add.iter().map(|s| host_address(mem, s.gpa).ok_or(MemslotError::NotRam(s.gpa))).collect::<Result<_, _>>()?;
+        let hosts: Vec<u64> = add
+            .iter()
+            .map(|s| host_address(mem, s.gpa).ok_or(MemslotError::NotRam(s.gpa)))
+            .collect::<Result<_, _>>()?;
         if let Some(gate) = gate {
             gate.pause_all(VCPU_STOP_TIMEOUT)?;
         }
@@ -96,7 +115,13 @@ impl MemslotTable {
         result
     }
 
-    fn swap(&mut self, vm: &Vm, remove: &[(SlotSpec, u32)], add: &[SlotSpec], hosts: &[u64]) -> Result<(), MemslotError> {
+    fn swap(
+        &mut self,
+        vm: &Vm,
+        remove: &[(SlotSpec, u32)],
+        add: &[SlotSpec],
+        hosts: &[u64],
+    ) -> Result<(), MemslotError> {
         for (spec, id) in remove {
             vm.remove_memslot(*id, spec.gpa)?;
             self.installed.remove(spec);
@@ -104,7 +129,13 @@ impl MemslotTable {
         }
         for (spec, host_addr) in add.iter().zip(hosts) {
             let id = self.take_id().ok_or(MemslotError::NoSlotId)?;
-            let slot = MemSlot { slot: id, guest_addr: spec.gpa, size: spec.size, host_addr: *host_addr, readonly: spec.readonly };
+            let slot = MemSlot {
+                slot: id,
+                guest_addr: spec.gpa,
+                size: spec.size,
+                host_addr: *host_addr,
+                readonly: spec.readonly,
+            };
             // SAFETY: host_addr is inside guest RAM's mapping (checked above), which
             // lives as long as the VM.
             unsafe { vm.set_memslot(&slot) }?;

@@ -1,0 +1,231 @@
+//! Booting real VMs: the PVH and Linux boot paths, SMP, reboot, failures.
+
+mod common;
+
+use common::guests;
+
+#[test]
+fn hello_guest_prints_over_serial_and_powers_off() {
+    require_kvm!();
+    let run = common::run_vm("hello", &guests::build("hello"), &[]);
+    assert!(
+        run.status.success(),
+        "exit status {:?}, stderr: {}",
+        run.status,
+        run.stderr
+    );
+    assert_eq!(run.serial, "Hello from the hekivisor test guest\n");
+}
+
+#[test]
+fn every_vcpu_of_an_smp_guest_checks_in() {
+    require_kvm!();
+    let run = common::run_vm("smp", &guests::build("smp"), &["--cpus", "boot=4"]);
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    for cpu in 1..4 {
+        assert!(
+            run.serial.contains(&format!("cpu {cpu} checked in")),
+            "serial: {}",
+            run.serial
+        );
+    }
+    assert!(
+        run.serial.contains("all 4 cpus checked in"),
+        "serial: {}",
+        run.serial
+    );
+}
+
+#[test]
+fn pvh_guest_reads_cmdline_and_initramfs_from_start_info() {
+    require_kvm!();
+    let dir = common::temp_dir("pvh-bootinfo");
+    let initramfs = dir.join("initrd.img");
+    std::fs::write(&initramfs, b"INITRDv1 and more bytes").expect("write initramfs");
+    let run = common::run_vm(
+        "pvh-bootinfo",
+        &guests::build("bootinfo"),
+        &[
+            "--cmdline",
+            "console=ttyS0 heki.test=1",
+            "--initramfs",
+            initramfs.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert!(
+        run.serial.contains("boot protocol=pvh"),
+        "serial: {}",
+        run.serial
+    );
+    assert!(
+        run.serial.contains("cmdline=console=ttyS0 heki.test=1\n"),
+        "serial: {}",
+        run.serial
+    );
+    assert!(
+        run.serial.contains("size=23 first8=INITRDv1"),
+        "serial: {}",
+        run.serial
+    );
+    assert!(
+        run.serial.contains("rsdp=0xe0000"),
+        "serial: {}",
+        run.serial
+    );
+}
+
+#[test]
+fn bzimage_guest_boots_through_the_linux_protocol_with_cmdline_and_initramfs() {
+    require_kvm!();
+    let dir = common::temp_dir("bz-bootinfo");
+    let initramfs = dir.join("initrd.img");
+    std::fs::write(&initramfs, b"BZINITRD payload").expect("write initramfs");
+    let run = common::run_vm(
+        "bz-bootinfo",
+        &guests::build_bzimage("bootinfo"),
+        &[
+            "--cmdline",
+            "root=/dev/vda quiet",
+            "--initramfs",
+            initramfs.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert!(
+        run.serial.contains("boot protocol=linux"),
+        "serial: {}",
+        run.serial
+    );
+    assert!(
+        run.serial.contains("cmdline=root=/dev/vda quiet\n"),
+        "serial: {}",
+        run.serial
+    );
+    assert!(
+        run.serial.contains("size=16 first8=BZINITRD"),
+        "serial: {}",
+        run.serial
+    );
+    assert!(
+        run.serial.contains("rsdp=0xe0000"),
+        "serial: {}",
+        run.serial
+    );
+}
+
+fn boots_counted(serial: &str) -> usize {
+    serial.lines().filter(|l| *l == "boot").count()
+}
+
+#[test]
+fn no_reboot_turns_each_kind_of_reset_into_a_clean_exit() {
+    require_kvm!();
+    for how in ["kbd", "acpi", "triple"] {
+        let cmdline = format!("reboot={how}");
+        let run = common::run_vm(
+            "no-reboot",
+            &guests::build("reboot"),
+            &["--cmdline", &cmdline, "--no-reboot"],
+        );
+        assert!(
+            run.status.success(),
+            "{how}: status {:?} stderr {}",
+            run.status,
+            run.stderr
+        );
+        assert_eq!(
+            boots_counted(&run.serial),
+            1,
+            "{how}: serial {}",
+            run.serial
+        );
+    }
+}
+
+#[test]
+fn reboot_loads_the_kernel_again_and_boots_it() {
+    require_kvm!();
+    // Without --no-reboot the guest reboots forever; stop it after a few boots.
+    let dir = common::temp_dir("reboot-loop");
+    let serial = dir.join("serial.log");
+    let mut child = std::process::Command::new(common::hekivisor_bin())
+        .args([
+            "--kernel",
+            guests::build("reboot").to_str().expect("path"),
+            "--cmdline",
+            "reboot=kbd",
+        ])
+        .args(["--serial", &format!("file={}", serial.display())])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start hekivisor");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while boots_counted(&std::fs::read_to_string(&serial).unwrap_or_default()) < 3
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let boots = boots_counted(&std::fs::read_to_string(&serial).unwrap_or_default());
+    assert!(boots >= 3, "the guest booted {boots} times");
+}
+
+#[test]
+fn guest_exception_is_reported_by_the_guest_runtime() {
+    require_kvm!();
+    let run = common::run_vm("exception", &guests::build("exception"), &[]);
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert!(
+        run.serial.contains("EXCEPTION vec=6"),
+        "serial: {}",
+        run.serial
+    );
+    assert!(!run.serial.contains("not reached"));
+}
+
+#[test]
+fn emulation_failure_is_a_clear_error_with_rip_and_instruction_bytes() {
+    require_kvm!();
+    let run = common::run_vm(
+        "emulation-failure",
+        &guests::build("emulation_failure"),
+        &[],
+    );
+    assert!(!run.timed_out, "the VMM must not hang");
+    assert_eq!(run.status.code(), Some(1), "stderr: {}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("could not emulate the guest instruction at RIP 0x"),
+        "stderr: {}",
+        run.stderr
+    );
+    // lock cmpxchg16b: f0 48 0f c7 ...
+    assert!(run.stderr.contains("f0 48 0f c7"), "stderr: {}", run.stderr);
+    assert!(!run.stderr.contains("panicked"));
+}
+
+#[test]
+fn guest_walks_rsdp_xsdt_madt_and_finds_every_vcpu() {
+    require_kvm!();
+    let run = common::run_vm("acpi", &guests::build("acpi"), &["--cpus", "boot=3"]);
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert!(
+        run.serial.contains("rsdp revision=2 checksum=ok"),
+        "serial: {}",
+        run.serial
+    );
+    for table in ["XSDT", "FACP", "DSDT", "APIC"] {
+        assert!(
+            run.serial.contains(&format!("table {table} checksum=ok")),
+            "{table}: {}",
+            run.serial
+        );
+    }
+    assert!(
+        run.serial.contains("madt lapics=3 cpuid cpus=3"),
+        "serial: {}",
+        run.serial
+    );
+}

@@ -1,0 +1,132 @@
+//! Shared helpers for the integration tests: building guests, running
+//! `hekivisor`, and skipping cleanly where `/dev/kvm` is missing.
+#![allow(dead_code)]
+
+pub mod guests;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Returns early from a test (with a printed reason) on hosts without KVM.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if let Some(reason) = $crate::common::kvm_missing() {
+            eprintln!("SKIPPED: {reason}");
+            return;
+        }
+    };
+}
+
+/// Why KVM tests cannot run here, if they cannot.
+pub fn kvm_missing() -> Option<String> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => None,
+        Err(e) => Some(format!("this test needs /dev/kvm ({e})")),
+    }
+}
+
+pub fn hekivisor_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_hekivisor")
+}
+
+pub fn hk_remote_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_hk-remote")
+}
+
+/// A fresh directory under target/ for one test.
+pub fn temp_dir(test: &str) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/test-tmp")
+        .join(format!("{test}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create test dir");
+    dir
+}
+
+/// The outcome of one `hekivisor` run.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    pub serial: String,
+    pub stderr: String,
+    pub timed_out: bool,
+}
+
+/// Waits for a child with a deadline; kills it when the deadline passes.
+pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> (ExitStatus, bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for hekivisor") {
+            return (status, false);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            return (child.wait().expect("reap hekivisor"), true);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Boots `kernel` with extra CLI arguments; serial output goes to a file that is read back.
+pub fn run_vm(test: &str, kernel: &Path, extra: &[&str]) -> Run {
+    let dir = temp_dir(test);
+    let serial = dir.join("serial.log");
+    let serial_arg = format!("file={}", serial.display());
+    let mut child = Command::new(hekivisor_bin())
+        .arg("--kernel")
+        .arg(kernel)
+        .args(["--serial", &serial_arg])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start hekivisor");
+    let (status, timed_out) = wait_with_timeout(&mut child, Duration::from_secs(60));
+    let mut stderr = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        use std::io::Read;
+        let _ = err.read_to_string(&mut stderr);
+    }
+    Run {
+        status,
+        serial: std::fs::read_to_string(&serial).unwrap_or_default(),
+        stderr,
+        timed_out,
+    }
+}
+
+/// Runs `hekivisor` with exactly these arguments (for CLI error cases).
+pub fn run_hekivisor(args: &[&str]) -> Run {
+    let mut child = Command::new(hekivisor_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start hekivisor");
+    let (status, timed_out) = wait_with_timeout(&mut child, Duration::from_secs(30));
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    use std::io::Read;
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut stdout);
+    }
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    Run {
+        status,
+        serial: stdout,
+        stderr,
+        timed_out,
+    }
+}

@@ -1,0 +1,69 @@
+//! The REST API: Cloud Hypervisor's paths and semantics over HTTP/1.1 on a
+//! Unix socket. The server runs on its own thread; each request travels to
+//! the VMM thread as an `ApiMessage` (mpsc + eventfd) and waits for the reply.
+
+mod routes;
+mod server;
+mod socket;
+
+use thiserror::Error;
+
+use crate::config::VmConfig;
+
+pub use routes::{ROUTES, Route};
+pub use server::{ServerLimits, start_api_server, start_api_server_with};
+pub use socket::{ApiServerError, bind_api_socket};
+
+/// A request for the VMM thread.
+#[derive(Debug)]
+pub enum ApiRequest {
+    VmmPing,
+    VmmShutdown,
+    VmCreate(Box<VmConfig>),
+    VmBoot,
+    VmShutdown,
+    VmReboot,
+    VmPause,
+    VmResume,
+    VmPowerButton,
+    VmDelete,
+    VmInfo,
+    VmCounters,
+    VmHeki,
+    VmHekiProtect(serde_json::Value),
+    VmHekiPolicy(heki::Policy),
+    VmHekiViolations,
+    VmHekiPin(serde_json::Value),
+}
+
+/// `Some(json)` answers 200 with a body, `None` answers 204.
+pub type ApiResult = Result<Option<serde_json::Value>, ApiError>;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The one place errors become HTTP status codes.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::BadRequest(_) => 400,
+            ApiError::NotFound(_) => 404,
+            ApiError::Conflict(_) => 409,
+            ApiError::Internal(_) => 500,
+        }
+    }
+}
+
+pub struct ApiMessage {
+    pub request: ApiRequest,
+    pub reply: tokio::sync::oneshot::Sender<ApiResult>,
+}

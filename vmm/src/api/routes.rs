@@ -1,0 +1,186 @@
+//! The route table and request decoding.
+
+use serde::Deserialize;
+
+use super::{ApiError, ApiRequest};
+use crate::config::vm_config_from_json;
+
+/// HTTP method of a route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Put,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Put => "PUT",
+        }
+    }
+}
+
+pub struct Route {
+    /// The path below `/api/v1/`.
+    pub path: &'static str,
+    pub method: Method,
+    /// Builds the request from the body (already size-limited).
+    decode: fn(&[u8]) -> Result<ApiRequest, ApiError>,
+}
+
+macro_rules! plain {
+    ($variant:ident) => {
+        |_body: &[u8]| -> Result<ApiRequest, ApiError> { Ok(ApiRequest::$variant) }
+    };
+}
+
+fn json_value(body: &[u8]) -> Result<serde_json::Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+fn decode_create(body: &[u8]) -> Result<ApiRequest, ApiError> {
+    vm_config_from_json(body)
+        .map(|c| ApiRequest::VmCreate(Box::new(c)))
+        .map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
+fn decode_policy(body: &[u8]) -> Result<ApiRequest, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        policy: heki::Policy,
+    }
+    let b: Body = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid policy body: {e}")))?;
+    Ok(ApiRequest::VmHekiPolicy(b.policy))
+}
+
+fn decode_protect(body: &[u8]) -> Result<ApiRequest, ApiError> {
+    json_value(body).map(ApiRequest::VmHekiProtect)
+}
+
+fn decode_pin(body: &[u8]) -> Result<ApiRequest, ApiError> {
+    json_value(body).map(ApiRequest::VmHekiPin)
+}
+
+/// Every route the server serves (the OpenAPI spec must list exactly these).
+pub static ROUTES: &[Route] = &[
+    Route {
+        path: "vmm.ping",
+        method: Method::Get,
+        decode: plain!(VmmPing),
+    },
+    Route {
+        path: "vmm.shutdown",
+        method: Method::Put,
+        decode: plain!(VmmShutdown),
+    },
+    Route {
+        path: "vm.create",
+        method: Method::Put,
+        decode: decode_create,
+    },
+    Route {
+        path: "vm.boot",
+        method: Method::Put,
+        decode: plain!(VmBoot),
+    },
+    Route {
+        path: "vm.shutdown",
+        method: Method::Put,
+        decode: plain!(VmShutdown),
+    },
+    Route {
+        path: "vm.reboot",
+        method: Method::Put,
+        decode: plain!(VmReboot),
+    },
+    Route {
+        path: "vm.pause",
+        method: Method::Put,
+        decode: plain!(VmPause),
+    },
+    Route {
+        path: "vm.resume",
+        method: Method::Put,
+        decode: plain!(VmResume),
+    },
+    Route {
+        path: "vm.power-button",
+        method: Method::Put,
+        decode: plain!(VmPowerButton),
+    },
+    Route {
+        path: "vm.delete",
+        method: Method::Put,
+        decode: plain!(VmDelete),
+    },
+    Route {
+        path: "vm.info",
+        method: Method::Get,
+        decode: plain!(VmInfo),
+    },
+    Route {
+        path: "vm.counters",
+        method: Method::Get,
+        decode: plain!(VmCounters),
+    },
+    Route {
+        path: "vm.heki",
+        method: Method::Get,
+        decode: plain!(VmHeki),
+    },
+    Route {
+        path: "vm.heki-protect",
+        method: Method::Put,
+        decode: decode_protect,
+    },
+    Route {
+        path: "vm.heki-policy",
+        method: Method::Put,
+        decode: decode_policy,
+    },
+    Route {
+        path: "vm.heki-violations",
+        method: Method::Get,
+        decode: plain!(VmHekiViolations),
+    },
+    Route {
+        path: "vm.heki-pin",
+        method: Method::Put,
+        decode: decode_pin,
+    },
+];
+
+/// What the router decided for a (method, path).
+pub enum Resolved {
+    Request(&'static Route),
+    NotFound,
+    /// The path exists with other methods (for the `Allow` header).
+    MethodNotAllowed(&'static str),
+}
+
+pub fn resolve(method: &str, full_path: &str) -> Resolved {
+    let Some(path) = full_path.strip_prefix("/api/v1/") else {
+        return Resolved::NotFound;
+    };
+    let mut found = None;
+    for route in ROUTES.iter().filter(|r| r.path == path) {
+        if route.method.as_str() == method {
+            return Resolved::Request(route);
+        }
+        found = Some(route.method.as_str());
+    }
+    match found {
+        Some(allow) => Resolved::MethodNotAllowed(allow),
+        None => Resolved::NotFound,
+    }
+}
+
+impl Route {
+    pub fn decode(&self, body: &[u8]) -> Result<ApiRequest, ApiError> {
+        (self.decode)(body)
+    }
+}

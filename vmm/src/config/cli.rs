@@ -1,0 +1,353 @@
+//! The `hekivisor` command line. Every VM flag builds the same `VmConfig`
+//! that the REST API's `vm.create` takes, so the two cannot drift.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Parser};
+
+use super::options::{OptionValues, parse_size};
+use super::{
+    ConfigError, ConsoleConfig, ConsoleOutputMode, CpusConfig, HekiConfig, MemoryConfig,
+    PayloadConfig, VmConfig,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hekivisor",
+    version,
+    about = "Hekivisor: a KVM virtual machine monitor that enforces guest kernel integrity (heki) from the host.",
+    long_about = "Hekivisor: a KVM virtual machine monitor that enforces guest kernel integrity (heki) from the host.\n\n\
+Boot a VM at once with --kernel, or start empty with --api-socket and drive it over the\n\
+Cloud Hypervisor compatible REST API (see hk-remote). Option values use key=value lists,\n\
+e.g. --cpus boot=2 --memory size=1G --heki enabled=on,policy=deny.",
+    after_help = "Examples:\n  hekivisor --kernel vmlinux --cmdline console=ttyS0 --cpus boot=2 --memory size=1G\n  \
+hekivisor --api-socket /tmp/hk.sock --event-monitor path=/tmp/hk-events.json"
+)]
+pub struct CliArgs {
+    /// Kernel to boot: an ELF vmlinux with a PVH entry note, or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Initramfs to load for the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING")]
+    pub cmdline: Option<String>,
+
+    /// vCPUs: boot=N[,max=N] (default boot=1; max must equal boot).
+    #[arg(long, value_name = "boot=N")]
+    pub cpus: Option<String>,
+
+    /// Guest RAM: size=SIZE with K/M/G suffix (default size=512M).
+    #[arg(long, value_name = "size=SIZE")]
+    pub memory: Option<String>,
+
+    /// Serial port COM1 output: off|null|tty|file=PATH (default tty; tty also forwards stdin).
+    #[arg(long, value_name = "MODE")]
+    pub serial: Option<String>,
+
+    /// virtio console: off|null|tty|file=PATH (default off).
+    #[arg(long, value_name = "MODE")]
+    pub console: Option<String>,
+
+    /// Kernel integrity: enabled=on|off,policy=deny|log|pause|shutdown[,cr_check_interval_ms=N]
+    /// (default off; policy deny).
+    #[arg(long, value_name = "enabled=on,...")]
+    pub heki: Option<String>,
+
+    /// REST API socket: path=PATH, fd=N, or a bare PATH. Without --kernel, starts empty.
+    #[arg(long, value_name = "path=PATH")]
+    pub api_socket: Option<String>,
+
+    /// Write the JSON event stream to path=FILE or fd=N.
+    #[arg(long, value_name = "path=FILE")]
+    pub event_monitor: Option<String>,
+
+    /// Exit (status 0) when the guest reboots instead of rebooting it.
+    #[arg(long)]
+    pub no_reboot: bool,
+
+    /// More logging: -v info, -vv debug, -vvv trace (default: warnings).
+    #[arg(short = 'v', action = ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Write the log to this file instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+}
+
+/// Where the API socket comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiSocketSpec {
+    Path(PathBuf),
+    /// An already listening socket inherited from the parent.
+    Fd(i32),
+}
+
+/// Where events go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventMonitorSpec {
+    Path(PathBuf),
+    Fd(i32),
+}
+
+/// Everything the binary needs to start the VMM.
+#[derive(Debug)]
+pub struct VmmOptions {
+    /// Some iff `--kernel` was given.
+    pub vm: Option<VmConfig>,
+    pub api_socket: Option<ApiSocketSpec>,
+    pub event_monitor: Option<EventMonitorSpec>,
+    pub no_reboot: bool,
+    pub verbosity: u8,
+    pub log_file: Option<PathBuf>,
+}
+
+impl CliArgs {
+    pub fn into_options(self) -> Result<VmmOptions, ConfigError> {
+        let vm_flags_without_kernel = self.kernel.is_none()
+            && (self.initramfs.is_some()
+                || self.cmdline.is_some()
+                || self.cpus.is_some()
+                || self.memory.is_some());
+        if vm_flags_without_kernel {
+            return Err(ConfigError::Cli {
+                option: "--kernel",
+                message: "VM options were given without --kernel".into(),
+            });
+        }
+        let vm = match &self.kernel {
+            Some(kernel) => {
+                let mut config = VmConfig {
+                    payload: Some(PayloadConfig {
+                        kernel: Some(kernel.clone()),
+                        cmdline: self.cmdline.clone(),
+                        initramfs: self.initramfs.clone(),
+                    }),
+                    ..VmConfig::default()
+                };
+                if let Some(cpus) = &self.cpus {
+                    config.cpus = parse_cpus(cpus)?;
+                }
+                if let Some(memory) = &self.memory {
+                    config.memory = parse_memory(memory)?;
+                }
+                if let Some(serial) = &self.serial {
+                    config.serial = parse_console("--serial", serial)?;
+                }
+                if let Some(console) = &self.console {
+                    config.console = parse_console("--console", console)?;
+                }
+                if let Some(heki) = &self.heki {
+                    config.heki = parse_heki(heki)?;
+                }
+                config.validate()?;
+                Some(config)
+            }
+            None => None,
+        };
+        Ok(VmmOptions {
+            vm,
+            api_socket: self
+                .api_socket
+                .as_deref()
+                .map(parse_api_socket)
+                .transpose()?,
+            event_monitor: self
+                .event_monitor
+                .as_deref()
+                .map(parse_event_monitor)
+                .transpose()?,
+            no_reboot: self.no_reboot,
+            verbosity: self.verbose,
+            log_file: self.log_file,
+        })
+    }
+}
+
+pub fn parse_cpus(input: &str) -> Result<CpusConfig, ConfigError> {
+    let o = OptionValues::parse("--cpus", input, &["boot", "max"])?;
+    let boot = o
+        .get_u64("boot")?
+        .ok_or_else(|| o.error("boot=N is required".into()))?;
+    let boot =
+        u8::try_from(boot).map_err(|_| o.error(format!("boot={boot}: at most 254 vCPUs")))?;
+    let max = match o.get_u64("max")? {
+        Some(m) => u8::try_from(m).map_err(|_| o.error(format!("max={m}: at most 254 vCPUs")))?,
+        None => boot,
+    };
+    Ok(CpusConfig {
+        boot_vcpus: boot,
+        max_vcpus: max,
+    })
+}
+
+pub fn parse_memory(input: &str) -> Result<MemoryConfig, ConfigError> {
+    let o = OptionValues::parse("--memory", input, &["size"])?;
+    let size = o
+        .get("size")
+        .ok_or_else(|| o.error("size=SIZE is required".into()))?;
+    Ok(MemoryConfig {
+        size: parse_size(size).map_err(|e| o.error(e))?,
+    })
+}
+
+pub fn parse_console(option: &'static str, input: &str) -> Result<ConsoleConfig, ConfigError> {
+    let mode = |mode| Ok(ConsoleConfig { mode, file: None });
+    match input {
+        "off" | "Off" => mode(ConsoleOutputMode::Off),
+        "null" | "Null" => mode(ConsoleOutputMode::Null),
+        "tty" | "Tty" => mode(ConsoleOutputMode::Tty),
+        _ => {
+            let o = OptionValues::parse(option, input, &["file"])?;
+            let file = o
+                .get("file")
+                .filter(|f| !f.is_empty())
+                .ok_or_else(|| o.error("file=PATH needs a path".into()))?;
+            Ok(ConsoleConfig {
+                mode: ConsoleOutputMode::File,
+                file: Some(PathBuf::from(file)),
+            })
+        }
+    }
+}
+
+pub fn parse_heki(input: &str) -> Result<HekiConfig, ConfigError> {
+    let o = OptionValues::parse(
+        "--heki",
+        input,
+        &["enabled", "policy", "cr_check_interval_ms"],
+    )?;
+    let mut config = HekiConfig {
+        enabled: true,
+        ..HekiConfig::default()
+    };
+    if let Some(enabled) = o.get_bool("enabled")? {
+        config.enabled = enabled;
+    }
+    if let Some(policy) = o.get("policy") {
+        config.policy = policy.parse().map_err(|e| o.error(e))?;
+    }
+    if let Some(ms) = o.get_u64("cr_check_interval_ms")? {
+        config.cr_check_interval_ms = ms;
+    }
+    Ok(config)
+}
+
+fn parse_fd(o: &OptionValues<'_>) -> Result<Option<i32>, ConfigError> {
+    o.get("fd")
+        .map(|fd| {
+            fd.parse::<i32>()
+                .ok()
+                .filter(|fd| *fd >= 0)
+                .ok_or_else(|| o.error(format!("fd={fd}: not a file descriptor")))
+        })
+        .transpose()
+}
+
+pub fn parse_api_socket(input: &str) -> Result<ApiSocketSpec, ConfigError> {
+    if !input.contains('=') {
+        return Ok(ApiSocketSpec::Path(PathBuf::from(input)));
+    }
+    let o = OptionValues::parse("--api-socket", input, &["path", "fd"])?;
+    match (o.get("path"), parse_fd(&o)?) {
+        (Some(path), None) if !path.is_empty() => Ok(ApiSocketSpec::Path(PathBuf::from(path))),
+        (None, Some(fd)) => Ok(ApiSocketSpec::Fd(fd)),
+        _ => Err(o.error("give exactly one of path=PATH or fd=N".into())),
+    }
+}
+
+pub fn parse_event_monitor(input: &str) -> Result<EventMonitorSpec, ConfigError> {
+    let o = OptionValues::parse("--event-monitor", input, &["path", "fd"])?;
+    match (o.get("path"), parse_fd(&o)?) {
+        (Some(path), None) if !path.is_empty() => Ok(EventMonitorSpec::Path(PathBuf::from(path))),
+        (None, Some(fd)) => Ok(EventMonitorSpec::Fd(fd)),
+        _ => Err(o.error("give exactly one of path=FILE or fd=N".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Result<VmmOptions, ConfigError> {
+        CliArgs::try_parse_from(std::iter::once("hekivisor").chain(list.iter().copied()))
+            .expect("clap accepts the flags")
+            .into_options()
+    }
+
+    #[test]
+    fn cli_flags_build_the_vm_config() {
+        let o = args(&[
+            "--kernel",
+            "k",
+            "--cpus",
+            "boot=2",
+            "--memory",
+            "size=1G",
+            "--serial",
+            "file=/tmp/s",
+            "--heki",
+            "enabled=on,policy=log",
+        ])
+        .expect("valid");
+        let vm = o.vm.expect("kernel given");
+        assert_eq!(
+            vm.cpus,
+            CpusConfig {
+                boot_vcpus: 2,
+                max_vcpus: 2
+            }
+        );
+        assert_eq!(vm.memory.size, 1 << 30);
+        assert_eq!(vm.serial.mode, ConsoleOutputMode::File);
+        assert!(vm.heki.enabled);
+        assert_eq!(vm.heki.policy, heki::Policy::Log);
+    }
+
+    #[test]
+    fn bad_values_are_errors_naming_the_option() {
+        for (flags, needle) in [
+            (&["--kernel", "k", "--cpus", "boot=0"][..], "boot_vcpus"),
+            (&["--kernel", "k", "--cpus", "boot=999"][..], "--cpus"),
+            (&["--kernel", "k", "--memory", "size=12Q"][..], "--memory"),
+            (
+                &["--kernel", "k", "--memory", "size=99999999999G"][..],
+                "too large",
+            ),
+            (
+                &["--kernel", "k", "--heki", "enabeld=on"][..],
+                "unknown key 'enabeld'",
+            ),
+            (
+                &["--kernel", "k", "--heki", "policy=maybe"][..],
+                "unknown heki policy",
+            ),
+            (&["--kernel", "k", "--serial", "file="][..], "--serial"),
+            (&["--cpus", "boot=2"][..], "without --kernel"),
+            (&["--api-socket", "fd=-3"][..], "--api-socket"),
+        ] {
+            let err = args(flags)
+                .err()
+                .unwrap_or_else(|| panic!("{flags:?} must fail"))
+                .to_string();
+            assert!(err.contains(needle), "{flags:?}: '{err}' lacks '{needle}'");
+        }
+    }
+
+    #[test]
+    fn api_socket_accepts_path_fd_and_bare_path() {
+        assert_eq!(
+            parse_api_socket("/tmp/a.sock").ok(),
+            Some(ApiSocketSpec::Path("/tmp/a.sock".into()))
+        );
+        assert_eq!(
+            parse_api_socket("path=/tmp/a.sock").ok(),
+            Some(ApiSocketSpec::Path("/tmp/a.sock".into()))
+        );
+        assert_eq!(parse_api_socket("fd=3").ok(), Some(ApiSocketSpec::Fd(3)));
+        assert!(parse_api_socket("path=/a,fd=3").is_err());
+    }
+}

@@ -1,0 +1,204 @@
+//! VM configuration: one `VmConfig`, built either from CLI flags or from the
+//! REST API's JSON, so the two cannot drift. Field names follow Cloud Hypervisor.
+
+pub mod cli;
+mod compat;
+mod options;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use cli::{ApiSocketSpec, CliArgs, EventMonitorSpec, VmmOptions};
+pub use compat::vm_config_from_json;
+pub use options::parse_size;
+
+/// The most vCPUs a VM may have (APIC ids fit in 8 bits; 255 is broadcast).
+pub const MAX_VCPUS: u8 = 254;
+/// The most guest RAM we accept.
+pub const MAX_MEMORY_SIZE: u64 = 1 << 40;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{option}: {message}")]
+    Cli {
+        option: &'static str,
+        message: String,
+    },
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("{field}: not supported by Hekivisor")]
+    Unsupported { field: String },
+    #[error("invalid VM configuration: {message}")]
+    Json { message: String },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+pub const DEFAULT_VCPUS: u8 = 1;
+pub const DEFAULT_MEMORY_SIZE: u64 = 512 << 20;
+pub const DEFAULT_CR_CHECK_INTERVAL_MS: u64 = 10;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CpusConfig {
+    pub boot_vcpus: u8,
+    pub max_vcpus: u8,
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        CpusConfig {
+            boot_vcpus: DEFAULT_VCPUS,
+            max_vcpus: DEFAULT_VCPUS,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Guest RAM in bytes.
+    pub size: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            size: DEFAULT_MEMORY_SIZE,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PayloadConfig {
+    pub kernel: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub initramfs: Option<PathBuf>,
+}
+
+/// Where a console's output goes (Cloud Hypervisor's spelling).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsoleOutputMode {
+    Off,
+    #[default]
+    Null,
+    Tty,
+    File,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    pub mode: ConsoleOutputMode,
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HekiConfig {
+    pub enabled: bool,
+    pub policy: heki::Policy,
+    pub cr_check_interval_ms: u64,
+}
+
+impl Default for HekiConfig {
+    fn default() -> Self {
+        HekiConfig {
+            enabled: false,
+            policy: heki::Policy::Deny,
+            cr_check_interval_ms: DEFAULT_CR_CHECK_INTERVAL_MS,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    pub cpus: CpusConfig,
+    pub memory: MemoryConfig,
+    pub payload: Option<PayloadConfig>,
+    pub serial: ConsoleConfig,
+    pub console: ConsoleConfig,
+    pub heki: HekiConfig,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            cpus: CpusConfig::default(),
+            memory: MemoryConfig::default(),
+            payload: None,
+            serial: ConsoleConfig {
+                mode: ConsoleOutputMode::Tty,
+                file: None,
+            },
+            console: ConsoleConfig {
+                mode: ConsoleOutputMode::Off,
+                file: None,
+            },
+            heki: HekiConfig::default(),
+        }
+    }
+}
+
+impl VmConfig {
+    /// Checks the values a user can get wrong.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let cpus = &self.cpus;
+        if cpus.boot_vcpus == 0 || cpus.boot_vcpus > MAX_VCPUS {
+            return Err(invalid(
+                "cpus.boot_vcpus",
+                format!("must be 1..={MAX_VCPUS}, got {}", cpus.boot_vcpus),
+            ));
+        }
+        if cpus.max_vcpus != cpus.boot_vcpus {
+            return Err(invalid(
+                "cpus.max_vcpus",
+                "vCPU hotplug is not supported: max_vcpus must equal boot_vcpus",
+            ));
+        }
+        let size = self.memory.size;
+        if size < (1 << 20) || !size.is_multiple_of(4096) || size > MAX_MEMORY_SIZE {
+            return Err(invalid(
+                "memory.size",
+                format!(
+                    "must be a multiple of 4096 between 1 MiB and {MAX_MEMORY_SIZE} bytes, got {size}"
+                ),
+            ));
+        }
+        for (field, console) in [
+            ("serial.file", &self.serial),
+            ("console.file", &self.console),
+        ] {
+            if console.mode == ConsoleOutputMode::File && console.file.is_none() {
+                return Err(invalid(field, "mode File needs a file"));
+            }
+        }
+        if self.console.mode == ConsoleOutputMode::File {
+            return Err(invalid(
+                "console.mode",
+                "virtio-console is not supported yet (File); use Off",
+            ));
+        }
+        if self.heki.cr_check_interval_ms == 0 || self.heki.cr_check_interval_ms > 60_000 {
+            return Err(invalid("heki.cr_check_interval_ms", "must be 1..=60000"));
+        }
+        if let Some(payload) = &self.payload
+            && payload.kernel.is_none()
+        {
+            return Err(invalid("payload.kernel", "a kernel is required"));
+        }
+        Ok(())
+    }
+}
