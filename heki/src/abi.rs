@@ -160,7 +160,7 @@ pub struct ProtectRange {
 impl ProtectRange {
     /// Validates a guest entry (addresses in bytes).
     pub fn from_entry(pa: u64, epa: u64, bits: u64, ram: &RamLayout) -> Result<Self, AbiError> {
-        if pa % PAGE_SIZE != 0 || epa % PAGE_SIZE != 0 || pa >= epa {
+        if !pa.is_multiple_of(PAGE_SIZE) || !epa.is_multiple_of(PAGE_SIZE) || pa >= epa {
             return Err(AbiError::InvalidArgument);
         }
         let perms = Permissions::from_abi(bits).ok_or(AbiError::InvalidArgument)?;
@@ -194,7 +194,7 @@ pub fn decode_page_list(
     let mut visited = BTreeSet::new();
     let mut page = first;
     while page != 0 {
-        if page % PAGE_SIZE != 0 {
+        if !page.is_multiple_of(PAGE_SIZE) {
             return Err(AbiError::InvalidArgument);
         }
         if !ram.contains(page, PAGE_SIZE) {
