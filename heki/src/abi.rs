@@ -294,7 +294,8 @@ mod tests {
 
     #[test]
     fn every_error_rule_maps_to_its_errno() {
-        let cases: Vec<(Vec<(u64, u64, u64)>, AbiError)> = vec![
+        type Entries = Vec<(u64, u64, u64)>;
+        let cases: Vec<(Entries, AbiError)> = vec![
             (vec![(0x10001, 0x12000, 1)], AbiError::InvalidArgument),
             (vec![(0x10000, 0x10000, 1)], AbiError::InvalidArgument),
             (vec![(0x10000, 0x11000, 0x11)], AbiError::InvalidArgument),
