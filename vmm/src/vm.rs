@@ -18,6 +18,7 @@ use crate::cpu::{
     ExitCounters, VcpuContext, VcpuEvent, VcpuGate, boot_registers, cpuid, kick, run_vcpu,
 };
 use crate::devices::{AcpiPmDevice, I8042Device, PioBus, SerialDevice};
+use crate::heki::HekiRuntime;
 use crate::layout::{self, ports};
 use crate::memory::{self, RamRegion};
 
@@ -83,7 +84,32 @@ impl Vm {
         kvm_vm.setup_platform(layout::KVM_TSS_ADDRESS, layout::KVM_IDENTITY_MAP_ADDRESS)?;
         let ram = memory::ram_regions(config.memory.size);
         let mem = memory::create_guest_memory(&ram)?;
-        memory::register_ram(&kvm_vm, &mem)?;
+        let boot_slots = memory::register_ram(&kvm_vm, &mem)?;
+        let heki_ram = heki::RamLayout {
+            regions: ram.iter().map(|r| (r.start, r.end())).collect(),
+        };
+        let heki = config.heki.enabled.then(|| {
+            Arc::new(HekiRuntime::new(
+                &config.heki,
+                kvm_vm.clone(),
+                mem.clone(),
+                heki_ram,
+                &boot_slots,
+            ))
+        });
+        let heki_features = heki.as_ref().map(|h| h.features()).unwrap_or(0);
+        let heki_leaves: Vec<hypervisor::CpuidEntry> =
+            HekiRuntime::cpuid_leaves(heki.is_some(), heki_features)
+                .iter()
+                .map(|(leaf, [eax, ebx, ecx, edx])| hypervisor::CpuidEntry {
+                    function: *leaf,
+                    eax: *eax,
+                    ebx: *ebx,
+                    ecx: *ecx,
+                    edx: *edx,
+                    ..Default::default()
+                })
+                .collect();
 
         let cpus = config.cpus.boot_vcpus;
         let rsdp = crate::acpi::create_acpi_tables(&mem, cpus)
@@ -115,7 +141,7 @@ impl Vm {
         let mut pending_vcpus = Vec::new();
         for id in 0..cpus {
             let vcpu = kvm_vm.create_vcpu(id)?;
-            vcpu.set_cpuid(&cpuid::vcpu_cpuid(&supported, id, cpus, &[]))?;
+            vcpu.set_cpuid(&cpuid::vcpu_cpuid(&supported, id, cpus, &heki_leaves))?;
             vcpu.setup_lapic_lints()?;
             vcpu.reset_fpu()?;
             vcpu.set_msrs(&[(hypervisor::msr_index::IA32_MISC_ENABLE, 1)])?;
@@ -135,7 +161,8 @@ impl Vm {
             stop: Default::default(),
             events: Mutex::new(events),
             events_wake: events_wake.try_clone().map_err(VmError::EventFd)?,
-            heki_port: None,
+            heki_port: heki.is_some().then_some(ports::HEKI_DOORBELL),
+            heki,
             counters: (0..cpus).map(|_| ExitCounters::default()).collect(),
         });
         Ok(Vm {
@@ -187,6 +214,14 @@ impl Vm {
             all.insert(format!("vcpu{id}"), c.to_json());
         }
         serde_json::Value::Object(all)
+    }
+
+    pub fn heki(&self) -> Option<&Arc<HekiRuntime>> {
+        self.ctx.heki.as_ref()
+    }
+
+    pub fn gate(&self) -> &VcpuGate {
+        &self.ctx.gate
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {

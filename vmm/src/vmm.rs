@@ -219,6 +219,9 @@ impl Vmm {
     pub(crate) fn shutdown_vm(&mut self) {
         if let Some(mut vm) = self.vm.take() {
             vm.stop();
+            if let Some(heki) = vm.heki() {
+                heki.violations.flush_suppressed();
+            }
             if let Some(out) = &self.serial_out {
                 let _ = out.lock().unwrap_or_else(|p| p.into_inner()).flush();
             }
@@ -238,6 +241,13 @@ impl Vmm {
         // Events from the old vCPUs are stale now.
         while self.vcpu_rx.try_recv().is_ok() {}
         self.boot()?;
+        if self.config.as_ref().is_some_and(|c| c.heki.enabled) {
+            crate::events::emit(
+                "heki",
+                "reset",
+                &[("reason", "guest reboot: protections cleared".to_string())],
+            );
+        }
         crate::events::emit("vm", "rebooted", &[]);
         Ok(())
     }
@@ -300,6 +310,19 @@ impl Vmm {
                     self.shutdown_vm();
                     self.finish_if_cli(Err(e));
                 }
+            }
+            VcpuEvent::HekiPaused { vcpu } => {
+                log::warn!("heki policy paused the VM (vCPU {vcpu}); vm.resume continues");
+                crate::events::emit("vm", "pausing", &[("cause", "heki".to_string())]);
+                self.state = VmState::Paused;
+                crate::events::emit("vm", "paused", &[("cause", "heki".to_string())]);
+            }
+            VcpuEvent::HekiShutdown { vcpu } => {
+                log::warn!("heki policy stopped the VM (vCPU {vcpu})");
+                self.shutdown_vm();
+                self.finish_if_cli(Err(VmmError::GuestFailed(format!(
+                    "heki policy 'shutdown' stopped the VM after a violation on vCPU {vcpu}"
+                ))));
             }
             VcpuEvent::Failed { vcpu, error } => {
                 log::error!("vCPU {vcpu}: {error}");

@@ -66,6 +66,8 @@ s64 run_user(s64 (*fn)(u64), u64 arg);
 
 /* SMP: start every other vCPU (found in the ACPI MADT); returns the count of CPUs. */
 unsigned smp_start(void);
+/* Like smp_start, but returns once the APs are running ap_main. */
+unsigned smp_start_async(void);
 unsigned madt_lapic_count(void);
 unsigned cpu_count_from_cpuid(void);
 

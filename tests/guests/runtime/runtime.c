@@ -275,7 +275,7 @@ s64 heki_protect(u64 pa, u64 epa, u64 perms) {
 }
 
 /* ---- SMP ---- */
-static volatile u32 cpus_checked_in;
+static volatile u32 cpus_checked_in, cpus_started;
 
 static u8 checksum(const u8 *p, u32 len) { u8 s = 0; while (len--) s += *p++; return s; }
 unsigned madt_lapic_count(void) {
@@ -302,7 +302,7 @@ static void lapic_write(u32 reg, u32 v) { *(volatile u32 *)(LAPIC_BASE + reg) = 
 static u32 lapic_read(u32 reg) { return *(volatile u32 *)(LAPIC_BASE + reg); }
 static void delay(u32 loops) { for (volatile u32 i = 0; i < loops; i++) cpu_relax(); }
 
-unsigned smp_start(void) {
+static unsigned wake_aps(void) {
     unsigned n = madt_lapic_count();
     if (!n) n = cpu_count_from_cpuid();
     if (n <= 1) return 1;
@@ -315,12 +315,24 @@ unsigned smp_start(void) {
         lapic_write(0x300, 0x000c4600 | (TRAMPOLINE_BASE >> 12)); /* SIPI */
         delay(100);
     }
+    return n;
+}
+
+unsigned smp_start(void) {
+    unsigned n = wake_aps();
     for (u32 spin = 0; spin < 2000000 && cpus_checked_in < n - 1; spin++) cpu_relax();
     return cpus_checked_in + 1;
 }
 
+unsigned smp_start_async(void) {
+    unsigned n = wake_aps();
+    for (u32 spin = 0; spin < 2000000 && cpus_started < n - 1; spin++) cpu_relax();
+    return cpus_started + 1;
+}
+
 void ap_start(unsigned index) {
     load_idt();
+    __atomic_fetch_add(&cpus_started, 1, __ATOMIC_SEQ_CST);
     if (ap_main) ap_main(index);
     __atomic_fetch_add(&cpus_checked_in, 1, __ATOMIC_SEQ_CST);
     for (;;) __asm__ volatile("cli; hlt");

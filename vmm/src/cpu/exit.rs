@@ -14,6 +14,10 @@ pub enum VcpuEvent {
     Reset { vcpu: u8, cause: &'static str },
     /// The vCPU cannot continue.
     Failed { vcpu: u8, error: String },
+    /// heki policy `pause`: the VM is already held out of guest mode.
+    HekiPaused { vcpu: u8 },
+    /// heki policy `shutdown`: stop the VM.
+    HekiShutdown { vcpu: u8 },
 }
 
 /// What the vCPU loop does after an exit.

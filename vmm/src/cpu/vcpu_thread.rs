@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::exit::{ExitOutcome, VcpuEvent, handle_exit};
 use super::gate::VcpuGate;
 use crate::devices::PioBus;
+use crate::heki::{HekiAction, HekiRuntime, doorbell};
 
 /// What every vCPU thread of a VM shares.
 pub struct VcpuContext {
@@ -22,6 +23,7 @@ pub struct VcpuContext {
     pub events: std::sync::Mutex<Sender<VcpuEvent>>,
     pub events_wake: EventFd,
     pub heki_port: Option<u16>,
+    pub heki: Option<Arc<HekiRuntime>>,
     /// Exit counters, indexed by vCPU id.
     pub counters: Vec<ExitCounters>,
 }
@@ -94,8 +96,22 @@ pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
         };
         match outcome {
             ExitOutcome::Continue => {}
-            ExitOutcome::HekiCall | ExitOutcome::ProtectedWrite { .. } => {
-                // Wired up by the heki exit path; without heki nothing produces these.
+            ExitOutcome::HekiCall => {
+                if let Some(heki) = &ctx.heki {
+                    let action = doorbell::handle_doorbell(&vcpu, heki, &ctx.gate);
+                    if !apply_heki_action(&ctx, id, action) {
+                        return;
+                    }
+                }
+            }
+            ExitOutcome::ProtectedWrite { gpa, data } => {
+                if let Some(heki) = &ctx.heki {
+                    let action =
+                        heki.on_guest_write(id, gpa, &data, || vcpu.regs().ok().map(|r| r.rip));
+                    if !apply_heki_action(&ctx, id, action) {
+                        return;
+                    }
+                }
             }
             ExitOutcome::EmulationFailure { insn_bytes } => {
                 let error = describe_emulation_failure(&vcpu, &ctx.mem, insn_bytes);
@@ -106,6 +122,25 @@ pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
                 ctx.report(event);
                 return;
             }
+        }
+    }
+}
+
+/// Carries out a heki policy; false when the vCPU must stop.
+fn apply_heki_action(ctx: &VcpuContext, id: u8, action: HekiAction) -> bool {
+    match action {
+        HekiAction::Continue => true,
+        HekiAction::Paused => {
+            // Hold every vCPU before telling the VMM thread, so nothing runs on.
+            match ctx.gate.pause_all(crate::vm::VCPU_STOP_TIMEOUT) {
+                Ok(()) => ctx.report(VcpuEvent::HekiPaused { vcpu: id }),
+                Err(e) => log::error!("heki: cannot pause the VM: {e}"),
+            }
+            true
+        }
+        HekiAction::Shutdown => {
+            ctx.report(VcpuEvent::HekiShutdown { vcpu: id });
+            false
         }
     }
 }

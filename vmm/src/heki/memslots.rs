@@ -65,12 +65,8 @@ impl MemslotTable {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub fn slot_count(&self) -> usize {
         self.installed.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.installed.is_empty()
     }
 
     pub fn max_slots(&self) -> usize {

@@ -1,0 +1,198 @@
+//! heki memory integrity, end to end: guests lock memory through the ABI and
+//! attack it; the VMM must deny, report and keep running.
+
+mod common;
+
+use common::guests;
+
+fn events(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).expect("event file");
+    event_monitor::parse_events(&text).expect("valid event stream")
+}
+
+fn heki_events<'a>(all: &'a [serde_json::Value], event: &str) -> Vec<&'a serde_json::Value> {
+    all.iter()
+        .filter(|e| e["source"] == "heki" && e["event"] == event)
+        .collect()
+}
+
+#[test]
+fn abi_discovery_functions_and_error_codes_follow_the_contract() {
+    require_kvm!();
+    let run = common::run_vm(
+        "heki-abi",
+        &guests::build("heki_abi"),
+        &["--heki", "enabled=on"],
+    );
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert!(!run.serial.contains("FAIL"), "serial:\n{}", run.serial);
+    assert!(
+        run.serial.contains("heki abi done failures=0"),
+        "serial:\n{}",
+        run.serial
+    );
+    assert!(run.serial.contains("doorbell port=580"));
+    assert!(
+        run.serial.lines().filter(|l| l.starts_with("ok ")).count() >= 30,
+        "serial:\n{}",
+        run.serial
+    );
+}
+
+#[test]
+fn heki_disabled_hides_the_abi() {
+    require_kvm!();
+    let run = common::run_vm("heki-off", &guests::build("heki_abi"), &[]);
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert!(
+        run.serial.contains("FAIL signature: got 0 want 1"),
+        "serial:\n{}",
+        run.serial
+    );
+    assert!(
+        run.serial.contains("FAIL max leaf: got 0"),
+        "serial:\n{}",
+        run.serial
+    );
+}
+
+#[test]
+fn locked_memory_survives_every_write_width_string_and_straddling_write() {
+    require_kvm!();
+    let dir = common::temp_dir("heki-write");
+    let ev = dir.join("events.json");
+    let ev_arg = format!("path={}", ev.display());
+    let run = common::run_vm(
+        "heki-write",
+        &guests::build("heki_write"),
+        &["--heki", "enabled=on", "--event-monitor", &ev_arg],
+    );
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    let s = &run.serial;
+    assert!(s.contains("protect rc=0\n"), "{s}");
+    assert!(
+        s.contains("widths byte=11 word=1111 dword=11111111 qword=1111111111111111"),
+        "{s}"
+    );
+    assert!(s.contains("rep stosb changed=0"), "{s}");
+    // The writable halves of straddling writes land; the locked halves do not.
+    assert!(
+        s.contains("straddle low=22,22 lockedlow=11 lockedhigh=11 high=33"),
+        "{s}"
+    );
+    // Byte protection: bytes 16 and 17 keep their value, their neighbours change.
+    assert!(s.contains("bytes 15=44 16=11 17=11 18=44"), "{s}");
+    assert!(s.contains("neighbour=55"), "{s}");
+    assert!(
+        s.contains("attack done"),
+        "the guest keeps running after violations: {s}"
+    );
+
+    let all = events(&ev);
+    let protected = heki_events(&all, "protected");
+    assert_eq!(protected.len(), 2, "page lock and byte lock");
+    assert_eq!(protected[0]["properties"]["by"], "guest");
+    assert_eq!(protected[0]["properties"]["pages"], "1");
+    let violations = heki_events(&all, "violation");
+    assert!(
+        !violations.is_empty() && violations.len() <= 10,
+        "rate limited: {}",
+        violations.len()
+    );
+    let first = &violations[0]["properties"];
+    assert_eq!(first["kind"], "write");
+    assert_eq!(first["action"], "denied");
+    assert_eq!(first["vcpu"], "0");
+    assert!(first["gpa"].as_str().is_some_and(|g| g.starts_with("0x")));
+    assert!(first["rip"].as_str().is_some_and(|r| r.starts_with("0x1")));
+    assert_eq!(first["size"], "1");
+    // 4 widths + 4096 string bytes + 2 straddles + 1 byte-protected write, each counted.
+    let suppressed: u64 = heki_events(&all, "suppressed")
+        .iter()
+        .map(|e| {
+            e["properties"]["count"]
+                .as_str()
+                .and_then(|c| c.parse::<u64>().ok())
+                .expect("count")
+        })
+        .sum();
+    assert_eq!(violations.len() as u64 + suppressed, 4 + 4096 + 2 + 1);
+}
+
+fn attack(policy: &str) -> common::Run {
+    let arg = format!("enabled=on,policy={policy}");
+    common::run_vm(
+        &format!("heki-policy-{policy}"),
+        &guests::build("heki_attack"),
+        &["--heki", &arg],
+    )
+}
+
+#[test]
+fn deny_policy_drops_the_write_and_the_guest_continues() {
+    require_kvm!();
+    let run = attack("deny");
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert!(
+        run.serial.contains("after attack value=11"),
+        "serial: {}",
+        run.serial
+    );
+}
+
+#[test]
+fn log_policy_performs_the_write_and_reports_it() {
+    require_kvm!();
+    let run = attack("log");
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert!(
+        run.serial.contains("after attack value=99"),
+        "serial: {}",
+        run.serial
+    );
+}
+
+#[test]
+fn shutdown_policy_stops_the_vm_before_the_guest_goes_on() {
+    require_kvm!();
+    let run = attack("shutdown");
+    assert_eq!(run.status.code(), Some(1), "stderr: {}", run.stderr);
+    assert!(
+        run.stderr.contains("heki policy 'shutdown' stopped the VM"),
+        "stderr: {}",
+        run.stderr
+    );
+    assert!(
+        !run.serial.contains("after attack"),
+        "serial: {}",
+        run.serial
+    );
+}
+
+#[test]
+fn no_write_lands_after_the_lock_returns_while_another_vcpu_writes() {
+    require_kvm!();
+    for _ in 0..3 {
+        let run = common::run_vm(
+            "heki-smp",
+            &guests::build("heki_smp"),
+            &["--heki", "enabled=on", "--cpus", "boot=2"],
+        );
+        assert!(run.status.success(), "stderr: {}", run.stderr);
+        assert!(
+            run.serial.contains("cpus=2 protect rc=0"),
+            "serial: {}",
+            run.serial
+        );
+        assert!(
+            run.serial.contains("writer kept running=yes"),
+            "serial: {}",
+            run.serial
+        );
+        assert!(
+            run.serial.contains("no write landed after the lock"),
+            "serial: {}",
+            run.serial
+        );
+    }
+}

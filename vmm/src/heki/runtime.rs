@@ -1,0 +1,261 @@
+//! The per-VM heki state and the actions that apply heki's verdicts: memslot
+//! relayout, guest memory writes, registers, events.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use heki::abi::{self, feature};
+use heki::{AbiError, MemoryProtections, Policy, ProtectRange, RamLayout};
+use hypervisor::MemSlot;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::memslots::{MemslotError, MemslotTable, SlotSpec};
+use super::violations::{Violation, ViolationLog};
+use crate::config::HekiConfig;
+use crate::cpu::VcpuGate;
+use crate::layout::ports::HEKI_DOORBELL;
+
+/// What the vCPU loop must do after heki handled an exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HekiAction {
+    Continue,
+    /// Policy `pause`: the VM is already held; tell the VMM thread.
+    Paused,
+    /// Policy `shutdown`: stop the VM.
+    Shutdown,
+}
+
+pub struct HekiRuntime {
+    policy: Mutex<Policy>,
+    /// Protections and the installed memslots change together, under one lock.
+    state: Mutex<(MemoryProtections, MemslotTable)>,
+    kvm_vm: Arc<hypervisor::Vm>,
+    mem: GuestMemoryMmap,
+    ram: RamLayout,
+    pub violations: ViolationLog,
+    pub cr_check_interval_ms: u64,
+}
+
+/// Adapts guest memory for heki's page-list decoder.
+struct GuestReader<'a>(&'a GuestMemoryMmap);
+
+impl heki::GuestMemoryReader for GuestReader<'_> {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        self.0.read_slice(buf, GuestAddress(gpa)).is_ok()
+    }
+}
+
+impl HekiRuntime {
+    pub fn new(
+        config: &HekiConfig,
+        kvm_vm: Arc<hypervisor::Vm>,
+        mem: GuestMemoryMmap,
+        ram: RamLayout,
+        boot_slots: &[MemSlot],
+    ) -> Self {
+        let table = MemslotTable::new(boot_slots, kvm_vm.max_memslots());
+        HekiRuntime {
+            policy: Mutex::new(config.policy),
+            state: Mutex::new((MemoryProtections::default(), table)),
+            kvm_vm,
+            mem,
+            ram,
+            violations: ViolationLog::default(),
+            cr_check_interval_ms: config.cr_check_interval_ms,
+        }
+    }
+
+    /// Feature bits this VMM implements on this host.
+    pub fn features(&self) -> u32 {
+        if self.kvm_vm.has_readonly_memory() {
+            feature::PROTECT_MEMORY | feature::PROTECT_BYTES
+        } else {
+            0
+        }
+    }
+
+    /// The CPUID leaves advertising the ABI.
+    pub fn cpuid_leaves(enabled: bool, features: u32) -> [(u32, [u32; 4]); 2] {
+        abi::cpuid_leaves(enabled, features, HEKI_DOORBELL)
+    }
+
+    pub fn policy(&self) -> Policy {
+        *self.policy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.lock().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
+    fn state(&self) -> MutexGuard<'_, (MemoryProtections, MemslotTable)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn ram(&self) -> &RamLayout {
+        &self.ram
+    }
+
+    /// Applies new protections and the memslot layout they need, atomically.
+    fn update(
+        &self,
+        gate: Option<&VcpuGate>,
+        change: impl FnOnce(&mut MemoryProtections) -> Result<(), AbiError>,
+    ) -> Result<(), AbiError> {
+        let mut state = self.state();
+        let (protections, table) = &mut *state;
+        let mut next = protections.clone();
+        change(&mut next)?;
+        let plan = next
+            .plan(&self.ram, table.max_slots())
+            .map_err(|_| AbiError::NoSpace)?;
+        let wanted: Vec<SlotSpec> = plan
+            .iter()
+            .map(|s| SlotSpec {
+                gpa: s.gpa,
+                size: s.size,
+                readonly: s.readonly,
+            })
+            .collect();
+        table
+            .apply(&self.kvm_vm, &self.mem, &wanted, gate)
+            .map_err(|e| {
+                log::error!("heki: memslot update failed: {e}");
+                match e {
+                    MemslotError::NoSlotId => AbiError::NoSpace,
+                    _ => AbiError::BadAddress,
+                }
+            })?;
+        *protections = next;
+        Ok(())
+    }
+
+    /// PROTECT_MEMORY / `vm.heki-protect`.
+    pub fn protect_pages(
+        &self,
+        ranges: &[ProtectRange],
+        who: &str,
+        gate: Option<&VcpuGate>,
+    ) -> Result<(), AbiError> {
+        self.update(gate, |p| p.protect_pages(ranges))?;
+        let pages: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        crate::events::emit(
+            "heki",
+            "protected",
+            &[("by", who.to_string()), ("pages", pages.to_string())],
+        );
+        Ok(())
+    }
+
+    /// PROTECT_BYTES.
+    pub fn protect_bytes(
+        &self,
+        gpa: u64,
+        len: u64,
+        who: &str,
+        gate: Option<&VcpuGate>,
+    ) -> Result<(), AbiError> {
+        let ram = self.ram.clone();
+        self.update(gate, |p| p.protect_bytes(&ram, gpa, len))?;
+        crate::events::emit(
+            "heki",
+            "protected",
+            &[
+                ("by", who.to_string()),
+                ("bytes", len.to_string()),
+                ("gpa", format!("{gpa:#x}")),
+            ],
+        );
+        Ok(())
+    }
+
+    pub fn query(&self, gpa: u64) -> Result<u64, AbiError> {
+        self.state().0.query(&self.ram, gpa)
+    }
+
+    /// Decodes a page list from guest memory.
+    pub fn decode_page_list(&self, list: u64) -> Result<Vec<ProtectRange>, AbiError> {
+        abi::decode_page_list(&GuestReader(&self.mem), &self.ram, list)
+    }
+
+    /// A guest write that a read-only memslot turned into an MMIO exit.
+    /// Applies what may land, reports what may not, and says what follows.
+    pub fn on_guest_write(
+        &self,
+        vcpu: u8,
+        gpa: u64,
+        data: &[u8],
+        rip: impl FnOnce() -> Option<u64>,
+    ) -> HekiAction {
+        if !self.ram.contains(gpa, data.len() as u64) {
+            // Not RAM: an MMIO access to a device we lack; dropped as before.
+            return HekiAction::Continue;
+        }
+        let policy = self.policy();
+        let check = self.state().0.check_write(gpa, data.len());
+        if check.allowed() || policy.performs_access() {
+            self.write_guest(gpa, data);
+        } else {
+            for (offset, len) in check.allowed_runs() {
+                self.write_guest(gpa + offset as u64, &data[offset..offset + len]);
+            }
+        }
+        if check.allowed() {
+            return HekiAction::Continue;
+        }
+        let forbidden = u64::from(check.forbidden.count_ones());
+        let first = gpa + u64::from(check.forbidden.trailing_zeros());
+        let mut v = Violation::new("write", action_name(policy));
+        v.vcpu = Some(vcpu);
+        v.gpa = Some(first);
+        v.rip = rip();
+        v.size = Some(forbidden);
+        self.violations.record(v);
+        policy_action(policy)
+    }
+
+    /// The VMM's own write into guest RAM on the guest's behalf: the emulated
+    /// part of a trapped write. Going straight to the mapping is the point.
+    fn write_guest(&self, gpa: u64, bytes: &[u8]) {
+        if let Err(e) = self.mem.write_slice(bytes, GuestAddress(gpa)) {
+            log::warn!("heki: cannot apply guest write at {gpa:#x}: {e}");
+        }
+    }
+
+    /// A heki call made from CPL != 0.
+    pub fn on_unprivileged_call(&self, vcpu: u8, rip: u64, cpl: u8) -> HekiAction {
+        let policy = self.policy();
+        let mut v = Violation::new("hypercall", action_name(policy));
+        v.vcpu = Some(vcpu);
+        v.rip = Some(rip);
+        v.details.insert("cpl", cpl.to_string());
+        self.violations.record(v);
+        policy_action(policy)
+    }
+
+    /// Counts of protected pages and bytes, and memslot use.
+    pub fn stats(&self) -> (u64, u64, usize, usize) {
+        let state = self.state();
+        (
+            state.0.pages.protected_pages(),
+            state.0.bytes.total_bytes(),
+            state.1.slot_count(),
+            state.1.max_slots(),
+        )
+    }
+}
+
+fn action_name(policy: Policy) -> &'static str {
+    match policy {
+        Policy::Deny => "denied",
+        Policy::Log => "logged",
+        Policy::Pause => "paused",
+        Policy::Shutdown => "shutdown",
+    }
+}
+
+fn policy_action(policy: Policy) -> HekiAction {
+    match policy {
+        Policy::Deny | Policy::Log => HekiAction::Continue,
+        Policy::Pause => HekiAction::Paused,
+        Policy::Shutdown => HekiAction::Shutdown,
+    }
+}
