@@ -60,10 +60,17 @@ fn up_to_date(output: &Path, name: &str) -> bool {
         .is_ok_and(|built| built >= newest_source(name))
 }
 
-/// Links `name` with `script`; atomic rename so parallel test processes are safe.
+/// A temporary name no other thread or process uses.
+fn unique_tmp(path: &Path) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    path.with_extension(format!("tmp{}-{n}", std::process::id()))
+}
+
+/// Links `name` with `script`; atomic rename so parallel tests are safe.
 fn link(name: &str, script: &str, output: &Path) {
     let dir = guests_dir();
-    let tmp = output.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = unique_tmp(output);
     let result = Command::new("gcc")
         .args(CFLAGS)
         .arg(format!("-I{}", dir.join("runtime").display()))
@@ -101,9 +108,9 @@ pub fn build_bzimage(name: &str) -> PathBuf {
     if up_to_date(&output, name) {
         return output;
     }
-    let elf = out_dir().join(format!("{name}.bz.elf"));
+    let elf = unique_tmp(&out_dir().join(format!("{name}.bz.elf")));
     link(name, "bzimage.ld", &elf);
-    let raw = out_dir().join(format!("{name}.bz.bin.tmp{}", std::process::id()));
+    let raw = unique_tmp(&out_dir().join(format!("{name}.bz.bin")));
     let status = Command::new("objcopy")
         .args(["-O", "binary"])
         .arg(&elf)
@@ -116,7 +123,8 @@ pub fn build_bzimage(name: &str) -> PathBuf {
     let bss_end = symbol(&elf, "_bss_end");
     let mut image = setup_header(body.len(), (bss_end - 0x10_0000) as u32);
     image.extend_from_slice(&body);
-    let tmp = output.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&elf);
+    let tmp = unique_tmp(&output);
     std::fs::write(&tmp, image).expect("write bzImage");
     std::fs::rename(&tmp, &output).expect("move bzImage into place");
     output

@@ -14,4 +14,7 @@ void guest_main(void) {
     }
     *(volatile u8 *)text = 0x99;
     printf("after attack value=%x\n", *(volatile u8 *)text);
+    /* Under host control, stay up so the host can inspect the VM. */
+    if (cmdline_has("host-locks"))
+        for (;;) __asm__ volatile("cli; hlt");
 }

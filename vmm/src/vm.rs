@@ -213,6 +213,9 @@ impl Vm {
         for (id, c) in self.ctx.counters.iter().enumerate() {
             all.insert(format!("vcpu{id}"), c.to_json());
         }
+        if let Some(heki) = &self.ctx.heki {
+            all.insert("heki".into(), crate::heki::api::counters(heki));
+        }
         serde_json::Value::Object(all)
     }
 

@@ -178,6 +178,9 @@ pub fn run(run_config: VmmRunConfig) -> Result<i32, VmmError> {
     vmm.shutdown_vm();
     crate::events::emit("vmm", "shutdown", &[]);
     crate::events::flush();
+    if api.is_some() {
+        crate::api::drain_connections(std::time::Duration::from_secs(1));
+    }
     vmm.exit_status.unwrap_or(Ok(0))
 }
 

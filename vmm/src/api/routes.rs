@@ -184,3 +184,50 @@ impl Route {
         (self.decode)(body)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// The OpenAPI spec lists exactly the routes the server serves.
+    #[test]
+    fn openapi_spec_matches_the_route_table() {
+        let text = include_str!("openapi/hekivisor.yaml");
+        let spec: serde_yaml::Value = serde_yaml::from_str(text).expect("valid YAML");
+        let mut in_spec = BTreeSet::new();
+        for (path, item) in spec["paths"].as_mapping().expect("paths") {
+            let path = path
+                .as_str()
+                .expect("path")
+                .trim_start_matches('/')
+                .to_string();
+            for (method, _) in item.as_mapping().expect("methods") {
+                in_spec.insert((
+                    method.as_str().expect("method").to_uppercase(),
+                    path.clone(),
+                ));
+            }
+        }
+        let served: BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|r| (r.method.as_str().to_string(), r.path.to_string()))
+            .collect();
+        assert_eq!(in_spec, served);
+    }
+
+    #[test]
+    fn resolve_distinguishes_unknown_paths_from_wrong_methods() {
+        assert!(matches!(
+            resolve("GET", "/api/v1/vm.info"),
+            Resolved::Request(_)
+        ));
+        assert!(matches!(
+            resolve("GET", "/api/v1/vm.boot"),
+            Resolved::MethodNotAllowed("PUT")
+        ));
+        assert!(matches!(resolve("GET", "/api/v1/nope"), Resolved::NotFound));
+        assert!(matches!(resolve("GET", "/vm.info"), Resolved::NotFound));
+    }
+}

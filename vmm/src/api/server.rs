@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
@@ -27,12 +28,32 @@ pub struct ServerLimits {
     pub read_timeout: Duration,
 }
 
+/// Overrides the read timeout in milliseconds (tests use a short one).
+pub const TIMEOUT_ENV: &str = "HEKIVISOR_API_TIMEOUT_MS";
+
 impl Default for ServerLimits {
     fn default() -> Self {
+        let read_timeout = std::env::var(TIMEOUT_ENV)
+            .ok()
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_secs(10));
         ServerLimits {
             max_body: 4 << 20,
-            read_timeout: Duration::from_secs(10),
+            read_timeout,
         }
+    }
+}
+
+/// Open connections; the VMM waits for them to drain before exiting so a
+/// `vmm.shutdown` caller still gets its answer.
+static OPEN_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// Waits (bounded) until every open API connection has been answered and closed.
+pub fn drain_connections(timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while OPEN_CONNECTIONS.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

@@ -1,0 +1,546 @@
+//! The REST API over a real socket: lifecycle, errors, concurrency, events, hk-remote.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use api_client::ApiClient;
+use serde_json::Value;
+
+struct Vmm {
+    child: Child,
+    socket: PathBuf,
+    events: PathBuf,
+    serial: PathBuf,
+    dir: PathBuf,
+}
+
+impl Vmm {
+    fn start(test: &str) -> Vmm {
+        let dir = common::temp_dir(test);
+        let socket = dir.join("api.sock");
+        let events = dir.join("events.json");
+        let child = Command::new(common::hekivisor_bin())
+            .arg("--api-socket")
+            .arg(format!("path={}", socket.display()))
+            .arg("--event-monitor")
+            .arg(format!("path={}", events.display()))
+            .env("HEKIVISOR_API_TIMEOUT_MS", "500")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start hekivisor");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "API socket never appeared");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let serial = dir.join("serial.log");
+        Vmm {
+            child,
+            socket,
+            events,
+            serial,
+            dir,
+        }
+    }
+
+    fn client(&self) -> ApiClient {
+        ApiClient::new(&self.socket)
+    }
+
+    fn config(&self, guest: &str, extra: &str) -> String {
+        format!(
+            r#"{{"cpus":{{"boot_vcpus":1,"max_vcpus":1}},"memory":{{"size":134217728}},
+               "payload":{{"kernel":"{}"}},"serial":{{"mode":"File","file":"{}"}}{extra}}}"#,
+            common::guests::build(guest).display(),
+            self.serial.display()
+        )
+    }
+
+    fn status(&self, method: &str, command: &str, body: Option<&str>) -> (u16, String) {
+        let r = self
+            .client()
+            .request(method, command, body)
+            .expect("request");
+        (r.status, r.body)
+    }
+
+    fn json(&self, command: &str) -> Value {
+        let body = self
+            .client()
+            .call("GET", command, None)
+            .expect("GET")
+            .expect("body");
+        serde_json::from_str(&body).expect("JSON")
+    }
+
+    fn serial_len(&self) -> usize {
+        std::fs::read(&self.serial).map(|b| b.len()).unwrap_or(0)
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn full_lifecycle_over_the_socket() {
+    require_kvm!();
+    let mut vmm = Vmm::start("api-lifecycle");
+    let ping = vmm.json("vmm.ping");
+    assert_eq!(ping["pid"], vmm.child.id());
+    assert!(
+        ping["version"].is_string()
+            && ping["build_version"].is_string()
+            && ping["features"].is_array()
+    );
+
+    let config = vmm.config("ticker", "");
+    assert_eq!(vmm.status("PUT", "vm.create", Some(&config)).0, 204);
+    assert_eq!(vmm.json("vm.info")["state"], "Created");
+    assert_eq!(vmm.status("PUT", "vm.boot", None).0, 204);
+    let info = vmm.json("vm.info");
+    assert_eq!(info["state"], "Running");
+    assert_eq!(info["memory_actual_size"], 134217728);
+    assert_eq!(info["config"]["cpus"]["boot_vcpus"], 1);
+    wait_for("serial output", || vmm.serial_len() > 0);
+
+    assert_eq!(vmm.status("PUT", "vm.pause", None).0, 204);
+    assert_eq!(vmm.json("vm.info")["state"], "Paused");
+    let paused_at = vmm.serial_len();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(vmm.serial_len(), paused_at, "a paused guest prints nothing");
+    assert_eq!(vmm.status("PUT", "vm.resume", None).0, 204);
+    wait_for("output after resume", || vmm.serial_len() > paused_at);
+    assert!(
+        vmm.json("vm.counters")["vcpu0"]["pio_exits"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    );
+
+    assert_eq!(vmm.status("PUT", "vm.reboot", None).0, 204);
+    assert_eq!(vmm.json("vm.info")["state"], "Running");
+    assert_eq!(vmm.status("PUT", "vm.shutdown", None).0, 204);
+    assert_eq!(vmm.json("vm.info")["state"], "Shutdown");
+    assert_eq!(vmm.status("PUT", "vm.delete", None).0, 204);
+    assert_eq!(vmm.status("GET", "vm.info", None).0, 404);
+    assert_eq!(
+        vmm.status("PUT", "vm.create", Some(&config)).0,
+        204,
+        "create again after delete"
+    );
+    assert_eq!(vmm.status("PUT", "vm.boot", None).0, 204);
+    assert_eq!(vmm.status("PUT", "vmm.shutdown", None).0, 204);
+    let (status, timed_out) = common::wait_with_timeout(&mut vmm.child, Duration::from_secs(10));
+    check_lifecycle_events(&vmm.events);
+    assert!(
+        !timed_out && status.success(),
+        "vmm.shutdown ends the process cleanly"
+    );
+}
+
+fn check_lifecycle_events(path: &Path) {
+    let text = std::fs::read_to_string(path).expect("events");
+    let events = event_monitor::parse_events(&text).expect("valid stream");
+    let names: Vec<String> = events
+        .iter()
+        .map(|e| {
+            format!(
+                "{}:{}",
+                e["source"].as_str().unwrap_or(""),
+                e["event"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    let expected = [
+        "vmm:starting",
+        "vm:booting",
+        "vm:booted",
+        "vm:pausing",
+        "vm:paused",
+        "vm:resuming",
+        "vm:resumed",
+        "vm:rebooting",
+        "vm:rebooted",
+        "vm:shutdown",
+        "vm:deleted",
+        "vm:booting",
+        "vm:booted",
+        "vmm:shutdown",
+    ];
+    let mut at = 0;
+    for want in expected {
+        let found = names[at..].iter().position(|n| n == want);
+        assert!(
+            found.is_some(),
+            "event {want} missing after position {at} in {names:?}"
+        );
+        at += found.unwrap_or(0) + 1;
+    }
+    let mut last = 0.0;
+    for e in &events {
+        let t = e["timestamp"]["secs"].as_f64().unwrap_or(0.0)
+            + e["timestamp"]["nanos"].as_f64().unwrap_or(0.0) / 1e9;
+        assert!(t >= last, "timestamps never go back");
+        last = t;
+    }
+}
+
+fn raw(socket: &Path, request: &[u8]) -> String {
+    let mut s = UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let _ = s.write_all(request);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn every_error_is_answered_with_the_right_status_and_the_vmm_survives() {
+    require_kvm!();
+    let vmm = Vmm::start("api-errors");
+    assert_eq!(vmm.status("GET", "vm.info", None).0, 404, "no VM yet");
+    assert_eq!(vmm.status("GET", "vm.nonsense", None).0, 404);
+    let r = vmm
+        .client()
+        .request("GET", "vm.boot", None)
+        .expect("request");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("PUT"));
+    let (status, body) = vmm.status("PUT", "vm.create", Some("{not json"));
+    assert_eq!(status, 400);
+    assert!(body.contains("error"), "{body}");
+    assert_eq!(
+        vmm.status("PUT", "vm.create", Some(r#"{"memory":{"size":"big"}}"#))
+            .0,
+        400
+    );
+    assert_eq!(
+        vmm.status(
+            "PUT",
+            "vm.create",
+            Some(r#"{"memory":{"size":99999999999999999999999}}"#)
+        )
+        .0,
+        400
+    );
+    let (status, body) = vmm.status(
+        "PUT",
+        "vm.create",
+        Some(r#"{"payload":{"kernel":"/k"},"heki":{"enabeld":true}}"#),
+    );
+    assert_eq!(status, 400);
+    assert!(body.contains("enabeld"), "typo named: {body}");
+    let (status, body) = vmm.status(
+        "PUT",
+        "vm.create",
+        Some(r#"{"payload":{"kernel":"/k"},"memory":{"size":1048576,"hugepages":true}}"#),
+    );
+    assert_eq!(status, 400);
+    assert!(body.contains("memory.hugepages"), "{body}");
+    // Invalid UTF-8, a body over 4 MiB, a truncated body, and a slow client.
+    let bad_utf8 = b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\n\xff\xfe\xfd\xfc";
+    assert!(raw(&vmm.socket, bad_utf8).starts_with("HTTP/1.1 400"));
+    let big = "x".repeat((4 << 20) + 1);
+    assert_eq!(vmm.status("PUT", "vm.create", Some(&big)).0, 413);
+    let truncated =
+        b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"cpus\"";
+    let reply = raw(&vmm.socket, truncated);
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 4"),
+        "{reply}"
+    );
+    let mut slow = UnixStream::connect(&vmm.socket).expect("connect");
+    slow.write_all(b"GET /api/v1/vmm.pi").expect("partial");
+    slow.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = Vec::new();
+    let started = Instant::now();
+    let _ = slow.read_to_end(&mut buf);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "slow client is cut off"
+    );
+
+    let config = vmm.config("ticker", "");
+    assert_eq!(vmm.status("PUT", "vm.create", Some(&config)).0, 204);
+    assert_eq!(
+        vmm.status("PUT", "vm.create", Some(&config)).0,
+        409,
+        "create when one exists"
+    );
+    assert_eq!(
+        vmm.status("PUT", "vm.resume", None).0,
+        409,
+        "resume a VM that is not paused"
+    );
+    assert_eq!(vmm.status("PUT", "vm.boot", None).0, 204);
+    assert_eq!(vmm.status("PUT", "vm.boot", None).0, 409, "boot twice");
+    assert_eq!(
+        vmm.json("vm.info")["state"],
+        "Running",
+        "the guest kept running through all of it"
+    );
+}
+
+#[test]
+fn bad_kernel_in_config_is_a_400_at_boot_and_the_vmm_lives_on() {
+    require_kvm!();
+    let vmm = Vmm::start("api-bad-kernel");
+    let config = r#"{"payload":{"kernel":"/nonexistent/vmlinux"},"serial":{"mode":"Null"}}"#;
+    assert_eq!(vmm.status("PUT", "vm.create", Some(config)).0, 204);
+    let (status, body) = vmm.status("PUT", "vm.boot", None);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("/nonexistent/vmlinux"), "{body}");
+    assert_eq!(vmm.status("GET", "vmm.ping", None).0, 200);
+}
+
+#[test]
+fn eight_concurrent_clients_get_every_answer_while_a_guest_runs() {
+    require_kvm!();
+    let vmm = Vmm::start("api-concurrent");
+    assert_eq!(
+        vmm.status("PUT", "vm.create", Some(&vmm.config("ticker", "")))
+            .0,
+        204
+    );
+    assert_eq!(vmm.status("PUT", "vm.boot", None).0, 204);
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let socket = vmm.socket.clone();
+            std::thread::spawn(move || {
+                let client = ApiClient::new(&socket);
+                for i in 0..250 {
+                    let command = if (i + t) % 2 == 0 {
+                        "vm.info"
+                    } else {
+                        "vmm.ping"
+                    };
+                    let body = client
+                        .call("GET", command, None)
+                        .expect("answered")
+                        .expect("body");
+                    let v: Value = serde_json::from_str(&body).expect("JSON");
+                    if command == "vm.info" {
+                        assert_eq!(v["state"], "Running");
+                    } else {
+                        assert!(v["pid"].is_u64());
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client thread");
+    }
+}
+
+#[test]
+fn socket_is_private_stale_sockets_are_replaced_and_live_ones_refused() {
+    let dir = common::temp_dir("api-socket");
+    let socket = dir.join("api.sock");
+    // A stale socket: bound, then its owner went away.
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind stale"));
+    let mut first = Command::new(common::hekivisor_bin())
+        .arg("--api-socket")
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start");
+    wait_for("socket", || UnixStream::connect(&socket).is_ok());
+    let mode = std::fs::metadata(&socket)
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let second = common::run_hekivisor(&["--api-socket", socket.to_str().expect("path")]);
+    assert!(!second.status.success());
+    assert!(second.stderr.contains("in use"), "{}", second.stderr);
+    let _ = first.kill();
+    let _ = first.wait();
+}
+
+#[test]
+fn hk_remote_drives_a_vm_end_to_end() {
+    require_kvm!();
+    let vmm = Vmm::start("hk-remote");
+    let config_path = vmm.dir.join("vm.json");
+    std::fs::write(&config_path, vmm.config("ticker", "")).expect("write config");
+    let hk = |args: &[&str]| {
+        let out = Command::new(common::hk_remote_bin())
+            .arg("--api-socket")
+            .arg(&vmm.socket)
+            .args(args)
+            .output()
+            .expect("hk-remote");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, _) = hk(&["ping"]);
+    assert!(ok && out.contains("\"pid\""), "{out}");
+    assert!(hk(&["create", config_path.to_str().expect("path")]).0);
+    assert!(hk(&["boot"]).0);
+    let (ok, out, _) = hk(&["info"]);
+    assert!(ok && out.contains("\"Running\""), "{out}");
+    assert!(hk(&["pause"]).0);
+    assert!(hk(&["resume"]).0);
+    let (ok, _, err) = hk(&["resume"]);
+    assert!(
+        !ok && err.contains("409") && err.contains("Running"),
+        "server message shown: {err}"
+    );
+    assert!(hk(&["counters"]).0);
+    assert!(hk(&["shutdown"]).0);
+    assert!(hk(&["delete"]).0);
+    assert!(hk(&["shutdown-vmm"]).0);
+}
+
+fn serial_text(vmm: &Vmm) -> String {
+    std::fs::read_to_string(&vmm.serial).unwrap_or_default()
+}
+
+/// The whole "after attack value=NN" line is out.
+fn attack_reported(vmm: &Vmm) -> bool {
+    let s = serial_text(vmm);
+    s.split("after attack value=")
+        .nth(1)
+        .is_some_and(|rest| rest.contains('\n'))
+}
+
+#[test]
+fn host_side_protection_through_rest_stops_a_guest_write() {
+    require_kvm!();
+    let vmm = Vmm::start("api-heki-protect");
+    let config = vmm
+        .config("heki_attack", r#","heki":{"enabled":true,"policy":"deny"}"#)
+        .replace(
+            r#""payload":{"kernel""#,
+            r#""payload":{"cmdline":"host-locks","kernel""#,
+        );
+    assert_eq!(vmm.status("PUT", "vm.create", Some(&config)).0, 204);
+    assert_eq!(vmm.status("PUT", "vm.boot", None).0, 204);
+    wait_for("text address", || serial_text(&vmm).contains("text at 0x"));
+    let serial = serial_text(&vmm);
+    let addr = serial
+        .split("text at 0x")
+        .nth(1)
+        .and_then(|r| r.lines().next())
+        .expect("address");
+    let gpa = u64::from_str_radix(addr.trim(), 16).expect("hex");
+
+    let bad = format!(
+        r#"{{"ranges":[{{"gpa":{},"size":4096,"permissions":["read"]}}]}}"#,
+        gpa + 1
+    );
+    assert_eq!(
+        vmm.status("PUT", "vm.heki-protect", Some(&bad)).0,
+        400,
+        "unaligned"
+    );
+    let no_read = format!(r#"{{"ranges":[{{"gpa":{gpa},"size":4096,"permissions":["exec"]}}]}}"#);
+    assert_eq!(vmm.status("PUT", "vm.heki-protect", Some(&no_read)).0, 400);
+    let outside = r#"{"ranges":[{"gpa":549755813888,"size":4096,"permissions":["read"]}]}"#;
+    assert_eq!(vmm.status("PUT", "vm.heki-protect", Some(outside)).0, 400);
+    let lock = format!(
+        r#"{{"ranges":[{{"gpa":{gpa},"size":4096,"permissions":["read","exec","immutable"]}}]}}"#
+    );
+    assert_eq!(vmm.status("PUT", "vm.heki-protect", Some(&lock)).0, 204);
+    let unlock =
+        format!(r#"{{"ranges":[{{"gpa":{gpa},"size":4096,"permissions":["read","write"]}}]}}"#);
+    assert_eq!(
+        vmm.status("PUT", "vm.heki-protect", Some(&unlock)).0,
+        409,
+        "immutable"
+    );
+
+    wait_for("attack result", || attack_reported(&vmm));
+    assert!(
+        serial_text(&vmm).contains("after attack value=11"),
+        "{}",
+        serial_text(&vmm)
+    );
+    let heki = vmm.json("vm.heki");
+    assert_eq!(heki["enabled"], true);
+    assert_eq!(heki["policy"], "deny");
+    assert_eq!(heki["abi_version"], 1);
+    assert_eq!(
+        heki["features"]["protect_memory"]["status"], "enforced",
+        "{heki}"
+    );
+    assert_eq!(heki["features"]["exec"]["status"], "unavailable");
+    assert!(
+        heki["features"]["exec"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("KVM"))
+    );
+    assert_eq!(heki["protected_pages"], 1);
+    assert_eq!(heki["counters"]["write"], 1);
+    assert!(heki["memslots"]["used"].as_u64().unwrap_or(0) >= 3);
+    let violations = vmm.json("vm.heki-violations");
+    let list = violations["violations"].as_array().expect("list");
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["kind"], "write");
+    assert_eq!(list[0]["gpa"], gpa);
+    assert_eq!(list[0]["seq"], 1);
+    assert_eq!(vmm.json("vm.counters")["heki"]["write"], 1);
+}
+
+#[test]
+fn pause_policy_holds_the_vm_until_resume() {
+    require_kvm!();
+    let vmm = Vmm::start("api-heki-pause");
+    let config = vmm.config(
+        "heki_attack",
+        r#","heki":{"enabled":true,"policy":"pause"}"#,
+    );
+    assert_eq!(vmm.status("PUT", "vm.create", Some(&config)).0, 204);
+    assert_eq!(vmm.status("PUT", "vm.boot", None).0, 204);
+    wait_for("pause by heki", || vmm.json("vm.info")["state"] == "Paused");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !serial_text(&vmm).contains("after attack"),
+        "the guest is held: {}",
+        serial_text(&vmm)
+    );
+    assert_eq!(
+        vmm.status("PUT", "vm.heki-policy", Some(r#"{"policy":"log"}"#))
+            .0,
+        204
+    );
+    assert_eq!(
+        vmm.status("PUT", "vm.heki-policy", Some(r#"{"policy":"maybe"}"#))
+            .0,
+        400
+    );
+    assert_eq!(vmm.json("vm.heki")["policy"], "log");
+    assert_eq!(vmm.status("PUT", "vm.resume", None).0, 204);
+    wait_for("guest continues", || attack_reported(&vmm));
+    assert!(
+        serial_text(&vmm).contains("after attack value=11"),
+        "the paused write was dropped"
+    );
+}
