@@ -544,3 +544,73 @@ fn pause_policy_holds_the_vm_until_resume() {
         "the paused write was dropped"
     );
 }
+
+fn count(vmm: &Vmm, needle: &str) -> usize {
+    serial_text(vmm).matches(needle).count()
+}
+
+#[test]
+fn host_side_pins_through_rest_and_a_reboot_clears_them() {
+    require_kvm!();
+    let vmm = Vmm::start("api-heki-pin");
+    let config = vmm
+        .config("heki_hostpin", r#","heki":{"enabled":true}"#)
+        .replace(
+            r#""cpus":{"boot_vcpus":1,"max_vcpus":1}"#,
+            r#""cpus":{"boot_vcpus":2,"max_vcpus":2}"#,
+        );
+    assert_eq!(vmm.status("PUT", "vm.create", Some(&config)).0, 204);
+    assert_eq!(vmm.status("PUT", "vm.boot", None).0, 204);
+    wait_for("unpinned hooks", || count(&vmm, "lstar hook worked") >= 2);
+    assert_eq!(
+        vmm.status("PUT", "vm.heki-pin", Some(r#"{"cr4":"0x100000"}"#))
+            .0,
+        400,
+        "SMEP is not set"
+    );
+    assert_eq!(
+        vmm.status("PUT", "vm.heki-pin", Some(r#"{"cr0":"0x1"}"#)).0,
+        400,
+        "PE cannot be pinned"
+    );
+    assert_eq!(
+        vmm.status("PUT", "vm.heki-pin", Some(r#"{"msrs":["0x10"]}"#))
+            .0,
+        400
+    );
+    let (status, body) = vmm.status(
+        "PUT",
+        "vm.heki-pin",
+        Some(r#"{"cr0":"0x10000","msrs":["0xc0000082"]}"#),
+    );
+    assert_eq!(status, 204, "{body}");
+    let heki = vmm.json("vm.heki");
+    assert_eq!(heki["features"]["pin_cr"]["status"], "detect-and-restore");
+    assert_eq!(heki["features"]["pin_cr"]["interval_ms"], 10);
+    assert_eq!(heki["features"]["pin_msr"]["status"], "enforced", "{heki}");
+    let pins = heki["pins"].as_array().expect("pins");
+    assert_eq!(pins.len(), 2, "every vCPU");
+    for p in pins {
+        assert_eq!(p["cr0"], "0x10000");
+        assert_eq!(p["msrs"][0]["msr"], "0xc0000082");
+    }
+    let faulted = count(&vmm, "lstar hook faulted");
+    wait_for("pinned LSTAR faults", || {
+        count(&vmm, "lstar hook faulted") >= faulted + 2
+    });
+    assert!(vmm.json("vm.counters")["heki"]["msr"].as_u64().unwrap_or(0) >= 2);
+
+    assert_eq!(vmm.status("PUT", "vm.reboot", None).0, 204);
+    let heki = vmm.json("vm.heki");
+    assert!(
+        heki["pins"]
+            .as_array()
+            .expect("pins")
+            .iter()
+            .all(|p| p["cr0"] == "0x0" && p["msrs"].as_array().is_some_and(|m| m.is_empty()))
+    );
+    let worked = count(&vmm, "lstar hook worked");
+    wait_for("hooks work again after reboot", || {
+        count(&vmm, "lstar hook worked") >= worked + 2
+    });
+}

@@ -77,6 +77,19 @@ impl Vcpu {
         })
     }
 
+    /// Finishes a pending `MsrWrite`/`MsrRead` exit after the exit itself was
+    /// dropped: with `inject_gp` the guest's `wrmsr`/`rdmsr` raises #GP.
+    pub fn complete_msr_exit(&mut self, inject_gp: bool) {
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason == kvm_bindings::KVM_EXIT_X86_WRMSR
+            || run.exit_reason == kvm_bindings::KVM_EXIT_X86_RDMSR
+        {
+            // SAFETY: the exit reason says `msr` is the active union member.
+            let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+            msr.error = u8::from(inject_gp);
+        }
+    }
+
     /// Makes the next `run` return `Interrupted` at once; the caller clears it
     /// again after that `run`.
     pub fn set_immediate_exit(&mut self, on: bool) {

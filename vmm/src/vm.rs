@@ -63,6 +63,8 @@ impl Write for SharedWriter {
 pub struct Vm {
     // Field order matters on drop: vCPU threads end before KVM objects and memory go.
     threads: Vec<JoinHandle<()>>,
+    /// Non-vCPU threads of this VM (the CR check timer).
+    helpers: Vec<JoinHandle<()>>,
     pending_vcpus: Vec<Vcpu>,
     ctx: Arc<VcpuContext>,
     kvm_vm: Arc<hypervisor::Vm>,
@@ -95,6 +97,7 @@ impl Vm {
                 mem.clone(),
                 heki_ram,
                 &boot_slots,
+                usize::from(config.cpus.boot_vcpus),
             ))
         });
         let heki_features = heki.as_ref().map(|h| h.features()).unwrap_or(0);
@@ -167,6 +170,7 @@ impl Vm {
         });
         Ok(Vm {
             threads: Vec::new(),
+            helpers: Vec::new(),
             pending_vcpus,
             ctx,
             kvm_vm,
@@ -185,6 +189,23 @@ impl Vm {
                 .map_err(VmError::SpawnVcpu)?;
             self.ctx.gate.register_thread(&handle);
             self.threads.push(handle);
+        }
+        if let Some(heki) = self.ctx.heki.clone() {
+            let ctx = self.ctx.clone();
+            let interval = Duration::from_millis(heki.cr_check_interval_ms);
+            let checker = std::thread::Builder::new()
+                .name("heki-cr-check".into())
+                .spawn(move || {
+                    // Kick vCPUs out of KVM_RUN so each checks its pinned CR bits.
+                    while !ctx.stop.load(Ordering::Acquire) {
+                        std::thread::sleep(interval);
+                        if heki.pins().any_cr_pins() && !ctx.gate.pause_requested() {
+                            ctx.gate.kick_all();
+                        }
+                    }
+                })
+                .map_err(VmError::SpawnVcpu)?;
+            self.helpers.push(checker);
         }
         Ok(())
     }
@@ -223,6 +244,10 @@ impl Vm {
         self.ctx.heki.as_ref()
     }
 
+    pub fn vcpu_count(&self) -> usize {
+        self.ctx.counters.len()
+    }
+
     pub fn gate(&self) -> &VcpuGate {
         &self.ctx.gate
     }
@@ -243,6 +268,10 @@ impl Vm {
         {
             self.ctx.gate.kick_all();
             std::thread::sleep(Duration::from_millis(1));
+        }
+        // Helpers only kick; once they are gone no signal can reach an exited vCPU thread.
+        for helper in self.helpers.drain(..) {
+            let _ = helper.join();
         }
         self.ctx.gate.clear_threads();
         for t in self.threads.drain(..) {

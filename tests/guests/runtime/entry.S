@@ -267,6 +267,25 @@ pd:
         .set page, page + 1
         .endr
 
+/* The same map without the user bit, for running with SMEP/SMAP on. */
+        .p2align 12
+        .globl pml4_supervisor
+pml4_supervisor:
+        .quad pdpt_supervisor + 0x3
+        .fill 511, 8, 0
+pdpt_supervisor:
+        .quad pd_supervisor + 0x3
+        .quad pd_supervisor + 0x1000 + 0x3
+        .quad pd_supervisor + 0x2000 + 0x3
+        .quad pd_supervisor + 0x3000 + 0x3
+        .fill 508, 8, 0
+pd_supervisor:
+        .set page, 0
+        .rept 2048
+        .quad (page << 21) | 0x83       /* present, writable, 2 MiB */
+        .set page, page + 1
+        .endr
+
         .bss
         .p2align 12
         .globl tss

@@ -64,6 +64,9 @@ int try_write_cr4(u64 value);
 /* Run fn(arg) at CPL 3 (with IOPL 3 so it may do port I/O); returns its result. */
 s64 run_user(s64 (*fn)(u64), u64 arg);
 
+/* Switch to page tables without user pages (needed before turning on SMEP/SMAP). */
+void use_supervisor_page_tables(void);
+
 /* SMP: start every other vCPU (found in the ACPI MADT); returns the count of CPUs. */
 unsigned smp_start(void);
 /* Like smp_start, but returns once the APs are running ap_main. */

@@ -274,6 +274,11 @@ s64 heki_protect(u64 pa, u64 epa, u64 perms) {
     return heki_call(HEKI_PROTECT_MEMORY, (u64)protect_list, 0, 0);
 }
 
+extern u64 pml4_supervisor[];
+void use_supervisor_page_tables(void) {
+    __asm__ volatile("mov %0, %%cr3" ::"r"((u64)pml4_supervisor) : "memory");
+}
+
 /* ---- SMP ---- */
 static volatile u32 cpus_checked_in, cpus_started;
 

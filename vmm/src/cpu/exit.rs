@@ -31,6 +31,12 @@ pub enum ExitOutcome {
         gpa: u64,
         data: Vec<u8>,
     },
+    /// A guest `wrmsr` to a filtered (pinned) MSR; the loop decides, then
+    /// completes the exit.
+    MsrWrite {
+        index: u32,
+        value: u64,
+    },
     /// An emulation failure: the loop adds the RIP and instruction bytes.
     EmulationFailure {
         insn_bytes: Option<Vec<u8>>,
@@ -71,10 +77,10 @@ pub fn handle_exit(
             msr.inject_gp();
             ExitOutcome::Continue
         }
-        VmExit::MsrWrite(mut msr) => {
-            msr.inject_gp();
-            ExitOutcome::Continue
-        }
+        VmExit::MsrWrite(msr) => ExitOutcome::MsrWrite {
+            index: msr.index,
+            value: msr.value,
+        },
         VmExit::Hlt | VmExit::Interrupted | VmExit::Hypercall { .. } => ExitOutcome::Continue,
         VmExit::Shutdown => ExitOutcome::Stop(VcpuEvent::Reset {
             vcpu,

@@ -77,6 +77,9 @@ pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
         if ctx.stop.load(Ordering::Acquire) {
             return;
         }
+        if let Some(heki) = &ctx.heki {
+            heki.serve_pin_request(&vcpu);
+        }
         let in_guest = ctx.gate.enter_guest();
         if ctx.stop.load(Ordering::Acquire) {
             return;
@@ -94,34 +97,50 @@ pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
                 error: format!("{e}"),
             }),
         };
-        match outcome {
-            ExitOutcome::Continue => {}
-            ExitOutcome::HekiCall => {
-                if let Some(heki) = &ctx.heki {
-                    let action = doorbell::handle_doorbell(&vcpu, heki, &ctx.gate);
-                    if !apply_heki_action(&ctx, id, action) {
-                        return;
-                    }
+        let keep_going = match outcome {
+            ExitOutcome::Continue => true,
+            ExitOutcome::MsrWrite { index, value } => match &ctx.heki {
+                Some(heki) => {
+                    let action = heki.on_msr_write(&mut vcpu, index, value);
+                    apply_heki_action(&ctx, id, action)
                 }
-            }
-            ExitOutcome::ProtectedWrite { gpa, data } => {
-                if let Some(heki) = &ctx.heki {
+                None => {
+                    vcpu.complete_msr_exit(true);
+                    true
+                }
+            },
+            ExitOutcome::HekiCall => match &ctx.heki {
+                Some(heki) => {
+                    apply_heki_action(&ctx, id, doorbell::handle_doorbell(&vcpu, heki, &ctx.gate))
+                }
+                None => true,
+            },
+            ExitOutcome::ProtectedWrite { gpa, data } => match &ctx.heki {
+                Some(heki) => {
                     let action =
                         heki.on_guest_write(id, gpa, &data, || vcpu.regs().ok().map(|r| r.rip));
-                    if !apply_heki_action(&ctx, id, action) {
-                        return;
-                    }
+                    apply_heki_action(&ctx, id, action)
                 }
-            }
+                None => true,
+            },
             ExitOutcome::EmulationFailure { insn_bytes } => {
                 let error = describe_emulation_failure(&vcpu, &ctx.mem, insn_bytes);
                 ctx.report(VcpuEvent::Failed { vcpu: id, error });
-                return;
+                false
             }
             ExitOutcome::Stop(event) => {
                 ctx.report(event);
-                return;
+                false
             }
+        };
+        if !keep_going {
+            return;
+        }
+        // Pinned CR bits are checked at every exit, kicks included.
+        if let Some(heki) = &ctx.heki
+            && !apply_heki_action(&ctx, id, heki.check_crs(&vcpu))
+        {
+            return;
         }
     }
 }

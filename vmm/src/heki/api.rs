@@ -43,9 +43,27 @@ pub(crate) fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResult {
             let gate = vmm.vm.as_ref().map(|vm| vm.gate());
             protect(rt, body, gate)
         }
-        ApiRequest::VmHekiPin(_) => Err(ApiError::Conflict(
-            "register pinning is not available in this build".into(),
-        )),
+        ApiRequest::VmHekiPin(body) => {
+            let rt = running(enabled, runtime.as_deref())?;
+            if vmm.state != crate::vmm::VmState::Running {
+                return Err(ApiError::Conflict(
+                    "the VM must be running to read its registers".into(),
+                ));
+            }
+            let request = pin_request(body)?;
+            if !request.msrs.is_empty() && !rt.msr_pinning() {
+                return Err(ApiError::Conflict(
+                    "this host's KVM cannot filter MSR writes".into(),
+                ));
+            }
+            let vm = vmm
+                .vm
+                .as_ref()
+                .ok_or_else(|| ApiError::Conflict("the VM is not running".into()))?;
+            rt.pin_from_host(request, || vm.gate().kick_all(), vm.vcpu_count())
+                .map_err(ApiError::BadRequest)?;
+            Ok(None)
+        }
         _ => Err(ApiError::Internal("not a heki request".into())),
     }
 }
@@ -75,8 +93,13 @@ fn report(enabled: bool, policy: heki::Policy, rt: Option<&HekiRuntime>) -> serd
             "protect_memory": status(feature::PROTECT_MEMORY, "KVM lacks read-only memslots"),
             "protect_bytes": status(feature::PROTECT_BYTES, "KVM lacks read-only memslots"),
             "exec": { "status": "unavailable", "reason": EXEC_REASON },
-            "pin_cr": { "status": "unavailable", "reason": "not implemented yet" },
-            "pin_msr": { "status": "unavailable", "reason": "not implemented yet" },
+            "pin_cr": if enabled {
+                json!({ "status": "detect-and-restore", "interval_ms": rt.map(|r| r.cr_check_interval_ms),
+                        "reason": "KVM offers user space no CR-write interception; pinned bits are checked at every exit and at least every interval, then restored" })
+            } else {
+                json!({ "status": "unavailable", "reason": "heki is disabled for this VM" })
+            },
+            "pin_msr": status(feature::PIN_MSR, "KVM lacks the MSR filter with user-space MSR exits"),
             "dma_guard": { "status": "unavailable", "reason": "no DMA-capable devices yet" },
             "shared_memory": { "status": "unavailable", "reason": "needs KVM private memory (MEMORY_ATTRIBUTES) which this host lacks" },
         },
@@ -87,6 +110,20 @@ fn report(enabled: bool, policy: heki::Policy, rt: Option<&HekiRuntime>) -> serd
         value["protected_bytes"] = json!(bytes);
         value["memslots"] = json!({ "used": slots, "limit": max });
         value["counters"] = counters(rt);
+        value["pins"] = rt
+            .pins()
+            .snapshot()
+            .iter()
+            .enumerate()
+            .map(|(vcpu, p)| {
+                json!({
+                    "vcpu": vcpu,
+                    "cr0": format!("{:#x}", p.cr0),
+                    "cr4": format!("{:#x}", p.cr4),
+                    "msrs": p.msrs.iter().map(|(i, v)| json!({ "msr": format!("{i:#x}"), "value": format!("{v:#x}") })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
     }
     value
 }
@@ -172,4 +209,65 @@ impl RenameAll for ApiError {
             other => other,
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PinBody {
+    #[serde(default)]
+    cr0: Option<String>,
+    #[serde(default)]
+    cr4: Option<String>,
+    #[serde(default)]
+    msrs: Vec<String>,
+}
+
+fn parse_hex(field: &str, text: &str) -> Result<u64, ApiError> {
+    let digits = text
+        .strip_prefix("0x")
+        .or_else(|| text.strip_prefix("0X"))
+        .unwrap_or(text);
+    u64::from_str_radix(digits, 16)
+        .map_err(|_| ApiError::BadRequest(format!("{field}: '{text}' is not a hex number")))
+}
+
+fn pin_request(body: serde_json::Value) -> Result<super::pins::PinRequest, ApiError> {
+    let body: PinBody = serde_json::from_value(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid vm.heki-pin body: {e}")))?;
+    let cr0 = body
+        .cr0
+        .as_deref()
+        .map(|v| parse_hex("cr0", v))
+        .transpose()?
+        .unwrap_or(0);
+    let cr4 = body
+        .cr4
+        .as_deref()
+        .map(|v| parse_hex("cr4", v))
+        .transpose()?
+        .unwrap_or(0);
+    use heki::pins::{CR0_PINNABLE, CR4_PINNABLE, PINNABLE_MSRS};
+    if cr0 & !CR0_PINNABLE != 0 || cr4 & !CR4_PINNABLE != 0 {
+        return Err(ApiError::BadRequest(
+            "cr0/cr4: only WP (CR0) and UMIP, FSGSBASE, SMEP, SMAP, CET (CR4) can be pinned".into(),
+        ));
+    }
+    let mut msrs = Vec::new();
+    for m in &body.msrs {
+        let index = u32::try_from(parse_hex("msrs", m)?)
+            .ok()
+            .filter(|i| PINNABLE_MSRS.contains(i));
+        msrs.push(
+            index.ok_or_else(|| ApiError::BadRequest(format!("msrs: {m} cannot be pinned")))?,
+        );
+    }
+    if cr0 == 0 && cr4 == 0 && msrs.is_empty() {
+        return Err(ApiError::BadRequest("nothing to pin".into()));
+    }
+    Ok(super::pins::PinRequest {
+        cr0,
+        cr4,
+        msrs,
+        apply: false,
+    })
 }

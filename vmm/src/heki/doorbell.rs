@@ -30,7 +30,7 @@ pub fn handle_doorbell(vcpu: &Vcpu, heki: &HekiRuntime, gate: &VcpuGate) -> Heki
         AbiError::NotPermitted.errno()
     } else {
         let call = heki::abi::decode_call(regs.rax, regs.rbx, regs.rcx, regs.rsi);
-        match execute(call, heki, gate) {
+        match execute(call, vcpu, heki, gate) {
             Ok(value) => value as i64,
             Err(e) => e.errno(),
         }
@@ -42,7 +42,12 @@ pub fn handle_doorbell(vcpu: &Vcpu, heki: &HekiRuntime, gate: &VcpuGate) -> Heki
     action
 }
 
-fn execute(call: HekiCall, heki: &HekiRuntime, gate: &VcpuGate) -> Result<u64, AbiError> {
+fn execute(
+    call: HekiCall,
+    vcpu: &Vcpu,
+    heki: &HekiRuntime,
+    gate: &VcpuGate,
+) -> Result<u64, AbiError> {
     match call {
         HekiCall::Version => Ok(heki::abi::ABI_VERSION),
         HekiCall::ProtectMemory { list } => {
@@ -53,9 +58,10 @@ fn execute(call: HekiCall, heki: &HekiRuntime, gate: &VcpuGate) -> Result<u64, A
             heki.protect_bytes(gpa, len, "guest", Some(gate)).map(|_| 0)
         }
         HekiCall::Query { gpa } => heki.query(gpa),
-        HekiCall::PinCr { .. }
-        | HekiCall::PinMsr { .. }
-        | HekiCall::SetShared
-        | HekiCall::Unknown(_) => Err(AbiError::NotImplemented),
+        HekiCall::PinCr { register, mask } => heki.pin_cr(vcpu, register, mask).map(|_| 0),
+        HekiCall::PinMsr { index } if heki.msr_pinning() => heki.pin_msr(vcpu, index).map(|_| 0),
+        HekiCall::PinMsr { .. } | HekiCall::SetShared | HekiCall::Unknown(_) => {
+            Err(AbiError::NotImplemented)
+        }
     }
 }

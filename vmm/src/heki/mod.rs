@@ -7,6 +7,7 @@
 pub mod api;
 pub mod doorbell;
 pub mod memslots;
+pub mod pins;
 pub mod runtime;
 pub mod violations;
 

@@ -9,6 +9,7 @@ use hypervisor::MemSlot;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::memslots::{MemslotError, MemslotTable, SlotSpec};
+use super::pins::PinState;
 use super::violations::{Violation, ViolationLog};
 use crate::config::HekiConfig;
 use crate::cpu::VcpuGate;
@@ -33,6 +34,8 @@ pub struct HekiRuntime {
     ram: RamLayout,
     pub violations: ViolationLog,
     pub cr_check_interval_ms: u64,
+    pub(super) pin_state: PinState,
+    msr_filter: bool,
 }
 
 /// Adapts guest memory for heki's page-list decoder.
@@ -51,7 +54,16 @@ impl HekiRuntime {
         mem: GuestMemoryMmap,
         ram: RamLayout,
         boot_slots: &[MemSlot],
+        vcpus: usize,
     ) -> Self {
+        // Pinned MSRs need filtered writes to exit to user space.
+        let msr_filter = match kvm_vm.enable_msr_filter_exits() {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("heki: MSR pinning unavailable: {e}");
+                false
+            }
+        };
         let table = MemslotTable::new(boot_slots, kvm_vm.max_memslots());
         HekiRuntime {
             policy: Mutex::new(config.policy),
@@ -61,16 +73,33 @@ impl HekiRuntime {
             ram,
             violations: ViolationLog::default(),
             cr_check_interval_ms: config.cr_check_interval_ms,
+            pin_state: PinState::new(vcpus),
+            msr_filter,
         }
+    }
+
+    pub(super) fn kvm_vm(&self) -> &hypervisor::Vm {
+        &self.kvm_vm
+    }
+
+    /// Whether pinned MSRs are enforced (the host has the MSR filter).
+    pub fn msr_pinning(&self) -> bool {
+        self.msr_filter
+    }
+
+    pub fn pins(&self) -> &PinState {
+        &self.pin_state
     }
 
     /// Feature bits this VMM implements on this host.
     pub fn features(&self) -> u32 {
-        if self.kvm_vm.has_readonly_memory() {
+        let memory = if self.kvm_vm.has_readonly_memory() {
             feature::PROTECT_MEMORY | feature::PROTECT_BYTES
         } else {
             0
-        }
+        };
+        let msr = if self.msr_filter { feature::PIN_MSR } else { 0 };
+        memory | feature::PIN_CR | msr
     }
 
     /// The CPUID leaves advertising the ABI.
@@ -243,7 +272,7 @@ impl HekiRuntime {
     }
 }
 
-fn action_name(policy: Policy) -> &'static str {
+pub(super) fn action_name(policy: Policy) -> &'static str {
     match policy {
         Policy::Deny => "denied",
         Policy::Log => "logged",
@@ -252,7 +281,7 @@ fn action_name(policy: Policy) -> &'static str {
     }
 }
 
-fn policy_action(policy: Policy) -> HekiAction {
+pub(super) fn policy_action(policy: Policy) -> HekiAction {
     match policy {
         Policy::Deny | Policy::Log => HekiAction::Continue,
         Policy::Pause => HekiAction::Paused,
