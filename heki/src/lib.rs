@@ -69,6 +69,7 @@ impl MemoryProtections {
         for r in ranges {
             self.pages.set(r.start, r.end, r.perms);
         }
+        self.pages.seal();
         Ok(())
     }
 

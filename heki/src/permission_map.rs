@@ -9,19 +9,72 @@ pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
 
 /// Permissions of guest pages, stored as disjoint page ranges that differ
 /// from the default (RWX). Neighbouring ranges with equal permissions merge.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct PermissionMap {
     /// start page → (end page, exclusive; permissions)
     ranges: BTreeMap<u64, (u64, Permissions)>,
+    /// A flat copy for lookups on the exit path, rebuilt by `seal` after a
+    /// batch of changes: range starts in Eytzinger (BFS) order, whose search
+    /// touches few cache lines, plus each one's rank in sorted order.
+    eytzinger: Vec<u64>,
+    rank: Vec<u32>,
+    spans: Vec<(u64, Permissions)>,
+    sealed: bool,
 }
+
+fn build_eytzinger(sorted: &[u64], tree: &mut [u64], rank: &mut [u32], next: &mut usize, k: usize) {
+    if k < tree.len() {
+        build_eytzinger(sorted, tree, rank, next, 2 * k);
+        tree[k] = sorted[*next];
+        rank[k] = *next as u32;
+        *next += 1;
+        build_eytzinger(sorted, tree, rank, next, 2 * k + 1);
+    }
+}
+
+impl PartialEq for PermissionMap {
+    fn eq(&self, other: &Self) -> bool {
+        self.ranges == other.ranges
+    }
+}
+
+impl Eq for PermissionMap {}
 
 impl PermissionMap {
     /// Permissions of one page.
     pub fn get(&self, page: u64) -> Permissions {
+        if self.sealed {
+            // Descend to the first start > page, then step to its predecessor.
+            let n = self.eytzinger.len();
+            let mut k = 1;
+            while k < n {
+                k = 2 * k + usize::from(self.eytzinger[k] <= page);
+            }
+            k >>= k.trailing_ones() + 1;
+            let predecessor = if k == 0 {
+                self.spans.len().checked_sub(1)
+            } else {
+                (self.rank[k] as usize).checked_sub(1)
+            };
+            return match predecessor.map(|i| self.spans[i]) {
+                Some((end, perms)) if page < end => perms,
+                _ => Permissions::DEFAULT,
+            };
+        }
         match self.ranges.range(..=page).next_back() {
             Some((_, &(end, perms))) if page < end => perms,
             _ => Permissions::DEFAULT,
         }
+    }
+
+    /// Rebuilds the lookup index after a batch of `set` calls.
+    pub fn seal(&mut self) {
+        let sorted: Vec<u64> = self.ranges.keys().copied().collect();
+        self.eytzinger = vec![0; sorted.len() + 1];
+        self.rank = vec![0; sorted.len() + 1];
+        build_eytzinger(&sorted, &mut self.eytzinger, &mut self.rank, &mut 0, 1);
+        self.spans = self.ranges.values().copied().collect();
+        self.sealed = true;
     }
 
     /// Ranges overlapping [start, end), in order.
@@ -49,6 +102,7 @@ impl PermissionMap {
         if start >= end {
             return;
         }
+        self.sealed = false;
         for (s, e, p) in self.overlapping(start, end) {
             self.ranges.remove(&s);
             if s < start {
@@ -232,8 +286,11 @@ mod tests {
                     *page = choices[choice];
                 }
             }
+            let mut sealed = map.clone();
+            sealed.seal();
             for (page, expected) in model.iter().enumerate() {
                 prop_assert_eq!(map.get(page as u64), *expected);
+                prop_assert_eq!(sealed.get(page as u64), *expected, "sealed index");
             }
             // Stored ranges are disjoint, non-default and never equal neighbours.
             let ranges: Vec<_> = map.iter().collect();
