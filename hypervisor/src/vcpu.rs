@@ -19,11 +19,17 @@ const APIC_MODE_NMI: u32 = 0x4;
 pub struct Vcpu {
     fd: VcpuFd,
     id: u8,
+    /// KVM copies the general registers into the run page at every exit.
+    synced_regs: bool,
 }
 
 impl Vcpu {
     pub(crate) fn new(fd: VcpuFd, id: u8) -> Self {
-        Vcpu { fd, id }
+        Vcpu {
+            fd,
+            id,
+            synced_regs: false,
+        }
     }
 
     pub fn id(&self) -> u8 {
@@ -94,6 +100,21 @@ impl Vcpu {
     /// again after that `run`.
     pub fn set_immediate_exit(&mut self, on: bool) {
         self.fd.set_kvm_immediate_exit(u8::from(on));
+    }
+
+    /// Asks KVM to publish the general registers in the run page at every
+    /// exit (`KVM_CAP_SYNC_REGS`), so reading RIP on a hot exit costs no ioctl.
+    pub fn enable_register_sync(&mut self) {
+        self.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+        self.synced_regs = true;
+    }
+
+    /// The guest RIP at the current exit.
+    pub fn exit_rip(&self) -> Result<u64> {
+        if self.synced_regs {
+            return Ok(self.fd.sync_regs().regs.rip);
+        }
+        self.regs().map(|r| r.rip)
     }
 
     pub fn regs(&self) -> Result<Regs> {

@@ -143,7 +143,10 @@ impl Vm {
         let supported = hv.supported_cpuid()?;
         let mut pending_vcpus = Vec::new();
         for id in 0..cpus {
-            let vcpu = kvm_vm.create_vcpu(id)?;
+            let mut vcpu = kvm_vm.create_vcpu(id)?;
+            if heki.is_some() {
+                vcpu.enable_register_sync();
+            }
             vcpu.set_cpuid(&cpuid::vcpu_cpuid(&supported, id, cpus, &heki_leaves))?;
             vcpu.setup_lapic_lints()?;
             vcpu.reset_fpu()?;

@@ -117,8 +117,7 @@ pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
             },
             ExitOutcome::ProtectedWrite { gpa, data } => match &ctx.heki {
                 Some(heki) => {
-                    let action =
-                        heki.on_guest_write(id, gpa, &data, || vcpu.regs().ok().map(|r| r.rip));
+                    let action = heki.on_guest_write(id, gpa, &data, || vcpu.exit_rip().ok());
                     apply_heki_action(&ctx, id, action)
                 }
                 None => true,
