@@ -11,7 +11,7 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null
 fi
 cargo build --release --quiet
-guest=$(cargo run --release --quiet --example build-guest -- hello)
+guest=$(cargo run --release --quiet --example build-guest -- tiny)
 hk=target/release/hekivisor
 
 now_ns() { date +%s%N; }

@@ -229,3 +229,14 @@ fn guest_walks_rsdp_xsdt_madt_and_finds_every_vcpu() {
         run.serial
     );
 }
+
+#[test]
+fn the_boot_benchmark_guest_boots() {
+    require_kvm!();
+    let run = common::run_vm("tiny", &guests::build("tiny"), &["--memory", "size=128M"]);
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert_eq!(
+        run.serial,
+        "Hello from the tiny hekivisor benchmark guest\n"
+    );
+}

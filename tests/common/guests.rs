@@ -39,7 +39,7 @@ fn out_dir() -> PathBuf {
 
 fn newest_source(name: &str) -> SystemTime {
     let dir = guests_dir();
-    let mut sources = vec![dir.join(format!("{name}.c"))];
+    let mut sources = vec![dir.join(format!("{name}.c")), dir.join(format!("{name}.S"))];
     for entry in std::fs::read_dir(dir.join("runtime"))
         .expect("runtime dir")
         .flatten()
@@ -71,16 +71,23 @@ fn unique_tmp(path: &Path) -> PathBuf {
 fn link(name: &str, script: &str, output: &Path) {
     let dir = guests_dir();
     let tmp = unique_tmp(output);
-    let result = Command::new("gcc")
-        .args(CFLAGS)
+    let mut gcc = Command::new("gcc");
+    gcc.args(CFLAGS)
         .arg(format!("-I{}", dir.join("runtime").display()))
         .arg(format!(
             "-Wl,-T,{}",
             dir.join("runtime").join(script).display()
-        ))
-        .arg(dir.join("runtime/entry.S"))
-        .arg(dir.join("runtime/runtime.c"))
-        .arg(dir.join(format!("{name}.c")))
+        ));
+    // A scenario in assembly (NAME.S) stands alone, without the runtime.
+    let assembly = dir.join(format!("{name}.S"));
+    if assembly.exists() {
+        gcc.arg(assembly);
+    } else {
+        gcc.arg(dir.join("runtime/entry.S"))
+            .arg(dir.join("runtime/runtime.c"))
+            .arg(dir.join(format!("{name}.c")));
+    }
+    let result = gcc
         .arg("-o")
         .arg(&tmp)
         .output()
