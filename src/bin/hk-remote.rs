@@ -58,6 +58,16 @@ enum Command {
     },
     /// Print the most recent heki violations.
     HekiViolations,
+    /// Pin CR bits and MSRs on every vCPU at their current values,
+    /// e.g. --cr0 0x10000 --cr4 0x300000 --msr 0xc0000082.
+    HekiPin {
+        #[arg(long)]
+        cr0: Option<String>,
+        #[arg(long)]
+        cr4: Option<String>,
+        #[arg(long = "msr")]
+        msrs: Vec<String>,
+    },
 }
 
 fn parse_number(s: &str) -> Result<u64, String> {
@@ -117,6 +127,10 @@ fn request(cli: &Cli) -> Result<(&'static str, &'static str, Option<String>), St
             Some(format!("{{\"policy\":\"{policy}\"}}")),
         ),
         Command::HekiViolations => ("GET", "vm.heki-violations", None),
+        Command::HekiPin { cr0, cr4, msrs } => {
+            let body = serde_json::json!({ "cr0": cr0, "cr4": cr4, "msrs": msrs });
+            ("PUT", "vm.heki-pin", Some(body.to_string()))
+        }
     })
 }
 

@@ -244,4 +244,20 @@ mod tests {
             vm_config_from_json(br#"{"cpus": {"boot_vcpus": 300, "max_vcpus": 300}}"#).is_err()
         );
     }
+
+    proptest::proptest! {
+        /// Arbitrary bytes and near-valid JSON never panic the parser.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = vm_config_from_json(&body);
+        }
+
+        #[test]
+        fn mutated_configs_never_panic(cut in 0usize..CH_PLAIN_VM.len(), byte in proptest::prelude::any::<u8>()) {
+            let mut body = CH_PLAIN_VM.as_bytes().to_vec();
+            body[cut] = byte;
+            let _ = vm_config_from_json(&body);
+            let _ = vm_config_from_json(&body[..cut]);
+        }
+    }
 }
