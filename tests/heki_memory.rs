@@ -196,3 +196,28 @@ fn no_write_lands_after_the_lock_returns_while_another_vcpu_writes() {
         );
     }
 }
+
+#[test]
+fn an_unemulable_write_to_locked_memory_is_a_violation_and_the_vm_lives_on() {
+    require_kvm!();
+    let dir = common::temp_dir("heki-emulation");
+    let ev = dir.join("events.json");
+    let ev_arg = format!("path={}", ev.display());
+    let run = common::run_vm(
+        "heki-emulation",
+        &guests::build("heki_emulation"),
+        &["--heki", "enabled=on", "--event-monitor", &ev_arg],
+    );
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert!(
+        run.serial.contains("survived: memory=1111,2222"),
+        "serial: {}",
+        run.serial
+    );
+    let all = events(&ev);
+    let v = heki_events(&all, "violation");
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0]["properties"]["kind"], "write");
+    assert_eq!(v[0]["properties"]["emulation"], "failed");
+    assert_eq!(v[0]["properties"]["size"], "16");
+}

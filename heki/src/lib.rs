@@ -5,6 +5,7 @@
 //! exits in, and applies the verdicts that come out.
 
 pub mod abi;
+pub mod insn;
 pub mod memslot_plan;
 pub mod permission_map;
 pub mod perms;

@@ -123,9 +123,19 @@ pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
                 None => true,
             },
             ExitOutcome::EmulationFailure { insn_bytes } => {
-                let error = describe_emulation_failure(&vcpu, &ctx.mem, insn_bytes);
-                ctx.report(VcpuEvent::Failed { vcpu: id, error });
-                false
+                let bytes = insn_bytes.or_else(|| instruction_at_rip(&vcpu, &ctx.mem));
+                let verdict = match (&ctx.heki, &bytes) {
+                    (Some(heki), Some(bytes)) => heki.on_emulation_failure(&vcpu, bytes),
+                    _ => None,
+                };
+                match verdict {
+                    Some(action) => apply_heki_action(&ctx, id, action),
+                    None => {
+                        let error = describe_emulation_failure(&vcpu, bytes);
+                        ctx.report(VcpuEvent::Failed { vcpu: id, error });
+                        false
+                    }
+                }
             }
             ExitOutcome::Stop(event) => {
                 ctx.report(event);
@@ -163,12 +173,17 @@ fn apply_heki_action(ctx: &VcpuContext, id: u8, action: HekiAction) -> bool {
     }
 }
 
-/// "emulation failure at RIP 0x…: instruction bytes 0f c7 …" — as much as we can learn.
-fn describe_emulation_failure(
-    vcpu: &Vcpu,
-    mem: &GuestMemoryMmap,
-    insn_bytes: Option<Vec<u8>>,
-) -> String {
+/// The bytes at the guest RIP, read through the guest's page tables.
+fn instruction_at_rip(vcpu: &Vcpu, mem: &GuestMemoryMmap) -> Option<Vec<u8>> {
+    let rip = vcpu.regs().ok()?.rip;
+    let gpa = vcpu.translate_gva(rip).ok().flatten()?;
+    let mut buf = [0u8; 15];
+    mem.read_slice(&mut buf, GuestAddress(gpa)).ok()?;
+    Some(buf.to_vec())
+}
+
+/// "KVM could not emulate ... at RIP 0x…: instruction bytes 0f c7 …".
+fn describe_emulation_failure(vcpu: &Vcpu, bytes: Option<Vec<u8>>) -> String {
     let rip = match vcpu.regs() {
         Ok(regs) => regs.rip,
         Err(e) => {
@@ -177,12 +192,6 @@ fn describe_emulation_failure(
             );
         }
     };
-    let bytes = insn_bytes.or_else(|| {
-        let gpa = vcpu.translate_gva(rip).ok().flatten()?;
-        let mut buf = [0u8; 15];
-        mem.read_slice(&mut buf, GuestAddress(gpa)).ok()?;
-        Some(buf.to_vec())
-    });
     let bytes = match bytes {
         Some(b) => b
             .iter()

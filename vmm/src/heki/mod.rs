@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod doorbell;
+pub mod emulation;
 pub mod memslots;
 pub mod pins;
 pub mod runtime;

@@ -196,6 +196,11 @@ impl HekiRuntime {
         Ok(())
     }
 
+    /// Judges a write against the current protections.
+    pub(super) fn state_check_write(&self, gpa: u64, len: usize) -> heki::WriteCheck {
+        self.state().0.check_write(gpa, len)
+    }
+
     pub fn query(&self, gpa: u64) -> Result<u64, AbiError> {
         self.state().0.query(&self.ram, gpa)
     }
