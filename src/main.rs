@@ -41,16 +41,9 @@ fn run(options: VmmOptions) -> Result<i32, Box<dyn std::error::Error>> {
     })?)
 }
 
-/// Prints the error and its causes on one line each, as `hekivisor: ...`.
+/// Prints the error and its causes on one line, as `hekivisor: ...`.
 fn fail(e: &dyn std::error::Error) -> ExitCode {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    eprintln!("hekivisor: {message}");
+    eprintln!("hekivisor: {}", vmm::error_chain(e));
     ExitCode::FAILURE
 }
 

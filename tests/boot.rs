@@ -36,81 +36,61 @@ fn every_vcpu_of_an_smp_guest_checks_in() {
     );
 }
 
-#[test]
-fn pvh_guest_reads_cmdline_and_initramfs_from_start_info() {
-    require_kvm!();
-    let dir = common::temp_dir("pvh-bootinfo");
+/// Boots the `bootinfo` guest with a command line and an initramfs and checks
+/// what it read back through its boot protocol.
+fn check_boot_info(
+    test: &str,
+    kernel: &std::path::Path,
+    protocol: &str,
+    cmdline: &str,
+    initrd: &[u8],
+) {
+    let dir = common::temp_dir(test);
     let initramfs = dir.join("initrd.img");
-    std::fs::write(&initramfs, b"INITRDv1 and more bytes").expect("write initramfs");
+    std::fs::write(&initramfs, initrd).expect("write initramfs");
     let run = common::run_vm(
-        "pvh-bootinfo",
-        &guests::build("bootinfo"),
+        test,
+        kernel,
         &[
             "--cmdline",
-            "console=ttyS0 heki.test=1",
+            cmdline,
             "--initramfs",
             initramfs.to_str().expect("utf-8 path"),
         ],
     );
     assert!(run.status.success(), "stderr: {}", run.stderr);
-    assert!(
-        run.serial.contains("boot protocol=pvh"),
-        "serial: {}",
-        run.serial
-    );
-    assert!(
-        run.serial.contains("cmdline=console=ttyS0 heki.test=1\n"),
-        "serial: {}",
-        run.serial
-    );
-    assert!(
-        run.serial.contains("size=23 first8=INITRDv1"),
-        "serial: {}",
-        run.serial
-    );
-    assert!(
-        run.serial.contains("rsdp=0xe0000"),
-        "serial: {}",
-        run.serial
+    let first8 = String::from_utf8_lossy(&initrd[..8]);
+    for needle in [
+        format!("boot protocol={protocol}"),
+        format!("cmdline={cmdline}\n"),
+        format!("size={} first8={first8}", initrd.len()),
+        "rsdp=0xe0000".to_string(),
+    ] {
+        assert!(run.serial.contains(&needle), "{needle}: {}", run.serial);
+    }
+}
+
+#[test]
+fn pvh_guest_reads_cmdline_and_initramfs_from_start_info() {
+    require_kvm!();
+    check_boot_info(
+        "pvh-bootinfo",
+        &guests::build("bootinfo"),
+        "pvh",
+        "console=ttyS0 heki.test=1",
+        b"INITRDv1 and more bytes",
     );
 }
 
 #[test]
 fn bzimage_guest_boots_through_the_linux_protocol_with_cmdline_and_initramfs() {
     require_kvm!();
-    let dir = common::temp_dir("bz-bootinfo");
-    let initramfs = dir.join("initrd.img");
-    std::fs::write(&initramfs, b"BZINITRD payload").expect("write initramfs");
-    let run = common::run_vm(
+    check_boot_info(
         "bz-bootinfo",
         &guests::build_bzimage("bootinfo"),
-        &[
-            "--cmdline",
-            "root=/dev/vda quiet",
-            "--initramfs",
-            initramfs.to_str().expect("utf-8 path"),
-        ],
-    );
-    assert!(run.status.success(), "stderr: {}", run.stderr);
-    assert!(
-        run.serial.contains("boot protocol=linux"),
-        "serial: {}",
-        run.serial
-    );
-    assert!(
-        run.serial.contains("cmdline=root=/dev/vda quiet\n"),
-        "serial: {}",
-        run.serial
-    );
-    assert!(
-        run.serial.contains("size=16 first8=BZINITRD"),
-        "serial: {}",
-        run.serial
-    );
-    assert!(
-        run.serial.contains("rsdp=0xe0000"),
-        "serial: {}",
-        run.serial
+        "linux",
+        "root=/dev/vda quiet",
+        b"BZINITRD payload",
     );
 }
 

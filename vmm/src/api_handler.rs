@@ -146,7 +146,7 @@ fn internal(e: VmmError) -> ApiError {
 }
 
 /// An error with its causes, for messages that leave the process.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut message = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

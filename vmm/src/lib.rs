@@ -14,5 +14,6 @@ pub mod memory;
 pub mod vm;
 pub mod vmm;
 
+pub use api_handler::error_chain;
 pub use events::start_event_monitor;
 pub use vmm::{VmState, VmmError, VmmRunConfig, run};
