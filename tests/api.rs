@@ -416,7 +416,8 @@ fn hk_remote_drives_a_vm_end_to_end() {
     assert!(hk(&["counters"]).0);
     assert!(hk(&["shutdown"]).0);
     assert!(hk(&["delete"]).0);
-    assert!(hk(&["shutdown-vmm"]).0);
+    let (ok, out, err) = hk(&["shutdown-vmm"]);
+    assert!(ok, "shutdown-vmm: {out} {err}");
 }
 
 fn serial_text(vmm: &Vmm) -> String {

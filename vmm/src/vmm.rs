@@ -179,7 +179,7 @@ pub fn run(run_config: VmmRunConfig) -> Result<i32, VmmError> {
     crate::events::emit("vmm", "shutdown", &[]);
     crate::events::flush();
     if api.is_some() {
-        crate::api::drain_connections(std::time::Duration::from_secs(1));
+        crate::api::drain_connections(std::time::Duration::from_secs(5));
     }
     vmm.exit_status.unwrap_or(Ok(0))
 }
