@@ -221,3 +221,28 @@ fn an_unemulable_write_to_locked_memory_is_a_violation_and_the_vm_lives_on() {
     assert_eq!(v[0]["properties"]["emulation"], "failed");
     assert_eq!(v[0]["properties"]["size"], "16");
 }
+
+#[test]
+fn running_out_of_memslots_is_enospc_and_nothing_is_applied() {
+    require_kvm!();
+    let mut child = std::process::Command::new(common::hekivisor_bin())
+        .args([
+            "--kernel",
+            guests::build("heki_nospace").to_str().expect("path"),
+            "--heki",
+            "enabled=on",
+        ])
+        .args(["--serial", "tty"])
+        .env("HEKIVISOR_MEMSLOT_BUDGET", "16")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start");
+    let (status, _) = common::wait_with_timeout(&mut child, std::time::Duration::from_secs(30));
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut out)
+        .expect("read");
+    assert!(status.success());
+    // One RAM region: k locked islands need 2k + 1 slots, so 7 fit in 16.
+    assert!(out.contains("locked=7 rc=-28 query=7"), "{out}");
+}

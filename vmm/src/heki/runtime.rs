@@ -15,6 +15,9 @@ use crate::config::HekiConfig;
 use crate::cpu::VcpuGate;
 use crate::layout::ports::HEKI_DOORBELL;
 
+/// Caps the memslot budget below KVM's (`KVM_CAP_NR_MEMSLOTS`); for tests.
+pub const MEMSLOT_BUDGET_ENV: &str = "HEKIVISOR_MEMSLOT_BUDGET";
+
 /// What the vCPU loop must do after heki handled an exit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HekiAction {
@@ -64,7 +67,12 @@ impl HekiRuntime {
                 false
             }
         };
-        let table = MemslotTable::new(boot_slots, kvm_vm.max_memslots());
+        // Tests shrink the budget to reach -ENOSPC without thousands of calls.
+        let budget = std::env::var(MEMSLOT_BUDGET_ENV)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(kvm_vm.max_memslots(), |b| b.min(kvm_vm.max_memslots()));
+        let table = MemslotTable::new(boot_slots, budget);
         HekiRuntime {
             policy: Mutex::new(config.policy),
             state: Mutex::new((MemoryProtections::default(), table)),
