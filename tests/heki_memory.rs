@@ -40,6 +40,31 @@ fn abi_discovery_functions_and_error_codes_follow_the_contract() {
 }
 
 #[test]
+fn a_call_from_user_mode_is_refused_and_reported() {
+    require_kvm!();
+    let dir = common::temp_dir("heki-cpl3");
+    let ev = dir.join("events.json");
+    let ev_arg = format!("path={}", ev.display());
+    let run = common::run_vm(
+        "heki-cpl3",
+        &guests::build("heki_abi"),
+        &["--heki", "enabled=on", "--event-monitor", &ev_arg],
+    );
+    assert!(
+        run.serial.contains("ok user mode call refused"),
+        "serial:\n{}",
+        run.serial
+    );
+    let all = events(&ev);
+    let v = heki_events(&all, "violation");
+    assert_eq!(v.len(), 2, "{v:?}");
+    assert!(
+        v.iter()
+            .all(|e| e["properties"]["kind"] == "hypercall" && e["properties"]["cpl"] == "3")
+    );
+}
+
+#[test]
 fn heki_disabled_hides_the_abi() {
     require_kvm!();
     let run = common::run_vm("heki-off", &guests::build("heki_abi"), &[]);

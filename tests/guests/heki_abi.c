@@ -26,7 +26,14 @@ static s64 protect_list(u64 *l, u64 next, u64 n, u64 pa, u64 epa, u64 perms) {
     return heki_call(HEKI_PROTECT_MEMORY, (u64)l, 0, 0);
 }
 
-static s64 user_call(u64 fn) { return heki_call(fn, 0, 0, 0); }
+/* The doorbell port, looked up at CPL 0 (this host's CPUID answers user mode
+ * with zeros for the hypervisor leaves). */
+static u16 doorbell;
+static s64 user_call(u64 fn) {
+    u64 ret;
+    __asm__ volatile("outl %%eax, %%dx" : "=a"(ret) : "a"(fn), "b"(0UL), "c"(0UL), "S"(0UL), "d"((u64)doorbell) : "memory");
+    return (s64)ret;
+}
 
 void guest_main(void) {
     u32 r[4];
@@ -76,9 +83,8 @@ void guest_main(void) {
     expect("bytes protect", heki_call(HEKI_PROTECT_BYTES, t + 2 * 4096 + 8, 4, 0), 0);
     expect("QUERY bytes flag", heki_call(HEKI_QUERY, t + 2 * 4096, 0, 0), 0x107);
 
-    /* A user-mode OUT to the doorbell faults (#GP) in this host's emulated
-     * CPL3 path before reaching the VMM; the VMM's own CPL check is covered
-     * by the doorbell unit tests. */
-    expect("user mode cannot call", run_user((s64 (*)(u64))user_call, HEKI_VERSION) < 0, 1);
+    doorbell = heki_port();
+    expect("user mode call refused", run_user((s64 (*)(u64))user_call, HEKI_VERSION), -EPERM);
+    expect("user mode cannot lock", run_user((s64 (*)(u64))user_call, HEKI_PROTECT_BYTES), -EPERM);
     printf("heki abi done failures=%d\n", failures);
 }

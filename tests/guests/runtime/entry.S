@@ -290,6 +290,10 @@ pd_supervisor:
         .p2align 12
         .globl tss
 tss:    .fill 104, 1, 0
+        /* I/O permission bitmap: all ports allowed at CPL 3 (bits clear), then the terminator. */
+io_bitmap:
+        .fill 8192, 1, 0
+        .fill 1, 1, 0   /* terminator: set to 0xff by runtime_start (bss holds zeros only) */
         .p2align 4
 bsp_stack:
         .fill STACK_SIZE, 1, 0

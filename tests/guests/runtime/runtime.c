@@ -212,11 +212,14 @@ static void load_idt(void) {
     __asm__ volatile("lidt %0" ::"m"(p));
 }
 static void setup_tss(void) {
-    u64 base = (u64)tss, limit = 103;
+    /* 104-byte TSS plus an I/O bitmap letting user mode reach every port
+     * (the heki doorbell included: the VMM, not the CPU, must refuse it). */
+    u64 base = (u64)tss, limit = 104 + 8192;
     /* RSP0: kernel stack for exceptions taken in user mode. */
     static u8 ring0_stack[8192] __attribute__((aligned(16)));
     *(u64 *)(tss + 4) = (u64)(ring0_stack + sizeof(ring0_stack));
-    *(u16 *)(tss + 102) = 104; /* no I/O bitmap */
+    *(u16 *)(tss + 102) = 104; /* I/O bitmap right after the TSS */
+    tss[104 + 8192] = 0xff;    /* the bitmap's terminating byte */
     gdt[6] = (limit & 0xffff) | ((base & 0xffffff) << 16) | (0x89UL << 40) | (((limit >> 16) & 0xf) << 48) |
              (((base >> 24) & 0xff) << 56);
     gdt[7] = base >> 32;
