@@ -23,10 +23,6 @@ fn main() {
             })
             .collect();
         micros.sort_unstable();
-        println!(
-            "{command:9} n={n} p50={}us p99={}us",
-            percentile(&micros, 0.5),
-            percentile(&micros, 0.99)
-        );
+        println!("{command:9} n={n} p50={}us p99={}us", percentile(&micros, 0.5), percentile(&micros, 0.99));
     }
 }

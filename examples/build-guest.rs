@@ -10,10 +10,7 @@ fn main() {
         eprintln!("usage: build-guest NAME [--bzimage]");
         std::process::exit(2);
     };
-    let path = if args.next().as_deref() == Some("--bzimage") {
-        guests::build_bzimage(&name)
-    } else {
-        guests::build(&name)
-    };
+    let path =
+        if args.next().as_deref() == Some("--bzimage") { guests::build_bzimage(&name) } else { guests::build(&name) };
     println!("{}", path.display());
 }

@@ -34,11 +34,7 @@ fn run(options: VmmOptions) -> Result<i32, Box<dyn std::error::Error>> {
     if options.vm.is_none() && api_listener.is_none() {
         return Err("nothing to do: give --kernel to boot a VM, or --api-socket to wait for one (see --help)".into());
     }
-    Ok(vmm::run(vmm::VmmRunConfig {
-        vm: options.vm,
-        api_listener,
-        no_reboot: options.no_reboot,
-    })?)
+    Ok(vmm::run(vmm::VmmRunConfig { vm: options.vm, api_listener, no_reboot: options.no_reboot })?)
 }
 
 /// Prints the error and its causes on one line, as `hekivisor: ...`.
@@ -57,10 +53,7 @@ fn init_logging(options: &VmmOptions) -> std::io::Result<()> {
     let mut builder = env_logger::Builder::new();
     builder.filter_level(level).parse_env("HEKIVISOR_LOG");
     if let Some(path) = &options.log_file {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
         builder.target(env_logger::Target::Pipe(Box::new(file)));
     }
     builder.init();

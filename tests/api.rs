@@ -41,13 +41,7 @@ impl Vmm {
             std::thread::sleep(Duration::from_millis(5));
         }
         let serial = dir.join("serial.log");
-        Vmm {
-            child,
-            socket,
-            events,
-            serial,
-            dir,
-        }
+        Vmm { child, socket, events, serial, dir }
     }
 
     fn client(&self) -> ApiClient {
@@ -64,19 +58,12 @@ impl Vmm {
     }
 
     fn status(&self, method: &str, command: &str, body: Option<&str>) -> (u16, String) {
-        let r = self
-            .client()
-            .request(method, command, body)
-            .expect("request");
+        let r = self.client().request(method, command, body).expect("request");
         (r.status, r.body)
     }
 
     fn json(&self, command: &str) -> Value {
-        let body = self
-            .client()
-            .call("GET", command, None)
-            .expect("GET")
-            .expect("body");
+        let body = self.client().call("GET", command, None).expect("GET").expect("body");
         serde_json::from_str(&body).expect("JSON")
     }
 
@@ -106,11 +93,7 @@ fn full_lifecycle_over_the_socket() {
     let mut vmm = Vmm::start("api-lifecycle");
     let ping = vmm.json("vmm.ping");
     assert_eq!(ping["pid"], vmm.child.id());
-    assert!(
-        ping["version"].is_string()
-            && ping["build_version"].is_string()
-            && ping["features"].is_array()
-    );
+    assert!(ping["version"].is_string() && ping["build_version"].is_string() && ping["features"].is_array());
 
     let config = vmm.config("ticker", "");
     assert_eq!(vmm.status("PUT", "vm.create", Some(&config)).0, 204);
@@ -129,12 +112,7 @@ fn full_lifecycle_over_the_socket() {
     assert_eq!(vmm.serial_len(), paused_at, "a paused guest prints nothing");
     assert_eq!(vmm.status("PUT", "vm.resume", None).0, 204);
     wait_for("output after resume", || vmm.serial_len() > paused_at);
-    assert!(
-        vmm.json("vm.counters")["vcpu0"]["pio_exits"]
-            .as_u64()
-            .unwrap_or(0)
-            > 0
-    );
+    assert!(vmm.json("vm.counters")["vcpu0"]["pio_exits"].as_u64().unwrap_or(0) > 0);
 
     assert_eq!(vmm.status("PUT", "vm.reboot", None).0, 204);
     assert_eq!(vmm.json("vm.info")["state"], "Running");
@@ -142,19 +120,12 @@ fn full_lifecycle_over_the_socket() {
     assert_eq!(vmm.json("vm.info")["state"], "Shutdown");
     assert_eq!(vmm.status("PUT", "vm.delete", None).0, 204);
     assert_eq!(vmm.status("GET", "vm.info", None).0, 404);
-    assert_eq!(
-        vmm.status("PUT", "vm.create", Some(&config)).0,
-        204,
-        "create again after delete"
-    );
+    assert_eq!(vmm.status("PUT", "vm.create", Some(&config)).0, 204, "create again after delete");
     assert_eq!(vmm.status("PUT", "vm.boot", None).0, 204);
     assert_eq!(vmm.status("PUT", "vmm.shutdown", None).0, 204);
     let (status, timed_out) = common::wait_with_timeout(&mut vmm.child, Duration::from_secs(10));
     check_lifecycle_events(&vmm.events);
-    assert!(
-        !timed_out && status.success(),
-        "vmm.shutdown ends the process cleanly"
-    );
+    assert!(!timed_out && status.success(), "vmm.shutdown ends the process cleanly");
 }
 
 fn check_lifecycle_events(path: &Path) {
@@ -162,13 +133,7 @@ fn check_lifecycle_events(path: &Path) {
     let events = event_monitor::parse_events(&text).expect("valid stream");
     let names: Vec<String> = events
         .iter()
-        .map(|e| {
-            format!(
-                "{}:{}",
-                e["source"].as_str().unwrap_or(""),
-                e["event"].as_str().unwrap_or("")
-            )
-        })
+        .map(|e| format!("{}:{}", e["source"].as_str().unwrap_or(""), e["event"].as_str().unwrap_or("")))
         .collect();
     let expected = [
         "vmm:starting",
@@ -189,16 +154,12 @@ fn check_lifecycle_events(path: &Path) {
     let mut at = 0;
     for want in expected {
         let found = names[at..].iter().position(|n| n == want);
-        assert!(
-            found.is_some(),
-            "event {want} missing after position {at} in {names:?}"
-        );
+        assert!(found.is_some(), "event {want} missing after position {at} in {names:?}");
         at += found.unwrap_or(0) + 1;
     }
     let mut last = 0.0;
     for e in &events {
-        let t = e["timestamp"]["secs"].as_f64().unwrap_or(0.0)
-            + e["timestamp"]["nanos"].as_f64().unwrap_or(0.0) / 1e9;
+        let t = e["timestamp"]["secs"].as_f64().unwrap_or(0.0) + e["timestamp"]["nanos"].as_f64().unwrap_or(0.0) / 1e9;
         assert!(t >= last, "timestamps never go back");
         last = t;
     }
@@ -206,8 +167,7 @@ fn check_lifecycle_events(path: &Path) {
 
 fn raw(socket: &Path, request: &[u8]) -> String {
     let mut s = UnixStream::connect(socket).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let _ = s.write_all(request);
     let _ = s.shutdown(std::net::Shutdown::Write);
     let mut out = String::new();
@@ -221,34 +181,15 @@ fn every_error_is_answered_with_the_right_status_and_the_vmm_survives() {
     let vmm = Vmm::start("api-errors");
     assert_eq!(vmm.status("GET", "vm.info", None).0, 404, "no VM yet");
     assert_eq!(vmm.status("GET", "vm.nonsense", None).0, 404);
-    let r = vmm
-        .client()
-        .request("GET", "vm.boot", None)
-        .expect("request");
+    let r = vmm.client().request("GET", "vm.boot", None).expect("request");
     assert_eq!(r.status, 405);
     assert_eq!(r.header("allow"), Some("PUT"));
     let (status, body) = vmm.status("PUT", "vm.create", Some("{not json"));
     assert_eq!(status, 400);
     assert!(body.contains("error"), "{body}");
-    assert_eq!(
-        vmm.status("PUT", "vm.create", Some(r#"{"memory":{"size":"big"}}"#))
-            .0,
-        400
-    );
-    assert_eq!(
-        vmm.status(
-            "PUT",
-            "vm.create",
-            Some(r#"{"memory":{"size":99999999999999999999999}}"#)
-        )
-        .0,
-        400
-    );
-    let (status, body) = vmm.status(
-        "PUT",
-        "vm.create",
-        Some(r#"{"payload":{"kernel":"/k"},"heki":{"enabeld":true}}"#),
-    );
+    assert_eq!(vmm.status("PUT", "vm.create", Some(r#"{"memory":{"size":"big"}}"#)).0, 400);
+    assert_eq!(vmm.status("PUT", "vm.create", Some(r#"{"memory":{"size":99999999999999999999999}}"#)).0, 400);
+    let (status, body) = vmm.status("PUT", "vm.create", Some(r#"{"payload":{"kernel":"/k"},"heki":{"enabeld":true}}"#));
     assert_eq!(status, 400);
     assert!(body.contains("enabeld"), "typo named: {body}");
     let (status, body) = vmm.status(
@@ -259,48 +200,29 @@ fn every_error_is_answered_with_the_right_status_and_the_vmm_survives() {
     assert_eq!(status, 400);
     assert!(body.contains("memory.hugepages"), "{body}");
     // Invalid UTF-8, a body over 4 MiB, a truncated body, and a slow client.
-    let bad_utf8 = b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\n\xff\xfe\xfd\xfc";
+    let bad_utf8 =
+        b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\n\xff\xfe\xfd\xfc";
     assert!(raw(&vmm.socket, bad_utf8).starts_with("HTTP/1.1 400"));
     let big = "x".repeat((4 << 20) + 1);
     assert_eq!(vmm.status("PUT", "vm.create", Some(&big)).0, 413);
-    let truncated =
-        b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"cpus\"";
+    let truncated = b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"cpus\"";
     let reply = raw(&vmm.socket, truncated);
-    assert!(
-        reply.is_empty() || reply.starts_with("HTTP/1.1 4"),
-        "{reply}"
-    );
+    assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 4"), "{reply}");
     let mut slow = UnixStream::connect(&vmm.socket).expect("connect");
     slow.write_all(b"GET /api/v1/vmm.pi").expect("partial");
-    slow.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
+    slow.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
     let mut buf = Vec::new();
     let started = Instant::now();
     let _ = slow.read_to_end(&mut buf);
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "slow client is cut off"
-    );
+    assert!(started.elapsed() < Duration::from_secs(4), "slow client is cut off");
 
     let config = vmm.config("ticker", "");
     assert_eq!(vmm.status("PUT", "vm.create", Some(&config)).0, 204);
-    assert_eq!(
-        vmm.status("PUT", "vm.create", Some(&config)).0,
-        409,
-        "create when one exists"
-    );
-    assert_eq!(
-        vmm.status("PUT", "vm.resume", None).0,
-        409,
-        "resume a VM that is not paused"
-    );
+    assert_eq!(vmm.status("PUT", "vm.create", Some(&config)).0, 409, "create when one exists");
+    assert_eq!(vmm.status("PUT", "vm.resume", None).0, 409, "resume a VM that is not paused");
     assert_eq!(vmm.status("PUT", "vm.boot", None).0, 204);
     assert_eq!(vmm.status("PUT", "vm.boot", None).0, 409, "boot twice");
-    assert_eq!(
-        vmm.json("vm.info")["state"],
-        "Running",
-        "the guest kept running through all of it"
-    );
+    assert_eq!(vmm.json("vm.info")["state"], "Running", "the guest kept running through all of it");
 }
 
 #[test]
@@ -319,11 +241,7 @@ fn bad_kernel_in_config_is_a_400_at_boot_and_the_vmm_lives_on() {
 fn eight_concurrent_clients_get_every_answer_while_a_guest_runs() {
     require_kvm!();
     let vmm = Vmm::start("api-concurrent");
-    assert_eq!(
-        vmm.status("PUT", "vm.create", Some(&vmm.config("ticker", "")))
-            .0,
-        204
-    );
+    assert_eq!(vmm.status("PUT", "vm.create", Some(&vmm.config("ticker", ""))).0, 204);
     assert_eq!(vmm.status("PUT", "vm.boot", None).0, 204);
     let threads: Vec<_> = (0..8)
         .map(|t| {
@@ -331,15 +249,8 @@ fn eight_concurrent_clients_get_every_answer_while_a_guest_runs() {
             std::thread::spawn(move || {
                 let client = ApiClient::new(&socket);
                 for i in 0..250 {
-                    let command = if (i + t) % 2 == 0 {
-                        "vm.info"
-                    } else {
-                        "vmm.ping"
-                    };
-                    let body = client
-                        .call("GET", command, None)
-                        .expect("answered")
-                        .expect("body");
+                    let command = if (i + t) % 2 == 0 { "vm.info" } else { "vmm.ping" };
+                    let body = client.call("GET", command, None).expect("answered").expect("body");
                     let v: Value = serde_json::from_str(&body).expect("JSON");
                     if command == "vm.info" {
                         assert_eq!(v["state"], "Running");
@@ -368,11 +279,7 @@ fn socket_is_private_stale_sockets_are_replaced_and_live_ones_refused() {
         .spawn()
         .expect("start");
     wait_for("socket", || UnixStream::connect(&socket).is_ok());
-    let mode = std::fs::metadata(&socket)
-        .expect("socket")
-        .permissions()
-        .mode()
-        & 0o777;
+    let mode = std::fs::metadata(&socket).expect("socket").permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let second = common::run_hekivisor(&["--api-socket", socket.to_str().expect("path")]);
     assert!(!second.status.success());
@@ -409,10 +316,7 @@ fn hk_remote_drives_a_vm_end_to_end() {
     assert!(hk(&["pause"]).0);
     assert!(hk(&["resume"]).0);
     let (ok, _, err) = hk(&["resume"]);
-    assert!(
-        !ok && err.contains("409") && err.contains("Running"),
-        "server message shown: {err}"
-    );
+    assert!(!ok && err.contains("409") && err.contains("Running"), "server message shown: {err}");
     assert!(hk(&["counters"]).0);
     assert!(hk(&["shutdown"]).0);
     assert!(hk(&["delete"]).0);
@@ -427,9 +331,7 @@ fn serial_text(vmm: &Vmm) -> String {
 /// The whole "after attack value=NN" line is out.
 fn attack_reported(vmm: &Vmm) -> bool {
     let s = serial_text(vmm);
-    s.split("after attack value=")
-        .nth(1)
-        .is_some_and(|rest| rest.contains('\n'))
+    s.split("after attack value=").nth(1).is_some_and(|rest| rest.contains('\n'))
 }
 
 #[test]
@@ -438,66 +340,34 @@ fn host_side_protection_through_rest_stops_a_guest_write() {
     let vmm = Vmm::start("api-heki-protect");
     let config = vmm
         .config("heki_attack", r#","heki":{"enabled":true,"policy":"deny"}"#)
-        .replace(
-            r#""payload":{"kernel""#,
-            r#""payload":{"cmdline":"host-locks","kernel""#,
-        );
+        .replace(r#""payload":{"kernel""#, r#""payload":{"cmdline":"host-locks","kernel""#);
     assert_eq!(vmm.status("PUT", "vm.create", Some(&config)).0, 204);
     assert_eq!(vmm.status("PUT", "vm.boot", None).0, 204);
     wait_for("text address", || serial_text(&vmm).contains("text at 0x"));
     let serial = serial_text(&vmm);
-    let addr = serial
-        .split("text at 0x")
-        .nth(1)
-        .and_then(|r| r.lines().next())
-        .expect("address");
+    let addr = serial.split("text at 0x").nth(1).and_then(|r| r.lines().next()).expect("address");
     let gpa = u64::from_str_radix(addr.trim(), 16).expect("hex");
 
-    let bad = format!(
-        r#"{{"ranges":[{{"gpa":{},"size":4096,"permissions":["read"]}}]}}"#,
-        gpa + 1
-    );
-    assert_eq!(
-        vmm.status("PUT", "vm.heki-protect", Some(&bad)).0,
-        400,
-        "unaligned"
-    );
+    let bad = format!(r#"{{"ranges":[{{"gpa":{},"size":4096,"permissions":["read"]}}]}}"#, gpa + 1);
+    assert_eq!(vmm.status("PUT", "vm.heki-protect", Some(&bad)).0, 400, "unaligned");
     let no_read = format!(r#"{{"ranges":[{{"gpa":{gpa},"size":4096,"permissions":["exec"]}}]}}"#);
     assert_eq!(vmm.status("PUT", "vm.heki-protect", Some(&no_read)).0, 400);
     let outside = r#"{"ranges":[{"gpa":549755813888,"size":4096,"permissions":["read"]}]}"#;
     assert_eq!(vmm.status("PUT", "vm.heki-protect", Some(outside)).0, 400);
-    let lock = format!(
-        r#"{{"ranges":[{{"gpa":{gpa},"size":4096,"permissions":["read","exec","immutable"]}}]}}"#
-    );
+    let lock = format!(r#"{{"ranges":[{{"gpa":{gpa},"size":4096,"permissions":["read","exec","immutable"]}}]}}"#);
     assert_eq!(vmm.status("PUT", "vm.heki-protect", Some(&lock)).0, 204);
-    let unlock =
-        format!(r#"{{"ranges":[{{"gpa":{gpa},"size":4096,"permissions":["read","write"]}}]}}"#);
-    assert_eq!(
-        vmm.status("PUT", "vm.heki-protect", Some(&unlock)).0,
-        409,
-        "immutable"
-    );
+    let unlock = format!(r#"{{"ranges":[{{"gpa":{gpa},"size":4096,"permissions":["read","write"]}}]}}"#);
+    assert_eq!(vmm.status("PUT", "vm.heki-protect", Some(&unlock)).0, 409, "immutable");
 
     wait_for("attack result", || attack_reported(&vmm));
-    assert!(
-        serial_text(&vmm).contains("after attack value=11"),
-        "{}",
-        serial_text(&vmm)
-    );
+    assert!(serial_text(&vmm).contains("after attack value=11"), "{}", serial_text(&vmm));
     let heki = vmm.json("vm.heki");
     assert_eq!(heki["enabled"], true);
     assert_eq!(heki["policy"], "deny");
     assert_eq!(heki["abi_version"], 1);
-    assert_eq!(
-        heki["features"]["protect_memory"]["status"], "enforced",
-        "{heki}"
-    );
+    assert_eq!(heki["features"]["protect_memory"]["status"], "enforced", "{heki}");
     assert_eq!(heki["features"]["exec"]["status"], "unavailable");
-    assert!(
-        heki["features"]["exec"]["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("KVM"))
-    );
+    assert!(heki["features"]["exec"]["reason"].as_str().is_some_and(|r| r.contains("KVM")));
     assert_eq!(heki["protected_pages"], 1);
     assert_eq!(heki["counters"]["write"], 1);
     assert!(heki["memslots"]["used"].as_u64().unwrap_or(0) >= 3);
@@ -514,36 +384,18 @@ fn host_side_protection_through_rest_stops_a_guest_write() {
 fn pause_policy_holds_the_vm_until_resume() {
     require_kvm!();
     let vmm = Vmm::start("api-heki-pause");
-    let config = vmm.config(
-        "heki_attack",
-        r#","heki":{"enabled":true,"policy":"pause"}"#,
-    );
+    let config = vmm.config("heki_attack", r#","heki":{"enabled":true,"policy":"pause"}"#);
     assert_eq!(vmm.status("PUT", "vm.create", Some(&config)).0, 204);
     assert_eq!(vmm.status("PUT", "vm.boot", None).0, 204);
     wait_for("pause by heki", || vmm.json("vm.info")["state"] == "Paused");
     std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        !serial_text(&vmm).contains("after attack"),
-        "the guest is held: {}",
-        serial_text(&vmm)
-    );
-    assert_eq!(
-        vmm.status("PUT", "vm.heki-policy", Some(r#"{"policy":"log"}"#))
-            .0,
-        204
-    );
-    assert_eq!(
-        vmm.status("PUT", "vm.heki-policy", Some(r#"{"policy":"maybe"}"#))
-            .0,
-        400
-    );
+    assert!(!serial_text(&vmm).contains("after attack"), "the guest is held: {}", serial_text(&vmm));
+    assert_eq!(vmm.status("PUT", "vm.heki-policy", Some(r#"{"policy":"log"}"#)).0, 204);
+    assert_eq!(vmm.status("PUT", "vm.heki-policy", Some(r#"{"policy":"maybe"}"#)).0, 400);
     assert_eq!(vmm.json("vm.heki")["policy"], "log");
     assert_eq!(vmm.status("PUT", "vm.resume", None).0, 204);
     wait_for("guest continues", || attack_reported(&vmm));
-    assert!(
-        serial_text(&vmm).contains("after attack value=11"),
-        "the paused write was dropped"
-    );
+    assert!(serial_text(&vmm).contains("after attack value=11"), "the paused write was dropped");
 }
 
 fn count(vmm: &Vmm, needle: &str) -> usize {
@@ -556,34 +408,14 @@ fn host_side_pins_through_rest_and_a_reboot_clears_them() {
     let vmm = Vmm::start("api-heki-pin");
     let config = vmm
         .config("heki_hostpin", r#","heki":{"enabled":true}"#)
-        .replace(
-            r#""cpus":{"boot_vcpus":1,"max_vcpus":1}"#,
-            r#""cpus":{"boot_vcpus":2,"max_vcpus":2}"#,
-        );
+        .replace(r#""cpus":{"boot_vcpus":1,"max_vcpus":1}"#, r#""cpus":{"boot_vcpus":2,"max_vcpus":2}"#);
     assert_eq!(vmm.status("PUT", "vm.create", Some(&config)).0, 204);
     assert_eq!(vmm.status("PUT", "vm.boot", None).0, 204);
     wait_for("unpinned hooks", || count(&vmm, "lstar hook worked") >= 2);
-    assert_eq!(
-        vmm.status("PUT", "vm.heki-pin", Some(r#"{"cr4":"0x100000"}"#))
-            .0,
-        400,
-        "SMEP is not set"
-    );
-    assert_eq!(
-        vmm.status("PUT", "vm.heki-pin", Some(r#"{"cr0":"0x1"}"#)).0,
-        400,
-        "PE cannot be pinned"
-    );
-    assert_eq!(
-        vmm.status("PUT", "vm.heki-pin", Some(r#"{"msrs":["0x10"]}"#))
-            .0,
-        400
-    );
-    let (status, body) = vmm.status(
-        "PUT",
-        "vm.heki-pin",
-        Some(r#"{"cr0":"0x10000","msrs":["0xc0000082"]}"#),
-    );
+    assert_eq!(vmm.status("PUT", "vm.heki-pin", Some(r#"{"cr4":"0x100000"}"#)).0, 400, "SMEP is not set");
+    assert_eq!(vmm.status("PUT", "vm.heki-pin", Some(r#"{"cr0":"0x1"}"#)).0, 400, "PE cannot be pinned");
+    assert_eq!(vmm.status("PUT", "vm.heki-pin", Some(r#"{"msrs":["0x10"]}"#)).0, 400);
+    let (status, body) = vmm.status("PUT", "vm.heki-pin", Some(r#"{"cr0":"0x10000","msrs":["0xc0000082"]}"#));
     assert_eq!(status, 204, "{body}");
     let heki = vmm.json("vm.heki");
     assert_eq!(heki["features"]["pin_cr"]["status"], "detect-and-restore");
@@ -596,9 +428,7 @@ fn host_side_pins_through_rest_and_a_reboot_clears_them() {
         assert_eq!(p["msrs"][0]["msr"], "0xc0000082");
     }
     let faulted = count(&vmm, "lstar hook faulted");
-    wait_for("pinned LSTAR faults", || {
-        count(&vmm, "lstar hook faulted") >= faulted + 2
-    });
+    wait_for("pinned LSTAR faults", || count(&vmm, "lstar hook faulted") >= faulted + 2);
     assert!(vmm.json("vm.counters")["heki"]["msr"].as_u64().unwrap_or(0) >= 2);
 
     assert_eq!(vmm.status("PUT", "vm.reboot", None).0, 204);
@@ -611,7 +441,5 @@ fn host_side_pins_through_rest_and_a_reboot_clears_them() {
             .all(|p| p["cr0"] == "0x0" && p["msrs"].as_array().is_some_and(|m| m.is_empty()))
     );
     let worked = count(&vmm, "lstar hook worked");
-    wait_for("hooks work again after reboot", || {
-        count(&vmm, "lstar hook worked") >= worked + 2
-    });
+    wait_for("hooks work again after reboot", || count(&vmm, "lstar hook worked") >= worked + 2);
 }

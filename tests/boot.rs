@@ -8,12 +8,7 @@ use common::guests;
 fn hello_guest_prints_over_serial_and_powers_off() {
     require_kvm!();
     let run = common::run_vm("hello", &guests::build("hello"), &[]);
-    assert!(
-        run.status.success(),
-        "exit status {:?}, stderr: {}",
-        run.status,
-        run.stderr
-    );
+    assert!(run.status.success(), "exit status {:?}, stderr: {}", run.status, run.stderr);
     assert_eq!(run.serial, "Hello from the hekivisor test guest\n");
 }
 
@@ -23,41 +18,19 @@ fn every_vcpu_of_an_smp_guest_checks_in() {
     let run = common::run_vm("smp", &guests::build("smp"), &["--cpus", "boot=4"]);
     assert!(run.status.success(), "stderr: {}", run.stderr);
     for cpu in 1..4 {
-        assert!(
-            run.serial.contains(&format!("cpu {cpu} checked in")),
-            "serial: {}",
-            run.serial
-        );
+        assert!(run.serial.contains(&format!("cpu {cpu} checked in")), "serial: {}", run.serial);
     }
-    assert!(
-        run.serial.contains("all 4 cpus checked in"),
-        "serial: {}",
-        run.serial
-    );
+    assert!(run.serial.contains("all 4 cpus checked in"), "serial: {}", run.serial);
 }
 
 /// Boots the `bootinfo` guest with a command line and an initramfs and checks
 /// what it read back through its boot protocol.
-fn check_boot_info(
-    test: &str,
-    kernel: &std::path::Path,
-    protocol: &str,
-    cmdline: &str,
-    initrd: &[u8],
-) {
+fn check_boot_info(test: &str, kernel: &std::path::Path, protocol: &str, cmdline: &str, initrd: &[u8]) {
     let dir = common::temp_dir(test);
     let initramfs = dir.join("initrd.img");
     std::fs::write(&initramfs, initrd).expect("write initramfs");
-    let run = common::run_vm(
-        test,
-        kernel,
-        &[
-            "--cmdline",
-            cmdline,
-            "--initramfs",
-            initramfs.to_str().expect("utf-8 path"),
-        ],
-    );
+    let run =
+        common::run_vm(test, kernel, &["--cmdline", cmdline, "--initramfs", initramfs.to_str().expect("utf-8 path")]);
     assert!(run.status.success(), "stderr: {}", run.stderr);
     let first8 = String::from_utf8_lossy(&initrd[..8]);
     for needle in [
@@ -103,23 +76,9 @@ fn no_reboot_turns_each_kind_of_reset_into_a_clean_exit() {
     require_kvm!();
     for how in ["kbd", "acpi", "triple"] {
         let cmdline = format!("reboot={how}");
-        let run = common::run_vm(
-            "no-reboot",
-            &guests::build("reboot"),
-            &["--cmdline", &cmdline, "--no-reboot"],
-        );
-        assert!(
-            run.status.success(),
-            "{how}: status {:?} stderr {}",
-            run.status,
-            run.stderr
-        );
-        assert_eq!(
-            boots_counted(&run.serial),
-            1,
-            "{how}: serial {}",
-            run.serial
-        );
+        let run = common::run_vm("no-reboot", &guests::build("reboot"), &["--cmdline", &cmdline, "--no-reboot"]);
+        assert!(run.status.success(), "{how}: status {:?} stderr {}", run.status, run.stderr);
+        assert_eq!(boots_counted(&run.serial), 1, "{how}: serial {}", run.serial);
     }
 }
 
@@ -130,12 +89,7 @@ fn reboot_loads_the_kernel_again_and_boots_it() {
     let dir = common::temp_dir("reboot-loop");
     let serial = dir.join("serial.log");
     let mut child = std::process::Command::new(common::hekivisor_bin())
-        .args([
-            "--kernel",
-            guests::build("reboot").to_str().expect("path"),
-            "--cmdline",
-            "reboot=kbd",
-        ])
+        .args(["--kernel", guests::build("reboot").to_str().expect("path"), "--cmdline", "reboot=kbd"])
         .args(["--serial", &format!("file={}", serial.display())])
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -157,30 +111,17 @@ fn guest_exception_is_reported_by_the_guest_runtime() {
     require_kvm!();
     let run = common::run_vm("exception", &guests::build("exception"), &[]);
     assert!(run.status.success(), "stderr: {}", run.stderr);
-    assert!(
-        run.serial.contains("EXCEPTION vec=6"),
-        "serial: {}",
-        run.serial
-    );
+    assert!(run.serial.contains("EXCEPTION vec=6"), "serial: {}", run.serial);
     assert!(!run.serial.contains("not reached"));
 }
 
 #[test]
 fn emulation_failure_is_a_clear_error_with_rip_and_instruction_bytes() {
     require_kvm!();
-    let run = common::run_vm(
-        "emulation-failure",
-        &guests::build("emulation_failure"),
-        &[],
-    );
+    let run = common::run_vm("emulation-failure", &guests::build("emulation_failure"), &[]);
     assert!(!run.timed_out, "the VMM must not hang");
     assert_eq!(run.status.code(), Some(1), "stderr: {}", run.stderr);
-    assert!(
-        run.stderr
-            .contains("could not emulate the guest instruction at RIP 0x"),
-        "stderr: {}",
-        run.stderr
-    );
+    assert!(run.stderr.contains("could not emulate the guest instruction at RIP 0x"), "stderr: {}", run.stderr);
     // lock cmpxchg16b: f0 48 0f c7 ...
     assert!(run.stderr.contains("f0 48 0f c7"), "stderr: {}", run.stderr);
     assert!(!run.stderr.contains("panicked"));
@@ -191,23 +132,11 @@ fn guest_walks_rsdp_xsdt_madt_and_finds_every_vcpu() {
     require_kvm!();
     let run = common::run_vm("acpi", &guests::build("acpi"), &["--cpus", "boot=3"]);
     assert!(run.status.success(), "stderr: {}", run.stderr);
-    assert!(
-        run.serial.contains("rsdp revision=2 checksum=ok"),
-        "serial: {}",
-        run.serial
-    );
+    assert!(run.serial.contains("rsdp revision=2 checksum=ok"), "serial: {}", run.serial);
     for table in ["XSDT", "FACP", "DSDT", "APIC"] {
-        assert!(
-            run.serial.contains(&format!("table {table} checksum=ok")),
-            "{table}: {}",
-            run.serial
-        );
+        assert!(run.serial.contains(&format!("table {table} checksum=ok")), "{table}: {}", run.serial);
     }
-    assert!(
-        run.serial.contains("madt lapics=3 cpuid cpus=3"),
-        "serial: {}",
-        run.serial
-    );
+    assert!(run.serial.contains("madt lapics=3 cpuid cpus=3"), "serial: {}", run.serial);
 }
 
 #[test]
@@ -215,8 +144,5 @@ fn the_boot_benchmark_guest_boots() {
     require_kvm!();
     let run = common::run_vm("tiny", &guests::build("tiny"), &["--memory", "size=128M"]);
     assert!(run.status.success(), "stderr: {}", run.stderr);
-    assert_eq!(
-        run.serial,
-        "Hello from the tiny hekivisor benchmark guest\n"
-    );
+    assert_eq!(run.serial, "Hello from the tiny hekivisor benchmark guest\n");
 }

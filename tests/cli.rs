@@ -5,18 +5,9 @@ mod common;
 
 fn assert_clean_failure(run: &common::Run, needle: &str) {
     assert!(!run.status.success(), "must fail");
-    assert!(
-        run.stderr.contains(needle),
-        "stderr lacks '{needle}': {}",
-        run.stderr
-    );
+    assert!(run.stderr.contains(needle), "stderr lacks '{needle}': {}", run.stderr);
     assert!(!run.stderr.contains("panicked"), "panic: {}", run.stderr);
-    assert_eq!(
-        run.stderr.trim_end().lines().count(),
-        1,
-        "one line: {}",
-        run.stderr
-    );
+    assert_eq!(run.stderr.trim_end().lines().count(), 1, "one line: {}", run.stderr);
 }
 
 #[test]
@@ -36,9 +27,7 @@ fn kernel_errors_name_the_file_and_the_reason() {
     let full = std::fs::read(common::guests::build("hello")).expect("read guest");
     std::fs::write(&truncated, &full[..100]).expect("write truncated");
     let huge = dir.join("huge.bin");
-    std::fs::File::create(&huge)
-        .and_then(|f| f.set_len(64 << 20))
-        .expect("sparse file");
+    std::fs::File::create(&huge).and_then(|f| f.set_len(64 << 20)).expect("sparse file");
     let missing = dir.join("missing.elf");
 
     let cases: [(&std::path::Path, &[&str], &str); 4] = [
@@ -48,21 +37,11 @@ fn kernel_errors_name_the_file_and_the_reason() {
         (&missing, &[], "cannot open"),
     ];
     for (kernel, extra, needle) in cases {
-        let mut args = vec![
-            "--kernel",
-            kernel.to_str().expect("utf-8"),
-            "--serial",
-            "null",
-        ];
+        let mut args = vec!["--kernel", kernel.to_str().expect("utf-8"), "--serial", "null"];
         args.extend_from_slice(extra);
         let run = common::run_hekivisor(&args);
         assert_clean_failure(&run, needle);
-        assert!(
-            run.stderr
-                .contains(kernel.file_name().and_then(|n| n.to_str()).expect("name")),
-            "{}",
-            run.stderr
-        );
+        assert!(run.stderr.contains(kernel.file_name().and_then(|n| n.to_str()).expect("name")), "{}", run.stderr);
     }
 }
 
@@ -72,10 +51,7 @@ fn bad_options_are_rejected_with_the_option_named() {
         (&["--kernel", "k", "--cpus", "boot=0"][..], "boot_vcpus"),
         (&["--kernel", "k", "--memory", "size=lots"][..], "--memory"),
         (&["--kernel", "k", "--serial", "fancy"][..], "--serial"),
-        (
-            &["--kernel", "k", "--heki", "policy=maybe"][..],
-            "heki policy",
-        ),
+        (&["--kernel", "k", "--heki", "policy=maybe"][..], "heki policy"),
         (&[][..], "nothing to do"),
     ] {
         assert_clean_failure(&common::run_hekivisor(args), needle);
@@ -85,25 +61,16 @@ fn bad_options_are_rejected_with_the_option_named() {
 #[test]
 fn missing_or_unusable_kvm_is_a_clear_error() {
     let hello = common::guests::build("hello");
-    for (device, needle) in [
-        ("/nonexistent/kvm", "does not exist"),
-        ("/dev/null", "not a usable KVM device"),
-    ] {
+    for (device, needle) in [("/nonexistent/kvm", "does not exist"), ("/dev/null", "not a usable KVM device")] {
         let mut child = std::process::Command::new(common::hekivisor_bin())
-            .args([
-                "--kernel",
-                hello.to_str().expect("path"),
-                "--serial",
-                "null",
-            ])
+            .args(["--kernel", hello.to_str().expect("path"), "--serial", "null"])
             .env("HEKIVISOR_KVM_DEVICE", device)
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start");
         let (status, _) = common::wait_with_timeout(&mut child, std::time::Duration::from_secs(10));
         let mut stderr = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
-            .expect("read");
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr).expect("read");
         assert!(!status.success());
         assert!(stderr.contains(needle), "{device}: {stderr}");
     }

@@ -11,32 +11,18 @@ fn events(path: &std::path::Path) -> Vec<serde_json::Value> {
 }
 
 fn heki_events<'a>(all: &'a [serde_json::Value], event: &str) -> Vec<&'a serde_json::Value> {
-    all.iter()
-        .filter(|e| e["source"] == "heki" && e["event"] == event)
-        .collect()
+    all.iter().filter(|e| e["source"] == "heki" && e["event"] == event).collect()
 }
 
 #[test]
 fn abi_discovery_functions_and_error_codes_follow_the_contract() {
     require_kvm!();
-    let run = common::run_vm(
-        "heki-abi",
-        &guests::build("heki_abi"),
-        &["--heki", "enabled=on"],
-    );
+    let run = common::run_vm("heki-abi", &guests::build("heki_abi"), &["--heki", "enabled=on"]);
     assert!(run.status.success(), "stderr: {}", run.stderr);
     assert!(!run.serial.contains("FAIL"), "serial:\n{}", run.serial);
-    assert!(
-        run.serial.contains("heki abi done failures=0"),
-        "serial:\n{}",
-        run.serial
-    );
+    assert!(run.serial.contains("heki abi done failures=0"), "serial:\n{}", run.serial);
     assert!(run.serial.contains("doorbell port=580"));
-    assert!(
-        run.serial.lines().filter(|l| l.starts_with("ok ")).count() >= 30,
-        "serial:\n{}",
-        run.serial
-    );
+    assert!(run.serial.lines().filter(|l| l.starts_with("ok ")).count() >= 30, "serial:\n{}", run.serial);
 }
 
 #[test]
@@ -45,23 +31,13 @@ fn a_call_from_user_mode_is_refused_and_reported() {
     let dir = common::temp_dir("heki-cpl3");
     let ev = dir.join("events.json");
     let ev_arg = format!("path={}", ev.display());
-    let run = common::run_vm(
-        "heki-cpl3",
-        &guests::build("heki_abi"),
-        &["--heki", "enabled=on", "--event-monitor", &ev_arg],
-    );
-    assert!(
-        run.serial.contains("ok user mode call refused"),
-        "serial:\n{}",
-        run.serial
-    );
+    let run =
+        common::run_vm("heki-cpl3", &guests::build("heki_abi"), &["--heki", "enabled=on", "--event-monitor", &ev_arg]);
+    assert!(run.serial.contains("ok user mode call refused"), "serial:\n{}", run.serial);
     let all = events(&ev);
     let v = heki_events(&all, "violation");
     assert_eq!(v.len(), 2, "{v:?}");
-    assert!(
-        v.iter()
-            .all(|e| e["properties"]["kind"] == "hypercall" && e["properties"]["cpl"] == "3")
-    );
+    assert!(v.iter().all(|e| e["properties"]["kind"] == "hypercall" && e["properties"]["cpl"] == "3"));
 }
 
 #[test]
@@ -69,16 +45,8 @@ fn heki_disabled_hides_the_abi() {
     require_kvm!();
     let run = common::run_vm("heki-off", &guests::build("heki_abi"), &[]);
     assert!(run.status.success(), "stderr: {}", run.stderr);
-    assert!(
-        run.serial.contains("FAIL signature: got 0 want 1"),
-        "serial:\n{}",
-        run.serial
-    );
-    assert!(
-        run.serial.contains("FAIL max leaf: got 0"),
-        "serial:\n{}",
-        run.serial
-    );
+    assert!(run.serial.contains("FAIL signature: got 0 want 1"), "serial:\n{}", run.serial);
+    assert!(run.serial.contains("FAIL max leaf: got 0"), "serial:\n{}", run.serial);
 }
 
 #[test]
@@ -95,23 +63,14 @@ fn locked_memory_survives_every_write_width_string_and_straddling_write() {
     assert!(run.status.success(), "stderr: {}", run.stderr);
     let s = &run.serial;
     assert!(s.contains("protect rc=0\n"), "{s}");
-    assert!(
-        s.contains("widths byte=11 word=1111 dword=11111111 qword=1111111111111111"),
-        "{s}"
-    );
+    assert!(s.contains("widths byte=11 word=1111 dword=11111111 qword=1111111111111111"), "{s}");
     assert!(s.contains("rep stosb changed=0"), "{s}");
     // The writable halves of straddling writes land; the locked halves do not.
-    assert!(
-        s.contains("straddle low=22,22 lockedlow=11 lockedhigh=11 high=33"),
-        "{s}"
-    );
+    assert!(s.contains("straddle low=22,22 lockedlow=11 lockedhigh=11 high=33"), "{s}");
     // Byte protection: bytes 16 and 17 keep their value, their neighbours change.
     assert!(s.contains("bytes 15=44 16=11 17=11 18=44"), "{s}");
     assert!(s.contains("neighbour=55"), "{s}");
-    assert!(
-        s.contains("attack done"),
-        "the guest keeps running after violations: {s}"
-    );
+    assert!(s.contains("attack done"), "the guest keeps running after violations: {s}");
 
     let all = events(&ev);
     let protected = heki_events(&all, "protected");
@@ -119,11 +78,7 @@ fn locked_memory_survives_every_write_width_string_and_straddling_write() {
     assert_eq!(protected[0]["properties"]["by"], "guest");
     assert_eq!(protected[0]["properties"]["pages"], "1");
     let violations = heki_events(&all, "violation");
-    assert!(
-        !violations.is_empty() && violations.len() <= 10,
-        "rate limited: {}",
-        violations.len()
-    );
+    assert!(!violations.is_empty() && violations.len() <= 10, "rate limited: {}", violations.len());
     let first = &violations[0]["properties"];
     assert_eq!(first["kind"], "write");
     assert_eq!(first["action"], "denied");
@@ -134,23 +89,14 @@ fn locked_memory_survives_every_write_width_string_and_straddling_write() {
     // 4 widths + 4096 string bytes + 2 straddles + 1 byte-protected write, each counted.
     let suppressed: u64 = heki_events(&all, "suppressed")
         .iter()
-        .map(|e| {
-            e["properties"]["count"]
-                .as_str()
-                .and_then(|c| c.parse::<u64>().ok())
-                .expect("count")
-        })
+        .map(|e| e["properties"]["count"].as_str().and_then(|c| c.parse::<u64>().ok()).expect("count"))
         .sum();
     assert_eq!(violations.len() as u64 + suppressed, 4 + 4096 + 2 + 1);
 }
 
 fn attack(policy: &str) -> common::Run {
     let arg = format!("enabled=on,policy={policy}");
-    common::run_vm(
-        &format!("heki-policy-{policy}"),
-        &guests::build("heki_attack"),
-        &["--heki", &arg],
-    )
+    common::run_vm(&format!("heki-policy-{policy}"), &guests::build("heki_attack"), &["--heki", &arg])
 }
 
 #[test]
@@ -158,11 +104,7 @@ fn deny_policy_drops_the_write_and_the_guest_continues() {
     require_kvm!();
     let run = attack("deny");
     assert!(run.status.success(), "stderr: {}", run.stderr);
-    assert!(
-        run.serial.contains("after attack value=11"),
-        "serial: {}",
-        run.serial
-    );
+    assert!(run.serial.contains("after attack value=11"), "serial: {}", run.serial);
 }
 
 #[test]
@@ -170,11 +112,7 @@ fn log_policy_performs_the_write_and_reports_it() {
     require_kvm!();
     let run = attack("log");
     assert!(run.status.success(), "stderr: {}", run.stderr);
-    assert!(
-        run.serial.contains("after attack value=99"),
-        "serial: {}",
-        run.serial
-    );
+    assert!(run.serial.contains("after attack value=99"), "serial: {}", run.serial);
 }
 
 #[test]
@@ -182,43 +120,19 @@ fn shutdown_policy_stops_the_vm_before_the_guest_goes_on() {
     require_kvm!();
     let run = attack("shutdown");
     assert_eq!(run.status.code(), Some(1), "stderr: {}", run.stderr);
-    assert!(
-        run.stderr.contains("heki policy 'shutdown' stopped the VM"),
-        "stderr: {}",
-        run.stderr
-    );
-    assert!(
-        !run.serial.contains("after attack"),
-        "serial: {}",
-        run.serial
-    );
+    assert!(run.stderr.contains("heki policy 'shutdown' stopped the VM"), "stderr: {}", run.stderr);
+    assert!(!run.serial.contains("after attack"), "serial: {}", run.serial);
 }
 
 #[test]
 fn no_write_lands_after_the_lock_returns_while_another_vcpu_writes() {
     require_kvm!();
     for _ in 0..3 {
-        let run = common::run_vm(
-            "heki-smp",
-            &guests::build("heki_smp"),
-            &["--heki", "enabled=on", "--cpus", "boot=2"],
-        );
+        let run = common::run_vm("heki-smp", &guests::build("heki_smp"), &["--heki", "enabled=on", "--cpus", "boot=2"]);
         assert!(run.status.success(), "stderr: {}", run.stderr);
-        assert!(
-            run.serial.contains("cpus=2 protect rc=0"),
-            "serial: {}",
-            run.serial
-        );
-        assert!(
-            run.serial.contains("writer kept running=yes"),
-            "serial: {}",
-            run.serial
-        );
-        assert!(
-            run.serial.contains("no write landed after the lock"),
-            "serial: {}",
-            run.serial
-        );
+        assert!(run.serial.contains("cpus=2 protect rc=0"), "serial: {}", run.serial);
+        assert!(run.serial.contains("writer kept running=yes"), "serial: {}", run.serial);
+        assert!(run.serial.contains("no write landed after the lock"), "serial: {}", run.serial);
     }
 }
 
@@ -234,11 +148,7 @@ fn an_unemulable_write_to_locked_memory_is_a_violation_and_the_vm_lives_on() {
         &["--heki", "enabled=on", "--event-monitor", &ev_arg],
     );
     assert!(run.status.success(), "stderr: {}", run.stderr);
-    assert!(
-        run.serial.contains("survived: memory=1111,2222"),
-        "serial: {}",
-        run.serial
-    );
+    assert!(run.serial.contains("survived: memory=1111,2222"), "serial: {}", run.serial);
     let all = events(&ev);
     let v = heki_events(&all, "violation");
     assert_eq!(v.len(), 1);
@@ -251,12 +161,7 @@ fn an_unemulable_write_to_locked_memory_is_a_violation_and_the_vm_lives_on() {
 fn running_out_of_memslots_is_enospc_and_nothing_is_applied() {
     require_kvm!();
     let mut child = std::process::Command::new(common::hekivisor_bin())
-        .args([
-            "--kernel",
-            guests::build("heki_nospace").to_str().expect("path"),
-            "--heki",
-            "enabled=on",
-        ])
+        .args(["--kernel", guests::build("heki_nospace").to_str().expect("path"), "--heki", "enabled=on"])
         .args(["--serial", "tty"])
         .env("HEKIVISOR_MEMSLOT_BUDGET", "16")
         .stdin(std::process::Stdio::null())
@@ -265,8 +170,7 @@ fn running_out_of_memslots_is_enospc_and_nothing_is_applied() {
         .expect("start");
     let (status, _) = common::wait_with_timeout(&mut child, std::time::Duration::from_secs(30));
     let mut out = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut out)
-        .expect("read");
+    std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut out).expect("read");
     assert!(status.success());
     // One RAM region: k locked islands need 2k + 1 slots, so 7 fit in 16.
     assert!(out.contains("locked=7 rc=-28 query=7"), "{out}");

@@ -13,22 +13,11 @@ fn guest_pins_hold_and_every_error_case_is_einval() {
     let run = common::run_vm(
         "heki-pins",
         &guests::build("heki_pins"),
-        &[
-            "--heki",
-            "enabled=on",
-            "--cpus",
-            "boot=2",
-            "--event-monitor",
-            &ev_arg,
-        ],
+        &["--heki", "enabled=on", "--cpus", "boot=2", "--event-monitor", &ev_arg],
     );
     assert!(run.status.success(), "stderr: {}", run.stderr);
     assert!(!run.serial.contains("FAIL"), "serial:\n{}", run.serial);
-    assert!(
-        run.serial.contains("heki pins done failures=0"),
-        "serial:\n{}",
-        run.serial
-    );
+    assert!(run.serial.contains("heki pins done failures=0"), "serial:\n{}", run.serial);
     for line in [
         "ok WP restored",
         "ok hooking LSTAR faults",
@@ -40,30 +29,16 @@ fn guest_pins_hold_and_every_error_case_is_einval() {
     ] {
         assert!(run.serial.contains(line), "{line}:\n{}", run.serial);
     }
-    let events = event_monitor::parse_events(&std::fs::read_to_string(&ev).expect("events"))
-        .expect("stream");
-    let violations: Vec<_> = events
-        .iter()
-        .filter(|e| e["source"] == "heki" && e["event"] == "violation")
-        .collect();
-    let cr: Vec<_> = violations
-        .iter()
-        .filter(|e| e["properties"]["kind"] == "cr")
-        .collect();
-    let msr: Vec<_> = violations
-        .iter()
-        .filter(|e| e["properties"]["kind"] == "msr")
-        .collect();
+    let events = event_monitor::parse_events(&std::fs::read_to_string(&ev).expect("events")).expect("stream");
+    let violations: Vec<_> = events.iter().filter(|e| e["source"] == "heki" && e["event"] == "violation").collect();
+    let cr: Vec<_> = violations.iter().filter(|e| e["properties"]["kind"] == "cr").collect();
+    let msr: Vec<_> = violations.iter().filter(|e| e["properties"]["kind"] == "msr").collect();
     let smep_smap = run.serial.contains("ok SMEP and SMAP restored");
     // Exactly one detection per cleared pin: WP, plus SMEP|SMAP where the CPU has them.
     assert_eq!(cr.len(), if smep_smap { 2 } else { 1 }, "{cr:?}");
     let wp = &cr[0]["properties"];
     assert_eq!(
-        (
-            wp["register"].as_str(),
-            wp["pinned"].as_str(),
-            wp["action"].as_str()
-        ),
+        (wp["register"].as_str(), wp["pinned"].as_str(), wp["action"].as_str()),
         (Some("cr0"), Some("0x10000"), Some("restored"))
     );
     assert_eq!(wp["vcpu"], "0");

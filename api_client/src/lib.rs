@@ -34,10 +34,7 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// The server's message for an error response (`{"error": "..."}`), or the raw body.
@@ -70,34 +67,19 @@ pub struct ApiClient {
 
 impl ApiClient {
     pub fn new(path: impl AsRef<Path>) -> Self {
-        ApiClient {
-            path: path.as_ref().display().to_string(),
-            timeout: Duration::from_secs(60),
-        }
+        ApiClient { path: path.as_ref().display().to_string(), timeout: Duration::from_secs(60) }
     }
 
     /// Sends `METHOD /api/v1/<command>` with an optional JSON body.
-    pub fn request(
-        &self,
-        method: &str,
-        command: &str,
-        body: Option<&str>,
-    ) -> Result<Response, Error> {
-        let mut stream = UnixStream::connect(&self.path).map_err(|source| Error::Connect {
-            path: self.path.clone(),
-            source,
-        })?;
+    pub fn request(&self, method: &str, command: &str, body: Option<&str>) -> Result<Response, Error> {
+        let mut stream =
+            UnixStream::connect(&self.path).map_err(|source| Error::Connect { path: self.path.clone(), source })?;
         stream.set_read_timeout(Some(self.timeout))?;
         stream.set_write_timeout(Some(self.timeout))?;
         let body = body.unwrap_or("");
-        let mut request = format!(
-            "{method} /api/v1/{command} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-        );
+        let mut request = format!("{method} /api/v1/{command} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
         if !body.is_empty() || method == "PUT" {
-            request.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                body.len()
-            ));
+            request.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
         }
         request.push_str("\r\n");
         request.push_str(body);
@@ -106,18 +88,10 @@ impl ApiClient {
     }
 
     /// Like `request`, but an HTTP error status becomes `Error::Server`.
-    pub fn call(
-        &self,
-        method: &str,
-        command: &str,
-        body: Option<&str>,
-    ) -> Result<Option<String>, Error> {
+    pub fn call(&self, method: &str, command: &str, body: Option<&str>) -> Result<Option<String>, Error> {
         let response = self.request(method, command, body)?;
         if response.status >= 300 {
-            return Err(Error::Server {
-                status: response.status,
-                message: response.error_message(),
-            });
+            return Err(Error::Server { status: response.status, message: response.error_message() });
         }
         Ok((!response.body.is_empty()).then_some(response.body))
     }
@@ -143,9 +117,7 @@ fn read_response(stream: UnixStream) -> Result<Response, Error> {
         if line.is_empty() {
             break;
         }
-        let (k, v) = line
-            .split_once(':')
-            .ok_or_else(|| Error::BadResponse(format!("header {line:?}")))?;
+        let (k, v) = line.split_once(':').ok_or_else(|| Error::BadResponse(format!("header {line:?}")))?;
         if k.eq_ignore_ascii_case("content-length") {
             content_length = v.trim().parse::<usize>().ok();
         }
@@ -161,13 +133,8 @@ fn read_response(stream: UnixStream) -> Result<Response, Error> {
             reader.read_to_end(&mut body)?;
         }
     }
-    let body =
-        String::from_utf8(body).map_err(|_| Error::BadResponse("body is not UTF-8".into()))?;
-    Ok(Response {
-        status,
-        headers,
-        body,
-    })
+    let body = String::from_utf8(body).map_err(|_| Error::BadResponse("body is not UTF-8".into()))?;
+    Ok(Response { status, headers, body })
 }
 
 #[cfg(test)]
@@ -176,14 +143,8 @@ mod tests {
 
     #[test]
     fn error_messages_are_extracted_from_json() {
-        assert_eq!(
-            extract_error(r#"{"error":"no VM has been created"}"#).as_deref(),
-            Some("no VM has been created")
-        );
-        assert_eq!(
-            extract_error(r#"{"error":"say \"hi\""}"#).as_deref(),
-            Some("say \"hi\"")
-        );
+        assert_eq!(extract_error(r#"{"error":"no VM has been created"}"#).as_deref(), Some("no VM has been created"));
+        assert_eq!(extract_error(r#"{"error":"say \"hi\""}"#).as_deref(), Some("say \"hi\""));
         assert_eq!(extract_error("plain"), None);
     }
 
@@ -204,10 +165,7 @@ mod tests {
         let client = ApiClient::new(&path);
         let err = client.call("GET", "vm.info", None).expect_err("404");
         server.join().expect("server");
-        assert!(
-            matches!(err, Error::Server { status: 404, ref message } if message == "nothing"),
-            "{err}"
-        );
+        assert!(matches!(err, Error::Server { status: 404, ref message } if message == "nothing"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

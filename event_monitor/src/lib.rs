@@ -50,26 +50,18 @@ static MONITOR: OnceLock<Monitor> = OnceLock::new();
 /// Starts writing events to `out`. Only the first call takes effect.
 pub fn set_monitor(out: Box<dyn Write + Send>) -> bool {
     let (tx, rx) = sync_channel(QUEUE_CAPACITY);
-    let monitor = Monitor {
-        start: Instant::now(),
-        queue: Mutex::new(tx),
-        dropped: AtomicU64::new(0),
-    };
+    let monitor = Monitor { start: Instant::now(), queue: Mutex::new(tx), dropped: AtomicU64::new(0) };
     if MONITOR.set(monitor).is_err() {
         return false;
     }
-    std::thread::Builder::new()
-        .name("event-monitor".into())
-        .spawn(move || write_events(rx, out))
-        .is_ok()
+    std::thread::Builder::new().name("event-monitor".into()).spawn(move || write_events(rx, out)).is_ok()
 }
 
 fn write_events(rx: Receiver<Message>, mut out: Box<dyn Write + Send>) {
     for message in rx {
         match message {
             Message::Event(event) => {
-                let written = serde_json::to_writer_pretty(&mut out, &event).is_ok()
-                    && out.write_all(b"\n\n").is_ok();
+                let written = serde_json::to_writer_pretty(&mut out, &event).is_ok() && out.write_all(b"\n\n").is_ok();
                 if (!written || out.flush().is_err())
                     && let Some(m) = MONITOR.get()
                 {
@@ -91,15 +83,10 @@ pub fn emit(source: &str, event: &str, properties: Option<Map<String, Value>>) {
     let mut properties = properties;
     let dropped = m.dropped.swap(0, Ordering::Relaxed);
     if dropped > 0 {
-        properties
-            .get_or_insert_with(Map::new)
-            .insert("events_dropped".into(), Value::from(dropped));
+        properties.get_or_insert_with(Map::new).insert("events_dropped".into(), Value::from(dropped));
     }
     let event = Event {
-        timestamp: Timestamp {
-            secs: elapsed.as_secs(),
-            nanos: elapsed.subsec_nanos(),
-        },
+        timestamp: Timestamp { secs: elapsed.as_secs(), nanos: elapsed.subsec_nanos() },
         source: source.into(),
         event: event.into(),
         properties,
@@ -116,12 +103,8 @@ pub fn emit(source: &str, event: &str, properties: Option<Map<String, Value>>) {
 
 /// Emits an event whose properties are string pairs.
 pub fn emit_strings(source: &str, event: &str, properties: &[(&str, String)]) {
-    let props = (!properties.is_empty()).then(|| {
-        properties
-            .iter()
-            .map(|(k, v)| (k.to_string(), Value::from(v.as_str())))
-            .collect()
-    });
+    let props = (!properties.is_empty())
+        .then(|| properties.iter().map(|(k, v)| (k.to_string(), Value::from(v.as_str()))).collect());
     emit(source, event, props);
 }
 
@@ -129,27 +112,18 @@ pub fn emit_strings(source: &str, event: &str, properties: &[(&str, String)]) {
 pub fn flush(timeout: Duration) -> bool {
     let Some(m) = MONITOR.get() else { return true };
     let (ack_tx, ack_rx) = sync_channel(1);
-    let sent = m
-        .queue
-        .lock()
-        .map(|q| q.send(Message::Flush(ack_tx)).is_ok())
-        .unwrap_or(false);
+    let sent = m.queue.lock().map(|q| q.send(Message::Flush(ack_tx)).is_ok()).unwrap_or(false);
     sent && ack_rx.recv_timeout(timeout).is_ok()
 }
 
 /// Events dropped since the last one written (for counters).
 pub fn dropped_events() -> u64 {
-    MONITOR
-        .get()
-        .map(|m| m.dropped.load(Ordering::Relaxed))
-        .unwrap_or(0)
+    MONITOR.get().map(|m| m.dropped.load(Ordering::Relaxed)).unwrap_or(0)
 }
 
 /// Parses an event stream back into JSON values (tests and tools use this).
 pub fn parse_events(stream: &str) -> Result<Vec<Value>, serde_json::Error> {
-    serde_json::Deserializer::from_str(stream)
-        .into_iter::<Value>()
-        .collect()
+    serde_json::Deserializer::from_str(stream).into_iter::<Value>().collect()
 }
 
 #[cfg(test)]
@@ -175,11 +149,7 @@ mod tests {
         let buf = SharedBuf::default();
         assert!(set_monitor(Box::new(buf.clone())));
         emit("vmm", "starting", None);
-        emit_strings(
-            "heki",
-            "violation",
-            &[("kind", "write".into()), ("gpa", "0x1000".into())],
-        );
+        emit_strings("heki", "violation", &[("kind", "write".into()), ("gpa", "0x1000".into())]);
         assert!(flush(Duration::from_secs(5)));
         let text = String::from_utf8(buf.0.lock().expect("buffer").clone()).expect("utf-8");
         assert!(text.contains("\n\n"), "events separated by a blank line");
@@ -188,14 +158,9 @@ mod tests {
         assert_eq!(events[0]["source"], "vmm");
         assert_eq!(events[0]["event"], "starting");
         assert!(events[0]["properties"].is_null());
-        assert!(
-            events[0]["timestamp"]["secs"].is_u64() && events[0]["timestamp"]["nanos"].is_u64()
-        );
+        assert!(events[0]["timestamp"]["secs"].is_u64() && events[0]["timestamp"]["nanos"].is_u64());
         assert_eq!(events[1]["properties"]["kind"], "write");
-        assert!(
-            !set_monitor(Box::new(std::io::sink())),
-            "only the first monitor takes effect"
-        );
+        assert!(!set_monitor(Box::new(std::io::sink())), "only the first monitor takes effect");
     }
 
     #[test]

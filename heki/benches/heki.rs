@@ -9,13 +9,8 @@ use heki::{MemoryProtections, Permissions, ProtectRange, RamLayout};
 /// `n` read-only ranges of 2 pages, 4 pages apart.
 fn protections(n: u64) -> MemoryProtections {
     let mut p = MemoryProtections::default();
-    let ranges: Vec<ProtectRange> = (0..n)
-        .map(|i| ProtectRange {
-            start: i * 4,
-            end: i * 4 + 2,
-            perms: Permissions::READ,
-        })
-        .collect();
+    let ranges: Vec<ProtectRange> =
+        (0..n).map(|i| ProtectRange { start: i * 4, end: i * 4 + 2, perms: Permissions::READ }).collect();
     p.protect_pages(&ranges).expect("no immutable pages");
     p
 }
@@ -49,12 +44,8 @@ fn write_check(c: &mut Criterion) {
 
 fn relayout(c: &mut Criterion) {
     let p = protections(1_000);
-    let ram = RamLayout {
-        regions: vec![(0, 8 << 30)],
-    };
-    c.bench_function("memslot_plan_1000_ranges", |b| {
-        b.iter(|| black_box(p.plan(&ram, 32_764).expect("fits")))
-    });
+    let ram = RamLayout { regions: vec![(0, 8 << 30)] };
+    c.bench_function("memslot_plan_1000_ranges", |b| b.iter(|| black_box(p.plan(&ram, 32_764).expect("fits"))));
 }
 
 criterion_group!(benches, lookup, write_check, relayout);

@@ -12,11 +12,8 @@ pub const LEAF_SIGNATURE: u32 = 0x4000_0100;
 /// CPUID leaf with version, features and the doorbell port.
 pub const LEAF_FEATURES: u32 = 0x4000_0101;
 /// "HekiVisorABI" as three little-endian words.
-pub const SIGNATURE: [u32; 3] = [
-    u32::from_le_bytes(*b"Heki"),
-    u32::from_le_bytes(*b"Viso"),
-    u32::from_le_bytes(*b"rABI"),
-];
+pub const SIGNATURE: [u32; 3] =
+    [u32::from_le_bytes(*b"Heki"), u32::from_le_bytes(*b"Viso"), u32::from_le_bytes(*b"rABI")];
 
 /// Feature bits in CPUID 0x40000101 EBX.
 pub mod feature {
@@ -99,10 +96,7 @@ pub fn decode_call(rax: u64, rbx: u64, rcx: u64, _rsi: u64) -> HekiCall {
         function::VERSION => HekiCall::Version,
         function::PROTECT_MEMORY => HekiCall::ProtectMemory { list: rbx },
         function::PROTECT_BYTES => HekiCall::ProtectBytes { gpa: rbx, len: rcx },
-        function::PIN_CR => HekiCall::PinCr {
-            register: rbx,
-            mask: rcx,
-        },
+        function::PIN_CR => HekiCall::PinCr { register: rbx, mask: rcx },
         function::PIN_MSR => HekiCall::PinMsr { index: rbx },
         function::QUERY => HekiCall::Query { gpa: rbx },
         function::SET_SHARED => HekiCall::SetShared,
@@ -116,14 +110,8 @@ pub fn cpuid_leaves(enabled: bool, features: u32, doorbell_port: u16) -> [(u32, 
         return [(LEAF_SIGNATURE, [0; 4]), (LEAF_FEATURES, [0; 4])];
     }
     [
-        (
-            LEAF_SIGNATURE,
-            [LEAF_FEATURES, SIGNATURE[0], SIGNATURE[1], SIGNATURE[2]],
-        ),
-        (
-            LEAF_FEATURES,
-            [ABI_VERSION as u32, features, u32::from(doorbell_port), 0],
-        ),
+        (LEAF_SIGNATURE, [LEAF_FEATURES, SIGNATURE[0], SIGNATURE[1], SIGNATURE[2]]),
+        (LEAF_FEATURES, [ABI_VERSION as u32, features, u32::from(doorbell_port), 0]),
     ]
 }
 
@@ -167,21 +155,13 @@ impl ProtectRange {
         if !ram.contains(pa, epa - pa) {
             return Err(AbiError::BadAddress);
         }
-        Ok(ProtectRange {
-            start: pa / PAGE_SIZE,
-            end: epa / PAGE_SIZE,
-            perms,
-        })
+        Ok(ProtectRange { start: pa / PAGE_SIZE, end: epa / PAGE_SIZE, perms })
     }
 }
 
 fn read_u64(mem: &impl GuestMemoryReader, gpa: u64) -> Result<u64, AbiError> {
     let mut buf = [0u8; 8];
-    if mem.read(gpa, &mut buf) {
-        Ok(u64::from_le_bytes(buf))
-    } else {
-        Err(AbiError::BadAddress)
-    }
+    if mem.read(gpa, &mut buf) { Ok(u64::from_le_bytes(buf)) } else { Err(AbiError::BadAddress) }
 }
 
 /// Walks a PROTECT_MEMORY page list and validates every entry.
@@ -210,11 +190,7 @@ pub fn decode_page_list(
         }
         for i in 0..count {
             let entry = page + 16 + i * 24;
-            let (pa, epa, bits) = (
-                read_u64(mem, entry)?,
-                read_u64(mem, entry + 8)?,
-                read_u64(mem, entry + 16)?,
-            );
+            let (pa, epa, bits) = (read_u64(mem, entry)?, read_u64(mem, entry + 8)?, read_u64(mem, entry + 16)?);
             ranges.push(ProtectRange::from_entry(pa, epa, bits, ram)?);
         }
         page = next;
@@ -246,9 +222,7 @@ mod tests {
     const RAM_SIZE: u64 = 64 * PAGE_SIZE;
 
     fn ram() -> RamLayout {
-        RamLayout {
-            regions: vec![(0, RAM_SIZE)],
-        }
+        RamLayout { regions: vec![(0, RAM_SIZE)] }
     }
 
     fn put(mem: &mut FlatMemory, gpa: u64, v: u64) {
@@ -285,10 +259,7 @@ mod tests {
         list(&mut mem, 0x2000, 0, &[(0x20000, 0x21000, 9)]);
         let ranges = decode_page_list(&mem, &ram(), 0x1000).expect("valid list");
         assert_eq!(ranges.len(), 2);
-        assert_eq!(
-            (ranges[0].start, ranges[0].end, ranges[0].perms.bits()),
-            (0x10, 0x12, 5)
-        );
+        assert_eq!((ranges[0].start, ranges[0].end, ranges[0].perms.bits()), (0x10, 0x12, 5));
         assert_eq!(ranges[1].perms.bits(), 9);
     }
 
@@ -305,35 +276,19 @@ mod tests {
         for (entries, expected) in cases {
             let mut mem = memory();
             list(&mut mem, 0x1000, 0, &entries);
-            assert_eq!(
-                decode_page_list(&mem, &ram(), 0x1000),
-                Err(expected),
-                "{entries:x?}"
-            );
+            assert_eq!(decode_page_list(&mem, &ram(), 0x1000), Err(expected), "{entries:x?}");
         }
         let mut mem = memory();
         list(&mut mem, 0x1000, 0, &[]);
         put(&mut mem, 0x1008, 171);
-        assert_eq!(
-            decode_page_list(&mem, &ram(), 0x1000),
-            Err(AbiError::InvalidArgument)
-        );
-        assert_eq!(
-            decode_page_list(&mem, &ram(), 0x1008),
-            Err(AbiError::InvalidArgument)
-        );
-        assert_eq!(
-            decode_page_list(&mem, &ram(), RAM_SIZE),
-            Err(AbiError::BadAddress)
-        );
+        assert_eq!(decode_page_list(&mem, &ram(), 0x1000), Err(AbiError::InvalidArgument));
+        assert_eq!(decode_page_list(&mem, &ram(), 0x1008), Err(AbiError::InvalidArgument));
+        assert_eq!(decode_page_list(&mem, &ram(), RAM_SIZE), Err(AbiError::BadAddress));
         // A cycle.
         let mut mem = memory();
         list(&mut mem, 0x1000, 0x2000, &[]);
         list(&mut mem, 0x2000, 0x1000, &[]);
-        assert_eq!(
-            decode_page_list(&mem, &ram(), 0x1000),
-            Err(AbiError::TooBig)
-        );
+        assert_eq!(decode_page_list(&mem, &ram(), 0x1000), Err(AbiError::TooBig));
         assert_eq!(AbiError::TooBig.errno(), -7);
         assert_eq!(AbiError::NotImplemented.errno(), -38);
     }
@@ -346,13 +301,8 @@ mod tests {
             let next = if i == pages { 0 } else { (i + 1) * PAGE_SIZE };
             list(&mut mem, i * PAGE_SIZE, next, &[]);
         }
-        let ram = RamLayout {
-            regions: vec![(0, (pages + 2) * PAGE_SIZE)],
-        };
-        assert_eq!(
-            decode_page_list(&mem, &ram, PAGE_SIZE),
-            Err(AbiError::TooBig)
-        );
+        let ram = RamLayout { regions: vec![(0, (pages + 2) * PAGE_SIZE)] };
+        assert_eq!(decode_page_list(&mem, &ram, PAGE_SIZE), Err(AbiError::TooBig));
     }
 
     proptest! {

@@ -77,11 +77,7 @@ pub fn decode_memory_write(
         let sib = *bytes.get(i)?;
         i += 1;
         let (scale, index, base) = (sib >> 6, ((sib >> 3) & 7) | rex_x, (sib & 7) | rex_b);
-        address = if index == 4 {
-            0
-        } else {
-            regs[usize::from(index)] << scale
-        };
+        address = if index == 4 { 0 } else { regs[usize::from(index)] << scale };
         if sib & 7 == 5 && mode == 0 {
             address = address.wrapping_add(read_disp(bytes, &mut i, 4)?);
         } else {
@@ -107,11 +103,7 @@ pub fn decode_memory_write(
     if address_size_32 {
         address &= 0xffff_ffff;
     }
-    Some(MemoryOperand {
-        address: address.wrapping_add(segment_base),
-        size,
-        length: i,
-    })
+    Some(MemoryOperand { address: address.wrapping_add(segment_base), size, length: i })
 }
 
 /// Reads a sign-extended displacement of `n` bytes.
@@ -140,29 +132,15 @@ mod tests {
     #[test]
     fn lock_cmpxchg16b_rip_relative() {
         // f0 48 0f c7 0d 10 00 00 00: lock cmpxchg16b 0x10(%rip)
-        let op = decode_memory_write(
-            &[0xf0, 0x48, 0x0f, 0xc7, 0x0d, 0x10, 0, 0, 0],
-            0x100000,
-            &regs(),
-            0,
-            0,
-        )
-        .expect("decoded");
-        assert_eq!(
-            op,
-            MemoryOperand {
-                address: 0x100000 + 9 + 0x10,
-                size: 16,
-                length: 9
-            }
-        );
+        let op = decode_memory_write(&[0xf0, 0x48, 0x0f, 0xc7, 0x0d, 0x10, 0, 0, 0], 0x100000, &regs(), 0, 0)
+            .expect("decoded");
+        assert_eq!(op, MemoryOperand { address: 0x100000 + 9 + 0x10, size: 16, length: 9 });
     }
 
     #[test]
     fn base_register_with_displacement_and_rex_b() {
         // 49 0f c7 4d 08: cmpxchg16b 0x8(%r13)
-        let op = decode_memory_write(&[0x49, 0x0f, 0xc7, 0x4d, 0x08], 0, &regs(), 0, 0)
-            .expect("decoded");
+        let op = decode_memory_write(&[0x49, 0x0f, 0xc7, 0x4d, 0x08], 0, &regs(), 0, 0).expect("decoded");
         assert_eq!((op.address, op.size, op.length), (0x3008, 16, 5));
         // 0f c7 09: cmpxchg8b (%rcx)
         let op = decode_memory_write(&[0x0f, 0xc7, 0x09], 0, &regs(), 0, 0).expect("decoded");
@@ -172,23 +150,14 @@ mod tests {
     #[test]
     fn sib_and_segment_override() {
         // 65 0f c7 0c 4d 00 01 00 00: cmpxchg8b %gs:0x100(,%rcx,2)
-        let op = decode_memory_write(
-            &[0x65, 0x0f, 0xc7, 0x0c, 0x4d, 0, 1, 0, 0],
-            0,
-            &regs(),
-            0,
-            0x9000_0000,
-        )
-        .expect("decoded");
+        let op = decode_memory_write(&[0x65, 0x0f, 0xc7, 0x0c, 0x4d, 0, 1, 0, 0], 0, &regs(), 0, 0x9000_0000)
+            .expect("decoded");
         assert_eq!(op.address, 0x9000_0000 + 0x100 + 0x2000);
     }
 
     #[test]
     fn register_operands_and_other_instructions_are_not_memory_writes() {
-        assert_eq!(
-            decode_memory_write(&[0x0f, 0xc7, 0xc8], 0, &regs(), 0, 0),
-            None
-        ); // mod=3
+        assert_eq!(decode_memory_write(&[0x0f, 0xc7, 0xc8], 0, &regs(), 0, 0), None); // mod=3
         assert_eq!(decode_memory_write(&[0x0f, 0xa2], 0, &regs(), 0, 0), None); // cpuid
         assert_eq!(decode_memory_write(&[0x90], 0, &regs(), 0, 0), None);
         assert_eq!(decode_memory_write(&[0x0f, 0xc7], 0, &regs(), 0, 0), None); // truncated

@@ -61,10 +61,7 @@ pub struct MemoryProtections {
 impl MemoryProtections {
     /// Applies PROTECT_MEMORY entries atomically: all or none.
     pub fn protect_pages(&mut self, ranges: &[ProtectRange]) -> Result<(), AbiError> {
-        if ranges
-            .iter()
-            .any(|r| self.pages.any_immutable(r.start, r.end))
-        {
+        if ranges.iter().any(|r| self.pages.any_immutable(r.start, r.end)) {
             return Err(AbiError::NotPermitted);
         }
         for r in ranges {
@@ -92,11 +89,7 @@ impl MemoryProtections {
             return Err(AbiError::BadAddress);
         }
         let page = gpa >> PAGE_SHIFT;
-        let bytes = if self.bytes.page_has_bytes(page) {
-            abi::QUERY_BYTES_PROTECTED
-        } else {
-            0
-        };
+        let bytes = if self.bytes.page_has_bytes(page) { abi::QUERY_BYTES_PROTECTED } else { 0 };
         Ok(self.pages.get(page).bits() | bytes)
     }
 
@@ -122,31 +115,25 @@ impl MemoryProtections {
             return true;
         }
         let (first, last) = (gpa >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT);
-        let pages_ok = self
-            .pages
-            .iter()
-            .all(|(s, e, p)| p.writable() || e <= first || s > last);
+        // Device buffers span few pages: per-page lookups beat a scan of the map.
+        let pages_ok = if last - first < 64 {
+            (first..=last).all(|page| self.pages.get(page).writable())
+        } else {
+            self.pages.iter().all(|(s, e, p)| p.writable() || e <= first || s > last)
+        };
         pages_ok && !self.bytes.overlaps(gpa, end)
     }
 
     /// Pages that must trap writes: not writable, or holding protected bytes.
     pub fn readonly_pages(&self) -> Vec<(u64, u64)> {
-        let mut ranges: Vec<(u64, u64)> = self
-            .pages
-            .iter()
-            .filter(|(_, _, p)| !p.writable())
-            .map(|(s, e, _)| (s, e))
-            .collect();
+        let mut ranges: Vec<(u64, u64)> =
+            self.pages.iter().filter(|(_, _, p)| !p.writable()).map(|(s, e, _)| (s, e)).collect();
         ranges.extend(self.bytes.pages());
         memslot_plan::merge_ranges(ranges)
     }
 
     /// The memslot layout these protections need.
-    pub fn plan(
-        &self,
-        ram: &RamLayout,
-        max_slots: usize,
-    ) -> Result<Vec<PlannedSlot>, TooManySlots> {
+    pub fn plan(&self, ram: &RamLayout, max_slots: usize) -> Result<Vec<PlannedSlot>, TooManySlots> {
         plan_memslots(&ram.regions, &self.readonly_pages(), max_slots)
     }
 }
@@ -156,17 +143,11 @@ mod tests {
     use super::*;
 
     fn ram() -> RamLayout {
-        RamLayout {
-            regions: vec![(0, 1 << 20)],
-        }
+        RamLayout { regions: vec![(0, 1 << 20)] }
     }
 
     fn range(start: u64, end: u64, bits: u64) -> ProtectRange {
-        ProtectRange {
-            start,
-            end,
-            perms: Permissions::from_abi(bits).expect("valid"),
-        }
+        ProtectRange { start, end, perms: Permissions::from_abi(bits).expect("valid") }
     }
 
     #[test]
@@ -174,10 +155,7 @@ mod tests {
         let mut p = MemoryProtections::default();
         p.protect_pages(&[range(1, 2, 9)]).expect("first lock");
         let before = p.pages.clone();
-        assert_eq!(
-            p.protect_pages(&[range(5, 6, 1), range(1, 3, 7)]),
-            Err(AbiError::NotPermitted)
-        );
+        assert_eq!(p.protect_pages(&[range(5, 6, 1), range(1, 3, 7)]), Err(AbiError::NotPermitted));
         assert_eq!(p.pages, before, "nothing applied");
     }
 
@@ -189,18 +167,9 @@ mod tests {
         assert_eq!(check.forbidden, 0b0011_0000);
         assert_eq!(check.allowed_runs(), vec![(0, 4), (6, 2)]);
         assert_eq!(p.query(&ram(), 0x2fff), Ok(7 | 0x100));
-        assert_eq!(
-            p.protect_bytes(&ram(), 0, 0),
-            Err(AbiError::InvalidArgument)
-        );
-        assert_eq!(
-            p.protect_bytes(&ram(), 0, (1 << 20) + 1),
-            Err(AbiError::InvalidArgument)
-        );
-        assert_eq!(
-            p.protect_bytes(&ram(), (1 << 20) - 1, 2),
-            Err(AbiError::BadAddress)
-        );
+        assert_eq!(p.protect_bytes(&ram(), 0, 0), Err(AbiError::InvalidArgument));
+        assert_eq!(p.protect_bytes(&ram(), 0, (1 << 20) + 1), Err(AbiError::InvalidArgument));
+        assert_eq!(p.protect_bytes(&ram(), (1 << 20) - 1, 2), Err(AbiError::BadAddress));
     }
 
     #[test]

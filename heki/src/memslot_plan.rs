@@ -35,32 +35,17 @@ pub fn plan_memslots(
                 break;
             }
             if ro_start > cursor {
-                slots.push(PlannedSlot {
-                    gpa: cursor,
-                    size: ro_start - cursor,
-                    readonly: false,
-                });
+                slots.push(PlannedSlot { gpa: cursor, size: ro_start - cursor, readonly: false });
             }
-            slots.push(PlannedSlot {
-                gpa: ro_start,
-                size: ro_end - ro_start,
-                readonly: true,
-            });
+            slots.push(PlannedSlot { gpa: ro_start, size: ro_end - ro_start, readonly: true });
             cursor = ro_end;
         }
         if cursor < end {
-            slots.push(PlannedSlot {
-                gpa: cursor,
-                size: end - cursor,
-                readonly: false,
-            });
+            slots.push(PlannedSlot { gpa: cursor, size: end - cursor, readonly: false });
         }
     }
     if slots.len() > max_slots {
-        return Err(TooManySlots {
-            needed: slots.len(),
-            max: max_slots,
-        });
+        return Err(TooManySlots { needed: slots.len(), max: max_slots });
     }
     Ok(slots)
 }
@@ -88,36 +73,19 @@ mod tests {
     #[test]
     fn no_protection_means_one_slot_per_region() {
         let slots = plan_memslots(&[(0, 64 * PAGE)], &[], 10).expect("fits");
-        assert_eq!(
-            slots,
-            vec![PlannedSlot {
-                gpa: 0,
-                size: 64 * PAGE,
-                readonly: false
-            }]
-        );
+        assert_eq!(slots, vec![PlannedSlot { gpa: 0, size: 64 * PAGE, readonly: false }]);
     }
 
     #[test]
     fn a_protected_range_splits_the_region_in_three() {
         let slots = plan_memslots(&[(0, 64 * PAGE)], &[(10, 12)], 10).expect("fits");
         assert_eq!(slots.len(), 3);
-        assert_eq!(
-            slots[1],
-            PlannedSlot {
-                gpa: 10 * PAGE,
-                size: 2 * PAGE,
-                readonly: true
-            }
-        );
+        assert_eq!(slots[1], PlannedSlot { gpa: 10 * PAGE, size: 2 * PAGE, readonly: true });
     }
 
     #[test]
     fn the_slot_budget_is_respected() {
-        assert_eq!(
-            plan_memslots(&[(0, 64 * PAGE)], &[(1, 2), (3, 4)], 4),
-            Err(TooManySlots { needed: 5, max: 4 })
-        );
+        assert_eq!(plan_memslots(&[(0, 64 * PAGE)], &[(1, 2), (3, 4)], 4), Err(TooManySlots { needed: 5, max: 4 }));
     }
 
     proptest! {

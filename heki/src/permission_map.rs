@@ -51,11 +51,8 @@ impl PermissionMap {
                 k = 2 * k + usize::from(self.eytzinger[k] <= page);
             }
             k >>= k.trailing_ones() + 1;
-            let predecessor = if k == 0 {
-                self.spans.len().checked_sub(1)
-            } else {
-                (self.rank[k] as usize).checked_sub(1)
-            };
+            let predecessor =
+                if k == 0 { self.spans.len().checked_sub(1) } else { (self.rank[k] as usize).checked_sub(1) };
             return match predecessor.map(|i| self.spans[i]) {
                 Some((end, perms)) if page < end => perms,
                 _ => Permissions::DEFAULT,
@@ -92,9 +89,7 @@ impl PermissionMap {
 
     /// Whether any page in [start, end) is IMMUTABLE.
     pub fn any_immutable(&self, start: u64, end: u64) -> bool {
-        self.overlapping(start, end)
-            .iter()
-            .any(|(_, _, p)| p.immutable())
+        self.overlapping(start, end).iter().any(|(_, _, p)| p.immutable())
     }
 
     /// Sets [start, end) to exactly `perms`.
@@ -165,13 +160,8 @@ impl ByteProtections {
             return;
         }
         let (mut new_start, mut new_end) = (start, end);
-        let touching: Vec<(u64, u64)> = self
-            .ranges
-            .range(..=end)
-            .rev()
-            .take_while(|(_, e)| **e >= start)
-            .map(|(s, e)| (*s, *e))
-            .collect();
+        let touching: Vec<(u64, u64)> =
+            self.ranges.range(..=end).rev().take_while(|(_, e)| **e >= start).map(|(s, e)| (*s, *e)).collect();
         for (s, e) in touching {
             self.ranges.remove(&s);
             new_start = new_start.min(s);

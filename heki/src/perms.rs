@@ -35,20 +35,14 @@ impl Permissions {
             let (_, p) = Self::NAMES
                 .iter()
                 .find(|(n, _)| *n == name)
-                .ok_or_else(|| {
-                    format!("unknown permission '{name}' (expected read, write, exec, immutable)")
-                })?;
+                .ok_or_else(|| format!("unknown permission '{name}' (expected read, write, exec, immutable)"))?;
             bits |= u64::from(p.0);
         }
         Self::from_abi(bits).ok_or_else(|| "permissions must include \"read\"".to_string())
     }
 
     pub fn names(self) -> Vec<&'static str> {
-        Self::NAMES
-            .iter()
-            .filter(|(_, p)| self.contains(*p))
-            .map(|(n, _)| *n)
-            .collect()
+        Self::NAMES.iter().filter(|(_, p)| self.contains(*p)).map(|(n, _)| *n).collect()
     }
 
     pub fn bits(self) -> u64 {
@@ -75,10 +69,7 @@ mod tests {
     #[test]
     fn abi_bits_need_read_and_no_unknown_bits() {
         assert_eq!(Permissions::from_abi(1), Some(Permissions::READ));
-        assert_eq!(
-            Permissions::from_abi(0xd).map(|p| p.immutable()),
-            Some(true)
-        );
+        assert_eq!(Permissions::from_abi(0xd).map(|p| p.immutable()), Some(true));
         assert_eq!(Permissions::from_abi(2), None, "READ missing");
         assert_eq!(Permissions::from_abi(0x11), None, "unknown bit");
     }

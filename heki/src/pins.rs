@@ -10,16 +10,8 @@ pub const CR0_PINNABLE: u64 = 1 << 16;
 /// CR4 bits that may be pinned: UMIP, FSGSBASE, SMEP, SMAP, CET.
 pub const CR4_PINNABLE: u64 = (1 << 11) | (1 << 16) | (1 << 20) | (1 << 21) | (1 << 23);
 /// MSRs that may be pinned: SYSENTER_CS/ESP/EIP, EFER, STAR, LSTAR, CSTAR, SFMASK.
-pub const PINNABLE_MSRS: [u32; 8] = [
-    0x174,
-    0x175,
-    0x176,
-    0xc000_0080,
-    0xc000_0081,
-    0xc000_0082,
-    0xc000_0083,
-    0xc000_0084,
-];
+pub const PINNABLE_MSRS: [u32; 8] =
+    [0x174, 0x175, 0x176, 0xc000_0080, 0xc000_0081, 0xc000_0082, 0xc000_0083, 0xc000_0084];
 
 /// Why a pin request was refused (the guest gets -EINVAL for each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -98,12 +90,7 @@ pub struct VcpuPins {
 
 impl VcpuPins {
     /// PIN_CR: every bit of `mask` must be pinnable and set in `current`.
-    pub fn pin_cr(
-        &mut self,
-        register: ControlRegister,
-        mask: u64,
-        current: u64,
-    ) -> Result<(), PinError> {
+    pub fn pin_cr(&mut self, register: ControlRegister, mask: u64, current: u64) -> Result<(), PinError> {
         if mask == 0 || mask & !register.pinnable() != 0 {
             return Err(PinError::BitsNotPinnable);
         }
@@ -128,19 +115,11 @@ impl VcpuPins {
 
     /// Checks CR0/CR4 against the pins.
     pub fn check_crs(&self, cr0: u64, cr4: u64) -> Vec<CrViolation> {
-        [
-            (ControlRegister::Cr0, self.cr0, cr0),
-            (ControlRegister::Cr4, self.cr4, cr4),
-        ]
-        .into_iter()
-        .filter(|(_, pinned, value)| value & pinned != *pinned)
-        .map(|(register, pinned, value)| CrViolation {
-            register,
-            pinned,
-            value,
-            restored: value | pinned,
-        })
-        .collect()
+        [(ControlRegister::Cr0, self.cr0, cr0), (ControlRegister::Cr4, self.cr4, cr4)]
+            .into_iter()
+            .filter(|(_, pinned, value)| value & pinned != *pinned)
+            .map(|(register, pinned, value)| CrViolation { register, pinned, value, restored: value | pinned })
+            .collect()
     }
 
     pub fn check_msr_write(&self, index: u32, value: u64) -> MsrWriteVerdict {
@@ -167,32 +146,18 @@ mod tests {
     #[test]
     fn pinning_a_set_bit_succeeds_and_accumulates() {
         let mut pins = VcpuPins::default();
-        pins.pin_cr(ControlRegister::Cr4, SMEP, SMEP | SMAP)
-            .expect("SMEP is set");
-        pins.pin_cr(ControlRegister::Cr4, SMAP, SMEP | SMAP)
-            .expect("SMAP is set");
+        pins.pin_cr(ControlRegister::Cr4, SMEP, SMEP | SMAP).expect("SMEP is set");
+        pins.pin_cr(ControlRegister::Cr4, SMAP, SMEP | SMAP).expect("SMAP is set");
         assert_eq!(pins.cr4, SMEP | SMAP);
     }
 
     #[test]
     fn pin_requests_are_validated() {
         let mut pins = VcpuPins::default();
-        assert_eq!(
-            ControlRegister::from_number(3),
-            Err(PinError::UnknownRegister)
-        );
-        assert_eq!(
-            pins.pin_cr(ControlRegister::Cr0, 0, u64::MAX),
-            Err(PinError::BitsNotPinnable)
-        );
-        assert_eq!(
-            pins.pin_cr(ControlRegister::Cr0, 1, u64::MAX),
-            Err(PinError::BitsNotPinnable)
-        );
-        assert_eq!(
-            pins.pin_cr(ControlRegister::Cr0, WP, 0),
-            Err(PinError::BitsNotSet)
-        );
+        assert_eq!(ControlRegister::from_number(3), Err(PinError::UnknownRegister));
+        assert_eq!(pins.pin_cr(ControlRegister::Cr0, 0, u64::MAX), Err(PinError::BitsNotPinnable));
+        assert_eq!(pins.pin_cr(ControlRegister::Cr0, 1, u64::MAX), Err(PinError::BitsNotPinnable));
+        assert_eq!(pins.pin_cr(ControlRegister::Cr0, WP, 0), Err(PinError::BitsNotSet));
         assert_eq!(pins.pin_msr(0x10, 0), Err(PinError::MsrNotPinnable(0x10)));
         assert!(pins.is_empty());
     }
@@ -200,8 +165,7 @@ mod tests {
     #[test]
     fn cleared_pinned_bit_is_reported_with_the_restored_value() {
         let mut pins = VcpuPins::default();
-        pins.pin_cr(ControlRegister::Cr0, WP, 0x8001_0033)
-            .expect("WP set");
+        pins.pin_cr(ControlRegister::Cr0, WP, 0x8001_0033).expect("WP set");
         assert!(pins.check_crs(0x8001_0033, 0).is_empty());
         let v = pins.check_crs(0x8000_0033, 0);
         assert_eq!(v.len(), 1);
@@ -212,17 +176,11 @@ mod tests {
     #[test]
     fn msr_writes_are_judged_against_the_pinned_value() {
         let mut pins = VcpuPins::default();
-        pins.pin_msr(0xc000_0082, 0xffff_8000_0000_1000)
-            .expect("LSTAR pinnable");
-        assert_eq!(
-            pins.check_msr_write(0xc000_0082, 0xffff_8000_0000_1000),
-            MsrWriteVerdict::SameValue
-        );
+        pins.pin_msr(0xc000_0082, 0xffff_8000_0000_1000).expect("LSTAR pinnable");
+        assert_eq!(pins.check_msr_write(0xc000_0082, 0xffff_8000_0000_1000), MsrWriteVerdict::SameValue);
         assert_eq!(
             pins.check_msr_write(0xc000_0082, 0xdead),
-            MsrWriteVerdict::Violation {
-                pinned: 0xffff_8000_0000_1000
-            }
+            MsrWriteVerdict::Violation { pinned: 0xffff_8000_0000_1000 }
         );
         assert_eq!(pins.check_msr_write(0x176, 1), MsrWriteVerdict::NotPinned);
     }

@@ -43,9 +43,7 @@ impl std::str::FromStr for Policy {
             "log" => Ok(Policy::Log),
             "pause" => Ok(Policy::Pause),
             "shutdown" => Ok(Policy::Shutdown),
-            other => Err(format!(
-                "unknown heki policy '{other}' (expected deny, log, pause or shutdown)"
-            )),
+            other => Err(format!("unknown heki policy '{other}' (expected deny, log, pause or shutdown)")),
         }
     }
 }

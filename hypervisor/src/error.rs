@@ -28,11 +28,6 @@ pub enum HypervisorError {
 }
 
 /// Wraps a kvm-ioctls error with the name of the operation that failed.
-pub(crate) fn ioctl_err(
-    op: &'static str,
-) -> impl FnOnce(vmm_sys_util::errno::Error) -> HypervisorError {
-    move |e| HypervisorError::Ioctl {
-        op,
-        source: std::io::Error::from_raw_os_error(e.errno()),
-    }
+pub(crate) fn ioctl_err(op: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> HypervisorError {
+    move |e| HypervisorError::Ioctl { op, source: std::io::Error::from_raw_os_error(e.errno()) }
 }

@@ -120,20 +120,13 @@ impl From<Segment> for kvm_segment {
 
 impl From<kvm_dtable> for DescriptorTable {
     fn from(k: kvm_dtable) -> Self {
-        DescriptorTable {
-            base: k.base,
-            limit: k.limit,
-        }
+        DescriptorTable { base: k.base, limit: k.limit }
     }
 }
 
 impl From<DescriptorTable> for kvm_dtable {
     fn from(d: DescriptorTable) -> Self {
-        kvm_dtable {
-            base: d.base,
-            limit: d.limit,
-            ..Default::default()
-        }
+        kvm_dtable { base: d.base, limit: d.limit, ..Default::default() }
     }
 }
 
@@ -189,15 +182,7 @@ mod tests {
 
     #[test]
     fn regs_round_trip_through_kvm_layout() {
-        let regs = Regs {
-            rax: 1,
-            rbx: 2,
-            rsi: 3,
-            r15: 4,
-            rip: 0x1000,
-            rflags: 2,
-            ..Default::default()
-        };
+        let regs = Regs { rax: 1, rbx: 2, rsi: 3, r15: 4, rip: 0x1000, rflags: 2, ..Default::default() };
         assert_eq!(Regs::from(kvm_regs::from(regs)), regs);
     }
 

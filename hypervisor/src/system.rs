@@ -23,9 +23,7 @@ impl Hypervisor {
         let kvm = Kvm::new_with_path(&c_path).map_err(|e| match e.errno() {
             libc::ENOENT => HypervisorError::KvmMissing(display.clone()),
             libc::EACCES | libc::EPERM => HypervisorError::KvmPermission(display.clone()),
-            errno => {
-                HypervisorError::KvmOpen(display.clone(), std::io::Error::from_raw_os_error(errno))
-            }
+            errno => HypervisorError::KvmOpen(display.clone(), std::io::Error::from_raw_os_error(errno)),
         })?;
         // A file that is not the KVM device fails its first ioctl.
         let version = kvm.get_api_version();
@@ -51,11 +49,7 @@ impl Hypervisor {
     /// Creates an empty VM.
     pub fn create_vm(&self) -> Result<Vm> {
         let fd = self.kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
-        Ok(Vm::new(
-            fd,
-            self.max_memslots(),
-            self.kvm.check_extension(Cap::ReadonlyMem),
-        ))
+        Ok(Vm::new(fd, self.max_memslots(), self.kvm.check_extension(Cap::ReadonlyMem)))
     }
 
     /// The CPUID leaves KVM can present to a guest on this host.
@@ -80,7 +74,6 @@ impl Hypervisor {
 
     /// Whether MSR writes can be filtered to user space (`KVM_CAP_X86_MSR_FILTER`).
     pub fn has_msr_filter(&self) -> bool {
-        self.kvm.check_extension(Cap::X86MsrFilter)
-            && self.kvm.check_extension(Cap::X86UserSpaceMsr)
+        self.kvm.check_extension(Cap::X86MsrFilter) && self.kvm.check_extension(Cap::X86UserSpaceMsr)
     }
 }

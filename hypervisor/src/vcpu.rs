@@ -1,6 +1,5 @@
 use kvm_bindings::{
-    KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, Msrs,
-    kvm_msr_entry, kvm_run,
+    KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, Msrs, kvm_msr_entry, kvm_run,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -25,11 +24,7 @@ pub struct Vcpu {
 
 impl Vcpu {
     pub(crate) fn new(fd: VcpuFd, id: u8) -> Self {
-        Vcpu {
-            fd,
-            id,
-            synced_regs: false,
-        }
+        Vcpu { fd, id, synced_regs: false }
     }
 
     pub fn id(&self) -> u8 {
@@ -52,20 +47,9 @@ impl Vcpu {
             VcpuExit::IoOut(port, data) => VmExit::IoOut { port, data },
             VcpuExit::MmioRead(gpa, data) => VmExit::MmioRead { gpa, data },
             VcpuExit::MmioWrite(gpa, data) => VmExit::MmioWrite { gpa, data },
-            VcpuExit::X86Rdmsr(m) => VmExit::MsrRead(MsrRead {
-                index: m.index,
-                data: m.data,
-                error: m.error,
-            }),
-            VcpuExit::X86Wrmsr(m) => VmExit::MsrWrite(MsrWrite {
-                index: m.index,
-                value: m.data,
-                error: m.error,
-            }),
-            VcpuExit::Hypercall(h) => VmExit::Hypercall {
-                nr: h.nr,
-                args: h.args,
-            },
+            VcpuExit::X86Rdmsr(m) => VmExit::MsrRead(MsrRead { index: m.index, data: m.data, error: m.error }),
+            VcpuExit::X86Wrmsr(m) => VmExit::MsrWrite(MsrWrite { index: m.index, value: m.data, error: m.error }),
+            VcpuExit::Hypercall(h) => VmExit::Hypercall { nr: h.nr, args: h.args },
             VcpuExit::Hlt => VmExit::Hlt,
             VcpuExit::Shutdown => VmExit::Shutdown,
             VcpuExit::SystemEvent(kind, _) => VmExit::SystemEvent(match kind {
@@ -87,9 +71,7 @@ impl Vcpu {
     /// dropped: with `inject_gp` the guest's `wrmsr`/`rdmsr` raises #GP.
     pub fn complete_msr_exit(&mut self, inject_gp: bool) {
         let run = self.fd.get_kvm_run();
-        if run.exit_reason == kvm_bindings::KVM_EXIT_X86_WRMSR
-            || run.exit_reason == kvm_bindings::KVM_EXIT_X86_RDMSR
-        {
+        if run.exit_reason == kvm_bindings::KVM_EXIT_X86_WRMSR || run.exit_reason == kvm_bindings::KVM_EXIT_X86_RDMSR {
             // SAFETY: the exit reason says `msr` is the active union member.
             let msr = unsafe { &mut run.__bindgen_anon_1.msr };
             msr.error = u8::from(inject_gp);
@@ -118,23 +100,15 @@ impl Vcpu {
     }
 
     pub fn regs(&self) -> Result<Regs> {
-        self.fd
-            .get_regs()
-            .map(Regs::from)
-            .map_err(ioctl_err("KVM_GET_REGS"))
+        self.fd.get_regs().map(Regs::from).map_err(ioctl_err("KVM_GET_REGS"))
     }
 
     pub fn set_regs(&self, regs: &Regs) -> Result<()> {
-        self.fd
-            .set_regs(&(*regs).into())
-            .map_err(ioctl_err("KVM_SET_REGS"))
+        self.fd.set_regs(&(*regs).into()).map_err(ioctl_err("KVM_SET_REGS"))
     }
 
     pub fn sregs(&self) -> Result<SpecialRegs> {
-        self.fd
-            .get_sregs()
-            .map(SpecialRegs::from)
-            .map_err(ioctl_err("KVM_GET_SREGS"))
+        self.fd.get_sregs().map(SpecialRegs::from).map_err(ioctl_err("KVM_GET_SREGS"))
     }
 
     pub fn set_sregs(&self, sregs: &SpecialRegs) -> Result<()> {
@@ -145,11 +119,7 @@ impl Vcpu {
 
     /// Resets the FPU to its power-on state (x87 control word 0x37f, MXCSR 0x1f80).
     pub fn reset_fpu(&self) -> Result<()> {
-        let fpu = kvm_bindings::kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
+        let fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
         self.fd.set_fpu(&fpu).map_err(ioctl_err("KVM_SET_FPU"))
     }
 
@@ -158,28 +128,17 @@ impl Vcpu {
             op: "KVM_SET_CPUID2",
             source: std::io::Error::from_raw_os_error(libc::E2BIG),
         })?;
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(ioctl_err("KVM_SET_CPUID2"))
+        self.fd.set_cpuid2(&cpuid).map_err(ioctl_err("KVM_SET_CPUID2"))
     }
 
     pub fn set_msrs(&self, msrs: &[(u32, u64)]) -> Result<()> {
-        let entries: Vec<kvm_msr_entry> = msrs
-            .iter()
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
+        let entries: Vec<kvm_msr_entry> =
+            msrs.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
         let kvm_msrs = Msrs::from_entries(&entries).map_err(|_| HypervisorError::Ioctl {
             op: "KVM_SET_MSRS",
             source: std::io::Error::from_raw_os_error(libc::E2BIG),
         })?;
-        let written = self
-            .fd
-            .set_msrs(&kvm_msrs)
-            .map_err(ioctl_err("KVM_SET_MSRS"))?;
+        let written = self.fd.set_msrs(&kvm_msrs).map_err(ioctl_err("KVM_SET_MSRS"))?;
         if written != entries.len() {
             let index = entries[written].index;
             return Err(HypervisorError::Ioctl {
@@ -192,18 +151,10 @@ impl Vcpu {
 
     /// Reads one MSR.
     pub fn msr(&self, index: u32) -> Result<u64> {
-        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-            index,
-            ..Default::default()
-        }])
-        .map_err(|_| HypervisorError::Ioctl {
-            op: "KVM_GET_MSRS",
-            source: std::io::Error::other("bad MSR list"),
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }]).map_err(|_| {
+            HypervisorError::Ioctl { op: "KVM_GET_MSRS", source: std::io::Error::other("bad MSR list") }
         })?;
-        let read = self
-            .fd
-            .get_msrs(&mut msrs)
-            .map_err(ioctl_err("KVM_GET_MSRS"))?;
+        let read = self.fd.get_msrs(&mut msrs).map_err(ioctl_err("KVM_GET_MSRS"))?;
         if read != 1 {
             return Err(HypervisorError::Ioctl {
                 op: "KVM_GET_MSRS",
@@ -226,33 +177,23 @@ impl Vcpu {
                 lapic.regs[offset + i] = *b as libc::c_char;
             }
         }
-        self.fd
-            .set_lapic(&lapic)
-            .map_err(ioctl_err("KVM_SET_LAPIC"))
+        self.fd.set_lapic(&lapic).map_err(ioctl_err("KVM_SET_LAPIC"))
     }
 
     /// Translates a guest virtual address with the vCPU's current page tables.
     pub fn translate_gva(&self, gva: u64) -> Result<Option<u64>> {
-        let t = self
-            .fd
-            .translate_gva(gva)
-            .map_err(ioctl_err("KVM_TRANSLATE"))?;
+        let t = self.fd.translate_gva(gva).map_err(ioctl_err("KVM_TRANSLATE"))?;
         Ok((t.valid != 0).then_some(t.physical_address))
     }
 
     /// Queues a hardware exception for delivery on the next entry.
     pub fn inject_exception(&self, vector: u8, error_code: Option<u32>) -> Result<()> {
-        let mut events = self
-            .fd
-            .get_vcpu_events()
-            .map_err(ioctl_err("KVM_GET_VCPU_EVENTS"))?;
+        let mut events = self.fd.get_vcpu_events().map_err(ioctl_err("KVM_GET_VCPU_EVENTS"))?;
         events.exception.injected = 1;
         events.exception.nr = vector;
         events.exception.has_error_code = u8::from(error_code.is_some());
         events.exception.error_code = error_code.unwrap_or(0);
-        self.fd
-            .set_vcpu_events(&events)
-            .map_err(ioctl_err("KVM_SET_VCPU_EVENTS"))
+        self.fd.set_vcpu_events(&events).map_err(ioctl_err("KVM_SET_VCPU_EVENTS"))
     }
 }
 
@@ -275,8 +216,5 @@ fn internal_error(run: &kvm_run) -> VmExit<'static> {
         return VmExit::EmulationFailure(EmulationFailure { insn_bytes });
     }
     let n = (internal.ndata as usize).min(internal.data.len());
-    VmExit::InternalError {
-        suberror: internal.suberror,
-        data: internal.data[..n].to_vec(),
-    }
+    VmExit::InternalError { suberror: internal.suberror, data: internal.data[..n].to_vec() }
 }

@@ -1,7 +1,5 @@
 use kvm_bindings::{KVM_MEM_READONLY, kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region};
-use kvm_ioctls::{
-    Cap, MsrExitReason, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd,
-};
+use kvm_ioctls::{Cap, MsrExitReason, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 
 use crate::error::{HypervisorError, Result, ioctl_err};
 use crate::vcpu::Vcpu;
@@ -26,33 +24,18 @@ pub struct Vm {
 
 impl Vm {
     pub(crate) fn new(fd: VmFd, max_memslots: usize, readonly_memory: bool) -> Self {
-        Vm {
-            fd,
-            max_memslots,
-            readonly_memory,
-        }
+        Vm { fd, max_memslots, readonly_memory }
     }
 
     /// Creates the x86 platform pieces that live in the kernel: TSS and
     /// identity-map pages, the PIC/IOAPIC/LAPIC irqchip and the PIT.
     pub fn setup_platform(&self, tss_addr: u64, identity_map_addr: u64) -> Result<()> {
-        self.fd
-            .set_identity_map_address(identity_map_addr)
-            .map_err(ioctl_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        self.fd
-            .set_tss_address(tss_addr as usize)
-            .map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
-        self.fd
-            .create_irq_chip()
-            .map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
+        self.fd.set_identity_map_address(identity_map_addr).map_err(ioctl_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        self.fd.set_tss_address(tss_addr as usize).map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
+        self.fd.create_irq_chip().map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
         // Flag 1 (KVM_PIT_SPEAKER_DUMMY) keeps port 0x61 in the kernel.
-        let pit = kvm_pit_config {
-            flags: 1,
-            ..Default::default()
-        };
-        self.fd
-            .create_pit2(pit)
-            .map_err(ioctl_err("KVM_CREATE_PIT2"))?;
+        let pit = kvm_pit_config { flags: 1, ..Default::default() };
+        self.fd.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
         self.enable_emulation_failure_exits();
         Ok(())
     }
@@ -95,8 +78,7 @@ impl Vm {
             flags: if slot.readonly { KVM_MEM_READONLY } else { 0 },
         };
         // SAFETY: the caller guarantees the host range is a live mapping for the slot's lifetime.
-        unsafe { self.fd.set_user_memory_region(region) }
-            .map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION"))
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION"))
     }
 
     /// Deletes a memory slot; guest accesses to its range become MMIO exits.
@@ -109,47 +91,35 @@ impl Vm {
             flags: 0,
         };
         // SAFETY: a zero-sized region deletes the slot; KVM keeps no host pointer afterwards.
-        unsafe { self.fd.set_user_memory_region(region) }
-            .map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION"))
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION"))
     }
 
     /// Raises or lowers a legacy interrupt line (PIC / IOAPIC pin).
     pub fn set_irq_line(&self, irq: u32, level: bool) -> Result<()> {
-        self.fd
-            .set_irq_line(irq, level)
-            .map_err(ioctl_err("KVM_IRQ_LINE"))
+        self.fd.set_irq_line(irq, level).map_err(ioctl_err("KVM_IRQ_LINE"))
     }
 
     /// Delivers an interrupt on `gsi` each time `fd` is signalled.
     pub fn register_irqfd(&self, fd: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()> {
-        self.fd
-            .register_irqfd(fd, gsi)
-            .map_err(ioctl_err("KVM_IRQFD"))
+        self.fd.register_irqfd(fd, gsi).map_err(ioctl_err("KVM_IRQFD"))
     }
 
     pub fn create_vcpu(&self, id: u8) -> Result<Vcpu> {
-        let fd = self
-            .fd
-            .create_vcpu(u64::from(id))
-            .map_err(ioctl_err("KVM_CREATE_VCPU"))?;
+        let fd = self.fd.create_vcpu(u64::from(id)).map_err(ioctl_err("KVM_CREATE_VCPU"))?;
         Ok(Vcpu::new(fd, id))
     }
 
     /// Sends filtered `rdmsr`/`wrmsr` to user space as MSR exits.
     pub fn enable_msr_filter_exits(&self) -> Result<()> {
         if !self.fd.check_extension(Cap::X86UserSpaceMsr) {
-            return Err(HypervisorError::MissingCapability(
-                "KVM_CAP_X86_USER_SPACE_MSR",
-            ));
+            return Err(HypervisorError::MissingCapability("KVM_CAP_X86_USER_SPACE_MSR"));
         }
         let cap = kvm_enable_cap {
             cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
             args: [u64::from(MsrExitReason::Filter.bits()), 0, 0, 0],
             ..Default::default()
         };
-        self.fd
-            .enable_cap(&cap)
-            .map_err(ioctl_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))
+        self.fd.enable_cap(&cap).map_err(ioctl_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))
     }
 
     /// Makes guest writes to exactly these MSRs exit to user space; reads and
@@ -164,15 +134,8 @@ impl Vm {
         }
         let ranges: Vec<MsrFilterRange<'_>> = msrs
             .iter()
-            .map(|&base| MsrFilterRange {
-                flags: MsrFilterRangeFlags::WRITE,
-                base,
-                msr_count: 1,
-                bitmap: &DENY_ONE,
-            })
+            .map(|&base| MsrFilterRange { flags: MsrFilterRangeFlags::WRITE, base, msr_count: 1, bitmap: &DENY_ONE })
             .collect();
-        self.fd
-            .set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
-            .map_err(ioctl_err("KVM_X86_SET_MSR_FILTER"))
+        self.fd.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges).map_err(ioctl_err("KVM_X86_SET_MSR_FILTER"))
     }
 }

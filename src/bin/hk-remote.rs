@@ -7,11 +7,7 @@ use api_client::ApiClient;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "hk-remote",
-    version,
-    about = "Control a running hekivisor through its REST API socket."
-)]
+#[command(name = "hk-remote", version, about = "Control a running hekivisor through its REST API socket.")]
 struct Cli {
     /// The API socket of the hekivisor to talk to.
     #[arg(long, value_name = "PATH")]
@@ -84,12 +80,9 @@ fn request(cli: &Cli) -> Result<(&'static str, &'static str, Option<String>), St
         Command::Create { file } => {
             let mut body = String::new();
             if file == "-" {
-                std::io::stdin()
-                    .read_to_string(&mut body)
-                    .map_err(|e| format!("cannot read stdin: {e}"))?;
+                std::io::stdin().read_to_string(&mut body).map_err(|e| format!("cannot read stdin: {e}"))?;
             } else {
-                body = std::fs::read_to_string(file)
-                    .map_err(|e| format!("cannot read {file}: {e}"))?;
+                body = std::fs::read_to_string(file).map_err(|e| format!("cannot read {file}: {e}"))?;
             }
             ("PUT", "vm.create", Some(body))
         }
@@ -104,15 +97,8 @@ fn request(cli: &Cli) -> Result<(&'static str, &'static str, Option<String>), St
         Command::Delete => ("PUT", "vm.delete", None),
         Command::ShutdownVmm => ("PUT", "vmm.shutdown", None),
         Command::Heki => ("GET", "vm.heki", None),
-        Command::HekiProtect {
-            gpa,
-            size,
-            permissions,
-        } => {
-            let perms: Vec<String> = permissions
-                .split(',')
-                .map(|p| format!("\"{}\"", p.trim()))
-                .collect();
+        Command::HekiProtect { gpa, size, permissions } => {
+            let perms: Vec<String> = permissions.split(',').map(|p| format!("\"{}\"", p.trim())).collect();
             let body = format!(
                 "{{\"ranges\":[{{\"gpa\":{},\"size\":{},\"permissions\":[{}]}}]}}",
                 parse_number(gpa)?,
@@ -121,11 +107,7 @@ fn request(cli: &Cli) -> Result<(&'static str, &'static str, Option<String>), St
             );
             ("PUT", "vm.heki-protect", Some(body))
         }
-        Command::HekiPolicy { policy } => (
-            "PUT",
-            "vm.heki-policy",
-            Some(format!("{{\"policy\":\"{policy}\"}}")),
-        ),
+        Command::HekiPolicy { policy } => ("PUT", "vm.heki-policy", Some(format!("{{\"policy\":\"{policy}\"}}"))),
         Command::HekiViolations => ("GET", "vm.heki-violations", None),
         Command::HekiPin { cr0, cr4, msrs } => {
             let body = serde_json::json!({ "cr0": cr0, "cr4": cr4, "msrs": msrs });

@@ -40,24 +40,15 @@ fn out_dir() -> PathBuf {
 fn newest_source(name: &str) -> SystemTime {
     let dir = guests_dir();
     let mut sources = vec![dir.join(format!("{name}.c")), dir.join(format!("{name}.S"))];
-    for entry in std::fs::read_dir(dir.join("runtime"))
-        .expect("runtime dir")
-        .flatten()
-    {
+    for entry in std::fs::read_dir(dir.join("runtime")).expect("runtime dir").flatten() {
         sources.push(entry.path());
     }
     sources.push(PathBuf::from(file!()));
-    sources
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-        .max()
-        .expect("sources exist")
+    sources.iter().filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()).max().expect("sources exist")
 }
 
 fn up_to_date(output: &Path, name: &str) -> bool {
-    std::fs::metadata(output)
-        .and_then(|m| m.modified())
-        .is_ok_and(|built| built >= newest_source(name))
+    std::fs::metadata(output).and_then(|m| m.modified()).is_ok_and(|built| built >= newest_source(name))
 }
 
 /// A temporary name no other thread or process uses.
@@ -74,29 +65,16 @@ fn link(name: &str, script: &str, output: &Path) {
     let mut gcc = Command::new("gcc");
     gcc.args(CFLAGS)
         .arg(format!("-I{}", dir.join("runtime").display()))
-        .arg(format!(
-            "-Wl,-T,{}",
-            dir.join("runtime").join(script).display()
-        ));
+        .arg(format!("-Wl,-T,{}", dir.join("runtime").join(script).display()));
     // A scenario in assembly (NAME.S) stands alone, without the runtime.
     let assembly = dir.join(format!("{name}.S"));
     if assembly.exists() {
         gcc.arg(assembly);
     } else {
-        gcc.arg(dir.join("runtime/entry.S"))
-            .arg(dir.join("runtime/runtime.c"))
-            .arg(dir.join(format!("{name}.c")));
+        gcc.arg(dir.join("runtime/entry.S")).arg(dir.join("runtime/runtime.c")).arg(dir.join(format!("{name}.c")));
     }
-    let result = gcc
-        .arg("-o")
-        .arg(&tmp)
-        .output()
-        .expect("run gcc (is it installed? scripts/install-deps.sh)");
-    assert!(
-        result.status.success(),
-        "building guest {name} failed:\n{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    let result = gcc.arg("-o").arg(&tmp).output().expect("run gcc (is it installed? scripts/install-deps.sh)");
+    assert!(result.status.success(), "building guest {name} failed:\n{}", String::from_utf8_lossy(&result.stderr));
     std::fs::rename(&tmp, output).expect("move guest into place");
 }
 
@@ -118,12 +96,7 @@ pub fn build_bzimage(name: &str) -> PathBuf {
     let elf = unique_tmp(&out_dir().join(format!("{name}.bz.elf")));
     link(name, "bzimage.ld", &elf);
     let raw = unique_tmp(&out_dir().join(format!("{name}.bz.bin")));
-    let status = Command::new("objcopy")
-        .args(["-O", "binary"])
-        .arg(&elf)
-        .arg(&raw)
-        .status()
-        .expect("run objcopy");
+    let status = Command::new("objcopy").args(["-O", "binary"]).arg(&elf).arg(&raw).status().expect("run objcopy");
     assert!(status.success(), "objcopy failed");
     let body = std::fs::read(&raw).expect("read raw image");
     let _ = std::fs::remove_file(&raw);
@@ -145,9 +118,7 @@ fn symbol(elf: &Path, name: &str) -> u64 {
             let mut parts = l.split_whitespace();
             let addr = parts.next()?;
             parts.next()?;
-            (parts.next()? == name)
-                .then(|| u64::from_str_radix(addr, 16).ok())
-                .flatten()
+            (parts.next()? == name).then(|| u64::from_str_radix(addr, 16).ok()).flatten()
         })
         .unwrap_or_else(|| panic!("symbol {name} not in {}", elf.display()))
 }
@@ -157,15 +128,9 @@ fn symbol(elf: &Path, name: &str) -> u64 {
 fn setup_header(body_len: usize, init_size: u32) -> Vec<u8> {
     const SETUP_SECTS: u8 = 4;
     let mut setup = vec![0u8; (SETUP_SECTS as usize + 1) * 512];
-    let put = |buf: &mut Vec<u8>, off: usize, bytes: &[u8]| {
-        buf[off..off + bytes.len()].copy_from_slice(bytes)
-    };
+    let put = |buf: &mut Vec<u8>, off: usize, bytes: &[u8]| buf[off..off + bytes.len()].copy_from_slice(bytes);
     put(&mut setup, 0x1f1, &[SETUP_SECTS]); // setup_sects
-    put(
-        &mut setup,
-        0x1f4,
-        &(body_len.div_ceil(16) as u32).to_le_bytes(),
-    ); // syssize (16-byte units)
+    put(&mut setup, 0x1f4, &(body_len.div_ceil(16) as u32).to_le_bytes()); // syssize (16-byte units)
     put(&mut setup, 0x1fe, &0xaa55u16.to_le_bytes()); // boot_flag
     put(&mut setup, 0x200, &[0xeb, 0x66]); // jump over the header
     put(&mut setup, 0x202, b"HdrS"); // header magic

@@ -21,11 +21,7 @@ macro_rules! require_kvm {
 
 /// Why KVM tests cannot run here, if they cannot.
 pub fn kvm_missing() -> Option<String> {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         Ok(_) => None,
         Err(e) => Some(format!("this test needs /dev/kvm ({e})")),
     }
@@ -96,12 +92,7 @@ pub fn run_vm(test: &str, kernel: &Path, extra: &[&str]) -> Run {
         use std::io::Read;
         let _ = err.read_to_string(&mut stderr);
     }
-    Run {
-        status,
-        serial: std::fs::read_to_string(&serial).unwrap_or_default(),
-        stderr,
-        timed_out,
-    }
+    Run { status, serial: std::fs::read_to_string(&serial).unwrap_or_default(), stderr, timed_out }
 }
 
 /// Runs `hekivisor` with exactly these arguments (for CLI error cases).
@@ -123,10 +114,5 @@ pub fn run_hekivisor(args: &[&str]) -> Run {
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut stderr);
     }
-    Run {
-        status,
-        serial: stdout,
-        stderr,
-        timed_out,
-    }
+    Run { status, serial: stdout, stderr, timed_out }
 }

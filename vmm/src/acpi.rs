@@ -59,11 +59,7 @@ fn dsdt() -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let mut body = Vec::new();
     // \_S5_: the sleep type the guest writes to power off.
-    aml::Name::new(
-        "_S5_".into(),
-        &aml::Package::new(vec![&S5_SLEEP_TYPE, &0u8, &0u8, &0u8]),
-    )
-    .to_aml_bytes(&mut body);
+    aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE, &0u8, &0u8, &0u8])).to_aml_bytes(&mut body);
     let hid = aml::EISAName::new("PNP0501");
     let io = aml::IO::new(ports::COM1, ports::COM1, 1, 8);
     let irq = aml::Interrupt::new(true, true, false, false, ports::COM1_IRQ);
@@ -78,35 +74,16 @@ fn dsdt() -> Sdt {
 }
 
 fn fadt(dsdt_addr: u64) -> Sdt {
-    let mut fadt = Sdt::new(
-        *b"FACP",
-        fadt::LENGTH,
-        fadt::REVISION,
-        OEM_ID,
-        OEM_TABLE_ID,
-        OEM_REVISION,
-    );
+    let mut fadt = Sdt::new(*b"FACP", fadt::LENGTH, fadt::REVISION, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     fadt.write_u32(fadt::DSDT, dsdt_addr as u32);
     fadt.write_u64(fadt::X_DSDT, dsdt_addr);
     fadt.write_u16(fadt::IAPC_BOOT_ARCH, fadt::BOOT_ARCH);
-    fadt.write_u32(
-        fadt::FLAGS,
-        fadt::FLAG_HW_REDUCED_ACPI | fadt::FLAG_RESET_REG_SUP,
-    );
-    fadt.write(
-        fadt::RESET_REG,
-        GenericAddress::io_port_address::<u8>(ports::ACPI_RESET_REGISTER),
-    );
+    fadt.write_u32(fadt::FLAGS, fadt::FLAG_HW_REDUCED_ACPI | fadt::FLAG_RESET_REG_SUP);
+    fadt.write(fadt::RESET_REG, GenericAddress::io_port_address::<u8>(ports::ACPI_RESET_REGISTER));
     fadt.write_u8(fadt::RESET_VALUE, ports::ACPI_RESET_VALUE);
     fadt.write_u8(fadt::MINOR_VERSION_OFFSET, fadt::MINOR_VERSION);
-    fadt.write(
-        fadt::SLEEP_CONTROL_REG,
-        GenericAddress::io_port_address::<u8>(ports::ACPI_SLEEP_CONTROL),
-    );
-    fadt.write(
-        fadt::SLEEP_STATUS_REG,
-        GenericAddress::io_port_address::<u8>(ports::ACPI_SLEEP_STATUS),
-    );
+    fadt.write(fadt::SLEEP_CONTROL_REG, GenericAddress::io_port_address::<u8>(ports::ACPI_SLEEP_CONTROL));
+    fadt.write(fadt::SLEEP_STATUS_REG, GenericAddress::io_port_address::<u8>(ports::ACPI_SLEEP_STATUS));
     fadt.write_u64(fadt::HYPERVISOR_VENDOR, u64::from_le_bytes(*b"HEKIVISR"));
     fadt.update_checksum();
     fadt
@@ -165,17 +142,11 @@ pub fn build_acpi_tables(num_cpus: u8) -> Result<Vec<PlacedTable>, AcpiError> {
     let xsdt = xsdt(&[fadt_addr, madt_addr]);
     let xsdt_addr = place(xsdt.as_slice());
     if next > ACPI_TABLES_END {
-        return Err(AcpiError::TooLarge {
-            needed: next - RSDP_START,
-            available: ACPI_TABLES_END - RSDP_START,
-        });
+        return Err(AcpiError::TooLarge { needed: next - RSDP_START, available: ACPI_TABLES_END - RSDP_START });
     }
     let rsdp = Rsdp::new(OEM_ID, xsdt_addr);
-    let table = |signature: &str, addr, bytes: &[u8]| PlacedTable {
-        signature: signature.into(),
-        addr,
-        bytes: bytes.to_vec(),
-    };
+    let table =
+        |signature: &str, addr, bytes: &[u8]| PlacedTable { signature: signature.into(), addr, bytes: bytes.to_vec() };
     Ok(vec![
         table("RSDP", RSDP_START, rsdp.as_bytes()),
         table("DSDT", dsdt_addr, dsdt.as_slice()),
@@ -188,8 +159,7 @@ pub fn build_acpi_tables(num_cpus: u8) -> Result<Vec<PlacedTable>, AcpiError> {
 /// Writes the tables into guest memory; returns the RSDP address.
 pub fn create_acpi_tables(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<GuestAddress, AcpiError> {
     for table in build_acpi_tables(num_cpus)? {
-        mem.write_slice(&table.bytes, GuestAddress(table.addr))
-            .map_err(AcpiError::GuestMemory)?;
+        mem.write_slice(&table.bytes, GuestAddress(table.addr)).map_err(AcpiError::GuestMemory)?;
     }
     Ok(GuestAddress(RSDP_START))
 }
@@ -205,16 +175,8 @@ mod tests {
     #[test]
     fn every_table_checksums_to_zero() {
         for table in build_acpi_tables(4).expect("tables") {
-            let len = if table.signature == "RSDP" {
-                20
-            } else {
-                table.bytes.len()
-            };
-            assert!(
-                checksum_ok(&table.bytes[..len]),
-                "{} checksum",
-                table.signature
-            );
+            let len = if table.signature == "RSDP" { 20 } else { table.bytes.len() };
+            assert!(checksum_ok(&table.bytes[..len]), "{} checksum", table.signature);
         }
     }
 
@@ -240,9 +202,7 @@ mod tests {
     fn pointers_resolve_in_guest_memory() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
         let rsdp = create_acpi_tables(&mem, 2).expect("written");
-        let xsdt: u64 = mem
-            .read_obj(GuestAddress(rsdp.0 + 24))
-            .expect("xsdt pointer");
+        let xsdt: u64 = mem.read_obj(GuestAddress(rsdp.0 + 24)).expect("xsdt pointer");
         let mut sig = [0u8; 4];
         mem.read_slice(&mut sig, GuestAddress(xsdt)).expect("xsdt");
         assert_eq!(&sig, b"XSDT");
@@ -252,9 +212,7 @@ mod tests {
         let dsdt: u64 = mem.read_obj(GuestAddress(fadt + 140)).expect("x_dsdt");
         mem.read_slice(&mut sig, GuestAddress(dsdt)).expect("dsdt");
         assert_eq!(&sig, b"DSDT");
-        let sleep_port: u64 = mem
-            .read_obj(GuestAddress(fadt + 244 + 4))
-            .expect("sleep control address");
+        let sleep_port: u64 = mem.read_obj(GuestAddress(fadt + 244 + 4)).expect("sleep control address");
         assert_eq!(sleep_port, 0x600);
     }
 
@@ -269,11 +227,7 @@ mod tests {
         }
         let dir = std::env::temp_dir().join(format!("hekivisor-acpi-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        for table in build_acpi_tables(4)
-            .expect("tables")
-            .into_iter()
-            .filter(|t| t.signature != "RSDP")
-        {
+        for table in build_acpi_tables(4).expect("tables").into_iter().filter(|t| t.signature != "RSDP") {
             let path = dir.join(format!("{}.dat", table.signature.to_lowercase()));
             std::fs::write(&path, &table.bytes).expect("write table");
             let out = std::process::Command::new("iasl")
@@ -282,29 +236,15 @@ mod tests {
                 .current_dir(&dir)
                 .output()
                 .expect("iasl is missing: install acpica-tools (scripts/install-deps.sh)");
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert!(
-                out.status.success(),
-                "iasl failed on {}:\n{text}",
-                table.signature
-            );
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success(), "iasl failed on {}:\n{text}", table.signature);
             let lower = text.to_lowercase();
             for bad in ["error", "warning"] {
-                let complaint = lower
-                    .lines()
-                    .any(|l| l.contains(bad) && !l.contains("0 error") && !l.contains("0 warning"));
-                assert!(
-                    !complaint,
-                    "iasl reports a {bad} for {}:\n{text}",
-                    table.signature
-                );
+                let complaint =
+                    lower.lines().any(|l| l.contains(bad) && !l.contains("0 error") && !l.contains("0 warning"));
+                assert!(!complaint, "iasl reports a {bad} for {}:\n{text}", table.signature);
             }
-            let dsl =
-                std::fs::read_to_string(path.with_extension("dsl")).expect("disassembly written");
+            let dsl = std::fs::read_to_string(path.with_extension("dsl")).expect("disassembly written");
             assert!(dsl.contains(&format!("\"{}\"", table.signature)), "{dsl}");
         }
         let _ = std::fs::remove_dir_all(&dir);

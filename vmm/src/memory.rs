@@ -2,9 +2,7 @@
 
 use hypervisor::{MemSlot, Vm};
 use thiserror::Error;
-use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
-};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::layout::{LOW_RAM_END, RAM_64BIT_START};
 
@@ -38,50 +36,32 @@ pub fn ram_regions(size: u64) -> Vec<RamRegion> {
     if size <= LOW_RAM_END {
         vec![RamRegion { start: 0, size }]
     } else {
-        vec![
-            RamRegion {
-                start: 0,
-                size: LOW_RAM_END,
-            },
-            RamRegion {
-                start: RAM_64BIT_START,
-                size: size - LOW_RAM_END,
-            },
-        ]
+        vec![RamRegion { start: 0, size: LOW_RAM_END }, RamRegion { start: RAM_64BIT_START, size: size - LOW_RAM_END }]
     }
 }
 
 /// Maps guest RAM (anonymous, private) for the given regions.
 pub fn create_guest_memory(regions: &[RamRegion]) -> Result<GuestMemoryMmap, MemoryError> {
-    let ranges: Vec<(GuestAddress, usize)> = regions
-        .iter()
-        .map(|r| (GuestAddress(r.start), r.size as usize))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocate {
-        size: regions.iter().map(|r| r.size).sum(),
-        source,
-    })
+    let ranges: Vec<(GuestAddress, usize)> = regions.iter().map(|r| (GuestAddress(r.start), r.size as usize)).collect();
+    GuestMemoryMmap::from_ranges(&ranges)
+        .map_err(|source| MemoryError::Allocate { size: regions.iter().map(|r| r.size).sum(), source })
 }
 
 /// Host address of a guest physical address inside RAM.
 pub fn host_address(mem: &GuestMemoryMmap, gpa: u64) -> Option<u64> {
-    mem.get_host_address(GuestAddress(gpa))
-        .ok()
-        .map(|p| p as u64)
+    mem.get_host_address(GuestAddress(gpa)).ok().map(|p| p as u64)
 }
 
 /// Registers every RAM region as one writable memslot, slots 0..n.
 pub fn register_ram(vm: &Vm, mem: &GuestMemoryMmap) -> Result<Vec<MemSlot>, MemoryError> {
     let mut slots = Vec::new();
     for (index, region) in mem.iter().enumerate() {
-        let host = region
-            .get_host_address(MemoryRegionAddress(0))
-            .map_err(|e| {
-                MemoryError::Register(hypervisor::HypervisorError::Ioctl {
-                    op: "KVM_SET_USER_MEMORY_REGION",
-                    source: std::io::Error::other(e.to_string()),
-                })
-            })?;
+        let host = region.get_host_address(MemoryRegionAddress(0)).map_err(|e| {
+            MemoryError::Register(hypervisor::HypervisorError::Ioctl {
+                op: "KVM_SET_USER_MEMORY_REGION",
+                source: std::io::Error::other(e.to_string()),
+            })
+        })?;
         let slot = MemSlot {
             slot: index as u32,
             guest_addr: region.start_addr().0,
@@ -108,31 +88,13 @@ mod tests {
 
     #[test]
     fn small_ram_is_one_region_from_zero() {
-        assert_eq!(
-            ram_regions(512 << 20),
-            vec![RamRegion {
-                start: 0,
-                size: 512 << 20
-            }]
-        );
+        assert_eq!(ram_regions(512 << 20), vec![RamRegion { start: 0, size: 512 << 20 }]);
     }
 
     #[test]
     fn large_ram_skips_the_mmio_hole() {
         let regions = ram_regions(4 << 30);
-        assert_eq!(
-            regions[0],
-            RamRegion {
-                start: 0,
-                size: LOW_RAM_END
-            }
-        );
-        assert_eq!(
-            regions[1],
-            RamRegion {
-                start: RAM_64BIT_START,
-                size: (4 << 30) - LOW_RAM_END
-            }
-        );
+        assert_eq!(regions[0], RamRegion { start: 0, size: LOW_RAM_END });
+        assert_eq!(regions[1], RamRegion { start: RAM_64BIT_START, size: (4 << 30) - LOW_RAM_END });
     }
 }

@@ -14,9 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{BootInputs, EntryPoint, load_payload};
 use crate::config::{ConsoleOutputMode, VmConfig};
-use crate::cpu::{
-    ExitCounters, VcpuContext, VcpuEvent, VcpuGate, boot_registers, cpuid, kick, run_vcpu,
-};
+use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, VcpuGate, boot_registers, cpuid, kick, run_vcpu};
 use crate::devices::{AcpiPmDevice, I8042Device, PioBus, SerialDevice};
 use crate::heki::HekiRuntime;
 use crate::layout::{self, ports};
@@ -87,9 +85,7 @@ impl Vm {
         let ram = memory::ram_regions(config.memory.size);
         let mem = memory::create_guest_memory(&ram)?;
         let boot_slots = memory::register_ram(&kvm_vm, &mem)?;
-        let heki_ram = heki::RamLayout {
-            regions: ram.iter().map(|r| (r.start, r.end())).collect(),
-        };
+        let heki_ram = heki::RamLayout { regions: ram.iter().map(|r| (r.start, r.end())).collect() };
         let heki = config.heki.enabled.then(|| {
             Arc::new(HekiRuntime::new(
                 &config.heki,
@@ -101,22 +97,20 @@ impl Vm {
             ))
         });
         let heki_features = heki.as_ref().map(|h| h.features()).unwrap_or(0);
-        let heki_leaves: Vec<hypervisor::CpuidEntry> =
-            HekiRuntime::cpuid_leaves(heki.is_some(), heki_features)
-                .iter()
-                .map(|(leaf, [eax, ebx, ecx, edx])| hypervisor::CpuidEntry {
-                    function: *leaf,
-                    eax: *eax,
-                    ebx: *ebx,
-                    ecx: *ecx,
-                    edx: *edx,
-                    ..Default::default()
-                })
-                .collect();
+        let heki_leaves: Vec<hypervisor::CpuidEntry> = HekiRuntime::cpuid_leaves(heki.is_some(), heki_features)
+            .iter()
+            .map(|(leaf, [eax, ebx, ecx, edx])| hypervisor::CpuidEntry {
+                function: *leaf,
+                eax: *eax,
+                ebx: *ebx,
+                ecx: *ecx,
+                edx: *edx,
+                ..Default::default()
+            })
+            .collect();
 
         let cpus = config.cpus.boot_vcpus;
-        let rsdp = crate::acpi::create_acpi_tables(&mem, cpus)
-            .map_err(|e| VmError::Acpi(e.to_string()))?;
+        let rsdp = crate::acpi::create_acpi_tables(&mem, cpus).map_err(|e| VmError::Acpi(e.to_string()))?;
         let entry = load_kernel(&mem, config, &ram, rsdp.0)?;
 
         let mut pio = PioBus::default();
@@ -124,21 +118,14 @@ impl Vm {
             (Some(out), mode) if mode != ConsoleOutputMode::Off => {
                 let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
                 kvm_vm.register_irqfd(&irq, ports::COM1_IRQ)?;
-                let dev = Arc::new(Mutex::new(SerialDevice::new(
-                    irq,
-                    Box::new(SharedWriter(out.clone())),
-                )));
+                let dev = Arc::new(Mutex::new(SerialDevice::new(irq, Box::new(SharedWriter(out.clone())))));
                 pio.insert(ports::COM1, 8, dev.clone());
                 Some(dev)
             }
             _ => None,
         };
         pio.insert(ports::I8042_DATA, 5, Arc::new(Mutex::new(I8042Device)));
-        pio.insert(
-            ports::ACPI_SLEEP_CONTROL,
-            3,
-            Arc::new(Mutex::new(AcpiPmDevice)),
-        );
+        pio.insert(ports::ACPI_SLEEP_CONTROL, 3, Arc::new(Mutex::new(AcpiPmDevice)));
 
         let supported = hv.supported_cpuid()?;
         let mut pending_vcpus = Vec::new();
@@ -152,8 +139,7 @@ impl Vm {
             vcpu.reset_fpu()?;
             vcpu.set_msrs(&[(hypervisor::msr_index::IA32_MISC_ENABLE, 1)])?;
             if id == 0 {
-                let (regs, sregs) =
-                    boot_registers(&mem, entry, vcpu.sregs()?).map_err(VmError::BootRegisters)?;
+                let (regs, sregs) = boot_registers(&mem, entry, vcpu.sregs()?).map_err(VmError::BootRegisters)?;
                 vcpu.set_sregs(&sregs)?;
                 vcpu.set_regs(&regs)?;
             }
@@ -171,15 +157,7 @@ impl Vm {
             heki,
             counters: (0..cpus).map(|_| ExitCounters::default()).collect(),
         });
-        Ok(Vm {
-            threads: Vec::new(),
-            helpers: Vec::new(),
-            pending_vcpus,
-            ctx,
-            kvm_vm,
-            mem,
-            serial,
-        })
+        Ok(Vm { threads: Vec::new(), helpers: Vec::new(), pending_vcpus, ctx, kvm_vm, mem, serial })
     }
 
     /// Starts every vCPU thread.
@@ -224,10 +202,7 @@ impl Vm {
     /// Feeds host input to the guest's serial port.
     pub fn serial_input(&self, bytes: &[u8]) {
         if let Some(serial) = &self.serial {
-            serial
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .enqueue_input(bytes);
+            serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue_input(bytes);
         }
     }
 
@@ -267,8 +242,7 @@ impl Vm {
             self.ctx.gate.resume_all();
         }
         let deadline = std::time::Instant::now() + VCPU_STOP_TIMEOUT;
-        while self.threads.iter().any(|t| !t.is_finished()) && std::time::Instant::now() < deadline
-        {
+        while self.threads.iter().any(|t| !t.is_finished()) && std::time::Instant::now() < deadline {
             self.ctx.gate.kick_all();
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -281,9 +255,7 @@ impl Vm {
             if t.is_finished() {
                 let _ = t.join();
             } else {
-                log::error!(
-                    "a vCPU thread did not stop within {VCPU_STOP_TIMEOUT:?}; leaving it detached"
-                );
+                log::error!("a vCPU thread did not stop within {VCPU_STOP_TIMEOUT:?}; leaving it detached");
             }
         }
         let _ = &self.kvm_vm;
@@ -296,20 +268,9 @@ impl Drop for Vm {
     }
 }
 
-fn load_kernel(
-    mem: &GuestMemoryMmap,
-    config: &VmConfig,
-    ram: &[RamRegion],
-    rsdp: u64,
-) -> Result<EntryPoint, VmError> {
-    let payload = config
-        .payload
-        .as_ref()
-        .ok_or(crate::boot::BootError::NoKernel)?;
-    let kernel = payload
-        .kernel
-        .as_deref()
-        .ok_or(crate::boot::BootError::NoKernel)?;
+fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig, ram: &[RamRegion], rsdp: u64) -> Result<EntryPoint, VmError> {
+    let payload = config.payload.as_ref().ok_or(crate::boot::BootError::NoKernel)?;
+    let kernel = payload.kernel.as_deref().ok_or(crate::boot::BootError::NoKernel)?;
     let inputs = BootInputs {
         kernel,
         initramfs: payload.initramfs.as_deref(),

@@ -115,11 +115,7 @@ pub fn run(run_config: VmmRunConfig) -> Result<i32, VmmError> {
     let epoll = Epoll::new().map_err(VmmError::EventLoop)?;
     let watch = |fd: &EventFd, token: u64| {
         epoll
-            .ctl(
-                ControlOperation::Add,
-                std::os::fd::AsRawFd::as_raw_fd(fd),
-                EpollEvent::new(EventSet::IN, token),
-            )
+            .ctl(ControlOperation::Add, std::os::fd::AsRawFd::as_raw_fd(fd), EpollEvent::new(EventSet::IN, token))
             .map_err(VmmError::EventLoop)
     };
     watch(&vmm.vcpu_wake, TOKEN_VCPU)?;
@@ -193,10 +189,7 @@ impl Vmm {
 
     /// Builds and starts the VM from the stored configuration.
     pub(crate) fn boot(&mut self) -> Result<(), VmmError> {
-        let config = self
-            .config
-            .clone()
-            .ok_or(VmmError::GuestFailed("no VM configured".into()))?;
+        let config = self.config.clone().ok_or(VmmError::GuestFailed("no VM configured".into()))?;
         crate::events::emit("vm", "booting", &[]);
         if self.serial_out.is_none() {
             self.serial_out = serial_output(&config)?;
@@ -204,13 +197,7 @@ impl Vmm {
                 self.start_stdin_forwarding();
             }
         }
-        let mut vm = Vm::new(
-            &self.hv,
-            &config,
-            self.serial_out.clone(),
-            self.vcpu_tx.clone(),
-            &self.vcpu_wake,
-        )?;
+        let mut vm = Vm::new(&self.hv, &config, self.serial_out.clone(), self.vcpu_tx.clone(), &self.vcpu_wake)?;
         vm.start()?;
         self.vm = Some(vm);
         self.state = VmState::Running;
@@ -245,11 +232,7 @@ impl Vmm {
         while self.vcpu_rx.try_recv().is_ok() {}
         self.boot()?;
         if self.config.as_ref().is_some_and(|c| c.heki.enabled) {
-            crate::events::emit(
-                "heki",
-                "reset",
-                &[("reason", "guest reboot: protections cleared".to_string())],
-            );
+            crate::events::emit("heki", "reset", &[("reason", "guest reboot: protections cleared".to_string())]);
         }
         crate::events::emit("vm", "rebooted", &[]);
         Ok(())
@@ -300,11 +283,7 @@ impl Vmm {
             }
             VcpuEvent::Reset { vcpu, cause } => {
                 log::info!("guest reset ({cause}, vCPU {vcpu})");
-                crate::events::emit(
-                    "guest",
-                    "reboot",
-                    &[("vcpu", vcpu.to_string()), ("cause", cause.to_string())],
-                );
+                crate::events::emit("guest", "reboot", &[("vcpu", vcpu.to_string()), ("cause", cause.to_string())]);
                 if self.no_reboot {
                     self.shutdown_vm();
                     self.finish_if_cli(Ok(0));
@@ -329,11 +308,7 @@ impl Vmm {
             }
             VcpuEvent::Failed { vcpu, error } => {
                 log::error!("vCPU {vcpu}: {error}");
-                crate::events::emit(
-                    "vm",
-                    "failed",
-                    &[("vcpu", vcpu.to_string()), ("error", error.clone())],
-                );
+                crate::events::emit("vm", "failed", &[("vcpu", vcpu.to_string()), ("error", error.clone())]);
                 self.shutdown_vm();
                 self.finish_if_cli(Err(VmmError::GuestFailed(format!("vCPU {vcpu}: {error}"))));
             }
@@ -356,18 +331,16 @@ impl Vmm {
             return;
         };
         self.stdin_forwarding = true;
-        let spawned = std::thread::Builder::new()
-            .name("stdin".into())
-            .spawn(move || {
-                let mut buf = [0u8; 256];
-                let mut stdin = std::io::stdin();
-                while let Ok(n) = stdin.read(&mut buf) {
-                    if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                        break;
-                    }
-                    let _ = wake.write(1);
+        let spawned = std::thread::Builder::new().name("stdin".into()).spawn(move || {
+            let mut buf = [0u8; 256];
+            let mut stdin = std::io::stdin();
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
                 }
-            });
+                let _ = wake.write(1);
+            }
+        });
         if let Err(e) = spawned {
             log::warn!("cannot forward stdin to the serial port: {e}");
         }
@@ -380,17 +353,8 @@ fn serial_output(config: &VmConfig) -> Result<Option<SharedOutput>, VmmError> {
         ConsoleOutputMode::Null => Box::new(std::io::sink()),
         ConsoleOutputMode::Tty => Box::new(std::io::stdout()),
         ConsoleOutputMode::File => {
-            let path = config
-                .serial
-                .file
-                .as_ref()
-                .ok_or(VmmError::SerialFileMissing)?;
-            Box::new(
-                std::fs::File::create(path).map_err(|source| VmmError::SerialFile {
-                    path: path.clone(),
-                    source,
-                })?,
-            )
+            let path = config.serial.file.as_ref().ok_or(VmmError::SerialFileMissing)?;
+            Box::new(std::fs::File::create(path).map_err(|source| VmmError::SerialFile { path: path.clone(), source })?)
         }
     };
     Ok(Some(Arc::new(Mutex::new(out))))

@@ -11,9 +11,7 @@ use thiserror::Error;
 use crate::config::VmConfig;
 
 pub use routes::{ROUTES, Route};
-pub use server::{
-    ServerLimits, TIMEOUT_ENV, drain_connections, start_api_server, start_api_server_with,
-};
+pub use server::{ServerLimits, TIMEOUT_ENV, drain_connections, start_api_server, start_api_server_with};
 pub use socket::{ApiServerError, bind_api_socket};
 
 /// A request for the VMM thread.

@@ -36,8 +36,7 @@ macro_rules! plain {
 }
 
 fn json_value(body: &[u8]) -> Result<serde_json::Value, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 fn decode_create(body: &[u8]) -> Result<ApiRequest, ApiError> {
@@ -52,8 +51,8 @@ fn decode_policy(body: &[u8]) -> Result<ApiRequest, ApiError> {
     struct Body {
         policy: heki::Policy,
     }
-    let b: Body = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid policy body: {e}")))?;
+    let b: Body =
+        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid policy body: {e}")))?;
     Ok(ApiRequest::VmHekiPolicy(b.policy))
 }
 
@@ -67,91 +66,23 @@ fn decode_pin(body: &[u8]) -> Result<ApiRequest, ApiError> {
 
 /// Every route the server serves (the OpenAPI spec must list exactly these).
 pub static ROUTES: &[Route] = &[
-    Route {
-        path: "vmm.ping",
-        method: Method::Get,
-        decode: plain!(VmmPing),
-    },
-    Route {
-        path: "vmm.shutdown",
-        method: Method::Put,
-        decode: plain!(VmmShutdown),
-    },
-    Route {
-        path: "vm.create",
-        method: Method::Put,
-        decode: decode_create,
-    },
-    Route {
-        path: "vm.boot",
-        method: Method::Put,
-        decode: plain!(VmBoot),
-    },
-    Route {
-        path: "vm.shutdown",
-        method: Method::Put,
-        decode: plain!(VmShutdown),
-    },
-    Route {
-        path: "vm.reboot",
-        method: Method::Put,
-        decode: plain!(VmReboot),
-    },
-    Route {
-        path: "vm.pause",
-        method: Method::Put,
-        decode: plain!(VmPause),
-    },
-    Route {
-        path: "vm.resume",
-        method: Method::Put,
-        decode: plain!(VmResume),
-    },
-    Route {
-        path: "vm.power-button",
-        method: Method::Put,
-        decode: plain!(VmPowerButton),
-    },
-    Route {
-        path: "vm.delete",
-        method: Method::Put,
-        decode: plain!(VmDelete),
-    },
-    Route {
-        path: "vm.info",
-        method: Method::Get,
-        decode: plain!(VmInfo),
-    },
-    Route {
-        path: "vm.counters",
-        method: Method::Get,
-        decode: plain!(VmCounters),
-    },
-    Route {
-        path: "vm.heki",
-        method: Method::Get,
-        decode: plain!(VmHeki),
-    },
-    Route {
-        path: "vm.heki-protect",
-        method: Method::Put,
-        decode: decode_protect,
-    },
-    Route {
-        path: "vm.heki-policy",
-        method: Method::Put,
-        decode: decode_policy,
-    },
-    Route {
-        path: "vm.heki-violations",
-        method: Method::Get,
-        decode: plain!(VmHekiViolations),
-    },
-    Route {
-        path: "vm.heki-pin",
-        method: Method::Put,
-        decode: decode_pin,
-    },
+    Route { path: "vmm.ping", method: Method::Get, decode: plain!(VmmPing) },
+    Route { path: "vmm.shutdown", method: Method::Put, decode: plain!(VmmShutdown) },
+    Route { path: "vm.create", method: Method::Put, decode: decode_create },
+    Route { path: "vm.boot", method: Method::Put, decode: plain!(VmBoot) },
+    Route { path: "vm.shutdown", method: Method::Put, decode: plain!(VmShutdown) },
+    Route { path: "vm.reboot", method: Method::Put, decode: plain!(VmReboot) },
+    Route { path: "vm.pause", method: Method::Put, decode: plain!(VmPause) },
+    Route { path: "vm.resume", method: Method::Put, decode: plain!(VmResume) },
+    Route { path: "vm.power-button", method: Method::Put, decode: plain!(VmPowerButton) },
+    Route { path: "vm.delete", method: Method::Put, decode: plain!(VmDelete) },
+    Route { path: "vm.info", method: Method::Get, decode: plain!(VmInfo) },
+    Route { path: "vm.counters", method: Method::Get, decode: plain!(VmCounters) },
+    Route { path: "vm.heki", method: Method::Get, decode: plain!(VmHeki) },
+    Route { path: "vm.heki-protect", method: Method::Put, decode: decode_protect },
+    Route { path: "vm.heki-policy", method: Method::Put, decode: decode_policy },
+    Route { path: "vm.heki-violations", method: Method::Get, decode: plain!(VmHekiViolations) },
+    Route { path: "vm.heki-pin", method: Method::Put, decode: decode_pin },
 ];
 
 /// What the router decided for a (method, path).
@@ -198,35 +129,20 @@ mod tests {
         let spec: serde_yaml::Value = serde_yaml::from_str(text).expect("valid YAML");
         let mut in_spec = BTreeSet::new();
         for (path, item) in spec["paths"].as_mapping().expect("paths") {
-            let path = path
-                .as_str()
-                .expect("path")
-                .trim_start_matches('/')
-                .to_string();
+            let path = path.as_str().expect("path").trim_start_matches('/').to_string();
             for (method, _) in item.as_mapping().expect("methods") {
-                in_spec.insert((
-                    method.as_str().expect("method").to_uppercase(),
-                    path.clone(),
-                ));
+                in_spec.insert((method.as_str().expect("method").to_uppercase(), path.clone()));
             }
         }
-        let served: BTreeSet<(String, String)> = ROUTES
-            .iter()
-            .map(|r| (r.method.as_str().to_string(), r.path.to_string()))
-            .collect();
+        let served: BTreeSet<(String, String)> =
+            ROUTES.iter().map(|r| (r.method.as_str().to_string(), r.path.to_string())).collect();
         assert_eq!(in_spec, served);
     }
 
     #[test]
     fn resolve_distinguishes_unknown_paths_from_wrong_methods() {
-        assert!(matches!(
-            resolve("GET", "/api/v1/vm.info"),
-            Resolved::Request(_)
-        ));
-        assert!(matches!(
-            resolve("GET", "/api/v1/vm.boot"),
-            Resolved::MethodNotAllowed("PUT")
-        ));
+        assert!(matches!(resolve("GET", "/api/v1/vm.info"), Resolved::Request(_)));
+        assert!(matches!(resolve("GET", "/api/v1/vm.boot"), Resolved::MethodNotAllowed("PUT")));
         assert!(matches!(resolve("GET", "/api/v1/nope"), Resolved::NotFound));
         assert!(matches!(resolve("GET", "/vm.info"), Resolved::NotFound));
     }

@@ -38,10 +38,7 @@ impl Default for ServerLimits {
             .and_then(|ms| ms.parse::<u64>().ok())
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_secs(10));
-        ServerLimits {
-            max_body: 4 << 20,
-            read_timeout,
-        }
+        ServerLimits { max_body: 4 << 20, read_timeout }
     }
 }
 
@@ -78,49 +75,41 @@ pub fn start_api_server_with(
     limits: ServerLimits,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let shared = Arc::new(Shared {
-        to_vmm: std::sync::Mutex::new(to_vmm),
-        wake_vmm,
-        limits,
-    });
-    std::thread::Builder::new()
-        .name("http-api".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let listener = match tokio::net::UnixListener::from_std(listener) {
-                    Ok(l) => l,
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let shared = Arc::new(Shared { to_vmm: std::sync::Mutex::new(to_vmm), wake_vmm, limits });
+    std::thread::Builder::new().name("http-api".into()).spawn(move || {
+        runtime.block_on(async move {
+            let listener = match tokio::net::UnixListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    log::error!("API socket unusable: {e}");
+                    return;
+                }
+            };
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
                     Err(e) => {
-                        log::error!("API socket unusable: {e}");
-                        return;
+                        log::warn!("API accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
                     }
                 };
-                loop {
-                    let stream = match listener.accept().await {
-                        Ok((stream, _)) => stream,
-                        Err(e) => {
-                            log::warn!("API accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                            continue;
-                        }
-                    };
-                    let shared = shared.clone();
-                    let header_timeout = shared.limits.read_timeout;
-                    tokio::spawn(async move {
-                        let service = service_fn(move |req| handle(req, shared.clone()));
-                        let connection = http1::Builder::new()
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(header_timeout)
-                            .serve_connection(TokioIo::new(stream), service);
-                        if let Err(e) = connection.await {
-                            log::debug!("API connection ended: {e}");
-                        }
-                    });
-                }
-            });
-        })
+                let shared = shared.clone();
+                let header_timeout = shared.limits.read_timeout;
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(req, shared.clone()));
+                    let connection = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(header_timeout)
+                        .serve_connection(TokioIo::new(stream), service);
+                    if let Err(e) = connection.await {
+                        log::debug!("API connection ended: {e}");
+                    }
+                });
+            }
+        });
+    })
 }
 
 fn respond(status: StatusCode, body: Option<serde_json::Value>) -> Response<Full<Bytes>> {
@@ -132,9 +121,7 @@ fn respond(status: StatusCode, body: Option<serde_json::Value>) -> Response<Full
         }
         None => Full::new(Bytes::new()),
     };
-    builder
-        .body(body)
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+    builder.body(body).unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
 fn error_response(status: u16, message: &str) -> Response<Full<Bytes>> {
@@ -142,26 +129,15 @@ fn error_response(status: u16, message: &str) -> Response<Full<Bytes>> {
     respond(status, Some(json!({ "error": message })))
 }
 
-async fn handle(
-    req: Request<Incoming>,
-    shared: Arc<Shared>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Full<Bytes>>, Infallible> {
     let route = match resolve(req.method().as_str(), req.uri().path()) {
         Resolved::Request(route) => route,
         Resolved::NotFound => {
-            return Ok(error_response(
-                404,
-                &format!("unknown endpoint {}", req.uri().path()),
-            ));
+            return Ok(error_response(404, &format!("unknown endpoint {}", req.uri().path())));
         }
         Resolved::MethodNotAllowed(allow) => {
-            let mut response = error_response(
-                405,
-                &format!("{} is not allowed here; use {allow}", req.method()),
-            );
-            response
-                .headers_mut()
-                .insert(ALLOW, hyper::header::HeaderValue::from_static(allow));
+            let mut response = error_response(405, &format!("{} is not allowed here; use {allow}", req.method()));
+            response.headers_mut().insert(ALLOW, hyper::header::HeaderValue::from_static(allow));
             return Ok(response);
         }
     };
@@ -169,20 +145,11 @@ async fn handle(
     let body = Limited::new(req.into_body(), limits.max_body);
     let bytes = match tokio::time::timeout(limits.read_timeout, body.collect()).await {
         Err(_) => return Ok(error_response(408, "timed out reading the request body")),
-        Ok(Err(e))
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            return Ok(error_response(
-                413,
-                &format!("request body exceeds {} bytes", limits.max_body),
-            ));
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return Ok(error_response(413, &format!("request body exceeds {} bytes", limits.max_body)));
         }
         Ok(Err(e)) => {
-            return Ok(error_response(
-                400,
-                &format!("cannot read the request body: {e}"),
-            ));
+            return Ok(error_response(400, &format!("cannot read the request body: {e}")));
         }
         Ok(Ok(collected)) => collected.to_bytes(),
     };
@@ -191,17 +158,7 @@ async fn handle(
         Err(e) => return Ok(error_response(e.status(), &e.to_string())),
     };
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
-    let sent = shared
-        .to_vmm
-        .lock()
-        .map(|tx| {
-            tx.send(ApiMessage {
-                request,
-                reply: reply_tx,
-            })
-            .is_ok()
-        })
-        .unwrap_or(false);
+    let sent = shared.to_vmm.lock().map(|tx| tx.send(ApiMessage { request, reply: reply_tx }).is_ok()).unwrap_or(false);
     if !sent || shared.wake_vmm.write(1).is_err() {
         return Ok(error_response(503, "the VMM is shutting down"));
     }

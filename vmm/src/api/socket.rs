@@ -51,10 +51,7 @@ fn bind_path(path: &Path) -> Result<UnixListener, ApiServerError> {
         // Nobody listens: a leftover from a process that died.
         let _ = std::fs::remove_file(path);
     }
-    let bind_err = |source| ApiServerError::Bind {
-        path: path.to_path_buf(),
-        source,
-    };
+    let bind_err = |source| ApiServerError::Bind { path: path.to_path_buf(), source };
     // Create with 0600 from the start: no window where others can connect.
     // SAFETY: umask only changes this process's file creation mask.
     let old = unsafe { libc::umask(0o177) };

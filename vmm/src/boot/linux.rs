@@ -26,29 +26,20 @@ pub(super) struct LoadedBzImage {
     pub header: setup_header,
 }
 
-pub(super) fn load_bzimage(
-    mem: &GuestMemoryMmap,
-    file: &mut File,
-) -> Result<LoadedBzImage, String> {
+pub(super) fn load_bzimage(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedBzImage, String> {
     let loaded = BzImage::load(mem, None, file, Some(GuestAddress(HIGH_RAM_START)))
         .map_err(|e| format!("invalid bzImage: {e}"))?;
     let header = loaded.setup_header.ok_or("bzImage has no setup header")?;
     if header.version < MIN_BOOT_PROTOCOL {
         let version = header.version;
-        return Err(format!(
-            "boot protocol {version:#x} is too old (need 2.06 or newer)"
-        ));
+        return Err(format!("boot protocol {version:#x} is too old (need 2.06 or newer)"));
     }
     if header.xloadflags & XLF_KERNEL_64 == 0 {
         return Err("bzImage has no 64-bit entry point (XLF_KERNEL_64 not set)".into());
     }
     let load = loaded.kernel_load.0;
     let kernel_end = loaded.kernel_end.max(load + u64::from(header.init_size));
-    Ok(LoadedBzImage {
-        entry: load + STARTUP_64_OFFSET,
-        kernel_end,
-        header,
-    })
+    Ok(LoadedBzImage { entry: load + STARTUP_64_OFFSET, kernel_end, header })
 }
 
 /// Fills the zero page; returns its address.
@@ -59,10 +50,7 @@ pub(super) fn write_boot_params(
     cmdline_len: u64,
     initramfs: Option<InitramfsPlacement>,
 ) -> Result<u64, vm_memory::GuestMemoryError> {
-    let mut params = boot_params {
-        hdr: loaded.header,
-        ..Default::default()
-    };
+    let mut params = boot_params { hdr: loaded.header, ..Default::default() };
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     params.hdr.loadflags |= CAN_USE_HEAP;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
@@ -76,11 +64,7 @@ pub(super) fn write_boot_params(
     params.acpi_rsdp_addr = inputs.rsdp;
     let map = e820_map(inputs.ram);
     for (slot, entry) in params.e820_table.iter_mut().zip(map.iter()) {
-        *slot = boot_e820_entry {
-            addr: entry.addr,
-            size: entry.size,
-            r#type: entry.kind,
-        };
+        *slot = boot_e820_entry { addr: entry.addr, size: entry.size, r#type: entry.kind };
     }
     params.e820_entries = map.len().min(params.e820_table.len()) as u8;
     mem.write_obj(params, GuestAddress(BOOT_PARAMS_START))?;

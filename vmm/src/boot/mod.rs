@@ -56,20 +56,10 @@ enum KernelFormat {
 }
 
 /// Loads kernel, initramfs and command line, and writes the boot structures.
-pub fn load_payload(
-    mem: &GuestMemoryMmap,
-    inputs: &BootInputs<'_>,
-) -> Result<EntryPoint, BootError> {
-    let kernel_err = |reason: String| BootError::Kernel {
-        path: inputs.kernel.to_path_buf(),
-        reason,
-    };
-    let mut file =
-        File::open(inputs.kernel).map_err(|e| kernel_err(format!("cannot open: {e}")))?;
-    let file_size = file
-        .metadata()
-        .map_err(|e| kernel_err(format!("cannot stat: {e}")))?
-        .len();
+pub fn load_payload(mem: &GuestMemoryMmap, inputs: &BootInputs<'_>) -> Result<EntryPoint, BootError> {
+    let kernel_err = |reason: String| BootError::Kernel { path: inputs.kernel.to_path_buf(), reason };
+    let mut file = File::open(inputs.kernel).map_err(|e| kernel_err(format!("cannot open: {e}")))?;
+    let file_size = file.metadata().map_err(|e| kernel_err(format!("cannot stat: {e}")))?.len();
     let ram_size: u64 = inputs.ram.iter().map(|r| r.size).sum();
     if file_size > ram_size.saturating_sub(HIGH_RAM_START) {
         return Err(kernel_err(format!(
@@ -82,12 +72,8 @@ pub fn load_payload(
         KernelFormat::Elf => {
             let loaded = pvh::load_elf(mem, &mut file).map_err(kernel_err)?;
             let initramfs = load_initramfs(mem, inputs, loaded.kernel_end, LOW_RAM_END)?;
-            let start_info =
-                pvh::write_start_info(mem, inputs, initramfs).map_err(BootError::GuestMemory)?;
-            Ok(EntryPoint::Pvh {
-                entry: loaded.entry,
-                start_info,
-            })
+            let start_info = pvh::write_start_info(mem, inputs, initramfs).map_err(BootError::GuestMemory)?;
+            Ok(EntryPoint::Pvh { entry: loaded.entry, start_info })
         }
         KernelFormat::BzImage => {
             let loaded = linux::load_bzimage(mem, &mut file).map_err(kernel_err)?;
@@ -98,25 +84,18 @@ pub fn load_payload(
                     "{cmdline_len} bytes is longer than the kernel accepts ({max_cmdline})"
                 )));
             }
-            let limit = u64::from(header.initrd_addr_max)
-                .saturating_add(1)
-                .min(LOW_RAM_END);
+            let limit = u64::from(header.initrd_addr_max).saturating_add(1).min(LOW_RAM_END);
             let initramfs = load_initramfs(mem, inputs, loaded.kernel_end, limit)?;
-            let boot_params =
-                linux::write_boot_params(mem, inputs, &loaded, cmdline_len, initramfs)
-                    .map_err(BootError::GuestMemory)?;
-            Ok(EntryPoint::Linux64 {
-                entry: loaded.entry,
-                boot_params,
-            })
+            let boot_params = linux::write_boot_params(mem, inputs, &loaded, cmdline_len, initramfs)
+                .map_err(BootError::GuestMemory)?;
+            Ok(EntryPoint::Linux64 { entry: loaded.entry, boot_params })
         }
     }
 }
 
 fn detect_format(file: &mut File) -> Result<KernelFormat, String> {
     let mut head = [0u8; 0x206];
-    file.seek(SeekFrom::Start(0))
-        .map_err(|e| format!("cannot read: {e}"))?;
+    file.seek(SeekFrom::Start(0)).map_err(|e| format!("cannot read: {e}"))?;
     let n = read_up_to(file, &mut head).map_err(|e| format!("cannot read: {e}"))?;
     if n >= 4 && head[..4] == *b"\x7fELF" {
         if n < 64 {
@@ -128,9 +107,7 @@ fn detect_format(file: &mut File) -> Result<KernelFormat, String> {
         return Ok(KernelFormat::BzImage);
     }
     if n < 0x206 {
-        return Err(format!(
-            "file is truncated ({n} bytes): not an ELF vmlinux or a bzImage"
-        ));
+        return Err(format!("file is truncated ({n} bytes): not an ELF vmlinux or a bzImage"));
     }
     Err("not an ELF vmlinux (no ELF magic) or a bzImage (no HdrS header)".into())
 }
@@ -153,14 +130,11 @@ fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<u64, BootError>
     }
     let len = cmdline.len() as u64 + 1;
     if len > CMDLINE_MAX_SIZE {
-        return Err(BootError::Cmdline(format!(
-            "{len} bytes exceeds the {CMDLINE_MAX_SIZE}-byte limit"
-        )));
+        return Err(BootError::Cmdline(format!("{len} bytes exceeds the {CMDLINE_MAX_SIZE}-byte limit")));
     }
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
-    mem.write_slice(&bytes, GuestAddress(CMDLINE_START))
-        .map_err(BootError::GuestMemory)?;
+    mem.write_slice(&bytes, GuestAddress(CMDLINE_START)).map_err(BootError::GuestMemory)?;
     Ok(len)
 }
 
@@ -182,18 +156,14 @@ fn load_initramfs(
     let Some(path) = inputs.initramfs else {
         return Ok(None);
     };
-    let err = |reason: String| BootError::Initramfs {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let err = |reason: String| BootError::Initramfs { path: path.to_path_buf(), reason };
     let mut file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
-    let size = file
-        .metadata()
-        .map_err(|e| err(format!("cannot stat: {e}")))?
-        .len();
+    let size = file.metadata().map_err(|e| err(format!("cannot stat: {e}")))?.len();
     let low_ram_end = inputs.ram.first().map(|r| r.end()).unwrap_or(0).min(limit);
     let addr = low_ram_end.checked_sub(size).map(|a| a & !0xfff).filter(|&a| a >= kernel_end).ok_or_else(|| {
-        err(format!("{size} bytes do not fit in guest memory between the kernel end ({kernel_end:#x}) and {low_ram_end:#x}"))
+        err(format!(
+            "{size} bytes do not fit in guest memory between the kernel end ({kernel_end:#x}) and {low_ram_end:#x}"
+        ))
     })?;
     mem.read_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|e| err(format!("cannot read into guest memory: {e}")))?;

@@ -3,16 +3,12 @@
 
 use std::fs::File;
 
-use linux_loader::loader::elf::start_info::{
-    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
-};
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use linux_loader::loader::{Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{BootInputs, InitramfsPlacement, e820_map};
-use crate::layout::{
-    CMDLINE_START, HIGH_RAM_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START,
-};
+use crate::layout::{CMDLINE_START, HIGH_RAM_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START};
 
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 
@@ -22,16 +18,17 @@ pub(super) struct LoadedElf {
 }
 
 pub(super) fn load_elf(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedElf, String> {
-    let loaded =
-        Elf::load(mem, None, file, Some(GuestAddress(HIGH_RAM_START))).map_err(|e| match e {
-            linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::ReadKernelImage) => {
-                "a segment does not fit in guest memory or the file is truncated".to_string()
-            }
-            other => format!("invalid ELF image: {other}"),
-        })?;
+    let loaded = Elf::load(mem, None, file, Some(GuestAddress(HIGH_RAM_START))).map_err(|e| match e {
+        linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::ReadKernelImage) => {
+            "a segment does not fit in guest memory or the file is truncated".to_string()
+        }
+        other => format!("invalid ELF image: {other}"),
+    })?;
     match loaded.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => Ok(LoadedElf { entry: entry.0, kernel_end: loaded.kernel_end }),
-        _ => Err("ELF image has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); build the kernel with CONFIG_PVH=y".into()),
+        _ => {
+            Err("ELF image has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); build the kernel with CONFIG_PVH=y".into())
+        }
     }
 }
 
@@ -44,12 +41,7 @@ pub(super) fn write_start_info(
 ) -> Result<u64, vm_memory::GuestMemoryError> {
     let memmap = e820_map(inputs.ram);
     for (i, entry) in memmap.iter().enumerate() {
-        let raw = hvm_memmap_table_entry {
-            addr: entry.addr,
-            size: entry.size,
-            type_: entry.kind,
-            reserved: 0,
-        };
+        let raw = hvm_memmap_table_entry { addr: entry.addr, size: entry.size, type_: entry.kind, reserved: 0 };
         let at = PVH_MEMMAP_START + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
         mem.write_obj(raw, GuestAddress(at))?;
     }
@@ -63,11 +55,7 @@ pub(super) fn write_start_info(
         ..Default::default()
     };
     if let Some(initramfs) = initramfs {
-        let module = hvm_modlist_entry {
-            paddr: initramfs.addr,
-            size: initramfs.size,
-            ..Default::default()
-        };
+        let module = hvm_modlist_entry { paddr: initramfs.addr, size: initramfs.size, ..Default::default() };
         mem.write_obj(module, GuestAddress(PVH_MODLIST_START))?;
         info.nr_modules = 1;
         info.modlist_paddr = PVH_MODLIST_START;

@@ -7,8 +7,7 @@ use clap::{ArgAction, Parser};
 
 use super::options::{OptionValues, parse_size};
 use super::{
-    ConfigError, ConsoleConfig, ConsoleOutputMode, CpusConfig, HekiConfig, MemoryConfig,
-    PayloadConfig, VmConfig,
+    ConfigError, ConsoleConfig, ConsoleOutputMode, CpusConfig, HekiConfig, MemoryConfig, PayloadConfig, VmConfig,
 };
 
 #[derive(Debug, Parser)]
@@ -108,10 +107,7 @@ pub struct VmmOptions {
 impl CliArgs {
     pub fn into_options(self) -> Result<VmmOptions, ConfigError> {
         let vm_flags_without_kernel = self.kernel.is_none()
-            && (self.initramfs.is_some()
-                || self.cmdline.is_some()
-                || self.cpus.is_some()
-                || self.memory.is_some());
+            && (self.initramfs.is_some() || self.cmdline.is_some() || self.cpus.is_some() || self.memory.is_some());
         if vm_flags_without_kernel {
             return Err(ConfigError::Cli {
                 option: "--kernel",
@@ -150,16 +146,8 @@ impl CliArgs {
         };
         Ok(VmmOptions {
             vm,
-            api_socket: self
-                .api_socket
-                .as_deref()
-                .map(parse_api_socket)
-                .transpose()?,
-            event_monitor: self
-                .event_monitor
-                .as_deref()
-                .map(parse_event_monitor)
-                .transpose()?,
+            api_socket: self.api_socket.as_deref().map(parse_api_socket).transpose()?,
+            event_monitor: self.event_monitor.as_deref().map(parse_event_monitor).transpose()?,
             no_reboot: self.no_reboot,
             verbosity: self.verbose,
             log_file: self.log_file,
@@ -169,29 +157,19 @@ impl CliArgs {
 
 pub fn parse_cpus(input: &str) -> Result<CpusConfig, ConfigError> {
     let o = OptionValues::parse("--cpus", input, &["boot", "max"])?;
-    let boot = o
-        .get_u64("boot")?
-        .ok_or_else(|| o.error("boot=N is required".into()))?;
-    let boot =
-        u8::try_from(boot).map_err(|_| o.error(format!("boot={boot}: at most 254 vCPUs")))?;
+    let boot = o.get_u64("boot")?.ok_or_else(|| o.error("boot=N is required".into()))?;
+    let boot = u8::try_from(boot).map_err(|_| o.error(format!("boot={boot}: at most 254 vCPUs")))?;
     let max = match o.get_u64("max")? {
         Some(m) => u8::try_from(m).map_err(|_| o.error(format!("max={m}: at most 254 vCPUs")))?,
         None => boot,
     };
-    Ok(CpusConfig {
-        boot_vcpus: boot,
-        max_vcpus: max,
-    })
+    Ok(CpusConfig { boot_vcpus: boot, max_vcpus: max })
 }
 
 pub fn parse_memory(input: &str) -> Result<MemoryConfig, ConfigError> {
     let o = OptionValues::parse("--memory", input, &["size"])?;
-    let size = o
-        .get("size")
-        .ok_or_else(|| o.error("size=SIZE is required".into()))?;
-    Ok(MemoryConfig {
-        size: parse_size(size).map_err(|e| o.error(e))?,
-    })
+    let size = o.get("size").ok_or_else(|| o.error("size=SIZE is required".into()))?;
+    Ok(MemoryConfig { size: parse_size(size).map_err(|e| o.error(e))? })
 }
 
 pub fn parse_console(option: &'static str, input: &str) -> Result<ConsoleConfig, ConfigError> {
@@ -202,28 +180,16 @@ pub fn parse_console(option: &'static str, input: &str) -> Result<ConsoleConfig,
         "tty" | "Tty" => mode(ConsoleOutputMode::Tty),
         _ => {
             let o = OptionValues::parse(option, input, &["file"])?;
-            let file = o
-                .get("file")
-                .filter(|f| !f.is_empty())
-                .ok_or_else(|| o.error("file=PATH needs a path".into()))?;
-            Ok(ConsoleConfig {
-                mode: ConsoleOutputMode::File,
-                file: Some(PathBuf::from(file)),
-            })
+            let file =
+                o.get("file").filter(|f| !f.is_empty()).ok_or_else(|| o.error("file=PATH needs a path".into()))?;
+            Ok(ConsoleConfig { mode: ConsoleOutputMode::File, file: Some(PathBuf::from(file)) })
         }
     }
 }
 
 pub fn parse_heki(input: &str) -> Result<HekiConfig, ConfigError> {
-    let o = OptionValues::parse(
-        "--heki",
-        input,
-        &["enabled", "policy", "cr_check_interval_ms"],
-    )?;
-    let mut config = HekiConfig {
-        enabled: true,
-        ..HekiConfig::default()
-    };
+    let o = OptionValues::parse("--heki", input, &["enabled", "policy", "cr_check_interval_ms"])?;
+    let mut config = HekiConfig { enabled: true, ..HekiConfig::default() };
     if let Some(enabled) = o.get_bool("enabled")? {
         config.enabled = enabled;
     }
@@ -294,13 +260,7 @@ mod tests {
         ])
         .expect("valid");
         let vm = o.vm.expect("kernel given");
-        assert_eq!(
-            vm.cpus,
-            CpusConfig {
-                boot_vcpus: 2,
-                max_vcpus: 2
-            }
-        );
+        assert_eq!(vm.cpus, CpusConfig { boot_vcpus: 2, max_vcpus: 2 });
         assert_eq!(vm.memory.size, 1 << 30);
         assert_eq!(vm.serial.mode, ConsoleOutputMode::File);
         assert!(vm.heki.enabled);
@@ -313,40 +273,22 @@ mod tests {
             (&["--kernel", "k", "--cpus", "boot=0"][..], "boot_vcpus"),
             (&["--kernel", "k", "--cpus", "boot=999"][..], "--cpus"),
             (&["--kernel", "k", "--memory", "size=12Q"][..], "--memory"),
-            (
-                &["--kernel", "k", "--memory", "size=99999999999G"][..],
-                "too large",
-            ),
-            (
-                &["--kernel", "k", "--heki", "enabeld=on"][..],
-                "unknown key 'enabeld'",
-            ),
-            (
-                &["--kernel", "k", "--heki", "policy=maybe"][..],
-                "unknown heki policy",
-            ),
+            (&["--kernel", "k", "--memory", "size=99999999999G"][..], "too large"),
+            (&["--kernel", "k", "--heki", "enabeld=on"][..], "unknown key 'enabeld'"),
+            (&["--kernel", "k", "--heki", "policy=maybe"][..], "unknown heki policy"),
             (&["--kernel", "k", "--serial", "file="][..], "--serial"),
             (&["--cpus", "boot=2"][..], "without --kernel"),
             (&["--api-socket", "fd=-3"][..], "--api-socket"),
         ] {
-            let err = args(flags)
-                .err()
-                .unwrap_or_else(|| panic!("{flags:?} must fail"))
-                .to_string();
+            let err = args(flags).err().unwrap_or_else(|| panic!("{flags:?} must fail")).to_string();
             assert!(err.contains(needle), "{flags:?}: '{err}' lacks '{needle}'");
         }
     }
 
     #[test]
     fn api_socket_accepts_path_fd_and_bare_path() {
-        assert_eq!(
-            parse_api_socket("/tmp/a.sock").ok(),
-            Some(ApiSocketSpec::Path("/tmp/a.sock".into()))
-        );
-        assert_eq!(
-            parse_api_socket("path=/tmp/a.sock").ok(),
-            Some(ApiSocketSpec::Path("/tmp/a.sock".into()))
-        );
+        assert_eq!(parse_api_socket("/tmp/a.sock").ok(), Some(ApiSocketSpec::Path("/tmp/a.sock".into())));
+        assert_eq!(parse_api_socket("path=/tmp/a.sock").ok(), Some(ApiSocketSpec::Path("/tmp/a.sock".into())));
         assert_eq!(parse_api_socket("fd=3").ok(), Some(ApiSocketSpec::Fd(3)));
         assert!(parse_api_socket("path=/a,fd=3").is_err());
     }

@@ -64,10 +64,7 @@ const CH_DEFAULTS: &[Known] = &[
 /// Sections whose whole value may be Cloud Hypervisor's default.
 const CH_DEFAULT_SECTIONS: &[(&str, &str)] = &[
     ("rng", r#"{"src":"/dev/urandom","iommu":false}"#),
-    (
-        "debug_console",
-        r#"{"file":null,"mode":"Off","iobase":233}"#,
-    ),
+    ("debug_console", r#"{"file":null,"mode":"Off","iobase":233}"#),
 ];
 
 fn is_empty_default(v: &Value) -> bool {
@@ -101,12 +98,8 @@ fn unsupported(field: String) -> ConfigError {
 
 /// Parses a `vm.create` body: strips Cloud Hypervisor defaults, refuses the rest.
 pub fn vm_config_from_json(body: &[u8]) -> Result<VmConfig, ConfigError> {
-    let mut value: Value = serde_json::from_slice(body).map_err(|e| ConfigError::Json {
-        message: e.to_string(),
-    })?;
-    let root = value.as_object_mut().ok_or_else(|| ConfigError::Json {
-        message: "expected a JSON object".into(),
-    })?;
+    let mut value: Value = serde_json::from_slice(body).map_err(|e| ConfigError::Json { message: e.to_string() })?;
+    let root = value.as_object_mut().ok_or_else(|| ConfigError::Json { message: "expected a JSON object".into() })?;
     for (section, default) in CH_DEFAULT_SECTIONS {
         if let Some(v) = root.get(*section) {
             let default: Value = serde_json::from_str(default).unwrap_or(Value::Null);
@@ -118,18 +111,11 @@ pub fn vm_config_from_json(body: &[u8]) -> Result<VmConfig, ConfigError> {
         }
     }
     for (section, field, default) in CH_DEFAULTS {
-        let container: Option<&mut Map<String, Value>> = if section.is_empty() {
-            Some(&mut *root)
-        } else {
-            root.get_mut(*section).and_then(Value::as_object_mut)
-        };
+        let container: Option<&mut Map<String, Value>> =
+            if section.is_empty() { Some(&mut *root) } else { root.get_mut(*section).and_then(Value::as_object_mut) };
         let Some(container) = container else { continue };
         if let Some(v) = container.get(*field) {
-            let path = if section.is_empty() {
-                (*field).to_string()
-            } else {
-                format!("{section}.{field}")
-            };
+            let path = if section.is_empty() { (*field).to_string() } else { format!("{section}.{field}") };
             if !matches_default(v, *default) {
                 return Err(unsupported(path));
             }
@@ -143,21 +129,16 @@ pub fn vm_config_from_json(body: &[u8]) -> Result<VmConfig, ConfigError> {
     {
         cpus.insert("max_vcpus".into(), boot);
     }
-    let config: VmConfig = serde_json::from_value(value).map_err(|e| ConfigError::Json {
-        message: e.to_string(),
-    })?;
+    let config: VmConfig = serde_json::from_value(value).map_err(|e| ConfigError::Json { message: e.to_string() })?;
     config.validate()?;
     Ok(config)
 }
 
 fn strip_nulls(v: &Value) -> Value {
     match v {
-        Value::Object(o) => Value::Object(
-            o.iter()
-                .filter(|(_, v)| !v.is_null())
-                .map(|(k, v)| (k.clone(), strip_nulls(v)))
-                .collect(),
-        ),
+        Value::Object(o) => {
+            Value::Object(o.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), strip_nulls(v))).collect())
+        }
         other => other.clone(),
     }
 }
@@ -190,10 +171,7 @@ mod tests {
         let config = vm_config_from_json(CH_PLAIN_VM.as_bytes()).expect("accepted");
         assert_eq!(config.cpus.boot_vcpus, 2);
         assert_eq!(config.memory.size, 512 << 20);
-        assert_eq!(
-            config.payload.and_then(|p| p.cmdline).as_deref(),
-            Some("console=ttyS0")
-        );
+        assert_eq!(config.payload.and_then(|p| p.cmdline).as_deref(), Some("console=ttyS0"));
     }
 
     #[test]
@@ -205,30 +183,19 @@ mod tests {
         ] {
             let body = format!(
                 r#"{{"memory": {{"size": 1048576{}}}, "payload": {{"kernel": "/k"}}{}}}"#,
-                if field.starts_with("memory") {
-                    format!(", {patch}")
-                } else {
-                    String::new()
-                },
-                if field.starts_with("memory") {
-                    String::new()
-                } else {
-                    format!(", {patch}")
-                }
+                if field.starts_with("memory") { format!(", {patch}") } else { String::new() },
+                if field.starts_with("memory") { String::new() } else { format!(", {patch}") }
             );
-            let err = vm_config_from_json(body.as_bytes())
-                .expect_err("refused")
-                .to_string();
+            let err = vm_config_from_json(body.as_bytes()).expect_err("refused").to_string();
             assert!(err.contains(field), "'{err}' names {field}");
         }
     }
 
     #[test]
     fn typos_are_refused_not_dropped() {
-        let err =
-            vm_config_from_json(br#"{"payload": {"kernel": "/k"}, "heki": {"enabeld": true}}"#)
-                .expect_err("typo refused")
-                .to_string();
+        let err = vm_config_from_json(br#"{"payload": {"kernel": "/k"}, "heki": {"enabeld": true}}"#)
+            .expect_err("typo refused")
+            .to_string();
         assert!(err.contains("enabeld"), "{err}");
     }
 
@@ -240,9 +207,7 @@ mod tests {
         assert!(vm_config_from_json(b"[]").is_err());
         assert!(vm_config_from_json(br#"{"memory": {"size": 1e400}}"#).is_err());
         assert!(vm_config_from_json(br#"{"memory": {"size": "big"}}"#).is_err());
-        assert!(
-            vm_config_from_json(br#"{"cpus": {"boot_vcpus": 300, "max_vcpus": 300}}"#).is_err()
-        );
+        assert!(vm_config_from_json(br#"{"cpus": {"boot_vcpus": 300, "max_vcpus": 300}}"#).is_err());
     }
 
     proptest::proptest! {

@@ -22,15 +22,9 @@ pub const MAX_MEMORY_SIZE: u64 = 1 << 40;
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("{option}: {message}")]
-    Cli {
-        option: &'static str,
-        message: String,
-    },
+    Cli { option: &'static str, message: String },
     #[error("{field}: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
+    Invalid { field: &'static str, message: String },
     #[error("{field}: not supported by Hekivisor")]
     Unsupported { field: String },
     #[error("invalid VM configuration: {message}")]
@@ -38,10 +32,7 @@ pub enum ConfigError {
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        message: message.into(),
-    }
+    ConfigError::Invalid { field, message: message.into() }
 }
 
 pub const DEFAULT_VCPUS: u8 = 1;
@@ -57,10 +48,7 @@ pub struct CpusConfig {
 
 impl Default for CpusConfig {
     fn default() -> Self {
-        CpusConfig {
-            boot_vcpus: DEFAULT_VCPUS,
-            max_vcpus: DEFAULT_VCPUS,
-        }
+        CpusConfig { boot_vcpus: DEFAULT_VCPUS, max_vcpus: DEFAULT_VCPUS }
     }
 }
 
@@ -73,9 +61,7 @@ pub struct MemoryConfig {
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        MemoryConfig {
-            size: DEFAULT_MEMORY_SIZE,
-        }
+        MemoryConfig { size: DEFAULT_MEMORY_SIZE }
     }
 }
 
@@ -114,11 +100,7 @@ pub struct HekiConfig {
 
 impl Default for HekiConfig {
     fn default() -> Self {
-        HekiConfig {
-            enabled: false,
-            policy: heki::Policy::Deny,
-            cr_check_interval_ms: DEFAULT_CR_CHECK_INTERVAL_MS,
-        }
+        HekiConfig { enabled: false, policy: heki::Policy::Deny, cr_check_interval_ms: DEFAULT_CR_CHECK_INTERVAL_MS }
     }
 }
 
@@ -139,14 +121,8 @@ impl Default for VmConfig {
             cpus: CpusConfig::default(),
             memory: MemoryConfig::default(),
             payload: None,
-            serial: ConsoleConfig {
-                mode: ConsoleOutputMode::Tty,
-                file: None,
-            },
-            console: ConsoleConfig {
-                mode: ConsoleOutputMode::Off,
-                file: None,
-            },
+            serial: ConsoleConfig { mode: ConsoleOutputMode::Tty, file: None },
+            console: ConsoleConfig { mode: ConsoleOutputMode::Off, file: None },
             heki: HekiConfig::default(),
         }
     }
@@ -157,39 +133,25 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let cpus = &self.cpus;
         if cpus.boot_vcpus == 0 || cpus.boot_vcpus > MAX_VCPUS {
-            return Err(invalid(
-                "cpus.boot_vcpus",
-                format!("must be 1..={MAX_VCPUS}, got {}", cpus.boot_vcpus),
-            ));
+            return Err(invalid("cpus.boot_vcpus", format!("must be 1..={MAX_VCPUS}, got {}", cpus.boot_vcpus)));
         }
         if cpus.max_vcpus != cpus.boot_vcpus {
-            return Err(invalid(
-                "cpus.max_vcpus",
-                "vCPU hotplug is not supported: max_vcpus must equal boot_vcpus",
-            ));
+            return Err(invalid("cpus.max_vcpus", "vCPU hotplug is not supported: max_vcpus must equal boot_vcpus"));
         }
         let size = self.memory.size;
         if size < (1 << 20) || !size.is_multiple_of(4096) || size > MAX_MEMORY_SIZE {
             return Err(invalid(
                 "memory.size",
-                format!(
-                    "must be a multiple of 4096 between 1 MiB and {MAX_MEMORY_SIZE} bytes, got {size}"
-                ),
+                format!("must be a multiple of 4096 between 1 MiB and {MAX_MEMORY_SIZE} bytes, got {size}"),
             ));
         }
-        for (field, console) in [
-            ("serial.file", &self.serial),
-            ("console.file", &self.console),
-        ] {
+        for (field, console) in [("serial.file", &self.serial), ("console.file", &self.console)] {
             if console.mode == ConsoleOutputMode::File && console.file.is_none() {
                 return Err(invalid(field, "mode File needs a file"));
             }
         }
         if self.console.mode == ConsoleOutputMode::File {
-            return Err(invalid(
-                "console.mode",
-                "virtio-console is not supported yet (File); use Off",
-            ));
+            return Err(invalid("console.mode", "virtio-console is not supported yet (File); use Off"));
         }
         if self.heki.cr_check_interval_ms == 0 || self.heki.cr_check_interval_ms > 60_000 {
             return Err(invalid("heki.cr_check_interval_ms", "must be 1..=60000"));

@@ -13,11 +13,7 @@ pub struct OptionValues<'a> {
 
 impl<'a> OptionValues<'a> {
     /// Splits `input`; every key must be one of `known` (or "" when bare words are allowed).
-    pub fn parse(
-        option: &'static str,
-        input: &'a str,
-        known: &[&str],
-    ) -> Result<Self, ConfigError> {
+    pub fn parse(option: &'static str, input: &'a str, known: &[&str]) -> Result<Self, ConfigError> {
         let mut values = BTreeMap::new();
         for part in input.split(',') {
             let (key, value) = match part.split_once('=') {
@@ -30,18 +26,12 @@ impl<'a> OptionValues<'a> {
                     message: if key.is_empty() {
                         format!("'{part}' is not of the form key=value")
                     } else {
-                        format!(
-                            "unknown key '{key}' (expected one of: {})",
-                            known.join(", ")
-                        )
+                        format!("unknown key '{key}' (expected one of: {})", known.join(", "))
                     },
                 });
             }
             if values.insert(key, value).is_some() {
-                return Err(ConfigError::Cli {
-                    option,
-                    message: format!("'{key}' given twice"),
-                });
+                return Err(ConfigError::Cli { option, message: format!("'{key}' given twice") });
             }
         }
         Ok(OptionValues { option, values })
@@ -52,18 +42,12 @@ impl<'a> OptionValues<'a> {
     }
 
     pub fn error(&self, message: String) -> ConfigError {
-        ConfigError::Cli {
-            option: self.option,
-            message,
-        }
+        ConfigError::Cli { option: self.option, message }
     }
 
     pub fn get_u64(&self, key: &str) -> Result<Option<u64>, ConfigError> {
         self.get(key)
-            .map(|v| {
-                v.parse::<u64>()
-                    .map_err(|_| self.error(format!("{key}={v}: not a whole number")))
-            })
+            .map(|v| v.parse::<u64>().map_err(|_| self.error(format!("{key}={v}: not a whole number"))))
             .transpose()
     }
 
@@ -88,12 +72,8 @@ pub fn parse_size(input: &str) -> Result<u64, String> {
         Some((i, 'T' | 't')) => (&input[..i], 40),
         _ => (input, 0),
     };
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{input}' is not a size (examples: 512M, 2G, 1048576)"))?;
-    value
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("'{input}' is too large"))
+    let value: u64 = digits.parse().map_err(|_| format!("'{input}' is not a size (examples: 512M, 2G, 1048576)"))?;
+    value.checked_mul(1u64 << shift).ok_or_else(|| format!("'{input}' is too large"))
 }
 
 #[cfg(test)]
@@ -109,19 +89,13 @@ mod tests {
         assert!(parse_size("").is_err());
         assert!(parse_size("12X").is_err());
         assert!(parse_size("-1M").is_err());
-        assert!(
-            parse_size("99999999999999999G")
-                .unwrap_err()
-                .contains("too large")
-        );
+        assert!(parse_size("99999999999999999G").unwrap_err().contains("too large"));
     }
 
     #[test]
     fn options_reject_unknown_and_repeated_keys() {
         assert!(OptionValues::parse("--cpus", "boot=2", &["boot"]).is_ok());
-        let unknown = OptionValues::parse("--cpus", "boot=2,bogus=1", &["boot"])
-            .err()
-            .expect("unknown key");
+        let unknown = OptionValues::parse("--cpus", "boot=2,bogus=1", &["boot"]).err().expect("unknown key");
         assert!(unknown.to_string().contains("unknown key 'bogus'"));
         assert!(OptionValues::parse("--cpus", "boot=2,boot=3", &["boot"]).is_err());
         assert!(OptionValues::parse("--cpus", "2", &["boot"]).is_err());

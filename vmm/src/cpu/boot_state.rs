@@ -5,8 +5,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::boot::EntryPoint;
 use crate::layout::{
-    BOOT_GDT_START, BOOT_IDT_START, BOOT_PDE_START, BOOT_PDPTE_START, BOOT_PML4_START,
-    BOOT_STACK_POINTER,
+    BOOT_GDT_START, BOOT_IDT_START, BOOT_PDE_START, BOOT_PDPTE_START, BOOT_PML4_START, BOOT_STACK_POINTER,
 };
 
 const CR0_PE: u64 = 1 << 0;
@@ -23,19 +22,10 @@ const TSS_SELECTOR: u16 = 0x20;
 /// Packs a segment into an 8-byte GDT descriptor.
 fn gdt_entry(seg: &Segment) -> u64 {
     let base = seg.base;
-    let limit = u64::from(if seg.g != 0 {
-        seg.limit >> 12
-    } else {
-        seg.limit
-    });
-    let access = u64::from(seg.type_)
-        | (u64::from(seg.s) << 4)
-        | (u64::from(seg.dpl) << 5)
-        | (u64::from(seg.present) << 7);
-    let flags = (u64::from(seg.avl))
-        | (u64::from(seg.l) << 1)
-        | (u64::from(seg.db) << 2)
-        | (u64::from(seg.g) << 3);
+    let limit = u64::from(if seg.g != 0 { seg.limit >> 12 } else { seg.limit });
+    let access =
+        u64::from(seg.type_) | (u64::from(seg.s) << 4) | (u64::from(seg.dpl) << 5) | (u64::from(seg.present) << 7);
+    let flags = (u64::from(seg.avl)) | (u64::from(seg.l) << 1) | (u64::from(seg.db) << 2) | (u64::from(seg.g) << 3);
     (limit & 0xffff)
         | ((base & 0xff_ffff) << 16)
         | (access << 40)
@@ -63,14 +53,7 @@ fn flat_segment(selector: u16, type_: u8, long_mode: bool) -> Segment {
 
 fn tss_segment() -> Segment {
     // A 32-bit busy TSS: KVM refuses to enter the guest with an unusable TR.
-    Segment {
-        base: 0,
-        limit: 0x67,
-        selector: TSS_SELECTOR,
-        type_: 11,
-        present: 1,
-        ..Default::default()
-    }
+    Segment { base: 0, limit: 0x67, selector: TSS_SELECTOR, type_: 11, present: 1, ..Default::default() }
 }
 
 /// Sets registers for `entry` and writes the GDT (and, for 64-bit entry,
@@ -98,19 +81,10 @@ pub fn boot_registers(
     sregs.gs = data;
     sregs.ss = data;
     sregs.tr = tss;
-    sregs.gdt = DescriptorTable {
-        base: BOOT_GDT_START,
-        limit: (gdt.len() * 8 - 1) as u16,
-    };
-    sregs.idt = DescriptorTable {
-        base: BOOT_IDT_START,
-        limit: 7,
-    };
+    sregs.gdt = DescriptorTable { base: BOOT_GDT_START, limit: (gdt.len() * 8 - 1) as u16 };
+    sregs.idt = DescriptorTable { base: BOOT_IDT_START, limit: 7 };
 
-    let mut regs = Regs {
-        rflags: RFLAGS_RESERVED,
-        ..Default::default()
-    };
+    let mut regs = Regs { rflags: RFLAGS_RESERVED, ..Default::default() };
     match entry {
         EntryPoint::Pvh { entry, start_info } => {
             sregs.cr0 = CR0_PE | CR0_ET;
@@ -141,10 +115,7 @@ fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<(), vm_memory::Gu
     mem.write_obj(BOOT_PDPTE_START | PRESENT_RW, GuestAddress(BOOT_PML4_START))?;
     mem.write_obj(BOOT_PDE_START | PRESENT_RW, GuestAddress(BOOT_PDPTE_START))?;
     for i in 0..512u64 {
-        mem.write_obj(
-            (i << 21) | PRESENT_RW | HUGE,
-            GuestAddress(BOOT_PDE_START + i * 8),
-        )?;
+        mem.write_obj((i << 21) | PRESENT_RW | HUGE, GuestAddress(BOOT_PDE_START + i * 8))?;
     }
     Ok(())
 }
@@ -156,29 +127,17 @@ mod tests {
     #[test]
     fn flat_code_descriptor_matches_the_architectural_encoding() {
         // 0x00cf9b000000ffff: base 0, limit 0xfffff, G, D, present, code execute/read accessed.
-        assert_eq!(
-            gdt_entry(&flat_segment(CODE_SELECTOR, 0xb, false)),
-            0x00cf_9b00_0000_ffff
-        );
+        assert_eq!(gdt_entry(&flat_segment(CODE_SELECTOR, 0xb, false)), 0x00cf_9b00_0000_ffff);
         // 64-bit code: L set, D clear.
-        assert_eq!(
-            gdt_entry(&flat_segment(CODE_SELECTOR, 0xb, true)),
-            0x00af_9b00_0000_ffff
-        );
+        assert_eq!(gdt_entry(&flat_segment(CODE_SELECTOR, 0xb, true)), 0x00af_9b00_0000_ffff);
     }
 
     #[test]
     fn pvh_entry_starts_in_protected_mode_with_start_info_in_rbx() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("test memory");
-        let (regs, sregs) = boot_registers(
-            &mem,
-            EntryPoint::Pvh {
-                entry: 0x100000,
-                start_info: 0x6000,
-            },
-            SpecialRegs::default(),
-        )
-        .expect("boot registers");
+        let (regs, sregs) =
+            boot_registers(&mem, EntryPoint::Pvh { entry: 0x100000, start_info: 0x6000 }, SpecialRegs::default())
+                .expect("boot registers");
         assert_eq!(regs.rip, 0x100000);
         assert_eq!(regs.rbx, 0x6000);
         assert_eq!(sregs.cr0 & (CR0_PE | CR0_PG), CR0_PE);

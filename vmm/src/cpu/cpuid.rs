@@ -18,19 +18,12 @@ const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
 pub type ExtraLeaves = Vec<CpuidEntry>;
 
 /// Builds the CPUID table for vCPU `cpu_id` of `cpu_count`.
-pub fn vcpu_cpuid(
-    supported: &[CpuidEntry],
-    cpu_id: u8,
-    cpu_count: u8,
-    extra: &[CpuidEntry],
-) -> Vec<CpuidEntry> {
+pub fn vcpu_cpuid(supported: &[CpuidEntry], cpu_id: u8, cpu_count: u8, extra: &[CpuidEntry]) -> Vec<CpuidEntry> {
     let mut table: Vec<CpuidEntry> = supported.to_vec();
     for entry in table.iter_mut() {
         match entry.function {
             LEAF_FEATURES => {
-                entry.ebx = (entry.ebx & 0x0000_ffff)
-                    | (u32::from(cpu_id) << 24)
-                    | (u32::from(cpu_count) << 16);
+                entry.ebx = (entry.ebx & 0x0000_ffff) | (u32::from(cpu_id) << 24) | (u32::from(cpu_count) << 16);
                 entry.ecx |= ECX_HYPERVISOR;
                 if cpu_count > 1 {
                     entry.edx |= EDX_HTT;
@@ -40,8 +33,7 @@ pub fn vcpu_cpuid(
             }
             LEAF_CACHE_TOPOLOGY => {
                 // EAX[31:26]: cores per package - 1; one thread per core.
-                entry.eax =
-                    (entry.eax & 0x03ff_ffff) | (u32::from(cpu_count.saturating_sub(1)) << 26);
+                entry.eax = (entry.eax & 0x03ff_ffff) | (u32::from(cpu_count.saturating_sub(1)) << 26);
             }
             LEAF_EXT_TOPOLOGY | LEAF_EXT_TOPOLOGY_V2 => topology_leaf(entry, cpu_id, cpu_count),
             LEAF_HYPERVISOR => {
@@ -87,11 +79,7 @@ mod tests {
     use super::*;
 
     fn leaf(function: u32, index: u32) -> CpuidEntry {
-        CpuidEntry {
-            function,
-            index,
-            ..Default::default()
-        }
+        CpuidEntry { function, index, ..Default::default() }
     }
 
     #[test]
@@ -114,22 +102,9 @@ mod tests {
 
     #[test]
     fn extra_leaves_replace_existing_ones() {
-        let extra = CpuidEntry {
-            function: 0x4000_0100,
-            eax: 7,
-            ..Default::default()
-        };
+        let extra = CpuidEntry { function: 0x4000_0100, eax: 7, ..Default::default() };
         let table = vcpu_cpuid(&[leaf(0x4000_0100, 0)], 0, 1, &[extra]);
-        assert_eq!(
-            table.iter().filter(|e| e.function == 0x4000_0100).count(),
-            1
-        );
-        assert_eq!(
-            table
-                .iter()
-                .find(|e| e.function == 0x4000_0100)
-                .map(|e| e.eax),
-            Some(7)
-        );
+        assert_eq!(table.iter().filter(|e| e.function == 0x4000_0100).count(), 1);
+        assert_eq!(table.iter().find(|e| e.function == 0x4000_0100).map(|e| e.eax), Some(7));
     }
 }

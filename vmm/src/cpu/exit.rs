@@ -45,12 +45,7 @@ pub enum ExitOutcome {
 }
 
 /// Dispatches one exit.
-pub fn handle_exit(
-    exit: VmExit<'_>,
-    vcpu: u8,
-    pio: &PioBus,
-    heki_port: Option<u16>,
-) -> ExitOutcome {
+pub fn handle_exit(exit: VmExit<'_>, vcpu: u8, pio: &PioBus, heki_port: Option<u16>) -> ExitOutcome {
     match exit {
         VmExit::IoIn { port, data } => {
             pio.read(port, data);
@@ -60,60 +55,39 @@ pub fn handle_exit(
         VmExit::IoOut { port, data } => match pio.write(port, data) {
             DeviceAction::None => ExitOutcome::Continue,
             DeviceAction::PowerOff => ExitOutcome::Stop(VcpuEvent::PowerOff { vcpu }),
-            DeviceAction::Reset => ExitOutcome::Stop(VcpuEvent::Reset {
-                vcpu,
-                cause: "device",
-            }),
+            DeviceAction::Reset => ExitOutcome::Stop(VcpuEvent::Reset { vcpu, cause: "device" }),
         },
         VmExit::MmioRead { data, .. } => {
             data.fill(0xff);
             ExitOutcome::Continue
         }
-        VmExit::MmioWrite { gpa, data } => ExitOutcome::ProtectedWrite {
-            gpa,
-            data: data.to_vec(),
-        },
+        VmExit::MmioWrite { gpa, data } => ExitOutcome::ProtectedWrite { gpa, data: data.to_vec() },
         VmExit::MsrRead(mut msr) => {
             msr.inject_gp();
             ExitOutcome::Continue
         }
-        VmExit::MsrWrite(msr) => ExitOutcome::MsrWrite {
-            index: msr.index,
-            value: msr.value,
-        },
+        VmExit::MsrWrite(msr) => ExitOutcome::MsrWrite { index: msr.index, value: msr.value },
         VmExit::Hlt | VmExit::Interrupted | VmExit::Hypercall { .. } => ExitOutcome::Continue,
-        VmExit::Shutdown => ExitOutcome::Stop(VcpuEvent::Reset {
-            vcpu,
-            cause: "triple fault",
-        }),
-        VmExit::SystemEvent(SystemEventKind::Reset) => ExitOutcome::Stop(VcpuEvent::Reset {
-            vcpu,
-            cause: "system event",
-        }),
-        VmExit::SystemEvent(SystemEventKind::Shutdown) => {
-            ExitOutcome::Stop(VcpuEvent::PowerOff { vcpu })
+        VmExit::Shutdown => ExitOutcome::Stop(VcpuEvent::Reset { vcpu, cause: "triple fault" }),
+        VmExit::SystemEvent(SystemEventKind::Reset) => {
+            ExitOutcome::Stop(VcpuEvent::Reset { vcpu, cause: "system event" })
         }
-        VmExit::SystemEvent(kind) => ExitOutcome::Stop(VcpuEvent::Failed {
-            vcpu,
-            error: format!("guest system event {kind:?}"),
-        }),
-        VmExit::EmulationFailure(failure) => ExitOutcome::EmulationFailure {
-            insn_bytes: failure.insn_bytes,
-        },
+        VmExit::SystemEvent(SystemEventKind::Shutdown) => ExitOutcome::Stop(VcpuEvent::PowerOff { vcpu }),
+        VmExit::SystemEvent(kind) => {
+            ExitOutcome::Stop(VcpuEvent::Failed { vcpu, error: format!("guest system event {kind:?}") })
+        }
+        VmExit::EmulationFailure(failure) => ExitOutcome::EmulationFailure { insn_bytes: failure.insn_bytes },
         VmExit::InternalError { suberror, data } => ExitOutcome::Stop(VcpuEvent::Failed {
             vcpu,
             error: format!("KVM internal error (suberror {suberror}, data {data:x?})"),
         }),
         VmExit::FailEntry { reason, cpu } => ExitOutcome::Stop(VcpuEvent::Failed {
             vcpu,
-            error: format!(
-                "KVM could not enter the guest (hardware reason {reason:#x} on host CPU {cpu})"
-            ),
+            error: format!("KVM could not enter the guest (hardware reason {reason:#x} on host CPU {cpu})"),
         }),
-        VmExit::Unhandled(what) => ExitOutcome::Stop(VcpuEvent::Failed {
-            vcpu,
-            error: format!("unhandled vCPU exit: {what}"),
-        }),
+        VmExit::Unhandled(what) => {
+            ExitOutcome::Stop(VcpuEvent::Failed { vcpu, error: format!("unhandled vCPU exit: {what}") })
+        }
     }
 }
 
@@ -127,43 +101,24 @@ mod tests {
 
     fn platform_bus() -> PioBus {
         let mut bus = PioBus::default();
-        bus.insert(
-            ports::ACPI_SLEEP_CONTROL,
-            3,
-            Arc::new(Mutex::new(AcpiPmDevice)),
-        );
+        bus.insert(ports::ACPI_SLEEP_CONTROL, 3, Arc::new(Mutex::new(AcpiPmDevice)));
         bus.insert(ports::I8042_DATA, 5, Arc::new(Mutex::new(I8042Device)));
         bus
     }
 
     #[test]
     fn acpi_s5_write_stops_with_poweroff() {
-        let exit = VmExit::IoOut {
-            port: 0x600,
-            data: &[0x34],
-        };
-        assert_eq!(
-            handle_exit(exit, 1, &platform_bus(), None),
-            ExitOutcome::Stop(VcpuEvent::PowerOff { vcpu: 1 })
-        );
+        let exit = VmExit::IoOut { port: 0x600, data: &[0x34] };
+        assert_eq!(handle_exit(exit, 1, &platform_bus(), None), ExitOutcome::Stop(VcpuEvent::PowerOff { vcpu: 1 }));
     }
 
     #[test]
     fn i8042_reset_and_triple_fault_are_resets() {
-        let exit = VmExit::IoOut {
-            port: 0x64,
-            data: &[0xfe],
-        };
-        assert!(matches!(
-            handle_exit(exit, 0, &platform_bus(), None),
-            ExitOutcome::Stop(VcpuEvent::Reset { .. })
-        ));
+        let exit = VmExit::IoOut { port: 0x64, data: &[0xfe] };
+        assert!(matches!(handle_exit(exit, 0, &platform_bus(), None), ExitOutcome::Stop(VcpuEvent::Reset { .. })));
         assert!(matches!(
             handle_exit(VmExit::Shutdown, 0, &platform_bus(), None),
-            ExitOutcome::Stop(VcpuEvent::Reset {
-                cause: "triple fault",
-                ..
-            })
+            ExitOutcome::Stop(VcpuEvent::Reset { cause: "triple fault", .. })
         ));
     }
 
@@ -171,43 +126,16 @@ mod tests {
     fn doorbell_port_is_a_heki_call_only_when_registered() {
         let bus = platform_bus();
         assert_eq!(
-            handle_exit(
-                VmExit::IoOut {
-                    port: 0x580,
-                    data: &[0; 4]
-                },
-                0,
-                &bus,
-                Some(0x580)
-            ),
+            handle_exit(VmExit::IoOut { port: 0x580, data: &[0; 4] }, 0, &bus, Some(0x580)),
             ExitOutcome::HekiCall
         );
-        assert_eq!(
-            handle_exit(
-                VmExit::IoOut {
-                    port: 0x580,
-                    data: &[0; 4]
-                },
-                0,
-                &bus,
-                None
-            ),
-            ExitOutcome::Continue
-        );
+        assert_eq!(handle_exit(VmExit::IoOut { port: 0x580, data: &[0; 4] }, 0, &bus, None), ExitOutcome::Continue);
     }
 
     #[test]
     fn unclaimed_port_reads_all_ones() {
         let mut data = [0u8; 4];
-        let outcome = handle_exit(
-            VmExit::IoIn {
-                port: 0x1234,
-                data: &mut data,
-            },
-            0,
-            &platform_bus(),
-            None,
-        );
+        let outcome = handle_exit(VmExit::IoIn { port: 0x1234, data: &mut data }, 0, &platform_bus(), None);
         assert_eq!(outcome, ExitOutcome::Continue);
         assert_eq!(data, [0xff; 4]);
     }

@@ -118,8 +118,7 @@ mod tests {
     #[test]
     fn pause_blocks_entry_until_resume() {
         let gate = Arc::new(VcpuGate::default());
-        gate.pause_all(Duration::from_secs(1))
-            .expect("no vCPU is running");
+        gate.pause_all(Duration::from_secs(1)).expect("no vCPU is running");
         let entered = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (g, e) = (gate.clone(), entered.clone());
         let t = std::thread::spawn(move || {

@@ -18,8 +18,8 @@ pub fn install_kick_handler() -> std::io::Result<()> {
     static INSTALL: Once = Once::new();
     let mut result = Ok(());
     INSTALL.call_once(|| {
-        result = register_signal_handler(kick_signal(), on_kick)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+        result =
+            register_signal_handler(kick_signal(), on_kick).map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
     });
     result
 }

@@ -41,9 +41,7 @@ impl ExitCounters {
         self.exits.fetch_add(1, Ordering::Relaxed);
         match exit {
             VmExit::IoIn { .. } | VmExit::IoOut { .. } => self.pio.fetch_add(1, Ordering::Relaxed),
-            VmExit::MmioRead { .. } | VmExit::MmioWrite { .. } => {
-                self.mmio.fetch_add(1, Ordering::Relaxed)
-            }
+            VmExit::MmioRead { .. } | VmExit::MmioWrite { .. } => self.mmio.fetch_add(1, Ordering::Relaxed),
             _ => 0,
         };
     }
@@ -59,11 +57,7 @@ impl ExitCounters {
 
 impl VcpuContext {
     fn report(&self, event: VcpuEvent) {
-        let sent = self
-            .events
-            .lock()
-            .map(|tx| tx.send(event).is_ok())
-            .unwrap_or(false);
+        let sent = self.events.lock().map(|tx| tx.send(event).is_ok()).unwrap_or(false);
         if sent {
             let _ = self.events_wake.write(1);
         }
@@ -92,10 +86,7 @@ pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
                 }
                 handle_exit(exit, id, &ctx.pio, ctx.heki_port)
             }
-            Err(e) => ExitOutcome::Stop(VcpuEvent::Failed {
-                vcpu: id,
-                error: format!("{e}"),
-            }),
+            Err(e) => ExitOutcome::Stop(VcpuEvent::Failed { vcpu: id, error: format!("{e}") }),
         };
         let keep_going = match outcome {
             ExitOutcome::Continue => true,
@@ -110,9 +101,7 @@ pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
                 }
             },
             ExitOutcome::HekiCall => match &ctx.heki {
-                Some(heki) => {
-                    apply_heki_action(&ctx, id, doorbell::handle_doorbell(&vcpu, heki, &ctx.gate))
-                }
+                Some(heki) => apply_heki_action(&ctx, id, doorbell::handle_doorbell(&vcpu, heki, &ctx.gate)),
                 None => true,
             },
             ExitOutcome::ProtectedWrite { gpa, data } => match &ctx.heki {
@@ -187,20 +176,12 @@ fn describe_emulation_failure(vcpu: &Vcpu, bytes: Option<Vec<u8>>) -> String {
     let rip = match vcpu.regs() {
         Ok(regs) => regs.rip,
         Err(e) => {
-            return format!(
-                "KVM could not emulate a guest instruction (registers unavailable: {e})"
-            );
+            return format!("KVM could not emulate a guest instruction (registers unavailable: {e})");
         }
     };
     let bytes = match bytes {
-        Some(b) => b
-            .iter()
-            .map(|x| format!("{x:02x}"))
-            .collect::<Vec<_>>()
-            .join(" "),
+        Some(b) => b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" "),
         None => "unavailable".into(),
     };
-    format!(
-        "KVM could not emulate the guest instruction at RIP {rip:#x} (instruction bytes: {bytes})"
-    )
+    format!("KVM could not emulate the guest instruction at RIP {rip:#x} (instruction bytes: {bytes})")
 }

@@ -23,10 +23,7 @@ impl PioDevice for AcpiPmDevice {
             return DeviceAction::None;
         };
         match ACPI_SLEEP_CONTROL + offset {
-            ACPI_SLEEP_CONTROL
-                if value & SLP_EN != 0
-                    && (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK == S5_SLEEP_TYPE =>
-            {
+            ACPI_SLEEP_CONTROL if value & SLP_EN != 0 && (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK == S5_SLEEP_TYPE => {
                 DeviceAction::PowerOff
             }
             ACPI_RESET_REGISTER if value == ACPI_RESET_VALUE => DeviceAction::Reset,

@@ -27,8 +27,9 @@ impl PioBus {
     pub fn insert(&mut self, base: u16, len: u16, device: Arc<Mutex<dyn PioDevice>>) {
         let end = u32::from(base) + u32::from(len);
         assert!(
-            self.entries.iter().all(|e| end <= u32::from(e.base)
-                || u32::from(e.base) + u32::from(e.len) <= u32::from(base)),
+            self.entries
+                .iter()
+                .all(|e| end <= u32::from(e.base) || u32::from(e.base) + u32::from(e.len) <= u32::from(base)),
             "I/O port range {base:#x}+{len} overlaps another device"
         );
         self.entries.push(BusEntry { base, len, device });
@@ -36,10 +37,7 @@ impl PioBus {
     }
 
     fn find(&self, port: u16) -> Option<(&BusEntry, u16)> {
-        let idx = self
-            .entries
-            .partition_point(|e| e.base <= port)
-            .checked_sub(1)?;
+        let idx = self.entries.partition_point(|e| e.base <= port).checked_sub(1)?;
         let entry = &self.entries[idx];
         let offset = port - entry.base;
         (offset < entry.len).then_some((entry, offset))
@@ -64,12 +62,8 @@ impl PioBus {
 
 /// A poisoned device lock only means another vCPU thread panicked mid-access;
 /// device state is still usable.
-fn lock<'a>(
-    device: &'a Mutex<dyn PioDevice + 'static>,
-) -> std::sync::MutexGuard<'a, dyn PioDevice + 'static> {
-    device
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+fn lock<'a>(device: &'a Mutex<dyn PioDevice + 'static>) -> std::sync::MutexGuard<'a, dyn PioDevice + 'static> {
+    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -27,9 +27,7 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     pub fn new(irq: EventFd, out: SerialOutput) -> Self {
-        SerialDevice {
-            uart: Serial::new(IrqTrigger(irq), out),
-        }
+        SerialDevice { uart: Serial::new(IrqTrigger(irq), out) }
     }
 
     /// Feeds host input (stdin) to the guest.

@@ -12,18 +12,11 @@ use super::runtime::HekiRuntime;
 const EXEC_REASON: &str = "execute permissions need kernel support (per-page EPT execute control) that upstream KVM does not offer; EXEC is recorded but not enforced";
 
 pub(crate) fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResult {
-    let config = vmm
-        .config
-        .as_ref()
-        .ok_or_else(|| ApiError::NotFound("no VM has been created".into()))?;
+    let config = vmm.config.as_ref().ok_or_else(|| ApiError::NotFound("no VM has been created".into()))?;
     let enabled = config.heki.enabled;
     let runtime = vmm.vm.as_ref().and_then(|vm| vm.heki().cloned());
     match request {
-        ApiRequest::VmHeki => Ok(Some(report(
-            enabled,
-            config.heki.policy,
-            runtime.as_deref(),
-        ))),
+        ApiRequest::VmHeki => Ok(Some(report(enabled, config.heki.policy, runtime.as_deref()))),
         ApiRequest::VmHekiPolicy(policy) => {
             if let Some(config) = vmm.config.as_mut() {
                 config.heki.policy = policy;
@@ -46,22 +39,14 @@ pub(crate) fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResult {
         ApiRequest::VmHekiPin(body) => {
             let rt = running(enabled, runtime.as_deref())?;
             if vmm.state != crate::vmm::VmState::Running {
-                return Err(ApiError::Conflict(
-                    "the VM must be running to read its registers".into(),
-                ));
+                return Err(ApiError::Conflict("the VM must be running to read its registers".into()));
             }
             let request = pin_request(body)?;
             if !request.msrs.is_empty() && !rt.msr_pinning() {
-                return Err(ApiError::Conflict(
-                    "this host's KVM cannot filter MSR writes".into(),
-                ));
+                return Err(ApiError::Conflict("this host's KVM cannot filter MSR writes".into()));
             }
-            let vm = vmm
-                .vm
-                .as_ref()
-                .ok_or_else(|| ApiError::Conflict("the VM is not running".into()))?;
-            rt.pin_from_host(request, || vm.gate().kick_all(), vm.vcpu_count())
-                .map_err(ApiError::BadRequest)?;
+            let vm = vmm.vm.as_ref().ok_or_else(|| ApiError::Conflict("the VM is not running".into()))?;
+            rt.pin_from_host(request, || vm.gate().kick_all(), vm.vcpu_count()).map_err(ApiError::BadRequest)?;
             Ok(None)
         }
         _ => Err(ApiError::Internal("not a heki request".into())),
@@ -156,42 +141,34 @@ struct RangeBody {
     permissions: Vec<String>,
 }
 
-fn protect(
-    rt: &HekiRuntime,
-    body: serde_json::Value,
-    gate: Option<&crate::cpu::VcpuGate>,
-) -> ApiResult {
-    let body: ProtectBody = serde_json::from_value(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid vm.heki-protect body: {e}")))?;
+fn protect(rt: &HekiRuntime, body: serde_json::Value, gate: Option<&crate::cpu::VcpuGate>) -> ApiResult {
+    let body: ProtectBody =
+        serde_json::from_value(body).map_err(|e| ApiError::BadRequest(format!("invalid vm.heki-protect body: {e}")))?;
     if body.ranges.is_empty() {
         return Err(ApiError::BadRequest("ranges is empty".into()));
     }
     let mut ranges = Vec::with_capacity(body.ranges.len());
     for (i, r) in body.ranges.iter().enumerate() {
-        let perms = Permissions::from_names(&r.permissions)
-            .map_err(|e| ApiError::BadRequest(format!("ranges[{i}]: {e}")))?;
+        let perms =
+            Permissions::from_names(&r.permissions).map_err(|e| ApiError::BadRequest(format!("ranges[{i}]: {e}")))?;
         let end = r
             .gpa
             .checked_add(r.size)
             .ok_or_else(|| ApiError::BadRequest(format!("ranges[{i}]: gpa + size overflows")))?;
-        let range = ProtectRange::from_entry(r.gpa, end, perms.bits(), rt.ram())
-            .map_err(|e| abi_error(i, e))?;
+        let range = ProtectRange::from_entry(r.gpa, end, perms.bits(), rt.ram()).map_err(|e| abi_error(i, e))?;
         ranges.push(range);
     }
-    rt.protect_pages(&ranges, "api", gate)
-        .map_err(|e| abi_error(0, e).rename_all())?;
+    rt.protect_pages(&ranges, "api", gate).map_err(|e| abi_error(0, e).rename_all())?;
     Ok(None)
 }
 
 fn abi_error(index: usize, e: AbiError) -> ApiError {
     match e {
-        AbiError::InvalidArgument => ApiError::BadRequest(format!(
-            "ranges[{index}]: gpa and size must be page aligned and size non-zero"
-        )),
-        AbiError::BadAddress => ApiError::BadRequest(format!("ranges[{index}]: outside guest RAM")),
-        AbiError::NotPermitted => {
-            ApiError::Conflict("the request touches an immutable page".into())
+        AbiError::InvalidArgument => {
+            ApiError::BadRequest(format!("ranges[{index}]: gpa and size must be page aligned and size non-zero"))
         }
+        AbiError::BadAddress => ApiError::BadRequest(format!("ranges[{index}]: outside guest RAM")),
+        AbiError::NotPermitted => ApiError::Conflict("the request touches an immutable page".into()),
         AbiError::NoSpace => ApiError::Conflict("KVM memslot budget exhausted".into()),
         other => ApiError::Internal(other.to_string()),
     }
@@ -223,29 +200,15 @@ struct PinBody {
 }
 
 fn parse_hex(field: &str, text: &str) -> Result<u64, ApiError> {
-    let digits = text
-        .strip_prefix("0x")
-        .or_else(|| text.strip_prefix("0X"))
-        .unwrap_or(text);
-    u64::from_str_radix(digits, 16)
-        .map_err(|_| ApiError::BadRequest(format!("{field}: '{text}' is not a hex number")))
+    let digits = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")).unwrap_or(text);
+    u64::from_str_radix(digits, 16).map_err(|_| ApiError::BadRequest(format!("{field}: '{text}' is not a hex number")))
 }
 
 fn pin_request(body: serde_json::Value) -> Result<super::pins::PinRequest, ApiError> {
-    let body: PinBody = serde_json::from_value(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid vm.heki-pin body: {e}")))?;
-    let cr0 = body
-        .cr0
-        .as_deref()
-        .map(|v| parse_hex("cr0", v))
-        .transpose()?
-        .unwrap_or(0);
-    let cr4 = body
-        .cr4
-        .as_deref()
-        .map(|v| parse_hex("cr4", v))
-        .transpose()?
-        .unwrap_or(0);
+    let body: PinBody =
+        serde_json::from_value(body).map_err(|e| ApiError::BadRequest(format!("invalid vm.heki-pin body: {e}")))?;
+    let cr0 = body.cr0.as_deref().map(|v| parse_hex("cr0", v)).transpose()?.unwrap_or(0);
+    let cr4 = body.cr4.as_deref().map(|v| parse_hex("cr4", v)).transpose()?.unwrap_or(0);
     use heki::pins::{CR0_PINNABLE, CR4_PINNABLE, PINNABLE_MSRS};
     if cr0 & !CR0_PINNABLE != 0 || cr4 & !CR4_PINNABLE != 0 {
         return Err(ApiError::BadRequest(
@@ -254,20 +217,11 @@ fn pin_request(body: serde_json::Value) -> Result<super::pins::PinRequest, ApiEr
     }
     let mut msrs = Vec::new();
     for m in &body.msrs {
-        let index = u32::try_from(parse_hex("msrs", m)?)
-            .ok()
-            .filter(|i| PINNABLE_MSRS.contains(i));
-        msrs.push(
-            index.ok_or_else(|| ApiError::BadRequest(format!("msrs: {m} cannot be pinned")))?,
-        );
+        let index = u32::try_from(parse_hex("msrs", m)?).ok().filter(|i| PINNABLE_MSRS.contains(i));
+        msrs.push(index.ok_or_else(|| ApiError::BadRequest(format!("msrs: {m} cannot be pinned")))?);
     }
     if cr0 == 0 && cr4 == 0 && msrs.is_empty() {
         return Err(ApiError::BadRequest("nothing to pin".into()));
     }
-    Ok(super::pins::PinRequest {
-        cr0,
-        cr4,
-        msrs,
-        apply: false,
-    })
+    Ok(super::pins::PinRequest { cr0, cr4, msrs, apply: false })
 }

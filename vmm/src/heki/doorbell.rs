@@ -42,26 +42,17 @@ pub fn handle_doorbell(vcpu: &Vcpu, heki: &HekiRuntime, gate: &VcpuGate) -> Heki
     action
 }
 
-fn execute(
-    call: HekiCall,
-    vcpu: &Vcpu,
-    heki: &HekiRuntime,
-    gate: &VcpuGate,
-) -> Result<u64, AbiError> {
+fn execute(call: HekiCall, vcpu: &Vcpu, heki: &HekiRuntime, gate: &VcpuGate) -> Result<u64, AbiError> {
     match call {
         HekiCall::Version => Ok(heki::abi::ABI_VERSION),
         HekiCall::ProtectMemory { list } => {
             let ranges = heki.decode_page_list(list)?;
             heki.protect_pages(&ranges, "guest", Some(gate)).map(|_| 0)
         }
-        HekiCall::ProtectBytes { gpa, len } => {
-            heki.protect_bytes(gpa, len, "guest", Some(gate)).map(|_| 0)
-        }
+        HekiCall::ProtectBytes { gpa, len } => heki.protect_bytes(gpa, len, "guest", Some(gate)).map(|_| 0),
         HekiCall::Query { gpa } => heki.query(gpa),
         HekiCall::PinCr { register, mask } => heki.pin_cr(vcpu, register, mask).map(|_| 0),
         HekiCall::PinMsr { index } if heki.msr_pinning() => heki.pin_msr(vcpu, index).map(|_| 0),
-        HekiCall::PinMsr { .. } | HekiCall::SetShared | HekiCall::Unknown(_) => {
-            Err(AbiError::NotImplemented)
-        }
+        HekiCall::PinMsr { .. } | HekiCall::SetShared | HekiCall::Unknown(_) => Err(AbiError::NotImplemented),
     }
 }

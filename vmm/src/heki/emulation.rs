@@ -14,11 +14,10 @@ impl HekiRuntime {
         let mut regs = vcpu.regs().ok()?;
         let sregs = vcpu.sregs().ok()?;
         let gprs = [
-            regs.rax, regs.rcx, regs.rdx, regs.rbx, regs.rsp, regs.rbp, regs.rsi, regs.rdi,
-            regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
+            regs.rax, regs.rcx, regs.rdx, regs.rbx, regs.rsp, regs.rbp, regs.rsi, regs.rdi, regs.r8, regs.r9, regs.r10,
+            regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
         ];
-        let op =
-            heki::insn::decode_memory_write(insn, regs.rip, &gprs, sregs.fs.base, sregs.gs.base)?;
+        let op = heki::insn::decode_memory_write(insn, regs.rip, &gprs, sregs.fs.base, sregs.gs.base)?;
         let gpa = vcpu.translate_gva(op.address).ok()??;
         let check = self.state_check_write(gpa, op.size.min(64) as usize);
         if check.allowed() {
@@ -26,11 +25,7 @@ impl HekiRuntime {
         }
         let policy = self.policy();
         // KVM could not carry the write out, so not even `log` performs it.
-        let action = if policy == Policy::Log {
-            "denied"
-        } else {
-            action_name(policy)
-        };
+        let action = if policy == Policy::Log { "denied" } else { action_name(policy) };
         let mut record = Violation::new("write", action);
         record.vcpu = Some(vcpu.id());
         record.gpa = Some(gpa);

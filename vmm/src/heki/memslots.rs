@@ -45,16 +45,7 @@ impl MemslotTable {
     pub fn new(initial: &[MemSlot], max_slots: usize) -> Self {
         let installed: BTreeMap<SlotSpec, u32> = initial
             .iter()
-            .map(|s| {
-                (
-                    SlotSpec {
-                        gpa: s.guest_addr,
-                        size: s.size,
-                        readonly: s.readonly,
-                    },
-                    s.slot,
-                )
-            })
+            .map(|s| (SlotSpec { gpa: s.guest_addr, size: s.size, readonly: s.readonly }, s.slot))
             .collect();
         let next_unused = installed.values().map(|id| id + 1).max().unwrap_or(0);
         MemslotTable {
@@ -83,17 +74,9 @@ impl MemslotTable {
         wanted: &[SlotSpec],
         gate: Option<&VcpuGate>,
     ) -> Result<(), MemslotError> {
-        let remove: Vec<(SlotSpec, u32)> = self
-            .installed
-            .iter()
-            .filter(|(spec, _)| !wanted.contains(spec))
-            .map(|(s, id)| (*s, *id))
-            .collect();
-        let add: Vec<SlotSpec> = wanted
-            .iter()
-            .filter(|spec| !self.installed.contains_key(spec))
-            .copied()
-            .collect();
+        let remove: Vec<(SlotSpec, u32)> =
+            self.installed.iter().filter(|(spec, _)| !wanted.contains(spec)).map(|(s, id)| (*s, *id)).collect();
+        let add: Vec<SlotSpec> = wanted.iter().filter(|spec| !self.installed.contains_key(spec)).copied().collect();
         if remove.is_empty() && add.is_empty() {
             return Ok(());
         }

@@ -47,9 +47,7 @@ impl PinState {
     }
 
     fn pins(&self, vcpu: u8) -> Option<std::sync::MutexGuard<'_, VcpuPins>> {
-        self.pins
-            .get(usize::from(vcpu))
-            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+        self.pins.get(usize::from(vcpu)).map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub fn any_cr_pins(&self) -> bool {
@@ -58,19 +56,13 @@ impl PinState {
 
     /// Every vCPU's pins, for `vm.heki`.
     pub fn snapshot(&self) -> Vec<VcpuPins> {
-        self.pins
-            .iter()
-            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()).clone())
-            .collect()
+        self.pins.iter().map(|m| m.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect()
     }
 
     /// Union of pinned MSRs across vCPUs: the VM-wide write filter.
     fn filtered_msrs(&self) -> Vec<u32> {
-        let mut all: Vec<u32> = self
-            .snapshot()
-            .iter()
-            .flat_map(|p| p.msrs.keys().copied().collect::<Vec<_>>())
-            .collect();
+        let mut all: Vec<u32> =
+            self.snapshot().iter().flat_map(|p| p.msrs.keys().copied().collect::<Vec<_>>()).collect();
         all.sort_unstable();
         all.dedup();
         all
@@ -90,51 +82,31 @@ impl HekiRuntime {
             ControlRegister::Cr0 => sregs.cr0,
             ControlRegister::Cr4 => sregs.cr4,
         };
-        let mut pins = self
-            .pin_state
-            .pins(vcpu.id())
-            .ok_or(AbiError::InvalidArgument)?;
+        let mut pins = self.pin_state.pins(vcpu.id()).ok_or(AbiError::InvalidArgument)?;
         pins.pin_cr(register, mask, current).map_err(pin_errno)?;
         self.pin_state.has_cr_pins[usize::from(vcpu.id())].store(true, Ordering::Relaxed);
         drop(pins);
         crate::events::emit(
             "heki",
             "pinned",
-            &[
-                ("vcpu", vcpu.id().to_string()),
-                ("register", register.name().into()),
-                ("mask", format!("{mask:#x}")),
-            ],
+            &[("vcpu", vcpu.id().to_string()), ("register", register.name().into()), ("mask", format!("{mask:#x}"))],
         );
         Ok(())
     }
 
     /// PIN_MSR from the guest: pins the calling vCPU's current value.
     pub fn pin_msr(&self, vcpu: &Vcpu, index: u64) -> Result<(), AbiError> {
-        let index = u32::try_from(index)
-            .ok()
-            .filter(|i| PINNABLE_MSRS.contains(i))
-            .ok_or(AbiError::InvalidArgument)?;
+        let index = u32::try_from(index).ok().filter(|i| PINNABLE_MSRS.contains(i)).ok_or(AbiError::InvalidArgument)?;
         let value = vcpu.msr(index).map_err(|_| AbiError::InvalidArgument)?;
-        self.pin_state
-            .pins(vcpu.id())
-            .ok_or(AbiError::InvalidArgument)?
-            .pin_msr(index, value)
-            .map_err(pin_errno)?;
-        self.kvm_vm()
-            .set_msr_write_filter(&self.pin_state.filtered_msrs())
-            .map_err(|e| {
-                log::error!("heki: cannot update the MSR filter: {e}");
-                AbiError::NoSpace
-            })?;
+        self.pin_state.pins(vcpu.id()).ok_or(AbiError::InvalidArgument)?.pin_msr(index, value).map_err(pin_errno)?;
+        self.kvm_vm().set_msr_write_filter(&self.pin_state.filtered_msrs()).map_err(|e| {
+            log::error!("heki: cannot update the MSR filter: {e}");
+            AbiError::NoSpace
+        })?;
         crate::events::emit(
             "heki",
             "pinned",
-            &[
-                ("vcpu", vcpu.id().to_string()),
-                ("msr", format!("{index:#x}")),
-                ("value", format!("{value:#x}")),
-            ],
+            &[("vcpu", vcpu.id().to_string()), ("msr", format!("{index:#x}")), ("value", format!("{value:#x}"))],
         );
         Ok(())
     }
@@ -142,12 +114,7 @@ impl HekiRuntime {
     /// Checks (and under deny/pause/shutdown restores) this vCPU's pinned CR bits.
     pub fn check_crs(&self, vcpu: &Vcpu) -> HekiAction {
         let id = vcpu.id();
-        if !self
-            .pin_state
-            .has_cr_pins
-            .get(usize::from(id))
-            .is_some_and(|b| b.load(Ordering::Relaxed))
-        {
+        if !self.pin_state.has_cr_pins.get(usize::from(id)).is_some_and(|b| b.load(Ordering::Relaxed)) {
             return HekiAction::Continue;
         }
         let Ok(mut sregs) = vcpu.sregs() else {
@@ -164,22 +131,14 @@ impl HekiRuntime {
         let mut action = HekiAction::Continue;
         for v in &found {
             if policy == Policy::Log {
-                let mut last = self.pin_state.last_logged[usize::from(id)]
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let mut last = self.pin_state.last_logged[usize::from(id)].lock().unwrap_or_else(|p| p.into_inner());
                 if *last == Some((v.register, v.value)) {
                     continue;
                 }
                 *last = Some((v.register, v.value));
             }
-            let mut record = Violation::new(
-                "cr",
-                if policy == Policy::Deny {
-                    "restored"
-                } else {
-                    action_name(policy)
-                },
-            );
+            let mut record =
+                Violation::new("cr", if policy == Policy::Deny { "restored" } else { action_name(policy) });
             record.vcpu = Some(id);
             record.rip = vcpu.regs().ok().map(|r| r.rip);
             record.details.insert("register", v.register.name().into());
@@ -205,11 +164,8 @@ impl HekiRuntime {
     /// A guest `wrmsr` to a filtered MSR: judge it, then complete the exit.
     pub fn on_msr_write(&self, vcpu: &mut Vcpu, index: u32, value: u64) -> HekiAction {
         let id = vcpu.id();
-        let verdict = self
-            .pin_state
-            .pins(id)
-            .map(|p| p.check_msr_write(index, value))
-            .unwrap_or(MsrWriteVerdict::NotPinned);
+        let verdict =
+            self.pin_state.pins(id).map(|p| p.check_msr_write(index, value)).unwrap_or(MsrWriteVerdict::NotPinned);
         let policy = self.policy();
         let (perform, action) = match verdict {
             MsrWriteVerdict::NotPinned | MsrWriteVerdict::SameValue => (true, HekiAction::Continue),
@@ -234,11 +190,7 @@ impl HekiRuntime {
     pub fn serve_pin_request(&self, vcpu: &Vcpu) {
         let id = usize::from(vcpu.id());
         let request = {
-            let mut requests = self
-                .pin_state
-                .requests
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut requests = self.pin_state.requests.lock().unwrap_or_else(|p| p.into_inner());
             match requests.get_mut(id) {
                 Some(slot) => slot.take(),
                 None => None,
@@ -246,26 +198,17 @@ impl HekiRuntime {
         };
         let Some(request) = request else { return };
         let result = self.apply_pin_request(vcpu, &request);
-        let mut results = self
-            .pin_state
-            .results
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut results = self.pin_state.results.lock().unwrap_or_else(|p| p.into_inner());
         results[id] = Some(result);
         self.pin_state.answered.notify_all();
     }
 
     fn apply_pin_request(&self, vcpu: &Vcpu, request: &PinRequest) -> Result<(), String> {
         let sregs = vcpu.sregs().map_err(|e| e.to_string())?;
-        let mut trial = self
-            .pin_state
-            .pins(vcpu.id())
-            .map(|p| p.clone())
-            .unwrap_or_default();
-        for (register, mask, current) in [
-            (ControlRegister::Cr0, request.cr0, sregs.cr0),
-            (ControlRegister::Cr4, request.cr4, sregs.cr4),
-        ] {
+        let mut trial = self.pin_state.pins(vcpu.id()).map(|p| p.clone()).unwrap_or_default();
+        for (register, mask, current) in
+            [(ControlRegister::Cr0, request.cr0, sregs.cr0), (ControlRegister::Cr4, request.cr4, sregs.cr4)]
+        {
             if mask != 0 {
                 trial
                     .pin_cr(register, mask, current)
@@ -273,12 +216,8 @@ impl HekiRuntime {
             }
         }
         for &index in &request.msrs {
-            let value = vcpu
-                .msr(index)
-                .map_err(|e| format!("vCPU {}: MSR {index:#x}: {e}", vcpu.id()))?;
-            trial
-                .pin_msr(index, value)
-                .map_err(|e| format!("vCPU {}: {e}", vcpu.id()))?;
+            let value = vcpu.msr(index).map_err(|e| format!("vCPU {}: MSR {index:#x}: {e}", vcpu.id()))?;
+            trial.pin_msr(index, value).map_err(|e| format!("vCPU {}: {e}", vcpu.id()))?;
         }
         if request.apply {
             if let Some(mut pins) = self.pin_state.pins(vcpu.id()) {
@@ -292,50 +231,26 @@ impl HekiRuntime {
     }
 
     /// `vm.heki-pin`: validate on every vCPU, then pin on every vCPU.
-    pub fn pin_from_host(
-        &self,
-        request: PinRequest,
-        kick: impl Fn(),
-        vcpus: usize,
-    ) -> Result<(), String> {
+    pub fn pin_from_host(&self, request: PinRequest, kick: impl Fn(), vcpus: usize) -> Result<(), String> {
         for apply in [false, true] {
-            let round = PinRequest {
-                apply,
-                ..request.clone()
-            };
+            let round = PinRequest { apply, ..request.clone() };
             {
-                let mut requests = self
-                    .pin_state
-                    .requests
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                let mut results = self
-                    .pin_state
-                    .results
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let mut requests = self.pin_state.requests.lock().unwrap_or_else(|p| p.into_inner());
+                let mut results = self.pin_state.results.lock().unwrap_or_else(|p| p.into_inner());
                 for i in 0..vcpus {
                     requests[i] = Some(round.clone());
                     results[i] = None;
                 }
             }
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            let mut results = self
-                .pin_state
-                .results
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut results = self.pin_state.results.lock().unwrap_or_else(|p| p.into_inner());
             while results.iter().take(vcpus).any(Option::is_none) {
                 if std::time::Instant::now() >= deadline {
                     return Err("vCPUs did not answer the pin request (is the VM running?)".into());
                 }
                 drop(results);
                 kick();
-                results = self
-                    .pin_state
-                    .results
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                results = self.pin_state.results.lock().unwrap_or_else(|p| p.into_inner());
                 results = self
                     .pin_state
                     .answered
@@ -343,19 +258,12 @@ impl HekiRuntime {
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
-            if let Some(Some(Err(e))) = results
-                .iter()
-                .take(vcpus)
-                .find(|r| matches!(r, Some(Err(_))))
-                .cloned()
-            {
+            if let Some(Some(Err(e))) = results.iter().take(vcpus).find(|r| matches!(r, Some(Err(_)))).cloned() {
                 return Err(e);
             }
         }
         if !request.msrs.is_empty() {
-            self.kvm_vm()
-                .set_msr_write_filter(&self.pin_state.filtered_msrs())
-                .map_err(|e| e.to_string())?;
+            self.kvm_vm().set_msr_write_filter(&self.pin_state.filtered_msrs()).map_err(|e| e.to_string())?;
         }
         crate::events::emit(
             "heki",

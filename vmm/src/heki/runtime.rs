@@ -101,11 +101,8 @@ impl HekiRuntime {
 
     /// Feature bits this VMM implements on this host.
     pub fn features(&self) -> u32 {
-        let memory = if self.kvm_vm.has_readonly_memory() {
-            feature::PROTECT_MEMORY | feature::PROTECT_BYTES
-        } else {
-            0
-        };
+        let memory =
+            if self.kvm_vm.has_readonly_memory() { feature::PROTECT_MEMORY | feature::PROTECT_BYTES } else { 0 };
         let msr = if self.msr_filter { feature::PIN_MSR } else { 0 };
         memory | feature::PIN_CR | msr
     }
@@ -141,67 +138,43 @@ impl HekiRuntime {
         let (protections, table) = &mut *state;
         let mut next = protections.clone();
         change(&mut next)?;
-        let plan = next
-            .plan(&self.ram, table.max_slots())
-            .map_err(|_| AbiError::NoSpace)?;
-        let wanted: Vec<SlotSpec> = plan
-            .iter()
-            .map(|s| SlotSpec {
-                gpa: s.gpa,
-                size: s.size,
-                readonly: s.readonly,
-            })
-            .collect();
-        table
-            .apply(&self.kvm_vm, &self.mem, &wanted, gate)
-            .map_err(|e| {
-                log::error!("heki: memslot update failed: {e}");
-                match e {
-                    MemslotError::NoSlotId => AbiError::NoSpace,
-                    _ => AbiError::BadAddress,
-                }
-            })?;
+        let plan = next.plan(&self.ram, table.max_slots()).map_err(|_| AbiError::NoSpace)?;
+        let wanted: Vec<SlotSpec> =
+            plan.iter().map(|s| SlotSpec { gpa: s.gpa, size: s.size, readonly: s.readonly }).collect();
+        table.apply(&self.kvm_vm, &self.mem, &wanted, gate).map_err(|e| {
+            log::error!("heki: memslot update failed: {e}");
+            match e {
+                MemslotError::NoSlotId => AbiError::NoSpace,
+                _ => AbiError::BadAddress,
+            }
+        })?;
         *protections = next;
         Ok(())
     }
 
     /// PROTECT_MEMORY / `vm.heki-protect`.
-    pub fn protect_pages(
-        &self,
-        ranges: &[ProtectRange],
-        who: &str,
-        gate: Option<&VcpuGate>,
-    ) -> Result<(), AbiError> {
+    pub fn protect_pages(&self, ranges: &[ProtectRange], who: &str, gate: Option<&VcpuGate>) -> Result<(), AbiError> {
         self.update(gate, |p| p.protect_pages(ranges))?;
         let pages: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-        crate::events::emit(
-            "heki",
-            "protected",
-            &[("by", who.to_string()), ("pages", pages.to_string())],
-        );
+        crate::events::emit("heki", "protected", &[("by", who.to_string()), ("pages", pages.to_string())]);
         Ok(())
     }
 
     /// PROTECT_BYTES.
-    pub fn protect_bytes(
-        &self,
-        gpa: u64,
-        len: u64,
-        who: &str,
-        gate: Option<&VcpuGate>,
-    ) -> Result<(), AbiError> {
+    pub fn protect_bytes(&self, gpa: u64, len: u64, who: &str, gate: Option<&VcpuGate>) -> Result<(), AbiError> {
         let ram = self.ram.clone();
         self.update(gate, |p| p.protect_bytes(&ram, gpa, len))?;
         crate::events::emit(
             "heki",
             "protected",
-            &[
-                ("by", who.to_string()),
-                ("bytes", len.to_string()),
-                ("gpa", format!("{gpa:#x}")),
-            ],
+            &[("by", who.to_string()), ("bytes", len.to_string()), ("gpa", format!("{gpa:#x}"))],
         );
         Ok(())
+    }
+
+    /// Whether a device may write `[gpa, gpa + len)` (the DMA guard's question).
+    pub fn range_writable(&self, gpa: u64, len: u64) -> bool {
+        self.state().0.range_writable(gpa, len)
     }
 
     /// Judges a write against the current protections.
@@ -220,13 +193,7 @@ impl HekiRuntime {
 
     /// A guest write that a read-only memslot turned into an MMIO exit.
     /// Applies what may land, reports what may not, and says what follows.
-    pub fn on_guest_write(
-        &self,
-        vcpu: u8,
-        gpa: u64,
-        data: &[u8],
-        rip: impl FnOnce() -> Option<u64>,
-    ) -> HekiAction {
+    pub fn on_guest_write(&self, vcpu: u8, gpa: u64, data: &[u8], rip: impl FnOnce() -> Option<u64>) -> HekiAction {
         if !self.ram.contains(gpa, data.len() as u64) {
             // Not RAM: an MMIO access to a device we lack; dropped as before.
             return HekiAction::Continue;
@@ -276,12 +243,7 @@ impl HekiRuntime {
     /// Counts of protected pages and bytes, and memslot use.
     pub fn stats(&self) -> (u64, u64, usize, usize) {
         let state = self.state();
-        (
-            state.0.pages.protected_pages(),
-            state.0.bytes.total_bytes(),
-            state.1.slot_count(),
-            state.1.max_slots(),
-        )
+        (state.0.pages.protected_pages(), state.0.bytes.total_bytes(), state.1.slot_count(), state.1.max_slots())
     }
 }
 

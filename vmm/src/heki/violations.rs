@@ -31,24 +31,12 @@ pub struct Violation {
 
 impl Violation {
     pub fn new(kind: &'static str, action: &'static str) -> Self {
-        Violation {
-            seq: 0,
-            kind,
-            vcpu: None,
-            gpa: None,
-            rip: None,
-            size: None,
-            action,
-            details: BTreeMap::new(),
-        }
+        Violation { seq: 0, kind, vcpu: None, gpa: None, rip: None, size: None, action, details: BTreeMap::new() }
     }
 
     /// The event properties: hex strings for addresses, as the event list documents.
     pub fn properties(&self) -> Vec<(&str, String)> {
-        let mut props = vec![
-            ("kind", self.kind.to_string()),
-            ("action", self.action.to_string()),
-        ];
+        let mut props = vec![("kind", self.kind.to_string()), ("action", self.action.to_string())];
         if let Some(v) = self.vcpu {
             props.push(("vcpu", v.to_string()));
         }
@@ -104,18 +92,12 @@ impl ViolationLog {
             inner.log.push_back(violation.clone());
             let now = Instant::now();
             let window = inner.windows.entry(violation.kind).or_default();
-            let expired = window
-                .started
-                .is_none_or(|s| now.duration_since(s) >= WINDOW);
+            let expired = window.started.is_none_or(|s| now.duration_since(s) >= WINDOW);
             if expired {
                 if window.suppressed > 0 {
                     emit_suppressed = Some(window.suppressed);
                 }
-                *window = KindWindow {
-                    started: Some(now),
-                    emitted: 0,
-                    suppressed: 0,
-                };
+                *window = KindWindow { started: Some(now), emitted: 0, suppressed: 0 };
             }
             emit = window.emitted < EVENTS_PER_WINDOW;
             if emit {
@@ -129,10 +111,7 @@ impl ViolationLog {
             crate::events::emit(
                 "heki",
                 "suppressed",
-                &[
-                    ("kind", violation.kind.to_string()),
-                    ("count", count.to_string()),
-                ],
+                &[("kind", violation.kind.to_string()), ("count", count.to_string())],
             );
         }
         if emit {
@@ -152,44 +131,24 @@ impl ViolationLog {
                 .collect()
         };
         for (kind, count) in pending {
-            crate::events::emit(
-                "heki",
-                "suppressed",
-                &[("kind", kind.to_string()), ("count", count.to_string())],
-            );
+            crate::events::emit("heki", "suppressed", &[("kind", kind.to_string()), ("count", count.to_string())]);
         }
     }
 
     pub fn counts(&self) -> BTreeMap<&'static str, u64> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .counts
-            .clone()
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).counts.clone()
     }
 
     pub fn total(&self) -> u64 {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .next_seq
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).next_seq
     }
 
     pub fn suppressed_events(&self) -> u64 {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .suppressed_total
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).suppressed_total
     }
 
     pub fn recent(&self) -> Vec<Violation> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .log
-            .iter()
-            .cloned()
-            .collect()
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).log.iter().cloned().collect()
     }
 }
 
