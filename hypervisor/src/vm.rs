@@ -104,6 +104,13 @@ impl Vm {
         self.fd.register_irqfd(fd, gsi).map_err(ioctl_err("KVM_IRQFD"))
     }
 
+    /// Signals `fd` (inside KVM, without an exit) on every guest write to `addr`.
+    pub fn register_mmio_ioevent(&self, fd: &vmm_sys_util::eventfd::EventFd, addr: u64) -> Result<()> {
+        self.fd
+            .register_ioevent(fd, &kvm_ioctls::IoEventAddress::Mmio(addr), kvm_ioctls::NoDatamatch)
+            .map_err(ioctl_err("KVM_IOEVENTFD"))
+    }
+
     pub fn create_vcpu(&self, id: u8) -> Result<Vcpu> {
         let fd = self.fd.create_vcpu(u64::from(id)).map_err(ioctl_err("KVM_CREATE_VCPU"))?;
         Ok(Vcpu::new(fd, id))

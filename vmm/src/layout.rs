@@ -41,9 +41,12 @@ pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
 pub const MMIO_HOLE_START: u64 = LOW_RAM_END;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
-/// PCI ECAM window (reserved for the PCI work).
+/// PCI ECAM window (MCFG); bus 0 uses its first MiB.
 pub const PCI_MMCONFIG_START: u64 = 0xe000_0000;
 pub const PCI_MMCONFIG_SIZE: u64 = 0x1000_0000;
+pub const PCI_MMCONFIG_BUS0_SIZE: u64 = 0x10_0000;
+/// Where the VMM places PCI BARs (one 16 KiB BAR per virtio device).
+pub const PCI_BAR_START: u64 = 0xc000_0000;
 /// KVM needs three pages for the TSS and one for the identity map (Intel).
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
@@ -67,4 +70,6 @@ pub mod ports {
     pub const ACPI_RESET_VALUE: u8 = 0x1;
     /// heki guest ABI doorbell: a 32-bit OUT here is a heki call.
     pub const HEKI_DOORBELL: u16 = 0x580;
+    /// PCI configuration mechanism #1: address at 0xCF8, data at 0xCFC..0xCFF.
+    pub const PCI_CONFIG_ADDRESS: u16 = 0xcf8;
 }

@@ -15,7 +15,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{BootInputs, EntryPoint, load_payload};
 use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, VcpuGate, boot_registers, cpuid, kick, run_vcpu};
-use crate::devices::{AcpiPmDevice, I8042Device, PioBus, SerialDevice};
+use crate::devices::pci::{PciBus, PciConfigIo, PciConfigMmio};
+use crate::devices::virtio::pci::{BAR_SIZE, VirtioPci};
+use crate::devices::virtio::{DeviceCounters, DmaGuard, rng::Rng};
+use crate::devices::{AcpiPmDevice, I8042Device, MmioBus, PioBus, SerialDevice};
 use crate::heki::HekiRuntime;
 use crate::layout::{self, ports};
 use crate::memory::{self, RamRegion};
@@ -41,6 +44,8 @@ pub enum VmError {
     SpawnVcpu(#[source] std::io::Error),
     #[error(transparent)]
     GateTimeout(#[from] crate::cpu::gate::GateTimeout),
+    #[error("device setup failed: {0}")]
+    Device(String),
 }
 
 /// Where the guest's serial output goes; it outlives a VM across reboots.
@@ -61,8 +66,11 @@ impl Write for SharedWriter {
 pub struct Vm {
     // Field order matters on drop: vCPU threads end before KVM objects and memory go.
     threads: Vec<JoinHandle<()>>,
-    /// Non-vCPU threads of this VM (the CR check timer).
+    /// Non-vCPU threads of this VM (the CR check timer, device workers).
     helpers: Vec<JoinHandle<()>>,
+    virtio: Vec<VirtioHandle>,
+    /// Signalled to end the device worker threads.
+    device_stop: EventFd,
     pending_vcpus: Vec<Vcpu>,
     ctx: Arc<VcpuContext>,
     kvm_vm: Arc<hypervisor::Vm>,
@@ -124,6 +132,8 @@ impl Vm {
             }
             _ => None,
         };
+        let mut mmio = MmioBus::default();
+        let virtio = add_pci_devices(config, &kvm_vm, &mem, heki.as_ref(), &mut pio, &mut mmio)?;
         pio.insert(ports::I8042_DATA, 5, Arc::new(Mutex::new(I8042Device)));
         pio.insert(ports::ACPI_SLEEP_CONTROL, 3, Arc::new(Mutex::new(AcpiPmDevice)));
 
@@ -148,6 +158,7 @@ impl Vm {
 
         let ctx = Arc::new(VcpuContext {
             pio,
+            mmio,
             mem: mem.clone(),
             gate: VcpuGate::default(),
             stop: Default::default(),
@@ -157,7 +168,18 @@ impl Vm {
             heki,
             counters: (0..cpus).map(|_| ExitCounters::default()).collect(),
         });
-        Ok(Vm { threads: Vec::new(), helpers: Vec::new(), pending_vcpus, ctx, kvm_vm, mem, serial })
+        let device_stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        Ok(Vm {
+            threads: Vec::new(),
+            helpers: Vec::new(),
+            virtio,
+            device_stop,
+            pending_vcpus,
+            ctx,
+            kvm_vm,
+            mem,
+            serial,
+        })
     }
 
     /// Starts every vCPU thread.
@@ -170,6 +192,11 @@ impl Vm {
                 .map_err(VmError::SpawnVcpu)?;
             self.ctx.gate.register_thread(&handle);
             self.threads.push(handle);
+        }
+        for dev in &self.virtio {
+            let stop = self.device_stop.try_clone().map_err(VmError::EventFd)?;
+            let worker = lock_device(&dev.device).spawn_worker(dev.name.clone(), stop).map_err(VmError::SpawnVcpu)?;
+            self.helpers.push(worker);
         }
         if let Some(heki) = self.ctx.heki.clone() {
             let ctx = self.ctx.clone();
@@ -215,6 +242,9 @@ impl Vm {
         if let Some(heki) = &self.ctx.heki {
             all.insert("heki".into(), crate::heki::api::counters(heki));
         }
+        for dev in &self.virtio {
+            all.insert(dev.name.clone(), dev.counters.to_json());
+        }
         serde_json::Value::Object(all)
     }
 
@@ -246,6 +276,7 @@ impl Vm {
             self.ctx.gate.kick_all();
             std::thread::sleep(Duration::from_millis(1));
         }
+        let _ = self.device_stop.write(1);
         // Helpers only kick; once they are gone no signal can reach an exited vCPU thread.
         for helper in self.helpers.drain(..) {
             let _ = helper.join();
@@ -279,4 +310,53 @@ fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig, ram: &[RamRegion], rsdp
         rsdp,
     };
     Ok(load_payload(mem, &inputs)?)
+}
+
+/// A virtio device of this VM, for its worker thread and counters.
+pub struct VirtioHandle {
+    pub name: String,
+    device: Arc<Mutex<VirtioPci>>,
+    pub counters: Arc<DeviceCounters>,
+}
+
+fn lock_device(device: &Mutex<VirtioPci>) -> std::sync::MutexGuard<'_, VirtioPci> {
+    device.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// PCI class codes (class, subclass, prog-if) as the config space stores them.
+const CLASS_OTHER: u32 = 0xff_00_00;
+
+/// The PCI host bridge, its configuration mechanisms, and the virtio devices.
+fn add_pci_devices(
+    config: &VmConfig,
+    kvm_vm: &hypervisor::Vm,
+    mem: &GuestMemoryMmap,
+    heki: Option<&Arc<HekiRuntime>>,
+    pio: &mut PioBus,
+    mmio: &mut MmioBus,
+) -> Result<Vec<VirtioHandle>, VmError> {
+    let mut bus = PciBus::default();
+    let mut handles = Vec::new();
+    if let Some(rng) = &config.rng {
+        let source = std::fs::File::open(&rng.src)
+            .map_err(|e| VmError::Device(format!("rng source {}: {e}", rng.src.display())))?;
+        let name = "_rng".to_string();
+        let counters = Arc::new(DeviceCounters::default());
+        let dma = DmaGuard { mem: mem.clone(), heki: heki.cloned(), device: name.clone(), counters: counters.clone() };
+        let bar = layout::PCI_BAR_START + BAR_SIZE * handles.len() as u64;
+        let device = VirtioPci::new(Box::new(Rng::new(source)), bar, dma, CLASS_OTHER).map_err(VmError::EventFd)?;
+        kvm_vm.register_mmio_ioevent(device.notify_fd(), device.notify_address())?;
+        let device = Arc::new(Mutex::new(device));
+        bus.add(device.clone()).ok_or_else(|| VmError::Device("no free PCI slot".into()))?;
+        mmio.insert(bar, BAR_SIZE, device.clone());
+        handles.push(VirtioHandle { name, device, counters });
+    }
+    let bus = Arc::new(bus);
+    pio.insert(layout::ports::PCI_CONFIG_ADDRESS, 8, Arc::new(Mutex::new(PciConfigIo::new(bus.clone()))));
+    mmio.insert(
+        layout::PCI_MMCONFIG_START,
+        layout::PCI_MMCONFIG_BUS0_SIZE,
+        Arc::new(Mutex::new(PciConfigMmio::new(bus))),
+    );
+    Ok(handles)
 }

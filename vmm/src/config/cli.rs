@@ -56,6 +56,10 @@ pub struct CliArgs {
     #[arg(long, value_name = "enabled=on,...")]
     pub heki: Option<String>,
 
+    /// virtio-rng entropy source: src=PATH (e.g. src=/dev/urandom).
+    #[arg(long, value_name = "src=PATH")]
+    pub rng: Option<String>,
+
     /// REST API socket: path=PATH, fd=N, or a bare PATH. Without --kernel, starts empty.
     #[arg(long, value_name = "path=PATH")]
     pub api_socket: Option<String>,
@@ -138,6 +142,12 @@ impl CliArgs {
                 }
                 if let Some(heki) = &self.heki {
                     config.heki = parse_heki(heki)?;
+                }
+                if let Some(rng) = &self.rng {
+                    let o = OptionValues::parse("--rng", rng, &["src"])?;
+                    let src =
+                        o.get("src").filter(|s| !s.is_empty()).ok_or_else(|| o.error("src=PATH is required".into()))?;
+                    config.rng = Some(super::RngConfig { src: PathBuf::from(src), iommu: false });
                 }
                 config.validate()?;
                 Some(config)

@@ -62,10 +62,7 @@ const CH_DEFAULTS: &[Known] = &[
 ];
 
 /// Sections whose whole value may be Cloud Hypervisor's default.
-const CH_DEFAULT_SECTIONS: &[(&str, &str)] = &[
-    ("rng", r#"{"src":"/dev/urandom","iommu":false}"#),
-    ("debug_console", r#"{"file":null,"mode":"Off","iobase":233}"#),
-];
+const CH_DEFAULT_SECTIONS: &[(&str, &str)] = &[("debug_console", r#"{"file":null,"mode":"Off","iobase":233}"#)];
 
 fn is_empty_default(v: &Value) -> bool {
     match v {

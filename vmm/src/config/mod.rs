@@ -104,6 +104,21 @@ impl Default for HekiConfig {
     }
 }
 
+/// virtio-rng (Cloud Hypervisor's `rng`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RngConfig {
+    pub src: PathBuf,
+    /// Accepted for Cloud Hypervisor compatibility; only `false` is supported.
+    pub iommu: bool,
+}
+
+impl Default for RngConfig {
+    fn default() -> Self {
+        RngConfig { src: PathBuf::from("/dev/urandom"), iommu: false }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VmConfig {
@@ -113,6 +128,7 @@ pub struct VmConfig {
     pub serial: ConsoleConfig,
     pub console: ConsoleConfig,
     pub heki: HekiConfig,
+    pub rng: Option<RngConfig>,
 }
 
 impl Default for VmConfig {
@@ -124,6 +140,7 @@ impl Default for VmConfig {
             serial: ConsoleConfig { mode: ConsoleOutputMode::Tty, file: None },
             console: ConsoleConfig { mode: ConsoleOutputMode::Off, file: None },
             heki: HekiConfig::default(),
+            rng: None,
         }
     }
 }
@@ -152,6 +169,9 @@ impl VmConfig {
         }
         if self.console.mode == ConsoleOutputMode::File {
             return Err(invalid("console.mode", "virtio-console is not supported yet (File); use Off"));
+        }
+        if self.rng.as_ref().is_some_and(|r| r.iommu) {
+            return Err(invalid("rng.iommu", "not supported by Hekivisor"));
         }
         if self.heki.cr_check_interval_ms == 0 || self.heki.cr_check_interval_ms > 60_000 {
             return Err(invalid("heki.cr_check_interval_ms", "must be 1..=60000"));

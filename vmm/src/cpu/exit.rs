@@ -3,7 +3,7 @@
 
 use hypervisor::{SystemEventKind, VmExit};
 
-use crate::devices::{DeviceAction, PioBus};
+use crate::devices::{DeviceAction, MmioBus, PioBus};
 
 /// What a vCPU thread reports to the VMM thread.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +45,7 @@ pub enum ExitOutcome {
 }
 
 /// Dispatches one exit.
-pub fn handle_exit(exit: VmExit<'_>, vcpu: u8, pio: &PioBus, heki_port: Option<u16>) -> ExitOutcome {
+pub fn handle_exit(exit: VmExit<'_>, vcpu: u8, pio: &PioBus, mmio: &MmioBus, heki_port: Option<u16>) -> ExitOutcome {
     match exit {
         VmExit::IoIn { port, data } => {
             pio.read(port, data);
@@ -57,10 +57,14 @@ pub fn handle_exit(exit: VmExit<'_>, vcpu: u8, pio: &PioBus, heki_port: Option<u
             DeviceAction::PowerOff => ExitOutcome::Stop(VcpuEvent::PowerOff { vcpu }),
             DeviceAction::Reset => ExitOutcome::Stop(VcpuEvent::Reset { vcpu, cause: "device" }),
         },
-        VmExit::MmioRead { data, .. } => {
-            data.fill(0xff);
+        VmExit::MmioRead { gpa, data } => {
+            if !mmio.read(gpa, data) {
+                data.fill(0xff);
+            }
             ExitOutcome::Continue
         }
+        VmExit::MmioWrite { gpa, data } if mmio.write(gpa, data) => ExitOutcome::Continue,
+        // Not a device: a write to a read-only (heki-protected) RAM page, or to nothing.
         VmExit::MmioWrite { gpa, data } => ExitOutcome::ProtectedWrite { gpa, data: data.to_vec() },
         VmExit::MsrRead(mut msr) => {
             msr.inject_gp();
@@ -109,15 +113,21 @@ mod tests {
     #[test]
     fn acpi_s5_write_stops_with_poweroff() {
         let exit = VmExit::IoOut { port: 0x600, data: &[0x34] };
-        assert_eq!(handle_exit(exit, 1, &platform_bus(), None), ExitOutcome::Stop(VcpuEvent::PowerOff { vcpu: 1 }));
+        assert_eq!(
+            handle_exit(exit, 1, &platform_bus(), &MmioBus::default(), None),
+            ExitOutcome::Stop(VcpuEvent::PowerOff { vcpu: 1 })
+        );
     }
 
     #[test]
     fn i8042_reset_and_triple_fault_are_resets() {
         let exit = VmExit::IoOut { port: 0x64, data: &[0xfe] };
-        assert!(matches!(handle_exit(exit, 0, &platform_bus(), None), ExitOutcome::Stop(VcpuEvent::Reset { .. })));
         assert!(matches!(
-            handle_exit(VmExit::Shutdown, 0, &platform_bus(), None),
+            handle_exit(exit, 0, &platform_bus(), &MmioBus::default(), None),
+            ExitOutcome::Stop(VcpuEvent::Reset { .. })
+        ));
+        assert!(matches!(
+            handle_exit(VmExit::Shutdown, 0, &platform_bus(), &MmioBus::default(), None),
             ExitOutcome::Stop(VcpuEvent::Reset { cause: "triple fault", .. })
         ));
     }
@@ -126,16 +136,20 @@ mod tests {
     fn doorbell_port_is_a_heki_call_only_when_registered() {
         let bus = platform_bus();
         assert_eq!(
-            handle_exit(VmExit::IoOut { port: 0x580, data: &[0; 4] }, 0, &bus, Some(0x580)),
+            handle_exit(VmExit::IoOut { port: 0x580, data: &[0; 4] }, 0, &bus, &MmioBus::default(), Some(0x580)),
             ExitOutcome::HekiCall
         );
-        assert_eq!(handle_exit(VmExit::IoOut { port: 0x580, data: &[0; 4] }, 0, &bus, None), ExitOutcome::Continue);
+        assert_eq!(
+            handle_exit(VmExit::IoOut { port: 0x580, data: &[0; 4] }, 0, &bus, &MmioBus::default(), None),
+            ExitOutcome::Continue
+        );
     }
 
     #[test]
     fn unclaimed_port_reads_all_ones() {
         let mut data = [0u8; 4];
-        let outcome = handle_exit(VmExit::IoIn { port: 0x1234, data: &mut data }, 0, &platform_bus(), None);
+        let outcome =
+            handle_exit(VmExit::IoIn { port: 0x1234, data: &mut data }, 0, &platform_bus(), &MmioBus::default(), None);
         assert_eq!(outcome, ExitOutcome::Continue);
         assert_eq!(data, [0xff; 4]);
     }

@@ -10,12 +10,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::exit::{ExitOutcome, VcpuEvent, handle_exit};
 use super::gate::VcpuGate;
-use crate::devices::PioBus;
+use crate::devices::{MmioBus, PioBus};
 use crate::heki::{HekiAction, HekiRuntime, doorbell};
 
 /// What every vCPU thread of a VM shares.
 pub struct VcpuContext {
     pub pio: PioBus,
+    pub mmio: MmioBus,
     pub mem: GuestMemoryMmap,
     pub gate: VcpuGate,
     /// Set when the VM is being torn down.
@@ -84,7 +85,7 @@ pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
                 if let Some(counters) = ctx.counters.get(usize::from(id)) {
                     counters.count(&exit);
                 }
-                handle_exit(exit, id, &ctx.pio, ctx.heki_port)
+                handle_exit(exit, id, &ctx.pio, &ctx.mmio, ctx.heki_port)
             }
             Err(e) => ExitOutcome::Stop(VcpuEvent::Failed { vcpu: id, error: format!("{e}") }),
         };

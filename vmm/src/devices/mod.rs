@@ -3,11 +3,15 @@
 mod acpi_pm;
 mod bus;
 mod i8042;
+pub mod mmio_bus;
+pub mod pci;
 mod serial;
+pub mod virtio;
 
 pub use acpi_pm::{AcpiPmDevice, S5_SLEEP_TYPE};
 pub use bus::{PioBus, PioDevice};
 pub use i8042::I8042Device;
+pub use mmio_bus::{MmioBus, MmioDevice};
 pub use serial::{SerialDevice, SerialOutput};
 
 /// What a device access asks of the VM as a whole.

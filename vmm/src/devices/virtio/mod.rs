@@ -1,0 +1,47 @@
+//! virtio 1.x devices on the modern PCI transport. Each device's data path
+//! runs on its own worker thread, woken by an ioeventfd on its notify
+//! address; every guest-memory write goes through the DMA guard.
+
+pub mod dma;
+pub mod pci;
+pub mod rng;
+
+use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::GuestMemoryMmap;
+
+pub use dma::{DeviceCounters, DmaGuard};
+
+pub const VENDOR_ID: u16 = 0x1af4;
+/// Modern device ids are 0x1040 + the virtio device type.
+pub const DEVICE_ID_BASE: u16 = 0x1040;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// device_status bits.
+pub mod status {
+    pub const ACKNOWLEDGE: u8 = 1;
+    pub const DRIVER: u8 = 2;
+    pub const DRIVER_OK: u8 = 4;
+    pub const FEATURES_OK: u8 = 8;
+    pub const NEEDS_RESET: u8 = 0x40;
+    pub const FAILED: u8 = 0x80;
+}
+
+/// What a virtio device does with one descriptor chain.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u16;
+    /// Feature bits besides VIRTIO_F_VERSION_1.
+    fn features(&self) -> u64 {
+        0
+    }
+    fn queue_max_size(&self) -> u16 {
+        256
+    }
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    /// Handles one request; returns the number of bytes written to the guest.
+    fn process(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, dma: &DmaGuard) -> u32;
+}
+
+pub type VirtioQueue = Queue;

@@ -1,0 +1,319 @@
+//! The virtio 1.x modern PCI transport: configuration space with the four
+//! virtio capabilities, and BAR 0 holding common, notify, ISR and device
+//! configuration. Queue work happens on the device's worker thread.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{DEVICE_ID_BASE, DmaGuard, VENDOR_ID, VIRTIO_F_VERSION_1, VirtioDevice, status};
+use crate::devices::mmio_bus::MmioDevice;
+use crate::devices::pci::{PciDevice, fill};
+
+pub const BAR_SIZE: u64 = 0x4000;
+const COMMON: u64 = 0x0000;
+const NOTIFY: u64 = 0x1000;
+const ISR: u64 = 0x2000;
+const DEVICE_CONFIG: u64 = 0x3000;
+const NOTIFY_MULTIPLIER: u32 = 4;
+
+/// What the vCPU (configuration) and the worker (queue) share.
+pub struct TransportState {
+    device: Box<dyn VirtioDevice>,
+    pub status: u8,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    queue_select: u16,
+    queue: Queue,
+    config_generation: u8,
+    dma: DmaGuard,
+}
+
+impl TransportState {
+    fn device_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | self.device.features()
+    }
+
+    fn reset(&mut self) {
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.queue_select = 0;
+        self.queue.reset();
+    }
+
+    /// A ring the device must write (used ring) or trusts (descriptors,
+    /// available ring) may not sit in protected memory.
+    fn rings_allowed(&self) -> bool {
+        let size = u64::from(self.queue.size());
+        let rings = [
+            (self.queue.desc_table(), 16 * size, "descriptor table"),
+            (self.queue.avail_ring(), 6 + 2 * size, "available ring"),
+            (self.queue.used_ring(), 6 + 8 * size, "used ring"),
+        ];
+        rings.iter().all(|&(gpa, len, what)| {
+            let ok = self.dma.check_write(gpa, len).is_ok();
+            if !ok {
+                log::warn!("{}: {what} at {gpa:#x} is in protected memory; device needs reset", self.dma.device);
+            }
+            ok
+        })
+    }
+
+    /// Drains the available ring (worker thread).
+    pub fn process_queue(&mut self) {
+        if self.status & status::DRIVER_OK == 0 || self.status & status::NEEDS_RESET != 0 || !self.queue.ready() {
+            return;
+        }
+        let mem = self.dma.mem.clone();
+        while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            let written = self.device.process(chain, &self.dma);
+            if self.queue.add_used(&mem, head, written).is_err() {
+                self.status |= status::NEEDS_RESET;
+                return;
+            }
+        }
+    }
+}
+
+pub struct VirtioPci {
+    config: [u8; 256],
+    bar_address: u64,
+    bar_probe: [bool; 2],
+    state: Arc<Mutex<TransportState>>,
+    notify: EventFd,
+}
+
+impl VirtioPci {
+    pub fn new(device: Box<dyn VirtioDevice>, bar_address: u64, dma: DmaGuard, class: u32) -> std::io::Result<Self> {
+        let device_type = device.device_type();
+        let queue = Queue::new(device.queue_max_size()).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        let state = TransportState {
+            device,
+            status: 0,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            queue_select: 0,
+            queue,
+            config_generation: 0,
+            dma,
+        };
+        let mut config = [0u8; 256];
+        let mut put = |off: usize, bytes: &[u8]| config[off..off + bytes.len()].copy_from_slice(bytes);
+        put(0x00, &VENDOR_ID.to_le_bytes());
+        put(0x02, &(DEVICE_ID_BASE + device_type).to_le_bytes());
+        put(0x06, &0x0010u16.to_le_bytes()); // capability list
+        put(0x08, &[0x01]); // revision 1: modern
+        put(0x09, &class.to_le_bytes()[..3]);
+        put(0x10, &((bar_address as u32) | 0x4).to_le_bytes()); // 64-bit memory BAR
+        put(0x14, &((bar_address >> 32) as u32).to_le_bytes());
+        put(0x2c, &VENDOR_ID.to_le_bytes());
+        put(0x2e, &0x0040u16.to_le_bytes());
+        put(0x34, &[0x40]);
+        put(0x3c, &[0xff]);
+        // virtio_pci_cap: vndr, next, len, cfg_type, bar, id, pad[2], offset, length.
+        let caps: [(u8, u8, u8, u64, u32); 4] = [
+            (0x40, 0x50, 1, COMMON, 0x38),
+            (0x50, 0x60, 3, ISR, 4),
+            (0x60, 0x70, 4, DEVICE_CONFIG, 0x100),
+            (0x70, 0x00, 2, NOTIFY, 0x1000),
+        ];
+        for (at, next, kind, offset, length) in caps {
+            let len = if kind == 2 { 20 } else { 16 };
+            put(usize::from(at), &[0x09, next, len, kind, 0, 0, 0, 0]);
+            put(usize::from(at) + 8, &(offset as u32).to_le_bytes());
+            put(usize::from(at) + 12, &length.to_le_bytes());
+        }
+        put(0x80, &NOTIFY_MULTIPLIER.to_le_bytes());
+        Ok(VirtioPci {
+            config,
+            bar_address,
+            bar_probe: [false; 2],
+            state: Arc::new(Mutex::new(state)),
+            notify: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// The guest address of queue 0's notify register (for the ioeventfd).
+    pub fn notify_address(&self) -> u64 {
+        self.bar_address + NOTIFY
+    }
+
+    pub fn notify_fd(&self) -> &EventFd {
+        &self.notify
+    }
+
+    pub fn state(&self) -> Arc<Mutex<TransportState>> {
+        self.state.clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TransportState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the worker: it drains the queue each time the guest notifies.
+    pub fn spawn_worker(&self, name: String, stop: EventFd) -> std::io::Result<JoinHandle<()>> {
+        let state = self.state.clone();
+        let notify = self.notify.try_clone()?;
+        std::thread::Builder::new().name(name).spawn(move || {
+            let mut fds = [
+                libc::pollfd { fd: notify.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            ];
+            loop {
+                // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                if n < 0 {
+                    continue;
+                }
+                if fds[1].revents != 0 {
+                    return;
+                }
+                if fds[0].revents != 0 {
+                    let _ = notify.read();
+                    state.lock().unwrap_or_else(|p| p.into_inner()).process_queue();
+                }
+            }
+        })
+    }
+
+    fn read_common(&self, offset: u64, data: &mut [u8]) {
+        let s = self.lock();
+        let value: u64 = match offset {
+            0x00 => u64::from(s.device_feature_select),
+            0x04 => match s.device_feature_select {
+                0 => s.device_features() & 0xffff_ffff,
+                1 => s.device_features() >> 32,
+                _ => 0,
+            },
+            0x08 => u64::from(s.driver_feature_select),
+            0x0c => match s.driver_feature_select {
+                0 => s.driver_features & 0xffff_ffff,
+                1 => s.driver_features >> 32,
+                _ => 0,
+            },
+            0x10 => 0xffff, // no MSI-X vectors
+            0x12 => 1,      // one queue
+            0x14 => u64::from(s.status),
+            0x15 => u64::from(s.config_generation),
+            0x16 => u64::from(s.queue_select),
+            0x18 if s.queue_select == 0 => u64::from(s.queue.size()),
+            0x1a => 0xffff,
+            0x1c if s.queue_select == 0 => u64::from(s.queue.ready()),
+            0x1e => 0,
+            0x20 => s.queue.desc_table(),
+            0x24 => s.queue.desc_table() >> 32,
+            0x28 => s.queue.avail_ring(),
+            0x2c => s.queue.avail_ring() >> 32,
+            0x30 => s.queue.used_ring(),
+            0x34 => s.queue.used_ring() >> 32,
+            _ => 0,
+        };
+        fill(&value.to_le_bytes(), 0, data);
+    }
+
+    fn write_common(&self, offset: u64, data: &[u8]) {
+        let mut raw = [0u8; 8];
+        raw[..data.len().min(8)].copy_from_slice(&data[..data.len().min(8)]);
+        let v = u64::from_le_bytes(raw);
+        let mut s = self.lock();
+        let configurable = s.status & status::DRIVER_OK == 0 && s.queue_select == 0;
+        match offset {
+            0x00 => s.device_feature_select = v as u32,
+            0x08 => s.driver_feature_select = v as u32,
+            0x0c if s.status & status::FEATURES_OK == 0 => match s.driver_feature_select {
+                0 => s.driver_features = (s.driver_features & !0xffff_ffff) | (v & 0xffff_ffff),
+                1 => s.driver_features = (s.driver_features & 0xffff_ffff) | (v << 32),
+                _ => {}
+            },
+            0x14 => write_status(&mut s, v as u8),
+            0x16 => s.queue_select = v as u16,
+            0x18 if configurable => s.queue.set_size(v as u16),
+            0x1c if configurable && v == 1 => s.queue.set_ready(true),
+            0x20 if configurable => s.queue.set_desc_table_address(Some(v as u32), None),
+            0x24 if configurable => s.queue.set_desc_table_address(None, Some(v as u32)),
+            0x28 if configurable => s.queue.set_avail_ring_address(Some(v as u32), None),
+            0x2c if configurable => s.queue.set_avail_ring_address(None, Some(v as u32)),
+            0x30 if configurable => s.queue.set_used_ring_address(Some(v as u32), None),
+            0x34 if configurable => s.queue.set_used_ring_address(None, Some(v as u32)),
+            _ => {}
+        }
+    }
+}
+
+/// The device_status state machine, including reset and the checks at DRIVER_OK.
+fn write_status(s: &mut TransportState, value: u8) {
+    if value == 0 {
+        s.reset();
+        return;
+    }
+    let mut value = value;
+    if value & status::FEATURES_OK != 0 && s.status & status::FEATURES_OK == 0 {
+        let offered = s.device_features();
+        if s.driver_features & !offered != 0 || s.driver_features & VIRTIO_F_VERSION_1 == 0 {
+            value &= !status::FEATURES_OK;
+        }
+    }
+    if value & status::DRIVER_OK != 0 && s.status & status::DRIVER_OK == 0 {
+        let mem: GuestMemoryMmap = s.dma.mem.clone();
+        if s.queue.ready() && (!s.queue.is_valid(&mem) || !s.rings_allowed()) {
+            value |= status::NEEDS_RESET;
+        }
+    }
+    s.status = value | (s.status & status::NEEDS_RESET);
+}
+
+impl PciDevice for VirtioPci {
+    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+        let mut space = self.config;
+        for (i, probing) in self.bar_probe.iter().enumerate() {
+            if *probing {
+                let mask: u32 = if i == 0 { !(BAR_SIZE as u32 - 1) | 0x4 } else { 0xffff_ffff };
+                space[0x10 + 4 * i..0x14 + 4 * i].copy_from_slice(&mask.to_le_bytes());
+            }
+        }
+        fill(&space, offset, data);
+    }
+
+    fn config_write(&mut self, offset: u16, data: &[u8]) {
+        match (offset, data.len()) {
+            (0x04, 2) | (0x04, 4) => self.config[0x04..0x06].copy_from_slice(&data[..2]),
+            (0x10 | 0x14, 4) => {
+                // BARs are placed by the VMM; only the sizing protocol is honoured.
+                let i = usize::from((offset - 0x10) / 4);
+                self.bar_probe[i] = data == [0xff; 4];
+            }
+            _ => {}
+        }
+    }
+}
+
+impl MmioDevice for VirtioPci {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match offset {
+            COMMON..NOTIFY => self.read_common(offset - COMMON, data),
+            ISR..DEVICE_CONFIG => data.fill(0), // polled drivers only: no interrupt pending
+            DEVICE_CONFIG..BAR_SIZE => self.lock().device.read_config(offset - DEVICE_CONFIG, data),
+            _ => data.fill(0),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            COMMON..NOTIFY => self.write_common(offset - COMMON, data),
+            // Normally consumed by the ioeventfd in KVM; forwarded if it reaches us.
+            NOTIFY..ISR => {
+                let _ = self.notify.write(1);
+            }
+            _ => {}
+        }
+    }
+}
