@@ -133,7 +133,7 @@ fn guest_walks_rsdp_xsdt_madt_and_finds_every_vcpu() {
     let run = common::run_vm("acpi", &guests::build("acpi"), &["--cpus", "boot=3"]);
     assert!(run.status.success(), "stderr: {}", run.stderr);
     assert!(run.serial.contains("rsdp revision=2 checksum=ok"), "serial: {}", run.serial);
-    for table in ["XSDT", "FACP", "DSDT", "APIC"] {
+    for table in ["XSDT", "FACP", "DSDT", "APIC", "MCFG"] {
         assert!(run.serial.contains(&format!("table {table} checksum=ok")), "{table}: {}", run.serial);
     }
     assert!(run.serial.contains("madt lapics=3 cpuid cpus=3"), "serial: {}", run.serial);

@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::IntoBytes;
 
 use crate::devices::S5_SLEEP_TYPE;
-use crate::layout::{ACPI_TABLES_END, APIC_START, IOAPIC_START, RSDP_START, ports};
+use crate::layout::{ACPI_TABLES_END, APIC_START, IOAPIC_START, PCI_MMCONFIG_START, RSDP_START, ports};
 
 const OEM_ID: [u8; 6] = *b"HEKIVI";
 const OEM_TABLE_ID: [u8; 8] = *b"HEKIVISR";
@@ -112,6 +112,16 @@ fn madt(num_cpus: u8) -> Sdt {
     madt
 }
 
+/// MCFG: the ECAM window of PCI segment 0, bus 0.
+fn mcfg() -> Sdt {
+    let mut mcfg = Sdt::new(*b"MCFG", 44, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.append(PCI_MMCONFIG_START);
+    mcfg.append_slice(&[0, 0, 0, 0]); // segment 0, start bus 0, end bus 0
+    mcfg.append_slice(&[0, 0, 0, 0]);
+    mcfg.update_checksum();
+    mcfg
+}
+
 fn xsdt(entries: &[u64]) -> Sdt {
     let mut xsdt = Sdt::new(*b"XSDT", 36, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     for addr in entries {
@@ -139,7 +149,9 @@ pub fn build_acpi_tables(num_cpus: u8) -> Result<Vec<PlacedTable>, AcpiError> {
     let fadt_addr = place(fadt.as_slice());
     let madt = madt(num_cpus);
     let madt_addr = place(madt.as_slice());
-    let xsdt = xsdt(&[fadt_addr, madt_addr]);
+    let mcfg = mcfg();
+    let mcfg_addr = place(mcfg.as_slice());
+    let xsdt = xsdt(&[fadt_addr, madt_addr, mcfg_addr]);
     let xsdt_addr = place(xsdt.as_slice());
     if next > ACPI_TABLES_END {
         return Err(AcpiError::TooLarge { needed: next - RSDP_START, available: ACPI_TABLES_END - RSDP_START });
@@ -152,6 +164,7 @@ pub fn build_acpi_tables(num_cpus: u8) -> Result<Vec<PlacedTable>, AcpiError> {
         table("DSDT", dsdt_addr, dsdt.as_slice()),
         table("FACP", fadt_addr, fadt.as_slice()),
         table("APIC", madt_addr, madt.as_slice()),
+        table("MCFG", mcfg_addr, mcfg.as_slice()),
         table("XSDT", xsdt_addr, xsdt.as_slice()),
     ])
 }
