@@ -48,3 +48,50 @@ fn without_heki_the_rng_writes_anywhere_the_guest_asks() {
     assert!(run.status.success(), "stderr: {}", run.stderr);
     assert!(run.serial.contains("normal: len=64 nonzero=1"), "{}", run.serial);
 }
+
+fn disk_image(test: &str, bytes: u64) -> std::path::PathBuf {
+    let path = common::temp_dir(test).join("disk.img");
+    std::fs::File::create(&path).and_then(|f| f.set_len(bytes)).expect("disk image");
+    path
+}
+
+#[test]
+fn block_reads_writes_and_refuses_reads_into_protected_memory() {
+    require_kvm!();
+    let disk = disk_image("virtio-blk", 1 << 20);
+    let disk_arg = format!("path={},id=bootdisk", disk.display());
+    let run =
+        common::run_vm("virtio-blk", &guests::build("virtio_blk"), &["--heki", "enabled=on", "--disk", &disk_arg]);
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    let s = &run.serial;
+    for line in [
+        "status=f capacity=2048",
+        "write: 0",
+        "read: 0 data=HEKIDISK sector zero",
+        "get-id: 0 id=bootdisk",
+        "flush: 0",
+        "out of bounds: 1",
+        "unsupported: 2",
+        // IOERR, and the protected page keeps its contents.
+        "read into protected: 1 page=LOCKED PAGE",
+        // Reading protected memory is fine for a device.
+        "write from protected: 0",
+        "sector 1=LOCKED PAGE",
+    ] {
+        assert!(s.contains(line), "{line}: {s}");
+    }
+    let image = std::fs::read(&disk).expect("image");
+    assert_eq!(&image[..20], b"HEKIDISK sector zero", "the write reached the host file");
+    assert_eq!(&image[512..523], b"LOCKED PAGE");
+}
+
+#[test]
+fn a_readonly_disk_refuses_writes() {
+    require_kvm!();
+    let disk = disk_image("virtio-blk-ro", 1 << 20);
+    let disk_arg = format!("path={},readonly=on", disk.display());
+    let run = common::run_vm("virtio-blk-ro", &guests::build("virtio_blk"), &["--disk", &disk_arg]);
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert!(run.serial.contains("write: 1\n"), "{}", run.serial);
+    assert!(std::fs::read(&disk).expect("image").iter().all(|b| *b == 0), "nothing written");
+}

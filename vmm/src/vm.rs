@@ -17,7 +17,7 @@ use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, VcpuGate, boot_registers, cpuid, kick, run_vcpu};
 use crate::devices::pci::{PciBus, PciConfigIo, PciConfigMmio};
 use crate::devices::virtio::pci::{BAR_SIZE, VirtioPci};
-use crate::devices::virtio::{DeviceCounters, DmaGuard, rng::Rng};
+use crate::devices::virtio::{DeviceCounters, DmaGuard, VirtioDevice, block::Block, rng::Rng};
 use crate::devices::{AcpiPmDevice, I8042Device, MmioBus, PioBus, SerialDevice};
 use crate::heki::HekiRuntime;
 use crate::layout::{self, ports};
@@ -325,6 +325,8 @@ fn lock_device(device: &Mutex<VirtioPci>) -> std::sync::MutexGuard<'_, VirtioPci
 
 /// PCI class codes (class, subclass, prog-if) as the config space stores them.
 const CLASS_OTHER: u32 = 0xff_00_00;
+/// Mass storage, other.
+const CLASS_STORAGE: u32 = 0x01_80_00;
 
 /// The PCI host bridge, its configuration mechanisms, and the virtio devices.
 fn add_pci_devices(
@@ -336,15 +338,29 @@ fn add_pci_devices(
     mmio: &mut MmioBus,
 ) -> Result<Vec<VirtioHandle>, VmError> {
     let mut bus = PciBus::default();
-    let mut handles = Vec::new();
+    let mut wanted: Vec<(String, Box<dyn VirtioDevice>, u32)> = Vec::new();
     if let Some(rng) = &config.rng {
         let source = std::fs::File::open(&rng.src)
             .map_err(|e| VmError::Device(format!("rng source {}: {e}", rng.src.display())))?;
-        let name = "_rng".to_string();
+        wanted.push(("_rng".to_string(), Box::new(Rng::new(source)), CLASS_OTHER));
+    }
+    for (i, disk) in config.disks.iter().flatten().enumerate() {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!disk.readonly)
+            .open(&disk.path)
+            .map_err(|e| VmError::Device(format!("disk {}: {e}", disk.path.display())))?;
+        let name = disk.id.clone().unwrap_or_else(|| format!("_disk{i}"));
+        let block = Block::new(file, disk.readonly, name.clone())
+            .map_err(|e| VmError::Device(format!("disk {}: {e}", disk.path.display())))?;
+        wanted.push((name, Box::new(block), CLASS_STORAGE));
+    }
+    let mut handles = Vec::new();
+    for (name, device, class) in wanted {
         let counters = Arc::new(DeviceCounters::default());
         let dma = DmaGuard { mem: mem.clone(), heki: heki.cloned(), device: name.clone(), counters: counters.clone() };
         let bar = layout::PCI_BAR_START + BAR_SIZE * handles.len() as u64;
-        let device = VirtioPci::new(Box::new(Rng::new(source)), bar, dma, CLASS_OTHER).map_err(VmError::EventFd)?;
+        let device = VirtioPci::new(device, bar, dma, class).map_err(VmError::EventFd)?;
         kvm_vm.register_mmio_ioevent(device.notify_fd(), device.notify_address())?;
         let device = Arc::new(Mutex::new(device));
         bus.add(device.clone()).ok_or_else(|| VmError::Device("no free PCI slot".into()))?;

@@ -33,7 +33,7 @@ static inline u32 pci_read32(u32 slot, u32 reg) {
 }
 
 /* Finds the virtio device with this PCI device id; 0 on success. */
-static int virtio_find(u16 device_id, struct virtio_dev *d, struct virtq_page *queue) {
+static __attribute__((unused)) int virtio_find(u16 device_id, struct virtio_dev *d, struct virtq_page *queue) {
     for (u32 slot = 0; slot < 32; slot++) {
         u32 id = pci_read32(slot, 0);
         if ((id & 0xffff) != 0x1af4 || (id >> 16) != device_id) continue;
@@ -61,7 +61,7 @@ static int virtio_find(u16 device_id, struct virtio_dev *d, struct virtq_page *q
 #define COMMON32(d, off) (*(volatile u32 *)((d)->common + (off)))
 
 /* Reset, negotiate VERSION_1, set up queue 0, DRIVER_OK. Returns the status read back. */
-static u8 virtio_start(struct virtio_dev *d) {
+static __attribute__((unused)) u8 virtio_start(struct virtio_dev *d) {
     memset(d->q, 0, sizeof(*d->q));
     COMMON8(d, 0x14) = 0;
     COMMON8(d, 0x14) = 1 | 2;
@@ -83,7 +83,7 @@ static u8 virtio_start(struct virtio_dev *d) {
 }
 
 /* Submits the chain starting at descriptor `head`; waits for it; returns the used length or -1 on timeout. */
-static s64 virtio_submit(struct virtio_dev *d, u16 head) {
+static __attribute__((unused)) s64 virtio_submit(struct virtio_dev *d, u16 head) {
     d->q->avail.ring[d->avail_idx % VIRTQ_SIZE] = head;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     d->q->avail.idx = ++d->avail_idx;
@@ -101,7 +101,7 @@ static s64 virtio_submit(struct virtio_dev *d, u16 head) {
 }
 
 /* One writable buffer as a one-descriptor chain. */
-static s64 virtio_read_into(struct virtio_dev *d, void *buf, u32 len) {
+static __attribute__((unused)) s64 virtio_read_into(struct virtio_dev *d, void *buf, u32 len) {
     d->q->desc[0] = (struct virtq_desc){ (u64)buf, len, VIRTQ_DESC_F_WRITE, 0 };
     return virtio_submit(d, 0);
 }

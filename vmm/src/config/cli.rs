@@ -56,6 +56,10 @@ pub struct CliArgs {
     #[arg(long, value_name = "enabled=on,...")]
     pub heki: Option<String>,
 
+    /// virtio-block disk: path=FILE[,readonly=on][,id=NAME] (raw image; repeatable).
+    #[arg(long, value_name = "path=FILE")]
+    pub disk: Vec<String>,
+
     /// virtio-rng entropy source: src=PATH (e.g. src=/dev/urandom).
     #[arg(long, value_name = "src=PATH")]
     pub rng: Option<String>,
@@ -143,6 +147,10 @@ impl CliArgs {
                 if let Some(heki) = &self.heki {
                     config.heki = parse_heki(heki)?;
                 }
+                if !self.disk.is_empty() {
+                    let disks = self.disk.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>, _>>()?;
+                    config.disks = Some(disks);
+                }
                 if let Some(rng) = &self.rng {
                     let o = OptionValues::parse("--rng", rng, &["src"])?;
                     let src =
@@ -195,6 +203,16 @@ pub fn parse_console(option: &'static str, input: &str) -> Result<ConsoleConfig,
             Ok(ConsoleConfig { mode: ConsoleOutputMode::File, file: Some(PathBuf::from(file)) })
         }
     }
+}
+
+pub fn parse_disk(input: &str) -> Result<super::DiskConfig, ConfigError> {
+    let o = OptionValues::parse("--disk", input, &["path", "readonly", "id"])?;
+    let path = o.get("path").filter(|p| !p.is_empty()).ok_or_else(|| o.error("path=FILE is required".into()))?;
+    Ok(super::DiskConfig {
+        path: PathBuf::from(path),
+        readonly: o.get_bool("readonly")?.unwrap_or(false),
+        id: o.get("id").map(str::to_string),
+    })
 }
 
 pub fn parse_heki(input: &str) -> Result<HekiConfig, ConfigError> {

@@ -16,7 +16,6 @@ type Known = (&'static str, &'static str, Option<&'static str>);
 /// Cloud Hypervisor fields Hekivisor does not implement, with their defaults.
 const CH_DEFAULTS: &[Known] = &[
     ("", "rate_limit_groups", None),
-    ("", "disks", None),
     ("", "net", None),
     ("", "balloon", None),
     ("", "fs", None),
@@ -59,6 +58,25 @@ const CH_DEFAULTS: &[Known] = &[
     ("serial", "socket", None),
     ("console", "iommu", None),
     ("console", "socket", None),
+];
+
+/// Cloud Hypervisor disk fields Hekivisor does not implement, with defaults.
+const DISK_DEFAULTS: &[(&str, Option<&str>)] = &[
+    ("direct", None),
+    ("iommu", None),
+    ("num_queues", Some("1")),
+    ("queue_size", Some("128")),
+    ("vhost_user", None),
+    ("vhost_socket", None),
+    ("rate_limit_group", None),
+    ("rate_limiter_config", None),
+    ("pci_segment", None),
+    ("serial", None),
+    ("queue_affinity", None),
+    ("disable_io_uring", None),
+    ("disable_aio", None),
+    ("sparse", Some("true")),
+    ("image_type", Some("\"Raw\"")),
 ];
 
 /// Sections whose whole value may be Cloud Hypervisor's default.
@@ -119,6 +137,20 @@ pub fn vm_config_from_json(body: &[u8]) -> Result<VmConfig, ConfigError> {
             container.remove(*field);
         }
     }
+    // Cloud Hypervisor's per-disk fields we do not implement: defaults only.
+    if let Some(disks) = root.get_mut("disks").and_then(Value::as_array_mut) {
+        for (i, disk) in disks.iter_mut().enumerate() {
+            let Some(disk) = disk.as_object_mut() else { continue };
+            for (field, default) in DISK_DEFAULTS {
+                if let Some(v) = disk.get(*field) {
+                    if !matches_default(v, *default) {
+                        return Err(unsupported(format!("disks[{i}].{field}")));
+                    }
+                    disk.remove(*field);
+                }
+            }
+        }
+    }
     // Cloud Hypervisor lets max_vcpus default to boot_vcpus.
     if let Some(cpus) = root.get_mut("cpus").and_then(Value::as_object_mut)
         && !cpus.contains_key("max_vcpus")
@@ -175,7 +207,7 @@ mod tests {
     fn unsupported_cloud_hypervisor_features_are_refused_by_name() {
         for (patch, field) in [
             (r#""hugepages": true"#, "memory.hugepages"),
-            (r#""disks": [{"path": "/x"}]"#, "disks"),
+            (r#""disks": [{"path": "/x", "direct": true}]"#, "disks[0].direct"),
             (r#""watchdog": true"#, "watchdog"),
         ] {
             let body = format!(

@@ -104,6 +104,18 @@ impl Default for HekiConfig {
     }
 }
 
+/// A virtio-block disk (Cloud Hypervisor's `disks[]`). Fields Cloud
+/// Hypervisor defines beyond these are accepted at their defaults only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
 /// virtio-rng (Cloud Hypervisor's `rng`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -129,6 +141,7 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     pub heki: HekiConfig,
     pub rng: Option<RngConfig>,
+    pub disks: Option<Vec<DiskConfig>>,
 }
 
 impl Default for VmConfig {
@@ -141,6 +154,7 @@ impl Default for VmConfig {
             console: ConsoleConfig { mode: ConsoleOutputMode::Off, file: None },
             heki: HekiConfig::default(),
             rng: None,
+            disks: None,
         }
     }
 }
@@ -169,6 +183,10 @@ impl VmConfig {
         }
         if self.console.mode == ConsoleOutputMode::File {
             return Err(invalid("console.mode", "virtio-console is not supported yet (File); use Off"));
+        }
+        let disks = self.disks.as_deref().unwrap_or_default();
+        if disks.len() > 16 {
+            return Err(invalid("disks", "at most 16 disks"));
         }
         if self.rng.as_ref().is_some_and(|r| r.iommu) {
             return Err(invalid("rng.iommu", "not supported by Hekivisor"));

@@ -2,6 +2,7 @@
 //! runs on its own worker thread, woken by an ioeventfd on its notify
 //! address; every guest-memory write goes through the DMA guard.
 
+pub mod block;
 pub mod dma;
 pub mod pci;
 pub mod rng;

@@ -1,0 +1,132 @@
+//! virtio-block over a raw image file: read, write, flush and get-id, with
+//! sector bounds checked and read-only disks refusing writes.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+
+use virtio_queue::DescriptorChain;
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::GuestMemoryMmap;
+
+use super::{DmaGuard, VirtioDevice};
+
+pub const DEVICE_TYPE: u16 = 2;
+const SECTOR_SIZE: u64 = 512;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+/// Largest data transfer one request may ask for.
+const MAX_TRANSFER: u64 = 1 << 20;
+const ID_BYTES: usize = 20;
+
+pub struct Block {
+    file: File,
+    capacity_sectors: u64,
+    readonly: bool,
+    id: String,
+}
+
+impl Block {
+    pub fn new(file: File, readonly: bool, id: String) -> std::io::Result<Self> {
+        let size = file.metadata()?.len();
+        Ok(Block { file, capacity_sectors: size / SECTOR_SIZE, readonly, id })
+    }
+
+    /// Runs one request; returns (status, bytes written to the guest).
+    fn execute(&mut self, kind: u32, sector: u64, data: &[Descriptor], dma: &DmaGuard) -> (u8, u32) {
+        let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
+        let in_bounds = total <= MAX_TRANSFER
+            && sector.checked_add(total.div_ceil(SECTOR_SIZE)).is_some_and(|end| end <= self.capacity_sectors);
+        match kind {
+            T_IN if !in_bounds || data.iter().any(|d| !d.is_write_only()) => (S_IOERR, 0),
+            T_IN => {
+                let mut offset = sector * SECTOR_SIZE;
+                let mut written = 0u32;
+                for d in data {
+                    let mut buf = vec![0u8; d.len() as usize];
+                    if self.file.read_exact_at(&mut buf, offset).is_err() || dma.write(d.addr().0, &buf).is_err() {
+                        return (S_IOERR, written);
+                    }
+                    offset += u64::from(d.len());
+                    written += d.len();
+                }
+                (S_OK, written)
+            }
+            T_OUT if self.readonly || !in_bounds || data.iter().any(|d| d.is_write_only()) => (S_IOERR, 0),
+            T_OUT => {
+                let mut offset = sector * SECTOR_SIZE;
+                for d in data {
+                    let mut buf = vec![0u8; d.len() as usize];
+                    if dma.read(d.addr().0, &mut buf).is_err() || self.file.write_all_at(&buf, offset).is_err() {
+                        return (S_IOERR, 0);
+                    }
+                    offset += u64::from(d.len());
+                }
+                (S_OK, 0)
+            }
+            T_FLUSH => (if self.file.sync_data().is_ok() { S_OK } else { S_IOERR }, 0),
+            T_GET_ID => {
+                let mut id = [0u8; ID_BYTES];
+                let n = self.id.len().min(ID_BYTES);
+                id[..n].copy_from_slice(&self.id.as_bytes()[..n]);
+                match data.first() {
+                    Some(d) if d.is_write_only() && d.len() as usize >= ID_BYTES => {
+                        if dma.write(d.addr().0, &id).is_ok() { (S_OK, ID_BYTES as u32) } else { (S_IOERR, 0) }
+                    }
+                    _ => (S_IOERR, 0),
+                }
+            }
+            _ => (S_UNSUPP, 0),
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u16 {
+        DEVICE_TYPE
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_BLK_F_FLUSH | if self.readonly { VIRTIO_BLK_F_RO } else { 0 }
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // capacity (u64, in 512-byte sectors) is the first field.
+        let config = self.capacity_sectors.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = config.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn process(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, dma: &DmaGuard) -> u32 {
+        dma.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let descriptors: Vec<Descriptor> = chain.collect();
+        // header (readable) + data... + status (one writable byte).
+        let (Some(header), Some(status)) = (descriptors.first(), descriptors.last()) else { return 0 };
+        if descriptors.len() < 2 || header.is_write_only() || header.len() < 16 || !status.is_write_only() {
+            dma.counters.errors.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
+        let mut raw = [0u8; 16];
+        if dma.read(header.addr().0, &mut raw).is_err() {
+            return 0;
+        }
+        let kind = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+        let sector = u64::from_le_bytes([raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15]]);
+        let (state, written) = self.execute(kind, sector, &descriptors[1..descriptors.len() - 1], dma);
+        if state != S_OK {
+            dma.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        match dma.write(status.addr().0, &[state]) {
+            Ok(()) => written + 1,
+            Err(_) => written,
+        }
+    }
+}
