@@ -443,3 +443,29 @@ fn host_side_pins_through_rest_and_a_reboot_clears_them() {
     let worked = count(&vmm, "lstar hook worked");
     wait_for("hooks work again after reboot", || count(&vmm, "lstar hook worked") >= worked + 2);
 }
+
+#[test]
+fn devices_report_their_counters_and_the_dma_guard_is_enforced() {
+    require_kvm!();
+    let vmm = Vmm::start("api-devices");
+    let disk = vmm.dir.join("disk.img");
+    std::fs::File::create(&disk).and_then(|f| f.set_len(1 << 20)).expect("disk");
+    let extra = format!(
+        r#","heki":{{"enabled":true}},"rng":{{"src":"/dev/urandom","iommu":false}},"disks":[{{"path":"{}","id":"data","direct":false,"num_queues":1}}]"#,
+        disk.display()
+    );
+    assert_eq!(vmm.status("PUT", "vm.create", Some(&vmm.config("ticker", &extra))).0, 204);
+    assert_eq!(vmm.status("PUT", "vm.boot", None).0, 204);
+    let heki = vmm.json("vm.heki");
+    assert_eq!(heki["features"]["dma_guard"]["status"], "enforced", "{heki}");
+    assert_eq!(heki["devices"]["data"]["dma_refused"], 0);
+    let counters = vmm.json("vm.counters");
+    for device in ["_rng", "data"] {
+        assert_eq!(counters[device]["requests"], 0, "{counters}");
+    }
+    let bad = vmm.config("ticker", r#","disks":[{"path":"/x","direct":true}]"#);
+    assert_eq!(vmm.status("PUT", "vm.delete", None).0, 204);
+    let (status, body) = vmm.status("PUT", "vm.create", Some(&bad));
+    assert_eq!(status, 400);
+    assert!(body.contains("disks[0].direct"), "{body}");
+}

@@ -42,7 +42,7 @@ void guest_main(void) {
     expect("max leaf", r[0], 0x40000101);
     cpuid(0x40000101, 0, r);
     expect("abi version", r[0], 1);
-    expect("features", r[1], 0x1b);
+    expect("features", r[1], 0x3b);
     expect("edx zero", r[3], 0);
     printf("doorbell port=%x\n", r[2]);
 

@@ -248,6 +248,11 @@ impl Vm {
         serde_json::Value::Object(all)
     }
 
+    /// Per-device I/O and DMA-guard counters.
+    pub fn device_counters(&self) -> serde_json::Value {
+        self.virtio.iter().map(|d| (d.name.clone(), d.counters.to_json())).collect::<serde_json::Map<_, _>>().into()
+    }
+
     pub fn heki(&self) -> Option<&Arc<HekiRuntime>> {
         self.ctx.heki.as_ref()
     }

@@ -16,7 +16,10 @@ pub(crate) fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResult {
     let enabled = config.heki.enabled;
     let runtime = vmm.vm.as_ref().and_then(|vm| vm.heki().cloned());
     match request {
-        ApiRequest::VmHeki => Ok(Some(report(enabled, config.heki.policy, runtime.as_deref()))),
+        ApiRequest::VmHeki => {
+            let devices = vmm.vm.as_ref().map(|vm| vm.device_counters());
+            Ok(Some(report(enabled, config.heki.policy, runtime.as_deref(), devices)))
+        }
         ApiRequest::VmHekiPolicy(policy) => {
             if let Some(config) = vmm.config.as_mut() {
                 config.heki.policy = policy;
@@ -60,7 +63,12 @@ fn running(enabled: bool, runtime: Option<&HekiRuntime>) -> Result<&HekiRuntime,
     runtime.ok_or_else(|| ApiError::Conflict("the VM is not running".into()))
 }
 
-fn report(enabled: bool, policy: heki::Policy, rt: Option<&HekiRuntime>) -> serde_json::Value {
+fn report(
+    enabled: bool,
+    policy: heki::Policy,
+    rt: Option<&HekiRuntime>,
+    devices: Option<serde_json::Value>,
+) -> serde_json::Value {
     let features = rt.map(|r| r.features()).unwrap_or(0);
     let status = |bit: u32, reason: &str| {
         if enabled && features & bit != 0 {
@@ -85,7 +93,7 @@ fn report(enabled: bool, policy: heki::Policy, rt: Option<&HekiRuntime>) -> serd
                 json!({ "status": "unavailable", "reason": "heki is disabled for this VM" })
             },
             "pin_msr": status(feature::PIN_MSR, "KVM lacks the MSR filter with user-space MSR exits"),
-            "dma_guard": { "status": "unavailable", "reason": "no DMA-capable devices yet" },
+            "dma_guard": status(feature::DMA_GUARD, "heki is disabled"),
             "shared_memory": { "status": "unavailable", "reason": "needs KVM private memory (MEMORY_ATTRIBUTES) which this host lacks" },
         },
     });
@@ -95,6 +103,7 @@ fn report(enabled: bool, policy: heki::Policy, rt: Option<&HekiRuntime>) -> serd
         value["protected_bytes"] = json!(bytes);
         value["memslots"] = json!({ "used": slots, "limit": max });
         value["counters"] = counters(rt);
+        value["devices"] = devices.unwrap_or_default();
         value["pins"] = rt
             .pins()
             .snapshot()

@@ -104,7 +104,8 @@ impl HekiRuntime {
         let memory =
             if self.kvm_vm.has_readonly_memory() { feature::PROTECT_MEMORY | feature::PROTECT_BYTES } else { 0 };
         let msr = if self.msr_filter { feature::PIN_MSR } else { 0 };
-        memory | feature::PIN_CR | msr
+        // Every device write to guest memory goes through the DMA guard.
+        memory | feature::PIN_CR | msr | feature::DMA_GUARD
     }
 
     /// The CPUID leaves advertising the ABI.
