@@ -107,6 +107,7 @@ impl MemoryProtections {
     }
 
     /// Whether any byte of a larger range (device DMA) is write-protected.
+    #[inline]
     pub fn range_writable(&self, gpa: u64, len: u64) -> bool {
         let Some(end) = gpa.checked_add(len) else {
             return false;
@@ -121,7 +122,7 @@ impl MemoryProtections {
         } else {
             self.pages.iter().all(|(s, e, p)| p.writable() || e <= first || s > last)
         };
-        pages_ok && !self.bytes.overlaps(gpa, end)
+        pages_ok && (self.bytes.is_empty() || !self.bytes.overlaps(gpa, end))
     }
 
     /// Pages that must trap writes: not writable, or holding protected bytes.

@@ -42,6 +42,7 @@ impl Eq for PermissionMap {}
 
 impl PermissionMap {
     /// Permissions of one page.
+    #[inline]
     pub fn get(&self, page: u64) -> Permissions {
         if self.sealed {
             // Descend to the first start > page, then step to its predecessor.

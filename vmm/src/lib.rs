@@ -8,7 +8,7 @@ pub mod config;
 pub mod cpu;
 pub mod devices;
 mod events;
-mod heki;
+pub mod heki;
 pub mod layout;
 pub mod memory;
 pub mod vm;

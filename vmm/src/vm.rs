@@ -363,7 +363,7 @@ fn add_pci_devices(
     let mut handles = Vec::new();
     for (name, device, class) in wanted {
         let counters = Arc::new(DeviceCounters::default());
-        let dma = DmaGuard { mem: mem.clone(), heki: heki.cloned(), device: name.clone(), counters: counters.clone() };
+        let dma = DmaGuard::new(mem.clone(), heki.cloned(), name.clone(), counters.clone());
         let bar = layout::PCI_BAR_START + BAR_SIZE * handles.len() as u64;
         let device = VirtioPci::new(device, bar, dma, class).map_err(VmError::EventFd)?;
         kvm_vm.register_mmio_ioevent(device.notify_fd(), device.notify_address())?;

@@ -1,6 +1,7 @@
 //! The per-VM heki state and the actions that apply heki's verdicts: memslot
 //! relayout, guest memory writes, registers, events.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use heki::abi::{self, feature};
@@ -32,6 +33,10 @@ pub struct HekiRuntime {
     policy: Mutex<Policy>,
     /// Protections and the installed memslots change together, under one lock.
     state: Mutex<(MemoryProtections, MemslotTable)>,
+    /// A read-only copy of the protections for device workers, with a
+    /// generation that changes on every update (lock-free fast path).
+    snapshot: Mutex<Arc<MemoryProtections>>,
+    generation: AtomicU64,
     kvm_vm: Arc<hypervisor::Vm>,
     mem: GuestMemoryMmap,
     ram: RamLayout,
@@ -76,6 +81,8 @@ impl HekiRuntime {
         HekiRuntime {
             policy: Mutex::new(config.policy),
             state: Mutex::new((MemoryProtections::default(), table)),
+            snapshot: Mutex::new(Arc::new(MemoryProtections::default())),
+            generation: AtomicU64::new(0),
             kvm_vm,
             mem,
             ram,
@@ -149,7 +156,9 @@ impl HekiRuntime {
                 _ => AbiError::BadAddress,
             }
         })?;
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(next.clone());
         *protections = next;
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -171,6 +180,16 @@ impl HekiRuntime {
             &[("by", who.to_string()), ("bytes", len.to_string()), ("gpa", format!("{gpa:#x}"))],
         );
         Ok(())
+    }
+
+    /// Changes whenever the protections change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The current protections, for callers that cache them per generation.
+    pub fn snapshot(&self) -> Arc<MemoryProtections> {
+        self.snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Whether a device may write `[gpa, gpa + len)` (the DMA guard's question).

@@ -31,12 +31,14 @@ pub struct Block {
     capacity_sectors: u64,
     readonly: bool,
     id: String,
+    /// Reused transfer buffer: no allocation on the data path.
+    buffer: Vec<u8>,
 }
 
 impl Block {
     pub fn new(file: File, readonly: bool, id: String) -> std::io::Result<Self> {
         let size = file.metadata()?.len();
-        Ok(Block { file, capacity_sectors: size / SECTOR_SIZE, readonly, id })
+        Ok(Block { file, capacity_sectors: size / SECTOR_SIZE, readonly, id, buffer: Vec::new() })
     }
 
     /// Runs one request; returns (status, bytes written to the guest).
@@ -50,8 +52,8 @@ impl Block {
                 let mut offset = sector * SECTOR_SIZE;
                 let mut written = 0u32;
                 for d in data {
-                    let mut buf = vec![0u8; d.len() as usize];
-                    if self.file.read_exact_at(&mut buf, offset).is_err() || dma.write(d.addr().0, &buf).is_err() {
+                    let buf = scratch(&mut self.buffer, d.len());
+                    if self.file.read_exact_at(buf, offset).is_err() || dma.write(d.addr().0, buf).is_err() {
                         return (S_IOERR, written);
                     }
                     offset += u64::from(d.len());
@@ -63,8 +65,8 @@ impl Block {
             T_OUT => {
                 let mut offset = sector * SECTOR_SIZE;
                 for d in data {
-                    let mut buf = vec![0u8; d.len() as usize];
-                    if dma.read(d.addr().0, &mut buf).is_err() || self.file.write_all_at(&buf, offset).is_err() {
+                    let buf = scratch(&mut self.buffer, d.len());
+                    if dma.read(d.addr().0, buf).is_err() || self.file.write_all_at(buf, offset).is_err() {
                         return (S_IOERR, 0);
                     }
                     offset += u64::from(d.len());
@@ -86,6 +88,15 @@ impl Block {
             _ => (S_UNSUPP, 0),
         }
     }
+}
+
+/// The first `len` bytes of the reusable buffer (length bounded by MAX_TRANSFER).
+fn scratch(buffer: &mut Vec<u8>, len: u32) -> &mut [u8] {
+    let len = len as usize;
+    if buffer.len() < len {
+        buffer.resize(len, 0);
+    }
+    &mut buffer[..len]
 }
 
 impl VirtioDevice for Block {

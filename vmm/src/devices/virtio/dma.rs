@@ -1,6 +1,7 @@
 //! The DMA guard: the one path by which device emulation writes guest
 //! memory. A write into memory heki forbids is refused and reported.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -44,13 +45,64 @@ pub struct DmaGuard {
     pub heki: Option<Arc<HekiRuntime>>,
     pub device: String,
     pub counters: Arc<DeviceCounters>,
+    /// The protections this device last saw, valid while heki's generation
+    /// holds: the data path takes no lock shared with other threads.
+    cache: RefCell<Option<(u64, Arc<heki::MemoryProtections>)>>,
+    /// Pages recently found writable in this generation (direct-mapped):
+    /// devices write the same buffers and status bytes over and over.
+    recent: RefCell<[u64; RECENT_PAGES]>,
 }
 
+const RECENT_PAGES: usize = 64;
+const NO_PAGE: u64 = u64::MAX;
+
 impl DmaGuard {
+    pub fn new(
+        mem: GuestMemoryMmap,
+        heki: Option<Arc<HekiRuntime>>,
+        device: String,
+        counters: Arc<DeviceCounters>,
+    ) -> Self {
+        DmaGuard {
+            mem,
+            heki,
+            device,
+            counters,
+            cache: RefCell::new(None),
+            recent: RefCell::new([NO_PAGE; RECENT_PAGES]),
+        }
+    }
+
     /// Whether the device may write `[gpa, gpa + len)`; reports a violation if not.
     pub fn check_write(&self, gpa: u64, len: u64) -> Result<(), DmaError> {
         let Some(heki) = &self.heki else { return Ok(()) };
-        if heki.range_writable(gpa, len) {
+        let generation = heki.generation();
+        let page = gpa >> heki::PAGE_SHIFT;
+        let single_page = len > 0 && (gpa + len - 1) >> heki::PAGE_SHIFT == page;
+        let writable = {
+            let mut cache = self.cache.borrow_mut();
+            let mut recent = self.recent.borrow_mut();
+            let slot = (page as usize) % RECENT_PAGES;
+            match &*cache {
+                Some((g, _)) if *g == generation && single_page && recent[slot] == page => true,
+                Some((g, p)) if *g == generation => p.range_writable(gpa, len),
+                _ => {
+                    let snapshot = heki.snapshot();
+                    let writable = snapshot.range_writable(gpa, len);
+                    *cache = Some((generation, snapshot));
+                    *recent = [NO_PAGE; RECENT_PAGES];
+                    writable
+                }
+            }
+            .then(|| {
+                // Only whole pages without byte protections can be remembered.
+                if single_page && cache.as_ref().is_some_and(|(_, p)| !p.bytes.page_has_bytes(page)) {
+                    recent[slot] = page;
+                }
+            })
+            .is_some()
+        };
+        if writable {
             return Ok(());
         }
         self.counters.dma_refused.fetch_add(1, Ordering::Relaxed);
