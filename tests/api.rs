@@ -30,7 +30,7 @@ impl Vmm {
             .arg(format!("path={}", socket.display()))
             .arg("--event-monitor")
             .arg(format!("path={}", events.display()))
-            .env("HEKIVISOR_API_TIMEOUT_MS", "500")
+            .env("HEKIVISOR_API_TIMEOUT_MS", "2000")
             .stdin(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -210,11 +210,11 @@ fn every_error_is_answered_with_the_right_status_and_the_vmm_survives() {
     assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 4"), "{reply}");
     let mut slow = UnixStream::connect(&vmm.socket).expect("connect");
     slow.write_all(b"GET /api/v1/vmm.pi").expect("partial");
-    slow.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    slow.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let mut buf = Vec::new();
     let started = Instant::now();
     let _ = slow.read_to_end(&mut buf);
-    assert!(started.elapsed() < Duration::from_secs(4), "slow client is cut off");
+    assert!(started.elapsed() < Duration::from_secs(8), "slow client is cut off after the 2 s timeout");
 
     let config = vmm.config("ticker", "");
     assert_eq!(vmm.status("PUT", "vm.create", Some(&config)).0, 204);
@@ -343,10 +343,20 @@ fn host_side_protection_through_rest_stops_a_guest_write() {
         .replace(r#""payload":{"kernel""#, r#""payload":{"cmdline":"host-locks","kernel""#);
     assert_eq!(vmm.status("PUT", "vm.create", Some(&config)).0, 204);
     assert_eq!(vmm.status("PUT", "vm.boot", None).0, 204);
-    wait_for("text address", || serial_text(&vmm).contains("text at 0x"));
-    let serial = serial_text(&vmm);
-    let addr = serial.split("text at 0x").nth(1).and_then(|r| r.lines().next()).expect("address");
-    let gpa = u64::from_str_radix(addr.trim(), 16).expect("hex");
+    // The guest prints the address of the page it wants locked.
+    let mut gpa = 0;
+    wait_for("text address", || {
+        let serial = serial_text(&vmm);
+        let line =
+            serial.split("text at 0x").nth(1).and_then(|rest| rest.split_once('\n')).map(|(hex, _)| hex.to_string());
+        match line.and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok()) {
+            Some(addr) => {
+                gpa = addr;
+                true
+            }
+            None => false,
+        }
+    });
 
     let bad = format!(r#"{{"ranges":[{{"gpa":{},"size":4096,"permissions":["read"]}}]}}"#, gpa + 1);
     assert_eq!(vmm.status("PUT", "vm.heki-protect", Some(&bad)).0, 400, "unaligned");

@@ -97,6 +97,7 @@ pub fn start_api_server_with(
                 };
                 let shared = shared.clone();
                 let header_timeout = shared.limits.read_timeout;
+                OPEN_CONNECTIONS.fetch_add(1, Ordering::AcqRel);
                 tokio::spawn(async move {
                     let service = service_fn(move |req| handle(req, shared.clone()));
                     let connection = http1::Builder::new()
@@ -106,6 +107,7 @@ pub fn start_api_server_with(
                     if let Err(e) = connection.await {
                         log::debug!("API connection ended: {e}");
                     }
+                    OPEN_CONNECTIONS.fetch_sub(1, Ordering::AcqRel);
                 });
             }
         });
