@@ -109,7 +109,7 @@ fn run(requests: u64, guard: bool) -> f64 {
         }
         avail_idx = avail_idx.wrapping_add(batch as u16);
         write(&mem, AVAIL + 2, avail_idx);
-        state.lock().expect("transport").process_queue();
+        state.lock().expect("transport").process_queue(0);
         done += batch;
     }
     let elapsed = start.elapsed().as_secs_f64();

@@ -95,3 +95,16 @@ fn a_readonly_disk_refuses_writes() {
     assert!(run.serial.contains("write: 1\n"), "{}", run.serial);
     assert!(std::fs::read(&disk).expect("image").iter().all(|b| *b == 0), "nothing written");
 }
+
+#[test]
+fn console_output_reaches_the_configured_file() {
+    require_kvm!();
+    let dir = common::temp_dir("virtio-console");
+    let out = dir.join("console.log");
+    let arg = format!("file={}", out.display());
+    let run = common::run_vm("virtio-console", &guests::build("virtio_console"), &["--console", &arg]);
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert!(run.serial.contains("status=f queues=2"), "{}", run.serial);
+    assert!(run.serial.contains("sent: 0"), "{}", run.serial);
+    assert_eq!(std::fs::read_to_string(&out).expect("console file"), "hello from the virtio console\n");
+}

@@ -122,12 +122,24 @@ pub struct RamLayout {
 }
 
 impl RamLayout {
-    /// Whether [start, start + len) lies inside one RAM region.
+    /// Whether [start, start + len) is all RAM (it may cross from one region
+    /// into the next when they touch).
     pub fn contains(&self, start: u64, len: u64) -> bool {
         let Some(end) = start.checked_add(len) else {
             return false;
         };
-        self.regions.iter().any(|&(s, e)| start >= s && end <= e)
+        let mut cursor = start;
+        // Each step moves into a region ending further on: at most one step per region.
+        for _ in 0..=self.regions.len() {
+            let Some(&(_, region_end)) = self.regions.iter().find(|&&(s, e)| s <= cursor && cursor < e) else {
+                return len == 0 && self.regions.iter().any(|&(s, e)| s <= start && start <= e);
+            };
+            if end <= region_end {
+                return true;
+            }
+            cursor = region_end;
+        }
+        false
     }
 }
 
@@ -250,6 +262,18 @@ mod tests {
         assert_eq!(&bytes, b"HekiVisorABI");
         assert_eq!(cpuid_leaves(false, 3, 0x580)[0].1, [0; 4]);
         assert_eq!(cpuid_leaves(true, 3, 0x580)[1].1, [1, 3, 0x580, 0]);
+    }
+
+    #[test]
+    fn ram_ranges_may_cross_touching_regions_but_not_holes() {
+        let ram = RamLayout { regions: vec![(0x10000, 0x20000), (0, 0x10000), (0x30000, 0x40000)] };
+        assert!(ram.contains(0xf000, 0x2000), "touching regions");
+        assert!(ram.contains(0, 0x20000));
+        assert!(!ram.contains(0x1f000, 0x2000), "runs into the hole");
+        assert!(!ram.contains(0x20000, 1));
+        assert!(ram.contains(0x3ffff, 1));
+        assert!(!ram.contains(0x3ffff, 2));
+        assert!(!ram.contains(u64::MAX, 2), "overflow");
     }
 
     #[test]

@@ -5,25 +5,35 @@
 //! exits in, and applies the verdicts that come out.
 
 pub mod abi;
+pub mod counters;
 pub mod insn;
 pub mod memslot_plan;
 pub mod permission_map;
 pub mod perms;
 pub mod pins;
 pub mod policy;
+pub mod rate_limit;
+pub mod verdict;
 
 pub use abi::{AbiError, GuestMemoryReader, HekiCall, ProtectRange, RamLayout};
-pub use memslot_plan::{PlannedSlot, TooManySlots, plan_memslots};
+pub use counters::ViolationCounters;
+pub use memslot_plan::{PlannedSlot, SlotDiff, TooManySlots, diff_slots, plan_memslots};
 pub use permission_map::{ByteProtections, PAGE_SHIFT, PAGE_SIZE, PermissionMap};
 pub use perms::Permissions;
 pub use pins::VcpuPins;
 pub use policy::Policy;
+pub use rate_limit::{Admission, EventRateLimiter};
+pub use verdict::{Action, RecordedAction, ViolationKind, ViolationRecord, WriteVerdict};
+
+/// Longest write `check_write` judges byte by byte (MMIO exits carry at most 8).
+pub const MAX_CHECKED_WRITE: usize = 64;
 
 /// Which bytes of a guest write a protection forbids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WriteCheck {
-    /// Bit i set: byte i of the write is forbidden (writes are at most 64 bytes).
+    /// Bit i set: byte i of the write is forbidden.
     pub forbidden: u64,
+    /// Bytes judged: the write's length, at most `MAX_CHECKED_WRITE`.
     pub len: usize,
 }
 
@@ -59,10 +69,18 @@ pub struct MemoryProtections {
 }
 
 impl MemoryProtections {
-    /// Applies PROTECT_MEMORY entries atomically: all or none.
+    /// Applies PROTECT_MEMORY entries atomically: all or none. Entries apply
+    /// in order, so one that touches a page an earlier entry of the same
+    /// request made IMMUTABLE fails the whole request too.
     pub fn protect_pages(&mut self, ranges: &[ProtectRange]) -> Result<(), AbiError> {
-        if ranges.iter().any(|r| self.pages.any_immutable(r.start, r.end)) {
-            return Err(AbiError::NotPermitted);
+        let mut locked_by_request = PermissionMap::default();
+        for r in ranges {
+            if self.pages.any_immutable(r.start, r.end) || locked_by_request.any_immutable(r.start, r.end) {
+                return Err(AbiError::NotPermitted);
+            }
+            if r.perms.immutable() {
+                locked_by_request.set(r.start, r.end, r.perms);
+            }
         }
         for r in ranges {
             self.pages.set(r.start, r.end, r.perms);
@@ -83,6 +101,11 @@ impl MemoryProtections {
         Ok(())
     }
 
+    /// Forgets every protection (guest reboot).
+    pub fn reset(&mut self) {
+        *self = MemoryProtections::default();
+    }
+
     /// QUERY: the page's permission bits, plus 0x100 if it holds protected bytes.
     pub fn query(&self, ram: &RamLayout, gpa: u64) -> Result<u64, AbiError> {
         if !ram.contains(gpa, 1) {
@@ -93,9 +116,11 @@ impl MemoryProtections {
         Ok(self.pages.get(page).bits() | bytes)
     }
 
-    /// Judges a guest (or device) write of `len` bytes at `gpa`.
+    /// Judges a guest write of `len` bytes at `gpa`, byte by byte. Only the
+    /// first `MAX_CHECKED_WRITE` bytes are judged (`WriteCheck::len` says how
+    /// many); use `range_writable` for longer (device) writes.
     pub fn check_write(&self, gpa: u64, len: usize) -> WriteCheck {
-        let len = len.min(64);
+        let len = len.min(MAX_CHECKED_WRITE);
         let mut forbidden = 0u64;
         for i in 0..len {
             let addr = gpa.wrapping_add(i as u64);

@@ -50,6 +50,53 @@ pub fn plan_memslots(
     Ok(slots)
 }
 
+/// The change from one layout to another: slots equal in both stay untouched.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SlotDiff {
+    /// Installed slots that are not in the new layout (remove these first).
+    pub remove: Vec<PlannedSlot>,
+    /// New slots that are not installed yet.
+    pub add: Vec<PlannedSlot>,
+}
+
+impl SlotDiff {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.add.is_empty()
+    }
+}
+
+/// Which slots to remove and add to go from `installed` to `wanted`, in
+/// O(n log n): both are sorted and walked together.
+pub fn diff_slots(installed: &[PlannedSlot], wanted: &[PlannedSlot]) -> SlotDiff {
+    let (mut old, mut new) = (installed.to_vec(), wanted.to_vec());
+    old.sort_unstable();
+    new.sort_unstable();
+    let mut diff = SlotDiff::default();
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        match (old.get(i), new.get(j)) {
+            (Some(a), Some(b)) if a == b => {
+                i += 1;
+                j += 1;
+            }
+            (Some(a), Some(b)) if a < b => {
+                diff.remove.push(*a);
+                i += 1;
+            }
+            (Some(a), None) => {
+                diff.remove.push(*a);
+                i += 1;
+            }
+            (_, Some(b)) => {
+                diff.add.push(*b);
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    diff
+}
+
 /// Merges sorted page ranges that touch or overlap.
 pub fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     ranges.sort_unstable();
@@ -88,7 +135,43 @@ mod tests {
         assert_eq!(plan_memslots(&[(0, 64 * PAGE)], &[(1, 2), (3, 4)], 4), Err(TooManySlots { needed: 5, max: 4 }));
     }
 
+    fn slot(gpa: u64, pages: u64, readonly: bool) -> PlannedSlot {
+        PlannedSlot { gpa: gpa * PAGE, size: pages * PAGE, readonly }
+    }
+
+    #[test]
+    fn protecting_one_more_range_touches_only_the_slot_it_splits() {
+        let before = plan_memslots(&[(0, 64 * PAGE)], &[(10, 12)], 10).expect("fits");
+        let after = plan_memslots(&[(0, 64 * PAGE)], &[(10, 12), (40, 41)], 10).expect("fits");
+        let diff = diff_slots(&before, &after);
+        assert_eq!(diff.remove, vec![slot(12, 52, false)]);
+        assert_eq!(diff.add, vec![slot(12, 28, false), slot(40, 1, true), slot(41, 23, false)]);
+        assert!(diff_slots(&after, &after).is_empty());
+    }
+
+    #[test]
+    fn a_slot_changing_only_its_writability_is_replaced() {
+        let diff = diff_slots(&[slot(0, 4, false)], &[slot(0, 4, true)]);
+        assert_eq!(diff, SlotDiff { remove: vec![slot(0, 4, false)], add: vec![slot(0, 4, true)] });
+    }
+
     proptest! {
+        /// Applying the diff to the old layout gives exactly the new one.
+        #[test]
+        fn diff_turns_old_into_new(
+            old in proptest::collection::btree_set((0u64..20, 1u64..4, any::<bool>()), 0..12),
+            new in proptest::collection::btree_set((0u64..20, 1u64..4, any::<bool>()), 0..12),
+        ) {
+            let old: Vec<PlannedSlot> = old.into_iter().map(|(g, s, r)| slot(g, s, r)).collect();
+            let new: Vec<PlannedSlot> = new.into_iter().map(|(g, s, r)| slot(g, s, r)).collect();
+            let diff = diff_slots(&old, &new);
+            let mut result: Vec<PlannedSlot> = old.iter().filter(|s| !diff.remove.contains(s)).copied().collect();
+            result.extend(&diff.add);
+            result.sort_unstable();
+            prop_assert_eq!(&result, &new);
+            prop_assert!(diff.remove.iter().all(|s| !new.contains(s)), "a slot kept in both is never removed");
+        }
+
         /// Every page is in exactly one slot, read-only exactly when the model
         /// says so, and neighbouring slots in a region never share a type.
         #[test]

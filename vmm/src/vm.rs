@@ -17,7 +17,7 @@ use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, VcpuGate, boot_registers, cpuid, kick, run_vcpu};
 use crate::devices::pci::{PciBus, PciConfigIo, PciConfigMmio};
 use crate::devices::virtio::pci::{BAR_SIZE, VirtioPci};
-use crate::devices::virtio::{DeviceCounters, DmaGuard, VirtioDevice, block::Block, rng::Rng};
+use crate::devices::virtio::{DeviceCounters, DmaGuard, VirtioDevice, block::Block, console::Console, rng::Rng};
 use crate::devices::{AcpiPmDevice, I8042Device, MmioBus, PioBus, SerialDevice};
 use crate::heki::HekiRuntime;
 use crate::layout::{self, ports};
@@ -332,6 +332,8 @@ fn lock_device(device: &Mutex<VirtioPci>) -> std::sync::MutexGuard<'_, VirtioPci
 const CLASS_OTHER: u32 = 0xff_00_00;
 /// Mass storage, other.
 const CLASS_STORAGE: u32 = 0x01_80_00;
+/// Simple communication controller, other.
+const CLASS_COMMUNICATION: u32 = 0x07_80_00;
 
 /// The PCI host bridge, its configuration mechanisms, and the virtio devices.
 fn add_pci_devices(
@@ -348,6 +350,9 @@ fn add_pci_devices(
         let source = std::fs::File::open(&rng.src)
             .map_err(|e| VmError::Device(format!("rng source {}: {e}", rng.src.display())))?;
         wanted.push(("_rng".to_string(), Box::new(Rng::new(source)), CLASS_OTHER));
+    }
+    if let Some(out) = console_output(&config.console)? {
+        wanted.push(("_console".to_string(), Box::new(Console::new(out)), CLASS_COMMUNICATION));
     }
     for (i, disk) in config.disks.iter().flatten().enumerate() {
         let file = std::fs::OpenOptions::new()
@@ -366,7 +371,9 @@ fn add_pci_devices(
         let dma = DmaGuard::new(mem.clone(), heki.cloned(), name.clone(), counters.clone());
         let bar = layout::PCI_BAR_START + BAR_SIZE * handles.len() as u64;
         let device = VirtioPci::new(device, bar, dma, class).map_err(VmError::EventFd)?;
-        kvm_vm.register_mmio_ioevent(device.notify_fd(), device.notify_address())?;
+        for (address, fd) in device.notifiers() {
+            kvm_vm.register_mmio_ioevent(fd, address)?;
+        }
         let device = Arc::new(Mutex::new(device));
         bus.add(device.clone()).ok_or_else(|| VmError::Device("no free PCI slot".into()))?;
         mmio.insert(bar, BAR_SIZE, device.clone());
@@ -380,4 +387,19 @@ fn add_pci_devices(
         Arc::new(Mutex::new(PciConfigMmio::new(bus))),
     );
     Ok(handles)
+}
+
+/// Where virtio-console output goes; `None` for `Off` (no device).
+fn console_output(console: &crate::config::ConsoleConfig) -> Result<Option<Box<dyn Write + Send>>, VmError> {
+    Ok(match console.mode {
+        ConsoleOutputMode::Off => None,
+        ConsoleOutputMode::Null => Some(Box::new(std::io::sink())),
+        ConsoleOutputMode::Tty => Some(Box::new(std::io::stdout())),
+        ConsoleOutputMode::File => {
+            let path = console.file.as_ref().ok_or_else(|| VmError::Device("console mode File needs a file".into()))?;
+            let file = std::fs::File::create(path)
+                .map_err(|e| VmError::Device(format!("console file {}: {e}", path.display())))?;
+            Some(Box::new(file))
+        }
+    })
 }

@@ -25,6 +25,7 @@ struct virtio_dev {
     volatile u8 *common, *notify, *device;
     struct virtq_page *q;
     u16 avail_idx, used_seen;
+    u16 qindex; /* the one queue this driver uses */
 };
 
 static inline u32 pci_read32(u32 slot, u32 reg) {
@@ -71,7 +72,7 @@ static __attribute__((unused)) u8 virtio_start(struct virtio_dev *d) {
     COMMON32(d, 0x0c) = 0;
     COMMON8(d, 0x14) = 1 | 2 | 8;
     if (!(COMMON8(d, 0x14) & 8)) return COMMON8(d, 0x14);
-    COMMON16(d, 0x16) = 0;
+    COMMON16(d, 0x16) = d->qindex;
     COMMON16(d, 0x18) = VIRTQ_SIZE;
     u64 desc = (u64)d->q->desc, avail = (u64)&d->q->avail, used = (u64)&d->q->used;
     COMMON32(d, 0x20) = (u32)desc; COMMON32(d, 0x24) = (u32)(desc >> 32);
@@ -88,7 +89,7 @@ static __attribute__((unused)) s64 virtio_submit(struct virtio_dev *d, u16 head)
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     d->q->avail.idx = ++d->avail_idx;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    *(volatile u16 *)d->notify = 0;
+    *(volatile u16 *)(d->notify + 4 * d->qindex) = d->qindex;
     for (u32 spin = 0; spin < 200000; spin++) {
         if (*(volatile u16 *)&d->q->used.idx != d->used_seen) {
             u32 len = d->q->used.ring[d->used_seen % VIRTQ_SIZE].len;

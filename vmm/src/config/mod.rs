@@ -181,9 +181,7 @@ impl VmConfig {
                 return Err(invalid(field, "mode File needs a file"));
             }
         }
-        if self.console.mode == ConsoleOutputMode::File {
-            return Err(invalid("console.mode", "virtio-console is not supported yet (File); use Off"));
-        }
+
         let disks = self.disks.as_deref().unwrap_or_default();
         if disks.len() > 16 {
             return Err(invalid("disks", "at most 16 disks"));

@@ -116,7 +116,7 @@ impl VirtioDevice for Block {
         }
     }
 
-    fn process(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, dma: &DmaGuard) -> u32 {
+    fn process(&mut self, _queue: usize, chain: DescriptorChain<&GuestMemoryMmap>, dma: &DmaGuard) -> u32 {
         dma.counters.requests.fetch_add(1, Ordering::Relaxed);
         let descriptors: Vec<Descriptor> = chain.collect();
         // header (readable) + data... + status (one writable byte).

@@ -3,6 +3,7 @@
 //! address; every guest-memory write goes through the DMA guard.
 
 pub mod block;
+pub mod console;
 pub mod dma;
 pub mod pci;
 pub mod rng;
@@ -37,12 +38,19 @@ pub trait VirtioDevice: Send {
     fn queue_max_size(&self) -> u16 {
         256
     }
+    fn num_queues(&self) -> usize {
+        1
+    }
+    /// Whether the worker drains this queue (a device may hold buffers, e.g. console input).
+    fn handles_queue(&self, _queue: usize) -> bool {
+        true
+    }
     /// Reads the device-specific configuration space.
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
     /// Handles one request; returns the number of bytes written to the guest.
-    fn process(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, dma: &DmaGuard) -> u32;
+    fn process(&mut self, queue: usize, chain: DescriptorChain<&GuestMemoryMmap>, dma: &DmaGuard) -> u32;
 }
 
 pub type VirtioQueue = Queue;

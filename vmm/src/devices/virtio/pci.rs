@@ -29,7 +29,7 @@ pub struct TransportState {
     driver_feature_select: u32,
     driver_features: u64,
     queue_select: u16,
-    queue: Queue,
+    queues: Vec<Queue>,
     config_generation: u8,
     dma: DmaGuard,
 }
@@ -45,17 +45,17 @@ impl TransportState {
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
         self.queue_select = 0;
-        self.queue.reset();
+        self.queues.iter_mut().for_each(Queue::reset);
     }
 
     /// A ring the device must write (used ring) or trusts (descriptors,
     /// available ring) may not sit in protected memory.
-    fn rings_allowed(&self) -> bool {
-        let size = u64::from(self.queue.size());
+    fn rings_allowed(&self, queue: &Queue) -> bool {
+        let size = u64::from(queue.size());
         let rings = [
-            (self.queue.desc_table(), 16 * size, "descriptor table"),
-            (self.queue.avail_ring(), 6 + 2 * size, "available ring"),
-            (self.queue.used_ring(), 6 + 8 * size, "used ring"),
+            (queue.desc_table(), 16 * size, "descriptor table"),
+            (queue.avail_ring(), 6 + 2 * size, "available ring"),
+            (queue.used_ring(), 6 + 8 * size, "used ring"),
         ];
         rings.iter().all(|&(gpa, len, what)| {
             let ok = self.dma.check_write(gpa, len).is_ok();
@@ -66,16 +66,28 @@ impl TransportState {
         })
     }
 
-    /// Drains the available ring (worker thread).
-    pub fn process_queue(&mut self) {
-        if self.status & status::DRIVER_OK == 0 || self.status & status::NEEDS_RESET != 0 || !self.queue.ready() {
+    fn selected(&self) -> Option<&Queue> {
+        self.queues.get(usize::from(self.queue_select))
+    }
+
+    fn selected_mut(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    /// Drains queue `index`'s available ring (worker thread).
+    pub fn process_queue(&mut self, index: usize) {
+        if !self.device.handles_queue(index) {
+            return;
+        }
+        let Some(queue) = self.queues.get_mut(index) else { return };
+        if self.status & status::DRIVER_OK == 0 || self.status & status::NEEDS_RESET != 0 || !queue.ready() {
             return;
         }
         let mem = self.dma.mem.clone();
-        while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
+        while let Some(chain) = queue.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
-            let written = self.device.process(chain, &self.dma);
-            if self.queue.add_used(&mem, head, written).is_err() {
+            let written = self.device.process(index, chain, &self.dma);
+            if queue.add_used(&mem, head, written).is_err() {
                 self.status |= status::NEEDS_RESET;
                 return;
             }
@@ -88,13 +100,17 @@ pub struct VirtioPci {
     bar_address: u64,
     bar_probe: [bool; 2],
     state: Arc<Mutex<TransportState>>,
-    notify: EventFd,
+    /// One per queue; KVM signals it when the guest writes the queue's notify register.
+    notify: Vec<EventFd>,
 }
 
 impl VirtioPci {
     pub fn new(device: Box<dyn VirtioDevice>, bar_address: u64, dma: DmaGuard, class: u32) -> std::io::Result<Self> {
         let device_type = device.device_type();
-        let queue = Queue::new(device.queue_max_size()).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        let queues = (0..device.num_queues())
+            .map(|_| Queue::new(device.queue_max_size()).map_err(|e| std::io::Error::other(format!("{e:?}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let notify = (0..queues.len()).map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<Result<Vec<_>, _>>()?;
         let state = TransportState {
             device,
             status: 0,
@@ -102,7 +118,7 @@ impl VirtioPci {
             driver_feature_select: 0,
             driver_features: 0,
             queue_select: 0,
-            queue,
+            queues,
             config_generation: 0,
             dma,
         };
@@ -133,22 +149,15 @@ impl VirtioPci {
             put(usize::from(at) + 12, &length.to_le_bytes());
         }
         put(0x80, &NOTIFY_MULTIPLIER.to_le_bytes());
-        Ok(VirtioPci {
-            config,
-            bar_address,
-            bar_probe: [false; 2],
-            state: Arc::new(Mutex::new(state)),
-            notify: EventFd::new(libc::EFD_NONBLOCK)?,
-        })
+        Ok(VirtioPci { config, bar_address, bar_probe: [false; 2], state: Arc::new(Mutex::new(state)), notify })
     }
 
-    /// The guest address of queue 0's notify register (for the ioeventfd).
-    pub fn notify_address(&self) -> u64 {
-        self.bar_address + NOTIFY
-    }
-
-    pub fn notify_fd(&self) -> &EventFd {
-        &self.notify
+    /// Each queue's notify register address and eventfd (for ioeventfds).
+    pub fn notifiers(&self) -> impl Iterator<Item = (u64, &EventFd)> {
+        self.notify
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| (self.bar_address + NOTIFY + i as u64 * u64::from(NOTIFY_MULTIPLIER), fd))
     }
 
     pub fn state(&self) -> Arc<Mutex<TransportState>> {
@@ -159,27 +168,30 @@ impl VirtioPci {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts the worker: it drains the queue each time the guest notifies.
+    /// Starts the worker: it drains a queue each time the guest notifies it.
     pub fn spawn_worker(&self, name: String, stop: EventFd) -> std::io::Result<JoinHandle<()>> {
         let state = self.state.clone();
-        let notify = self.notify.try_clone()?;
+        let notify = self.notify.iter().map(EventFd::try_clone).collect::<std::io::Result<Vec<_>>>()?;
         std::thread::Builder::new().name(name).spawn(move || {
-            let mut fds = [
-                libc::pollfd { fd: notify.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            ];
+            let mut fds: Vec<libc::pollfd> = notify
+                .iter()
+                .chain(std::iter::once(&stop))
+                .map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+                .collect();
             loop {
-                // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-                let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
                 if n < 0 {
                     continue;
                 }
-                if fds[1].revents != 0 {
+                if fds[notify.len()].revents != 0 {
                     return;
                 }
-                if fds[0].revents != 0 {
-                    let _ = notify.read();
-                    state.lock().unwrap_or_else(|p| p.into_inner()).process_queue();
+                for (index, fd) in notify.iter().enumerate() {
+                    if fds[index].revents != 0 {
+                        let _ = fd.read();
+                        state.lock().unwrap_or_else(|p| p.into_inner()).process_queue(index);
+                    }
                 }
             }
         })
@@ -201,20 +213,20 @@ impl VirtioPci {
                 _ => 0,
             },
             0x10 => 0xffff, // no MSI-X vectors
-            0x12 => 1,      // one queue
+            0x12 => s.queues.len() as u64,
             0x14 => u64::from(s.status),
             0x15 => u64::from(s.config_generation),
             0x16 => u64::from(s.queue_select),
-            0x18 if s.queue_select == 0 => u64::from(s.queue.size()),
+            0x18 => s.selected().map_or(0, |q| u64::from(q.size())),
             0x1a => 0xffff,
-            0x1c if s.queue_select == 0 => u64::from(s.queue.ready()),
-            0x1e => 0,
-            0x20 => s.queue.desc_table(),
-            0x24 => s.queue.desc_table() >> 32,
-            0x28 => s.queue.avail_ring(),
-            0x2c => s.queue.avail_ring() >> 32,
-            0x30 => s.queue.used_ring(),
-            0x34 => s.queue.used_ring() >> 32,
+            0x1c => s.selected().map_or(0, |q| u64::from(q.ready())),
+            0x1e => u64::from(s.queue_select),
+            0x20 => s.selected().map_or(0, |q| q.desc_table()),
+            0x24 => s.selected().map_or(0, |q| q.desc_table() >> 32),
+            0x28 => s.selected().map_or(0, |q| q.avail_ring()),
+            0x2c => s.selected().map_or(0, |q| q.avail_ring() >> 32),
+            0x30 => s.selected().map_or(0, |q| q.used_ring()),
+            0x34 => s.selected().map_or(0, |q| q.used_ring() >> 32),
             _ => 0,
         };
         fill(&value.to_le_bytes(), 0, data);
@@ -225,25 +237,35 @@ impl VirtioPci {
         raw[..data.len().min(8)].copy_from_slice(&data[..data.len().min(8)]);
         let v = u64::from_le_bytes(raw);
         let mut s = self.lock();
-        let configurable = s.status & status::DRIVER_OK == 0 && s.queue_select == 0;
-        match offset {
-            0x00 => s.device_feature_select = v as u32,
-            0x08 => s.driver_feature_select = v as u32,
-            0x0c if s.status & status::FEATURES_OK == 0 => match s.driver_feature_select {
-                0 => s.driver_features = (s.driver_features & !0xffff_ffff) | (v & 0xffff_ffff),
-                1 => s.driver_features = (s.driver_features & 0xffff_ffff) | (v << 32),
+        if offset <= 0x16 {
+            match offset {
+                0x00 => s.device_feature_select = v as u32,
+                0x08 => s.driver_feature_select = v as u32,
+                0x0c if s.status & status::FEATURES_OK == 0 => match s.driver_feature_select {
+                    0 => s.driver_features = (s.driver_features & !0xffff_ffff) | (v & 0xffff_ffff),
+                    1 => s.driver_features = (s.driver_features & 0xffff_ffff) | (v << 32),
+                    _ => {}
+                },
+                0x14 => write_status(&mut s, v as u8),
+                0x16 => s.queue_select = v as u16,
                 _ => {}
-            },
-            0x14 => write_status(&mut s, v as u8),
-            0x16 => s.queue_select = v as u16,
-            0x18 if configurable => s.queue.set_size(v as u16),
-            0x1c if configurable && v == 1 => s.queue.set_ready(true),
-            0x20 if configurable => s.queue.set_desc_table_address(Some(v as u32), None),
-            0x24 if configurable => s.queue.set_desc_table_address(None, Some(v as u32)),
-            0x28 if configurable => s.queue.set_avail_ring_address(Some(v as u32), None),
-            0x2c if configurable => s.queue.set_avail_ring_address(None, Some(v as u32)),
-            0x30 if configurable => s.queue.set_used_ring_address(Some(v as u32), None),
-            0x34 if configurable => s.queue.set_used_ring_address(None, Some(v as u32)),
+            }
+            return;
+        }
+        // Queue registers: only before DRIVER_OK, and only for an existing queue.
+        if s.status & status::DRIVER_OK != 0 {
+            return;
+        }
+        let Some(queue) = s.selected_mut() else { return };
+        match offset {
+            0x18 => queue.set_size(v as u16),
+            0x1c if v == 1 => queue.set_ready(true),
+            0x20 => queue.set_desc_table_address(Some(v as u32), None),
+            0x24 => queue.set_desc_table_address(None, Some(v as u32)),
+            0x28 => queue.set_avail_ring_address(Some(v as u32), None),
+            0x2c => queue.set_avail_ring_address(None, Some(v as u32)),
+            0x30 => queue.set_used_ring_address(Some(v as u32), None),
+            0x34 => queue.set_used_ring_address(None, Some(v as u32)),
             _ => {}
         }
     }
@@ -264,7 +286,8 @@ fn write_status(s: &mut TransportState, value: u8) {
     }
     if value & status::DRIVER_OK != 0 && s.status & status::DRIVER_OK == 0 {
         let mem: GuestMemoryMmap = s.dma.mem.clone();
-        if s.queue.ready() && (!s.queue.is_valid(&mem) || !s.rings_allowed()) {
+        let bad = s.queues.iter().any(|q| q.ready() && (!q.is_valid(&mem) || !s.rings_allowed(q)));
+        if bad {
             value |= status::NEEDS_RESET;
         }
     }
@@ -311,7 +334,10 @@ impl MmioDevice for VirtioPci {
             COMMON..NOTIFY => self.write_common(offset - COMMON, data),
             // Normally consumed by the ioeventfd in KVM; forwarded if it reaches us.
             NOTIFY..ISR => {
-                let _ = self.notify.write(1);
+                let index = ((offset - NOTIFY) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                if let Some(fd) = self.notify.get(index) {
+                    let _ = fd.write(1);
+                }
             }
             _ => {}
         }

@@ -28,7 +28,7 @@ impl VirtioDevice for Rng {
         DEVICE_TYPE
     }
 
-    fn process(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, dma: &DmaGuard) -> u32 {
+    fn process(&mut self, _queue: usize, chain: DescriptorChain<&GuestMemoryMmap>, dma: &DmaGuard) -> u32 {
         dma.counters.requests.fetch_add(1, Ordering::Relaxed);
         let mut written = 0u32;
         for desc in chain.writable() {
