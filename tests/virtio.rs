@@ -108,3 +108,54 @@ fn console_output_reaches_the_configured_file() {
     assert!(run.serial.contains("sent: 0"), "{}", run.serial);
     assert_eq!(std::fs::read_to_string(&out).expect("console file"), "hello from the virtio console\n");
 }
+
+/// TAP tests need /dev/net/tun and the right to create interfaces.
+fn tap_missing() -> Option<String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .err()
+        .map(|e| format!("this test needs /dev/net/tun ({e})"))
+}
+
+#[test]
+fn net_moves_real_packets_between_guest_and_host_over_a_tap() {
+    require_kvm!();
+    if let Some(reason) = tap_missing() {
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    let net = "tap=hknet0,ip=192.168.249.1,mask=255.255.255.0,mac=52:54:00:12:34:56";
+    let run = common::run_vm("virtio-net", &guests::build("virtio_net"), &["--net", net]);
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert!(run.serial.contains("mac=52:54:0:12:34:56"), "{}", run.serial);
+    // The host kernel answered the guest's ARP request through the TAP.
+    assert!(run.serial.contains("arp reply from 192.168.249.1 is-at "), "{}", run.serial);
+}
+
+#[test]
+fn net_drops_and_reports_packets_bound_for_protected_buffers() {
+    require_kvm!();
+    if let Some(reason) = tap_missing() {
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    let dir = common::temp_dir("virtio-net-protected");
+    let ev = dir.join("events.json");
+    let ev_arg = format!("path={}", ev.display());
+    let net = "tap=hknet1,ip=192.168.248.1,mask=255.255.255.0";
+    let run = common::run_vm(
+        "virtio-net-protected",
+        &guests::build("virtio_net"),
+        &["--net", net, "--heki", "enabled=on", "--cmdline", "protect-rx", "--event-monitor", &ev_arg],
+    );
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert!(run.serial.contains("protect rx rc=0"), "{}", run.serial);
+    assert!(run.serial.contains("no arp reply"), "{}", run.serial);
+    let events = event_monitor::parse_events(&std::fs::read_to_string(&ev).expect("events")).expect("stream");
+    assert!(
+        events.iter().any(|e| e["properties"]["kind"] == "dma-write" && e["properties"]["device"] == "_net0"),
+        "a dma-write violation for the NIC"
+    );
+}

@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use heki::{MemoryProtections, Permissions, ProtectRange, RamLayout};
+use heki::{MemoryProtections, Permissions, ProtectRange, RamLayout, diff_slots};
 
 /// `n` read-only ranges of 2 pages, 4 pages apart.
 fn protections(n: u64) -> MemoryProtections {
@@ -46,6 +46,16 @@ fn relayout(c: &mut Criterion) {
     let p = protections(1_000);
     let ram = RamLayout { regions: vec![(0, 8 << 30)] };
     c.bench_function("memslot_plan_1000_ranges", |b| b.iter(|| black_box(p.plan(&ram, 32_764).expect("fits"))));
+    // What one more PROTECT_MEMORY call costs the planner: plan again and diff.
+    let installed = p.plan(&ram, 32_764).expect("fits");
+    let mut next = p.clone();
+    next.protect_pages(&[ProtectRange { start: 5_000, end: 5_001, perms: Permissions::READ }]).expect("not immutable");
+    c.bench_function("memslot_replan_and_diff_1000_ranges", |b| {
+        b.iter(|| {
+            let wanted = next.plan(&ram, 32_764).expect("fits");
+            black_box(diff_slots(&installed, &wanted))
+        })
+    });
 }
 
 criterion_group!(benches, lookup, write_check, relayout);

@@ -167,6 +167,7 @@ impl MemoryProtections {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn ram() -> RamLayout {
         RamLayout { regions: vec![(0, 1 << 20)] }
@@ -183,6 +184,27 @@ mod tests {
         let before = p.pages.clone();
         assert_eq!(p.protect_pages(&[range(5, 6, 1), range(1, 3, 7)]), Err(AbiError::NotPermitted));
         assert_eq!(p.pages, before, "nothing applied");
+    }
+
+    #[test]
+    fn an_entry_touching_a_page_locked_earlier_in_the_same_request_fails_it_all() {
+        let mut p = MemoryProtections::default();
+        assert_eq!(p.protect_pages(&[range(1, 3, 9), range(2, 4, 1)]), Err(AbiError::NotPermitted));
+        assert!(p.pages.is_empty(), "nothing applied");
+        p.protect_pages(&[range(1, 3, 1), range(2, 4, 9)]).expect("lock after a plain change is fine");
+        assert_eq!(p.query(&ram(), 0x1000), Ok(1));
+        assert_eq!(p.query(&ram(), 0x3000), Ok(9));
+    }
+
+    #[test]
+    fn reset_forgets_every_protection() {
+        let mut p = MemoryProtections::default();
+        p.protect_pages(&[range(1, 2, 9)]).expect("valid");
+        p.protect_bytes(&ram(), 0x5000, 4).expect("valid");
+        p.reset();
+        assert!(p.check_write(0x1000, 8).allowed());
+        assert!(p.check_write(0x5000, 8).allowed());
+        assert_eq!(p.query(&ram(), 0x1000), Ok(7));
     }
 
     #[test]
@@ -215,5 +237,117 @@ mod tests {
         p.protect_bytes(&ram(), 12 * 4096 + 5, 1).expect("valid");
         assert_eq!(p.readonly_pages(), vec![(10, 13)]);
         assert_eq!(p.plan(&ram(), 8).expect("fits").len(), 3);
+    }
+
+    const MODEL_PAGES: u64 = 40;
+    const MODEL_REGIONS: [(u64, u64); 2] = [(0, 16 * PAGE_SIZE), (24 * PAGE_SIZE, MODEL_PAGES * PAGE_SIZE)];
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Pages(Vec<(u64, u64, u64)>),
+        Bytes(u64, u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let bits = prop_oneof![Just(1u64), Just(3), Just(5), Just(7), Just(9), Just(13)];
+        let entry = (0..MODEL_PAGES, 1u64..6, bits).prop_map(|(s, l, b)| (s, (s + l).min(MODEL_PAGES), b));
+        prop_oneof![
+            proptest::collection::vec(entry, 1..4).prop_map(Op::Pages),
+            (0..MODEL_PAGES * PAGE_SIZE - 64, 1u64..64).prop_map(|(g, l)| Op::Bytes(g, l)),
+        ]
+    }
+
+    /// Per-page permissions and per-byte protection, applied the slow way.
+    struct Model {
+        pages: Vec<u64>,
+        bytes: Vec<bool>,
+    }
+
+    impl Model {
+        fn protect_pages(&mut self, entries: &[(u64, u64, u64)]) -> Result<(), AbiError> {
+            let mut next = self.pages.clone();
+            for &(s, e, bits) in entries {
+                if (s..e).any(|p| next[p as usize] & 8 != 0) {
+                    return Err(AbiError::NotPermitted);
+                }
+                (s..e).for_each(|p| next[p as usize] = bits);
+            }
+            self.pages = next;
+            Ok(())
+        }
+
+        fn readonly(&self, page: u64) -> bool {
+            let bytes = (page * PAGE_SIZE..(page + 1) * PAGE_SIZE).any(|b| self.bytes[b as usize]);
+            self.pages[page as usize] & 2 == 0 || bytes
+        }
+    }
+
+    proptest! {
+        /// Protections agree with a per-page, per-byte model on every answer
+        /// the VMM uses: call results, QUERY, write checks and the memslot plan.
+        #[test]
+        fn protections_match_naive_model(ops in proptest::collection::vec(op(), 1..12), probes in proptest::collection::vec((0..MODEL_PAGES * PAGE_SIZE - 8, 1usize..9), 20)) {
+            let ram = RamLayout { regions: MODEL_REGIONS.to_vec() };
+            let mut p = MemoryProtections::default();
+            let mut model = Model { pages: vec![7; MODEL_PAGES as usize], bytes: vec![false; (MODEL_PAGES * PAGE_SIZE) as usize] };
+            for op in ops {
+                match op {
+                    Op::Pages(entries) => {
+                        let ranges: Vec<ProtectRange> = entries.iter().map(|&(s, e, b)| range(s, e, b)).collect();
+                        prop_assert_eq!(p.protect_pages(&ranges), model.protect_pages(&entries));
+                    }
+                    Op::Bytes(gpa, len) => {
+                        let expected = if ram.contains(gpa, len) {
+                            model.bytes[gpa as usize..(gpa + len) as usize].iter_mut().for_each(|b| *b = true);
+                            Ok(())
+                        } else {
+                            Err(AbiError::BadAddress)
+                        };
+                        prop_assert_eq!(p.protect_bytes(&ram, gpa, len), expected);
+                    }
+                }
+            }
+            for page in 0..MODEL_PAGES {
+                let gpa = page * PAGE_SIZE;
+                let expected = if ram.contains(gpa, 1) {
+                    let bytes = (gpa..gpa + PAGE_SIZE).any(|b| model.bytes[b as usize]);
+                    Ok(model.pages[page as usize] | if bytes { abi::QUERY_BYTES_PROTECTED } else { 0 })
+                } else {
+                    Err(AbiError::BadAddress)
+                };
+                prop_assert_eq!(p.query(&ram, gpa + 123), expected);
+            }
+            for (gpa, len) in probes {
+                let check = p.check_write(gpa, len);
+                for i in 0..len as u64 {
+                    let addr = gpa + i;
+                    let forbidden = model.pages[(addr / PAGE_SIZE) as usize] & 2 == 0 || model.bytes[addr as usize];
+                    prop_assert_eq!(check.forbidden & (1 << i) != 0, forbidden, "byte {:#x}", addr);
+                }
+                prop_assert_eq!(p.range_writable(gpa, len as u64), check.allowed());
+            }
+            let slots = p.plan(&ram, usize::MAX).expect("unbounded");
+            // Every RAM page in one slot, read-only exactly when the model says so.
+            for &(start, end) in &MODEL_REGIONS {
+                for page in start / PAGE_SIZE..end / PAGE_SIZE {
+                    let gpa = page * PAGE_SIZE;
+                    let covering: Vec<_> = slots.iter().filter(|s| s.gpa <= gpa && gpa < s.gpa + s.size).collect();
+                    prop_assert_eq!(covering.len(), 1);
+                    prop_assert_eq!(covering[0].readonly, model.readonly(page), "page {}", page);
+                }
+            }
+            // Fewest slots: one per run of equal writability in each region.
+            let runs: usize = MODEL_REGIONS
+                .iter()
+                .map(|&(s, e)| {
+                    let kinds: Vec<bool> = (s / PAGE_SIZE..e / PAGE_SIZE).map(|p| model.readonly(p)).collect();
+                    1 + kinds.windows(2).filter(|w| w[0] != w[1]).count()
+                })
+                .sum();
+            prop_assert_eq!(slots.len(), runs);
+            if runs > 1 {
+                prop_assert_eq!(p.plan(&ram, runs - 1), Err(TooManySlots { needed: runs, max: runs - 1 }));
+            }
+        }
     }
 }

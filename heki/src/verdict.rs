@@ -23,8 +23,13 @@ pub enum ViolationKind {
 }
 
 impl ViolationKind {
-    pub const ALL: [ViolationKind; 5] =
-        [ViolationKind::Write, ViolationKind::Hypercall, ViolationKind::Cr, ViolationKind::Msr, ViolationKind::DmaWrite];
+    pub const ALL: [ViolationKind; 5] = [
+        ViolationKind::Write,
+        ViolationKind::Hypercall,
+        ViolationKind::Cr,
+        ViolationKind::Msr,
+        ViolationKind::DmaWrite,
+    ];
 
     /// The name in events and JSON.
     pub fn as_str(self) -> &'static str {
@@ -243,10 +248,8 @@ mod tests {
 
     #[test]
     fn records_serialize_with_the_documented_names() {
-        let record = ViolationRecord {
-            gpa: Some(16),
-            ..ViolationRecord::new(ViolationKind::DmaWrite, RecordedAction::Denied)
-        };
+        let record =
+            ViolationRecord { gpa: Some(16), ..ViolationRecord::new(ViolationKind::DmaWrite, RecordedAction::Denied) };
         let json = serde_json::to_string(&record).expect("serializable");
         assert_eq!(json, r#"{"kind":"dma-write","action":"denied","gpa":16}"#);
         let back: ViolationRecord = serde_json::from_str(&json).expect("round trip");

@@ -17,7 +17,9 @@ use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, VcpuGate, boot_registers, cpuid, kick, run_vcpu};
 use crate::devices::pci::{PciBus, PciConfigIo, PciConfigMmio};
 use crate::devices::virtio::pci::{BAR_SIZE, VirtioPci};
-use crate::devices::virtio::{DeviceCounters, DmaGuard, VirtioDevice, block::Block, console::Console, rng::Rng};
+use crate::devices::virtio::{
+    DeviceCounters, DmaGuard, VirtioDevice, block::Block, console::Console, net::Net, rng::Rng, tap::Tap,
+};
 use crate::devices::{AcpiPmDevice, I8042Device, MmioBus, PioBus, SerialDevice};
 use crate::heki::HekiRuntime;
 use crate::layout::{self, ports};
@@ -332,6 +334,8 @@ fn lock_device(device: &Mutex<VirtioPci>) -> std::sync::MutexGuard<'_, VirtioPci
 const CLASS_OTHER: u32 = 0xff_00_00;
 /// Mass storage, other.
 const CLASS_STORAGE: u32 = 0x01_80_00;
+/// Ethernet controller.
+const CLASS_NETWORK: u32 = 0x02_00_00;
 /// Simple communication controller, other.
 const CLASS_COMMUNICATION: u32 = 0x07_80_00;
 
@@ -350,6 +354,17 @@ fn add_pci_devices(
         let source = std::fs::File::open(&rng.src)
             .map_err(|e| VmError::Device(format!("rng source {}: {e}", rng.src.display())))?;
         wanted.push(("_rng".to_string(), Box::new(Rng::new(source)), CLASS_OTHER));
+    }
+    for (i, net) in config.net.iter().flatten().enumerate() {
+        let device_err = |e: std::io::Error| VmError::Device(format!("net {i}: {e}"));
+        let tap = Tap::open(net.tap.as_deref().unwrap_or("hktap%d")).map_err(device_err)?;
+        if let (Some(ip), Some(mask)) = (net.ip, net.mask) {
+            tap.configure(ip, mask).map_err(device_err)?;
+        }
+        let mac = net.mac_bytes(i).map_err(|e| VmError::Device(e.to_string()))?;
+        let name = net.id.clone().unwrap_or_else(|| format!("_net{i}"));
+        log::info!("{name}: TAP {}", tap.name);
+        wanted.push((name, Box::new(Net::new(tap, mac)), CLASS_NETWORK));
     }
     if let Some(out) = console_output(&config.console)? {
         wanted.push(("_console".to_string(), Box::new(Console::new(out)), CLASS_COMMUNICATION));

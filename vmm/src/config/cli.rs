@@ -60,6 +60,10 @@ pub struct CliArgs {
     #[arg(long, value_name = "path=FILE")]
     pub disk: Vec<String>,
 
+    /// virtio-net on a host TAP: tap=NAME[,ip=ADDR,mask=MASK][,mac=MAC] (repeatable).
+    #[arg(long, value_name = "tap=NAME")]
+    pub net: Vec<String>,
+
     /// virtio-rng entropy source: src=PATH (e.g. src=/dev/urandom).
     #[arg(long, value_name = "src=PATH")]
     pub rng: Option<String>,
@@ -151,6 +155,9 @@ impl CliArgs {
                     let disks = self.disk.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>, _>>()?;
                     config.disks = Some(disks);
                 }
+                if !self.net.is_empty() {
+                    config.net = Some(self.net.iter().map(|n| parse_net(n)).collect::<Result<Vec<_>, _>>()?);
+                }
                 if let Some(rng) = &self.rng {
                     let o = OptionValues::parse("--rng", rng, &["src"])?;
                     let src =
@@ -211,6 +218,22 @@ pub fn parse_disk(input: &str) -> Result<super::DiskConfig, ConfigError> {
     Ok(super::DiskConfig {
         path: PathBuf::from(path),
         readonly: o.get_bool("readonly")?.unwrap_or(false),
+        id: o.get("id").map(str::to_string),
+    })
+}
+
+pub fn parse_net(input: &str) -> Result<super::NetConfig, ConfigError> {
+    let o = OptionValues::parse("--net", input, &["tap", "ip", "mask", "mac", "id"])?;
+    let addr = |key: &str| {
+        o.get(key)
+            .map(|v| v.parse::<std::net::Ipv4Addr>().map_err(|_| o.error(format!("{key}={v}: not an IPv4 address"))))
+            .transpose()
+    };
+    Ok(super::NetConfig {
+        tap: o.get("tap").map(str::to_string),
+        ip: addr("ip")?,
+        mask: addr("mask")?,
+        mac: o.get("mac").map(str::to_string),
         id: o.get("id").map(str::to_string),
     })
 }

@@ -16,7 +16,6 @@ type Known = (&'static str, &'static str, Option<&'static str>);
 /// Cloud Hypervisor fields Hekivisor does not implement, with their defaults.
 const CH_DEFAULTS: &[Known] = &[
     ("", "rate_limit_groups", None),
-    ("", "net", None),
     ("", "balloon", None),
     ("", "fs", None),
     ("", "pmem", None),
@@ -77,6 +76,24 @@ const DISK_DEFAULTS: &[(&str, Option<&str>)] = &[
     ("disable_aio", None),
     ("sparse", Some("true")),
     ("image_type", Some("\"Raw\"")),
+];
+
+/// Cloud Hypervisor net fields Hekivisor does not implement, with defaults.
+const NET_DEFAULTS: &[(&str, Option<&str>)] = &[
+    ("host_mac", None),
+    ("mtu", None),
+    ("iommu", None),
+    ("num_queues", Some("2")),
+    ("queue_size", Some("256")),
+    ("vhost_user", None),
+    ("vhost_socket", None),
+    ("vhost_mode", Some("\"Client\"")),
+    ("fds", None),
+    ("rate_limiter_config", None),
+    ("pci_segment", None),
+    ("offload_tso", Some("true")),
+    ("offload_ufo", Some("true")),
+    ("offload_csum", Some("true")),
 ];
 
 /// Sections whose whole value may be Cloud Hypervisor's default.
@@ -147,6 +164,19 @@ pub fn vm_config_from_json(body: &[u8]) -> Result<VmConfig, ConfigError> {
                         return Err(unsupported(format!("disks[{i}].{field}")));
                     }
                     disk.remove(*field);
+                }
+            }
+        }
+    }
+    if let Some(nets) = root.get_mut("net").and_then(Value::as_array_mut) {
+        for (i, net) in nets.iter_mut().enumerate() {
+            let Some(net) = net.as_object_mut() else { continue };
+            for (field, default) in NET_DEFAULTS {
+                if let Some(v) = net.get(*field) {
+                    if !matches_default(v, *default) {
+                        return Err(unsupported(format!("net[{i}].{field}")));
+                    }
+                    net.remove(*field);
                 }
             }
         }

@@ -116,6 +116,36 @@ pub struct DiskConfig {
     pub id: Option<String>,
 }
 
+/// A virtio-net interface on a host TAP (Cloud Hypervisor's `net[]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// TAP name; created if missing (default: the kernel picks `hktapN`).
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// Host-side address and netmask given to the TAP.
+    #[serde(default)]
+    pub ip: Option<std::net::Ipv4Addr>,
+    #[serde(default)]
+    pub mask: Option<std::net::Ipv4Addr>,
+    /// Guest MAC address, `aa:bb:cc:dd:ee:ff`.
+    #[serde(default)]
+    pub mac: Option<String>,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl NetConfig {
+    /// The guest MAC: configured, or a fixed locally administered default per index.
+    pub fn mac_bytes(&self, index: usize) -> Result<[u8; 6], ConfigError> {
+        let Some(text) = &self.mac else { return Ok([0x52, 0x54, 0x00, 0x4b, 0x48, index as u8]) };
+        let parts: Vec<u8> = text.split(':').filter_map(|p| u8::from_str_radix(p, 16).ok()).collect();
+        let mac: [u8; 6] =
+            parts.try_into().map_err(|_| invalid("net.mac", format!("'{text}' is not a MAC address")))?;
+        Ok(mac)
+    }
+}
+
 /// virtio-rng (Cloud Hypervisor's `rng`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -142,6 +172,7 @@ pub struct VmConfig {
     pub heki: HekiConfig,
     pub rng: Option<RngConfig>,
     pub disks: Option<Vec<DiskConfig>>,
+    pub net: Option<Vec<NetConfig>>,
 }
 
 impl Default for VmConfig {
@@ -155,6 +186,7 @@ impl Default for VmConfig {
             heki: HekiConfig::default(),
             rng: None,
             disks: None,
+            net: None,
         }
     }
 }
@@ -185,6 +217,12 @@ impl VmConfig {
         let disks = self.disks.as_deref().unwrap_or_default();
         if disks.len() > 16 {
             return Err(invalid("disks", "at most 16 disks"));
+        }
+        for (i, net) in self.net.iter().flatten().enumerate() {
+            net.mac_bytes(i)?;
+            if net.ip.is_some() != net.mask.is_some() {
+                return Err(invalid("net", "ip and mask go together"));
+            }
         }
         if self.rng.as_ref().is_some_and(|r| r.iommu) {
             return Err(invalid("rng.iommu", "not supported by Hekivisor"));

@@ -5,8 +5,10 @@
 pub mod block;
 pub mod console;
 pub mod dma;
+pub mod net;
 pub mod pci;
 pub mod rng;
+pub mod tap;
 
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::GuestMemoryMmap;
@@ -44,6 +46,15 @@ pub trait VirtioDevice: Send {
     /// Whether the worker drains this queue (a device may hold buffers, e.g. console input).
     fn handles_queue(&self, _queue: usize) -> bool {
         true
+    }
+    /// Whether the device can use one more chain from `queue` now (a receive
+    /// queue waits for data rather than completing buffers empty).
+    fn ready(&mut self, _queue: usize) -> bool {
+        true
+    }
+    /// A host fd whose readiness means "drain this queue" (a TAP for receive).
+    fn extra_fd(&self) -> Option<(libc::c_int, usize)> {
+        None
     }
     /// Reads the device-specific configuration space.
     fn read_config(&self, _offset: u64, data: &mut [u8]) {

@@ -66,6 +66,14 @@ impl TransportState {
         })
     }
 
+    /// Whether the guest has made buffers available on `index` that the device has not used.
+    fn queue_has_room(&self, index: usize) -> bool {
+        let mem = self.dma.mem.clone();
+        self.queues.get(index).is_some_and(|q| {
+            q.ready() && q.avail_idx(&mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|i| i.0 != q.next_avail())
+        })
+    }
+
     fn selected(&self) -> Option<&Queue> {
         self.queues.get(usize::from(self.queue_select))
     }
@@ -84,7 +92,9 @@ impl TransportState {
             return;
         }
         let mem = self.dma.mem.clone();
-        while let Some(chain) = queue.pop_descriptor_chain(&mem) {
+        while self.device.ready(index)
+            && let Some(chain) = queue.pop_descriptor_chain(&mem)
+        {
             let head = chain.head_index();
             let written = self.device.process(index, chain, &self.dma);
             if queue.add_used(&mem, head, written).is_err() {
@@ -172,11 +182,14 @@ impl VirtioPci {
     pub fn spawn_worker(&self, name: String, stop: EventFd) -> std::io::Result<JoinHandle<()>> {
         let state = self.state.clone();
         let notify = self.notify.iter().map(EventFd::try_clone).collect::<std::io::Result<Vec<_>>>()?;
+        let extra = self.lock().device.extra_fd();
         std::thread::Builder::new().name(name).spawn(move || {
             let mut fds: Vec<libc::pollfd> = notify
                 .iter()
                 .chain(std::iter::once(&stop))
-                .map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+                .map(|fd| fd.as_raw_fd())
+                .chain(extra.map(|(fd, _)| fd))
+                .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
                 .collect();
             loop {
                 // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
@@ -192,6 +205,18 @@ impl VirtioPci {
                         let _ = fd.read();
                         state.lock().unwrap_or_else(|p| p.into_inner()).process_queue(index);
                     }
+                }
+                if let Some((_, queue)) = extra
+                    && fds[notify.len() + 1].revents != 0
+                {
+                    state.lock().unwrap_or_else(|p| p.into_inner()).process_queue(queue);
+                    // Data the guest has no buffers for yet: wait for its next notify.
+                    if !state.lock().unwrap_or_else(|p| p.into_inner()).queue_has_room(queue) {
+                        fds[notify.len() + 1].events = 0;
+                    }
+                }
+                if fds.len() > notify.len() + 1 && fds[..notify.len()].iter().any(|f| f.revents != 0) {
+                    fds[notify.len() + 1].events = libc::POLLIN;
                 }
             }
         })
