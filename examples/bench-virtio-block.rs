@@ -66,7 +66,7 @@ fn run(requests: u64, guard: bool) -> f64 {
     let counters = Arc::new(DeviceCounters::default());
     let dma = DmaGuard::new(mem.clone(), heki, "bench".into(), counters);
     let block = Block::new(image, false, "bench".into()).expect("block");
-    let mut dev = VirtioPci::new(Box::new(block), 0xc000_0000, dma, 0x018000).expect("transport");
+    let mut dev = VirtioPci::new(Box::new(block), 0xc000_0000, dma, 0x018000, None).expect("transport");
     let w32 = |dev: &mut VirtioPci, off: u64, v: u32| dev.write(off, &v.to_le_bytes());
     // Driver side: reset, features, one queue, DRIVER_OK.
     dev.write(0x14, &[0]);

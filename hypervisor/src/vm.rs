@@ -111,6 +111,42 @@ impl Vm {
             .map_err(ioctl_err("KVM_IOEVENTFD"))
     }
 
+    /// Installs the interrupt routing: KVM's default PIC/IOAPIC routes for
+    /// GSIs 0..24, plus one MSI route per `(gsi, address, data)`.
+    pub fn set_msi_routes(&self, msi: &[(u32, u64, u32)]) -> Result<()> {
+        use kvm_bindings::{KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KvmIrqRouting, kvm_irq_routing_entry};
+        let mut entries = Vec::new();
+        for gsi in 0..24u32 {
+            let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
+            e.u.irqchip.irqchip = kvm_bindings::KVM_IRQCHIP_IOAPIC;
+            e.u.irqchip.pin = gsi;
+            entries.push(e);
+            if gsi < 16 {
+                let mut pic = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
+                let (chip, pin) = if gsi < 8 {
+                    (kvm_bindings::KVM_IRQCHIP_PIC_MASTER, gsi)
+                } else {
+                    (kvm_bindings::KVM_IRQCHIP_PIC_SLAVE, gsi - 8)
+                };
+                pic.u.irqchip.irqchip = chip;
+                pic.u.irqchip.pin = pin;
+                entries.push(pic);
+            }
+        }
+        for &(gsi, address, data) in msi {
+            let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_MSI, ..Default::default() };
+            e.u.msi.address_lo = address as u32;
+            e.u.msi.address_hi = (address >> 32) as u32;
+            e.u.msi.data = data;
+            entries.push(e);
+        }
+        let routing = KvmIrqRouting::from_entries(&entries).map_err(|_| HypervisorError::Ioctl {
+            op: "KVM_SET_GSI_ROUTING",
+            source: std::io::Error::from_raw_os_error(libc::E2BIG),
+        })?;
+        self.fd.set_gsi_routing(&routing).map_err(ioctl_err("KVM_SET_GSI_ROUTING"))
+    }
+
     pub fn create_vcpu(&self, id: u8) -> Result<Vcpu> {
         let fd = self.fd.create_vcpu(u64::from(id)).map_err(ioctl_err("KVM_CREATE_VCPU"))?;
         Ok(Vcpu::new(fd, id))

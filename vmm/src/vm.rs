@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{BootInputs, EntryPoint, load_payload};
 use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, VcpuGate, boot_registers, cpuid, kick, run_vcpu};
+use crate::devices::msi::MsiRoutes;
 use crate::devices::pci::{PciBus, PciConfigIo, PciConfigMmio};
 use crate::devices::virtio::pci::{BAR_SIZE, VirtioPci};
 use crate::devices::virtio::{
@@ -342,7 +343,7 @@ const CLASS_COMMUNICATION: u32 = 0x07_80_00;
 /// The PCI host bridge, its configuration mechanisms, and the virtio devices.
 fn add_pci_devices(
     config: &VmConfig,
-    kvm_vm: &hypervisor::Vm,
+    kvm_vm: &Arc<hypervisor::Vm>,
     mem: &GuestMemoryMmap,
     heki: Option<&Arc<HekiRuntime>>,
     pio: &mut PioBus,
@@ -381,11 +382,12 @@ fn add_pci_devices(
         wanted.push((name, Box::new(block), CLASS_STORAGE));
     }
     let mut handles = Vec::new();
+    let routes = Arc::new(MsiRoutes::new(kvm_vm.clone()));
     for (name, device, class) in wanted {
         let counters = Arc::new(DeviceCounters::default());
         let dma = DmaGuard::new(mem.clone(), heki.cloned(), name.clone(), counters.clone());
         let bar = layout::PCI_BAR_START + BAR_SIZE * handles.len() as u64;
-        let device = VirtioPci::new(device, bar, dma, class).map_err(VmError::EventFd)?;
+        let device = VirtioPci::new(device, bar, dma, class, Some(routes.clone())).map_err(VmError::EventFd)?;
         for (address, fd) in device.notifiers() {
             kvm_vm.register_mmio_ioevent(fd, address)?;
         }

@@ -4,6 +4,7 @@ mod acpi_pm;
 mod bus;
 mod i8042;
 pub mod mmio_bus;
+pub mod msi;
 pub mod pci;
 mod serial;
 pub mod virtio;

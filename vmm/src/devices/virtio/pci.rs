@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{DEVICE_ID_BASE, DmaGuard, VENDOR_ID, VIRTIO_F_VERSION_1, VirtioDevice, status};
 use crate::devices::mmio_bus::MmioDevice;
+use crate::devices::msi::MsiRoutes;
 use crate::devices::pci::{PciDevice, fill};
 
 pub const BAR_SIZE: u64 = 0x4000;
@@ -20,6 +21,51 @@ const NOTIFY: u64 = 0x1000;
 const ISR: u64 = 0x2000;
 const DEVICE_CONFIG: u64 = 0x3000;
 const NOTIFY_MULTIPLIER: u32 = 4;
+/// MSI-X table and pending-bit array, inside BAR 0 after the device configuration.
+const MSIX_TABLE: u64 = 0x3800;
+const MSIX_PBA: u64 = 0x3c00;
+const MSIX_CAP: usize = 0x90;
+const NO_VECTOR: u16 = 0xffff;
+
+/// One MSI-X vector: its table entry, GSI and irqfd.
+struct MsixVector {
+    address: u64,
+    data: u32,
+    masked: bool,
+    gsi: u32,
+    irqfd: EventFd,
+}
+
+/// MSI-X state; interrupts flow only when the driver enabled it.
+struct Msix {
+    enabled: bool,
+    function_masked: bool,
+    vectors: Vec<MsixVector>,
+    routes: Option<Arc<MsiRoutes>>,
+}
+
+impl Msix {
+    fn reroute(&self, index: usize) {
+        let (Some(routes), Some(v)) = (&self.routes, self.vectors.get(index)) else { return };
+        let active = self.enabled && !self.function_masked && !v.masked;
+        routes.set(v.gsi, active.then_some((v.address, v.data)));
+    }
+
+    fn reroute_all(&self) {
+        (0..self.vectors.len()).for_each(|i| self.reroute(i));
+    }
+
+    /// Raises `vector` if it can be delivered (masked interrupts are dropped).
+    fn signal(&self, vector: u16) {
+        if let Some(v) = self.vectors.get(usize::from(vector))
+            && self.enabled
+            && !self.function_masked
+            && !v.masked
+        {
+            let _ = v.irqfd.write(1);
+        }
+    }
+}
 
 /// What the vCPU (configuration) and the worker (queue) share.
 pub struct TransportState {
@@ -30,6 +76,9 @@ pub struct TransportState {
     driver_features: u64,
     queue_select: u16,
     queues: Vec<Queue>,
+    queue_vectors: Vec<u16>,
+    config_vector: u16,
+    msix: Msix,
     config_generation: u8,
     dma: DmaGuard,
 }
@@ -46,6 +95,8 @@ impl TransportState {
         self.driver_feature_select = 0;
         self.queue_select = 0;
         self.queues.iter_mut().for_each(Queue::reset);
+        self.queue_vectors.iter_mut().for_each(|v| *v = NO_VECTOR);
+        self.config_vector = NO_VECTOR;
     }
 
     /// A ring the device must write (used ring) or trusts (descriptors,
@@ -92,6 +143,7 @@ impl TransportState {
             return;
         }
         let mem = self.dma.mem.clone();
+        let mut completed = false;
         while self.device.ready(index)
             && let Some(chain) = queue.pop_descriptor_chain(&mem)
         {
@@ -101,6 +153,10 @@ impl TransportState {
                 self.status |= status::NEEDS_RESET;
                 return;
             }
+            completed = true;
+        }
+        if completed {
+            self.msix.signal(self.queue_vectors[index]);
         }
     }
 }
@@ -115,12 +171,35 @@ pub struct VirtioPci {
 }
 
 impl VirtioPci {
-    pub fn new(device: Box<dyn VirtioDevice>, bar_address: u64, dma: DmaGuard, class: u32) -> std::io::Result<Self> {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        bar_address: u64,
+        dma: DmaGuard,
+        class: u32,
+        routes: Option<Arc<MsiRoutes>>,
+    ) -> std::io::Result<Self> {
         let device_type = device.device_type();
         let queues = (0..device.num_queues())
             .map(|_| Queue::new(device.queue_max_size()).map_err(|e| std::io::Error::other(format!("{e:?}"))))
             .collect::<Result<Vec<_>, _>>()?;
         let notify = (0..queues.len()).map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<Result<Vec<_>, _>>()?;
+        // One vector per queue plus one for configuration changes.
+        let vector_count = queues.len() + 1;
+        let mut vectors = Vec::with_capacity(vector_count);
+        for _ in 0..vector_count {
+            let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
+            let gsi = match &routes {
+                Some(r) => {
+                    let gsi = r.allocate();
+                    r.vm().register_irqfd(&irqfd, gsi).map_err(|e| std::io::Error::other(e.to_string()))?;
+                    gsi
+                }
+                None => 0,
+            };
+            vectors.push(MsixVector { address: 0, data: 0, masked: true, gsi, irqfd });
+        }
+        let queue_vectors = vec![NO_VECTOR; queues.len()];
+        let msix = Msix { enabled: false, function_masked: false, vectors, routes };
         let state = TransportState {
             device,
             status: 0,
@@ -129,6 +208,9 @@ impl VirtioPci {
             driver_features: 0,
             queue_select: 0,
             queues,
+            queue_vectors,
+            config_vector: NO_VECTOR,
+            msix,
             config_generation: 0,
             dma,
         };
@@ -150,7 +232,7 @@ impl VirtioPci {
             (0x40, 0x50, 1, COMMON, 0x38),
             (0x50, 0x60, 3, ISR, 4),
             (0x60, 0x70, 4, DEVICE_CONFIG, 0x100),
-            (0x70, 0x00, 2, NOTIFY, 0x1000),
+            (0x70, MSIX_CAP as u8, 2, NOTIFY, 0x1000),
         ];
         for (at, next, kind, offset, length) in caps {
             let len = if kind == 2 { 20 } else { 16 };
@@ -159,6 +241,11 @@ impl VirtioPci {
             put(usize::from(at) + 12, &length.to_le_bytes());
         }
         put(0x80, &NOTIFY_MULTIPLIER.to_le_bytes());
+        // MSI-X: table size - 1, table and PBA in BAR 0.
+        put(MSIX_CAP, &[0x11, 0x00]);
+        put(MSIX_CAP + 2, &((vector_count - 1) as u16).to_le_bytes());
+        put(MSIX_CAP + 4, &(MSIX_TABLE as u32).to_le_bytes());
+        put(MSIX_CAP + 8, &(MSIX_PBA as u32).to_le_bytes());
         Ok(VirtioPci { config, bar_address, bar_probe: [false; 2], state: Arc::new(Mutex::new(state)), notify })
     }
 
@@ -222,6 +309,31 @@ impl VirtioPci {
         })
     }
 
+    fn read_msix_table(&self, offset: u64, data: &mut [u8]) {
+        let s = self.lock();
+        let Some(v) = s.msix.vectors.get((offset / 16) as usize) else { return data.fill(0) };
+        let entry: [u32; 4] = [v.address as u32, (v.address >> 32) as u32, v.data, u32::from(v.masked)];
+        let bytes: Vec<u8> = entry.iter().flat_map(|w| w.to_le_bytes()).collect();
+        fill(&bytes, (offset % 16) as u16, data);
+    }
+
+    fn write_msix_table(&self, offset: u64, data: &[u8]) {
+        if data.len() != 4 || offset % 4 != 0 {
+            return;
+        }
+        let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        let index = (offset / 16) as usize;
+        let mut s = self.lock();
+        let Some(v) = s.msix.vectors.get_mut(index) else { return };
+        match offset % 16 {
+            0 => v.address = (v.address & !0xffff_ffff) | u64::from(value),
+            4 => v.address = (v.address & 0xffff_ffff) | (u64::from(value) << 32),
+            8 => v.data = value,
+            _ => v.masked = value & 1 != 0,
+        }
+        s.msix.reroute(index);
+    }
+
     fn read_common(&self, offset: u64, data: &mut [u8]) {
         let s = self.lock();
         let value: u64 = match offset {
@@ -237,13 +349,13 @@ impl VirtioPci {
                 1 => s.driver_features >> 32,
                 _ => 0,
             },
-            0x10 => 0xffff, // no MSI-X vectors
+            0x10 => u64::from(s.config_vector),
             0x12 => s.queues.len() as u64,
             0x14 => u64::from(s.status),
             0x15 => u64::from(s.config_generation),
             0x16 => u64::from(s.queue_select),
             0x18 => s.selected().map_or(0, |q| u64::from(q.size())),
-            0x1a => 0xffff,
+            0x1a => s.queue_vectors.get(usize::from(s.queue_select)).map_or(0xffff, |v| u64::from(*v)),
             0x1c => s.selected().map_or(0, |q| u64::from(q.ready())),
             0x1e => u64::from(s.queue_select),
             0x20 => s.selected().map_or(0, |q| q.desc_table()),
@@ -262,6 +374,13 @@ impl VirtioPci {
         raw[..data.len().min(8)].copy_from_slice(&data[..data.len().min(8)]);
         let v = u64::from_le_bytes(raw);
         let mut s = self.lock();
+        if offset == 0x1a {
+            let (count, selected) = (s.msix.vectors.len(), usize::from(s.queue_select));
+            if let Some(slot) = s.queue_vectors.get_mut(selected) {
+                *slot = vector_or_none(v as u16, count);
+            }
+            return;
+        }
         if offset <= 0x16 {
             match offset {
                 0x00 => s.device_feature_select = v as u32,
@@ -271,6 +390,7 @@ impl VirtioPci {
                     1 => s.driver_features = (s.driver_features & 0xffff_ffff) | (v << 32),
                     _ => {}
                 },
+                0x10 => s.config_vector = vector_or_none(v as u16, s.msix.vectors.len()),
                 0x14 => write_status(&mut s, v as u8),
                 0x16 => s.queue_select = v as u16,
                 _ => {}
@@ -294,6 +414,11 @@ impl VirtioPci {
             _ => {}
         }
     }
+}
+
+/// A vector the device has, or NO_VECTOR (which is also what the driver reads back).
+fn vector_or_none(vector: u16, count: usize) -> u16 {
+    if usize::from(vector) < count { vector } else { NO_VECTOR }
 }
 
 /// The device_status state machine, including reset and the checks at DRIVER_OK.
@@ -334,6 +459,20 @@ impl PciDevice for VirtioPci {
     fn config_write(&mut self, offset: u16, data: &[u8]) {
         match (offset, data.len()) {
             (0x04, 2) | (0x04, 4) => self.config[0x04..0x06].copy_from_slice(&data[..2]),
+            (o, _) if usize::from(o) == MSIX_CAP + 2 || usize::from(o) == MSIX_CAP => {
+                // Message control: bit 15 enable, bit 14 function mask.
+                let control = if usize::from(o) == MSIX_CAP { data.get(2..4) } else { data.get(0..2) };
+                if let Some(&[lo, hi]) = control {
+                    let value = u16::from_le_bytes([lo, hi]);
+                    let keep = self.config[MSIX_CAP + 2] as u16 | ((self.config[MSIX_CAP + 3] as u16 & 0x07) << 8);
+                    let stored = (value & 0xc000) | (keep & 0x07ff);
+                    self.config[MSIX_CAP + 2..MSIX_CAP + 4].copy_from_slice(&stored.to_le_bytes());
+                    let mut s = self.lock();
+                    s.msix.enabled = value & 0x8000 != 0;
+                    s.msix.function_masked = value & 0x4000 != 0;
+                    s.msix.reroute_all();
+                }
+            }
             (0x10 | 0x14, 4) => {
                 // BARs are placed by the VMM; only the sizing protocol is honoured.
                 let i = usize::from((offset - 0x10) / 4);
@@ -349,7 +488,9 @@ impl MmioDevice for VirtioPci {
         match offset {
             COMMON..NOTIFY => self.read_common(offset - COMMON, data),
             ISR..DEVICE_CONFIG => data.fill(0), // polled drivers only: no interrupt pending
-            DEVICE_CONFIG..BAR_SIZE => self.lock().device.read_config(offset - DEVICE_CONFIG, data),
+            MSIX_TABLE..MSIX_PBA => self.read_msix_table(offset - MSIX_TABLE, data),
+            MSIX_PBA..BAR_SIZE => data.fill(0),
+            DEVICE_CONFIG..MSIX_TABLE => self.lock().device.read_config(offset - DEVICE_CONFIG, data),
             _ => data.fill(0),
         }
     }
@@ -358,6 +499,7 @@ impl MmioDevice for VirtioPci {
         match offset {
             COMMON..NOTIFY => self.write_common(offset - COMMON, data),
             // Normally consumed by the ioeventfd in KVM; forwarded if it reaches us.
+            MSIX_TABLE..MSIX_PBA => self.write_msix_table(offset - MSIX_TABLE, data),
             NOTIFY..ISR => {
                 let index = ((offset - NOTIFY) / u64::from(NOTIFY_MULTIPLIER)) as usize;
                 if let Some(fd) = self.notify.get(index) {
