@@ -318,7 +318,7 @@ impl VirtioPci {
     }
 
     fn write_msix_table(&self, offset: u64, data: &[u8]) {
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             return;
         }
         let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
