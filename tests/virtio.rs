@@ -159,3 +159,14 @@ fn net_drops_and_reports_packets_bound_for_protected_buffers() {
         "a dma-write violation for the NIC"
     );
 }
+
+#[test]
+fn msix_delivers_a_completion_interrupt_per_request() {
+    require_kvm!();
+    let run = common::run_vm("virtio-msix", &guests::build("virtio_msix"), &["--rng", "src=/dev/urandom"]);
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert!(run.serial.contains("msix=0\nstatus=f vector=0"), "{}", run.serial);
+    for i in 1..=3 {
+        assert!(run.serial.contains(&format!("request {i}: len=64 irqs={i}")), "{}", run.serial);
+    }
+}

@@ -143,6 +143,8 @@ exc_\n:
         EXC_NOERR 31
         /* Vector 0x80: return from user mode (see run_user). */
         EXC_NOERR 128
+        /* Vector 0x40: the device interrupt the MSI-X tests program. */
+        EXC_NOERR 64
 
 exception_common:
         pushq %rax

@@ -61,6 +61,11 @@ int try_rdmsr(u32 msr, u64 *value);
 int try_write_cr0(u64 value);
 int try_write_cr4(u64 value);
 
+/* External interrupts seen, per vector (vector 0x40 has a handler). */
+extern volatile u64 irq_count[256];
+static inline void sti(void) { __asm__ volatile("sti" ::: "memory"); }
+static inline void cli(void) { __asm__ volatile("cli" ::: "memory"); }
+
 /* Run fn(arg) at CPL 3 (with IOPL 3 so it may do port I/O); returns its result. */
 s64 run_user(s64 (*fn)(u64), u64 arg);
 

@@ -153,7 +153,15 @@ static volatile u64 fixup_rip;
 static volatile u64 user_return_rsp, user_return_rip, user_result;
 static volatile int in_user;
 
+volatile u64 irq_count[256];
+
 void exception_dispatch(struct frame *f) {
+    if (f->vector >= 32 && f->vector != 128) {
+        /* An external interrupt: count it and acknowledge it at the LAPIC. */
+        irq_count[f->vector]++;
+        *(volatile u32 *)(LAPIC_BASE + 0xb0) = 0;
+        return;
+    }
     last_exception.vector = f->vector;
     last_exception.error = f->error;
     last_exception.rip = f->rip;
@@ -346,8 +354,13 @@ void ap_start(unsigned index) {
     for (;;) __asm__ volatile("cli; hlt");
 }
 
+extern void exc_64(void);
+
 void runtime_start(void) {
     for (int v = 0; v < 32; v++) set_gate(v, exception_stubs[v], 0);
+    set_gate(0x40, (u64)exc_64, 0);
+    /* Software-enable the local APIC so it accepts interrupts. */
+    *(volatile u32 *)(LAPIC_BASE + 0xf0) |= 0x100;
     load_idt();
     setup_tss();
     guest_main();

@@ -26,6 +26,8 @@ struct virtio_dev {
     struct virtq_page *q;
     u16 avail_idx, used_seen;
     u16 qindex; /* the one queue this driver uses */
+    u32 slot;   /* PCI slot */
+    u64 bar;
 };
 
 static inline u32 pci_read32(u32 slot, u32 reg) {
@@ -51,6 +53,8 @@ static __attribute__((unused)) int virtio_find(u16 device_id, struct virtio_dev 
             cap = (head >> 8) & 0xff;
         }
         d->q = queue;
+        d->slot = slot;
+        d->bar = bar;
         d->avail_idx = d->used_seen = 0;
         return d->common && d->notify ? 0 : -1;
     }
@@ -60,6 +64,28 @@ static __attribute__((unused)) int virtio_find(u16 device_id, struct virtio_dev 
 #define COMMON8(d, off) (*(volatile u8 *)((d)->common + (off)))
 #define COMMON16(d, off) (*(volatile u16 *)((d)->common + (off)))
 #define COMMON32(d, off) (*(volatile u32 *)((d)->common + (off)))
+
+static inline void pci_write16(u32 slot, u32 reg, u16 value) {
+    outl(0xcf8, 0x80000000u | (slot << 11) | (reg & 0xfc));
+    __asm__ volatile("outw %0, %1" ::"a"(value), "Nd"((u16)(0xcfc + (reg & 2))));
+}
+
+/* Programs MSI-X vector `entry` to deliver `vector` to CPU 0 and enables MSI-X. 0 on success. */
+static __attribute__((unused)) int virtio_msix(struct virtio_dev *d, u32 entry, u8 vector) {
+    u32 cap = pci_read32(d->slot, 0x34) & 0xff;
+    while (cap) {
+        u32 head = pci_read32(d->slot, cap);
+        if ((head & 0xff) == 0x11) {
+            u32 table = pci_read32(d->slot, cap + 4);
+            volatile u32 *e = (volatile u32 *)(d->bar + (table & ~7u) + 16 * entry);
+            e[0] = 0xfee00000; e[1] = 0; e[2] = vector; e[3] = 0;
+            pci_write16(d->slot, cap + 2, (u16)(((head >> 16) & 0x7ff) | 0x8000));
+            return 0;
+        }
+        cap = (head >> 8) & 0xff;
+    }
+    return -1;
+}
 
 /* Reset, negotiate VERSION_1, set up queue 0, DRIVER_OK. Returns the status read back. */
 static __attribute__((unused)) u8 virtio_start(struct virtio_dev *d) {
@@ -78,6 +104,7 @@ static __attribute__((unused)) u8 virtio_start(struct virtio_dev *d) {
     COMMON32(d, 0x20) = (u32)desc; COMMON32(d, 0x24) = (u32)(desc >> 32);
     COMMON32(d, 0x28) = (u32)avail; COMMON32(d, 0x2c) = (u32)(avail >> 32);
     COMMON32(d, 0x30) = (u32)used; COMMON32(d, 0x34) = (u32)(used >> 32);
+    COMMON16(d, 0x1a) = 0; /* MSI-X vector 0 (used only if the driver enabled MSI-X) */
     COMMON16(d, 0x1c) = 1;
     COMMON8(d, 0x14) = 1 | 2 | 8 | 4;
     return COMMON8(d, 0x14);
