@@ -74,8 +74,9 @@ impl MemslotTable {
         wanted: &[SlotSpec],
         gate: Option<&VcpuGate>,
     ) -> Result<(), MemslotError> {
+        let wanted_set: std::collections::BTreeSet<SlotSpec> = wanted.iter().copied().collect();
         let remove: Vec<(SlotSpec, u32)> =
-            self.installed.iter().filter(|(spec, _)| !wanted.contains(spec)).map(|(s, id)| (*s, *id)).collect();
+            self.installed.iter().filter(|(spec, _)| !wanted_set.contains(spec)).map(|(s, id)| (*s, *id)).collect();
         let add: Vec<SlotSpec> = wanted.iter().filter(|spec| !self.installed.contains_key(spec)).copied().collect();
         if remove.is_empty() && add.is_empty() {
             return Ok(());
