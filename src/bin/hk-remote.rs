@@ -7,7 +7,13 @@ use api_client::ApiClient;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "hk-remote", version, about = "Control a running hekivisor through its REST API socket.")]
+#[command(
+    name = "hk-remote",
+    version,
+    about = "Control a running hekivisor through its REST API socket.",
+    after_help = "Prints the JSON answer; on an HTTP error prints the server's message and exits 1.\n\
+Example: hk-remote --api-socket /tmp/hk.sock create vm.json && hk-remote --api-socket /tmp/hk.sock boot"
+)]
 struct Cli {
     /// The API socket of the hekivisor to talk to.
     #[arg(long, value_name = "PATH")]
@@ -20,8 +26,9 @@ struct Cli {
 enum Command {
     /// Check the VMM is alive; prints its version and pid.
     Ping,
-    /// Create a VM from a VmConfig JSON file (or - for stdin).
+    /// Create a VM from a VmConfig JSON file (- or nothing: read stdin).
     Create {
+        #[arg(value_name = "FILE|-", default_value = "-")]
         file: String,
     },
     /// Boot the created VM.
@@ -30,11 +37,15 @@ enum Command {
     Info,
     /// Print the VM's counters.
     Counters,
+    /// Pause every vCPU.
     Pause,
+    /// Resume a paused VM.
     Resume,
     /// Stop the VM (it can be booted again).
     Shutdown,
+    /// Reboot the VM (a fresh VM from the same config).
     Reboot,
+    /// Press the ACPI power button.
     PowerButton,
     /// Delete the VM.
     Delete,
@@ -42,16 +53,24 @@ enum Command {
     ShutdownVmm,
     /// Print heki status, features and counters.
     Heki,
-    /// Lock guest memory from the host: GPA SIZE PERMISSIONS (e.g. 0x100000 0x1000 read,exec).
+    /// Lock guest memory from the host: GPA SIZE PERMISSIONS (e.g. 0x100000 0x1000 read,exec),
+    /// or --file FILE|- with a full {"ranges":[...]} body.
     HekiProtect {
-        gpa: String,
-        size: String,
-        permissions: String,
+        /// A JSON body: {"ranges":[{"gpa":N,"size":N,"permissions":["read","exec","immutable"]}]}.
+        #[arg(long, value_name = "FILE|-", conflicts_with_all = ["gpa", "size", "permissions"])]
+        file: Option<String>,
+        /// Guest physical address, page aligned (0x... or decimal).
+        #[arg(required_unless_present = "file")]
+        gpa: Option<String>,
+        /// Bytes, a multiple of the page size (0x... or decimal).
+        #[arg(required_unless_present = "file")]
+        size: Option<String>,
+        /// Comma-separated: read, write, exec, immutable.
+        #[arg(required_unless_present = "file")]
+        permissions: Option<String>,
     },
     /// Set the heki violation policy: deny, log, pause or shutdown.
-    HekiPolicy {
-        policy: String,
-    },
+    HekiPolicy { policy: String },
     /// Print the most recent heki violations.
     HekiViolations,
     /// Pin CR bits and MSRs on every vCPU at their current values,
@@ -74,18 +93,20 @@ fn parse_number(s: &str) -> Result<u64, String> {
     parsed.map_err(|_| format!("'{s}' is not a number"))
 }
 
+/// Reads a request body from FILE, or from stdin for `-`.
+fn read_input(file: &str) -> Result<String, String> {
+    if file == "-" {
+        let mut body = String::new();
+        std::io::stdin().read_to_string(&mut body).map_err(|e| format!("cannot read stdin: {e}"))?;
+        return Ok(body);
+    }
+    std::fs::read_to_string(file).map_err(|e| format!("cannot read {file}: {e}"))
+}
+
 fn request(cli: &Cli) -> Result<(&'static str, &'static str, Option<String>), String> {
     Ok(match &cli.command {
         Command::Ping => ("GET", "vmm.ping", None),
-        Command::Create { file } => {
-            let mut body = String::new();
-            if file == "-" {
-                std::io::stdin().read_to_string(&mut body).map_err(|e| format!("cannot read stdin: {e}"))?;
-            } else {
-                body = std::fs::read_to_string(file).map_err(|e| format!("cannot read {file}: {e}"))?;
-            }
-            ("PUT", "vm.create", Some(body))
-        }
+        Command::Create { file } => ("PUT", "vm.create", Some(read_input(file)?)),
         Command::Boot => ("PUT", "vm.boot", None),
         Command::Info => ("GET", "vm.info", None),
         Command::Counters => ("GET", "vm.counters", None),
@@ -97,17 +118,20 @@ fn request(cli: &Cli) -> Result<(&'static str, &'static str, Option<String>), St
         Command::Delete => ("PUT", "vm.delete", None),
         Command::ShutdownVmm => ("PUT", "vmm.shutdown", None),
         Command::Heki => ("GET", "vm.heki", None),
-        Command::HekiProtect { gpa, size, permissions } => {
-            let perms: Vec<String> = permissions.split(',').map(|p| format!("\"{}\"", p.trim())).collect();
-            let body = format!(
-                "{{\"ranges\":[{{\"gpa\":{},\"size\":{},\"permissions\":[{}]}}]}}",
-                parse_number(gpa)?,
-                parse_number(size)?,
-                perms.join(",")
-            );
-            ("PUT", "vm.heki-protect", Some(body))
+        Command::HekiProtect { file: Some(file), .. } => ("PUT", "vm.heki-protect", Some(read_input(file)?)),
+        Command::HekiProtect { file: None, gpa, size, permissions } => {
+            let (Some(gpa), Some(size), Some(permissions)) = (gpa, size, permissions) else {
+                return Err("heki-protect needs GPA SIZE PERMISSIONS or --file".into());
+            };
+            let permissions: Vec<&str> = permissions.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+            let body = serde_json::json!({
+                "ranges": [{ "gpa": parse_number(gpa)?, "size": parse_number(size)?, "permissions": permissions }]
+            });
+            ("PUT", "vm.heki-protect", Some(body.to_string()))
         }
-        Command::HekiPolicy { policy } => ("PUT", "vm.heki-policy", Some(format!("{{\"policy\":\"{policy}\"}}"))),
+        Command::HekiPolicy { policy } => {
+            ("PUT", "vm.heki-policy", Some(serde_json::json!({ "policy": policy }).to_string()))
+        }
         Command::HekiViolations => ("GET", "vm.heki-violations", None),
         Command::HekiPin { cr0, cr4, msrs } => {
             let body = serde_json::json!({ "cr0": cr0, "cr4": cr4, "msrs": msrs });
@@ -135,7 +159,13 @@ fn main() -> ExitCode {
         }
         Ok(None) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("hk-remote: {e}");
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("hk-remote: {message}");
             ExitCode::FAILURE
         }
     }

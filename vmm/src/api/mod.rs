@@ -67,3 +67,6 @@ pub struct ApiMessage {
     pub request: ApiRequest,
     pub reply: tokio::sync::oneshot::Sender<ApiResult>,
 }
+
+#[cfg(test)]
+mod tests;

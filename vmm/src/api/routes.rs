@@ -130,8 +130,15 @@ mod tests {
         let mut in_spec = BTreeSet::new();
         for (path, item) in spec["paths"].as_mapping().expect("paths") {
             let path = path.as_str().expect("path").trim_start_matches('/').to_string();
-            for (method, _) in item.as_mapping().expect("methods") {
-                in_spec.insert((method.as_str().expect("method").to_uppercase(), path.clone()));
+            for (method, operation) in item.as_mapping().expect("methods") {
+                let method = method.as_str().expect("method").to_uppercase();
+                // Every operation documents the errors the server itself produces.
+                let responses = operation["responses"].as_mapping().expect("responses");
+                for code in ["400", "404", "405", "408", "413", "500", "503"] {
+                    let code = serde_yaml::Value::String(code.into());
+                    assert!(responses.contains_key(&code), "{method} {path} lacks {code:?}");
+                }
+                in_spec.insert((method, path.clone()));
             }
         }
         let served: BTreeSet<(String, String)> =

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{ALLOW, CONTENT_TYPE};
+use hyper::header::{ALLOW, CONNECTION, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -55,7 +55,7 @@ pub fn drain_connections(timeout: Duration) {
 }
 
 struct Shared {
-    to_vmm: std::sync::Mutex<Sender<ApiMessage>>,
+    to_vmm: Sender<ApiMessage>,
     wake_vmm: EventFd,
     limits: ServerLimits,
 }
@@ -76,7 +76,7 @@ pub fn start_api_server_with(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let shared = Arc::new(Shared { to_vmm: std::sync::Mutex::new(to_vmm), wake_vmm, limits });
+    let shared = Arc::new(Shared { to_vmm, wake_vmm, limits });
     std::thread::Builder::new().name("http-api".into()).spawn(move || {
         runtime.block_on(async move {
             let listener = match tokio::net::UnixListener::from_std(listener) {
@@ -131,6 +131,13 @@ fn error_response(status: u16, message: &str) -> Response<Full<Bytes>> {
     respond(status, Some(json!({ "error": message })))
 }
 
+/// Marks a response as the connection's last: the rest of the request body
+/// was not read, so the stream cannot carry another request.
+fn closing(mut response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    response.headers_mut().insert(CONNECTION, hyper::header::HeaderValue::from_static("close"));
+    response
+}
+
 async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Full<Bytes>>, Infallible> {
     let route = match resolve(req.method().as_str(), req.uri().path()) {
         Resolved::Request(route) => route,
@@ -146,9 +153,9 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
     let limits = shared.limits;
     let body = Limited::new(req.into_body(), limits.max_body);
     let bytes = match tokio::time::timeout(limits.read_timeout, body.collect()).await {
-        Err(_) => return Ok(error_response(408, "timed out reading the request body")),
+        Err(_) => return Ok(closing(error_response(408, "timed out reading the request body"))),
         Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return Ok(error_response(413, &format!("request body exceeds {} bytes", limits.max_body)));
+            return Ok(closing(error_response(413, &format!("request body exceeds {} bytes", limits.max_body))));
         }
         Ok(Err(e)) => {
             return Ok(error_response(400, &format!("cannot read the request body: {e}")));
@@ -160,7 +167,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
         Err(e) => return Ok(error_response(e.status(), &e.to_string())),
     };
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
-    let sent = shared.to_vmm.lock().map(|tx| tx.send(ApiMessage { request, reply: reply_tx }).is_ok()).unwrap_or(false);
+    let sent = shared.to_vmm.send(ApiMessage { request, reply: reply_tx }).is_ok();
     if !sent || shared.wake_vmm.write(1).is_err() {
         return Ok(error_response(503, "the VMM is shutting down"));
     }

@@ -39,7 +39,7 @@ pub struct CliArgs {
     #[arg(long, value_name = "boot=N")]
     pub cpus: Option<String>,
 
-    /// Guest RAM: size=SIZE with K/M/G suffix (default size=512M).
+    /// Guest RAM: size=SIZE in bytes or with a K/M/G suffix (default size=512M).
     #[arg(long, value_name = "size=SIZE")]
     pub memory: Option<String>,
 
@@ -51,8 +51,9 @@ pub struct CliArgs {
     #[arg(long, value_name = "MODE")]
     pub console: Option<String>,
 
-    /// Kernel integrity: enabled=on|off,policy=deny|log|pause|shutdown[,cr_check_interval_ms=N]
-    /// (default off; policy deny).
+    /// Kernel integrity: enabled=on|off,policy=deny|log|pause|shutdown[,cr_check_interval_ms=N].
+    /// Without --heki it is off; with it, on unless enabled=off (defaults: policy=deny,
+    /// cr_check_interval_ms=10).
     #[arg(long, value_name = "enabled=on,...")]
     pub heki: Option<String>,
 
@@ -68,11 +69,12 @@ pub struct CliArgs {
     #[arg(long, value_name = "src=PATH")]
     pub rng: Option<String>,
 
-    /// REST API socket: path=PATH, fd=N, or a bare PATH. Without --kernel, starts empty.
+    /// REST API socket: path=PATH, fd=N, or a bare PATH (created with mode 0600).
+    /// Without --kernel, the VMM starts empty and waits for vm.create.
     #[arg(long, value_name = "path=PATH")]
     pub api_socket: Option<String>,
 
-    /// Write the JSON event stream to path=FILE or fd=N.
+    /// Write the JSON event stream (see docs/events.md) to path=FILE or fd=N (default: none).
     #[arg(long, value_name = "path=FILE")]
     pub event_monitor: Option<String>,
 
@@ -334,6 +336,101 @@ mod tests {
             let err = args(flags).err().unwrap_or_else(|| panic!("{flags:?} must fail")).to_string();
             assert!(err.contains(needle), "{flags:?}: '{err}' lacks '{needle}'");
         }
+    }
+
+    #[test]
+    fn cli_and_rest_build_the_same_vm_config() {
+        let from_cli = args(&[
+            "--kernel",
+            "/k",
+            "--cmdline",
+            "console=ttyS0",
+            "--initramfs",
+            "/i",
+            "--cpus",
+            "boot=2,max=2",
+            "--memory",
+            "size=1G",
+            "--serial",
+            "file=/tmp/s",
+            "--console",
+            "null",
+            "--heki",
+            "policy=log,cr_check_interval_ms=5",
+        ])
+        .expect("valid")
+        .vm
+        .expect("kernel given");
+        let from_rest = super::super::vm_config_from_json(
+            br#"{"cpus": {"boot_vcpus": 2, "max_vcpus": 2}, "memory": {"size": 1073741824},
+                 "payload": {"kernel": "/k", "cmdline": "console=ttyS0", "initramfs": "/i"},
+                 "serial": {"mode": "File", "file": "/tmp/s"}, "console": {"mode": "Null"},
+                 "heki": {"enabled": true, "policy": "log", "cr_check_interval_ms": 5}}"#,
+        )
+        .expect("valid");
+        assert_eq!(from_cli, from_rest);
+    }
+
+    #[test]
+    fn console_modes_parse() {
+        assert_eq!(parse_console("--serial", "off").map(|c| c.mode), Ok(ConsoleOutputMode::Off));
+        assert_eq!(parse_console("--serial", "null").map(|c| c.mode), Ok(ConsoleOutputMode::Null));
+        assert_eq!(parse_console("--serial", "tty").map(|c| c.mode), Ok(ConsoleOutputMode::Tty));
+        let file = parse_console("--console", "file=/tmp/c").expect("file");
+        assert_eq!((file.mode, file.file), (ConsoleOutputMode::File, Some(PathBuf::from("/tmp/c"))));
+        assert!(parse_console("--serial", "pty").is_err());
+        assert!(parse_console("--serial", "socket=/x").is_err());
+    }
+
+    #[test]
+    fn heki_option_defaults_and_switches() {
+        let on = parse_heki("policy=pause").expect("valid");
+        assert_eq!((on.enabled, on.policy, on.cr_check_interval_ms), (true, heki::Policy::Pause, 10));
+        assert!(!parse_heki("enabled=off").expect("valid").enabled);
+        assert_eq!(parse_heki("enabled=on,cr_check_interval_ms=25").map(|h| h.cr_check_interval_ms), Ok(25));
+        assert!(parse_heki("enabled=maybe").is_err());
+        assert!(parse_heki("cr_check_interval_ms=-1").is_err());
+        assert!(args(&["--kernel", "k", "--heki", "cr_check_interval_ms=0"]).is_err());
+    }
+
+    #[test]
+    fn process_options_are_carried_over() {
+        let o =
+            args(&["--api-socket", "/tmp/a.sock", "--event-monitor", "fd=5", "--no-reboot", "-vv", "--log-file", "/l"])
+                .expect("valid");
+        assert!(o.vm.is_none(), "no --kernel, no VM");
+        assert_eq!(o.api_socket, Some(ApiSocketSpec::Path("/tmp/a.sock".into())));
+        assert_eq!(o.event_monitor, Some(EventMonitorSpec::Fd(5)));
+        assert!(o.no_reboot);
+        assert_eq!(o.verbosity, 2);
+        assert_eq!(o.log_file, Some(PathBuf::from("/l")));
+        assert_eq!(parse_event_monitor("path=/tmp/ev").ok(), Some(EventMonitorSpec::Path("/tmp/ev".into())));
+        assert!(parse_event_monitor("/tmp/ev").is_err(), "event monitor needs path= or fd=");
+        assert!(parse_event_monitor("path=/a,fd=1").is_err());
+    }
+
+    #[test]
+    fn defaults_without_vm_flags() {
+        let vm = args(&["--kernel", "k"]).expect("valid").vm.expect("kernel");
+        assert_eq!(vm.cpus, CpusConfig { boot_vcpus: 1, max_vcpus: 1 });
+        assert_eq!(vm.memory.size, 512 << 20);
+        assert_eq!(vm.serial.mode, ConsoleOutputMode::Tty);
+        assert_eq!(vm.console.mode, ConsoleOutputMode::Off);
+        assert!(!vm.heki.enabled);
+    }
+
+    #[test]
+    fn cpus_and_memory_parse() {
+        assert_eq!(parse_cpus("boot=4").ok(), Some(CpusConfig { boot_vcpus: 4, max_vcpus: 4 }));
+        assert!(parse_cpus("max=4").is_err(), "boot is required");
+        assert!(parse_cpus("boot=two").is_err());
+        assert!(
+            args(&["--kernel", "k", "--cpus", "boot=2,max=4"]).err().is_some_and(|e| e.to_string().contains("hotplug"))
+        );
+        assert_eq!(parse_memory("size=1048576").map(|m| m.size), Ok(1 << 20));
+        assert!(parse_memory("512M").is_err(), "size= is required");
+        assert!(args(&["--kernel", "k", "--memory", "size=1000000"]).is_err(), "not a multiple of 4 KiB");
+        assert!(args(&["--kernel", "k", "--memory", "size=2T"]).is_err(), "over 1 TiB");
     }
 
     #[test]

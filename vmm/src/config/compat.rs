@@ -130,8 +130,11 @@ fn unsupported(field: String) -> ConfigError {
 
 /// Parses a `vm.create` body: strips Cloud Hypervisor defaults, refuses the rest.
 pub fn vm_config_from_json(body: &[u8]) -> Result<VmConfig, ConfigError> {
-    let mut value: Value = serde_json::from_slice(body).map_err(|e| ConfigError::Json { message: e.to_string() })?;
-    let root = value.as_object_mut().ok_or_else(|| ConfigError::Json { message: "expected a JSON object".into() })?;
+    let mut value: Value = serde_json::from_slice(body)
+        .map_err(|e| ConfigError::Json { path: String::new(), message: format!("invalid JSON: {e}") })?;
+    let root = value
+        .as_object_mut()
+        .ok_or_else(|| ConfigError::Json { path: String::new(), message: "expected a JSON object".into() })?;
     for (section, default) in CH_DEFAULT_SECTIONS {
         if let Some(v) = root.get(*section) {
             let default: Value = serde_json::from_str(default).unwrap_or(Value::Null);
@@ -188,7 +191,10 @@ pub fn vm_config_from_json(body: &[u8]) -> Result<VmConfig, ConfigError> {
     {
         cpus.insert("max_vcpus".into(), boot);
     }
-    let config: VmConfig = serde_json::from_value(value).map_err(|e| ConfigError::Json { message: e.to_string() })?;
+    let config: VmConfig = serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Json {
+        path: e.path().to_string().trim_start_matches('.').to_string(),
+        message: e.into_inner().to_string(),
+    })?;
     config.validate()?;
     Ok(config)
 }
@@ -235,18 +241,24 @@ mod tests {
 
     #[test]
     fn unsupported_cloud_hypervisor_features_are_refused_by_name() {
-        for (patch, field) in [
-            (r#""hugepages": true"#, "memory.hugepages"),
+        for (section, field) in [
+            (r#""memory": {"size": 1048576, "hugepages": true}"#, "memory.hugepages"),
+            (r#""memory": {"size": 1048576, "hotplug_size": 1073741824}"#, "memory.hotplug_size"),
+            (r#""cpus": {"boot_vcpus": 1, "features": {"amx": true}}"#, "cpus.features"),
+            (r#""cpus": {"boot_vcpus": 1, "max_phys_bits": 40}"#, "cpus.max_phys_bits"),
+            (r#""cpus": {"boot_vcpus": 1, "topology": {"threads_per_core": 2}}"#, "cpus.topology"),
+            (r#""serial": {"mode": "Socket", "socket": "/s"}"#, "serial.socket"),
             (r#""disks": [{"path": "/x", "direct": true}]"#, "disks[0].direct"),
+            (r#""net": [{"tap": "t0", "vhost_user": true}]"#, "net[0].vhost_user"),
+            (r#""debug_console": {"mode": "Tty", "iobase": 233}"#, "debug_console"),
+            (r#""vsock": {"cid": 3, "socket": "/v"}"#, "vsock"),
+            (r#""iommu": true"#, "iommu"),
             (r#""watchdog": true"#, "watchdog"),
+            (r#""landlock_enable": true"#, "landlock_enable"),
         ] {
-            let body = format!(
-                r#"{{"memory": {{"size": 1048576{}}}, "payload": {{"kernel": "/k"}}{}}}"#,
-                if field.starts_with("memory") { format!(", {patch}") } else { String::new() },
-                if field.starts_with("memory") { String::new() } else { format!(", {patch}") }
-            );
-            let err = vm_config_from_json(body.as_bytes()).expect_err("refused").to_string();
-            assert!(err.contains(field), "'{err}' names {field}");
+            let body = format!(r#"{{"payload": {{"kernel": "/k"}}, {section}}}"#);
+            let err = vm_config_from_json(body.as_bytes()).expect_err(&body).to_string();
+            assert!(err.starts_with(&format!("{field}: ")), "'{err}' names {field}");
         }
     }
 
@@ -255,7 +267,41 @@ mod tests {
         let err = vm_config_from_json(br#"{"payload": {"kernel": "/k"}, "heki": {"enabeld": true}}"#)
             .expect_err("typo refused")
             .to_string();
-        assert!(err.contains("enabeld"), "{err}");
+        assert!(err.starts_with("heki.enabeld: unknown field"), "{err}");
+        let err =
+            vm_config_from_json(br#"{"payload": {"kernel": "/k"}, "hekki": {}}"#).expect_err("refused").to_string();
+        assert!(err.starts_with("hekki: unknown field"), "{err}");
+    }
+
+    #[test]
+    fn type_errors_name_the_field_path() {
+        for (body, path) in [
+            (r#"{"cpus": {"boot_vcpus": 300, "max_vcpus": 300}}"#, "cpus.boot_vcpus: "),
+            (r#"{"memory": {"size": "big"}}"#, "memory.size: "),
+            (r#"{"memory": {"size": 99999999999999999999999}}"#, "memory.size: "),
+            (r#"{"heki": {"policy": "maybe"}}"#, "heki.policy: "),
+            (r#"{"disks": [{"path": "/a"}, {"path": 7}]}"#, "disks[1].path: "),
+            (r#"{"serial": {"mode": "Pty"}}"#, "serial.mode: "),
+        ] {
+            let err = vm_config_from_json(body.as_bytes()).expect_err(body).to_string();
+            assert!(err.starts_with(path), "{body}: '{err}' should start with '{path}'");
+        }
+    }
+
+    #[test]
+    fn range_errors_name_the_field() {
+        for (body, path) in [
+            (r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 0}}"#, "cpus.boot_vcpus"),
+            (r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 2, "max_vcpus": 4}}"#, "cpus.max_vcpus"),
+            (r#"{"payload": {"kernel": "/k"}, "memory": {"size": 4096}}"#, "memory.size"),
+            (r#"{"payload": {"kernel": "/k"}, "memory": {"size": 1048577}}"#, "memory.size"),
+            (r#"{"payload": {"kernel": "/k"}, "memory": {"size": 2199023255552}}"#, "memory.size"),
+            (r#"{"payload": {"kernel": "/k"}, "console": {"mode": "File"}}"#, "console.file"),
+            (r#"{"payload": {"cmdline": "x"}}"#, "payload.kernel"),
+        ] {
+            let err = vm_config_from_json(body.as_bytes()).expect_err(body).to_string();
+            assert!(err.starts_with(path), "{body}: '{err}' should start with '{path}'");
+        }
     }
 
     #[test]

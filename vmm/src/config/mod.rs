@@ -27,8 +27,9 @@ pub enum ConfigError {
     Invalid { field: &'static str, message: String },
     #[error("{field}: not supported by Hekivisor")]
     Unsupported { field: String },
-    #[error("invalid VM configuration: {message}")]
-    Json { message: String },
+    /// Malformed JSON, a wrong type or an unknown field; `path` is where (e.g. `heki.enabeld`).
+    #[error("{}{message}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
+    Json { path: String, message: String },
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
