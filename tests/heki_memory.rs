@@ -5,11 +5,6 @@ mod common;
 
 use common::guests;
 
-fn events(path: &std::path::Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(path).expect("event file");
-    event_monitor::parse_events(&text).expect("valid event stream")
-}
-
 fn heki_events<'a>(all: &'a [serde_json::Value], event: &str) -> Vec<&'a serde_json::Value> {
     all.iter().filter(|e| e["source"] == "heki" && e["event"] == event).collect()
 }
@@ -28,13 +23,10 @@ fn abi_discovery_functions_and_error_codes_follow_the_contract() {
 #[test]
 fn a_call_from_user_mode_is_refused_and_reported() {
     require_kvm!();
-    let dir = common::temp_dir("heki-cpl3");
-    let ev = dir.join("events.json");
-    let ev_arg = format!("path={}", ev.display());
-    let run =
-        common::run_vm("heki-cpl3", &guests::build("heki_abi"), &["--heki", "enabled=on", "--event-monitor", &ev_arg]);
+    let (run, all_events) =
+        common::run_vm_with_events("heki-cpl3", &guests::build("heki_abi"), &["--heki", "enabled=on"]);
     assert!(run.serial.contains("ok user mode call refused"), "serial:\n{}", run.serial);
-    let all = events(&ev);
+    let all = all_events;
     let v = heki_events(&all, "violation");
     assert_eq!(v.len(), 2, "{v:?}");
     assert!(v.iter().all(|e| e["properties"]["kind"] == "hypercall" && e["properties"]["cpl"] == "3"));
@@ -52,14 +44,8 @@ fn heki_disabled_hides_the_abi() {
 #[test]
 fn locked_memory_survives_every_write_width_string_and_straddling_write() {
     require_kvm!();
-    let dir = common::temp_dir("heki-write");
-    let ev = dir.join("events.json");
-    let ev_arg = format!("path={}", ev.display());
-    let run = common::run_vm(
-        "heki-write",
-        &guests::build("heki_write"),
-        &["--heki", "enabled=on", "--event-monitor", &ev_arg],
-    );
+    let (run, all_events) =
+        common::run_vm_with_events("heki-write", &guests::build("heki_write"), &["--heki", "enabled=on"]);
     assert!(run.status.success(), "stderr: {}", run.stderr);
     let s = &run.serial;
     assert!(s.contains("protect rc=0\n"), "{s}");
@@ -72,7 +58,7 @@ fn locked_memory_survives_every_write_width_string_and_straddling_write() {
     assert!(s.contains("neighbour=55"), "{s}");
     assert!(s.contains("attack done"), "the guest keeps running after violations: {s}");
 
-    let all = events(&ev);
+    let all = all_events;
     let protected = heki_events(&all, "protected");
     assert_eq!(protected.len(), 2, "page lock and byte lock");
     assert_eq!(protected[0]["properties"]["by"], "guest");
@@ -139,17 +125,11 @@ fn no_write_lands_after_the_lock_returns_while_another_vcpu_writes() {
 #[test]
 fn an_unemulable_write_to_locked_memory_is_a_violation_and_the_vm_lives_on() {
     require_kvm!();
-    let dir = common::temp_dir("heki-emulation");
-    let ev = dir.join("events.json");
-    let ev_arg = format!("path={}", ev.display());
-    let run = common::run_vm(
-        "heki-emulation",
-        &guests::build("heki_emulation"),
-        &["--heki", "enabled=on", "--event-monitor", &ev_arg],
-    );
+    let (run, all_events) =
+        common::run_vm_with_events("heki-emulation", &guests::build("heki_emulation"), &["--heki", "enabled=on"]);
     assert!(run.status.success(), "stderr: {}", run.stderr);
     assert!(run.serial.contains("survived: memory=1111,2222"), "serial: {}", run.serial);
-    let all = events(&ev);
+    let all = all_events;
     let v = heki_events(&all, "violation");
     assert_eq!(v.len(), 1);
     assert_eq!(v[0]["properties"]["kind"], "write");

@@ -7,13 +7,10 @@ use common::guests;
 #[test]
 fn guest_pins_hold_and_every_error_case_is_einval() {
     require_kvm!();
-    let dir = common::temp_dir("heki-pins");
-    let ev = dir.join("events.json");
-    let ev_arg = format!("path={}", ev.display());
-    let run = common::run_vm(
+    let (run, all_events) = common::run_vm_with_events(
         "heki-pins",
         &guests::build("heki_pins"),
-        &["--heki", "enabled=on", "--cpus", "boot=2", "--event-monitor", &ev_arg],
+        &["--heki", "enabled=on", "--cpus", "boot=2"],
     );
     assert!(run.status.success(), "stderr: {}", run.stderr);
     assert!(!run.serial.contains("FAIL"), "serial:\n{}", run.serial);
@@ -29,7 +26,7 @@ fn guest_pins_hold_and_every_error_case_is_einval() {
     ] {
         assert!(run.serial.contains(line), "{line}:\n{}", run.serial);
     }
-    let events = event_monitor::parse_events(&std::fs::read_to_string(&ev).expect("events")).expect("stream");
+    let events = all_events;
     let violations: Vec<_> = events.iter().filter(|e| e["source"] == "heki" && e["event"] == "violation").collect();
     let cr: Vec<_> = violations.iter().filter(|e| e["properties"]["kind"] == "cr").collect();
     let msr: Vec<_> = violations.iter().filter(|e| e["properties"]["kind"] == "msr").collect();

@@ -8,13 +8,10 @@ use common::guests;
 #[test]
 fn rng_fills_normal_memory_refuses_protected_memory_and_survives_bad_chains() {
     require_kvm!();
-    let dir = common::temp_dir("virtio-rng");
-    let ev = dir.join("events.json");
-    let ev_arg = format!("path={}", ev.display());
-    let run = common::run_vm(
+    let (run, all_events) = common::run_vm_with_events(
         "virtio-rng",
         &guests::build("virtio_rng"),
-        &["--heki", "enabled=on", "--rng", "src=/dev/urandom", "--event-monitor", &ev_arg],
+        &["--heki", "enabled=on", "--rng", "src=/dev/urandom"],
     );
     assert!(run.status.success(), "stderr: {}", run.stderr);
     let s = &run.serial;
@@ -32,7 +29,7 @@ fn rng_fills_normal_memory_refuses_protected_memory_and_survives_bad_chains() {
     }
     // A looping chain is cut at the queue size: it ends, with bounded work.
     assert!(s.contains("loop: len=128"), "{s}");
-    let events = event_monitor::parse_events(&std::fs::read_to_string(&ev).expect("events")).expect("stream");
+    let events = all_events;
     let dma: Vec<_> =
         events.iter().filter(|e| e["event"] == "violation" && e["properties"]["kind"] == "dma-write").collect();
     assert_eq!(dma.len(), 2, "the protected buffer and the protected ring: {dma:?}");
@@ -141,19 +138,16 @@ fn net_drops_and_reports_packets_bound_for_protected_buffers() {
         eprintln!("SKIPPED: {reason}");
         return;
     }
-    let dir = common::temp_dir("virtio-net-protected");
-    let ev = dir.join("events.json");
-    let ev_arg = format!("path={}", ev.display());
     let net = "tap=hknet1,ip=192.168.248.1,mask=255.255.255.0";
-    let run = common::run_vm(
+    let (run, all_events) = common::run_vm_with_events(
         "virtio-net-protected",
         &guests::build("virtio_net"),
-        &["--net", net, "--heki", "enabled=on", "--cmdline", "protect-rx", "--event-monitor", &ev_arg],
+        &["--net", net, "--heki", "enabled=on", "--cmdline", "protect-rx"],
     );
     assert!(run.status.success(), "stderr: {}", run.stderr);
     assert!(run.serial.contains("protect rx rc=0"), "{}", run.serial);
     assert!(run.serial.contains("no arp reply"), "{}", run.serial);
-    let events = event_monitor::parse_events(&std::fs::read_to_string(&ev).expect("events")).expect("stream");
+    let events = all_events;
     assert!(
         events.iter().any(|e| e["properties"]["kind"] == "dma-write" && e["properties"]["device"] == "_net0"),
         "a dma-write violation for the NIC"

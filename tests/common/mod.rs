@@ -116,3 +116,14 @@ pub fn run_hekivisor(args: &[&str]) -> Run {
     }
     Run { status, serial: stdout, stderr, timed_out }
 }
+
+/// Boots `kernel` with an event monitor file; returns the run and its parsed events.
+pub fn run_vm_with_events(test: &str, kernel: &Path, extra: &[&str]) -> (Run, Vec<serde_json::Value>) {
+    let events = temp_dir(test).join("events.json");
+    let monitor = format!("path={}", events.display());
+    let mut args = extra.to_vec();
+    args.extend_from_slice(&["--event-monitor", &monitor]);
+    let run = run_vm(test, kernel, &args);
+    let text = std::fs::read_to_string(&events).unwrap_or_default();
+    (run, event_monitor::parse_events(&text).expect("valid event stream"))
+}
