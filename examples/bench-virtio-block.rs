@@ -1,20 +1,23 @@
 //! Device-level benchmark: 1,000,000 4 KiB virtio-block reads pushed through
-//! the queue path (available ring → device → DMA guard → used ring) against an
-//! in-memory image, with the DMA guard on (1,000 protected ranges) and off,
-//! in one run. Prints requests per second and the guard's overhead.
+//! the queue path (available ring → device → heki-checked memory → used ring)
+//! against an in-memory image, with 1,000 protected ranges and with none, in
+//! one run. Every access goes through `CheckedMemory` either way (devices
+//! have no other path); "off" is heki with nothing protected. Prints requests
+//! per second and the guard's overhead.
 //! Usage: cargo run --release --example bench-virtio-block [-- REQUESTS]
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use hypervisor::Hypervisor;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::config::HekiConfig;
 use vmm::devices::MmioDevice;
+use vmm::devices::gate::DeviceGate;
 use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::pci::VirtioPci;
-use vmm::devices::virtio::{DeviceCounters, DmaGuard};
-use vmm::heki::HekiRuntime;
+use vmm::devices::virtio::{DeviceCounters, DeviceMemory};
+use vmm::heki::testing::{RecordingControl, RecordingSlots};
+use vmm::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
 
 const QUEUE: u64 = 0x10_0000; // descriptor table; rings follow
 const AVAIL: u64 = QUEUE + 0x1000;
@@ -29,18 +32,20 @@ fn write<T: vm_memory::ByteValued>(mem: &vm_memory::GuestMemoryMmap, addr: u64, 
 }
 
 fn run(requests: u64, guard: bool) -> f64 {
-    let hv = Hypervisor::new().expect("/dev/kvm");
-    let vm = Arc::new(hv.create_vm().expect("VM"));
     let regions = vmm::memory::ram_regions(256 << 20);
     let mem = vmm::memory::create_guest_memory(&regions).expect("memory");
-    let slots = vmm::memory::register_ram(&vm, &mem).expect("memslots");
-    let heki = guard.then(|| {
-        let ram = heki::RamLayout { regions: regions.iter().map(|r| (r.start, r.end())).collect() };
+    let slots: Vec<(heki::PlannedSlot, u32)> = regions
+        .iter()
+        .zip(0..)
+        .map(|(r, id)| (heki::PlannedSlot { gpa: r.start, size: r.size, readonly: false }, id))
+        .collect();
+    let enforcer = Arc::new(Enforcer::new(heki::Policy::Deny, Arc::new(RecordingControl::default())));
+    let _heki = guard.then(|| {
         let rt = Arc::new(HekiRuntime::new(
             &HekiConfig { enabled: true, ..Default::default() },
-            vm.clone(),
+            enforcer.clone(),
+            Arc::new(RecordingSlots::default()),
             mem.clone(),
-            ram,
             &slots,
             0,
         ));
@@ -52,7 +57,7 @@ fn run(requests: u64, guard: bool) -> f64 {
                 perms: heki::Permissions::READ,
             })
             .collect();
-        rt.protect_pages(&ranges, "bench", None).expect("protect");
+        rt.protect_pages(&ranges, "bench").expect("protect");
         rt
     });
     let image = std::fs::OpenOptions::new()
@@ -64,9 +69,11 @@ fn run(requests: u64, guard: bool) -> f64 {
         .expect("in-memory image");
     image.set_len(64 << 20).expect("size");
     let counters = Arc::new(DeviceCounters::default());
-    let dma = DmaGuard::new(mem.clone(), heki, "bench".into(), counters);
+    let accessor = Arc::new(Accessor { name: "bench".into(), ..Accessor::default() });
+    let memory = DeviceMemory::new(CheckedMemory::new(mem.clone(), enforcer, accessor), counters);
     let block = Block::new(image, false, "bench".into()).expect("block");
-    let mut dev = VirtioPci::new(Box::new(block), 0xc000_0000, dma, 0x018000, None).expect("transport");
+    let mut dev = VirtioPci::new(Box::new(block), 0xc000_0000, memory, 0x018000, None).expect("transport");
+    let gate = DeviceGate::default();
     let w32 = |dev: &mut VirtioPci, off: u64, v: u32| dev.write(off, &v.to_le_bytes());
     // Driver side: reset, features, one queue, DRIVER_OK.
     dev.write(0x14, &[0]);
@@ -109,7 +116,7 @@ fn run(requests: u64, guard: bool) -> f64 {
         }
         avail_idx = avail_idx.wrapping_add(batch as u16);
         write(&mem, AVAIL + 2, avail_idx);
-        state.lock().expect("transport").process_queue(0);
+        state.lock().expect("transport").process_queue(0, &gate);
         done += batch;
     }
     let elapsed = start.elapsed().as_secs_f64();

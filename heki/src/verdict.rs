@@ -1,10 +1,15 @@
-//! From policy and a write check to what the VMM does, and the record of a
-//! violation that goes to events and the REST API.
+//! The one place heki decides: every access the VMM polices (a trapped vCPU
+//! write, an instruction KVM could not emulate, device DMA, an MSR write, CR
+//! values, a heki call) goes through `judge`, and the VMM only applies the
+//! `Verdict` it returns. The record of a violation lives here too.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::WriteCheck;
+use crate::pins::{CrViolation, MsrWriteVerdict, VcpuPins};
 use crate::policy::Policy;
+use crate::{MemoryProtections, WriteCheck};
 
 /// What kind of guest (or device) action broke a protection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -84,6 +89,15 @@ impl Action {
         self != Action::Allow
     }
 
+    /// What the VM as a whole does next.
+    pub fn outcome(self) -> Outcome {
+        match self {
+            Action::DenyAndPause => Outcome::Pause,
+            Action::DenyAndShutdown => Outcome::Shutdown,
+            _ => Outcome::Continue,
+        }
+    }
+
     /// How the violation is recorded; `None` for `Allow`.
     pub fn recorded(self) -> Option<RecordedAction> {
         match self {
@@ -94,6 +108,14 @@ impl Action {
             Action::DenyAndShutdown => Some(RecordedAction::Shutdown),
         }
     }
+}
+
+/// What happens to the VM after a verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Continue,
+    Pause,
+    Shutdown,
 }
 
 /// The `action` field of a violation record.
@@ -120,56 +142,186 @@ impl RecordedAction {
     }
 }
 
-/// The verdict on one trapped vCPU write.
+/// One access the VMM asks heki about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WriteVerdict {
-    pub action: Action,
-    pub check: WriteCheck,
+pub enum Access {
+    /// A vCPU write that a read-only memslot turned into an exit (at most
+    /// `MAX_CHECKED_WRITE` bytes are judged byte by byte).
+    VcpuWrite { gpa: u64, len: usize },
+    /// A vCPU write KVM could not emulate: the VMM cannot carry it out, so
+    /// not even `log` performs it.
+    UnemulableWrite { gpa: u64, len: usize },
+    /// A device writing guest memory.
+    DmaWrite { gpa: u64, len: u64 },
+    /// A device reading guest memory.
+    DmaRead { gpa: u64, len: u64 },
+    /// A guest `wrmsr` to a filtered MSR.
+    MsrWrite { index: u32, value: u64 },
+    /// The control registers found on a vCPU.
+    ControlRegisters { cr0: u64, cr4: u64 },
+    /// A heki call made at this privilege level.
+    Call { cpl: u8 },
 }
 
-impl WriteVerdict {
-    pub fn judge(policy: Policy, check: WriteCheck) -> WriteVerdict {
-        let action = if check.allowed() { Action::Allow } else { Action::for_violation(policy) };
-        WriteVerdict { action, check }
+/// What the protections say about an access, before policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Breach {
+    /// Nothing is broken.
+    None,
+    /// These bytes of a short write are forbidden.
+    Bytes(WriteCheck),
+    /// A device range overlaps protected memory.
+    Range,
+    /// A pinned MSR would change.
+    Msr { pinned: u64 },
+    /// Pinned CR bits were found cleared.
+    Crs(Vec<CrViolation>),
+    /// A heki call from user mode.
+    Privilege,
+}
+
+/// What the VMM must do with one access.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub kind: ViolationKind,
+    pub action: Action,
+    pub breach: Breach,
+    /// Whether the access can be performed at all (false for an instruction
+    /// KVM could not emulate and for a refused heki call).
+    performable: bool,
+}
+
+/// The state an access is judged against.
+#[derive(Clone, Copy, Debug)]
+pub struct Protections<'a> {
+    pub memory: &'a MemoryProtections,
+    /// The accessing vCPU's pins (none for devices).
+    pub pins: Option<&'a VcpuPins>,
+}
+
+/// Judges one access: the only function that turns protections and policy
+/// into what happens.
+pub fn judge(access: Access, protections: Protections<'_>, policy: Policy) -> Verdict {
+    let (kind, breach, performable) = match access {
+        Access::VcpuWrite { gpa, len } => (ViolationKind::Write, bytes_breach(protections.memory, gpa, len), true),
+        Access::UnemulableWrite { gpa, len } => {
+            (ViolationKind::Write, bytes_breach(protections.memory, gpa, len), false)
+        }
+        Access::DmaWrite { gpa, len } => {
+            let breach = if protections.memory.range_writable(gpa, len) { Breach::None } else { Breach::Range };
+            (ViolationKind::DmaWrite, breach, true)
+        }
+        // Devices may read protected memory: a lock is about writes.
+        Access::DmaRead { .. } => (ViolationKind::DmaWrite, Breach::None, true),
+        Access::MsrWrite { index, value } => {
+            let verdict = protections.pins.map_or(MsrWriteVerdict::NotPinned, |p| p.check_msr_write(index, value));
+            let breach = match verdict {
+                MsrWriteVerdict::Violation { pinned } => Breach::Msr { pinned },
+                MsrWriteVerdict::NotPinned | MsrWriteVerdict::SameValue => Breach::None,
+            };
+            (ViolationKind::Msr, breach, true)
+        }
+        Access::ControlRegisters { cr0, cr4 } => {
+            let found = protections.pins.map(|p| p.check_crs(cr0, cr4)).unwrap_or_default();
+            (ViolationKind::Cr, if found.is_empty() { Breach::None } else { Breach::Crs(found) }, true)
+        }
+        Access::Call { cpl } => (ViolationKind::Hypercall, if cpl == 0 { Breach::None } else { Breach::Privilege }, cpl == 0),
+    };
+    let action = match (&breach, performable) {
+        (Breach::None, _) => Action::Allow,
+        // What cannot be performed is denied even in audit mode.
+        (_, false) if policy == Policy::Log => Action::Deny,
+        _ => Action::for_violation(policy),
+    };
+    Verdict { kind, action, breach, performable }
+}
+
+fn bytes_breach(memory: &MemoryProtections, gpa: u64, len: usize) -> Breach {
+    let check = memory.check_write(gpa, len);
+    if check.allowed() { Breach::None } else { Breach::Bytes(check) }
+}
+
+impl Verdict {
+    pub fn is_violation(&self) -> bool {
+        self.action.is_violation()
     }
 
-    /// The (offset, length) runs of the write the VMM must perform itself.
-    pub fn bytes_to_apply(&self) -> Vec<(usize, usize)> {
-        if self.action.performs_forbidden_part() {
-            if self.check.len == 0 { Vec::new() } else { vec![(0, self.check.len)] }
-        } else {
-            self.check.allowed_runs()
+    /// Whether the whole access is carried out.
+    pub fn performs_access(&self) -> bool {
+        self.performable && self.action.performs_forbidden_part()
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        self.action.outcome()
+    }
+
+    /// How the violation is recorded; a CR bit put back under `deny` is "restored".
+    pub fn recorded(&self) -> Option<RecordedAction> {
+        match (self.kind, self.action) {
+            (ViolationKind::Cr, Action::Deny) => Some(RecordedAction::Restored),
+            (_, action) => action.recorded(),
         }
     }
 
-    /// How many bytes a protection forbids (reported as the violation's size).
-    pub fn forbidden_bytes(&self) -> u64 {
-        u64::from(self.check.forbidden.count_ones())
+    /// For a short write: the (offset, length) runs the VMM performs itself.
+    pub fn bytes_to_apply(&self, len: usize) -> Vec<(usize, usize)> {
+        match &self.breach {
+            _ if self.performs_access() => {
+                if len == 0 { Vec::new() } else { vec![(0, len)] }
+            }
+            Breach::Bytes(check) if self.performable => check.allowed_runs(),
+            _ => Vec::new(),
+        }
     }
 
-    /// Offset of the first forbidden byte (reported as the violation's gpa).
+    /// For CR values: the registers to write back (pinned bits set again),
+    /// unless audit mode leaves them.
+    pub fn restored_crs(&self) -> Vec<CrViolation> {
+        match &self.breach {
+            Breach::Crs(found) if !self.action.performs_forbidden_part() => found.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The violation record, with what is known from the verdict alone;
+    /// the VMM adds vCPU, RIP and details.
+    pub fn record(&self) -> Option<ViolationRecord> {
+        let action = self.recorded()?;
+        let mut record = ViolationRecord::new(self.kind, action);
+        match &self.breach {
+            Breach::Bytes(check) => {
+                record.size = Some(u64::from(check.forbidden.count_ones()));
+            }
+            Breach::Msr { pinned } => {
+                record.details.insert("pinned".into(), format!("{pinned:#x}"));
+            }
+            Breach::Crs(found) => {
+                if let Some(first) = found.first() {
+                    record.details.insert("register".into(), first.register.name().into());
+                    record.details.insert("pinned".into(), format!("{:#x}", first.pinned));
+                    record.details.insert("value".into(), format!("{:#x}", first.value));
+                }
+            }
+            Breach::None | Breach::Range | Breach::Privilege => {}
+        }
+        Some(record)
+    }
+
+    /// Offset of the first forbidden byte of a short write.
     pub fn first_forbidden(&self) -> Option<u64> {
-        (self.check.forbidden != 0).then(|| u64::from(self.check.forbidden.trailing_zeros()))
-    }
-
-    /// The violation record, if this write is one.
-    pub fn record(&self, vcpu: u32, gpa: u64, rip: Option<u64>) -> Option<ViolationRecord> {
-        let action = self.action.recorded()?;
-        let offset = self.first_forbidden()?;
-        Some(ViolationRecord {
-            kind: ViolationKind::Write,
-            action,
-            vcpu: Some(vcpu),
-            gpa: Some(gpa.wrapping_add(offset)),
-            rip,
-            size: Some(self.forbidden_bytes()),
-        })
+        match &self.breach {
+            Breach::Bytes(check) if check.forbidden != 0 => Some(u64::from(check.forbidden.trailing_zeros())),
+            _ => None,
+        }
     }
 }
 
 /// One violation, as events and `vm.heki-violations` report it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ViolationRecord {
+    /// Order of recording, from 1; 0 until the VMM records it.
+    #[serde(default)]
+    pub seq: u64,
     pub kind: ViolationKind,
     pub action: RecordedAction,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,90 +332,199 @@ pub struct ViolationRecord {
     pub rip: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// Extra properties: device, register, MSR index, pinned value...
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub details: BTreeMap<String, String>,
 }
 
 impl ViolationRecord {
     /// A record with only kind and action; fill the rest as known.
     pub fn new(kind: ViolationKind, action: RecordedAction) -> Self {
-        ViolationRecord { kind, action, vcpu: None, gpa: None, rip: None, size: None }
+        ViolationRecord { seq: 0, kind, action, vcpu: None, gpa: None, rip: None, size: None, details: BTreeMap::new() }
     }
 
-    /// A heki call from user mode (the call itself fails with -EPERM).
-    pub fn unprivileged_call(policy: Policy, vcpu: u32, rip: u64) -> Self {
-        let action = Action::for_violation(policy).recorded().unwrap_or(RecordedAction::Denied);
-        ViolationRecord { vcpu: Some(vcpu), rip: Some(rip), ..ViolationRecord::new(ViolationKind::Hypercall, action) }
+    /// The event properties: hex strings for addresses, as the event list documents.
+    pub fn properties(&self) -> Vec<(&str, String)> {
+        let mut props = vec![("kind", self.kind.as_str().to_string()), ("action", self.action.as_str().to_string())];
+        if let Some(v) = self.vcpu {
+            props.push(("vcpu", v.to_string()));
+        }
+        if let Some(g) = self.gpa {
+            props.push(("gpa", format!("{g:#x}")));
+        }
+        if let Some(r) = self.rip {
+            props.push(("rip", format!("{r:#x}")));
+        }
+        if let Some(s) = self.size {
+            props.push(("size", s.to_string()));
+        }
+        props.extend(self.details.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        props.push(("seq", self.seq.to_string()));
+        props
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pins::ControlRegister;
+    use crate::{Permissions, ProtectRange, RamLayout};
 
-    fn check(forbidden: u64, len: usize) -> WriteCheck {
-        WriteCheck { forbidden, len }
+    const POLICIES: [Policy; 4] = [Policy::Deny, Policy::Log, Policy::Pause, Policy::Shutdown];
+    const LSTAR: u32 = 0xc000_0082;
+
+    /// Page 1 read-only, bytes 0x2004..0x2006 protected.
+    fn memory() -> MemoryProtections {
+        let mut m = MemoryProtections::default();
+        let ro = Permissions::from_abi(1).expect("valid");
+        m.protect_pages(&[ProtectRange { start: 1, end: 2, perms: ro }]).expect("valid");
+        m.protect_bytes(&RamLayout { regions: vec![(0, 1 << 20)] }, 0x2004, 2).expect("valid");
+        m
+    }
+
+    fn pins() -> VcpuPins {
+        let mut p = VcpuPins::default();
+        p.pin_cr(ControlRegister::Cr0, 1 << 16, 1 << 16).expect("WP is set");
+        p.pin_msr(LSTAR, 0xffff_8000_0000_1000).expect("pinnable");
+        p
+    }
+
+    fn judge_with(access: Access, policy: Policy) -> Verdict {
+        let (m, p) = (memory(), pins());
+        judge(access, Protections { memory: &m, pins: Some(&p) }, policy)
     }
 
     #[test]
-    fn an_allowed_write_is_applied_whole_under_every_policy() {
-        for policy in [Policy::Deny, Policy::Log, Policy::Pause, Policy::Shutdown] {
-            let v = WriteVerdict::judge(policy, check(0, 8));
-            assert_eq!(v.action, Action::Allow);
-            assert_eq!(v.bytes_to_apply(), vec![(0, 8)]);
-            assert_eq!(v.record(0, 0x1000, None), None);
-        }
-    }
-
-    #[test]
-    fn forbidden_bytes_are_dropped_unless_policy_is_log() {
-        let forbidden = check(0b0011_0000, 8);
-        let expected = [
-            (Policy::Deny, Action::Deny, vec![(0, 4), (6, 2)]),
-            (Policy::Pause, Action::DenyAndPause, vec![(0, 4), (6, 2)]),
-            (Policy::Shutdown, Action::DenyAndShutdown, vec![(0, 4), (6, 2)]),
-            (Policy::Log, Action::AllowAndReport, vec![(0, 8)]),
+    fn an_allowed_access_is_performed_under_every_policy_and_not_recorded() {
+        let allowed = [
+            Access::VcpuWrite { gpa: 0x3000, len: 8 },
+            Access::DmaWrite { gpa: 0x3000, len: 0x1000 },
+            Access::DmaRead { gpa: 0x1000, len: 0x1000 },
+            Access::MsrWrite { index: LSTAR, value: 0xffff_8000_0000_1000 },
+            Access::MsrWrite { index: 0xc000_0081, value: 5 },
+            Access::ControlRegisters { cr0: 1 << 16, cr4: 0 },
+            Access::Call { cpl: 0 },
         ];
-        for (policy, action, runs) in expected {
-            let v = WriteVerdict::judge(policy, forbidden);
-            assert_eq!(v.action, action, "{policy:?}");
-            assert_eq!(v.bytes_to_apply(), runs, "{policy:?}");
+        for policy in POLICIES {
+            for access in allowed {
+                let v = judge_with(access, policy);
+                assert_eq!(v.action, Action::Allow, "{access:?} {policy:?}");
+                assert!(v.performs_access());
+                assert_eq!(v.record(), None);
+                assert_eq!(v.outcome(), Outcome::Continue);
+            }
         }
     }
 
     #[test]
-    fn a_fully_forbidden_write_applies_nothing() {
-        let v = WriteVerdict::judge(Policy::Deny, check(0xff, 8));
-        assert!(v.bytes_to_apply().is_empty());
+    fn every_kind_of_breach_follows_the_policy_the_same_way() {
+        let breaches = [
+            (Access::VcpuWrite { gpa: 0x1000, len: 4 }, ViolationKind::Write),
+            (Access::DmaWrite { gpa: 0x1800, len: 0x1000 }, ViolationKind::DmaWrite),
+            (Access::MsrWrite { index: LSTAR, value: 0xdead }, ViolationKind::Msr),
+        ];
+        let expected = [
+            (Policy::Deny, false, Outcome::Continue, RecordedAction::Denied),
+            (Policy::Log, true, Outcome::Continue, RecordedAction::Logged),
+            (Policy::Pause, false, Outcome::Pause, RecordedAction::Paused),
+            (Policy::Shutdown, false, Outcome::Shutdown, RecordedAction::Shutdown),
+        ];
+        for (access, kind) in breaches {
+            for (policy, performs, outcome, recorded) in expected {
+                let v = judge_with(access, policy);
+                assert_eq!(v.kind, kind);
+                assert_eq!(v.performs_access(), performs, "{access:?} {policy:?}");
+                assert_eq!(v.outcome(), outcome, "{access:?} {policy:?}");
+                assert_eq!(v.record().map(|r| r.action), Some(recorded), "{access:?} {policy:?}");
+            }
+        }
     }
 
     #[test]
-    fn the_record_points_at_the_first_forbidden_byte() {
-        let v = WriteVerdict::judge(Policy::Pause, check(0b0111_0000, 8));
-        let record = v.record(2, 0x3ffc, Some(0xffff_8000_0000_1234)).expect("a violation");
-        assert_eq!(record.kind, ViolationKind::Write);
-        assert_eq!(record.action, RecordedAction::Paused);
-        assert_eq!(record.gpa, Some(0x4000));
-        assert_eq!(record.size, Some(3));
-        assert_eq!(record.vcpu, Some(2));
+    fn a_dma_write_touching_one_protected_byte_is_a_breach() {
+        let v = judge_with(Access::DmaWrite { gpa: 0x2000, len: 5 }, Policy::Deny);
+        assert_eq!(v.breach, Breach::Range);
+        assert!(!judge_with(Access::DmaWrite { gpa: 0x2000, len: 4 }, Policy::Deny).is_violation());
+    }
+
+    #[test]
+    fn a_dma_range_that_wraps_the_address_space_is_refused() {
+        let v = judge_with(Access::DmaWrite { gpa: u64::MAX - 2, len: 8 }, Policy::Log);
+        assert_eq!(v.breach, Breach::Range);
+    }
+
+    #[test]
+    fn a_short_write_keeps_its_allowed_bytes_unless_policy_is_log() {
+        for (policy, runs) in [
+            (Policy::Deny, vec![(0, 4), (6, 2)]),
+            (Policy::Pause, vec![(0, 4), (6, 2)]),
+            (Policy::Shutdown, vec![(0, 4), (6, 2)]),
+            (Policy::Log, vec![(0, 8)]),
+        ] {
+            let v = judge_with(Access::VcpuWrite { gpa: 0x2000, len: 8 }, policy);
+            assert_eq!(v.bytes_to_apply(8), runs, "{policy:?}");
+            assert_eq!(v.first_forbidden(), Some(4));
+            assert_eq!(v.record().and_then(|r| r.size), Some(2));
+        }
+    }
+
+    #[test]
+    fn an_unemulable_write_is_never_performed_and_log_records_it_as_denied() {
+        let v = judge_with(Access::UnemulableWrite { gpa: 0x1000, len: 16 }, Policy::Log);
+        assert!(!v.performs_access());
+        assert!(v.bytes_to_apply(16).is_empty());
+        assert_eq!(v.record().map(|r| r.action), Some(RecordedAction::Denied));
+        assert_eq!(judge_with(Access::UnemulableWrite { gpa: 0x1000, len: 16 }, Policy::Pause).outcome(), Outcome::Pause);
+        assert!(!judge_with(Access::UnemulableWrite { gpa: 0x3000, len: 16 }, Policy::Deny).is_violation());
+    }
+
+    #[test]
+    fn a_cleared_pinned_cr_bit_is_restored_except_in_audit_mode() {
+        let cleared = Access::ControlRegisters { cr0: 0x11, cr4: 0 };
+        let deny = judge_with(cleared, Policy::Deny);
+        assert_eq!(deny.record().map(|r| r.action), Some(RecordedAction::Restored));
+        assert_eq!(deny.restored_crs().first().map(|c| c.restored), Some(0x11 | 1 << 16));
+        let log = judge_with(cleared, Policy::Log);
+        assert_eq!(log.record().map(|r| r.action), Some(RecordedAction::Logged));
+        assert!(log.restored_crs().is_empty());
+        let pause = judge_with(cleared, Policy::Pause);
+        assert_eq!((pause.outcome(), pause.restored_crs().len()), (Outcome::Pause, 1));
+    }
+
+    #[test]
+    fn a_user_mode_call_is_refused_under_every_policy() {
+        for policy in POLICIES {
+            let v = judge_with(Access::Call { cpl: 3 }, policy);
+            assert!(!v.performs_access(), "{policy:?}");
+            assert_eq!(v.kind, ViolationKind::Hypercall);
+        }
+        let log = judge_with(Access::Call { cpl: 3 }, Policy::Log);
+        assert_eq!(log.record().map(|r| r.action), Some(RecordedAction::Denied));
+    }
+
+    #[test]
+    fn devices_have_no_pins_so_msr_and_cr_checks_pass() {
+        let m = memory();
+        let v = judge(Access::MsrWrite { index: LSTAR, value: 1 }, Protections { memory: &m, pins: None }, Policy::Deny);
+        assert_eq!(v.action, Action::Allow);
     }
 
     #[test]
     fn records_serialize_with_the_documented_names() {
-        let record =
-            ViolationRecord { gpa: Some(16), ..ViolationRecord::new(ViolationKind::DmaWrite, RecordedAction::Denied) };
+        let record = ViolationRecord {
+            gpa: Some(16),
+            seq: 3,
+            ..ViolationRecord::new(ViolationKind::DmaWrite, RecordedAction::Denied)
+        };
         let json = serde_json::to_string(&record).expect("serializable");
-        assert_eq!(json, r#"{"kind":"dma-write","action":"denied","gpa":16}"#);
+        assert_eq!(json, r#"{"seq":3,"kind":"dma-write","action":"denied","gpa":16}"#);
         let back: ViolationRecord = serde_json::from_str(&json).expect("round trip");
         assert_eq!(back, record);
         for kind in ViolationKind::ALL {
             assert_eq!(serde_json::to_string(&kind).expect("serializable"), format!("\"{}\"", kind.as_str()));
         }
-        assert_eq!(serde_json::to_string(&RecordedAction::Restored).expect("serializable"), "\"restored\"");
-    }
-
-    #[test]
-    fn an_unprivileged_call_is_recorded_per_policy() {
-        let r = ViolationRecord::unprivileged_call(Policy::Log, 1, 0x40_1000);
-        assert_eq!((r.kind, r.action, r.rip), (ViolationKind::Hypercall, RecordedAction::Logged, Some(0x40_1000)));
-        assert_eq!(ViolationRecord::unprivileged_call(Policy::Deny, 0, 0).action, RecordedAction::Denied);
+        let props = record.properties();
+        assert!(props.contains(&("gpa", "0x10".to_string())));
+        assert!(props.contains(&("seq", "3".to_string())));
     }
 }

@@ -120,7 +120,18 @@ fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResult {
         | ApiRequest::VmHekiProtect(_)
         | ApiRequest::VmHekiPolicy(_)
         | ApiRequest::VmHekiViolations
-        | ApiRequest::VmHekiPin(_) => crate::heki::api::handle(vmm, request),
+        | ApiRequest::VmHekiPin(_) => {
+            let running = vmm.state == VmState::Running;
+            let vm = vmm.vm.as_ref();
+            let context = crate::heki::api::HekiApiContext {
+                config: vmm.config.as_mut().map(|c| &mut c.heki),
+                runtime: vm.and_then(|vm| vm.heki()).map(|rt| rt.as_ref()),
+                running,
+                vcpus: vm.map_or(0, |vm| vm.vcpu_count()),
+                devices: vm.map(|vm| vm.device_counters()),
+            };
+            crate::heki::api::handle(context, request)
+        }
     }
 }
 

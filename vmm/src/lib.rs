@@ -11,6 +11,7 @@ mod events;
 pub mod heki;
 pub mod layout;
 pub mod memory;
+pub mod run_control;
 pub mod vm;
 pub mod vmm;
 

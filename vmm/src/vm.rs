@@ -14,17 +14,19 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{BootInputs, EntryPoint, load_payload};
 use crate::config::{ConsoleOutputMode, VmConfig};
-use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, VcpuGate, boot_registers, cpuid, kick, run_vcpu};
+use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, boot_registers, cpuid, kick, run_vcpu};
 use crate::devices::msi::MsiRoutes;
 use crate::devices::pci::{PciBus, PciConfigIo, PciConfigMmio};
 use crate::devices::virtio::pci::{BAR_SIZE, VirtioPci};
 use crate::devices::virtio::{
-    DeviceCounters, DmaGuard, VirtioDevice, block::Block, console::Console, net::Net, rng::Rng, tap::Tap,
+    DeviceCounters, DeviceMemory, VirtioDevice, block::Block, console::Console, net::Net, rng::Rng, tap::Tap,
 };
 use crate::devices::{AcpiPmDevice, I8042Device, MmioBus, PioBus, SerialDevice};
-use crate::heki::HekiRuntime;
+use crate::heki::ports::KvmSlots;
+use crate::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
 use crate::layout::{self, ports};
 use crate::memory::{self, RamRegion};
+use crate::run_control::{PauseError, VmControl};
 
 /// How long a pause or teardown may wait for vCPUs to leave guest mode.
 pub const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,7 +48,7 @@ pub enum VmError {
     #[error("cannot start vCPU thread")]
     SpawnVcpu(#[source] std::io::Error),
     #[error(transparent)]
-    GateTimeout(#[from] crate::cpu::gate::GateTimeout),
+    Pause(#[from] PauseError),
     #[error("device setup failed: {0}")]
     Device(String),
 }
@@ -77,7 +79,6 @@ pub struct Vm {
     pending_vcpus: Vec<Vcpu>,
     ctx: Arc<VcpuContext>,
     kvm_vm: Arc<hypervisor::Vm>,
-    mem: GuestMemoryMmap,
     serial: Option<Arc<Mutex<SerialDevice>>>,
 }
 
@@ -96,14 +97,20 @@ impl Vm {
         let ram = memory::ram_regions(config.memory.size);
         let mem = memory::create_guest_memory(&ram)?;
         let boot_slots = memory::register_ram(&kvm_vm, &mem)?;
-        let heki_ram = heki::RamLayout { regions: ram.iter().map(|r| (r.start, r.end())).collect() };
+        let control = Arc::new(VmControl::new(events, events_wake.try_clone().map_err(VmError::EventFd)?));
+        // Every device access to RAM is judged here, heki enabled or not.
+        let enforcer = Arc::new(Enforcer::new(config.heki.policy, control.clone()));
         let heki = config.heki.enabled.then(|| {
+            let slots: Vec<(heki::PlannedSlot, u32)> = boot_slots
+                .iter()
+                .map(|s| (heki::PlannedSlot { gpa: s.guest_addr, size: s.size, readonly: s.readonly }, s.slot))
+                .collect();
             Arc::new(HekiRuntime::new(
                 &config.heki,
-                kvm_vm.clone(),
+                enforcer.clone(),
+                Arc::new(KvmSlots { vm: kvm_vm.clone(), ram: mem.clone() }),
                 mem.clone(),
-                heki_ram,
-                &boot_slots,
+                &slots,
                 usize::from(config.cpus.boot_vcpus),
             ))
         });
@@ -136,7 +143,7 @@ impl Vm {
             _ => None,
         };
         let mut mmio = MmioBus::default();
-        let virtio = add_pci_devices(config, &kvm_vm, &mem, heki.as_ref(), &mut pio, &mut mmio)?;
+        let virtio = add_pci_devices(config, &kvm_vm, &mem, &enforcer, &mut pio, &mut mmio)?;
         pio.insert(ports::I8042_DATA, 5, Arc::new(Mutex::new(I8042Device)));
         pio.insert(ports::ACPI_SLEEP_CONTROL, 3, Arc::new(Mutex::new(AcpiPmDevice)));
 
@@ -162,11 +169,8 @@ impl Vm {
         let ctx = Arc::new(VcpuContext {
             pio,
             mmio,
-            mem: mem.clone(),
-            gate: VcpuGate::default(),
-            stop: Default::default(),
-            events: Mutex::new(events),
-            events_wake: events_wake.try_clone().map_err(VmError::EventFd)?,
+            mem,
+            control,
             heki_port: heki.is_some().then_some(ports::HEKI_DOORBELL),
             heki,
             counters: (0..cpus).map(|_| ExitCounters::default()).collect(),
@@ -180,7 +184,6 @@ impl Vm {
             pending_vcpus,
             ctx,
             kvm_vm,
-            mem,
             serial,
         })
     }
@@ -193,25 +196,28 @@ impl Vm {
                 .name(format!("vcpu{}", vcpu.id()))
                 .spawn(move || run_vcpu(vcpu, ctx))
                 .map_err(VmError::SpawnVcpu)?;
-            self.ctx.gate.register_thread(&handle);
+            self.ctx.control.vcpus.register_thread(&handle);
             self.threads.push(handle);
         }
         for dev in &self.virtio {
             let stop = self.device_stop.try_clone().map_err(VmError::EventFd)?;
-            let worker = lock_device(&dev.device).spawn_worker(dev.name.clone(), stop).map_err(VmError::SpawnVcpu)?;
+            let gate = self.ctx.control.devices.clone();
+            let worker =
+                lock_device(&dev.device).spawn_worker(dev.name.clone(), stop, gate).map_err(VmError::SpawnVcpu)?;
             self.helpers.push(worker);
         }
         if let Some(heki) = self.ctx.heki.clone() {
             let ctx = self.ctx.clone();
             let interval = Duration::from_millis(heki.cr_check_interval_ms);
+            let stop = self.device_stop.try_clone().map_err(VmError::EventFd)?;
             let checker = std::thread::Builder::new()
                 .name("heki-cr-check".into())
                 .spawn(move || {
-                    // Kick vCPUs out of KVM_RUN so each checks its pinned CR bits.
-                    while !ctx.stop.load(Ordering::Acquire) {
-                        std::thread::sleep(interval);
-                        if heki.pins().any_cr_pins() && !ctx.gate.pause_requested() {
-                            ctx.gate.kick_all();
+                    // Kick vCPUs out of KVM_RUN so each checks its pinned CR bits;
+                    // the stop event ends the wait at once, whatever the interval.
+                    while !wait_readable(&stop, interval) {
+                        if heki.pins().any_cr_pins() && !ctx.control.vcpus.is_paused() {
+                            ctx.control.vcpus.kick_all();
                         }
                     }
                 })
@@ -221,12 +227,20 @@ impl Vm {
         Ok(())
     }
 
+    /// `vm.pause`: vCPUs out of guest mode, devices idle.
     pub fn pause(&self) -> Result<(), VmError> {
-        Ok(self.ctx.gate.pause_all(VCPU_STOP_TIMEOUT)?)
+        Ok(self.ctx.control.pause()?)
     }
 
     pub fn resume(&self) {
-        self.ctx.gate.resume_all();
+        self.ctx.control.resume();
+    }
+
+    /// Closes the gates after a heki pause (already closed by whoever
+    /// trapped; closing again is harmless and keeps state and gates agreeing).
+    pub fn hold_for_heki(&self) {
+        self.ctx.control.vcpus.pause();
+        self.ctx.control.devices.close();
     }
 
     /// Feeds host input to the guest's serial port.
@@ -246,14 +260,14 @@ impl Vm {
             all.insert("heki".into(), crate::heki::api::counters(heki));
         }
         for dev in &self.virtio {
-            all.insert(dev.name.clone(), dev.counters.to_json());
+            all.insert(dev.name.clone(), dev.to_json());
         }
         serde_json::Value::Object(all)
     }
 
     /// Per-device I/O and DMA-guard counters.
     pub fn device_counters(&self) -> serde_json::Value {
-        self.virtio.iter().map(|d| (d.name.clone(), d.counters.to_json())).collect::<serde_json::Map<_, _>>().into()
+        self.virtio.iter().map(|d| (d.name.clone(), d.to_json())).collect::<serde_json::Map<_, _>>().into()
     }
 
     pub fn heki(&self) -> Option<&Arc<HekiRuntime>> {
@@ -264,39 +278,19 @@ impl Vm {
         self.ctx.counters.len()
     }
 
-    pub fn gate(&self) -> &VcpuGate {
-        &self.ctx.gate
-    }
-
-    pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.mem
-    }
-
-    /// Stops and joins every vCPU thread.
+    /// Stops and joins every vCPU and helper thread, each within a deadline.
     pub fn stop(&mut self) {
-        self.ctx.stop.store(true, Ordering::Release);
-        // Wake paused vCPUs so they can see `stop`.
-        while self.ctx.gate.pause_requested() {
-            self.ctx.gate.resume_all();
-        }
+        self.ctx.control.stop();
         let deadline = std::time::Instant::now() + VCPU_STOP_TIMEOUT;
         while self.threads.iter().any(|t| !t.is_finished()) && std::time::Instant::now() < deadline {
-            self.ctx.gate.kick_all();
+            self.ctx.control.vcpus.kick_all();
             std::thread::sleep(Duration::from_millis(1));
         }
         let _ = self.device_stop.write(1);
         // Helpers only kick; once they are gone no signal can reach an exited vCPU thread.
-        for helper in self.helpers.drain(..) {
-            let _ = helper.join();
-        }
-        self.ctx.gate.clear_threads();
-        for t in self.threads.drain(..) {
-            if t.is_finished() {
-                let _ = t.join();
-            } else {
-                log::error!("a vCPU thread did not stop within {VCPU_STOP_TIMEOUT:?}; leaving it detached");
-            }
-        }
+        join_within(self.helpers.drain(..), VCPU_STOP_TIMEOUT, "device or CR-check");
+        self.ctx.control.vcpus.clear_threads();
+        join_within(self.threads.drain(..), Duration::ZERO, "vCPU");
         let _ = &self.kvm_vm;
     }
 }
@@ -305,6 +299,30 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Joins threads that finish within `timeout`; the others are left detached.
+fn join_within(threads: impl Iterator<Item = JoinHandle<()>>, timeout: Duration, what: &str) {
+    let deadline = std::time::Instant::now() + timeout;
+    for t in threads {
+        while !t.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            log::error!("a {what} thread did not stop in time; leaving it detached");
+        }
+    }
+}
+
+/// Waits up to `timeout` for `fd` to become readable (without reading it).
+fn wait_readable(fd: &EventFd, timeout: Duration) -> bool {
+    let mut pollfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(fd), events: libc::POLLIN, revents: 0 };
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pollfd` is one valid pollfd for the duration of the call.
+    let ready = unsafe { libc::poll(&mut pollfd, 1, millis) };
+    ready > 0 && pollfd.revents != 0
 }
 
 fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig, ram: &[RamRegion], rsdp: u64) -> Result<EntryPoint, VmError> {
@@ -325,6 +343,13 @@ pub struct VirtioHandle {
     pub name: String,
     device: Arc<Mutex<VirtioPci>>,
     pub counters: Arc<DeviceCounters>,
+    accessor: Arc<Accessor>,
+}
+
+impl VirtioHandle {
+    fn to_json(&self) -> serde_json::Value {
+        self.counters.to_json(self.accessor.refused.load(Ordering::Relaxed))
+    }
 }
 
 fn lock_device(device: &Mutex<VirtioPci>) -> std::sync::MutexGuard<'_, VirtioPci> {
@@ -345,7 +370,7 @@ fn add_pci_devices(
     config: &VmConfig,
     kvm_vm: &Arc<hypervisor::Vm>,
     mem: &GuestMemoryMmap,
-    heki: Option<&Arc<HekiRuntime>>,
+    enforcer: &Arc<Enforcer>,
     pio: &mut PioBus,
     mmio: &mut MmioBus,
 ) -> Result<Vec<VirtioHandle>, VmError> {
@@ -385,16 +410,18 @@ fn add_pci_devices(
     let routes = Arc::new(MsiRoutes::new(kvm_vm.clone()));
     for (name, device, class) in wanted {
         let counters = Arc::new(DeviceCounters::default());
-        let dma = DmaGuard::new(mem.clone(), heki.cloned(), name.clone(), counters.clone());
+        let accessor = Arc::new(Accessor { name: name.clone(), ..Accessor::default() });
+        let checked = CheckedMemory::new(mem.clone(), enforcer.clone(), accessor.clone());
+        let memory = DeviceMemory::new(checked, counters.clone());
         let bar = layout::PCI_BAR_START + BAR_SIZE * handles.len() as u64;
-        let device = VirtioPci::new(device, bar, dma, class, Some(routes.clone())).map_err(VmError::EventFd)?;
+        let device = VirtioPci::new(device, bar, memory, class, Some(routes.clone())).map_err(VmError::EventFd)?;
         for (address, fd) in device.notifiers() {
             kvm_vm.register_mmio_ioevent(fd, address)?;
         }
         let device = Arc::new(Mutex::new(device));
         bus.add(device.clone()).ok_or_else(|| VmError::Device("no free PCI slot".into()))?;
         mmio.insert(bar, BAR_SIZE, device.clone());
-        handles.push(VirtioHandle { name, device, counters });
+        handles.push(VirtioHandle { name, device, counters, accessor });
     }
     let bus = Arc::new(bus);
     pio.insert(layout::ports::PCI_CONFIG_ADDRESS, 8, Arc::new(Mutex::new(PciConfigIo::new(bus.clone()))));

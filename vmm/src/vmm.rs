@@ -147,12 +147,7 @@ pub fn run(run_config: VmmRunConfig) -> Result<i32, VmmError> {
         };
         for event in &events[..n] {
             match event.data() {
-                TOKEN_VCPU => {
-                    let _ = vmm.vcpu_wake.read();
-                    while let Ok(ev) = vmm.vcpu_rx.try_recv() {
-                        vmm.on_vcpu_event(ev);
-                    }
-                }
+                TOKEN_VCPU => vmm.drain_vcpu_events(),
                 TOKEN_STDIN => {
                     let _ = vmm.stdin_wake.read();
                     while let Ok(bytes) = vmm.stdin_rx.try_recv() {
@@ -164,6 +159,9 @@ pub fn run(run_config: VmmRunConfig) -> Result<i32, VmmError> {
                 TOKEN_API => {
                     if let Some((api, wake)) = &api {
                         let _ = wake.read();
+                        // vCPU events first: a heki pause already in the gates is
+                        // in the state before any request reads or changes it.
+                        vmm.drain_vcpu_events();
                         api.drain(&mut vmm);
                     }
                 }
@@ -210,7 +208,7 @@ impl Vmm {
         if let Some(mut vm) = self.vm.take() {
             vm.stop();
             if let Some(heki) = vm.heki() {
-                heki.violations.flush_suppressed();
+                heki.violations().flush_suppressed();
             }
             if let Some(out) = &self.serial_out {
                 let _ = out.lock().unwrap_or_else(|p| p.into_inner()).flush();
@@ -270,6 +268,13 @@ impl Vmm {
         }
     }
 
+    fn drain_vcpu_events(&mut self) {
+        let _ = self.vcpu_wake.read();
+        while let Ok(event) = self.vcpu_rx.try_recv() {
+            self.on_vcpu_event(event);
+        }
+    }
+
     fn on_vcpu_event(&mut self, event: VcpuEvent) {
         if self.vm.is_none() {
             return;
@@ -293,17 +298,22 @@ impl Vmm {
                     self.finish_if_cli(Err(e));
                 }
             }
-            VcpuEvent::HekiPaused { vcpu } => {
-                log::warn!("heki policy paused the VM (vCPU {vcpu}); vm.resume continues");
-                crate::events::emit("vm", "pausing", &[("cause", "heki".to_string())]);
-                self.state = VmState::Paused;
-                crate::events::emit("vm", "paused", &[("cause", "heki".to_string())]);
+            VcpuEvent::HekiPaused { source } => {
+                log::warn!("heki policy paused the VM ({source}); vm.resume continues");
+                if let Some(vm) = &self.vm {
+                    vm.hold_for_heki();
+                }
+                if self.state == VmState::Running {
+                    crate::events::emit("vm", "pausing", &[("cause", "heki".to_string())]);
+                    self.state = VmState::Paused;
+                    crate::events::emit("vm", "paused", &[("cause", "heki".to_string()), ("source", source)]);
+                }
             }
-            VcpuEvent::HekiShutdown { vcpu } => {
-                log::warn!("heki policy stopped the VM (vCPU {vcpu})");
+            VcpuEvent::HekiShutdown { source } => {
+                log::warn!("heki policy stopped the VM ({source})");
                 self.shutdown_vm();
                 self.finish_if_cli(Err(VmmError::GuestFailed(format!(
-                    "heki policy 'shutdown' stopped the VM after a violation on vCPU {vcpu}"
+                    "heki policy 'shutdown' stopped the VM after a violation ({source})"
                 ))));
             }
             VcpuEvent::Failed { vcpu, error } => {

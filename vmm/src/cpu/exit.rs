@@ -14,10 +14,11 @@ pub enum VcpuEvent {
     Reset { vcpu: u8, cause: &'static str },
     /// The vCPU cannot continue.
     Failed { vcpu: u8, error: String },
-    /// heki policy `pause`: the VM is already held out of guest mode.
-    HekiPaused { vcpu: u8 },
+    /// heki policy `pause`: the gates are already closed; `source` names the
+    /// vCPU or device that broke a protection.
+    HekiPaused { source: String },
     /// heki policy `shutdown`: stop the VM.
-    HekiShutdown { vcpu: u8 },
+    HekiShutdown { source: String },
 }
 
 /// What the vCPU loop does after an exit.
@@ -26,8 +27,9 @@ pub enum ExitOutcome {
     Continue,
     /// A heki doorbell call: handled by the loop, which owns the registers.
     HekiCall,
-    /// A guest write the in-kernel memslots refused (read-only page).
-    ProtectedWrite {
+    /// An MMIO write no device claimed: heki decides whether it hit a
+    /// read-only (protected) RAM page or nothing at all.
+    UnclaimedMmioWrite {
         gpa: u64,
         data: Vec<u8>,
     },
@@ -64,8 +66,7 @@ pub fn handle_exit(exit: VmExit<'_>, vcpu: u8, pio: &PioBus, mmio: &MmioBus, hek
             ExitOutcome::Continue
         }
         VmExit::MmioWrite { gpa, data } if mmio.write(gpa, data) => ExitOutcome::Continue,
-        // Not a device: a write to a read-only (heki-protected) RAM page, or to nothing.
-        VmExit::MmioWrite { gpa, data } => ExitOutcome::ProtectedWrite { gpa, data: data.to_vec() },
+        VmExit::MmioWrite { gpa, data } => ExitOutcome::UnclaimedMmioWrite { gpa, data: data.to_vec() },
         VmExit::MsrRead(mut msr) => {
             msr.inject_gp();
             ExitOutcome::Continue

@@ -10,5 +10,5 @@ mod vcpu_thread;
 
 pub use boot_state::boot_registers;
 pub use exit::{ExitOutcome, VcpuEvent, handle_exit};
-pub use gate::VcpuGate;
+pub use gate::{Entry, VcpuGate};
 pub use vcpu_thread::{ExitCounters, VcpuContext, run_vcpu};

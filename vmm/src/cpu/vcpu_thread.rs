@@ -1,28 +1,26 @@
 //! The vCPU thread: run the guest, dispatch exits, report what stops it.
+//! Heki verdicts that stop the VM act through the run control's gates, so
+//! this loop only needs to ask the gate before each `KVM_RUN`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use hypervisor::{Vcpu, VmExit};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::exit::{ExitOutcome, VcpuEvent, handle_exit};
-use super::gate::VcpuGate;
+use super::gate::Entry;
 use crate::devices::{MmioBus, PioBus};
-use crate::heki::{HekiAction, HekiRuntime, doorbell};
+use crate::heki::{HekiRuntime, doorbell};
+use crate::run_control::VmControl;
 
 /// What every vCPU thread of a VM shares.
 pub struct VcpuContext {
     pub pio: PioBus,
     pub mmio: MmioBus,
+    /// Read-only use: the instruction bytes of an emulation failure.
     pub mem: GuestMemoryMmap,
-    pub gate: VcpuGate,
-    /// Set when the VM is being torn down.
-    pub stop: AtomicBool,
-    pub events: std::sync::Mutex<Sender<VcpuEvent>>,
-    pub events_wake: EventFd,
+    pub control: Arc<VmControl>,
     pub heki_port: Option<u16>,
     pub heki: Option<Arc<HekiRuntime>>,
     /// Exit counters, indexed by vCPU id.
@@ -56,32 +54,48 @@ impl ExitCounters {
     }
 }
 
-impl VcpuContext {
-    fn report(&self, event: VcpuEvent) {
-        let sent = self.events.lock().map(|tx| tx.send(event).is_ok()).unwrap_or(false);
-        if sent {
-            let _ = self.events_wake.write(1);
-        }
-    }
+/// Exits that KVM finishes only on the next `KVM_RUN` (the KVM API requires
+/// that re-entry before the vCPU state is complete).
+fn needs_completion(exit: &VmExit<'_>) -> bool {
+    matches!(
+        exit,
+        VmExit::IoIn { .. }
+            | VmExit::IoOut { .. }
+            | VmExit::MmioRead { .. }
+            | VmExit::MmioWrite { .. }
+            | VmExit::MsrRead(_)
+            | VmExit::MsrWrite(_)
+    )
 }
 
 /// Runs one vCPU until the VM stops or the vCPU reports a stopping event.
 pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
     let id = vcpu.id();
+    let gate = &ctx.control.vcpus;
+    let mut pending_completion = false;
     loop {
-        if ctx.stop.load(Ordering::Acquire) {
-            return;
-        }
         if let Some(heki) = &ctx.heki {
             heki.serve_pin_request(&vcpu);
         }
-        let in_guest = ctx.gate.enter_guest();
-        if ctx.stop.load(Ordering::Acquire) {
-            return;
+        let completing = match gate.enter(pending_completion) {
+            Entry::Stop => return,
+            Entry::Wait => {
+                let heki = ctx.heki.as_deref();
+                gate.wait(|| heki.is_some_and(|h| h.pins().has_request(id)));
+                continue;
+            }
+            Entry::Run(guard) => (false, guard),
+            Entry::Complete(guard) => (true, guard),
+        };
+        let (completing, in_guest) = completing;
+        if completing {
+            vcpu.set_immediate_exit(true);
         }
-        let outcome = match vcpu.run() {
+        let result = vcpu.run();
+        let outcome = match result {
             Ok(exit) => {
                 drop(in_guest);
+                pending_completion = needs_completion(&exit);
                 if let Some(counters) = ctx.counters.get(usize::from(id)) {
                     counters.count(&exit);
                 }
@@ -89,78 +103,51 @@ pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
             }
             Err(e) => ExitOutcome::Stop(VcpuEvent::Failed { vcpu: id, error: format!("{e}") }),
         };
-        let keep_going = match outcome {
-            ExitOutcome::Continue => true,
-            ExitOutcome::MsrWrite { index, value } => match &ctx.heki {
-                Some(heki) => {
-                    let action = heki.on_msr_write(&mut vcpu, index, value);
-                    apply_heki_action(&ctx, id, action)
-                }
-                None => {
-                    vcpu.complete_msr_exit(true);
-                    true
-                }
-            },
-            ExitOutcome::HekiCall => match &ctx.heki {
-                Some(heki) => apply_heki_action(&ctx, id, doorbell::handle_doorbell(&vcpu, heki, &ctx.gate)),
-                None => true,
-            },
-            ExitOutcome::ProtectedWrite { gpa, data } => match &ctx.heki {
-                Some(heki) => {
-                    let action = heki.on_guest_write(id, gpa, &data, || vcpu.exit_rip().ok());
-                    apply_heki_action(&ctx, id, action)
-                }
-                None => true,
-            },
-            ExitOutcome::EmulationFailure { insn_bytes } => {
-                let bytes = insn_bytes.or_else(|| instruction_at_rip(&vcpu, &ctx.mem));
-                let verdict = match (&ctx.heki, &bytes) {
-                    (Some(heki), Some(bytes)) => heki.on_emulation_failure(&vcpu, bytes),
-                    _ => None,
-                };
-                match verdict {
-                    Some(action) => apply_heki_action(&ctx, id, action),
-                    None => {
-                        let error = describe_emulation_failure(&vcpu, bytes);
-                        ctx.report(VcpuEvent::Failed { vcpu: id, error });
-                        false
-                    }
-                }
-            }
-            ExitOutcome::Stop(event) => {
-                ctx.report(event);
-                false
-            }
-        };
-        if !keep_going {
+        if completing {
+            vcpu.set_immediate_exit(false);
+        }
+        if !apply_outcome(&ctx, &mut vcpu, outcome) {
             return;
         }
         // Pinned CR bits are checked at every exit, kicks included.
-        if let Some(heki) = &ctx.heki
-            && !apply_heki_action(&ctx, id, heki.check_crs(&vcpu))
-        {
-            return;
+        if let Some(heki) = &ctx.heki {
+            heki.check_crs(&vcpu);
         }
     }
 }
 
-/// Carries out a heki policy; false when the vCPU must stop.
-fn apply_heki_action(ctx: &VcpuContext, id: u8, action: HekiAction) -> bool {
-    match action {
-        HekiAction::Continue => true,
-        HekiAction::Paused => {
-            // Hold every vCPU before telling the VMM thread, so nothing runs on.
-            match ctx.gate.pause_all(crate::vm::VCPU_STOP_TIMEOUT) {
-                Ok(()) => ctx.report(VcpuEvent::HekiPaused { vcpu: id }),
-                Err(e) => log::error!("heki: cannot pause the VM: {e}"),
-            }
-            true
+/// Carries out one exit's outcome; false when the vCPU must stop.
+fn apply_outcome(ctx: &VcpuContext, vcpu: &mut Vcpu, outcome: ExitOutcome) -> bool {
+    let id = vcpu.id();
+    match (outcome, &ctx.heki) {
+        (ExitOutcome::Continue, _) => {}
+        (ExitOutcome::MsrWrite { index, value }, Some(heki)) => heki.on_msr_write(vcpu, index, value),
+        (ExitOutcome::MsrWrite { .. }, None) => vcpu.complete_msr_exit(true),
+        (ExitOutcome::HekiCall, Some(heki)) => doorbell::handle_doorbell(vcpu, heki),
+        (ExitOutcome::HekiCall, None) => {}
+        (ExitOutcome::UnclaimedMmioWrite { gpa, data }, Some(heki)) => {
+            let rip = || crate::heki::ports::VcpuAccess::exit_rip(&*vcpu);
+            heki.on_unclaimed_mmio_write(id, gpa, &data, rip);
         }
-        HekiAction::Shutdown => {
-            ctx.report(VcpuEvent::HekiShutdown { vcpu: id });
-            false
+        (ExitOutcome::UnclaimedMmioWrite { .. }, None) => {}
+        (ExitOutcome::EmulationFailure { insn_bytes }, heki) => {
+            let bytes = insn_bytes.or_else(|| instruction_at_rip(vcpu, &ctx.mem));
+            let judged = match (heki, &bytes) {
+                (Some(heki), Some(bytes)) => heki.on_emulation_failure(vcpu, bytes),
+                _ => false,
+            };
+            if !judged {
+                let error = describe_emulation_failure(vcpu, bytes);
+                ctx.control.report(VcpuEvent::Failed { vcpu: id, error });
+                return false;
+            }
+        }
+        (ExitOutcome::Stop(event), _) => {
+            ctx.control.report(event);
+            return false;
         }
     }
+    true
 }
 
 /// The bytes at the guest RIP, read through the guest's page tables.

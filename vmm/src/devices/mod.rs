@@ -2,6 +2,7 @@
 
 mod acpi_pm;
 mod bus;
+pub mod gate;
 mod i8042;
 pub mod mmio_bus;
 pub mod msi;

@@ -5,51 +5,53 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::api::{ApiError, ApiRequest, ApiResult};
-use crate::vmm::Vmm;
+use crate::config::HekiConfig;
 
 use super::runtime::HekiRuntime;
 
 const EXEC_REASON: &str = "execute permissions need kernel support (per-page EPT execute control) that upstream KVM does not offer; EXEC is recorded but not enforced";
 
-pub(crate) fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResult {
-    let config = vmm.config.as_ref().ok_or_else(|| ApiError::NotFound("no VM has been created".into()))?;
-    let enabled = config.heki.enabled;
-    let runtime = vmm.vm.as_ref().and_then(|vm| vm.heki().cloned());
+/// What the heki REST handlers see of the VMM.
+pub(crate) struct HekiApiContext<'a> {
+    /// The VM's heki configuration; `None` when no VM was created.
+    pub config: Option<&'a mut HekiConfig>,
+    /// The running VM's heki state.
+    pub runtime: Option<&'a HekiRuntime>,
+    pub running: bool,
+    pub vcpus: usize,
+    /// Per-device I/O and refusal counters.
+    pub devices: Option<serde_json::Value>,
+}
+
+pub(crate) fn handle(ctx: HekiApiContext<'_>, request: ApiRequest) -> ApiResult {
+    let config = ctx.config.ok_or_else(|| ApiError::NotFound("no VM has been created".into()))?;
+    let enabled = config.enabled;
+    let runtime = ctx.runtime;
     match request {
-        ApiRequest::VmHeki => {
-            let devices = vmm.vm.as_ref().map(|vm| vm.device_counters());
-            Ok(Some(report(enabled, config.heki.policy, runtime.as_deref(), devices)))
-        }
+        ApiRequest::VmHeki => Ok(Some(report(enabled, config.policy, runtime, ctx.devices))),
         ApiRequest::VmHekiPolicy(policy) => {
-            if let Some(config) = vmm.config.as_mut() {
-                config.heki.policy = policy;
-            }
-            if let Some(rt) = &runtime {
+            config.policy = policy;
+            if let Some(rt) = runtime {
                 rt.set_policy(policy);
             }
             crate::events::emit("heki", "policy", &[("policy", policy.as_str().to_string())]);
             Ok(None)
         }
         ApiRequest::VmHekiViolations => {
-            let rt = running(enabled, runtime.as_deref())?;
-            Ok(Some(json!({ "violations": rt.violations.recent() })))
+            let rt = running(enabled, runtime)?;
+            Ok(Some(json!({ "violations": rt.violations().recent() })))
         }
-        ApiRequest::VmHekiProtect(body) => {
-            let rt = running(enabled, runtime.as_deref())?;
-            let gate = vmm.vm.as_ref().map(|vm| vm.gate());
-            protect(rt, body, gate)
-        }
+        ApiRequest::VmHekiProtect(body) => protect(running(enabled, runtime)?, body),
         ApiRequest::VmHekiPin(body) => {
-            let rt = running(enabled, runtime.as_deref())?;
-            if vmm.state != crate::vmm::VmState::Running {
+            let rt = running(enabled, runtime)?;
+            if !ctx.running {
                 return Err(ApiError::Conflict("the VM must be running to read its registers".into()));
             }
             let request = pin_request(body)?;
             if !request.msrs.is_empty() && !rt.msr_pinning() {
                 return Err(ApiError::Conflict("this host's KVM cannot filter MSR writes".into()));
             }
-            let vm = vmm.vm.as_ref().ok_or_else(|| ApiError::Conflict("the VM is not running".into()))?;
-            rt.pin_from_host(request, || vm.gate().kick_all(), vm.vcpu_count()).map_err(ApiError::BadRequest)?;
+            rt.pin_from_host(request, ctx.vcpus).map_err(ApiError::BadRequest)?;
             Ok(None)
         }
         _ => Err(ApiError::Internal("not a heki request".into())),
@@ -124,16 +126,11 @@ fn report(
 
 /// Exact violation counters per kind, for `vm.heki` and `vm.counters`.
 pub fn counters(rt: &HekiRuntime) -> serde_json::Value {
-    let counts = rt.violations.counts();
-    json!({
-        "violations": rt.violations.total(),
-        "write": counts.get("write").copied().unwrap_or(0),
-        "hypercall": counts.get("hypercall").copied().unwrap_or(0),
-        "cr": counts.get("cr").copied().unwrap_or(0),
-        "msr": counts.get("msr").copied().unwrap_or(0),
-        "dma-write": counts.get("dma-write").copied().unwrap_or(0),
-        "events_suppressed": rt.violations.suppressed_events(),
-    })
+    let log = rt.violations();
+    let mut value = serde_json::to_value(log.counts()).unwrap_or_default();
+    value["violations"] = json!(log.total());
+    value["events_suppressed"] = json!(log.suppressed_events());
+    value
 }
 
 #[derive(Deserialize)]
@@ -150,7 +147,7 @@ struct RangeBody {
     permissions: Vec<String>,
 }
 
-fn protect(rt: &HekiRuntime, body: serde_json::Value, gate: Option<&crate::cpu::VcpuGate>) -> ApiResult {
+fn protect(rt: &HekiRuntime, body: serde_json::Value) -> ApiResult {
     let body: ProtectBody =
         serde_json::from_value(body).map_err(|e| ApiError::BadRequest(format!("invalid vm.heki-protect body: {e}")))?;
     if body.ranges.is_empty() {
@@ -167,7 +164,7 @@ fn protect(rt: &HekiRuntime, body: serde_json::Value, gate: Option<&crate::cpu::
         let range = ProtectRange::from_entry(r.gpa, end, perms.bits(), rt.ram()).map_err(|e| abi_error(i, e))?;
         ranges.push(range);
     }
-    rt.protect_pages(&ranges, "api", gate).map_err(|e| abi_error(0, e).rename_all())?;
+    rt.protect_pages(&ranges, "api").map_err(|e| abi_error(0, e).rename_all())?;
     Ok(None)
 }
 

@@ -1,15 +1,21 @@
 //! The heki exit path on the VMM side: applies the verdicts of the pure
 //! `heki` crate to KVM, guest memory and the event stream.
 //!
-//! vCPU exit → `doorbell` (guest calls) or `runtime::on_guest_write`
-//! (trapped writes) → `heki` verdict → memory / registers / memslots + event.
+//! vCPU exit → `doorbell` (guest calls), `runtime::on_unclaimed_mmio_write`
+//! (trapped writes), `pins` (MSR writes, CR checks), `emulation` → `heki::judge`
+//! → `checked_memory::Enforcer::enforce` (record, event, pause/shutdown).
+//! Device DMA: `checked_memory::CheckedMemory` → `heki::judge` → `Enforcer`.
 
 pub mod api;
+pub mod checked_memory;
 pub mod doorbell;
 pub mod emulation;
 pub mod memslots;
 pub mod pins;
+pub mod ports;
 pub mod runtime;
+pub mod testing;
 pub mod violations;
 
-pub use runtime::{HekiAction, HekiRuntime};
+pub use checked_memory::{Accessor, CheckedMemory, Enforcer};
+pub use runtime::HekiRuntime;

@@ -1,20 +1,24 @@
 //! Register integrity on the VMM side: pinned CR bits (checked at every exit
-//! and at least every `cr_check_interval_ms`, restored under `deny`) and
-//! pinned MSRs (enforced by the KVM MSR filter: writes exit to us).
+//! and at least every `cr_check_interval_ms`) and pinned MSRs (enforced by
+//! the KVM MSR filter: writes exit to us). Heki's `judge` decides; this
+//! module reads and writes the registers.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use heki::pins::{ControlRegister, MsrWriteVerdict, PINNABLE_MSRS, PinError};
-use heki::{AbiError, Policy, VcpuPins};
-use hypervisor::Vcpu;
+use heki::pins::{ControlRegister, PINNABLE_MSRS, PinError};
+use heki::{AbiError, Access, MemoryProtections, Policy, Protections, VcpuPins, judge};
 
-use super::runtime::{HekiAction, HekiRuntime, action_name, policy_action};
-use super::violations::Violation;
+use super::ports::VcpuAccess;
+use super::runtime::HekiRuntime;
+
+/// How long a host-side pin waits for the vCPUs to answer.
+const PIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A host-side pin request (`vm.heki-pin`), served by each vCPU thread on its
-/// own registers. `apply == false` only validates.
+/// own registers while every vCPU is held out of guest mode. `apply == false`
+/// only validates.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PinRequest {
     pub cr0: u64,
@@ -29,9 +33,18 @@ pub struct PinState {
     has_cr_pins: Vec<AtomicBool>,
     /// Last CR violation reported per vCPU under `log`, to report changes once.
     last_logged: Vec<Mutex<Option<(ControlRegister, u64)>>>,
-    requests: Mutex<Vec<Option<PinRequest>>>,
-    results: Mutex<Vec<Option<Result<(), String>>>>,
+    mailbox: Mutex<Mailbox>,
     answered: Condvar,
+}
+
+#[derive(Default)]
+struct Mailbox {
+    requests: Vec<Option<PinRequest>>,
+    results: Vec<Option<Result<(), String>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl PinState {
@@ -40,14 +53,13 @@ impl PinState {
             pins: (0..vcpus).map(|_| Mutex::default()).collect(),
             has_cr_pins: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
             last_logged: (0..vcpus).map(|_| Mutex::default()).collect(),
-            requests: Mutex::new(vec![None; vcpus]),
-            results: Mutex::new(vec![None; vcpus]),
+            mailbox: Mutex::new(Mailbox { requests: vec![None; vcpus], results: vec![None; vcpus] }),
             answered: Condvar::new(),
         }
     }
 
-    fn pins(&self, vcpu: u8) -> Option<std::sync::MutexGuard<'_, VcpuPins>> {
-        self.pins.get(usize::from(vcpu)).map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    fn pins(&self, vcpu: u8) -> Option<MutexGuard<'_, VcpuPins>> {
+        self.pins.get(usize::from(vcpu)).map(lock)
     }
 
     pub fn any_cr_pins(&self) -> bool {
@@ -56,13 +68,17 @@ impl PinState {
 
     /// Every vCPU's pins, for `vm.heki`.
     pub fn snapshot(&self) -> Vec<VcpuPins> {
-        self.pins.iter().map(|m| m.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect()
+        self.pins.iter().map(|m| lock(m).clone()).collect()
+    }
+
+    /// Whether a host request waits for vCPU `id`.
+    pub fn has_request(&self, id: u8) -> bool {
+        lock(&self.mailbox).requests.get(usize::from(id)).is_some_and(Option::is_some)
     }
 
     /// Union of pinned MSRs across vCPUs: the VM-wide write filter.
     fn filtered_msrs(&self) -> Vec<u32> {
-        let mut all: Vec<u32> =
-            self.snapshot().iter().flat_map(|p| p.msrs.keys().copied().collect::<Vec<_>>()).collect();
+        let mut all: Vec<u32> = self.snapshot().iter().flat_map(|p| p.msrs.keys().copied().collect::<Vec<_>>()).collect();
         all.sort_unstable();
         all.dedup();
         all
@@ -75,7 +91,7 @@ fn pin_errno(_: PinError) -> AbiError {
 
 impl HekiRuntime {
     /// PIN_CR from the guest, on the calling vCPU.
-    pub fn pin_cr(&self, vcpu: &Vcpu, register: u64, mask: u64) -> Result<(), AbiError> {
+    pub fn pin_cr(&self, vcpu: &dyn VcpuAccess, register: u64, mask: u64) -> Result<(), AbiError> {
         let register = ControlRegister::from_number(register).map_err(pin_errno)?;
         let sregs = vcpu.sregs().map_err(|_| AbiError::BadAddress)?;
         let current = match register {
@@ -94,12 +110,13 @@ impl HekiRuntime {
         Ok(())
     }
 
-    /// PIN_MSR from the guest: pins the calling vCPU's current value.
-    pub fn pin_msr(&self, vcpu: &Vcpu, index: u64) -> Result<(), AbiError> {
+    /// PIN_MSR from the guest: pins the calling vCPU's current value. The
+    /// filter is in place before this vCPU runs guest code again.
+    pub fn pin_msr(&self, vcpu: &dyn VcpuAccess, index: u64) -> Result<(), AbiError> {
         let index = u32::try_from(index).ok().filter(|i| PINNABLE_MSRS.contains(i)).ok_or(AbiError::InvalidArgument)?;
         let value = vcpu.msr(index).map_err(|_| AbiError::InvalidArgument)?;
         self.pin_state.pins(vcpu.id()).ok_or(AbiError::InvalidArgument)?.pin_msr(index, value).map_err(pin_errno)?;
-        self.kvm_vm().set_msr_write_filter(&self.pin_state.filtered_msrs()).map_err(|e| {
+        self.host().set_msr_write_filter(&self.pin_state.filtered_msrs()).map_err(|e| {
             log::error!("heki: cannot update the MSR filter: {e}");
             AbiError::NoSpace
         })?;
@@ -111,160 +128,115 @@ impl HekiRuntime {
         Ok(())
     }
 
-    /// Checks (and under deny/pause/shutdown restores) this vCPU's pinned CR bits.
-    pub fn check_crs(&self, vcpu: &Vcpu) -> HekiAction {
+    /// Checks this vCPU's pinned CR bits; restores them unless policy is `log`.
+    pub fn check_crs(&self, vcpu: &dyn VcpuAccess) {
         let id = vcpu.id();
         if !self.pin_state.has_cr_pins.get(usize::from(id)).is_some_and(|b| b.load(Ordering::Relaxed)) {
-            return HekiAction::Continue;
+            return;
         }
-        let Ok(mut sregs) = vcpu.sregs() else {
-            return HekiAction::Continue;
-        };
-        let found = match self.pin_state.pins(id) {
-            Some(pins) => pins.check_crs(sregs.cr0, sregs.cr4),
-            None => return HekiAction::Continue,
-        };
-        if found.is_empty() {
-            return HekiAction::Continue;
-        }
-        let policy = self.policy();
-        let mut action = HekiAction::Continue;
-        for v in &found {
-            if policy == Policy::Log {
-                let mut last = self.pin_state.last_logged[usize::from(id)].lock().unwrap_or_else(|p| p.into_inner());
-                if *last == Some((v.register, v.value)) {
-                    continue;
-                }
-                *last = Some((v.register, v.value));
+        let Ok(mut sregs) = vcpu.sregs() else { return };
+        let Some(pins) = self.pin_state.pins(id) else { return };
+        let memory = MemoryProtections::default();
+        let access = Access::ControlRegisters { cr0: sregs.cr0, cr4: sregs.cr4 };
+        let verdict = judge(access, Protections { memory: &memory, pins: Some(&pins) }, self.policy());
+        drop(pins);
+        let heki::Breach::Crs(found) = &verdict.breach else { return };
+        if self.policy() == Policy::Log {
+            // Audit mode leaves the change in place: report each new value once.
+            let mut last = lock(&self.pin_state.last_logged[usize::from(id)]);
+            let key = found.first().map(|v| (v.register, v.value));
+            if *last == key {
+                return;
             }
-            let mut record =
-                Violation::new("cr", if policy == Policy::Deny { "restored" } else { action_name(policy) });
-            record.vcpu = Some(id);
-            record.rip = vcpu.regs().ok().map(|r| r.rip);
-            record.details.insert("register", v.register.name().into());
-            record.details.insert("pinned", format!("{:#x}", v.pinned));
-            record.details.insert("value", format!("{:#x}", v.value));
-            self.violations.record(record);
-            if policy != Policy::Log {
-                match v.register {
-                    ControlRegister::Cr0 => sregs.cr0 = v.restored,
-                    ControlRegister::Cr4 => sregs.cr4 = v.restored,
-                }
-            }
-            action = policy_action(policy);
+            *last = key;
         }
-        if policy != Policy::Log
+        for restore in verdict.restored_crs() {
+            match restore.register {
+                ControlRegister::Cr0 => sregs.cr0 = restore.restored,
+                ControlRegister::Cr4 => sregs.cr4 = restore.restored,
+            }
+        }
+        if !verdict.restored_crs().is_empty()
             && let Err(e) = vcpu.set_sregs(&sregs)
         {
             log::error!("heki: cannot restore pinned CR bits on vCPU {id}: {e}");
         }
-        action
+        self.enforcer().enforce(&verdict, &format!("vcpu {id}"), |record| {
+            record.vcpu = Some(u32::from(id));
+            record.rip = vcpu.exit_rip();
+        });
     }
 
     /// A guest `wrmsr` to a filtered MSR: judge it, then complete the exit.
-    pub fn on_msr_write(&self, vcpu: &mut Vcpu, index: u32, value: u64) -> HekiAction {
+    pub fn on_msr_write(&self, vcpu: &mut dyn VcpuAccess, index: u32, value: u64) {
         let id = vcpu.id();
-        let verdict =
-            self.pin_state.pins(id).map(|p| p.check_msr_write(index, value)).unwrap_or(MsrWriteVerdict::NotPinned);
-        let policy = self.policy();
-        let (perform, action) = match verdict {
-            MsrWriteVerdict::NotPinned | MsrWriteVerdict::SameValue => (true, HekiAction::Continue),
-            MsrWriteVerdict::Violation { pinned } => {
-                let mut record = Violation::new("msr", action_name(policy));
-                record.vcpu = Some(id);
-                record.rip = vcpu.regs().ok().map(|r| r.rip);
-                record.details.insert("msr", format!("{index:#x}"));
-                record.details.insert("pinned", format!("{pinned:#x}"));
-                record.details.insert("value", format!("{value:#x}"));
-                self.violations.record(record);
-                (policy == Policy::Log, policy_action(policy))
-            }
+        let verdict = {
+            let pins = self.pin_state.pins(id);
+            let memory = MemoryProtections::default();
+            let protections = Protections { memory: &memory, pins: pins.as_deref() };
+            judge(Access::MsrWrite { index, value }, protections, self.policy())
         };
         // A filtered write never reaches the MSR by itself: carry out the allowed ones.
-        let written = perform && vcpu.set_msrs(&[(index, value)]).is_ok();
+        let written = verdict.performs_access() && vcpu.set_msr(index, value).is_ok();
         vcpu.complete_msr_exit(!written);
-        action
+        if verdict.is_violation() {
+            self.enforcer().enforce(&verdict, &format!("vcpu {id}"), |record| {
+                record.vcpu = Some(u32::from(id));
+                record.rip = vcpu.exit_rip();
+                record.details.insert("msr".into(), format!("{index:#x}"));
+                record.details.insert("value".into(), format!("{value:#x}"));
+            });
+        }
     }
 
-    /// The host-side request mailbox: served by each vCPU thread between runs.
-    pub fn serve_pin_request(&self, vcpu: &Vcpu) {
+    /// The host-side request mailbox: served by each vCPU thread, also while held.
+    pub fn serve_pin_request(&self, vcpu: &dyn VcpuAccess) {
         let id = usize::from(vcpu.id());
-        let request = {
-            let mut requests = self.pin_state.requests.lock().unwrap_or_else(|p| p.into_inner());
-            match requests.get_mut(id) {
-                Some(slot) => slot.take(),
-                None => None,
-            }
-        };
+        let request = lock(&self.pin_state.mailbox).requests.get_mut(id).and_then(Option::take);
         let Some(request) = request else { return };
         let result = self.apply_pin_request(vcpu, &request);
-        let mut results = self.pin_state.results.lock().unwrap_or_else(|p| p.into_inner());
-        results[id] = Some(result);
+        let mut mailbox = lock(&self.pin_state.mailbox);
+        if let Some(slot) = mailbox.results.get_mut(id) {
+            *slot = Some(result);
+        }
         self.pin_state.answered.notify_all();
     }
 
-    fn apply_pin_request(&self, vcpu: &Vcpu, request: &PinRequest) -> Result<(), String> {
+    fn apply_pin_request(&self, vcpu: &dyn VcpuAccess, request: &PinRequest) -> Result<(), String> {
+        let id = vcpu.id();
         let sregs = vcpu.sregs().map_err(|e| e.to_string())?;
-        let mut trial = self.pin_state.pins(vcpu.id()).map(|p| p.clone()).unwrap_or_default();
+        let mut trial = self.pin_state.pins(id).map(|p| p.clone()).unwrap_or_default();
         for (register, mask, current) in
             [(ControlRegister::Cr0, request.cr0, sregs.cr0), (ControlRegister::Cr4, request.cr4, sregs.cr4)]
         {
             if mask != 0 {
-                trial
-                    .pin_cr(register, mask, current)
-                    .map_err(|e| format!("vCPU {}: {}: {e}", vcpu.id(), register.name()))?;
+                trial.pin_cr(register, mask, current).map_err(|e| format!("vCPU {id}: {}: {e}", register.name()))?;
             }
         }
         for &index in &request.msrs {
-            let value = vcpu.msr(index).map_err(|e| format!("vCPU {}: MSR {index:#x}: {e}", vcpu.id()))?;
-            trial.pin_msr(index, value).map_err(|e| format!("vCPU {}: {e}", vcpu.id()))?;
+            let value = vcpu.msr(index).map_err(|e| format!("vCPU {id}: MSR {index:#x}: {e}"))?;
+            trial.pin_msr(index, value).map_err(|e| format!("vCPU {id}: {e}"))?;
         }
         if request.apply {
-            if let Some(mut pins) = self.pin_state.pins(vcpu.id()) {
+            if let Some(mut pins) = self.pin_state.pins(id) {
                 *pins = trial;
             }
             if request.cr0 | request.cr4 != 0 {
-                self.pin_state.has_cr_pins[usize::from(vcpu.id())].store(true, Ordering::Relaxed);
+                self.pin_state.has_cr_pins[usize::from(id)].store(true, Ordering::Relaxed);
             }
         }
         Ok(())
     }
 
-    /// `vm.heki-pin`: validate on every vCPU, then pin on every vCPU.
-    pub fn pin_from_host(&self, request: PinRequest, kick: impl Fn(), vcpus: usize) -> Result<(), String> {
-        for apply in [false, true] {
-            let round = PinRequest { apply, ..request.clone() };
-            {
-                let mut requests = self.pin_state.requests.lock().unwrap_or_else(|p| p.into_inner());
-                let mut results = self.pin_state.results.lock().unwrap_or_else(|p| p.into_inner());
-                for i in 0..vcpus {
-                    requests[i] = Some(round.clone());
-                    results[i] = None;
-                }
-            }
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            let mut results = self.pin_state.results.lock().unwrap_or_else(|p| p.into_inner());
-            while results.iter().take(vcpus).any(Option::is_none) {
-                if std::time::Instant::now() >= deadline {
-                    return Err("vCPUs did not answer the pin request (is the VM running?)".into());
-                }
-                drop(results);
-                kick();
-                results = self.pin_state.results.lock().unwrap_or_else(|p| p.into_inner());
-                results = self
-                    .pin_state
-                    .answered
-                    .wait_timeout(results, Duration::from_millis(2))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
-            if let Some(Some(Err(e))) = results.iter().take(vcpus).find(|r| matches!(r, Some(Err(_)))).cloned() {
-                return Err(e);
-            }
-        }
-        if !request.msrs.is_empty() {
-            self.kvm_vm().set_msr_write_filter(&self.pin_state.filtered_msrs()).map_err(|e| e.to_string())?;
-        }
+    /// `vm.heki-pin`: with every vCPU held out of guest mode, validate on
+    /// every vCPU, pin on every vCPU, and install the MSR filter; only then
+    /// do the vCPUs run again. The values reported are the live ones.
+    pub fn pin_from_host(&self, request: PinRequest, vcpus: usize) -> Result<(), String> {
+        let control = self.enforcer().control();
+        control.hold_vcpus().map_err(|e| e.to_string())?;
+        let result = self.pin_held(&request, vcpus);
+        control.release_vcpus();
+        result?;
         crate::events::emit(
             "heki",
             "pinned",
@@ -276,5 +248,48 @@ impl HekiRuntime {
             ],
         );
         Ok(())
+    }
+
+    fn pin_held(&self, request: &PinRequest, vcpus: usize) -> Result<(), String> {
+        for apply in [false, true] {
+            self.ask_every_vcpu(PinRequest { apply, ..request.clone() }, vcpus)?;
+        }
+        if !request.msrs.is_empty() {
+            self.host().set_msr_write_filter(&self.pin_state.filtered_msrs()).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Posts `round` to every vCPU and waits for every answer.
+    fn ask_every_vcpu(&self, round: PinRequest, vcpus: usize) -> Result<(), String> {
+        {
+            let mut mailbox = lock(&self.pin_state.mailbox);
+            let mailbox = &mut *mailbox;
+            for (request, result) in mailbox.requests.iter_mut().zip(mailbox.results.iter_mut()).take(vcpus) {
+                *request = Some(round.clone());
+                *result = None;
+            }
+        }
+        self.enforcer().control().notify_vcpus();
+        let deadline = Instant::now() + PIN_ANSWER_TIMEOUT;
+        let mut mailbox = lock(&self.pin_state.mailbox);
+        while mailbox.results.iter().take(vcpus).any(Option::is_none) {
+            let now = Instant::now();
+            if now >= deadline {
+                // Withdraw what was not served, so a late vCPU cannot apply half a request.
+                mailbox.requests.iter_mut().for_each(|r| *r = None);
+                return Err("vCPUs did not answer the pin request (is the VM running?)".into());
+            }
+            mailbox = self
+                .pin_state
+                .answered
+                .wait_timeout(mailbox, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        match mailbox.results.iter().take(vcpus).find_map(|r| r.clone().and_then(Result::err)) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }

@@ -1,169 +1,120 @@
-//! Violation bookkeeping: exact counters, the last 1024 records for REST, and
-//! rate-limited events so a guest hammering a page cannot flood the monitor.
+//! Violation bookkeeping with heki's own parts: exact per-kind counters, the
+//! last 1024 records for REST, and a per-kind token bucket so a guest
+//! hammering a page cannot flood the event monitor.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use serde::Serialize;
+use heki::{Admission, EventRateLimiter, ViolationCounters, ViolationKind, ViolationRecord};
 
 /// How many violation records `vm.heki-violations` keeps.
 pub const VIOLATION_LOG_SIZE: usize = 1024;
-/// Events per kind allowed per window; the rest are counted and summarised.
-const EVENTS_PER_WINDOW: u64 = 10;
-const WINDOW: Duration = Duration::from_secs(1);
 
-/// One stopped (or, under `log`, audited) action of the guest or a device.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Violation {
-    pub seq: u64,
-    /// `write`, `hypercall`, `cr`, `msr` or `dma-write`.
-    pub kind: &'static str,
-    pub vcpu: Option<u8>,
-    pub gpa: Option<u64>,
-    pub rip: Option<u64>,
-    pub size: Option<u64>,
-    /// `denied`, `logged`, `paused`, `shutdown`, `restored`.
-    pub action: &'static str,
-    /// Extra properties (register names, MSR index, device id...).
-    pub details: BTreeMap<&'static str, String>,
-}
-
-impl Violation {
-    pub fn new(kind: &'static str, action: &'static str) -> Self {
-        Violation { seq: 0, kind, vcpu: None, gpa: None, rip: None, size: None, action, details: BTreeMap::new() }
-    }
-
-    /// The event properties: hex strings for addresses, as the event list documents.
-    pub fn properties(&self) -> Vec<(&str, String)> {
-        let mut props = vec![("kind", self.kind.to_string()), ("action", self.action.to_string())];
-        if let Some(v) = self.vcpu {
-            props.push(("vcpu", v.to_string()));
-        }
-        if let Some(g) = self.gpa {
-            props.push(("gpa", format!("{g:#x}")));
-        }
-        if let Some(r) = self.rip {
-            props.push(("rip", format!("{r:#x}")));
-        }
-        if let Some(s) = self.size {
-            props.push(("size", s.to_string()));
-        }
-        props.extend(self.details.iter().map(|(k, v)| (*k, v.clone())));
-        props.push(("seq", self.seq.to_string()));
-        props
-    }
-}
-
-#[derive(Default)]
-struct KindWindow {
-    started: Option<Instant>,
-    emitted: u64,
-    suppressed: u64,
-}
-
-#[derive(Default)]
 struct Inner {
     next_seq: u64,
-    counts: BTreeMap<&'static str, u64>,
-    log: VecDeque<Violation>,
-    windows: BTreeMap<&'static str, KindWindow>,
+    counts: ViolationCounters,
+    log: VecDeque<ViolationRecord>,
+    limiter: EventRateLimiter,
     suppressed_total: u64,
 }
 
-#[derive(Default)]
 pub struct ViolationLog {
     inner: Mutex<Inner>,
+    started: Instant,
+}
+
+impl Default for ViolationLog {
+    fn default() -> Self {
+        ViolationLog {
+            inner: Mutex::new(Inner {
+                next_seq: 0,
+                counts: ViolationCounters::default(),
+                log: VecDeque::new(),
+                limiter: EventRateLimiter::default(),
+                suppressed_total: 0,
+            }),
+            started: Instant::now(),
+        }
+    }
 }
 
 impl ViolationLog {
-    /// Records a violation and emits its event unless the kind is over its rate.
-    pub fn record(&self, mut violation: Violation) {
-        let mut emit_suppressed = None;
-        let emit;
-        {
-            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Numbers and keeps a violation, and emits its event unless the kind is over its rate.
+    pub fn record(&self, mut violation: ViolationRecord) {
+        let admission = {
+            let mut inner = self.inner();
             inner.next_seq += 1;
             violation.seq = inner.next_seq;
-            *inner.counts.entry(violation.kind).or_default() += 1;
+            inner.counts.record(violation.kind);
             if inner.log.len() == VIOLATION_LOG_SIZE {
                 inner.log.pop_front();
             }
             inner.log.push_back(violation.clone());
-            let now = Instant::now();
-            let window = inner.windows.entry(violation.kind).or_default();
-            let expired = window.started.is_none_or(|s| now.duration_since(s) >= WINDOW);
-            if expired {
-                if window.suppressed > 0 {
-                    emit_suppressed = Some(window.suppressed);
-                }
-                *window = KindWindow { started: Some(now), emitted: 0, suppressed: 0 };
-            }
-            emit = window.emitted < EVENTS_PER_WINDOW;
-            if emit {
-                window.emitted += 1;
-            } else {
-                window.suppressed += 1;
+            let admission = inner.limiter.admit(violation.kind, self.started.elapsed());
+            if admission == Admission::Suppress {
                 inner.suppressed_total += 1;
             }
-        }
-        if let Some(count) = emit_suppressed {
-            crate::events::emit(
-                "heki",
-                "suppressed",
-                &[("kind", violation.kind.to_string()), ("count", count.to_string())],
-            );
-        }
-        if emit {
+            admission
+        };
+        if let Admission::Emit { suppressed_before } = admission {
+            if suppressed_before > 0 {
+                emit_suppressed(violation.kind, suppressed_before);
+            }
             crate::events::emit("heki", "violation", &violation.properties());
         }
     }
 
-    /// Reports what the rate limiter is still holding back (at shutdown or on query).
+    /// Reports what the rate limiter is still holding back (at shutdown).
     pub fn flush_suppressed(&self) {
-        let pending: Vec<(&'static str, u64)> = {
-            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            inner
-                .windows
-                .iter_mut()
-                .filter(|(_, w)| w.suppressed > 0)
-                .map(|(k, w)| (*k, std::mem::take(&mut w.suppressed)))
-                .collect()
-        };
+        let pending = self.inner().limiter.take_suppressed();
         for (kind, count) in pending {
-            crate::events::emit("heki", "suppressed", &[("kind", kind.to_string()), ("count", count.to_string())]);
+            emit_suppressed(kind, count);
         }
     }
 
-    pub fn counts(&self) -> BTreeMap<&'static str, u64> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).counts.clone()
+    pub fn counts(&self) -> ViolationCounters {
+        self.inner().counts
     }
 
     pub fn total(&self) -> u64 {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).next_seq
+        self.inner().next_seq
     }
 
     pub fn suppressed_events(&self) -> u64 {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).suppressed_total
+        self.inner().suppressed_total
     }
 
-    pub fn recent(&self) -> Vec<Violation> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).log.iter().cloned().collect()
+    pub fn recent(&self) -> Vec<ViolationRecord> {
+        self.inner().log.iter().cloned().collect()
     }
+}
+
+fn emit_suppressed(kind: ViolationKind, count: u64) {
+    crate::events::emit("heki", "suppressed", &[("kind", kind.as_str().to_string()), ("count", count.to_string())]);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use heki::RecordedAction;
+
+    fn violation(kind: ViolationKind) -> ViolationRecord {
+        ViolationRecord::new(kind, RecordedAction::Denied)
+    }
 
     #[test]
     fn counters_stay_exact_while_events_are_limited() {
         let log = ViolationLog::default();
         for _ in 0..100 {
-            log.record(Violation::new("write", "denied"));
+            log.record(violation(ViolationKind::Write));
         }
-        assert_eq!(log.counts().get("write"), Some(&100));
-        assert_eq!(log.suppressed_events(), 100 - EVENTS_PER_WINDOW);
+        assert_eq!(log.counts().get(ViolationKind::Write), 100);
+        assert_eq!(log.suppressed_events(), 100 - u64::from(heki::rate_limit::DEFAULT_BURST));
         assert_eq!(log.recent().last().map(|v| v.seq), Some(100));
     }
 
@@ -171,7 +122,7 @@ mod tests {
     fn log_keeps_the_last_1024_records() {
         let log = ViolationLog::default();
         for _ in 0..(VIOLATION_LOG_SIZE + 5) {
-            log.record(Violation::new("msr", "denied"));
+            log.record(violation(ViolationKind::Msr));
         }
         let recent = log.recent();
         assert_eq!(recent.len(), VIOLATION_LOG_SIZE);

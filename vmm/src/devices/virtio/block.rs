@@ -7,9 +7,9 @@ use std::sync::atomic::Ordering;
 
 use virtio_queue::DescriptorChain;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::GuestMemoryMmap;
+use crate::heki::CheckedMemory;
 
-use super::{DmaGuard, VirtioDevice};
+use super::{DeviceMemory, VirtioDevice};
 
 pub const DEVICE_TYPE: u16 = 2;
 const SECTOR_SIZE: u64 = 512;
@@ -42,7 +42,7 @@ impl Block {
     }
 
     /// Runs one request; returns (status, bytes written to the guest).
-    fn execute(&mut self, kind: u32, sector: u64, data: &[Descriptor], dma: &DmaGuard) -> (u8, u32) {
+    fn execute(&mut self, kind: u32, sector: u64, data: &[Descriptor], dma: &DeviceMemory) -> (u8, u32) {
         let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
         let in_bounds = total <= MAX_TRANSFER
             && sector.checked_add(total.div_ceil(SECTOR_SIZE)).is_some_and(|end| end <= self.capacity_sectors);
@@ -116,7 +116,7 @@ impl VirtioDevice for Block {
         }
     }
 
-    fn process(&mut self, _queue: usize, chain: DescriptorChain<&GuestMemoryMmap>, dma: &DmaGuard) -> u32 {
+    fn process(&mut self, _queue: usize, chain: DescriptorChain<&CheckedMemory>, dma: &DeviceMemory) -> u32 {
         dma.counters.requests.fetch_add(1, Ordering::Relaxed);
         let descriptors: Vec<Descriptor> = chain.collect();
         // header (readable) + data... + status (one writable byte).

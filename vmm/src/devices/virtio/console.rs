@@ -5,9 +5,9 @@ use std::io::Write;
 use std::sync::atomic::Ordering;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::GuestMemoryMmap;
+use crate::heki::CheckedMemory;
 
-use super::{DmaGuard, VirtioDevice};
+use super::{DeviceMemory, VirtioDevice};
 
 pub const DEVICE_TYPE: u16 = 3;
 const TRANSMIT_QUEUE: usize = 1;
@@ -37,7 +37,7 @@ impl VirtioDevice for Console {
         queue == TRANSMIT_QUEUE
     }
 
-    fn process(&mut self, _queue: usize, chain: DescriptorChain<&GuestMemoryMmap>, dma: &DmaGuard) -> u32 {
+    fn process(&mut self, _queue: usize, chain: DescriptorChain<&CheckedMemory>, dma: &DeviceMemory) -> u32 {
         dma.counters.requests.fetch_add(1, Ordering::Relaxed);
         for desc in chain.readable() {
             let mut buf = vec![0u8; desc.len().min(MAX_CHUNK) as usize];

@@ -11,9 +11,9 @@ pub mod rng;
 pub mod tap;
 
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::GuestMemoryMmap;
+use crate::heki::CheckedMemory;
 
-pub use dma::{DeviceCounters, DmaGuard};
+pub use dma::{DeviceCounters, DeviceMemory};
 
 pub const VENDOR_ID: u16 = 0x1af4;
 /// Modern device ids are 0x1040 + the virtio device type.
@@ -61,7 +61,7 @@ pub trait VirtioDevice: Send {
         data.fill(0);
     }
     /// Handles one request; returns the number of bytes written to the guest.
-    fn process(&mut self, queue: usize, chain: DescriptorChain<&GuestMemoryMmap>, dma: &DmaGuard) -> u32;
+    fn process(&mut self, queue: usize, chain: DescriptorChain<&CheckedMemory>, dma: &DeviceMemory) -> u32;
 }
 
 pub type VirtioQueue = Queue;

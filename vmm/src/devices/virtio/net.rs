@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_queue::DescriptorChain;
-use vm_memory::GuestMemoryMmap;
+use crate::heki::CheckedMemory;
 
 use super::tap::Tap;
-use super::{DmaGuard, VirtioDevice};
+use super::{DeviceMemory, VirtioDevice};
 
 pub const DEVICE_TYPE: u16 = 1;
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
@@ -37,7 +37,7 @@ impl Net {
         Net { tap, mac, frame: vec![0; HEADER_LEN + MAX_FRAME], counters: Arc::default() }
     }
 
-    fn transmit(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, dma: &DmaGuard) {
+    fn transmit(&mut self, chain: DescriptorChain<&CheckedMemory>, dma: &DeviceMemory) {
         let mut packet = Vec::new();
         for desc in chain.readable() {
             let start = packet.len();
@@ -54,7 +54,7 @@ impl Net {
         }
     }
 
-    fn receive(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, dma: &DmaGuard) -> u32 {
+    fn receive(&mut self, chain: DescriptorChain<&CheckedMemory>, dma: &DeviceMemory) -> u32 {
         let len = match self.tap.read_frame(&mut self.frame[HEADER_LEN..]) {
             Ok(n) => n,
             Err(_) => return 0,
@@ -113,7 +113,7 @@ impl VirtioDevice for Net {
         Some((self.tap.raw_fd(), RX_QUEUE))
     }
 
-    fn process(&mut self, queue: usize, chain: DescriptorChain<&GuestMemoryMmap>, dma: &DmaGuard) -> u32 {
+    fn process(&mut self, queue: usize, chain: DescriptorChain<&CheckedMemory>, dma: &DeviceMemory) -> u32 {
         dma.counters.requests.fetch_add(1, Ordering::Relaxed);
         match queue {
             TX_QUEUE => {

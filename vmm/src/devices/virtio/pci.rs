@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{DEVICE_ID_BASE, DmaGuard, VENDOR_ID, VIRTIO_F_VERSION_1, VirtioDevice, status};
+use super::{DEVICE_ID_BASE, DeviceMemory, VENDOR_ID, VIRTIO_F_VERSION_1, VirtioDevice, status};
+use crate::devices::gate::DeviceGate;
 use crate::devices::mmio_bus::MmioDevice;
 use crate::devices::msi::MsiRoutes;
 use crate::devices::pci::{PciDevice, fill};
@@ -80,7 +80,7 @@ pub struct TransportState {
     config_vector: u16,
     msix: Msix,
     config_generation: u8,
-    dma: DmaGuard,
+    memory: DeviceMemory,
 }
 
 impl TransportState {
@@ -100,7 +100,8 @@ impl TransportState {
     }
 
     /// A ring the device must write (used ring) or trusts (descriptors,
-    /// available ring) may not sit in protected memory.
+    /// available ring) may not sit in protected memory when the driver starts
+    /// the device. Later locks are caught at each used-ring write.
     fn rings_allowed(&self, queue: &Queue) -> bool {
         let size = u64::from(queue.size());
         let rings = [
@@ -109,9 +110,9 @@ impl TransportState {
             (queue.used_ring(), 6 + 8 * size, "used ring"),
         ];
         rings.iter().all(|&(gpa, len, what)| {
-            let ok = self.dma.check_write(gpa, len).is_ok();
+            let ok = self.memory.mem.probe_write(gpa, len);
             if !ok {
-                log::warn!("{}: {what} at {gpa:#x} is in protected memory; device needs reset", self.dma.device);
+                log::warn!("{}: {what} at {gpa:#x} is in protected memory; device needs reset", self.memory.device());
             }
             ok
         })
@@ -119,9 +120,9 @@ impl TransportState {
 
     /// Whether the guest has made buffers available on `index` that the device has not used.
     fn queue_has_room(&self, index: usize) -> bool {
-        let mem = self.dma.mem.clone();
+        let mem = &self.memory.mem;
         self.queues.get(index).is_some_and(|q| {
-            q.ready() && q.avail_idx(&mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|i| i.0 != q.next_avail())
+            q.ready() && q.avail_idx(mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|i| i.0 != q.next_avail())
         })
     }
 
@@ -133,31 +134,40 @@ impl TransportState {
         self.queues.get_mut(usize::from(self.queue_select))
     }
 
-    /// Drains queue `index`'s available ring (worker thread).
-    pub fn process_queue(&mut self, index: usize) {
+    /// Drains queue `index`'s available ring (worker thread). Returns false
+    /// if a pause cut the work short (the rest waits for the resume).
+    pub fn process_queue(&mut self, index: usize, gate: &DeviceGate) -> bool {
         if !self.device.handles_queue(index) {
-            return;
+            return true;
         }
-        let Some(queue) = self.queues.get_mut(index) else { return };
+        let Some(queue) = self.queues.get_mut(index) else { return true };
         if self.status & status::DRIVER_OK == 0 || self.status & status::NEEDS_RESET != 0 || !queue.ready() {
-            return;
+            return true;
         }
-        let mem = self.dma.mem.clone();
+        let mem = self.memory.mem.clone();
         let mut completed = false;
-        while self.device.ready(index)
-            && let Some(chain) = queue.pop_descriptor_chain(&mem)
-        {
+        let mut finished = true;
+        while self.device.ready(index) {
+            if gate.is_paused() {
+                finished = false;
+                break;
+            }
+            let Some(chain) = queue.pop_descriptor_chain(&mem) else { break };
             let head = chain.head_index();
-            let written = self.device.process(index, chain, &self.dma);
+            let written = self.device.process(index, chain, &self.memory);
+            // The used ring is written through heki like any buffer: a ring
+            // locked after DRIVER_OK stops the queue here.
             if queue.add_used(&mem, head, written).is_err() {
+                log::warn!("{}: cannot write the used ring; device needs reset", self.memory.device());
                 self.status |= status::NEEDS_RESET;
-                return;
+                break;
             }
             completed = true;
         }
-        if completed {
-            self.msix.signal(self.queue_vectors[index]);
+        if completed && let Some(&vector) = self.queue_vectors.get(index) {
+            self.msix.signal(vector);
         }
+        finished
     }
 }
 
@@ -174,7 +184,7 @@ impl VirtioPci {
     pub fn new(
         device: Box<dyn VirtioDevice>,
         bar_address: u64,
-        dma: DmaGuard,
+        memory: DeviceMemory,
         class: u32,
         routes: Option<Arc<MsiRoutes>>,
     ) -> std::io::Result<Self> {
@@ -212,7 +222,7 @@ impl VirtioPci {
             config_vector: NO_VECTOR,
             msix,
             config_generation: 0,
-            dma,
+            memory,
         };
         let mut config = [0u8; 256];
         let mut put = |off: usize, bytes: &[u8]| config[off..off + bytes.len()].copy_from_slice(bytes);
@@ -265,8 +275,9 @@ impl VirtioPci {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts the worker: it drains a queue each time the guest notifies it.
-    pub fn spawn_worker(&self, name: String, stop: EventFd) -> std::io::Result<JoinHandle<()>> {
+    /// Starts the worker: it drains a queue each time the guest notifies it,
+    /// never while the VM is paused.
+    pub fn spawn_worker(&self, name: String, stop: EventFd, gate: Arc<DeviceGate>) -> std::io::Result<JoinHandle<()>> {
         let state = self.state.clone();
         let notify = self.notify.iter().map(EventFd::try_clone).collect::<std::io::Result<Vec<_>>>()?;
         let extra = self.lock().device.extra_fd();
@@ -278,6 +289,13 @@ impl VirtioPci {
                 .chain(extra.map(|(fd, _)| fd))
                 .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
                 .collect();
+            // Drains a queue, across a pause if one cuts in; false at teardown.
+            let drain = |index: usize| loop {
+                let Some(_active) = gate.begin() else { return false };
+                if lock_state(&state).process_queue(index, &gate) {
+                    return true;
+                }
+            };
             loop {
                 // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
                 let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
@@ -290,15 +308,19 @@ impl VirtioPci {
                 for (index, fd) in notify.iter().enumerate() {
                     if fds[index].revents != 0 {
                         let _ = fd.read();
-                        state.lock().unwrap_or_else(|p| p.into_inner()).process_queue(index);
+                        if !drain(index) {
+                            return;
+                        }
                     }
                 }
                 if let Some((_, queue)) = extra
                     && fds[notify.len() + 1].revents != 0
                 {
-                    state.lock().unwrap_or_else(|p| p.into_inner()).process_queue(queue);
+                    if !drain(queue) {
+                        return;
+                    }
                     // Data the guest has no buffers for yet: wait for its next notify.
-                    if !state.lock().unwrap_or_else(|p| p.into_inner()).queue_has_room(queue) {
+                    if !lock_state(&state).queue_has_room(queue) {
                         fds[notify.len() + 1].events = 0;
                     }
                 }
@@ -416,6 +438,10 @@ impl VirtioPci {
     }
 }
 
+fn lock_state(state: &Mutex<TransportState>) -> MutexGuard<'_, TransportState> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A vector the device has, or NO_VECTOR (which is also what the driver reads back).
 fn vector_or_none(vector: u16, count: usize) -> u16 {
     if usize::from(vector) < count { vector } else { NO_VECTOR }
@@ -435,8 +461,8 @@ fn write_status(s: &mut TransportState, value: u8) {
         }
     }
     if value & status::DRIVER_OK != 0 && s.status & status::DRIVER_OK == 0 {
-        let mem: GuestMemoryMmap = s.dma.mem.clone();
-        let bad = s.queues.iter().any(|q| q.ready() && (!q.is_valid(&mem) || !s.rings_allowed(q)));
+        // Rings first: a ring in protected memory is reported, not just invalid.
+        let bad = s.queues.iter().any(|q| q.ready() && (!s.rings_allowed(q) || !q.is_valid(&s.memory.mem)));
         if bad {
             value |= status::NEEDS_RESET;
         }

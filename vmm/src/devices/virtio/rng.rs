@@ -5,9 +5,9 @@ use std::io::Read;
 use std::sync::atomic::Ordering;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::GuestMemoryMmap;
+use crate::heki::CheckedMemory;
 
-use super::{DmaGuard, VirtioDevice};
+use super::{DeviceMemory, VirtioDevice};
 
 pub const DEVICE_TYPE: u16 = 4;
 /// The most bytes one request gets (bounds host work per guest request).
@@ -28,7 +28,7 @@ impl VirtioDevice for Rng {
         DEVICE_TYPE
     }
 
-    fn process(&mut self, _queue: usize, chain: DescriptorChain<&GuestMemoryMmap>, dma: &DmaGuard) -> u32 {
+    fn process(&mut self, _queue: usize, chain: DescriptorChain<&CheckedMemory>, dma: &DeviceMemory) -> u32 {
         dma.counters.requests.fetch_add(1, Ordering::Relaxed);
         let mut written = 0u32;
         for desc in chain.writable() {

@@ -1,0 +1,196 @@
+//! Guest memory as devices see it: every access asks heki first, as an
+//! IOMMU would, and the permission check and the copy happen under one read
+//! lock that a new protection waits for. So once a lock call returns, no
+//! access judged under the old permissions can still land.
+//!
+//! `CheckedMemory` implements vm-memory's access-checked `GuestMemory`
+//! trait, so virtio-queue's descriptor reads and used-ring writes go through
+//! it too. It never hands out the raw mapping (`physical_memory` is `None`).
+
+use std::iter::FusedIterator;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use heki::{Access, MemoryProtections, Outcome, Policy, Protections, Verdict, ViolationRecord, judge};
+use vm_memory::bitmap::BS;
+use vm_memory::guest_memory::GuestMemorySliceIterator;
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, Permissions};
+
+use super::ports::RunControl;
+use super::violations::ViolationLog;
+
+/// Applies heki's verdicts: the policy, the violation log, the VM's run
+/// control, and the memory protections behind their read/write lock.
+pub struct Enforcer {
+    memory: RwLock<MemoryProtections>,
+    policy: AtomicU8,
+    pub violations: ViolationLog,
+    control: Arc<dyn RunControl>,
+}
+
+impl Enforcer {
+    pub fn new(policy: Policy, control: Arc<dyn RunControl>) -> Self {
+        Enforcer {
+            memory: RwLock::default(),
+            policy: AtomicU8::new(policy_code(policy)),
+            violations: ViolationLog::default(),
+            control,
+        }
+    }
+
+    pub fn policy(&self) -> Policy {
+        match self.policy.load(Ordering::Relaxed) {
+            1 => Policy::Log,
+            2 => Policy::Pause,
+            3 => Policy::Shutdown,
+            _ => Policy::Deny,
+        }
+    }
+
+    pub fn set_policy(&self, policy: Policy) {
+        self.policy.store(policy_code(policy), Ordering::Relaxed);
+    }
+
+    pub fn control(&self) -> &dyn RunControl {
+        self.control.as_ref()
+    }
+
+    /// The protections, held for the duration of one access.
+    pub(super) fn protections(&self) -> RwLockReadGuard<'_, MemoryProtections> {
+        self.memory.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for every access in flight, then lets the caller change the
+    /// protections while no new access can be judged.
+    pub(super) fn protections_mut(&self) -> RwLockWriteGuard<'_, MemoryProtections> {
+        self.memory.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a violation verdict (the caller fills in who and where) and
+    /// applies its outcome to the whole VM.
+    pub fn enforce(&self, verdict: &Verdict, source: &str, fill: impl FnOnce(&mut ViolationRecord)) {
+        if let Some(mut record) = verdict.record() {
+            fill(&mut record);
+            self.violations.record(record);
+        }
+        if verdict.outcome() != Outcome::Continue {
+            self.control.stop_for_violation(verdict.outcome(), source);
+        }
+    }
+}
+
+fn policy_code(policy: Policy) -> u8 {
+    match policy {
+        Policy::Deny => 0,
+        Policy::Log => 1,
+        Policy::Pause => 2,
+        Policy::Shutdown => 3,
+    }
+}
+
+/// Who accesses memory through a `CheckedMemory`: named in violations.
+#[derive(Debug, Default)]
+pub struct Accessor {
+    pub name: String,
+    /// Accesses heki refused.
+    pub refused: AtomicU64,
+}
+
+/// A device's view of guest RAM, policed by heki.
+#[derive(Clone)]
+pub struct CheckedMemory {
+    ram: GuestMemoryMmap,
+    enforcer: Arc<Enforcer>,
+    accessor: Arc<Accessor>,
+}
+
+impl CheckedMemory {
+    pub fn new(ram: GuestMemoryMmap, enforcer: Arc<Enforcer>, accessor: Arc<Accessor>) -> Self {
+        CheckedMemory { ram, enforcer, accessor }
+    }
+
+    pub fn accessor(&self) -> &Accessor {
+        &self.accessor
+    }
+
+    /// Judges a device write of `[gpa, gpa + len)`, reporting a violation;
+    /// true if the write may be performed.
+    fn judge_write(&self, protections: &MemoryProtections, gpa: u64, len: u64) -> bool {
+        let access = Access::DmaWrite { gpa, len };
+        let verdict = judge(access, Protections { memory: protections, pins: None }, self.enforcer.policy());
+        if verdict.is_violation() {
+            if !verdict.performs_access() {
+                self.accessor.refused.fetch_add(1, Ordering::Relaxed);
+            }
+            let device = &self.accessor.name;
+            self.enforcer.enforce(&verdict, device, |record| {
+                record.gpa = Some(gpa);
+                record.size = Some(len);
+                record.details.insert("device".into(), device.clone());
+            });
+        }
+        verdict.performs_access()
+    }
+
+    /// Asks whether the device may write `[gpa, gpa + len)` without writing
+    /// (rings checked when the driver starts the device); a refusal is reported.
+    pub fn probe_write(&self, gpa: u64, len: u64) -> bool {
+        let protections = self.enforcer.protections();
+        self.judge_write(&protections, gpa, len)
+    }
+}
+
+/// Slices that keep the protections read-locked until the access is done.
+struct HeldSlices<'a, I> {
+    slices: I,
+    _protections: RwLockReadGuard<'a, MemoryProtections>,
+}
+
+impl<I: Iterator> Iterator for HeldSlices<'_, I> {
+    type Item = I::Item;
+    fn next(&mut self) -> Option<I::Item> {
+        self.slices.next()
+    }
+}
+
+impl<I: FusedIterator> FusedIterator for HeldSlices<'_, I> {}
+
+impl<'a, I: GuestMemorySliceIterator<'a, BS<'a, ()>>> GuestMemorySliceIterator<'a, BS<'a, ()>>
+    for HeldSlices<'a, I>
+{
+}
+
+fn refused(gpa: GuestAddress) -> GuestMemoryError {
+    GuestMemoryError::IOError(std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        format!("heki forbids this access at {:#x}", gpa.0),
+    ))
+}
+
+/// Whether a guest-memory error is heki's refusal (rather than a bad address).
+pub fn is_refusal(e: &GuestMemoryError) -> bool {
+    matches!(e, GuestMemoryError::IOError(io) if io.kind() == std::io::ErrorKind::PermissionDenied)
+}
+
+impl GuestMemory for CheckedMemory {
+    type PhysicalMemory = GuestMemoryMmap;
+    type Bitmap = ();
+
+    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        GuestMemoryBackend::check_range(&self.ram, addr, count)
+            && (!access.has_write() || self.enforcer.protections().range_writable(addr.0, count as u64))
+    }
+
+    fn get_slices<'a>(
+        &'a self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> vm_memory::GuestMemoryResult<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
+        let protections = self.enforcer.protections();
+        if access.has_write() && !self.judge_write(&protections, addr.0, count as u64) {
+            return Err(refused(addr));
+        }
+        Ok(HeldSlices { slices: GuestMemoryBackend::get_slices(&self.ram, addr, count), _protections: protections })
+    }
+}

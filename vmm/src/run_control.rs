@@ -1,0 +1,103 @@
+//! The VM's run control: the gates that keep vCPUs out of guest mode and
+//! device workers off their queues, and the channel to the VMM thread, which
+//! alone owns the run state (`VmState`). Any thread may ask for a pause or a
+//! shutdown after a violation; asking twice is asking once.
+
+use std::sync::{Arc, Mutex};
+use std::sync::mpsc::Sender;
+
+use heki::Outcome;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::cpu::VcpuEvent;
+use crate::cpu::gate::{GateTimeout, VcpuGate};
+use crate::devices::gate::{DeviceGate, DevicePauseTimeout};
+use crate::heki::ports::{HoldTimeout, RunControl};
+use crate::vm::VCPU_STOP_TIMEOUT;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    #[error(transparent)]
+    Vcpus(#[from] GateTimeout),
+    #[error(transparent)]
+    Devices(#[from] DevicePauseTimeout),
+}
+
+pub struct VmControl {
+    pub vcpus: VcpuGate,
+    pub devices: Arc<DeviceGate>,
+    events: Mutex<Sender<VcpuEvent>>,
+    events_wake: EventFd,
+}
+
+impl VmControl {
+    pub fn new(events: Sender<VcpuEvent>, events_wake: EventFd) -> Self {
+        VmControl {
+            vcpus: VcpuGate::default(),
+            devices: Arc::default(),
+            events: Mutex::new(events),
+            events_wake,
+        }
+    }
+
+    /// Tells the VMM thread.
+    pub fn report(&self, event: VcpuEvent) {
+        let sent = self.events.lock().map(|tx| tx.send(event).is_ok()).unwrap_or(false);
+        if sent {
+            let _ = self.events_wake.write(1);
+        }
+    }
+
+    /// Stops the VM: vCPUs out of guest mode (half-done exits finished
+    /// first) and device workers idle. Called by the VMM thread.
+    pub fn pause(&self) -> Result<(), PauseError> {
+        self.vcpus.pause();
+        self.devices.close();
+        let result = self
+            .vcpus
+            .wait_out_of_guest(VCPU_STOP_TIMEOUT)
+            .map_err(PauseError::from)
+            .and_then(|()| self.devices.pause(VCPU_STOP_TIMEOUT).map_err(PauseError::from));
+        if result.is_err() {
+            self.resume();
+        }
+        result
+    }
+
+    pub fn resume(&self) {
+        self.devices.resume();
+        self.vcpus.resume();
+    }
+
+    /// Ends every vCPU and device wait for good (VM teardown).
+    pub fn stop(&self) {
+        self.vcpus.stop();
+        self.devices.stop();
+    }
+}
+
+impl RunControl for VmControl {
+    fn hold_vcpus(&self) -> Result<(), HoldTimeout> {
+        self.vcpus.hold(VCPU_STOP_TIMEOUT).map_err(|e| HoldTimeout(e.0))
+    }
+
+    fn release_vcpus(&self) {
+        self.vcpus.release();
+    }
+
+    fn notify_vcpus(&self) {
+        self.vcpus.notify();
+    }
+
+    fn stop_for_violation(&self, outcome: Outcome, source: &str) {
+        // Close both gates at once, before the VMM thread hears of it, so the
+        // guest and the devices do nothing more in between.
+        let first = self.vcpus.pause();
+        self.devices.close();
+        match outcome {
+            Outcome::Pause if first => self.report(VcpuEvent::HekiPaused { source: source.to_string() }),
+            Outcome::Shutdown => self.report(VcpuEvent::HekiShutdown { source: source.to_string() }),
+            Outcome::Pause | Outcome::Continue => {}
+        }
+    }
+}
