@@ -23,7 +23,9 @@ pub use perms::Permissions;
 pub use pins::VcpuPins;
 pub use policy::Policy;
 pub use rate_limit::{Admission, EventRateLimiter};
-pub use verdict::{Access, Action, Breach, Outcome, Protections, RecordedAction, Verdict, ViolationKind, ViolationRecord, judge};
+pub use verdict::{
+    Access, Action, Breach, Outcome, Protections, RecordedAction, Verdict, ViolationKind, ViolationRecord, judge,
+};
 
 /// Longest write `check_write` judges byte by byte (MMIO exits carry at most 8).
 pub const MAX_CHECKED_WRITE: usize = 64;

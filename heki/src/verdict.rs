@@ -225,7 +225,9 @@ pub fn judge(access: Access, protections: Protections<'_>, policy: Policy) -> Ve
             let found = protections.pins.map(|p| p.check_crs(cr0, cr4)).unwrap_or_default();
             (ViolationKind::Cr, if found.is_empty() { Breach::None } else { Breach::Crs(found) }, true)
         }
-        Access::Call { cpl } => (ViolationKind::Hypercall, if cpl == 0 { Breach::None } else { Breach::Privilege }, cpl == 0),
+        Access::Call { cpl } => {
+            (ViolationKind::Hypercall, if cpl == 0 { Breach::None } else { Breach::Privilege }, cpl == 0)
+        }
     };
     let action = match (&breach, performable) {
         (Breach::None, _) => Action::Allow,
@@ -267,7 +269,11 @@ impl Verdict {
     pub fn bytes_to_apply(&self, len: usize) -> Vec<(usize, usize)> {
         match &self.breach {
             _ if self.performs_access() => {
-                if len == 0 { Vec::new() } else { vec![(0, len)] }
+                if len == 0 {
+                    Vec::new()
+                } else {
+                    vec![(0, len)]
+                }
             }
             Breach::Bytes(check) if self.performable => check.allowed_runs(),
             _ => Vec::new(),
@@ -474,7 +480,10 @@ mod tests {
         assert!(!v.performs_access());
         assert!(v.bytes_to_apply(16).is_empty());
         assert_eq!(v.record().map(|r| r.action), Some(RecordedAction::Denied));
-        assert_eq!(judge_with(Access::UnemulableWrite { gpa: 0x1000, len: 16 }, Policy::Pause).outcome(), Outcome::Pause);
+        assert_eq!(
+            judge_with(Access::UnemulableWrite { gpa: 0x1000, len: 16 }, Policy::Pause).outcome(),
+            Outcome::Pause
+        );
         assert!(!judge_with(Access::UnemulableWrite { gpa: 0x3000, len: 16 }, Policy::Deny).is_violation());
     }
 
@@ -505,7 +514,8 @@ mod tests {
     #[test]
     fn devices_have_no_pins_so_msr_and_cr_checks_pass() {
         let m = memory();
-        let v = judge(Access::MsrWrite { index: LSTAR, value: 1 }, Protections { memory: &m, pins: None }, Policy::Deny);
+        let v =
+            judge(Access::MsrWrite { index: LSTAR, value: 1 }, Protections { memory: &m, pins: None }, Policy::Deny);
         assert_eq!(v.action, Action::Allow);
     }
 

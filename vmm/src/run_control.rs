@@ -3,8 +3,8 @@
 //! alone owns the run state (`VmState`). Any thread may ask for a pause or a
 //! shutdown after a violation; asking twice is asking once.
 
-use std::sync::{Arc, Mutex};
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
 
 use heki::Outcome;
 use vmm_sys_util::eventfd::EventFd;
@@ -32,12 +32,7 @@ pub struct VmControl {
 
 impl VmControl {
     pub fn new(events: Sender<VcpuEvent>, events_wake: EventFd) -> Self {
-        VmControl {
-            vcpus: VcpuGate::default(),
-            devices: Arc::default(),
-            events: Mutex::new(events),
-            events_wake,
-        }
+        VmControl { vcpus: VcpuGate::default(), devices: Arc::default(), events: Mutex::new(events), events_wake }
     }
 
     /// Tells the VMM thread.
@@ -99,5 +94,48 @@ impl RunControl for VmControl {
             Outcome::Shutdown => self.report(VcpuEvent::HekiShutdown { source: source.to_string() }),
             Outcome::Pause | Outcome::Continue => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn control() -> (VmControl, std::sync::mpsc::Receiver<VcpuEvent>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let wake = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        (VmControl::new(tx, wake), rx)
+    }
+
+    #[test]
+    fn two_vcpus_trapping_at_once_make_one_pause_and_one_resume_continues() {
+        let (control, events) = control();
+        std::thread::scope(|s| {
+            s.spawn(|| control.stop_for_violation(Outcome::Pause, "vcpu 0"));
+            s.spawn(|| control.stop_for_violation(Outcome::Pause, "vcpu 1"));
+        });
+        let reported: Vec<_> = events.try_iter().collect();
+        assert_eq!(reported.len(), 1, "one pause: {reported:?}");
+        assert!(control.vcpus.is_paused() && control.devices.is_paused());
+        control.resume();
+        assert!(!control.vcpus.is_paused() && !control.devices.is_paused());
+    }
+
+    #[test]
+    fn a_heki_pause_while_the_user_paused_adds_nothing_to_undo() {
+        let (control, events) = control();
+        control.pause().expect("no vCPU or device runs");
+        control.stop_for_violation(Outcome::Pause, "_rng");
+        assert_eq!(events.try_iter().count(), 0);
+        control.resume();
+        assert!(!control.vcpus.is_paused());
+    }
+
+    #[test]
+    fn shutdown_closes_the_gates_and_tells_the_vmm_thread() {
+        let (control, events) = control();
+        control.stop_for_violation(Outcome::Shutdown, "_disk0");
+        assert!(control.vcpus.is_paused() && control.devices.is_paused());
+        assert!(matches!(events.try_recv(), Ok(VcpuEvent::HekiShutdown { source }) if source == "_disk0"));
     }
 }

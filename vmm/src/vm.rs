@@ -176,16 +176,7 @@ impl Vm {
             counters: (0..cpus).map(|_| ExitCounters::default()).collect(),
         });
         let device_stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        Ok(Vm {
-            threads: Vec::new(),
-            helpers: Vec::new(),
-            virtio,
-            device_stop,
-            pending_vcpus,
-            ctx,
-            kvm_vm,
-            serial,
-        })
+        Ok(Vm { threads: Vec::new(), helpers: Vec::new(), virtio, device_stop, pending_vcpus, ctx, kvm_vm, serial })
     }
 
     /// Starts every vCPU thread.

@@ -6,6 +6,8 @@
 //! `CheckedMemory` implements vm-memory's access-checked `GuestMemory`
 //! trait, so virtio-queue's descriptor reads and used-ring writes go through
 //! it too. It never hands out the raw mapping (`physical_memory` is `None`).
+// Guest-supplied numbers: no unchecked arithmetic here.
+#![deny(clippy::arithmetic_side_effects)]
 
 use std::iter::FusedIterator;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -155,10 +157,7 @@ impl<I: Iterator> Iterator for HeldSlices<'_, I> {
 
 impl<I: FusedIterator> FusedIterator for HeldSlices<'_, I> {}
 
-impl<'a, I: GuestMemorySliceIterator<'a, BS<'a, ()>>> GuestMemorySliceIterator<'a, BS<'a, ()>>
-    for HeldSlices<'a, I>
-{
-}
+impl<'a, I: GuestMemorySliceIterator<'a, BS<'a, ()>>> GuestMemorySliceIterator<'a, BS<'a, ()>> for HeldSlices<'a, I> {}
 
 fn refused(gpa: GuestAddress) -> GuestMemoryError {
     GuestMemoryError::IOError(std::io::Error::new(

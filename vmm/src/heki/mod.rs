@@ -19,3 +19,5 @@ pub mod violations;
 
 pub use checked_memory::{Accessor, CheckedMemory, Enforcer};
 pub use runtime::HekiRuntime;
+#[cfg(test)]
+mod tests;

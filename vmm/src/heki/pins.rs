@@ -78,7 +78,8 @@ impl PinState {
 
     /// Union of pinned MSRs across vCPUs: the VM-wide write filter.
     fn filtered_msrs(&self) -> Vec<u32> {
-        let mut all: Vec<u32> = self.snapshot().iter().flat_map(|p| p.msrs.keys().copied().collect::<Vec<_>>()).collect();
+        let mut all: Vec<u32> =
+            self.snapshot().iter().flat_map(|p| p.msrs.keys().copied().collect::<Vec<_>>()).collect();
         all.sort_unstable();
         all.dedup();
         all
@@ -280,12 +281,8 @@ impl HekiRuntime {
                 mailbox.requests.iter_mut().for_each(|r| *r = None);
                 return Err("vCPUs did not answer the pin request (is the VM running?)".into());
             }
-            mailbox = self
-                .pin_state
-                .answered
-                .wait_timeout(mailbox, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            mailbox =
+                self.pin_state.answered.wait_timeout(mailbox, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
         match mailbox.results.iter().take(vcpus).find_map(|r| r.clone().and_then(Result::err)) {
             Some(e) => Err(e),

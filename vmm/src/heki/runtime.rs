@@ -100,8 +100,7 @@ impl HekiRuntime {
 
     /// Feature bits this VMM implements on this host.
     pub fn features(&self) -> u32 {
-        let memory =
-            if self.host.has_readonly_memory() { feature::PROTECT_MEMORY | feature::PROTECT_BYTES } else { 0 };
+        let memory = if self.host.has_readonly_memory() { feature::PROTECT_MEMORY | feature::PROTECT_BYTES } else { 0 };
         let msr = if self.msr_filter { feature::PIN_MSR } else { 0 };
         // Devices reach guest RAM only through heki-checked memory.
         memory | feature::PIN_CR | msr | feature::DMA_GUARD

@@ -1,13 +1,15 @@
 //! virtio-block over a raw image file: read, write, flush and get-id, with
 //! sector bounds checked and read-only disks refusing writes.
+// Guest-supplied numbers: no unchecked arithmetic here.
+#![deny(clippy::arithmetic_side_effects)]
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 
+use crate::heki::CheckedMemory;
 use virtio_queue::DescriptorChain;
 use virtio_queue::desc::split::Descriptor;
-use crate::heki::CheckedMemory;
 
 use super::{DeviceMemory, VirtioDevice};
 
@@ -43,38 +45,39 @@ impl Block {
 
     /// Runs one request; returns (status, bytes written to the guest).
     fn execute(&mut self, kind: u32, sector: u64, data: &[Descriptor], dma: &DeviceMemory) -> (u8, u32) {
-        let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
-        let in_bounds = total <= MAX_TRANSFER
-            && sector.checked_add(total.div_ceil(SECTOR_SIZE)).is_some_and(|end| end <= self.capacity_sectors);
-        match kind {
-            T_IN if !in_bounds || data.iter().any(|d| !d.is_write_only()) => (S_IOERR, 0),
-            T_IN => {
-                let mut offset = sector * SECTOR_SIZE;
+        let total = data.iter().map(|d| u64::from(d.len())).fold(0u64, u64::saturating_add);
+        // The byte offset where the transfer starts, if it fits the disk.
+        let start = sector
+            .checked_add(total.div_ceil(SECTOR_SIZE))
+            .filter(|&end| total <= MAX_TRANSFER && end <= self.capacity_sectors)
+            .and_then(|_| sector.checked_mul(SECTOR_SIZE));
+        match (kind, start) {
+            (T_IN, Some(mut offset)) if data.iter().all(|d| d.is_write_only()) => {
                 let mut written = 0u32;
                 for d in data {
+                    // Disk I/O into the bounce buffer first; heki checks and copies after.
                     let buf = scratch(&mut self.buffer, d.len());
                     if self.file.read_exact_at(buf, offset).is_err() || dma.write(d.addr().0, buf).is_err() {
                         return (S_IOERR, written);
                     }
-                    offset += u64::from(d.len());
-                    written += d.len();
+                    offset = offset.saturating_add(u64::from(d.len()));
+                    written = written.saturating_add(d.len());
                 }
                 (S_OK, written)
             }
-            T_OUT if self.readonly || !in_bounds || data.iter().any(|d| d.is_write_only()) => (S_IOERR, 0),
-            T_OUT => {
-                let mut offset = sector * SECTOR_SIZE;
+            (T_OUT, Some(mut offset)) if !self.readonly && data.iter().all(|d| !d.is_write_only()) => {
                 for d in data {
                     let buf = scratch(&mut self.buffer, d.len());
                     if dma.read(d.addr().0, buf).is_err() || self.file.write_all_at(buf, offset).is_err() {
                         return (S_IOERR, 0);
                     }
-                    offset += u64::from(d.len());
+                    offset = offset.saturating_add(u64::from(d.len()));
                 }
                 (S_OK, 0)
             }
-            T_FLUSH => (if self.file.sync_data().is_ok() { S_OK } else { S_IOERR }, 0),
-            T_GET_ID => {
+            (T_IN | T_OUT, _) => (S_IOERR, 0),
+            (T_FLUSH, _) => (if self.file.sync_data().is_ok() { S_OK } else { S_IOERR }, 0),
+            (T_GET_ID, _) => {
                 let mut id = [0u8; ID_BYTES];
                 let n = self.id.len().min(ID_BYTES);
                 id[..n].copy_from_slice(&self.id.as_bytes()[..n]);
@@ -112,7 +115,7 @@ impl VirtioDevice for Block {
         // capacity (u64, in 512-byte sectors) is the first field.
         let config = self.capacity_sectors.to_le_bytes();
         for (i, b) in data.iter_mut().enumerate() {
-            *b = config.get(offset as usize + i).copied().unwrap_or(0);
+            *b = config.get((offset as usize).saturating_add(i)).copied().unwrap_or(0);
         }
     }
 
@@ -131,12 +134,13 @@ impl VirtioDevice for Block {
         }
         let kind = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
         let sector = u64::from_le_bytes([raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15]]);
-        let (state, written) = self.execute(kind, sector, &descriptors[1..descriptors.len() - 1], dma);
+        let data = descriptors.get(1..descriptors.len().saturating_sub(1)).unwrap_or(&[]);
+        let (state, written) = self.execute(kind, sector, data, dma);
         if state != S_OK {
             dma.counters.errors.fetch_add(1, Ordering::Relaxed);
         }
         match dma.write(status.addr().0, &[state]) {
-            Ok(()) => written + 1,
+            Ok(()) => written.saturating_add(1),
             Err(_) => written,
         }
     }

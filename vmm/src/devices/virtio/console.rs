@@ -1,11 +1,13 @@
 //! virtio-console: the guest's transmit queue goes to the configured output.
 //! There is no input yet, so receive buffers stay with the device unused.
+// Guest-supplied numbers: no unchecked arithmetic here.
+#![deny(clippy::arithmetic_side_effects)]
 
 use std::io::Write;
 use std::sync::atomic::Ordering;
 
-use virtio_queue::DescriptorChain;
 use crate::heki::CheckedMemory;
+use virtio_queue::DescriptorChain;
 
 use super::{DeviceMemory, VirtioDevice};
 

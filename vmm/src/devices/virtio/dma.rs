@@ -1,6 +1,8 @@
 //! A device's access to guest memory: only through heki-checked memory
 //! (`CheckedMemory`), which refuses, reports and, per policy, stops the VM
 //! when a write would land in protected memory. There is no other path.
+// Guest-supplied numbers: no unchecked arithmetic here.
+#![deny(clippy::arithmetic_side_effects)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -10,8 +10,8 @@ pub mod pci;
 pub mod rng;
 pub mod tap;
 
-use virtio_queue::{DescriptorChain, Queue};
 use crate::heki::CheckedMemory;
+use virtio_queue::{DescriptorChain, Queue};
 
 pub use dma::{DeviceCounters, DeviceMemory};
 

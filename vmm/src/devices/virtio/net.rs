@@ -1,10 +1,12 @@
 //! virtio-net over a TAP device: transmit queue → TAP, TAP → receive queue.
+// Guest-supplied numbers: no unchecked arithmetic here.
+#![deny(clippy::arithmetic_side_effects)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use virtio_queue::DescriptorChain;
 use crate::heki::CheckedMemory;
+use virtio_queue::DescriptorChain;
 
 use super::tap::Tap;
 use super::{DeviceMemory, VirtioDevice};
@@ -16,6 +18,8 @@ const TX_QUEUE: usize = 1;
 /// virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers.
 const HEADER_LEN: usize = 12;
 const MAX_FRAME: usize = 65_562;
+/// A frame with its virtio-net header.
+const FRAME_BUFFER: usize = HEADER_LEN + MAX_FRAME;
 
 /// Packets dropped on receive (no room, or the DMA guard refused the buffer).
 #[derive(Default)]
@@ -34,17 +38,15 @@ pub struct Net {
 
 impl Net {
     pub fn new(tap: Tap, mac: [u8; 6]) -> Self {
-        Net { tap, mac, frame: vec![0; HEADER_LEN + MAX_FRAME], counters: Arc::default() }
+        Net { tap, mac, frame: vec![0; FRAME_BUFFER], counters: Arc::default() }
     }
 
     fn transmit(&mut self, chain: DescriptorChain<&CheckedMemory>, dma: &DeviceMemory) {
         let mut packet = Vec::new();
         for desc in chain.readable() {
             let start = packet.len();
-            if start + desc.len() as usize > HEADER_LEN + MAX_FRAME {
-                return;
-            }
-            packet.resize(start + desc.len() as usize, 0);
+            let Some(end) = start.checked_add(desc.len() as usize).filter(|&end| end <= FRAME_BUFFER) else { return };
+            packet.resize(end, 0);
             if dma.read(desc.addr().0, &mut packet[start..]).is_err() {
                 return;
             }
@@ -61,7 +63,7 @@ impl Net {
         };
         self.frame[..HEADER_LEN].fill(0);
         self.frame[10] = 1; // num_buffers
-        let mut packet = &self.frame[..HEADER_LEN + len];
+        let mut packet = self.frame.get(..HEADER_LEN.saturating_add(len)).unwrap_or(&[]);
         let mut written = 0u32;
         for desc in chain.writable() {
             if packet.is_empty() {
@@ -73,7 +75,7 @@ impl Net {
                 return 0;
             }
             packet = &packet[n..];
-            written += n as u32;
+            written = written.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
         }
         if !packet.is_empty() {
             // The guest's buffer was too small: the frame is cut, and counted.
@@ -100,7 +102,7 @@ impl VirtioDevice for Net {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
-            *b = self.mac.get(offset as usize + i).copied().unwrap_or(0);
+            *b = self.mac.get((offset as usize).saturating_add(i)).copied().unwrap_or(0);
         }
     }
 

@@ -1,6 +1,8 @@
 //! The virtio 1.x modern PCI transport: configuration space with the four
 //! virtio capabilities, and BAR 0 holding common, notify, ISR and device
 //! configuration. Queue work happens on the device's worker thread.
+// Guest-supplied numbers: no unchecked arithmetic here.
+#![deny(clippy::arithmetic_side_effects)]
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,6 +28,8 @@ const MSIX_TABLE: u64 = 0x3800;
 const MSIX_PBA: u64 = 0x3c00;
 const MSIX_CAP: usize = 0x90;
 const NO_VECTOR: u16 = 0xffff;
+/// BAR 0's size bits as the sizing protocol reads them back.
+const BAR_SIZE_MASK: u32 = !(BAR_SIZE as u32).wrapping_sub(1);
 
 /// One MSI-X vector: its table entry, GSI and irqfd.
 struct MsixVector {
@@ -105,9 +109,9 @@ impl TransportState {
     fn rings_allowed(&self, queue: &Queue) -> bool {
         let size = u64::from(queue.size());
         let rings = [
-            (queue.desc_table(), 16 * size, "descriptor table"),
-            (queue.avail_ring(), 6 + 2 * size, "available ring"),
-            (queue.used_ring(), 6 + 8 * size, "used ring"),
+            (queue.desc_table(), size.saturating_mul(16), "descriptor table"),
+            (queue.avail_ring(), size.saturating_mul(2).saturating_add(6), "available ring"),
+            (queue.used_ring(), size.saturating_mul(8).saturating_add(6), "used ring"),
         ];
         rings.iter().all(|&(gpa, len, what)| {
             let ok = self.memory.mem.probe_write(gpa, len);
@@ -194,7 +198,7 @@ impl VirtioPci {
             .collect::<Result<Vec<_>, _>>()?;
         let notify = (0..queues.len()).map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<Result<Vec<_>, _>>()?;
         // One vector per queue plus one for configuration changes.
-        let vector_count = queues.len() + 1;
+        let vector_count = queues.len().saturating_add(1);
         let mut vectors = Vec::with_capacity(vector_count);
         for _ in 0..vector_count {
             let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
@@ -225,9 +229,9 @@ impl VirtioPci {
             memory,
         };
         let mut config = [0u8; 256];
-        let mut put = |off: usize, bytes: &[u8]| config[off..off + bytes.len()].copy_from_slice(bytes);
+        let mut put = |off: usize, bytes: &[u8]| config[off..off.saturating_add(bytes.len())].copy_from_slice(bytes);
         put(0x00, &VENDOR_ID.to_le_bytes());
-        put(0x02, &(DEVICE_ID_BASE + device_type).to_le_bytes());
+        put(0x02, &DEVICE_ID_BASE.saturating_add(device_type).to_le_bytes());
         put(0x06, &0x0010u16.to_le_bytes()); // capability list
         put(0x08, &[0x01]); // revision 1: modern
         put(0x09, &class.to_le_bytes()[..3]);
@@ -253,7 +257,7 @@ impl VirtioPci {
         put(0x80, &NOTIFY_MULTIPLIER.to_le_bytes());
         // MSI-X: table size - 1, table and PBA in BAR 0.
         put(MSIX_CAP, &[0x11, 0x00]);
-        put(MSIX_CAP + 2, &((vector_count - 1) as u16).to_le_bytes());
+        put(MSIX_CAP.saturating_add(2), &(queues_len_as_u16(vector_count.saturating_sub(1))).to_le_bytes());
         put(MSIX_CAP + 4, &(MSIX_TABLE as u32).to_le_bytes());
         put(MSIX_CAP + 8, &(MSIX_PBA as u32).to_le_bytes());
         Ok(VirtioPci { config, bar_address, bar_probe: [false; 2], state: Arc::new(Mutex::new(state)), notify })
@@ -261,10 +265,7 @@ impl VirtioPci {
 
     /// Each queue's notify register address and eventfd (for ioeventfds).
     pub fn notifiers(&self) -> impl Iterator<Item = (u64, &EventFd)> {
-        self.notify
-            .iter()
-            .enumerate()
-            .map(|(i, fd)| (self.bar_address + NOTIFY + i as u64 * u64::from(NOTIFY_MULTIPLIER), fd))
+        self.notify.iter().enumerate().map(|(i, fd)| (notify_address(self.bar_address, i), fd))
     }
 
     pub fn state(&self) -> Arc<Mutex<TransportState>> {
@@ -289,6 +290,7 @@ impl VirtioPci {
                 .chain(extra.map(|(fd, _)| fd))
                 .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
                 .collect();
+            let extra_index = notify.len().saturating_add(1);
             // Drains a queue, across a pause if one cuts in; false at teardown.
             let drain = |index: usize| loop {
                 let Some(_active) = gate.begin() else { return false };
@@ -314,18 +316,18 @@ impl VirtioPci {
                     }
                 }
                 if let Some((_, queue)) = extra
-                    && fds[notify.len() + 1].revents != 0
+                    && fds[extra_index].revents != 0
                 {
                     if !drain(queue) {
                         return;
                     }
                     // Data the guest has no buffers for yet: wait for its next notify.
                     if !lock_state(&state).queue_has_room(queue) {
-                        fds[notify.len() + 1].events = 0;
+                        fds[extra_index].events = 0;
                     }
                 }
-                if fds.len() > notify.len() + 1 && fds[..notify.len()].iter().any(|f| f.revents != 0) {
-                    fds[notify.len() + 1].events = libc::POLLIN;
+                if fds.len() > extra_index && fds[..notify.len()].iter().any(|f| f.revents != 0) {
+                    fds[extra_index].events = libc::POLLIN;
                 }
             }
         })
@@ -438,6 +440,17 @@ impl VirtioPci {
     }
 }
 
+/// The guest address of queue `index`'s notify register.
+fn notify_address(bar: u64, index: usize) -> u64 {
+    let offset = (index as u64).saturating_mul(u64::from(NOTIFY_MULTIPLIER));
+    bar.saturating_add(NOTIFY).saturating_add(offset)
+}
+
+/// Vector counts are bounded by the queue count (a few).
+fn queues_len_as_u16(n: usize) -> u16 {
+    u16::try_from(n).unwrap_or(u16::MAX)
+}
+
 fn lock_state(state: &Mutex<TransportState>) -> MutexGuard<'_, TransportState> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -475,8 +488,9 @@ impl PciDevice for VirtioPci {
         let mut space = self.config;
         for (i, probing) in self.bar_probe.iter().enumerate() {
             if *probing {
-                let mask: u32 = if i == 0 { !(BAR_SIZE as u32 - 1) | 0x4 } else { 0xffff_ffff };
-                space[0x10 + 4 * i..0x14 + 4 * i].copy_from_slice(&mask.to_le_bytes());
+                let mask: u32 = if i == 0 { BAR_SIZE_MASK | 0x4 } else { 0xffff_ffff };
+                let at = 0x10usize.saturating_add(i.saturating_mul(4));
+                space[at..at.saturating_add(4)].copy_from_slice(&mask.to_le_bytes());
             }
         }
         fill(&space, offset, data);
@@ -501,7 +515,7 @@ impl PciDevice for VirtioPci {
             }
             (0x10 | 0x14, 4) => {
                 // BARs are placed by the VMM; only the sizing protocol is honoured.
-                let i = usize::from((offset - 0x10) / 4);
+                let i = usize::from(offset.saturating_sub(0x10) / 4);
                 self.bar_probe[i] = data == [0xff; 4];
             }
             _ => {}
@@ -514,9 +528,9 @@ impl MmioDevice for VirtioPci {
         match offset {
             COMMON..NOTIFY => self.read_common(offset - COMMON, data),
             ISR..DEVICE_CONFIG => data.fill(0), // polled drivers only: no interrupt pending
-            MSIX_TABLE..MSIX_PBA => self.read_msix_table(offset - MSIX_TABLE, data),
+            MSIX_TABLE..MSIX_PBA => self.read_msix_table(offset.saturating_sub(MSIX_TABLE), data),
             MSIX_PBA..BAR_SIZE => data.fill(0),
-            DEVICE_CONFIG..MSIX_TABLE => self.lock().device.read_config(offset - DEVICE_CONFIG, data),
+            DEVICE_CONFIG..MSIX_TABLE => self.lock().device.read_config(offset.saturating_sub(DEVICE_CONFIG), data),
             _ => data.fill(0),
         }
     }
@@ -525,14 +539,115 @@ impl MmioDevice for VirtioPci {
         match offset {
             COMMON..NOTIFY => self.write_common(offset - COMMON, data),
             // Normally consumed by the ioeventfd in KVM; forwarded if it reaches us.
-            MSIX_TABLE..MSIX_PBA => self.write_msix_table(offset - MSIX_TABLE, data),
+            MSIX_TABLE..MSIX_PBA => self.write_msix_table(offset.saturating_sub(MSIX_TABLE), data),
             NOTIFY..ISR => {
-                let index = ((offset - NOTIFY) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                let index = (offset.saturating_sub(NOTIFY) >> NOTIFY_MULTIPLIER.trailing_zeros()) as usize;
                 if let Some(fd) = self.notify.get(index) {
                     let _ = fd.write(1);
                 }
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use heki::{Permissions, PlannedSlot, Policy, ProtectRange, ViolationKind};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::config::HekiConfig;
+    use crate::devices::virtio::{DeviceCounters, rng::Rng};
+    use crate::heki::testing::{RecordingControl, RecordingSlots};
+    use crate::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
+
+    const DESC: u64 = 0x1_0000;
+    const AVAIL: u64 = 0x1_1000;
+    const USED: u64 = 0x1_2000;
+    const BUFFER: u64 = 0x2_0000;
+
+    /// An rng device started by a minimal driver: one queue of 4 in its own pages.
+    fn started_rng() -> (GuestMemoryMmap, Arc<HekiRuntime>, VirtioPci) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        let enforcer = Arc::new(Enforcer::new(Policy::Deny, Arc::new(RecordingControl::default())));
+        let config = HekiConfig { enabled: true, ..HekiConfig::default() };
+        let boot = [(PlannedSlot { gpa: 0, size: 1 << 20, readonly: false }, 0)];
+        let heki = Arc::new(HekiRuntime::new(
+            &config,
+            enforcer.clone(),
+            Arc::new(RecordingSlots::default()),
+            mem.clone(),
+            &boot,
+            1,
+        ));
+        let accessor = Arc::new(Accessor { name: "_rng".into(), ..Accessor::default() });
+        let memory = DeviceMemory::new(CheckedMemory::new(mem.clone(), enforcer, accessor), Arc::default());
+        let source = std::fs::File::open("/dev/zero").expect("/dev/zero");
+        let mut dev = VirtioPci::new(Box::new(Rng::new(source)), 0, memory, 0, None).expect("transport");
+        let w32 = |dev: &mut VirtioPci, off: u64, v: u32| dev.write(off, &v.to_le_bytes());
+        dev.write(0x14, &[3]);
+        w32(&mut dev, 0x08, 1);
+        w32(&mut dev, 0x0c, 1);
+        dev.write(0x14, &[11]);
+        dev.write(0x18, &4u16.to_le_bytes());
+        for (off, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
+            w32(&mut dev, off, addr as u32);
+        }
+        dev.write(0x1c, &1u16.to_le_bytes());
+        dev.write(0x14, &[15]);
+        (mem, heki, dev)
+    }
+
+    /// Makes one 16-byte write-only buffer available and lets the worker run.
+    fn request(mem: &GuestMemoryMmap, dev: &VirtioPci, n: u16) {
+        mem.write_obj(BUFFER, GuestAddress(DESC)).expect("desc addr");
+        mem.write_obj(16u32, GuestAddress(DESC + 8)).expect("desc len");
+        mem.write_obj(2u16, GuestAddress(DESC + 12)).expect("desc flags: write-only");
+        mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(n % 4))).expect("ring");
+        mem.write_obj(n + 1, GuestAddress(AVAIL + 2)).expect("avail idx");
+        let gate = DeviceGate::default();
+        assert!(lock_state(&dev.state).process_queue(0, &gate));
+    }
+
+    fn used_page(mem: &GuestMemoryMmap) -> Vec<u8> {
+        let mut page = vec![0u8; 4096];
+        mem.read_slice(&mut page, GuestAddress(USED)).expect("used ring");
+        page
+    }
+
+    #[test]
+    fn a_used_ring_locked_after_driver_ok_is_never_written_again() {
+        let (mem, heki, dev) = started_rng();
+        request(&mem, &dev, 0);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).expect("idx"), 1, "the device works");
+        let range = ProtectRange { start: USED >> 12, end: (USED >> 12) + 1, perms: Permissions::READ };
+        heki.protect_pages(&[range], "guest").expect("lock the used ring");
+        let before = used_page(&mem);
+        request(&mem, &dev, 1);
+        assert_eq!(used_page(&mem), before, "not one byte of the locked ring changed");
+        assert_ne!(lock_state(&dev.state).status & status::NEEDS_RESET, 0);
+        let recent = heki.violations().recent();
+        assert!(
+            recent.iter().any(|v| v.kind == ViolationKind::DmaWrite && v.gpa.is_some_and(|g| g >> 12 == USED >> 12))
+        );
+    }
+
+    #[test]
+    fn a_paused_device_takes_no_request_until_resumed() {
+        let (mem, _heki, dev) = started_rng();
+        mem.write_obj(1u16, GuestAddress(AVAIL + 2)).expect("avail idx");
+        mem.write_obj(BUFFER, GuestAddress(DESC)).expect("desc addr");
+        mem.write_obj(16u32, GuestAddress(DESC + 8)).expect("desc len");
+        mem.write_obj(2u16, GuestAddress(DESC + 12)).expect("write-only");
+        let gate = DeviceGate::default();
+        gate.close();
+        assert!(!lock_state(&dev.state).process_queue(0, &gate), "cut short by the pause");
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).expect("idx"), 0);
+        gate.resume();
+        assert!(lock_state(&dev.state).process_queue(0, &gate));
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).expect("idx"), 1);
     }
 }

@@ -1,11 +1,13 @@
 //! virtio-rng: fills the guest's buffers from a host entropy source.
+// Guest-supplied numbers: no unchecked arithmetic here.
+#![deny(clippy::arithmetic_side_effects)]
 
 use std::fs::File;
 use std::io::Read;
 use std::sync::atomic::Ordering;
 
-use virtio_queue::DescriptorChain;
 use crate::heki::CheckedMemory;
+use virtio_queue::DescriptorChain;
 
 use super::{DeviceMemory, VirtioDevice};
 
@@ -32,7 +34,7 @@ impl VirtioDevice for Rng {
         dma.counters.requests.fetch_add(1, Ordering::Relaxed);
         let mut written = 0u32;
         for desc in chain.writable() {
-            let len = desc.len().min(MAX_REQUEST - written);
+            let len = desc.len().min(MAX_REQUEST.saturating_sub(written));
             let mut buf = vec![0u8; len as usize];
             if self.source.read_exact(&mut buf).is_err() {
                 dma.counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -43,7 +45,7 @@ impl VirtioDevice for Rng {
                 dma.counters.errors.fetch_add(1, Ordering::Relaxed);
                 return 0;
             }
-            written += len;
+            written = written.saturating_add(len);
             if written >= MAX_REQUEST {
                 break;
             }

@@ -1,0 +1,228 @@
+//! The heki exit path driven without a VM: fakes stand in for KVM
+//! (`testing::RecordingSlots`, `FakeVcpu`) and for the run control.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use heki::{Outcome, Permissions, PlannedSlot, Policy, ProtectRange, ViolationKind};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::testing::{FakeVcpu, RecordingControl, RecordingSlots};
+use super::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
+use crate::config::HekiConfig;
+
+const RAM: u64 = 1 << 20;
+const LSTAR: u32 = 0xc000_0082;
+
+struct Rig {
+    mem: GuestMemoryMmap,
+    control: Arc<RecordingControl>,
+    slots: Arc<RecordingSlots>,
+    heki: Arc<HekiRuntime>,
+}
+
+fn rig(policy: Policy) -> Rig {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).expect("memory");
+    let control = Arc::new(RecordingControl::default());
+    let slots = Arc::new(RecordingSlots::default());
+    let enforcer = Arc::new(Enforcer::new(policy, control.clone()));
+    let config = HekiConfig { enabled: true, policy, ..HekiConfig::default() };
+    let boot = [(PlannedSlot { gpa: 0, size: RAM, readonly: false }, 0)];
+    let heki = Arc::new(HekiRuntime::new(&config, enforcer, slots.clone(), mem.clone(), &boot, 2));
+    Rig { mem, control, slots, heki }
+}
+
+impl Rig {
+    fn device(&self, name: &str) -> CheckedMemory {
+        let accessor = Arc::new(Accessor { name: name.into(), ..Accessor::default() });
+        CheckedMemory::new(self.mem.clone(), self.heki.enforcer().clone(), accessor)
+    }
+
+    fn lock_page(&self, page: u64) {
+        let range = ProtectRange { start: page, end: page + 1, perms: Permissions::READ };
+        self.heki.protect_pages(&[range], "test").expect("lock");
+    }
+
+    fn byte(&self, gpa: u64) -> u8 {
+        self.mem.read_obj(GuestAddress(gpa)).expect("RAM")
+    }
+
+    fn stops(&self) -> Vec<Outcome> {
+        self.control.stops.lock().expect("stops").iter().map(|(o, _)| *o).collect()
+    }
+}
+
+#[test]
+fn a_lock_installs_a_read_only_slot_with_vcpus_held() {
+    let rig = rig(Policy::Deny);
+    rig.lock_page(3);
+    let slots = rig.slots.slots.lock().expect("slots").clone();
+    assert!(slots.iter().any(|&(_, gpa, size, readonly)| (gpa, size, readonly) == (0x3000, 0x1000, true)), "{slots:?}");
+    assert_eq!(*rig.control.max_holds.lock().expect("holds"), 1);
+    assert_eq!(*rig.control.holds.lock().expect("holds"), 0, "released");
+}
+
+#[test]
+fn a_trapped_write_keeps_its_allowed_bytes_and_is_reported() {
+    let rig = rig(Policy::Deny);
+    rig.heki.protect_bytes(0x5004, 2, "test").expect("lock bytes");
+    rig.heki.on_unclaimed_mmio_write(1, 0x5000, &[0xaa; 8], || Some(0x1234));
+    let bytes: Vec<u8> = (0x5000..0x5008).map(|g| rig.byte(g)).collect();
+    assert_eq!(bytes, [0xaa, 0xaa, 0xaa, 0xaa, 0, 0, 0xaa, 0xaa]);
+    let recent = rig.heki.violations().recent();
+    assert_eq!(recent.len(), 1);
+    assert_eq!((recent[0].kind, recent[0].gpa, recent[0].size), (ViolationKind::Write, Some(0x5004), Some(2)));
+    assert_eq!(recent[0].rip, Some(0x1234));
+    assert!(rig.stops().is_empty(), "deny goes on");
+}
+
+#[test]
+fn a_trapped_write_under_pause_stops_the_vm_once_per_trap() {
+    let rig = rig(Policy::Pause);
+    rig.lock_page(2);
+    rig.heki.on_unclaimed_mmio_write(0, 0x2000, &[1], || None);
+    assert_eq!(rig.byte(0x2000), 0);
+    assert_eq!(rig.stops(), vec![Outcome::Pause]);
+}
+
+#[test]
+fn a_write_outside_ram_is_not_heki_business() {
+    let rig = rig(Policy::Shutdown);
+    rig.heki.on_unclaimed_mmio_write(0, RAM + 0x1000, &[1], || None);
+    assert!(rig.heki.violations().recent().is_empty());
+    assert!(rig.stops().is_empty());
+}
+
+#[test]
+fn dma_into_a_locked_page_follows_the_policy() {
+    for (policy, lands, outcome) in [
+        (Policy::Deny, false, None),
+        (Policy::Log, true, None),
+        (Policy::Pause, false, Some(Outcome::Pause)),
+        (Policy::Shutdown, false, Some(Outcome::Shutdown)),
+    ] {
+        let rig = rig(policy);
+        rig.lock_page(4);
+        let device = rig.device("_rng");
+        let result = device.write_slice(&[7; 16], GuestAddress(0x4ff8));
+        assert_eq!(result.is_ok(), lands, "{policy:?}");
+        assert_eq!(rig.byte(0x4ff8), if lands { 7 } else { 0 }, "{policy:?}: nothing lands unless log");
+        assert_eq!(rig.byte(0x5000), if lands { 7 } else { 0 }, "{policy:?}: all or nothing");
+        let recent = rig.heki.violations().recent();
+        assert_eq!(recent.len(), 1, "{policy:?}");
+        assert_eq!(recent[0].kind, ViolationKind::DmaWrite);
+        assert_eq!(recent[0].details.get("device").map(String::as_str), Some("_rng"));
+        assert_eq!(rig.stops().first().copied(), outcome, "{policy:?}");
+        assert_eq!(device.accessor().refused.load(std::sync::atomic::Ordering::Relaxed), u64::from(!lands));
+    }
+}
+
+#[test]
+fn devices_may_read_locked_memory() {
+    let rig = rig(Policy::Deny);
+    rig.mem.write_obj(0x55u8, GuestAddress(0x6000)).expect("RAM");
+    rig.lock_page(6);
+    let value: u8 = rig.device("_disk0").read_obj(GuestAddress(0x6000)).expect("allowed");
+    assert_eq!(value, 0x55);
+    assert!(rig.heki.violations().recent().is_empty());
+}
+
+#[test]
+fn a_lock_returns_only_after_the_dma_in_flight_has_landed() {
+    let rig = rig(Policy::Deny);
+    let device = rig.device("_disk0");
+    let (checked_tx, checked_rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        // A device access checked under the old permissions, still copying.
+        let slices =
+            vm_memory::GuestMemory::get_slices(&device, GuestAddress(0x7000), 4, vm_memory::Permissions::Write)
+                .expect("writable now");
+        checked_tx.send(()).expect("main thread");
+        std::thread::sleep(Duration::from_millis(100));
+        for slice in slices {
+            slice.expect("slice").copy_from(&[9u8; 4]);
+        }
+    });
+    checked_rx.recv().expect("device checked");
+    rig.heki.protect_bytes(0x7000, 4, "test").expect("lock");
+    // The lock returned: the in-flight write has landed already, and none can follow.
+    assert_eq!(rig.byte(0x7000), 9, "the lock waited for the access in flight");
+    writer.join().expect("writer");
+    assert!(rig.device("_disk0").write_slice(&[1; 4], GuestAddress(0x7000)).is_err());
+    assert_eq!(rig.byte(0x7003), 9);
+}
+
+#[test]
+fn a_host_pin_captures_each_vcpus_live_value_and_installs_the_filter_while_held() {
+    let rig = rig(Policy::Deny);
+    let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let vcpus: Vec<_> = (0..2u8)
+        .map(|id| {
+            let (heki, done) = (rig.heki.clone(), served.clone());
+            std::thread::spawn(move || {
+                let vcpu = FakeVcpu { id, ..FakeVcpu::default() };
+                vcpu.msrs.lock().expect("msrs").insert(LSTAR, 0xffff_8000_0000_0000 + u64::from(id));
+                // A held vCPU serves requests until the pin is done.
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    heki.serve_pin_request(&vcpu);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        })
+        .collect();
+    let request = super::pins::PinRequest { msrs: vec![LSTAR], ..Default::default() };
+    rig.heki.pin_from_host(request, 2).expect("pinned");
+    served.store(true, std::sync::atomic::Ordering::SeqCst);
+    vcpus.into_iter().for_each(|t| t.join().expect("vCPU"));
+    let pins = rig.heki.pins().snapshot();
+    assert_eq!(pins[0].msrs.get(&LSTAR), Some(&0xffff_8000_0000_0000));
+    assert_eq!(pins[1].msrs.get(&LSTAR), Some(&0xffff_8000_0000_0001));
+    assert_eq!(*rig.slots.msr_filter.lock().expect("filter"), vec![LSTAR]);
+    assert_eq!(*rig.control.max_holds.lock().expect("holds"), 1, "vCPUs were held for the whole pin");
+    assert_eq!(*rig.control.holds.lock().expect("holds"), 0);
+}
+
+#[test]
+fn a_pinned_msr_write_is_refused_with_gp_and_the_same_value_passes() {
+    let rig = rig(Policy::Deny);
+    let mut vcpu = FakeVcpu { id: 0, ..FakeVcpu::default() };
+    vcpu.msrs.lock().expect("msrs").insert(LSTAR, 0x1000);
+    rig.heki.pin_msr(&vcpu, u64::from(LSTAR)).expect("pinned");
+    rig.heki.on_msr_write(&mut vcpu, LSTAR, 0xbad);
+    assert_eq!(vcpu.msr_exit, Some(true), "#GP");
+    assert_eq!(vcpu.msrs.lock().expect("msrs").get(&LSTAR), Some(&0x1000));
+    rig.heki.on_msr_write(&mut vcpu, LSTAR, 0x1000);
+    assert_eq!(vcpu.msr_exit, Some(false));
+    assert_eq!(rig.heki.violations().counts().get(ViolationKind::Msr), 1);
+}
+
+#[test]
+fn a_cleared_wp_is_restored_under_deny_and_left_under_log() {
+    for (policy, restored) in [(Policy::Deny, true), (Policy::Log, false)] {
+        let rig = rig(policy);
+        let vcpu = FakeVcpu::default();
+        vcpu.sregs.lock().expect("sregs").cr0 = 0x8001_0011;
+        rig.heki.pin_cr(&vcpu, 0, 1 << 16).expect("pin WP");
+        vcpu.sregs.lock().expect("sregs").cr0 = 0x8000_0011;
+        rig.heki.check_crs(&vcpu);
+        assert_eq!(vcpu.sregs.lock().expect("sregs").cr0 & 1 << 16 != 0, restored, "{policy:?}");
+        assert_eq!(rig.heki.violations().counts().get(ViolationKind::Cr), 1);
+    }
+}
+
+#[test]
+fn an_unemulable_write_to_locked_memory_is_skipped_and_judged() {
+    let rig = rig(Policy::Log);
+    rig.lock_page(8);
+    let vcpu = FakeVcpu::default();
+    {
+        let mut regs = vcpu.regs.lock().expect("regs");
+        regs.rip = 0x40_0000;
+        regs.rdi = 0x8000;
+    }
+    // cmpxchg16b [rdi]: 48 0f c7 0f
+    assert!(rig.heki.on_emulation_failure(&vcpu, &[0x48, 0x0f, 0xc7, 0x0f]));
+    assert_eq!(vcpu.regs.lock().expect("regs").rip, 0x40_0004, "skipped");
+    let recent = rig.heki.violations().recent();
+    assert_eq!(recent[0].action, heki::RecordedAction::Denied, "not even log can perform it");
+}
