@@ -17,7 +17,7 @@ pub use error::{HypervisorError, Result};
 pub use exit::{EmulationFailure, MsrRead, MsrWrite, SystemEventKind, VmExit};
 pub use regs::{DescriptorTable, Regs, Segment, SpecialRegs};
 pub use system::{Hypervisor, KVM_DEVICE_ENV};
-pub use vcpu::Vcpu;
+pub use vcpu::{Vcpu, request_immediate_exit_on_this_thread};
 pub use vm::{MemSlot, Vm};
 
 /// EFER bits the boot code and heki care about.

@@ -14,6 +14,25 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_EXTINT: u32 = 0x7;
 const APIC_MODE_NMI: u32 = 0x4;
 
+thread_local! {
+    /// The run page of the vCPU this thread last ran, for the kick handler.
+    static RUN_PAGE: std::cell::Cell<*mut kvm_run> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+/// For the kick signal handler: makes this thread's vCPU leave `KVM_RUN`,
+/// or not enter it, so a kick that lands just before the ioctl is not lost.
+pub fn request_immediate_exit_on_this_thread() {
+    RUN_PAGE.with(|page| {
+        let run = page.get();
+        if !run.is_null() {
+            // SAFETY: `Vcpu::run` stores its own mapped run page here on this thread
+            // and `Drop` clears it, so the pointer is live; the handler runs on this
+            // thread, which is interrupted and not touching the field meanwhile.
+            unsafe { (*run).immediate_exit = 1 };
+        }
+    });
+}
+
 /// One virtual CPU. Owned by exactly one thread.
 pub struct Vcpu {
     fd: VcpuFd,
@@ -34,10 +53,15 @@ impl Vcpu {
     /// Runs the guest until the next exit that needs the VMM.
     pub fn run(&mut self) -> Result<VmExit<'_>> {
         // Read after an internal error, when `exit` borrows nothing from the run page.
-        let run_page: *const kvm_run = self.fd.get_kvm_run();
+        let run_page: *mut kvm_run = self.fd.get_kvm_run();
+        RUN_PAGE.with(|page| page.set(run_page));
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick asked for this exit; the next run enters the guest again.
+                // SAFETY: the run page is mapped for the vCPU's lifetime and KVM does
+                // not touch it while we are out of KVM_RUN.
+                unsafe { (*run_page).immediate_exit = 0 };
                 return Ok(VmExit::Interrupted);
             }
             Err(e) => return Err(ioctl_err("KVM_RUN")(e)),
@@ -194,6 +218,17 @@ impl Vcpu {
         events.exception.has_error_code = u8::from(error_code.is_some());
         events.exception.error_code = error_code.unwrap_or(0);
         self.fd.set_vcpu_events(&events).map_err(ioctl_err("KVM_SET_VCPU_EVENTS"))
+    }
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        let mine: *mut kvm_run = self.fd.get_kvm_run();
+        RUN_PAGE.with(|page| {
+            if page.get() == mine {
+                page.set(std::ptr::null_mut());
+            }
+        });
     }
 }
 

@@ -10,7 +10,9 @@ pub fn kick_signal() -> libc::c_int {
 }
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Nothing to do: delivering the signal already made KVM_RUN return EINTR.
+    // In KVM_RUN the signal alone makes it return EINTR; just before it, the
+    // run page's immediate_exit makes the next KVM_RUN return at once.
+    hypervisor::request_immediate_exit_on_this_thread();
 }
 
 /// Installs the no-op handler once per process.
