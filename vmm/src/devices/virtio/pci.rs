@@ -560,7 +560,7 @@ mod tests {
 
     use super::*;
     use crate::config::HekiConfig;
-    use crate::devices::virtio::{DeviceCounters, rng::Rng};
+    use crate::devices::virtio::rng::Rng;
     use crate::heki::testing::{RecordingControl, RecordingSlots};
     use crate::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
 
