@@ -552,6 +552,7 @@ impl MmioDevice for VirtioPci {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use std::sync::Arc;
 
