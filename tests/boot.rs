@@ -146,3 +146,18 @@ fn the_boot_benchmark_guest_boots() {
     assert!(run.status.success(), "stderr: {}", run.stderr);
     assert_eq!(run.serial, "Hello from the tiny hekivisor benchmark guest\n");
 }
+
+#[test]
+fn a_long_cr_check_interval_never_delays_a_reboot() {
+    require_kvm!();
+    // The CR checker waits 60 s between kicks; stopping the VM must not wait for it.
+    let started = std::time::Instant::now();
+    let run = common::run_vm(
+        "reboot-cr-interval",
+        &guests::build("reboot"),
+        &["--cmdline", "reboot=kbd", "--no-reboot", "--heki", "enabled=on,cr_check_interval_ms=60000"],
+    );
+    assert!(run.status.success(), "status {:?} stderr {}", run.status, run.stderr);
+    assert_eq!(boots_counted(&run.serial), 1, "{}", run.serial);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "took {:?}", started.elapsed());
+}
