@@ -69,7 +69,7 @@ fn run(requests: u64, guard: bool) -> f64 {
         .expect("in-memory image");
     image.set_len(64 << 20).expect("size");
     let counters = Arc::new(DeviceCounters::default());
-    let accessor = Arc::new(Accessor { name: "bench".into(), ..Accessor::default() });
+    let accessor = Arc::new(Accessor::new("bench"));
     let memory = DeviceMemory::new(CheckedMemory::new(mem.clone(), enforcer, accessor), counters);
     let block = Block::new(image, false, "bench".into()).expect("block");
     let mut dev = VirtioPci::new(Box::new(block), 0xc000_0000, memory, 0x018000, None).expect("transport");

@@ -401,7 +401,7 @@ fn add_pci_devices(
     let routes = Arc::new(MsiRoutes::new(kvm_vm.clone()));
     for (name, device, class) in wanted {
         let counters = Arc::new(DeviceCounters::default());
-        let accessor = Arc::new(Accessor { name: name.clone(), ..Accessor::default() });
+        let accessor = Arc::new(Accessor::new(name.clone()));
         let checked = CheckedMemory::new(mem.clone(), enforcer.clone(), accessor.clone());
         let memory = DeviceMemory::new(checked, counters.clone());
         let bar = layout::PCI_BAR_START + BAR_SIZE * handles.len() as u64;

@@ -25,6 +25,9 @@ use super::violations::ViolationLog;
 /// control, and the memory protections behind their read/write lock.
 pub struct Enforcer {
     memory: RwLock<MemoryProtections>,
+    /// Changes with every protection change (under the write lock), so
+    /// per-device memos of writable pages know when they went stale.
+    generation: AtomicU64,
     policy: AtomicU8,
     pub violations: ViolationLog,
     control: Arc<dyn RunControl>,
@@ -34,6 +37,7 @@ impl Enforcer {
     pub fn new(policy: Policy, control: Arc<dyn RunControl>) -> Self {
         Enforcer {
             memory: RwLock::default(),
+            generation: AtomicU64::new(0),
             policy: AtomicU8::new(policy_code(policy)),
             violations: ViolationLog::default(),
             control,
@@ -65,7 +69,10 @@ impl Enforcer {
     /// Waits for every access in flight, then lets the caller change the
     /// protections while no new access can be judged.
     pub(super) fn protections_mut(&self) -> RwLockWriteGuard<'_, MemoryProtections> {
-        self.memory.write().unwrap_or_else(|p| p.into_inner())
+        let guard = self.memory.write().unwrap_or_else(|p| p.into_inner());
+        // Under the write lock: no reader can see the old generation with new protections.
+        self.generation.fetch_add(1, Ordering::Release);
+        guard
     }
 
     /// Records a violation verdict (the caller fills in who and where) and
@@ -96,6 +103,52 @@ pub struct Accessor {
     pub name: String,
     /// Accesses heki refused.
     pub refused: AtomicU64,
+    /// Pages recently found writable, valid for `memo_generation`: devices
+    /// write the same buffers, status bytes and rings over and over.
+    memo: WritableMemo,
+}
+
+impl Accessor {
+    pub fn new(name: impl Into<String>) -> Self {
+        Accessor { name: name.into(), ..Accessor::default() }
+    }
+}
+
+const MEMO_SLOTS: usize = 64;
+const NO_PAGE: u64 = u64::MAX;
+
+#[derive(Debug)]
+struct WritableMemo {
+    generation: AtomicU64,
+    pages: [AtomicU64; MEMO_SLOTS],
+}
+
+impl Default for WritableMemo {
+    fn default() -> Self {
+        WritableMemo { generation: AtomicU64::new(u64::MAX), pages: std::array::from_fn(|_| AtomicU64::new(NO_PAGE)) }
+    }
+}
+
+impl WritableMemo {
+    fn slot(&self, page: u64) -> &AtomicU64 {
+        // MEMO_SLOTS is a power of two: the mask keeps the index in range.
+        &self.pages[(page as usize) & (MEMO_SLOTS - 1)]
+    }
+
+    /// Whether `page` is known writable in `generation` (the caller holds the
+    /// read lock, so the generation cannot change meanwhile).
+    fn knows(&self, page: u64, generation: u64) -> bool {
+        if self.generation.load(Ordering::Acquire) != generation {
+            self.pages.iter().for_each(|p| p.store(NO_PAGE, Ordering::Relaxed));
+            self.generation.store(generation, Ordering::Release);
+            return false;
+        }
+        self.slot(page).load(Ordering::Relaxed) == page
+    }
+
+    fn remember(&self, page: u64) {
+        self.slot(page).store(page, Ordering::Relaxed);
+    }
 }
 
 /// A device's view of guest RAM, policed by heki.
@@ -118,6 +171,13 @@ impl CheckedMemory {
     /// Judges a device write of `[gpa, gpa + len)`, reporting a violation;
     /// true if the write may be performed.
     fn judge_write(&self, protections: &MemoryProtections, gpa: u64, len: u64) -> bool {
+        let page = gpa >> heki::PAGE_SHIFT;
+        let last = len.checked_sub(1).and_then(|n| gpa.checked_add(n));
+        let one_page = last.is_some_and(|last| last >> heki::PAGE_SHIFT == page);
+        let memo = &self.accessor.memo;
+        if one_page && memo.knows(page, self.enforcer.generation.load(Ordering::Acquire)) {
+            return true;
+        }
         let access = Access::DmaWrite { gpa, len };
         let verdict = judge(access, Protections { memory: protections, pins: None }, self.enforcer.policy());
         if verdict.is_violation() {
@@ -130,6 +190,9 @@ impl CheckedMemory {
                 record.size = Some(len);
                 record.details.insert("device".into(), device.clone());
             });
+        } else if one_page && !protections.bytes.page_has_bytes(page) {
+            // Only whole writable pages: a page with protected bytes is judged each time.
+            memo.remember(page);
         }
         verdict.performs_access()
     }

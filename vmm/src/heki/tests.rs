@@ -34,7 +34,7 @@ fn rig(policy: Policy) -> Rig {
 
 impl Rig {
     fn device(&self, name: &str) -> CheckedMemory {
-        let accessor = Arc::new(Accessor { name: name.into(), ..Accessor::default() });
+        let accessor = Arc::new(Accessor::new(name));
         CheckedMemory::new(self.mem.clone(), self.heki.enforcer().clone(), accessor)
     }
 

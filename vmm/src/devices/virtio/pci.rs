@@ -584,7 +584,7 @@ mod tests {
             &boot,
             1,
         ));
-        let accessor = Arc::new(Accessor { name: "_rng".into(), ..Accessor::default() });
+        let accessor = Arc::new(Accessor::new("_rng"));
         let memory = DeviceMemory::new(CheckedMemory::new(mem.clone(), enforcer, accessor), Arc::default());
         let source = std::fs::File::open("/dev/zero").expect("/dev/zero");
         let mut dev = VirtioPci::new(Box::new(Rng::new(source)), 0, memory, 0, None).expect("transport");
