@@ -213,7 +213,9 @@ impl ApiVmm {
     }
 
     fn wait_for_serial(&self, needle: &str) {
-        self.wait_for(&format!("serial {needle:?}"), Duration::from_secs(20), |v| v.serial().contains(needle));
+        // A whole line: what follows the needle on it may not be written yet.
+        let whole_line = |v: &ApiVmm| v.serial().split_inclusive('\n').any(|l| l.contains(needle) && l.ends_with('\n'));
+        self.wait_for(&format!("serial {needle:?}"), Duration::from_secs(20), whole_line);
     }
 }
 
@@ -301,9 +303,12 @@ fn a_host_pin_of_a_cr4_bit_taken_while_the_guest_toggles_it_leaves_the_bit_set()
     for run in 0..8u64 {
         let vmm = ApiVmm::start(&format!("pin-race-cr4-{run}"));
         vmm.boot("hostpin_race", 1, "cr4", r#","heki":{"enabled":true,"policy":"deny"}"#);
+        // Whole lines only: the serial file may end in the middle of one.
+        let complete =
+            |s: &str, prefix: &str| s.split_inclusive('\n').any(|l| l.starts_with(prefix) && l.ends_with('\n'));
         vmm.wait_for("the CR4 bit", Duration::from_secs(20), |v| {
             let s = v.serial();
-            s.contains("toggling cr4 bit=") || s.contains("no toggleable")
+            complete(&s, "toggling cr4 bit=") || complete(&s, "no toggleable")
         });
         let serial = vmm.serial();
         if serial.contains("no toggleable pinnable cr4 bit") {
