@@ -5,43 +5,32 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use api_client::ApiClient;
 use serde_json::Value;
 
-struct Vmm {
-    child: Child,
-    socket: PathBuf,
-    events: PathBuf,
-    serial: PathBuf,
-    dir: PathBuf,
+/// The API process, with the helpers these tests use.
+struct Vmm(common::ApiProcess);
+
+impl std::ops::Deref for Vmm {
+    type Target = common::ApiProcess;
+    fn deref(&self) -> &common::ApiProcess {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Vmm {
+    fn deref_mut(&mut self) -> &mut common::ApiProcess {
+        &mut self.0
+    }
 }
 
 impl Vmm {
     fn start(test: &str) -> Vmm {
-        let dir = common::temp_dir(test);
-        let socket = dir.join("api.sock");
-        let events = dir.join("events.json");
-        let child = Command::new(common::hekivisor_bin())
-            .arg("--api-socket")
-            .arg(format!("path={}", socket.display()))
-            .arg("--event-monitor")
-            .arg(format!("path={}", events.display()))
-            .env("HEKIVISOR_API_TIMEOUT_MS", "2000")
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start hekivisor");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "API socket never appeared");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let serial = dir.join("serial.log");
-        Vmm { child, socket, events, serial, dir }
+        Vmm(common::ApiProcess::start(test, &[("HEKIVISOR_API_TIMEOUT_MS", "2000")]))
     }
 
     fn client(&self) -> ApiClient {
@@ -69,13 +58,6 @@ impl Vmm {
 
     fn serial_len(&self) -> usize {
         std::fs::read(&self.serial).map(|b| b.len()).unwrap_or(0)
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

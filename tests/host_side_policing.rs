@@ -6,9 +6,8 @@
 
 mod common;
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use api_client::ApiClient;
@@ -124,37 +123,18 @@ fn no_dma_lands_in_bytes_after_their_lock_returns_even_with_a_read_in_flight() {
 // A VMM driven over its REST API (as in tests/api.rs), with the serial log,
 // the event stream and hekivisor's stderr kept for failure messages.
 
-struct ApiVmm {
-    child: Child,
-    socket: PathBuf,
-    events: PathBuf,
-    serial: PathBuf,
-    stderr: PathBuf,
+struct ApiVmm(common::ApiProcess);
+
+impl std::ops::Deref for ApiVmm {
+    type Target = common::ApiProcess;
+    fn deref(&self) -> &common::ApiProcess {
+        &self.0
+    }
 }
 
 impl ApiVmm {
     fn start(test: &str) -> ApiVmm {
-        let dir = common::temp_dir(test);
-        let socket = dir.join("api.sock");
-        let events = dir.join("events.json");
-        let stderr = dir.join("stderr.log");
-        let child = Command::new(common::hekivisor_bin())
-            .arg("--api-socket")
-            .arg(format!("path={}", socket.display()))
-            .arg("--event-monitor")
-            .arg(format!("path={}", events.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("start hekivisor");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "API socket never appeared");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let serial = dir.join("serial.log");
-        ApiVmm { child, socket, events, serial, stderr }
+        ApiVmm(common::ApiProcess::start(test, &[]))
     }
 
     /// Creates and boots `guest` with this many vCPUs, command line and extra config.
@@ -216,13 +196,6 @@ impl ApiVmm {
         // A whole line: what follows the needle on it may not be written yet.
         let whole_line = |v: &ApiVmm| v.serial().split_inclusive('\n').any(|l| l.contains(needle) && l.ends_with('\n'));
         self.wait_for(&format!("serial {needle:?}"), Duration::from_secs(20), whole_line);
-    }
-}
-
-impl Drop for ApiVmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

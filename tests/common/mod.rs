@@ -127,3 +127,49 @@ pub fn run_vm_with_events(test: &str, kernel: &Path, extra: &[&str]) -> (Run, Ve
     let text = std::fs::read_to_string(&events).unwrap_or_default();
     (run, event_monitor::parse_events(&text).expect("valid event stream"))
 }
+
+/// A `hekivisor` serving its REST API and writing events, killed when dropped.
+/// Its stderr goes to a file, for failure messages.
+pub struct ApiProcess {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub events: PathBuf,
+    pub serial: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl ApiProcess {
+    /// Starts it with these extra environment variables; returns once the socket answers.
+    pub fn start(test: &str, env: &[(&str, &str)]) -> ApiProcess {
+        let dir = temp_dir(test);
+        let socket = dir.join("api.sock");
+        let events = dir.join("events.json");
+        let stderr = dir.join("stderr.log");
+        let child = Command::new(hekivisor_bin())
+            .arg("--api-socket")
+            .arg(format!("path={}", socket.display()))
+            .arg("--event-monitor")
+            .arg(format!("path={}", events.display()))
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("start hekivisor");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "API socket never appeared");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let serial = dir.join("serial.log");
+        ApiProcess { child, dir, socket, events, serial, stderr }
+    }
+}
+
+impl Drop for ApiProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -87,9 +87,8 @@ static __attribute__((unused)) int virtio_msix(struct virtio_dev *d, u32 entry, 
     return -1;
 }
 
-/* Reset, negotiate VERSION_1, set up queue 0, DRIVER_OK. Returns the status read back. */
-static __attribute__((unused)) u8 virtio_start(struct virtio_dev *d) {
-    memset(d->q, 0, sizeof(*d->q));
+/* Resets the device and negotiates VERSION_1: true if FEATURES_OK stuck. */
+static __attribute__((unused)) int virtio_negotiate(struct virtio_dev *d) {
     COMMON8(d, 0x14) = 0;
     COMMON8(d, 0x14) = 1 | 2;
     COMMON32(d, 0x08) = 1;
@@ -97,17 +96,30 @@ static __attribute__((unused)) u8 virtio_start(struct virtio_dev *d) {
     COMMON32(d, 0x08) = 0;
     COMMON32(d, 0x0c) = 0;
     COMMON8(d, 0x14) = 1 | 2 | 8;
-    if (!(COMMON8(d, 0x14) & 8)) return COMMON8(d, 0x14);
+    return (COMMON8(d, 0x14) & 8) != 0;
+}
+
+/* Points queue d->qindex at its rings, enables it with `vector` and sets
+ * DRIVER_OK. Returns the status read back. */
+static __attribute__((unused)) u8 virtio_enable_queue(struct virtio_dev *d, u16 size, u64 desc, u64 avail, u64 used,
+                                                      u16 vector) {
     COMMON16(d, 0x16) = d->qindex;
-    COMMON16(d, 0x18) = VIRTQ_SIZE;
-    u64 desc = (u64)d->q->desc, avail = (u64)&d->q->avail, used = (u64)&d->q->used;
+    COMMON16(d, 0x18) = size;
     COMMON32(d, 0x20) = (u32)desc; COMMON32(d, 0x24) = (u32)(desc >> 32);
     COMMON32(d, 0x28) = (u32)avail; COMMON32(d, 0x2c) = (u32)(avail >> 32);
     COMMON32(d, 0x30) = (u32)used; COMMON32(d, 0x34) = (u32)(used >> 32);
-    COMMON16(d, 0x1a) = 0; /* MSI-X vector 0 (used only if the driver enabled MSI-X) */
+    COMMON16(d, 0x1a) = vector;
     COMMON16(d, 0x1c) = 1;
     COMMON8(d, 0x14) = 1 | 2 | 8 | 4;
     return COMMON8(d, 0x14);
+}
+
+/* Reset, negotiate VERSION_1, set up queue 0, DRIVER_OK. Returns the status read back. */
+static __attribute__((unused)) u8 virtio_start(struct virtio_dev *d) {
+    memset(d->q, 0, sizeof(*d->q));
+    if (!virtio_negotiate(d)) return COMMON8(d, 0x14);
+    /* MSI-X vector 0 is used only if the driver enabled MSI-X. */
+    return virtio_enable_queue(d, VIRTQ_SIZE, (u64)d->q->desc, (u64)&d->q->avail, (u64)&d->q->used, 0);
 }
 
 /* Submits the chain starting at descriptor `head`; waits for it; returns the used length or -1 on timeout. */

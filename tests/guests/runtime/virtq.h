@@ -41,24 +41,9 @@ static __attribute__((unused)) u8 vq_start(struct vq *q, struct virtio_dev *d, s
     memset(desc, 0, VQ_SIZE * sizeof(*desc));
     memset(avail, 0, sizeof(*avail));
     memset(used, 0, sizeof(*used));
-    COMMON8(d, 0x14) = 0;
-    COMMON8(d, 0x14) = 1 | 2;
-    COMMON32(d, 0x08) = 1;
-    COMMON32(d, 0x0c) = 1; /* VIRTIO_F_VERSION_1 (bit 32) */
-    COMMON32(d, 0x08) = 0;
-    COMMON32(d, 0x0c) = 0;
-    COMMON8(d, 0x14) = 1 | 2 | 8;
-    if (!(COMMON8(d, 0x14) & 8)) return COMMON8(d, 0x14);
-    COMMON16(d, 0x16) = d->qindex;
-    COMMON16(d, 0x18) = VQ_SIZE;
-    u64 de = (u64)desc, av = (u64)avail, us = (u64)used;
-    COMMON32(d, 0x20) = (u32)de; COMMON32(d, 0x24) = (u32)(de >> 32);
-    COMMON32(d, 0x28) = (u32)av; COMMON32(d, 0x2c) = (u32)(av >> 32);
-    COMMON32(d, 0x30) = (u32)us; COMMON32(d, 0x34) = (u32)(us >> 32);
-    COMMON16(d, 0x1a) = 0xffff; /* no MSI-X vector: this driver polls */
-    COMMON16(d, 0x1c) = 1;
-    COMMON8(d, 0x14) = 1 | 2 | 8 | 4;
-    return COMMON8(d, 0x14);
+    if (!virtio_negotiate(d)) return COMMON8(d, 0x14);
+    /* No MSI-X vector: this driver polls. */
+    return virtio_enable_queue(d, VQ_SIZE, (u64)desc, (u64)avail, (u64)used, 0xffff);
 }
 
 static inline u8 vq_status(struct vq *q) { return COMMON8(q->d, 0x14); }
