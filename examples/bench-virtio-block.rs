@@ -136,16 +136,16 @@ fn main() {
         Some("off") => return println!("guard off: {:.0} requests/s", run(requests, false)),
         _ => {}
     }
-    // Interleave to share machine noise; report the median of five each.
+    // Interleave to share machine noise; report the median of nine each.
     let mut off = Vec::new();
     let mut on = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..9 {
         off.push(run(requests, false));
         on.push(run(requests, true));
     }
     off.sort_by(f64::total_cmp);
     on.sort_by(f64::total_cmp);
-    let (off, on) = (off[2], on[2]);
+    let (off, on) = (off[4], on[4]);
     println!("requests per run:         {requests} x 4 KiB reads");
     println!("DMA guard off:            {off:.0} requests/s");
     println!("DMA guard on (1,000 ranges): {on:.0} requests/s");

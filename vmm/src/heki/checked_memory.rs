@@ -205,10 +205,10 @@ impl CheckedMemory {
     }
 }
 
-/// Slices that keep the protections read-locked until the access is done.
+/// Slices that keep the protections read-locked until a write is done.
 struct HeldSlices<'a, I> {
     slices: I,
-    _protections: RwLockReadGuard<'a, MemoryProtections>,
+    _protections: Option<RwLockReadGuard<'a, MemoryProtections>>,
 }
 
 impl<I: Iterator> Iterator for HeldSlices<'_, I> {
@@ -249,10 +249,15 @@ impl GuestMemory for CheckedMemory {
         count: usize,
         access: Permissions,
     ) -> vm_memory::GuestMemoryResult<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
+        let slices = GuestMemoryBackend::get_slices(&self.ram, addr, count);
+        if !access.has_write() {
+            // Reads are never refused (heki locks writes), so they need no lock.
+            return Ok(HeldSlices { slices, _protections: None });
+        }
         let protections = self.enforcer.protections();
-        if access.has_write() && !self.judge_write(&protections, addr.0, count as u64) {
+        if !self.judge_write(&protections, addr.0, count as u64) {
             return Err(refused(addr));
         }
-        Ok(HeldSlices { slices: GuestMemoryBackend::get_slices(&self.ram, addr, count), _protections: protections })
+        Ok(HeldSlices { slices, _protections: Some(protections) })
     }
 }
