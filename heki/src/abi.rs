@@ -1,5 +1,7 @@
 //! The heki guest ABI v1: discovery leaves, call decoding and the page-list
 //! format. Everything here reads untrusted guest input; see docs/heki-abi.md.
+// Decodes guest-supplied numbers: no unchecked arithmetic here.
+#![deny(clippy::arithmetic_side_effects)]
 
 use std::collections::BTreeSet;
 
@@ -66,13 +68,13 @@ pub enum AbiError {
 impl AbiError {
     /// The value left in RAX.
     pub fn errno(self) -> i64 {
-        -match self {
-            AbiError::NotPermitted => 1,     // EPERM
-            AbiError::TooBig => 7,           // E2BIG
-            AbiError::BadAddress => 14,      // EFAULT
-            AbiError::InvalidArgument => 22, // EINVAL
-            AbiError::NoSpace => 28,         // ENOSPC
-            AbiError::NotImplemented => 38,  // ENOSYS
+        match self {
+            AbiError::NotPermitted => -1,     // EPERM
+            AbiError::TooBig => -7,           // E2BIG
+            AbiError::BadAddress => -14,      // EFAULT
+            AbiError::InvalidArgument => -22, // EINVAL
+            AbiError::NoSpace => -28,         // ENOSPC
+            AbiError::NotImplemented => -38,  // ENOSYS
         }
     }
 }
@@ -164,7 +166,7 @@ impl ProtectRange {
             return Err(AbiError::InvalidArgument);
         }
         let perms = Permissions::from_abi(bits).ok_or(AbiError::InvalidArgument)?;
-        if !ram.contains(pa, epa - pa) {
+        if !ram.contains(pa, epa.saturating_sub(pa)) {
             return Err(AbiError::BadAddress);
         }
         Ok(ProtectRange { start: pa / PAGE_SIZE, end: epa / PAGE_SIZE, perms })
@@ -196,13 +198,17 @@ pub fn decode_page_list(
             return Err(AbiError::TooBig);
         }
         let next = read_u64(mem, page)?;
-        let count = read_u64(mem, page + 8)?;
+        let count = read_u64(mem, page.checked_add(8).ok_or(AbiError::BadAddress)?)?;
         if count > MAX_ENTRIES_PER_PAGE {
             return Err(AbiError::InvalidArgument);
         }
         for i in 0..count {
-            let entry = page + 16 + i * 24;
-            let (pa, epa, bits) = (read_u64(mem, entry)?, read_u64(mem, entry + 8)?, read_u64(mem, entry + 16)?);
+            // Entries of 24 bytes after the 16-byte header; count is bounded above.
+            let field = |k: u64| {
+                let offset = i.checked_mul(24).and_then(|o| o.checked_add(k).and_then(|o| o.checked_add(16)));
+                offset.and_then(|o| page.checked_add(o)).ok_or(AbiError::BadAddress).and_then(|gpa| read_u64(mem, gpa))
+            };
+            let (pa, epa, bits) = (field(0)?, field(8)?, field(16)?);
             ranges.push(ProtectRange::from_entry(pa, epa, bits, ram)?);
         }
         page = next;
@@ -211,6 +217,7 @@ pub fn decode_page_list(
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

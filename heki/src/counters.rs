@@ -48,6 +48,7 @@ impl ViolationCounters {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

@@ -2,6 +2,8 @@
 //! the hypervisor could not emulate, so a write aimed at protected memory is
 //! judged as a violation instead of ending the VM. Untrusted input: every
 //! malformed byte sequence yields `None`.
+// Decodes guest-supplied numbers: no unchecked arithmetic here.
+#![deny(clippy::arithmetic_side_effects)]
 
 /// General registers in the order ModRM/SIB numbers them (RAX=0 .. R15=15).
 pub type GprFile = [u64; 16];
@@ -49,21 +51,21 @@ pub fn decode_memory_write(
             0x67 => address_size_32 = true,
             _ => break,
         }
-        i += 1;
+        i = i.saturating_add(1);
     }
     let mut rex = 0u8;
     if let Some(&b) = bytes.get(i)
         && (0x40..=0x4f).contains(&b)
     {
         rex = b;
-        i += 1;
+        i = i.saturating_add(1);
     }
     if *bytes.get(i)? != 0x0f {
         return None;
     }
-    let opcode = *bytes.get(i + 1)?;
-    let modrm = *bytes.get(i + 2)?;
-    i += 3;
+    let opcode = *bytes.get(i.saturating_add(1))?;
+    let modrm = *bytes.get(i.saturating_add(2))?;
+    i = i.saturating_add(3);
     let (mode, reg, rm) = (modrm >> 6, (modrm >> 3) & 7, modrm & 7);
     if mode == 3 {
         return None;
@@ -75,7 +77,7 @@ pub fn decode_memory_write(
     let mut rip_relative = false;
     if rm == 4 {
         let sib = *bytes.get(i)?;
-        i += 1;
+        i = i.saturating_add(1);
         let (scale, index, base) = (sib >> 6, ((sib >> 3) & 7) | rex_x, (sib & 7) | rex_b);
         address = if index == 4 { 0 } else { regs[usize::from(index)] << scale };
         if sib & 7 == 5 && mode == 0 {
@@ -108,8 +110,9 @@ pub fn decode_memory_write(
 
 /// Reads a sign-extended displacement of `n` bytes.
 fn read_disp(bytes: &[u8], i: &mut usize, n: usize) -> Option<u64> {
-    let raw = bytes.get(*i..*i + n)?;
-    *i += n;
+    let end = i.checked_add(n)?;
+    let raw = bytes.get(*i..end)?;
+    *i = end;
     Some(match n {
         1 => raw[0] as i8 as i64 as u64,
         _ => i32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]) as i64 as u64,
@@ -117,6 +120,7 @@ fn read_disp(bytes: &[u8], i: &mut usize, n: usize) -> Option<u64> {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

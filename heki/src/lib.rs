@@ -105,7 +105,7 @@ impl MemoryProtections {
         if !ram.contains(gpa, len) {
             return Err(AbiError::BadAddress);
         }
-        self.bytes.protect(gpa, gpa + len);
+        self.bytes.protect(gpa, gpa.saturating_add(len));
         Ok(())
     }
 
@@ -134,11 +134,11 @@ impl MemoryProtections {
         let mut offset = 0;
         while offset < len {
             let addr = gpa.wrapping_add(offset as u64);
-            let in_page = ((PAGE_SIZE - (addr & (PAGE_SIZE - 1))) as usize).min(len - offset);
+            let in_page = (PAGE_SIZE.saturating_sub(addr & (PAGE_SIZE - 1)) as usize).min(len.saturating_sub(offset));
             if !self.pages.get(addr >> PAGE_SHIFT).writable() {
                 forbidden |= byte_mask(offset, in_page);
             }
-            offset += in_page;
+            offset = offset.saturating_add(in_page);
         }
         // Byte by byte only when some protected byte is near.
         let near_bytes = match gpa.checked_add(len as u64) {
@@ -164,9 +164,9 @@ impl MemoryProtections {
         if len == 0 {
             return true;
         }
-        let (first, last) = (gpa >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT);
+        let (first, last) = (gpa >> PAGE_SHIFT, end.saturating_sub(1) >> PAGE_SHIFT);
         // Device buffers span few pages: per-page lookups beat a scan of the map.
-        let pages_ok = if last - first < 64 {
+        let pages_ok = if last.saturating_sub(first) < 64 {
             (first..=last).all(|page| self.pages.get(page).writable())
         } else {
             self.pages.iter().all(|(s, e, p)| p.writable() || e <= first || s > last)
@@ -189,6 +189,7 @@ impl MemoryProtections {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

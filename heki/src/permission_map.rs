@@ -144,7 +144,7 @@ impl PermissionMap {
 
     /// Pages whose permissions differ from the default.
     pub fn protected_pages(&self) -> u64 {
-        self.ranges.iter().map(|(s, (e, _))| e - s).sum()
+        self.ranges.iter().map(|(s, (e, _))| e.saturating_sub(*s)).fold(0, u64::saturating_add)
     }
 }
 
@@ -181,14 +181,15 @@ impl ByteProtections {
     }
 
     pub fn page_has_bytes(&self, page: u64) -> bool {
-        self.overlaps(page << PAGE_SHIFT, (page + 1) << PAGE_SHIFT)
+        let start = page << PAGE_SHIFT;
+        self.overlaps(start, start.saturating_add(PAGE_SIZE))
     }
 
     /// Pages that hold protected bytes, as merged (start, end) page ranges.
     pub fn pages(&self) -> Vec<(u64, u64)> {
         let mut pages: Vec<(u64, u64)> = Vec::new();
         for (&s, &e) in &self.ranges {
-            let (ps, pe) = (s >> PAGE_SHIFT, (e - 1) / PAGE_SIZE + 1);
+            let (ps, pe) = (s >> PAGE_SHIFT, (e.saturating_sub(1) >> PAGE_SHIFT).saturating_add(1));
             match pages.last_mut() {
                 Some(last) if last.1 >= ps => last.1 = last.1.max(pe),
                 _ => pages.push((ps, pe)),
@@ -198,7 +199,7 @@ impl ByteProtections {
     }
 
     pub fn total_bytes(&self) -> u64 {
-        self.ranges.iter().map(|(s, e)| e - s).sum()
+        self.ranges.iter().map(|(s, e)| e.saturating_sub(*s)).fold(0, u64::saturating_add)
     }
 
     pub fn len(&self) -> usize {
@@ -211,6 +212,7 @@ impl ByteProtections {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

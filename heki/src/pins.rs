@@ -136,6 +136,7 @@ impl VcpuPins {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

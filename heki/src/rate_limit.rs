@@ -89,6 +89,7 @@ impl EventRateLimiter {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

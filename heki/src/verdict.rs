@@ -371,6 +371,7 @@ impl ViolationRecord {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use crate::pins::ControlRegister;
