@@ -5,6 +5,8 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+const WAIT_SLICE: Duration = Duration::from_millis(100);
+
 #[derive(Debug, thiserror::Error)]
 #[error("device workers did not finish their requests within {0:?}")]
 pub struct DevicePauseTimeout(pub Duration);
@@ -44,7 +46,8 @@ impl DeviceGate {
     pub fn begin(&self) -> Option<Active<'_>> {
         let mut state = self.state();
         while state.paused && !state.stopping {
-            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+            // Bounded waits: a missed wake-up costs a slice, never a hang.
+            state = self.changed.wait_timeout(state, WAIT_SLICE).unwrap_or_else(|p| p.into_inner()).0;
         }
         if state.stopping {
             return None;
