@@ -35,6 +35,9 @@ pub struct PinState {
     last_logged: Vec<Mutex<Option<(ControlRegister, u64)>>>,
     mailbox: Mutex<Mailbox>,
     answered: Condvar,
+    /// Serializes computing and installing the VM-wide MSR filter: a guest
+    /// pin and a host pin at once must not install a filter missing one MSR.
+    filter: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -55,6 +58,7 @@ impl PinState {
             last_logged: (0..vcpus).map(|_| Mutex::default()).collect(),
             mailbox: Mutex::new(Mailbox { requests: vec![None; vcpus], results: vec![None; vcpus] }),
             answered: Condvar::new(),
+            filter: Mutex::new(()),
         }
     }
 
@@ -117,7 +121,7 @@ impl HekiRuntime {
         let index = u32::try_from(index).ok().filter(|i| PINNABLE_MSRS.contains(i)).ok_or(AbiError::InvalidArgument)?;
         let value = vcpu.msr(index).map_err(|_| AbiError::InvalidArgument)?;
         self.pin_state.pins(vcpu.id()).ok_or(AbiError::InvalidArgument)?.pin_msr(index, value).map_err(pin_errno)?;
-        self.host().set_msr_write_filter(&self.pin_state.filtered_msrs()).map_err(|e| {
+        self.install_msr_filter().map_err(|e| {
             log::error!("heki: cannot update the MSR filter: {e}");
             AbiError::NoSpace
         })?;
@@ -127,6 +131,12 @@ impl HekiRuntime {
             &[("vcpu", vcpu.id().to_string()), ("msr", format!("{index:#x}")), ("value", format!("{value:#x}"))],
         );
         Ok(())
+    }
+
+    /// Installs the filter for every MSR pinned on any vCPU.
+    fn install_msr_filter(&self) -> Result<(), super::ports::HostError> {
+        let _one_at_a_time = lock(&self.pin_state.filter);
+        self.host().set_msr_write_filter(&self.pin_state.filtered_msrs())
     }
 
     /// Checks this vCPU's pinned CR bits; restores them unless policy is `log`.
@@ -256,7 +266,7 @@ impl HekiRuntime {
             self.ask_every_vcpu(PinRequest { apply, ..request.clone() }, vcpus)?;
         }
         if !request.msrs.is_empty() {
-            self.host().set_msr_write_filter(&self.pin_state.filtered_msrs()).map_err(|e| e.to_string())?;
+            self.install_msr_filter().map_err(|e| e.to_string())?;
         }
         Ok(())
     }
