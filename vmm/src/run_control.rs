@@ -13,7 +13,9 @@ use crate::cpu::VcpuEvent;
 use crate::cpu::gate::{GateTimeout, VcpuGate};
 use crate::devices::gate::{DeviceGate, DevicePauseTimeout};
 use crate::heki::ports::{HoldTimeout, RunControl};
-use crate::vm::VCPU_STOP_TIMEOUT;
+
+/// How long a pause, a hold or a teardown may wait for vCPUs and devices.
+pub const VCPU_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PauseError {

@@ -28,8 +28,7 @@ use crate::layout::{self, ports};
 use crate::memory::{self, RamRegion};
 use crate::run_control::{PauseError, VmControl};
 
-/// How long a pause or teardown may wait for vCPUs to leave guest mode.
-pub const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+pub use crate::run_control::VCPU_STOP_TIMEOUT;
 
 #[derive(Debug, Error)]
 pub enum VmError {
