@@ -33,7 +33,8 @@ fn write<T: vm_memory::ByteValued>(mem: &vm_memory::GuestMemoryMmap, addr: u64, 
 
 fn run(requests: u64, guard: bool) -> f64 {
     let regions = vmm::memory::ram_regions(256 << 20);
-    let mem = vmm::memory::create_guest_memory(&regions).expect("memory");
+    let ram = vmm::memory::create_guest_ram(&regions).expect("memory");
+    let mem = ram.host.clone();
     let slots: Vec<(heki::PlannedSlot, u32)> = regions
         .iter()
         .zip(0..)
@@ -45,7 +46,7 @@ fn run(requests: u64, guard: bool) -> f64 {
             &HekiConfig { enabled: true, ..Default::default() },
             enforcer.clone(),
             Arc::new(RecordingSlots::default()),
-            mem.clone(),
+            &ram,
             &slots,
             0,
         ));

@@ -37,6 +37,7 @@ pub mod function {
     pub const PIN_MSR: u64 = 4;
     pub const QUERY: u64 = 5;
     pub const SET_SHARED: u64 = 6;
+    pub const PRIVATE_MEMORY: u64 = 7;
 }
 
 /// Entries per page-list page: (4096 - 16) / 24.
@@ -88,12 +89,13 @@ pub enum HekiCall {
     PinCr { register: u64, mask: u64 },
     PinMsr { index: u64 },
     Query { gpa: u64 },
-    SetShared,
+    SetShared { gpa: u64, len: u64, share: u64 },
+    PrivateMemory { arg: u64 },
     Unknown(u64),
 }
 
-/// Decodes RAX/RBX/RCX (RSI is reserved for future functions).
-pub fn decode_call(rax: u64, rbx: u64, rcx: u64, _rsi: u64) -> HekiCall {
+/// Decodes RAX (function) and RBX, RCX, RSI (arg0..arg2).
+pub fn decode_call(rax: u64, rbx: u64, rcx: u64, rsi: u64) -> HekiCall {
     match rax {
         function::VERSION => HekiCall::Version,
         function::PROTECT_MEMORY => HekiCall::ProtectMemory { list: rbx },
@@ -101,7 +103,8 @@ pub fn decode_call(rax: u64, rbx: u64, rcx: u64, _rsi: u64) -> HekiCall {
         function::PIN_CR => HekiCall::PinCr { register: rbx, mask: rcx },
         function::PIN_MSR => HekiCall::PinMsr { index: rbx },
         function::QUERY => HekiCall::Query { gpa: rbx },
-        function::SET_SHARED => HekiCall::SetShared,
+        function::SET_SHARED => HekiCall::SetShared { gpa: rbx, len: rcx, share: rsi },
+        function::PRIVATE_MEMORY => HekiCall::PrivateMemory { arg: rbx },
         other => HekiCall::Unknown(other),
     }
 }

@@ -14,6 +14,8 @@ pub struct ViolationCounters {
     pub msr: u64,
     #[serde(rename = "dma-write")]
     pub dma_write: u64,
+    #[serde(rename = "private-access")]
+    pub private_access: u64,
 }
 
 impl ViolationCounters {
@@ -24,6 +26,7 @@ impl ViolationCounters {
             ViolationKind::Cr => &mut self.cr,
             ViolationKind::Msr => &mut self.msr,
             ViolationKind::DmaWrite => &mut self.dma_write,
+            ViolationKind::PrivateAccess => &mut self.private_access,
         }
     }
 
@@ -39,6 +42,7 @@ impl ViolationCounters {
             ViolationKind::Cr => self.cr,
             ViolationKind::Msr => self.msr,
             ViolationKind::DmaWrite => self.dma_write,
+            ViolationKind::PrivateAccess => self.private_access,
         }
     }
 
@@ -70,6 +74,6 @@ mod tests {
         let mut counters = ViolationCounters::default();
         counters.record(ViolationKind::Hypercall);
         let json = serde_json::to_string(&counters).expect("serializable");
-        assert_eq!(json, r#"{"write":0,"hypercall":1,"cr":0,"msr":0,"dma-write":0}"#);
+        assert_eq!(json, r#"{"write":0,"hypercall":1,"cr":0,"msr":0,"dma-write":0,"private-access":0}"#);
     }
 }

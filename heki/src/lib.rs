@@ -12,6 +12,7 @@ pub mod permission_map;
 pub mod perms;
 pub mod pins;
 pub mod policy;
+pub mod private;
 pub mod rate_limit;
 pub mod verdict;
 
@@ -22,6 +23,7 @@ pub use permission_map::{ByteProtections, PAGE_SHIFT, PAGE_SIZE, PermissionMap};
 pub use perms::Permissions;
 pub use pins::VcpuPins;
 pub use policy::Policy;
+pub use private::PrivateMemory;
 pub use rate_limit::{Admission, EventRateLimiter};
 pub use verdict::{
     Access, Action, Breach, Outcome, Protections, RecordedAction, Verdict, ViolationKind, ViolationRecord, judge,
@@ -74,6 +76,8 @@ fn byte_mask(offset: usize, len: usize) -> u64 {
 pub struct MemoryProtections {
     pub pages: PermissionMap,
     pub bytes: ByteProtections,
+    /// Which pages the host may touch (all, until the guest asks for private memory).
+    pub private: PrivateMemory,
 }
 
 impl MemoryProtections {
@@ -114,14 +118,17 @@ impl MemoryProtections {
         *self = MemoryProtections::default();
     }
 
-    /// QUERY: the page's permission bits, plus 0x100 if it holds protected bytes.
+    /// QUERY: the page's permission bits, plus 0x100 if it holds protected
+    /// bytes and 0x200 if it is private (the VMM adds 0x400 when the host
+    /// keeps no mapping of private pages).
     pub fn query(&self, ram: &RamLayout, gpa: u64) -> Result<u64, AbiError> {
         if !ram.contains(gpa, 1) {
             return Err(AbiError::BadAddress);
         }
         let page = gpa >> PAGE_SHIFT;
         let bytes = if self.bytes.page_has_bytes(page) { abi::QUERY_BYTES_PROTECTED } else { 0 };
-        Ok(self.pages.get(page).bits() | bytes)
+        let private = if self.private.is_private(page) { private::QUERY_PRIVATE } else { 0 };
+        Ok(self.pages.get(page).bits() | bytes | private)
     }
 
     /// Judges a guest write of `len` bytes at `gpa`, byte by byte. Only the

@@ -25,15 +25,18 @@ pub enum ViolationKind {
     Msr,
     /// A device (virtio) write to protected memory.
     DmaWrite,
+    /// A device (or other host) access to memory the guest made private.
+    PrivateAccess,
 }
 
 impl ViolationKind {
-    pub const ALL: [ViolationKind; 5] = [
+    pub const ALL: [ViolationKind; 6] = [
         ViolationKind::Write,
         ViolationKind::Hypercall,
         ViolationKind::Cr,
         ViolationKind::Msr,
         ViolationKind::DmaWrite,
+        ViolationKind::PrivateAccess,
     ];
 
     /// The name in events and JSON.
@@ -44,10 +47,11 @@ impl ViolationKind {
             ViolationKind::Cr => "cr",
             ViolationKind::Msr => "msr",
             ViolationKind::DmaWrite => "dma-write",
+            ViolationKind::PrivateAccess => "private-access",
         }
     }
 
-    /// Dense index (0..5) for per-kind tables.
+    /// Dense index (0..6) for per-kind tables.
     pub fn index(self) -> usize {
         self as usize
     }
@@ -172,6 +176,8 @@ pub enum Breach {
     Bytes(WriteCheck),
     /// A device range overlaps protected memory.
     Range,
+    /// A device range touches a private page.
+    Private,
     /// A pinned MSR would change.
     Msr { pinned: u64 },
     /// Pinned CR bits were found cleared.
@@ -207,11 +213,18 @@ pub fn judge(access: Access, protections: Protections<'_>, policy: Policy) -> Ve
         Access::UnemulableWrite { gpa, len } => {
             (ViolationKind::Write, bytes_breach(protections.memory, gpa, len), false)
         }
+        // Private pages first: the host has no business there at all, and
+        // cannot perform the access (its view has no such page), even to audit.
+        Access::DmaWrite { gpa, len } | Access::DmaRead { gpa, len }
+            if !protections.memory.private.range_shared(gpa, len) =>
+        {
+            (ViolationKind::PrivateAccess, Breach::Private, false)
+        }
         Access::DmaWrite { gpa, len } => {
             let breach = if protections.memory.range_writable(gpa, len) { Breach::None } else { Breach::Range };
             (ViolationKind::DmaWrite, breach, true)
         }
-        // Devices may read protected memory: a lock is about writes.
+        // Devices may read locked memory: a lock is about writes.
         Access::DmaRead { .. } => (ViolationKind::DmaWrite, Breach::None, true),
         Access::MsrWrite { index, value } => {
             let verdict = protections.pins.map_or(MsrWriteVerdict::NotPinned, |p| p.check_msr_write(index, value));
@@ -308,7 +321,7 @@ impl Verdict {
                     record.details.insert("value".into(), format!("{:#x}", first.value));
                 }
             }
-            Breach::None | Breach::Range | Breach::Privilege => {}
+            Breach::None | Breach::Range | Breach::Private | Breach::Privilege => {}
         }
         Some(record)
     }
@@ -510,6 +523,34 @@ mod tests {
         }
         let log = judge_with(Access::Call { cpl: 3 }, Policy::Log);
         assert_eq!(log.record().map(|r| r.action), Some(RecordedAction::Denied));
+    }
+
+    #[test]
+    fn a_device_touching_a_private_page_is_refused_even_in_audit_mode() {
+        let mut m = memory();
+        m.private.enable();
+        let ram = RamLayout { regions: vec![(0, 1 << 20)] };
+        m.private.set_shared(&ram, 0x8000, 0x2000, 1).expect("share two pages");
+        for policy in POLICIES {
+            for access in [Access::DmaRead { gpa: 0x9000, len: 0x1001 }, Access::DmaWrite { gpa: 0x7fff, len: 2 }] {
+                let v = judge(access, Protections { memory: &m, pins: None }, policy);
+                assert_eq!((v.kind, &v.breach), (ViolationKind::PrivateAccess, &Breach::Private), "{access:?}");
+                assert!(!v.performs_access(), "{policy:?}: the host view has no private page");
+            }
+        }
+        let shared =
+            judge(Access::DmaRead { gpa: 0x8000, len: 0x2000 }, Protections { memory: &m, pins: None }, Policy::Deny);
+        assert_eq!(shared.action, Action::Allow);
+    }
+
+    #[test]
+    fn sharing_never_weakens_a_lock() {
+        let mut m = memory();
+        m.private.enable();
+        let ram = RamLayout { regions: vec![(0, 1 << 20)] };
+        m.private.set_shared(&ram, 0x1000, 0x1000, 1).expect("share the locked page");
+        let v = judge(Access::DmaWrite { gpa: 0x1000, len: 4 }, Protections { memory: &m, pins: None }, Policy::Deny);
+        assert_eq!((v.kind, v.breach), (ViolationKind::DmaWrite, Breach::Range));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod devices;
 mod events;
 pub mod heki;
+pub mod host_view;
 pub mod layout;
 pub mod memory;
 pub mod run_control;

@@ -1,4 +1,9 @@
-//! Guest RAM: anonymous host mappings registered as KVM memslots.
+//! Guest RAM: one memfd, mapped twice. KVM's memslots use one mapping (the
+//! guest's own view); every other part of the VMM uses the other, in which
+//! pages the guest made private are `PROT_NONE` (`host_view.rs`).
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd};
 
 use hypervisor::{MemSlot, Vm};
 use thiserror::Error;
@@ -16,6 +21,16 @@ pub enum MemoryError {
     },
     #[error("cannot register guest memory with KVM")]
     Register(#[source] hypervisor::HypervisorError),
+    #[error("cannot create the memfd that backs guest memory")]
+    Memfd(#[source] std::io::Error),
+}
+
+/// Guest RAM seen twice: the same pages, two mappings.
+pub struct GuestRam {
+    /// For KVM's memslots and for the vCPU paths that act as the guest's CPU.
+    pub kvm: GuestMemoryMmap,
+    /// For devices, loaders and the API: private pages are not accessible here.
+    pub host: GuestMemoryMmap,
 }
 
 /// One contiguous range of guest RAM.
@@ -45,6 +60,34 @@ pub fn create_guest_memory(regions: &[RamRegion]) -> Result<GuestMemoryMmap, Mem
     let ranges: Vec<(GuestAddress, usize)> = regions.iter().map(|r| (GuestAddress(r.start), r.size as usize)).collect();
     GuestMemoryMmap::from_ranges(&ranges)
         .map_err(|source| MemoryError::Allocate { size: regions.iter().map(|r| r.size).sum(), source })
+}
+
+/// Backs guest RAM with a memfd and maps it twice (shared mappings).
+pub fn create_guest_ram(regions: &[RamRegion]) -> Result<GuestRam, MemoryError> {
+    let total: u64 = regions.iter().map(|r| r.size).sum();
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(c"hekivisor-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.set_len(total).map_err(MemoryError::Memfd)?;
+    let map = || -> Result<GuestMemoryMmap, MemoryError> {
+        let mut offset = 0u64;
+        let mut ranges = Vec::with_capacity(regions.len());
+        for r in regions {
+            let region_file = file.try_clone().map_err(MemoryError::Memfd)?;
+            ranges.push((
+                GuestAddress(r.start),
+                r.size as usize,
+                Some(vm_memory::FileOffset::new(region_file, offset)),
+            ));
+            offset = offset.saturating_add(r.size);
+        }
+        GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|source| MemoryError::Allocate { size: total, source })
+    };
+    Ok(GuestRam { kvm: map()?, host: map()? })
 }
 
 /// Host address of a guest physical address inside RAM.

@@ -1,7 +1,7 @@
 //! One virtual machine: memory, devices, vCPUs, built from a `VmConfig`.
 
 use std::io::Write;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -70,6 +70,9 @@ impl Write for SharedWriter {
 pub struct Vm {
     // Field order matters on drop: vCPU threads end before KVM objects and memory go.
     threads: Vec<JoinHandle<()>>,
+    /// How many vCPU threads have returned from `run_vcpu`; each then unparks
+    /// the thread that started it, so `stop` wakes at once instead of polling.
+    vcpus_done: Arc<AtomicUsize>,
     /// Non-vCPU threads of this VM (the CR check timer, device workers).
     helpers: Vec<JoinHandle<()>>,
     virtio: Vec<VirtioHandle>,
@@ -92,10 +95,14 @@ impl Vm {
     ) -> Result<Vm, VmError> {
         kick::install_kick_handler().map_err(VmError::SpawnVcpu)?;
         let kvm_vm = Arc::new(hv.create_vm()?);
-        kvm_vm.setup_platform(layout::KVM_TSS_ADDRESS, layout::KVM_IDENTITY_MAP_ADDRESS)?;
         let ram = memory::ram_regions(config.memory.size);
-        let mem = memory::create_guest_memory(&ram)?;
-        let boot_slots = memory::register_ram(&kvm_vm, &mem)?;
+        let guest_ram = memory::create_guest_ram(&ram)?;
+        // Everything but KVM and the guest-CPU paths uses the host view.
+        crate::host_view::watch(&guest_ram.host);
+        let mem = guest_ram.host.clone();
+        // RAM before the irqchip: a memslot on a fresh VM costs no grace-period wait.
+        let boot_slots = memory::register_ram(&kvm_vm, &guest_ram.kvm)?;
+        kvm_vm.setup_platform(layout::KVM_TSS_ADDRESS, layout::KVM_IDENTITY_MAP_ADDRESS)?;
         let control = Arc::new(VmControl::new(events, events_wake.try_clone().map_err(VmError::EventFd)?));
         // Every device access to RAM is judged here, heki enabled or not.
         let enforcer = Arc::new(Enforcer::new(config.heki.policy, control.clone()));
@@ -107,8 +114,8 @@ impl Vm {
             Arc::new(HekiRuntime::new(
                 &config.heki,
                 enforcer.clone(),
-                Arc::new(KvmSlots { vm: kvm_vm.clone(), ram: mem.clone() }),
-                mem.clone(),
+                Arc::new(KvmSlots { vm: kvm_vm.clone(), ram: guest_ram.kvm.clone() }),
+                &guest_ram,
                 &slots,
                 usize::from(config.cpus.boot_vcpus),
             ))
@@ -168,23 +175,39 @@ impl Vm {
         let ctx = Arc::new(VcpuContext {
             pio,
             mmio,
-            mem,
+            mem: guest_ram.kvm.clone(),
             control,
             heki_port: heki.is_some().then_some(ports::HEKI_DOORBELL),
             heki,
             counters: (0..cpus).map(|_| ExitCounters::default()).collect(),
         });
         let device_stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        Ok(Vm { threads: Vec::new(), helpers: Vec::new(), virtio, device_stop, pending_vcpus, ctx, kvm_vm, serial })
+        Ok(Vm {
+            threads: Vec::new(),
+            vcpus_done: Arc::new(AtomicUsize::new(0)),
+            helpers: Vec::new(),
+            virtio,
+            device_stop,
+            pending_vcpus,
+            ctx,
+            kvm_vm,
+            serial,
+        })
     }
 
     /// Starts every vCPU thread.
     pub fn start(&mut self) -> Result<(), VmError> {
+        let starter = std::thread::current();
         for vcpu in self.pending_vcpus.drain(..) {
             let ctx = self.ctx.clone();
+            let (done, starter) = (self.vcpus_done.clone(), starter.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id()))
-                .spawn(move || run_vcpu(vcpu, ctx))
+                .spawn(move || {
+                    run_vcpu(vcpu, ctx);
+                    done.fetch_add(1, Ordering::Release);
+                    starter.unpark();
+                })
                 .map_err(VmError::SpawnVcpu)?;
             self.ctx.control.vcpus.register_thread(&handle);
             self.threads.push(handle);
@@ -272,15 +295,22 @@ impl Vm {
     pub fn stop(&mut self) {
         self.ctx.control.stop();
         let deadline = std::time::Instant::now() + VCPU_STOP_TIMEOUT;
-        while self.threads.iter().any(|t| !t.is_finished()) && std::time::Instant::now() < deadline {
+        let all_done = |vm: &Vm| vm.vcpus_done.load(Ordering::Acquire) >= vm.threads.len();
+        while !all_done(self) && std::time::Instant::now() < deadline {
             self.ctx.control.vcpus.kick_all();
-            std::thread::sleep(Duration::from_millis(1));
+            // A returning vCPU thread unparks us (stop runs on the thread that started the VM).
+            std::thread::park_timeout(Duration::from_millis(1));
         }
         let _ = self.device_stop.write(1);
         // Helpers only kick; once they are gone no signal can reach an exited vCPU thread.
         join_within(self.helpers.drain(..), VCPU_STOP_TIMEOUT, "device or CR-check");
         self.ctx.control.vcpus.clear_threads();
-        join_within(self.threads.drain(..), Duration::ZERO, "vCPU");
+        if all_done(self) {
+            // Past run_vcpu: only the threads' own exit is left to wait for.
+            self.threads.drain(..).for_each(|t| drop(t.join()));
+        } else {
+            join_within(self.threads.drain(..), Duration::ZERO, "vCPU");
+        }
         let _ = &self.kvm_vm;
     }
 }

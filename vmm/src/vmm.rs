@@ -230,7 +230,11 @@ impl Vmm {
         while self.vcpu_rx.try_recv().is_ok() {}
         self.boot()?;
         if self.config.as_ref().is_some_and(|c| c.heki.enabled) {
-            crate::events::emit("heki", "reset", &[("reason", "guest reboot: protections cleared".to_string())]);
+            crate::events::emit(
+                "heki",
+                "reset",
+                &[("reason", "guest reboot: protections and pins cleared, all memory shared again".to_string())],
+            );
         }
         crate::events::emit("vm", "rebooted", &[]);
         Ok(())

@@ -87,6 +87,9 @@ unsigned cpu_count_from_cpuid(void);
 #define HEKI_PIN_MSR 4
 #define HEKI_QUERY 5
 #define HEKI_SET_SHARED 6
+#define HEKI_PRIVATE_MEMORY 7
+#define HEKI_QUERY_PRIVATE 0x200
+#define HEKI_QUERY_UNMAPPED 0x400
 #define HEKI_READ 1
 #define HEKI_WRITE 2
 #define HEKI_EXEC 4

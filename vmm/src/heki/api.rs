@@ -96,7 +96,15 @@ fn report(
             },
             "pin_msr": status(feature::PIN_MSR, "KVM lacks the MSR filter with user-space MSR exits"),
             "dma_guard": status(feature::DMA_GUARD, "heki is disabled"),
-            "shared_memory": { "status": "unavailable", "reason": "needs KVM private memory (MEMORY_ATTRIBUTES) which this host lacks" },
+            "shared_memory": match rt {
+                Some(rt) if enabled => json!({
+                    "status": "enforced",
+                    "mode": rt.private_mode().as_str(),
+                    "reason": rt.private_mode().reason(),
+                    "private": rt.private_memory_enabled(),
+                }),
+                _ => json!({ "status": "unavailable", "reason": if enabled { "the VM is not running" } else { "heki is disabled for this VM" } }),
+            },
         },
     });
     if let Some(rt) = rt {

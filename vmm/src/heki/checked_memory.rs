@@ -28,6 +28,8 @@ pub struct Enforcer {
     /// Changes with every protection change (under the write lock), so
     /// per-device memos of writable pages know when they went stale.
     generation: AtomicU64,
+    /// Set once the guest made memory private: reads must be judged from then on.
+    private_memory: std::sync::atomic::AtomicBool,
     policy: AtomicU8,
     pub violations: ViolationLog,
     control: Arc<dyn RunControl>,
@@ -38,6 +40,7 @@ impl Enforcer {
         Enforcer {
             memory: RwLock::default(),
             generation: AtomicU64::new(0),
+            private_memory: std::sync::atomic::AtomicBool::new(false),
             policy: AtomicU8::new(policy_code(policy)),
             violations: ViolationLog::default(),
             control,
@@ -73,6 +76,11 @@ impl Enforcer {
         // Under the write lock: no reader can see the old generation with new protections.
         self.generation.fetch_add(1, Ordering::Release);
         guard
+    }
+
+    /// From now on device reads are judged too (set under the write lock).
+    pub(super) fn note_private_memory(&self) {
+        self.private_memory.store(true, Ordering::Release);
     }
 
     /// Records a violation verdict (the caller fills in who and where) and
@@ -197,6 +205,23 @@ impl CheckedMemory {
         verdict.performs_access()
     }
 
+    /// Judges a device read; true if it may be performed.
+    fn judge_read(&self, protections: &MemoryProtections, gpa: u64, len: u64) -> bool {
+        let access = Access::DmaRead { gpa, len };
+        let verdict = judge(access, Protections { memory: protections, pins: None }, self.enforcer.policy());
+        if verdict.is_violation() {
+            self.accessor.refused.fetch_add(1, Ordering::Relaxed);
+            let device = &self.accessor.name;
+            self.enforcer.enforce(&verdict, device, |record| {
+                record.gpa = Some(gpa);
+                record.size = Some(len);
+                record.details.insert("device".into(), device.clone());
+                record.details.insert("access".into(), "read".into());
+            });
+        }
+        verdict.performs_access()
+    }
+
     /// Asks whether the device may write `[gpa, gpa + len)` without writing
     /// (rings checked when the driver starts the device); a refusal is reported.
     pub fn probe_write(&self, gpa: u64, len: u64) -> bool {
@@ -239,8 +264,10 @@ impl GuestMemory for CheckedMemory {
     type Bitmap = ();
 
     fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        let protections = self.enforcer.protections();
         GuestMemoryBackend::check_range(&self.ram, addr, count)
-            && (!access.has_write() || self.enforcer.protections().range_writable(addr.0, count as u64))
+            && protections.private.range_shared(addr.0, count as u64)
+            && (!access.has_write() || protections.range_writable(addr.0, count as u64))
     }
 
     fn get_slices<'a>(
@@ -250,12 +277,17 @@ impl GuestMemory for CheckedMemory {
         access: Permissions,
     ) -> vm_memory::GuestMemoryResult<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
         let slices = GuestMemoryBackend::get_slices(&self.ram, addr, count);
-        if !access.has_write() {
-            // Reads are never refused (heki locks writes), so they need no lock.
+        if !access.has_write() && !self.enforcer.private_memory.load(Ordering::Acquire) {
+            // Reads are refused only for private pages: until there are any, no lock.
             return Ok(HeldSlices { slices, _protections: None });
         }
         let protections = self.enforcer.protections();
-        if !self.judge_write(&protections, addr.0, count as u64) {
+        let allowed = if access.has_write() {
+            self.judge_write(&protections, addr.0, count as u64)
+        } else {
+            self.judge_read(&protections, addr.0, count as u64)
+        };
+        if !allowed {
             return Err(refused(addr));
         }
         Ok(HeldSlices { slices, _protections: Some(protections) })

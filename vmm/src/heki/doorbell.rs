@@ -41,6 +41,9 @@ fn execute(call: HekiCall, vcpu: &dyn VcpuAccess, heki: &HekiRuntime) -> Result<
         HekiCall::Query { gpa } => heki.query(gpa),
         HekiCall::PinCr { register, mask } => heki.pin_cr(vcpu, register, mask).map(|_| 0),
         HekiCall::PinMsr { index } if heki.msr_pinning() => heki.pin_msr(vcpu, index).map(|_| 0),
-        HekiCall::PinMsr { .. } | HekiCall::SetShared | HekiCall::Unknown(_) => Err(AbiError::NotImplemented),
+        HekiCall::PrivateMemory { arg: 1 } => heki.enable_private_memory().map(|_| 0),
+        HekiCall::PrivateMemory { .. } => Err(AbiError::InvalidArgument),
+        HekiCall::SetShared { gpa, len, share } => heki.set_shared(gpa, len, share).map(|_| 0),
+        HekiCall::PinMsr { .. } | HekiCall::Unknown(_) => Err(AbiError::NotImplemented),
     }
 }

@@ -5,7 +5,9 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use heki::abi::{self, feature};
-use heki::{AbiError, Access, MemoryProtections, PlannedSlot, Policy, ProtectRange, Protections, RamLayout, judge};
+use heki::{
+    AbiError, Access, MemoryProtections, PAGE_SHIFT, PlannedSlot, Policy, ProtectRange, Protections, RamLayout, judge,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::checked_memory::Enforcer;
@@ -14,19 +16,52 @@ use super::pins::PinState;
 use super::ports::VmSlots;
 use super::violations::ViolationLog;
 use crate::config::HekiConfig;
+use crate::host_view;
 use crate::layout::ports::HEKI_DOORBELL;
+use crate::memory::GuestRam;
 
 /// Caps the memslot budget below KVM's (`KVM_CAP_NR_MEMSLOTS`); for tests.
 pub const MEMSLOT_BUDGET_ENV: &str = "HEKIVISOR_MEMSLOT_BUDGET";
+
+/// How private pages are kept from the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrivateMode {
+    /// The host kernel maps them for KVM only; the VMM has no mapping.
+    Kernel,
+    /// The VMM's own view has them `PROT_NONE`; KVM's mapping remains.
+    VmmView,
+}
+
+impl PrivateMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrivateMode::Kernel => "kernel",
+            PrivateMode::VmmView => "vmm-view",
+        }
+    }
+
+    /// Why this mode, for `vm.heki`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            PrivateMode::Kernel => "KVM maps private pages from a guest_memfd; the VMM has no mapping of them",
+            PrivateMode::VmmView => {
+                "this host's KVM has no private memory attributes (KVM_CAP_MEMORY_ATTRIBUTES = 0) and still needs the VMM's mapping for a guest_memfd slot, so private pages are PROT_NONE in the VMM's own view of RAM; KVM's mapping remains"
+            }
+        }
+    }
+}
 
 pub struct HekiRuntime {
     enforcer: Arc<Enforcer>,
     /// The installed memslots; its lock also serializes protection changes.
     slots: Mutex<MemslotTable>,
     host: Arc<dyn VmSlots>,
-    /// The heki exit path's own view of RAM: page lists, and the emulated
-    /// part of trapped writes (judged under the enforcer's lock first).
+    /// The guest's own view of RAM, for the paths that act as its CPU: page
+    /// lists it hands over, and the emulated part of trapped writes (judged
+    /// under the enforcer's lock first).
     ram_mem: GuestMemoryMmap,
+    /// The VMM's view, where private pages are made inaccessible.
+    host_view: GuestMemoryMmap,
     ram: RamLayout,
     pub cr_check_interval_ms: u64,
     pub(super) pin_state: PinState,
@@ -47,7 +82,7 @@ impl HekiRuntime {
         config: &HekiConfig,
         enforcer: Arc<Enforcer>,
         host: Arc<dyn VmSlots>,
-        ram_mem: GuestMemoryMmap,
+        guest_ram: &GuestRam,
         boot_slots: &[(PlannedSlot, u32)],
         vcpus: usize,
     ) -> Self {
@@ -69,7 +104,8 @@ impl HekiRuntime {
             enforcer,
             slots: Mutex::new(MemslotTable::new(boot_slots, budget)),
             host,
-            ram_mem,
+            ram_mem: guest_ram.kvm.clone(),
+            host_view: guest_ram.host.clone(),
             ram,
             cr_check_interval_ms: config.cr_check_interval_ms,
             pin_state: PinState::new(vcpus),
@@ -103,7 +139,7 @@ impl HekiRuntime {
         let memory = if self.host.has_readonly_memory() { feature::PROTECT_MEMORY | feature::PROTECT_BYTES } else { 0 };
         let msr = if self.msr_filter { feature::PIN_MSR } else { 0 };
         // Devices reach guest RAM only through heki-checked memory.
-        memory | feature::PIN_CR | msr | feature::DMA_GUARD
+        memory | feature::PIN_CR | msr | feature::DMA_GUARD | feature::SHARED_MEMORY
     }
 
     /// The CPUID leaves advertising the ABI.
@@ -131,6 +167,16 @@ impl HekiRuntime {
     /// Returns once no device access judged under the old protections can
     /// still land and no vCPU runs with the old memslots.
     fn update(&self, change: impl FnOnce(&mut MemoryProtections) -> Result<(), AbiError>) -> Result<(), AbiError> {
+        self.update_with_view(change, |_| Ok(()))
+    }
+
+    /// `update`, plus a change to the VMM's view of RAM made while no device
+    /// access is in flight (so nothing lands in a page after it turns private).
+    fn update_with_view(
+        &self,
+        change: impl FnOnce(&mut MemoryProtections) -> Result<(), AbiError>,
+        view: impl FnOnce(&GuestMemoryMmap) -> std::io::Result<()>,
+    ) -> Result<(), AbiError> {
         let mut slots = self.slots();
         let mut next = self.enforcer.protections().clone();
         change(&mut next)?;
@@ -152,6 +198,13 @@ impl HekiRuntime {
                     MemslotError::Host(_) => AbiError::BadAddress,
                 }
             })?;
+        }
+        view(&self.host_view).map_err(|e| {
+            log::error!("heki: cannot change the VMM's view of guest memory: {e}");
+            AbiError::BadAddress
+        })?;
+        if next.private.is_enabled() {
+            self.enforcer.note_private_memory();
         }
         *protections = next;
         Ok(())
@@ -178,7 +231,60 @@ impl HekiRuntime {
     }
 
     pub fn query(&self, gpa: u64) -> Result<u64, AbiError> {
-        self.enforcer.protections().query(&self.ram, gpa)
+        let bits = self.enforcer.protections().query(&self.ram, gpa)?;
+        // This host always keeps a (PROT_NONE) mapping of private pages.
+        let unmapped = bits & heki::private::QUERY_PRIVATE != 0 && self.private_mode() == PrivateMode::Kernel;
+        Ok(bits | if unmapped { heki::private::QUERY_UNMAPPED } else { 0 })
+    }
+
+    /// Whether the guest made its memory private.
+    pub fn private_memory_enabled(&self) -> bool {
+        self.enforcer.protections().private.is_enabled()
+    }
+
+    /// Where private pages are kept out of the host's reach.
+    pub fn private_mode(&self) -> PrivateMode {
+        PrivateMode::VmmView
+    }
+
+    /// PRIVATE_MEMORY(1): every page not shared becomes inaccessible to the VMM.
+    pub fn enable_private_memory(&self) -> Result<(), AbiError> {
+        let ram = self.ram.clone();
+        let newly_private = std::cell::RefCell::new(Vec::new());
+        self.update_with_view(
+            |p| {
+                if !p.private.is_enabled() {
+                    p.private.enable();
+                    *newly_private.borrow_mut() = p.private.private_ranges(&ram);
+                }
+                Ok(())
+            },
+            |view| {
+                // One mprotect per contiguous private run.
+                for &(start, end) in newly_private.borrow().iter() {
+                    host_view::set_access(view, start << PAGE_SHIFT, (end - start) << PAGE_SHIFT, false)?;
+                }
+                Ok(())
+            },
+        )?;
+        // Idempotent: only the call that turned it on is reported.
+        if !newly_private.borrow().is_empty() {
+            crate::events::emit("heki", "private-memory", &[("mode", self.private_mode().as_str().to_string())]);
+        }
+        Ok(())
+    }
+
+    /// SET_SHARED: shares `[gpa, gpa + len)` with the host, or makes it private
+    /// again (returning only once no device access to it is in flight).
+    pub fn set_shared(&self, gpa: u64, len: u64, share: u64) -> Result<(), AbiError> {
+        let ram = self.ram.clone();
+        self.update_with_view(
+            |p| p.private.set_shared(&ram, gpa, len, share),
+            |view| host_view::set_access(view, gpa, len, share == 1),
+        )?;
+        let what = if share == 1 { "shared" } else { "private" };
+        crate::events::emit("heki", what, &[("gpa", format!("{gpa:#x}")), ("size", len.to_string())]);
+        Ok(())
     }
 
     /// Decodes a page list from guest memory.

@@ -15,27 +15,29 @@ const RAM: u64 = 1 << 20;
 const LSTAR: u32 = 0xc000_0082;
 
 struct Rig {
+    /// The guest's view (what the vCPU sees); devices get the host view.
     mem: GuestMemoryMmap,
+    host_view: GuestMemoryMmap,
     control: Arc<RecordingControl>,
     slots: Arc<RecordingSlots>,
     heki: Arc<HekiRuntime>,
 }
 
 fn rig(policy: Policy) -> Rig {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).expect("memory");
+    let ram = crate::memory::create_guest_ram(&[crate::memory::RamRegion { start: 0, size: RAM }]).expect("memory");
     let control = Arc::new(RecordingControl::default());
     let slots = Arc::new(RecordingSlots::default());
     let enforcer = Arc::new(Enforcer::new(policy, control.clone()));
     let config = HekiConfig { enabled: true, policy, ..HekiConfig::default() };
     let boot = [(PlannedSlot { gpa: 0, size: RAM, readonly: false }, 0)];
-    let heki = Arc::new(HekiRuntime::new(&config, enforcer, slots.clone(), mem.clone(), &boot, 2));
-    Rig { mem, control, slots, heki }
+    let heki = Arc::new(HekiRuntime::new(&config, enforcer, slots.clone(), &ram, &boot, 2));
+    Rig { mem: ram.kvm, host_view: ram.host, control, slots, heki }
 }
 
 impl Rig {
     fn device(&self, name: &str) -> CheckedMemory {
         let accessor = Arc::new(Accessor::new(name));
-        CheckedMemory::new(self.mem.clone(), self.heki.enforcer().clone(), accessor)
+        CheckedMemory::new(self.host_view.clone(), self.heki.enforcer().clone(), accessor)
     }
 
     fn lock_page(&self, page: u64) {
@@ -225,4 +227,44 @@ fn an_unemulable_write_to_locked_memory_is_skipped_and_judged() {
     assert_eq!(vcpu.regs.lock().expect("regs").rip, 0x40_0004, "skipped");
     let recent = rig.heki.violations().recent();
     assert_eq!(recent[0].action, heki::RecordedAction::Denied, "not even log can perform it");
+}
+
+#[test]
+fn a_host_read_of_a_private_page_is_refused_and_reported() {
+    let rig = rig(Policy::Log);
+    rig.mem.write_obj(0x5eu8, GuestAddress(0x9000)).expect("guest writes its secret");
+    rig.heki.enable_private_memory().expect("private");
+    rig.heki.set_shared(0xa000, 0x1000, 1).expect("share one page");
+    let api = rig.device("api");
+    assert!(api.read_obj::<u8>(GuestAddress(0x9000)).is_err(), "not even audit mode reads private memory");
+    assert!(api.read_obj::<u8>(GuestAddress(0xa000)).is_ok(), "shared pages are readable");
+    let recent = rig.heki.violations().recent();
+    assert_eq!(recent.len(), 1);
+    assert_eq!((recent[0].kind, recent[0].gpa), (ViolationKind::PrivateAccess, Some(0x9000)));
+    assert_eq!(recent[0].action, heki::RecordedAction::Denied);
+    assert_eq!(rig.heki.query(0x9000).map(|bits| bits & 0x600), Ok(0x200), "private, but this host keeps a mapping");
+}
+
+#[test]
+fn making_a_page_private_waits_for_the_dma_in_flight() {
+    let rig = rig(Policy::Deny);
+    rig.heki.enable_private_memory().expect("private");
+    rig.heki.set_shared(0xb000, 0x1000, 1).expect("share");
+    let device = rig.device("_disk0");
+    let (checked_tx, checked_rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        let slices =
+            vm_memory::GuestMemory::get_slices(&device, GuestAddress(0xb000), 4, vm_memory::Permissions::Write)
+                .expect("shared now");
+        checked_tx.send(()).expect("main thread");
+        std::thread::sleep(Duration::from_millis(100));
+        for slice in slices {
+            slice.expect("slice").copy_from(&[7u8; 4]);
+        }
+    });
+    checked_rx.recv().expect("device checked");
+    rig.heki.set_shared(0xb000, 0x1000, 0).expect("make private again");
+    assert_eq!(rig.byte(0xb000), 7, "the call returned after the access in flight landed");
+    writer.join().expect("writer");
+    assert!(rig.device("_disk0").write_slice(&[1; 4], GuestAddress(0xb000)).is_err());
 }

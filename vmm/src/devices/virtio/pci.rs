@@ -572,18 +572,14 @@ mod tests {
 
     /// An rng device started by a minimal driver: one queue of 4 in its own pages.
     fn started_rng() -> (GuestMemoryMmap, Arc<HekiRuntime>, VirtioPci) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        let ram =
+            crate::memory::create_guest_ram(&[crate::memory::RamRegion { start: 0, size: 1 << 20 }]).expect("memory");
+        let mem = ram.host.clone();
         let enforcer = Arc::new(Enforcer::new(Policy::Deny, Arc::new(RecordingControl::default())));
         let config = HekiConfig { enabled: true, ..HekiConfig::default() };
         let boot = [(PlannedSlot { gpa: 0, size: 1 << 20, readonly: false }, 0)];
-        let heki = Arc::new(HekiRuntime::new(
-            &config,
-            enforcer.clone(),
-            Arc::new(RecordingSlots::default()),
-            mem.clone(),
-            &boot,
-            1,
-        ));
+        let heki =
+            Arc::new(HekiRuntime::new(&config, enforcer.clone(), Arc::new(RecordingSlots::default()), &ram, &boot, 1));
         let accessor = Arc::new(Accessor::new("_rng"));
         let memory = DeviceMemory::new(CheckedMemory::new(mem.clone(), enforcer, accessor), Arc::default());
         let source = std::fs::File::open("/dev/zero").expect("/dev/zero");
