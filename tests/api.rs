@@ -166,9 +166,11 @@ fn every_error_is_answered_with_the_right_status_and_the_vmm_survives() {
     let r = vmm.client().request("GET", "vm.boot", None).expect("request");
     assert_eq!(r.status, 405);
     assert_eq!(r.header("allow"), Some("PUT"));
-    let (status, body) = vmm.status("PUT", "vm.create", Some("{not json"));
-    assert_eq!(status, 400);
-    assert!(body.contains("error"), "{body}");
+    let r = vmm.client().request("PUT", "vm.create", Some("{not json")).expect("request");
+    assert_eq!(r.status, 400);
+    let chain = r.error_chain().expect("an error chain");
+    assert_eq!(chain[0], "Error from API");
+    assert!(chain.iter().any(|line| line.contains("invalid JSON")), "{chain:?}");
     assert_eq!(vmm.status("PUT", "vm.create", Some(r#"{"memory":{"size":"big"}}"#)).0, 400);
     assert_eq!(vmm.status("PUT", "vm.create", Some(r#"{"memory":{"size":99999999999999999999999}}"#)).0, 400);
     let (status, body) = vmm.status("PUT", "vm.create", Some(r#"{"payload":{"kernel":"/k"},"heki":{"enabeld":true}}"#));

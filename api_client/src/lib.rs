@@ -31,7 +31,9 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("malformed HTTP response: {0}")]
     BadResponse(String),
-    /// The server answered with an error status; `message` is its `{"error": ...}` text.
+    /// The server answered with an error status; `message` is its error text:
+    /// the causes of a Cloud Hypervisor-style `["Error from API", ...]` chain
+    /// joined with ": ", or the text of an `{"error": ...}` body.
     #[error("HTTP {status}: {message}")]
     Server { status: u16, message: String },
 }
@@ -63,9 +65,23 @@ impl Response {
         (200..300).contains(&self.status)
     }
 
-    /// The server's message for an error response (`{"error": "..."}`), or the raw body.
+    /// The server's message for an error response: the causes of an error
+    /// chain (`["Error from API", "vm.info failed", "no VM has been created"]`
+    /// gives `vm.info failed: no VM has been created`), the text of
+    /// `{"error": "..."}`, or else the raw body.
     pub fn error_message(&self) -> String {
+        if let Some(chain) = self.error_chain() {
+            let causes: Vec<&str> =
+                chain.iter().map(String::as_str).skip_while(|line| *line == ERROR_CHAIN_HEAD).collect();
+            return causes.join(": ");
+        }
         extract_error(&self.body).unwrap_or_else(|| self.body.clone())
+    }
+
+    /// The error chain of a Cloud Hypervisor-style error body (a JSON array
+    /// of strings, outermost first), if the body is one.
+    pub fn error_chain(&self) -> Option<Vec<String>> {
+        parse_string_array(&self.body)
     }
 
     /// `Ok(Some(body))` for a success with a body, `Ok(None)` for one without,
@@ -82,13 +98,39 @@ impl Response {
     }
 }
 
+/// The first line of a Cloud Hypervisor error chain, which says only that
+/// the API answered with an error.
+pub const ERROR_CHAIN_HEAD: &str = "Error from API";
+
 /// Finds the string value of the top-level `"error"` key without a JSON parser.
 fn extract_error(body: &str) -> Option<String> {
     let start = body.find("\"error\"")?;
     let rest = &body[start + 7..];
     let rest = rest.trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
+    parse_string_rest(&mut rest.chars())
+}
+
+/// Parses a JSON array of strings (`["a", "b"]`) without a JSON parser.
+fn parse_string_array(body: &str) -> Option<Vec<String>> {
+    let mut rest = body.trim().strip_prefix('[')?.trim_start();
+    let mut out = Vec::new();
+    if let Some(after) = rest.strip_prefix(']') {
+        return after.trim().is_empty().then_some(out);
+    }
+    loop {
+        let mut chars = rest.strip_prefix('"')?.chars();
+        out.push(parse_string_rest(&mut chars)?);
+        rest = chars.as_str().trim_start();
+        if let Some(after) = rest.strip_prefix(']') {
+            return after.trim().is_empty().then_some(out);
+        }
+        rest = rest.strip_prefix(',')?.trim_start();
+    }
+}
+
+/// Reads a JSON string's content after its opening quote, through the closing one.
+fn parse_string_rest(chars: &mut std::str::Chars<'_>) -> Option<String> {
     let mut out = String::new();
-    let mut chars = rest.chars();
     while let Some(c) = chars.next() {
         match c {
             '\\' => match chars.next()? {
@@ -332,6 +374,31 @@ mod tests {
         assert_eq!(extract_error(r#"{"error": "say \"hi\"\n"}"#).as_deref(), Some("say \"hi\"\n"));
         assert_eq!(extract_error(r#"{"error":"caf\u00e9"}"#).as_deref(), Some("café"));
         assert_eq!(extract_error("plain"), None);
+    }
+
+    #[test]
+    fn cloud_hypervisor_error_chains_are_read() {
+        let r = Response {
+            status: 404,
+            headers: Vec::new(),
+            body: r#"["Error from API","vm.info failed","no VM has been created"]"#.into(),
+        };
+        assert_eq!(r.error_chain().expect("chain").len(), 3);
+        assert_eq!(r.error_message(), "vm.info failed: no VM has been created");
+        assert_eq!(parse_string_array(r#" [ "a\"b" , "c\u00e9" ] "#), Some(vec!["a\"b".into(), "cé".into()]));
+        assert_eq!(parse_string_array("[]"), Some(Vec::new()));
+        for bad in ["", "[", r#"["a""#, r#"["a",]"#, r#"["a"] x"#, "[1]", r#"{"error":"x"}"#] {
+            assert_eq!(parse_string_array(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn status_lines_without_reason_phrase_are_read() {
+        let raw = "HTTP/1.1 409 \r\nServer: Hekivisor API\r\nContent-Length: 2\r\n\r\n[]";
+        let r = parse(raw, "GET").expect("ok").expect("some");
+        assert_eq!((r.status, r.body.as_str()), (409, "[]"));
+        let r = parse("HTTP/1.1 204 \r\n\r\n", "PUT").expect("ok").expect("some");
+        assert_eq!(r.status, 204);
     }
 
     fn parse(raw: &str, method: &str) -> Result<Option<Response>, Error> {

@@ -107,7 +107,8 @@ fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResult {
             let state = current_state(vmm)?;
             let config = vmm.config.as_ref().ok_or_else(no_vm)?;
             Ok(Some(json!({
-                "config": config,
+                // Every Cloud Hypervisor section and field, as its vm.info reports them.
+                "config": crate::config::to_cloud_hypervisor_json(config),
                 "state": state.as_str(),
                 "memory_actual_size": config.memory.size,
             })))
@@ -145,13 +146,26 @@ fn current_state(vmm: &Vmm) -> Result<VmState, ApiError> {
 fn boot(vmm: &mut Vmm) -> ApiResult {
     vmm.boot().map(|_| None).map_err(|e| match e {
         // A bad kernel path or image is the caller's mistake, not ours.
-        VmmError::Vm(crate::vm::VmError::Boot(b)) => ApiError::BadRequest(b.to_string()),
+        VmmError::Vm(crate::vm::VmError::Boot(b)) => ApiError::BadRequest(error_lines(&b)),
         other => internal(other),
     })
 }
 
 fn internal(e: VmmError) -> ApiError {
-    ApiError::Internal(error_chain(&e))
+    ApiError::Internal(error_lines(&e))
+}
+
+/// An error and its causes, one per line: the API sends each line as one
+/// string of its error chain.
+fn error_lines(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        message.push('\n');
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
 }
 
 /// An error with its causes, for messages that leave the process.

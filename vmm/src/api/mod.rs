@@ -11,7 +11,9 @@ use thiserror::Error;
 use crate::config::VmConfig;
 
 pub use routes::{ROUTES, Route};
-pub use server::{ServerLimits, TIMEOUT_ENV, drain_connections, start_api_server, start_api_server_with};
+pub use server::{
+    ERROR_CHAIN_HEAD, ServerLimits, TIMEOUT_ENV, drain_connections, start_api_server, start_api_server_with,
+};
 pub use socket::{ApiServerError, bind_api_socket};
 
 /// A request for the VMM thread.
@@ -39,6 +41,9 @@ pub enum ApiRequest {
 /// `Some(json)` answers 200 with a body, `None` answers 204.
 pub type ApiResult = Result<Option<serde_json::Value>, ApiError>;
 
+/// A request the VMM refused or failed. The message may hold several causes,
+/// one per line, from the outside in; the server sends each line as one
+/// string of the error chain.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ApiError {
     #[error("{0}")]

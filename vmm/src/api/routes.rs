@@ -85,10 +85,37 @@ pub static ROUTES: &[Route] = &[
     Route { path: "vm.heki-pin", method: Method::Put, decode: decode_pin },
 ];
 
+/// Cloud Hypervisor endpoints Hekivisor does not implement, with what they do.
+/// They answer 404 naming the missing feature (not a bare "unknown endpoint").
+pub static NOT_IMPLEMENTED: &[(&str, &str)] = &[
+    ("vm.resize", "vCPU and memory hotplug, balloon resize"),
+    ("vm.resize-disk", "disk resize"),
+    ("vm.resize-zone", "memory zones"),
+    ("vm.add-device", "VFIO device hotplug"),
+    ("vm.add-user-device", "vfio-user device hotplug"),
+    ("vm.remove-device", "device hot-unplug"),
+    ("vm.add-disk", "disk hotplug"),
+    ("vm.add-fs", "virtio-fs"),
+    ("vm.add-generic-vhost-user", "vhost-user devices"),
+    ("vm.add-pmem", "virtio-pmem"),
+    ("vm.add-net", "network hotplug"),
+    ("vm.add-vsock", "virtio-vsock"),
+    ("vm.add-vdpa", "vDPA"),
+    ("vm.balloon-stats", "virtio-balloon"),
+    ("vm.snapshot", "snapshot"),
+    ("vm.restore", "restore"),
+    ("vm.coredump", "guest core dumps"),
+    ("vm.nmi", "NMI injection"),
+    ("vm.send-migration", "live migration"),
+    ("vm.receive-migration", "live migration"),
+];
+
 /// What the router decided for a (method, path).
 pub enum Resolved {
     Request(&'static Route),
     NotFound,
+    /// A Cloud Hypervisor endpoint we lack: (path, feature).
+    NotImplemented(&'static str, &'static str),
     /// The path exists with other methods (for the `Allow` header).
     MethodNotAllowed(&'static str),
 }
@@ -104,8 +131,11 @@ pub fn resolve(method: &str, full_path: &str) -> Resolved {
         }
         found = Some(route.method.as_str());
     }
-    match found {
-        Some(allow) => Resolved::MethodNotAllowed(allow),
+    if let Some(allow) = found {
+        return Resolved::MethodNotAllowed(allow);
+    }
+    match NOT_IMPLEMENTED.iter().find(|(p, _)| *p == path) {
+        Some((path, feature)) => Resolved::NotImplemented(path, feature),
         None => Resolved::NotFound,
     }
 }
@@ -152,5 +182,9 @@ mod tests {
         assert!(matches!(resolve("GET", "/api/v1/vm.boot"), Resolved::MethodNotAllowed("PUT")));
         assert!(matches!(resolve("GET", "/api/v1/nope"), Resolved::NotFound));
         assert!(matches!(resolve("GET", "/vm.info"), Resolved::NotFound));
+        assert!(matches!(resolve("PUT", "/api/v1/vm.snapshot"), Resolved::NotImplemented("vm.snapshot", _)));
+        for (path, _) in NOT_IMPLEMENTED {
+            assert!(!ROUTES.iter().any(|r| r.path == *path), "{path} is served and listed as missing");
+        }
     }
 }

@@ -1,4 +1,13 @@
 //! The HTTP server thread (hyper on a current-thread tokio runtime).
+//!
+//! The wire format is Cloud Hypervisor's, because its `ch-remote` and
+//! `api_client` parse responses by hand: the status line carries the code and
+//! no reason phrase (`HTTP/1.1 404 \r\n`, they parse everything after
+//! `HTTP/1.1 ` as an integer), header names are title-cased (they search for
+//! `Content-Length: ` case-sensitively), and an error body is a JSON array of
+//! strings, the error chain from the outside in, which `ch-remote` prints
+//! line by line. All three are hyper features: `ReasonPhrase`, the HTTP/1
+//! builder's `title_case_headers`, and an ordinary body.
 
 use std::convert::Infallible;
 use std::os::unix::net::UnixListener as StdUnixListener;
@@ -9,12 +18,12 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{ALLOW, CONNECTION, CONTENT_TYPE};
+use hyper::ext::ReasonPhrase;
+use hyper::header::{ALLOW, CONNECTION, CONTENT_TYPE, HeaderValue, SERVER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde_json::json;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::routes::{Resolved, resolve};
@@ -102,6 +111,7 @@ pub fn start_api_server_with(
                     let service = service_fn(move |req| handle(req, shared.clone()));
                     let connection = http1::Builder::new()
                         .timer(TokioTimer::new())
+                        .title_case_headers(true)
                         .header_read_timeout(header_timeout)
                         .serve_connection(TokioIo::new(stream), service);
                     if let Err(e) = connection.await {
@@ -114,70 +124,118 @@ pub fn start_api_server_with(
     })
 }
 
+/// What the server says its name is (Cloud Hypervisor sends `Cloud Hypervisor API`).
+const SERVER_NAME: &str = "Hekivisor API";
+/// The first line of every error chain, as Cloud Hypervisor's.
+pub const ERROR_CHAIN_HEAD: &str = "Error from API";
+
 fn respond(status: StatusCode, body: Option<serde_json::Value>) -> Response<Full<Bytes>> {
-    let mut builder = Response::builder().status(status);
     let body = match body {
-        Some(json) => {
-            builder = builder.header(CONTENT_TYPE, "application/json");
-            Full::new(Bytes::from(json.to_string()))
-        }
+        Some(json) => Full::new(Bytes::from(json.to_string())),
         None => Full::new(Bytes::new()),
     };
-    builder.body(body).unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    // `HTTP/1.1 204 \r\n`: the code alone, as Cloud Hypervisor's clients parse it.
+    response.extensions_mut().insert(ReasonPhrase::from_static(b""));
+    let headers = response.headers_mut();
+    headers.insert(SERVER, HeaderValue::from_static(SERVER_NAME));
+    if status != StatusCode::NO_CONTENT {
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    response
 }
 
-fn error_response(status: u16, message: &str) -> Response<Full<Bytes>> {
+/// An error answer: the chain from the outside in, one string per cause.
+/// `context` says which request failed; `message` may hold several causes,
+/// one per line.
+fn error_response(status: u16, context: &str, message: &str) -> Response<Full<Bytes>> {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    respond(status, Some(json!({ "error": message })))
+    let mut chain = vec![ERROR_CHAIN_HEAD.to_string(), context.to_string()];
+    chain.extend(message.lines().filter(|l| !l.is_empty()).map(str::to_string));
+    respond(status, Some(serde_json::Value::from(chain)))
+}
+
+fn api_error(context: &str, e: &ApiError) -> Response<Full<Bytes>> {
+    error_response(e.status(), context, &e.to_string())
 }
 
 /// Marks a response as the connection's last: the rest of the request body
 /// was not read, so the stream cannot carry another request.
 fn closing(mut response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
-    response.headers_mut().insert(CONNECTION, hyper::header::HeaderValue::from_static("close"));
+    response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Whether the client keeps the connection (HTTP/1.1 without `Connection: close`).
+fn client_keeps_alive<B>(req: &Request<B>) -> bool {
+    let close = req
+        .headers()
+        .get_all(CONNECTION)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|token| token.trim().eq_ignore_ascii_case("close"))));
+    req.version() == hyper::Version::HTTP_11 && !close
+}
+
+/// Adds `Connection: keep-alive`, as Cloud Hypervisor does, unless the
+/// connection ends with this response.
+fn keep_alive_header(mut response: Response<Full<Bytes>>, keep: bool) -> Response<Full<Bytes>> {
+    if keep && !response.headers().contains_key(CONNECTION) {
+        response.headers_mut().insert(CONNECTION, HeaderValue::from_static("keep-alive"));
+    }
     response
 }
 
 async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let route = match resolve(req.method().as_str(), req.uri().path()) {
+    let keep = client_keeps_alive(&req);
+    Ok(keep_alive_header(answer(req, shared).await, keep))
+}
+
+async fn answer(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let route = match resolve(req.method().as_str(), &path) {
         Resolved::Request(route) => route,
-        Resolved::NotFound => {
-            return Ok(error_response(404, &format!("unknown endpoint {}", req.uri().path())));
+        Resolved::NotFound => return error_response(404, &format!("unknown endpoint {path}"), ""),
+        Resolved::NotImplemented(name, feature) => {
+            let message = format!("Hekivisor does not implement {name} ({feature}), a Cloud Hypervisor endpoint");
+            return error_response(404, &format!("{name} failed"), &message);
         }
         Resolved::MethodNotAllowed(allow) => {
-            let mut response = error_response(405, &format!("{} is not allowed here; use {allow}", req.method()));
-            response.headers_mut().insert(ALLOW, hyper::header::HeaderValue::from_static(allow));
-            return Ok(response);
+            let context = format!("{} {path} failed", req.method());
+            let mut response =
+                error_response(405, &context, &format!("{} is not allowed here; use {allow}", req.method()));
+            response.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+            return response;
         }
     };
+    let context = format!("{} failed", route.path);
     let limits = shared.limits;
     let body = Limited::new(req.into_body(), limits.max_body);
     let bytes = match tokio::time::timeout(limits.read_timeout, body.collect()).await {
-        Err(_) => return Ok(closing(error_response(408, "timed out reading the request body"))),
+        Err(_) => return closing(error_response(408, &context, "timed out reading the request body")),
         Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return Ok(closing(error_response(413, &format!("request body exceeds {} bytes", limits.max_body))));
+            let message = format!("request body exceeds {} bytes", limits.max_body);
+            return closing(error_response(413, &context, &message));
         }
-        Ok(Err(e)) => {
-            return Ok(error_response(400, &format!("cannot read the request body: {e}")));
-        }
+        Ok(Err(e)) => return error_response(400, &context, &format!("cannot read the request body: {e}")),
         Ok(Ok(collected)) => collected.to_bytes(),
     };
     let request = match route.decode(&bytes) {
         Ok(r) => r,
-        Err(e) => return Ok(error_response(e.status(), &e.to_string())),
+        Err(e) => return api_error(&context, &e),
     };
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
     let sent = shared.to_vmm.send(ApiMessage { request, reply: reply_tx }).is_ok();
     if !sent || shared.wake_vmm.write(1).is_err() {
-        return Ok(error_response(503, "the VMM is shutting down"));
+        return error_response(503, &context, "the VMM is shutting down");
     }
     let result: ApiResult = match reply_rx.await {
         Ok(result) => result,
         Err(_) => Err(ApiError::Internal("the VMM dropped the request".into())),
     };
-    Ok(match result {
+    match result {
         Ok(Some(json)) => respond(StatusCode::OK, Some(json)),
         Ok(None) => respond(StatusCode::NO_CONTENT, None),
-        Err(e) => error_response(e.status(), &e.to_string()),
-    })
+        Err(e) => api_error(&context, &e),
+    }
 }

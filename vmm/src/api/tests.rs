@@ -102,12 +102,15 @@ impl Drop for TestServer {
     }
 }
 
+/// An error answer: the status, and a Cloud Hypervisor-style chain
+/// (`["Error from API", "<request> failed", causes...]`) naming the problem.
 fn assert_json_error(r: &Response, status: u16, needle: &str) {
     assert_eq!(r.status, status, "body: {}", r.body);
     assert_eq!(r.header("content-type"), Some("application/json"));
-    let body: Value = serde_json::from_str(&r.body).expect("JSON error body");
-    let message = body["error"].as_str().expect("error message");
-    assert!(message.contains(needle), "'{message}' lacks '{needle}'");
+    let chain = r.error_chain().unwrap_or_else(|| panic!("error body is a JSON array of strings: {}", r.body));
+    assert_eq!(chain.first().map(String::as_str), Some(ERROR_CHAIN_HEAD), "{chain:?}");
+    assert!(chain.len() >= 2, "{chain:?}");
+    assert!(chain.iter().any(|line| line.contains(needle)), "{chain:?} lacks '{needle}'");
 }
 
 const GOOD_CONFIG: &str = r#"{"cpus": {"boot_vcpus": 2}, "payload": {"kernel": "/k"}}"#;
@@ -127,6 +130,56 @@ fn successes_are_200_with_json_or_204_without_body() {
     assert_eq!((policy.status, policy.body.as_str()), (200, r#"{"policy":"log"}"#));
     let protect = server.request("PUT", "vm.heki-protect", Some(r#"{"ranges":[]}"#));
     assert_eq!(protect.body, r#"{"ranges":[]}"#);
+}
+
+/// Reads one response on a kept-alive connection: the head as raw text, then
+/// the body by its `Content-Length`.
+fn raw_exchange(stream: &mut UnixStream, request: &[u8]) -> (String, String) {
+    stream.write_all(request).expect("send");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).expect("read head"), 1, "closed inside the head: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).expect("ASCII head");
+    let length = head
+        .split("\r\n")
+        .find_map(|line| line.strip_prefix("Content-Length: "))
+        .map_or(0, |n| n.parse::<usize>().expect("length"));
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).expect("body");
+    (head, String::from_utf8(body).expect("UTF-8 body"))
+}
+
+#[test]
+fn the_wire_format_is_cloud_hypervisors() {
+    let server = TestServer::start("wire", Duration::from_secs(10));
+    let mut stream = UnixStream::connect(&server.socket).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    // Exactly what Cloud Hypervisor's api_client sends: no Connection header.
+    let ping = b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n";
+    let (head, body) = raw_exchange(&mut stream, ping);
+    assert!(head.starts_with("HTTP/1.1 200 \r\n"), "code and no reason phrase: {head:?}");
+    for header in ["Server: Hekivisor API\r\n", "Connection: keep-alive\r\n", "Content-Type: application/json\r\n"] {
+        assert!(head.contains(header), "{header:?} in {head:?}");
+    }
+    assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())), "{head:?}");
+    assert!(!head.contains("content-length"), "title case only: {head:?}");
+    // Same connection: a 204 has neither body nor Content-Length, and a bodiless PUT needs none.
+    let (head, body) = raw_exchange(&mut stream, b"PUT /api/v1/vm.boot HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 204 \r\n"), "{head:?}");
+    assert!(!head.contains("Content-Length") && body.is_empty(), "{head:?}");
+    // Errors: status alone, then a JSON array of strings, outermost first.
+    let (head, body) = raw_exchange(&mut stream, b"PUT /api/v1/vm.pause HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 409 \r\n"), "{head:?}");
+    let chain: Vec<String> = serde_json::from_str(&body).expect("array of strings");
+    assert_eq!(chain, ["Error from API", "vm.pause failed", "cannot pause a VM in state Created"]);
+    let (head, _) = raw_exchange(&mut stream, b"GET /api/v1/vm.nope HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 404 \r\n"), "{head:?}");
+    // A client that asks to close is not told keep-alive.
+    let out = server.raw(b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 200 \r\n") && !out.contains("keep-alive"), "{out}");
 }
 
 #[test]

@@ -1,131 +1,248 @@
-//! Cloud Hypervisor compatibility for `vm.create` bodies.
+//! Cloud Hypervisor compatibility of the `VmConfig` JSON, both ways.
 //!
-//! A config produced by Cloud Hypervisor's own `vm.info` carries many fields
-//! we do not implement. Those at their default values are accepted and
-//! dropped; one that asks for something we lack is refused, naming the field.
+//! Cloud Hypervisor's `vm.info` returns its whole normalized `VmConfig`: every
+//! section, every field, defaults included. Orchestrators send such configs
+//! back. One table (`foreign_fields`) lists, per section, each field Cloud
+//! Hypervisor has and Hekivisor does not implement, with the value Cloud
+//! Hypervisor reports by default. `vm.create` strips those fields when they
+//! hold that value and refuses them, naming the field, when they ask for
+//! something we lack; `vm.info` adds them back (`to_cloud_hypervisor_json`),
+//! so a client reading Cloud Hypervisor's answer finds what it expects.
 //! Anything neither we nor Cloud Hypervisor know is refused by serde
 //! (`deny_unknown_fields`): a typo in a security setting must never vanish.
 
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 
 use super::{ConfigError, VmConfig};
 
-/// (section, field, default). `None` means "null, false, 0 or empty".
-type Known = (&'static str, &'static str, Option<&'static str>);
+/// Where a group of fields lives in the JSON document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Section {
+    Root,
+    Cpus,
+    Memory,
+    Payload,
+    Serial,
+    Console,
+    Rng,
+    /// Each element of `disks`.
+    Disk,
+    /// Each element of `net`.
+    Net,
+}
 
-/// Cloud Hypervisor fields Hekivisor does not implement, with their defaults.
-const CH_DEFAULTS: &[Known] = &[
-    ("", "rate_limit_groups", None),
-    ("", "balloon", None),
-    ("", "fs", None),
-    ("", "pmem", None),
-    ("", "devices", None),
-    ("", "user_devices", None),
-    ("", "vdpa", None),
-    ("", "vsock", None),
-    ("", "pvpanic", None),
-    ("", "iommu", None),
-    ("", "sgx_epc", None),
-    ("", "numa", None),
-    ("", "watchdog", None),
-    ("", "platform", None),
-    ("", "tpm", None),
-    ("", "preserved_fds", None),
-    ("", "landlock_enable", None),
-    ("", "landlock_rules", None),
-    ("", "pci_segments", None),
-    ("cpus", "topology", None),
-    ("cpus", "kvm_hyperv", None),
-    ("cpus", "max_phys_bits", Some("46")),
-    ("cpus", "affinity", None),
-    ("cpus", "features", Some("{}")),
-    ("cpus", "nested", Some("true")),
-    ("memory", "mergeable", None),
-    ("memory", "hotplug_method", Some("\"Acpi\"")),
-    ("memory", "hotplug_size", None),
-    ("memory", "hotplugged_size", None),
-    ("memory", "shared", None),
-    ("memory", "hugepages", None),
-    ("memory", "hugepage_size", None),
-    ("memory", "prefault", None),
-    ("memory", "zones", None),
-    ("memory", "thp", Some("true")),
-    ("payload", "firmware", None),
-    ("payload", "igvm", None),
-    ("payload", "host_data", None),
-    ("serial", "iommu", None),
-    ("serial", "socket", None),
-    ("console", "iommu", None),
-    ("console", "socket", None),
-];
+impl Section {
+    const ALL: [Section; 9] = [
+        Section::Root,
+        Section::Cpus,
+        Section::Memory,
+        Section::Payload,
+        Section::Serial,
+        Section::Console,
+        Section::Rng,
+        Section::Disk,
+        Section::Net,
+    ];
 
-/// Cloud Hypervisor disk fields Hekivisor does not implement, with defaults.
-const DISK_DEFAULTS: &[(&str, Option<&str>)] = &[
-    ("direct", None),
-    ("iommu", None),
-    ("num_queues", Some("1")),
-    ("queue_size", Some("128")),
-    ("vhost_user", None),
-    ("vhost_socket", None),
-    ("rate_limit_group", None),
-    ("rate_limiter_config", None),
-    ("pci_segment", None),
-    ("serial", None),
-    ("queue_affinity", None),
-    ("disable_io_uring", None),
-    ("disable_aio", None),
-    ("sparse", Some("true")),
-    ("image_type", Some("\"Raw\"")),
-];
-
-/// Cloud Hypervisor net fields Hekivisor does not implement, with defaults.
-const NET_DEFAULTS: &[(&str, Option<&str>)] = &[
-    ("host_mac", None),
-    ("mtu", None),
-    ("iommu", None),
-    ("num_queues", Some("2")),
-    ("queue_size", Some("256")),
-    ("vhost_user", None),
-    ("vhost_socket", None),
-    ("vhost_mode", Some("\"Client\"")),
-    ("fds", None),
-    ("rate_limiter_config", None),
-    ("pci_segment", None),
-    ("offload_tso", Some("true")),
-    ("offload_ufo", Some("true")),
-    ("offload_csum", Some("true")),
-];
-
-/// Sections whose whole value may be Cloud Hypervisor's default.
-const CH_DEFAULT_SECTIONS: &[(&str, &str)] = &[("debug_console", r#"{"file":null,"mode":"Off","iobase":233}"#)];
-
-fn is_empty_default(v: &Value) -> bool {
-    match v {
-        Value::Null | Value::Bool(false) => true,
-        Value::Number(n) => n.as_u64() == Some(0),
-        Value::Array(a) => a.is_empty(),
-        Value::Object(o) => o.is_empty() || o.values().all(is_empty_default),
-        Value::String(s) => s.is_empty(),
-        Value::Bool(true) => false,
+    fn key(self) -> &'static str {
+        match self {
+            Section::Root => "",
+            Section::Cpus => "cpus",
+            Section::Memory => "memory",
+            Section::Payload => "payload",
+            Section::Serial => "serial",
+            Section::Console => "console",
+            Section::Rng => "rng",
+            Section::Disk => "disks",
+            Section::Net => "net",
+        }
     }
 }
 
-fn matches_default(value: &Value, default: Option<&str>) -> bool {
-    match default {
-        None => is_empty_default(value),
-        Some(text) => {
-            let default: Value = serde_json::from_str(text).unwrap_or(Value::Null);
-            match (&default, value) {
-                // `features: {}` also accepts all-false feature flags.
-                (Value::Object(d), Value::Object(_)) if d.is_empty() => is_empty_default(value),
-                _ => *value == default || value.is_null(),
-            }
+/// The PCI placement fields Cloud Hypervisor gives every PCI device.
+fn pci_common(fields: &mut Vec<(&'static str, Value)>) {
+    fields.push(("pci_segment", json!(0)));
+    fields.push(("pci_device_id", Value::Null));
+}
+
+/// Cloud Hypervisor fields Hekivisor does not implement, per section, with
+/// the value Cloud Hypervisor reports for a VM that does not use them.
+fn foreign_fields(section: Section) -> Vec<(&'static str, Value)> {
+    let mut fields = match section {
+        Section::Root => vec![
+            ("rate_limit_groups", Value::Null),
+            ("balloon", Value::Null),
+            ("generic_vhost_user", Value::Null),
+            ("fs", Value::Null),
+            ("pmem", Value::Null),
+            ("debug_console", json!({"file": null, "mode": "Off", "iobase": 233})),
+            ("devices", Value::Null),
+            ("user_devices", Value::Null),
+            ("vdpa", Value::Null),
+            ("vsock", Value::Null),
+            ("pvpanic", json!(false)),
+            ("iommu", json!(false)),
+            ("sgx_epc", Value::Null),
+            ("numa", Value::Null),
+            ("watchdog", json!(false)),
+            ("rtc", Value::Null),
+            ("pci_segments", Value::Null),
+            ("platform", Value::Null),
+            ("tpm", Value::Null),
+            ("preserved_fds", Value::Null),
+            ("landlock_enable", json!(false)),
+            ("landlock_rules", Value::Null),
+        ],
+        Section::Cpus => vec![
+            ("topology", Value::Null),
+            ("kvm_hyperv", json!(false)),
+            ("max_phys_bits", json!(46)),
+            ("affinity", Value::Null),
+            ("features", json!({"amx": false})),
+            ("nested", json!(true)),
+            ("core_scheduling", json!("Vm")),
+            ("profile", json!("Host")),
+        ],
+        Section::Memory => vec![
+            ("mergeable", json!(false)),
+            ("hotplug_method", json!("Acpi")),
+            ("hotplug_size", Value::Null),
+            ("hotplugged_size", Value::Null),
+            ("shared", json!(false)),
+            ("hugepages", json!(false)),
+            ("hugepage_size", Value::Null),
+            ("prefault", json!(false)),
+            ("reserve", json!(false)),
+            ("zones", Value::Null),
+            ("thp", json!(true)),
+        ],
+        Section::Payload => vec![("firmware", Value::Null), ("igvm", Value::Null), ("host_data", Value::Null)],
+        Section::Serial => vec![("iommu", json!(false)), ("socket", Value::Null)],
+        Section::Console => {
+            let mut f = vec![("iommu", json!(false)), ("socket", Value::Null), ("id", Value::Null)];
+            pci_common(&mut f);
+            f
         }
+        // `iommu` is a field of our own RngConfig (only `false` is accepted).
+        Section::Rng => {
+            let mut f = vec![("id", Value::Null)];
+            pci_common(&mut f);
+            f
+        }
+        Section::Disk => {
+            let mut f = vec![
+                ("direct", json!(false)),
+                ("iommu", json!(false)),
+                ("num_queues", json!(1)),
+                ("queue_size", json!(128)),
+                ("vhost_user", json!(false)),
+                ("vhost_socket", Value::Null),
+                ("rate_limit_group", Value::Null),
+                ("rate_limiter_config", Value::Null),
+                ("disable_io_uring", json!(false)),
+                ("disable_aio", json!(false)),
+                ("serial", Value::Null),
+                ("queue_affinity", Value::Null),
+                ("backing_files", json!(false)),
+                ("sparse", json!(true)),
+                ("image_type", json!("Raw")),
+                ("lock_granularity", json!("ByteRange")),
+            ];
+            pci_common(&mut f);
+            f
+        }
+        Section::Net => {
+            let mut f = vec![
+                ("host_mac", Value::Null),
+                ("mtu", Value::Null),
+                ("iommu", json!(false)),
+                ("num_queues", json!(2)),
+                ("queue_size", json!(256)),
+                ("vhost_user", json!(false)),
+                ("vhost_socket", Value::Null),
+                ("vhost_mode", json!("Client")),
+                ("fds", Value::Null),
+                ("rate_limiter_config", Value::Null),
+                ("offload_tso", json!(true)),
+                ("offload_ufo", json!(true)),
+                ("offload_csum", json!(true)),
+            ];
+            pci_common(&mut f);
+            f
+        }
+    };
+    if section == Section::Root {
+        // Build-feature fields a Cloud Hypervisor config may carry; accepted at
+        // their defaults, never reported.
+        fields.extend([("gdb", json!(false)), ("pvmemcontrol", Value::Null), ("ivshmem", Value::Null)]);
+    }
+    fields
+}
+
+/// Fields accepted at their default but left out of `vm.info` (build
+/// features of Cloud Hypervisor that its plain build does not report).
+const NOT_REPORTED: &[&str] = &["gdb", "pvmemcontrol", "ivshmem"];
+
+/// Whole-section values Cloud Hypervisor may also report for an unused
+/// feature, besides `null` (a `platform` filled with its defaults).
+fn default_alternatives(field: &str) -> Option<Value> {
+    (field == "platform").then(|| {
+        json!({
+            "num_pci_segments": 1, "iommu_segments": null, "iommu_address_width_bits": 64,
+            "serial_number": null, "uuid": null, "oem_strings": null,
+            "system_serial_number": null, "system_uuid": null, "system_manufacturer": null,
+            "system_product_name": null, "system_version": null, "system_family": null,
+            "system_sku_number": null, "chassis_asset_tag": null,
+            "tdx": false, "sev_snp": false, "iommufd": false, "vfio_p2p_dma": true
+        })
+    })
+}
+
+/// Whether `value` asks for nothing beyond `default`: equal to it, `null`
+/// (Cloud Hypervisor's "unset"), an empty list, or an object whose every
+/// member matches the default's member of the same name.
+fn matches_default(value: &Value, default: &Value) -> bool {
+    match (value, default) {
+        (Value::Null, _) => true,
+        (Value::Array(a), Value::Null) => a.is_empty(),
+        (Value::Object(v), Value::Object(d)) => {
+            v.iter().all(|(k, member)| d.get(k).is_some_and(|dm| matches_default(member, dm)))
+        }
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        (v, d) => v == d,
     }
 }
 
 fn unsupported(field: String) -> ConfigError {
     ConfigError::Unsupported { field }
+}
+
+/// Cloud Hypervisor console modes Hekivisor lacks (serde would only say
+/// "unknown variant").
+const UNSUPPORTED_MODES: &[&str] = &["Pty", "Socket"];
+
+/// Strips one object's Cloud Hypervisor fields; `path` prefixes error names.
+fn strip_foreign(object: &mut Map<String, Value>, section: Section, path: &str) -> Result<(), ConfigError> {
+    let name = |field: &str| if path.is_empty() { field.to_string() } else { format!("{path}.{field}") };
+    for (field, default) in foreign_fields(section) {
+        let Some(value) = object.get(field) else { continue };
+        let ok = matches_default(value, &default)
+            || default_alternatives(field).is_some_and(|alt| matches_default(value, &alt));
+        if !ok {
+            return Err(unsupported(name(field)));
+        }
+        object.remove(field);
+    }
+    if matches!(section, Section::Serial | Section::Console)
+        && let Some(mode) = object.get("mode").and_then(Value::as_str)
+        && UNSUPPORTED_MODES.contains(&mode)
+    {
+        return Err(ConfigError::Invalid {
+            field: if section == Section::Serial { "serial.mode" } else { "console.mode" },
+            message: format!("mode {mode} is not supported by Hekivisor (Off, Null, Tty, File are)"),
+        });
+    }
+    Ok(())
 }
 
 /// Parses a `vm.create` body: strips Cloud Hypervisor defaults, refuses the rest.
@@ -135,60 +252,30 @@ pub fn vm_config_from_json(body: &[u8]) -> Result<VmConfig, ConfigError> {
     let root = value
         .as_object_mut()
         .ok_or_else(|| ConfigError::Json { path: String::new(), message: "expected a JSON object".into() })?;
-    for (section, default) in CH_DEFAULT_SECTIONS {
-        if let Some(v) = root.get(*section) {
-            let default: Value = serde_json::from_str(default).unwrap_or(Value::Null);
-            if v.is_null() || strip_nulls(v) == strip_nulls(&default) {
-                root.remove(*section);
-            } else {
-                return Err(unsupported((*section).to_string()));
-            }
-        }
-    }
-    for (section, field, default) in CH_DEFAULTS {
-        let container: Option<&mut Map<String, Value>> =
-            if section.is_empty() { Some(&mut *root) } else { root.get_mut(*section).and_then(Value::as_object_mut) };
-        let Some(container) = container else { continue };
-        if let Some(v) = container.get(*field) {
-            let path = if section.is_empty() { (*field).to_string() } else { format!("{section}.{field}") };
-            if !matches_default(v, *default) {
-                return Err(unsupported(path));
-            }
-            container.remove(*field);
-        }
-    }
-    // Cloud Hypervisor's per-disk fields we do not implement: defaults only.
-    if let Some(disks) = root.get_mut("disks").and_then(Value::as_array_mut) {
-        for (i, disk) in disks.iter_mut().enumerate() {
-            let Some(disk) = disk.as_object_mut() else { continue };
-            for (field, default) in DISK_DEFAULTS {
-                if let Some(v) = disk.get(*field) {
-                    if !matches_default(v, *default) {
-                        return Err(unsupported(format!("disks[{i}].{field}")));
+    for section in Section::ALL {
+        match section {
+            Section::Root => strip_foreign(root, section, "")?,
+            Section::Disk | Section::Net => {
+                if let Some(list) = root.get_mut(section.key()).and_then(Value::as_array_mut) {
+                    for (i, item) in list.iter_mut().enumerate() {
+                        if let Some(item) = item.as_object_mut() {
+                            strip_foreign(item, section, &format!("{}[{i}]", section.key()))?;
+                        }
                     }
-                    disk.remove(*field);
+                }
+            }
+            _ => {
+                if let Some(object) = root.get_mut(section.key()).and_then(Value::as_object_mut) {
+                    strip_foreign(object, section, section.key())?;
                 }
             }
         }
     }
-    if let Some(nets) = root.get_mut("net").and_then(Value::as_array_mut) {
-        for (i, net) in nets.iter_mut().enumerate() {
-            let Some(net) = net.as_object_mut() else { continue };
-            for (field, default) in NET_DEFAULTS {
-                if let Some(v) = net.get(*field) {
-                    if !matches_default(v, *default) {
-                        return Err(unsupported(format!("net[{i}].{field}")));
-                    }
-                    net.remove(*field);
-                }
-            }
-        }
-    }
-    // Cloud Hypervisor lets max_vcpus default to boot_vcpus.
     if let Some(cpus) = root.get_mut("cpus").and_then(Value::as_object_mut)
         && !cpus.contains_key("max_vcpus")
         && let Some(boot) = cpus.get("boot_vcpus").cloned()
     {
+        // Cloud Hypervisor lets max_vcpus default to boot_vcpus.
         cpus.insert("max_vcpus".into(), boot);
     }
     let config: VmConfig = serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Json {
@@ -199,36 +286,78 @@ pub fn vm_config_from_json(body: &[u8]) -> Result<VmConfig, ConfigError> {
     Ok(config)
 }
 
-fn strip_nulls(v: &Value) -> Value {
-    match v {
-        Value::Object(o) => {
-            Value::Object(o.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), strip_nulls(v))).collect())
+/// Adds one object's Cloud Hypervisor fields at their defaults.
+fn add_foreign(object: &mut Map<String, Value>, section: Section) {
+    for (field, default) in foreign_fields(section) {
+        if section == Section::Root && NOT_REPORTED.contains(&field) {
+            continue;
         }
-        other => other.clone(),
+        object.entry(field).or_insert(default);
     }
+}
+
+/// The config as Cloud Hypervisor's `vm.info` reports one: ours, plus every
+/// Cloud Hypervisor section and field at the value that says "not used".
+///
+/// One exception: without a virtio-rng device the `rng` section is left out.
+/// Cloud Hypervisor always has one and cannot say "none"; a client that
+/// reads the answer takes its default, and sending the answer back to
+/// Hekivisor still creates no rng device.
+pub fn to_cloud_hypervisor_json(config: &VmConfig) -> Value {
+    let mut value = match serde_json::to_value(config) {
+        Ok(v) => v,
+        // Plain data with string keys always serializes; keep vm.info alive regardless.
+        Err(e) => return json!({ "error": format!("cannot serialize the config: {e}") }),
+    };
+    let Some(root) = value.as_object_mut() else { return value };
+    if root.get("rng").is_some_and(Value::is_null) {
+        root.remove("rng");
+    }
+    for section in Section::ALL {
+        match section {
+            Section::Root => add_foreign(root, section),
+            Section::Disk | Section::Net => {
+                if let Some(list) = root.get_mut(section.key()).and_then(Value::as_array_mut) {
+                    for item in list.iter_mut().filter_map(Value::as_object_mut) {
+                        add_foreign(item, section);
+                    }
+                }
+            }
+            _ => {
+                if let Some(object) = root.get_mut(section.key()).and_then(Value::as_object_mut) {
+                    add_foreign(object, section);
+                }
+            }
+        }
+    }
+    value
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// What Cloud Hypervisor's `vm.info` returns as `config` for a plain VM.
+    /// What Cloud Hypervisor's `vm.info` returns as `config` for a plain VM
+    /// (kernel, rng, serial, console): every section, every default field.
     const CH_PLAIN_VM: &str = r#"{
       "cpus": {"boot_vcpus": 2, "max_vcpus": 2, "topology": null, "kvm_hyperv": false,
-               "max_phys_bits": 46, "affinity": null, "features": {"amx": false}},
+               "max_phys_bits": 46, "affinity": null, "features": {"amx": false}, "nested": true,
+               "core_scheduling": "Vm", "profile": "Host"},
       "memory": {"size": 536870912, "mergeable": false, "hotplug_method": "Acpi", "hotplug_size": null,
                  "hotplugged_size": null, "shared": false, "hugepages": false, "hugepage_size": null,
-                 "prefault": false, "zones": null, "thp": true},
-      "payload": {"firmware": null, "kernel": "/tmp/vmlinux", "cmdline": "console=ttyS0", "initramfs": null},
+                 "prefault": false, "reserve": false, "zones": null, "thp": true},
+      "payload": {"firmware": null, "kernel": "/tmp/vmlinux", "cmdline": "console=ttyS0", "initramfs": null,
+                  "igvm": null, "host_data": null},
       "rate_limit_groups": null, "disks": null, "net": null,
-      "rng": {"src": "/dev/urandom", "iommu": false},
-      "balloon": null, "fs": null, "pmem": null,
+      "rng": {"src": "/dev/urandom", "iommu": false, "id": null, "pci_segment": 0, "pci_device_id": null},
+      "balloon": null, "generic_vhost_user": null, "fs": null, "pmem": null,
       "serial": {"file": null, "mode": "Tty", "iommu": false, "socket": null},
-      "console": {"file": null, "mode": "Off", "iommu": false, "socket": null},
+      "console": {"file": null, "mode": "Off", "iommu": false, "socket": null, "id": null,
+                  "pci_segment": 0, "pci_device_id": null},
       "debug_console": {"file": null, "mode": "Off", "iobase": 233},
       "devices": null, "user_devices": null, "vdpa": null, "vsock": null, "pvpanic": false,
-      "iommu": false, "sgx_epc": null, "numa": null, "watchdog": false, "platform": null,
-      "tpm": null, "preserved_fds": null, "landlock_enable": false, "landlock_rules": null
+      "iommu": false, "sgx_epc": null, "numa": null, "watchdog": false, "rtc": null, "pci_segments": null,
+      "platform": null, "tpm": null, "preserved_fds": null, "landlock_enable": false, "landlock_rules": null
     }"#;
 
     #[test]
@@ -236,7 +365,72 @@ mod tests {
         let config = vm_config_from_json(CH_PLAIN_VM.as_bytes()).expect("accepted");
         assert_eq!(config.cpus.boot_vcpus, 2);
         assert_eq!(config.memory.size, 512 << 20);
+        assert_eq!(config.rng.as_ref().map(|r| r.src.clone()), Some("/dev/urandom".into()));
         assert_eq!(config.payload.and_then(|p| p.cmdline).as_deref(), Some("console=ttyS0"));
+    }
+
+    /// Every field name (with its path) of a JSON document.
+    fn field_paths(value: &Value, prefix: &str, out: &mut Vec<String>) {
+        if let Value::Object(map) = value {
+            for (k, v) in map {
+                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                field_paths(v, &path, out);
+                out.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn info_reports_every_cloud_hypervisor_field_and_round_trips() {
+        let config = vm_config_from_json(CH_PLAIN_VM.as_bytes()).expect("accepted");
+        let reported = to_cloud_hypervisor_json(&config);
+        let ch: Value = serde_json::from_str(CH_PLAIN_VM).expect("fixture");
+        let (mut want, mut have) = (Vec::new(), Vec::new());
+        field_paths(&ch, "", &mut want);
+        field_paths(&reported, "", &mut have);
+        let missing: Vec<&String> = want.iter().filter(|p| !have.contains(p)).collect();
+        assert!(missing.is_empty(), "vm.info lacks Cloud Hypervisor fields {missing:?}");
+        for path in ["console.pci_segment", "cpus.profile", "memory.thp", "debug_console.iobase", "heki.policy"] {
+            assert!(have.iter().any(|p| p == path), "{path} reported");
+        }
+        assert_eq!(reported["cpus"]["max_phys_bits"], 46);
+        assert_eq!(reported["memory"]["hotplug_method"], "Acpi");
+        // What vm.info reports is accepted back unchanged and means the same VM.
+        let again = vm_config_from_json(reported.to_string().as_bytes()).expect("round trip");
+        assert_eq!(again, config);
+    }
+
+    #[test]
+    fn a_vm_without_rng_reports_no_rng_section_and_round_trips() {
+        let config = vm_config_from_json(br#"{"payload": {"kernel": "/k"}}"#).expect("valid");
+        let reported = to_cloud_hypervisor_json(&config);
+        assert!(reported.get("rng").is_none(), "{reported}");
+        assert_eq!(reported["serial"]["mode"], "Tty");
+        assert_eq!(reported["console"]["mode"], "Off");
+        let again = vm_config_from_json(reported.to_string().as_bytes()).expect("round trip");
+        assert_eq!(again, config);
+    }
+
+    #[test]
+    fn disks_and_nets_report_and_accept_their_cloud_hypervisor_fields() {
+        let body = br#"{"payload": {"kernel": "/k"}, "disks": [{"path": "/d", "id": "data"}],
+                        "net": [{"tap": "t0", "mac": "52:54:00:00:00:01"}]}"#;
+        let config = vm_config_from_json(body).expect("valid");
+        let reported = to_cloud_hypervisor_json(&config);
+        assert_eq!(reported["disks"][0]["num_queues"], 1);
+        assert_eq!(reported["disks"][0]["pci_segment"], 0);
+        assert_eq!(reported["net"][0]["vhost_mode"], "Client");
+        assert_eq!(vm_config_from_json(reported.to_string().as_bytes()).expect("round trip"), config);
+    }
+
+    #[test]
+    fn a_platform_at_its_defaults_is_accepted() {
+        let body = br#"{"payload": {"kernel": "/k"}, "platform": {"num_pci_segments": 1, "iommu_segments": null,
+                        "serial_number": null, "uuid": null, "oem_strings": null}}"#;
+        assert!(vm_config_from_json(body).is_ok());
+        let body = br#"{"payload": {"kernel": "/k"}, "platform": {"num_pci_segments": 2}}"#;
+        let err = vm_config_from_json(body).expect_err("two segments").to_string();
+        assert!(err.starts_with("platform: not supported"), "{err}");
     }
 
     #[test]
@@ -255,6 +449,14 @@ mod tests {
             (r#""iommu": true"#, "iommu"),
             (r#""watchdog": true"#, "watchdog"),
             (r#""landlock_enable": true"#, "landlock_enable"),
+            (r#""console": {"mode": "Off", "pci_segment": 1}"#, "console.pci_segment"),
+            (r#""rng": {"src": "/dev/urandom", "pci_segment": 2}"#, "rng.pci_segment"),
+            (r#""cpus": {"boot_vcpus": 1, "nested": false}"#, "cpus.nested"),
+            (r#""cpus": {"boot_vcpus": 1, "core_scheduling": "Vcpu"}"#, "cpus.core_scheduling"),
+            (r#""cpus": {"boot_vcpus": 1, "profile": "Skylake"}"#, "cpus.profile"),
+            (r#""memory": {"size": 1048576, "thp": false}"#, "memory.thp"),
+            (r#""pvpanic": true"#, "pvpanic"),
+            (r#""serial": {"mode": "Pty"}"#, "serial.mode"),
         ] {
             let body = format!(r#"{{"payload": {{"kernel": "/k"}}, {section}}}"#);
             let err = vm_config_from_json(body.as_bytes()).expect_err(&body).to_string();

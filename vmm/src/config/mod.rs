@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use cli::{ApiSocketSpec, CliArgs, EventMonitorSpec, VmmOptions};
-pub use compat::vm_config_from_json;
+pub use compat::{to_cloud_hypervisor_json, vm_config_from_json};
 pub use options::parse_size;
 
 /// The most vCPUs a VM may have (APIC ids fit in 8 bits; 255 is broadcast).
