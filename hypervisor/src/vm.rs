@@ -1,4 +1,4 @@
-use kvm_bindings::{KVM_MEM_READONLY, kvm_enable_cap, kvm_userspace_memory_region};
+use kvm_bindings::{KVM_MEM_READONLY, kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, MsrExitReason, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 
 use crate::error::{HypervisorError, Result, ioctl_err};
@@ -28,24 +28,25 @@ impl Vm {
     }
 
     /// Creates the x86 platform pieces that live in the kernel: TSS and
-    /// identity-map pages and the PIC/IOAPIC/LAPIC irqchip.
+    /// identity-map pages, the PIC/IOAPIC/LAPIC irqchip and the PIT.
     ///
     /// Call it after the boot memslots are installed. Every in-kernel device
-    /// registered here (three PIC ranges, the IOAPIC, the default IRQ routes)
-    /// waits for an SRCU grace period on the VM, and the kernel spaces
-    /// back-to-back grace periods a jiffy apart (4 ms at HZ=250): a memslot
+    /// registered here waits for an SRCU grace period on the VM, and the
+    /// kernel spaces back-to-back grace periods a jiffy apart: a memslot
     /// installed after the irqchip waited 4-10 ms for that, one installed on
     /// the fresh VM takes 0.2 ms.
     ///
-    /// There is no PIT (as in Cloud Hypervisor): guests time with the LAPIC
-    /// and the TSC (kvmclock). KVM's PIT starts a kernel thread when created
-    /// and, when the VM is closed, unregisters its I/O ranges and IRQ
-    /// notifiers one grace period at a time, which made closing the VM fd
-    /// take 12-16 ms.
+    /// The PIT stays although it costs about 12 ms when the VM is closed (its
+    /// teardown waits for grace periods): a Linux guest without kvmclock, such
+    /// as our minimal test kernel, takes its timer ticks from the PIT through
+    /// IOAPIC pin 2 and hangs without it.
     pub fn setup_platform(&self, tss_addr: u64, identity_map_addr: u64) -> Result<()> {
         self.fd.set_identity_map_address(identity_map_addr).map_err(ioctl_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
         self.fd.set_tss_address(tss_addr as usize).map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
         self.fd.create_irq_chip().map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
+        // Flag 1 (KVM_PIT_SPEAKER_DUMMY) keeps port 0x61 in the kernel.
+        let pit = kvm_pit_config { flags: 1, ..Default::default() };
+        self.fd.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
         self.enable_emulation_failure_exits();
         Ok(())
     }
