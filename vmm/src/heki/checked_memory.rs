@@ -111,9 +111,11 @@ pub struct Accessor {
     pub name: String,
     /// Accesses heki refused.
     pub refused: AtomicU64,
-    /// Pages recently found writable, valid for `memo_generation`: devices
-    /// write the same buffers, status bytes and rings over and over.
-    memo: WritableMemo,
+    /// Pages recently found writable, valid for one protections generation:
+    /// devices write the same buffers, status bytes and rings over and over.
+    memo: PageMemo,
+    /// Pages recently found readable (shared), once memory is private.
+    readable: PageMemo,
 }
 
 impl Accessor {
@@ -122,28 +124,29 @@ impl Accessor {
     }
 }
 
-const MEMO_SLOTS: usize = 64;
+const MEMO_SLOTS: usize = 256;
 const NO_PAGE: u64 = u64::MAX;
 
 #[derive(Debug)]
-struct WritableMemo {
+struct PageMemo {
     generation: AtomicU64,
     pages: [AtomicU64; MEMO_SLOTS],
 }
 
-impl Default for WritableMemo {
+impl Default for PageMemo {
     fn default() -> Self {
-        WritableMemo { generation: AtomicU64::new(u64::MAX), pages: std::array::from_fn(|_| AtomicU64::new(NO_PAGE)) }
+        PageMemo { generation: AtomicU64::new(u64::MAX), pages: std::array::from_fn(|_| AtomicU64::new(NO_PAGE)) }
     }
 }
 
-impl WritableMemo {
+impl PageMemo {
     fn slot(&self, page: u64) -> &AtomicU64 {
-        // MEMO_SLOTS is a power of two: the mask keeps the index in range.
-        &self.pages[(page as usize) & (MEMO_SLOTS - 1)]
+        // Fibonacci hashing spreads rings, headers and buffers that sit at
+        // round addresses; the top 8 bits index the 256 slots.
+        &self.pages[(page.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as usize]
     }
 
-    /// Whether `page` is known writable in `generation` (the caller holds the
+    /// Whether `page` is known good in `generation` (the caller holds the
     /// read lock, so the generation cannot change meanwhile).
     fn knows(&self, page: u64, generation: u64) -> bool {
         if self.generation.load(Ordering::Acquire) != generation {
@@ -207,6 +210,13 @@ impl CheckedMemory {
 
     /// Judges a device read; true if it may be performed.
     fn judge_read(&self, protections: &MemoryProtections, gpa: u64, len: u64) -> bool {
+        let page = gpa >> heki::PAGE_SHIFT;
+        let last = len.checked_sub(1).and_then(|n| gpa.checked_add(n));
+        let one_page = last.is_some_and(|last| last >> heki::PAGE_SHIFT == page);
+        let memo = &self.accessor.readable;
+        if one_page && memo.knows(page, self.enforcer.generation.load(Ordering::Acquire)) {
+            return true;
+        }
         let access = Access::DmaRead { gpa, len };
         let verdict = judge(access, Protections { memory: protections, pins: None }, self.enforcer.policy());
         if verdict.is_violation() {
@@ -218,6 +228,8 @@ impl CheckedMemory {
                 record.details.insert("device".into(), device.clone());
                 record.details.insert("access".into(), "read".into());
             });
+        } else if one_page {
+            memo.remember(page);
         }
         verdict.performs_access()
     }
