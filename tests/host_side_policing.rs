@@ -537,18 +537,27 @@ fn drive_to_the_end(vmm: &ApiVmm, race_api_pause: bool) -> PauseStats {
 #[test]
 fn two_vcpus_trapping_at_once_under_pause_need_one_resume_per_pause() {
     require_kvm!();
-    let vmm = ApiVmm::start("pause-smp");
-    vmm.boot("heki_pause_smp", 2, "", r#","heki":{"enabled":true,"policy":"pause"}"#);
-    vmm.wait_for_serial("writers=2");
-    let stats = drive_to_the_end(&vmm, false);
-    eprintln!("two vCPUs trapping under pause: {stats:?}");
+    // The race needs both vCPUs to trap in the same pause; on a loaded host
+    // a VM can miss it in all 12 rounds, so boot again (each VM is checked).
+    let mut raced = 0;
+    for attempt in 0..5 {
+        let vmm = ApiVmm::start(&format!("pause-smp-{attempt}"));
+        vmm.boot("heki_pause_smp", 2, "", r#","heki":{"enabled":true,"policy":"pause"}"#);
+        vmm.wait_for_serial("writers=2");
+        let stats = drive_to_the_end(&vmm, false);
+        eprintln!("two vCPUs trapping under pause (VM {attempt}): {stats:?}");
+        assert_eq!(vmm.state(), "Running", "{}", vmm.report());
+        assert_eq!(vmm.get("vm.heki")["counters"]["write"], 24, "every write of 12 rounds x 2 vCPUs trapped");
+        assert!(vmm.serial().contains("all rounds done page=0,0"), "no forbidden write landed\n{}", vmm.report());
+        // At most one pause per violation: 12 rounds of 2 writes.
+        assert!(stats.resumes <= 24, "{stats:?}");
+        raced += stats.both_vcpus_trapped;
+        if raced > 0 {
+            break;
+        }
+    }
     // The race was run: in some pause, both vCPUs had trapped.
-    assert!(stats.both_vcpus_trapped > 0, "{stats:?}");
-    assert_eq!(vmm.state(), "Running", "{}", vmm.report());
-    assert_eq!(vmm.get("vm.heki")["counters"]["write"], 24, "every write of 12 rounds x 2 vCPUs trapped");
-    assert!(vmm.serial().contains("all rounds done page=0,0"), "no forbidden write landed\n{}", vmm.report());
-    // At most one pause per violation: 12 rounds of 2 writes.
-    assert!(stats.resumes <= 24, "{stats:?}");
+    assert!(raced > 0, "no pause ever held two trapped vCPUs in 5 VMs");
 }
 
 #[test]

@@ -42,7 +42,7 @@ void guest_main(void) {
     expect("max leaf", r[0], 0x40000101);
     cpuid(0x40000101, 0, r);
     expect("abi version", r[0], 1);
-    expect("features", r[1], 0x3b);
+    expect("features", r[1], 0x7b);
     expect("edx zero", r[3], 0);
     printf("doorbell port=%x\n", r[2]);
 
@@ -50,7 +50,7 @@ void guest_main(void) {
     expect("VERSION", heki_call(HEKI_VERSION, 0, 0, 0), 1);
     expect("unknown function", heki_call(99, 0, 0, 0), -ENOSYS);
 
-    expect("SET_SHARED reserved", heki_call(HEKI_SET_SHARED, 0, 0, 0), -ENOSYS);
+    expect("SET_SHARED before PRIVATE_MEMORY", heki_call(HEKI_SET_SHARED, 0, 4096, 1), -EPERM);
 
     expect("unaligned range", heki_protect(t + 1, t + 4096, HEKI_READ), -EINVAL);
     expect("empty range", heki_protect(t, t, HEKI_READ), -EINVAL);
