@@ -11,7 +11,7 @@
 
 use std::iter::FusedIterator;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use heki::{Access, MemoryProtections, Outcome, Policy, Protections, Verdict, ViolationRecord, judge};
 use vm_memory::bitmap::BS;
@@ -20,6 +20,9 @@ use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError,
 
 use super::ports::RunControl;
 use super::violations::ViolationLog;
+
+/// Told of each recorded violation (the introspection agent's events); must not block.
+pub type ViolationObserver = Box<dyn Fn(&ViolationRecord) + Send + Sync>;
 
 /// Applies heki's verdicts: the policy, the violation log, the VM's run
 /// control, and the memory protections behind their read/write lock.
@@ -30,9 +33,15 @@ pub struct Enforcer {
     generation: AtomicU64,
     /// Set once the guest made memory private: reads must be judged from then on.
     private_memory: std::sync::atomic::AtomicBool,
+    /// Protection changes in progress: accesses take the locked path meanwhile.
+    writers: AtomicU64,
+    /// Every accessor, so a change can wait for their lock-free accesses.
+    accessors: Mutex<Vec<Weak<Accessor>>>,
     policy: AtomicU8,
     pub violations: ViolationLog,
     control: Arc<dyn RunControl>,
+    /// Told of every violation recorded (the introspection agent's events).
+    observer: std::sync::OnceLock<ViolationObserver>,
 }
 
 impl Enforcer {
@@ -41,9 +50,12 @@ impl Enforcer {
             memory: RwLock::default(),
             generation: AtomicU64::new(0),
             private_memory: std::sync::atomic::AtomicBool::new(false),
+            writers: AtomicU64::new(0),
+            accessors: Mutex::default(),
             policy: AtomicU8::new(policy_code(policy)),
             violations: ViolationLog::default(),
             control,
+            observer: std::sync::OnceLock::new(),
         }
     }
 
@@ -64,6 +76,10 @@ impl Enforcer {
         self.control.as_ref()
     }
 
+    pub fn control_arc(&self) -> Arc<dyn RunControl> {
+        self.control.clone()
+    }
+
     /// The protections, held for the duration of one access.
     pub(super) fn protections(&self) -> RwLockReadGuard<'_, MemoryProtections> {
         self.memory.read().unwrap_or_else(|p| p.into_inner())
@@ -71,11 +87,39 @@ impl Enforcer {
 
     /// Waits for every access in flight, then lets the caller change the
     /// protections while no new access can be judged.
-    pub(super) fn protections_mut(&self) -> RwLockWriteGuard<'_, MemoryProtections> {
+    pub(super) fn protections_mut(&self) -> ProtectionsWriter<'_> {
+        // Announce first: from here on, accesses take the locked path...
+        self.writers.fetch_add(1, Ordering::SeqCst);
         let guard = self.memory.write().unwrap_or_else(|p| p.into_inner());
-        // Under the write lock: no reader can see the old generation with new protections.
-        self.generation.fetch_add(1, Ordering::Release);
-        guard
+        // ...and the lock-free ones already under way finish their copy.
+        self.wait_for_lock_free_accesses();
+        // Memos of the old generation are now stale.
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        ProtectionsWriter { guard, writers: &self.writers }
+    }
+
+    fn wait_for_lock_free_accesses(&self) {
+        let accessors: Vec<Arc<Accessor>> = {
+            let mut list = self.accessors.lock().unwrap_or_else(|p| p.into_inner());
+            list.retain(|a| a.strong_count() > 0);
+            list.iter().filter_map(Weak::upgrade).collect()
+        };
+        for accessor in accessors {
+            // A lock-free access is one copy of at most 1 MiB: spin briefly, then yield.
+            let mut spins = 0u32;
+            while accessor.in_flight.load(Ordering::SeqCst) != 0 {
+                spins = spins.saturating_add(1);
+                if spins < 64 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+
+    fn register(&self, accessor: &Arc<Accessor>) {
+        self.accessors.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(accessor));
     }
 
     /// From now on device reads are judged too (set under the write lock).
@@ -83,11 +127,19 @@ impl Enforcer {
         self.private_memory.store(true, Ordering::Release);
     }
 
+    /// Sets the one observer of recorded violations (it must not block).
+    pub fn set_observer(&self, observer: ViolationObserver) {
+        let _ = self.observer.set(observer);
+    }
+
     /// Records a violation verdict (the caller fills in who and where) and
     /// applies its outcome to the whole VM.
     pub fn enforce(&self, verdict: &Verdict, source: &str, fill: impl FnOnce(&mut ViolationRecord)) {
         if let Some(mut record) = verdict.record() {
             fill(&mut record);
+            if let Some(observer) = self.observer.get() {
+                observer(&record);
+            }
             self.violations.record(record);
         }
         if verdict.outcome() != Outcome::Continue {
@@ -105,12 +157,39 @@ fn policy_code(policy: Policy) -> u8 {
     }
 }
 
+/// The write side of the protections; accesses stay on the locked path until dropped.
+pub(super) struct ProtectionsWriter<'a> {
+    guard: RwLockWriteGuard<'a, MemoryProtections>,
+    writers: &'a AtomicU64,
+}
+
+impl std::ops::Deref for ProtectionsWriter<'_> {
+    type Target = MemoryProtections;
+    fn deref(&self) -> &MemoryProtections {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for ProtectionsWriter<'_> {
+    fn deref_mut(&mut self) -> &mut MemoryProtections {
+        &mut self.guard
+    }
+}
+
+impl Drop for ProtectionsWriter<'_> {
+    fn drop(&mut self) {
+        self.writers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Who accesses memory through a `CheckedMemory`: named in violations.
 #[derive(Debug, Default)]
 pub struct Accessor {
     pub name: String,
     /// Accesses heki refused.
     pub refused: AtomicU64,
+    /// Lock-free accesses under way (a memo hit), which a protection change waits for.
+    in_flight: AtomicU64,
     /// Pages recently found writable, valid for one protections generation:
     /// devices write the same buffers, status bytes and rings over and over.
     memo: PageMemo,
@@ -172,11 +251,35 @@ pub struct CheckedMemory {
 
 impl CheckedMemory {
     pub fn new(ram: GuestMemoryMmap, enforcer: Arc<Enforcer>, accessor: Arc<Accessor>) -> Self {
+        enforcer.register(&accessor);
         CheckedMemory { ram, enforcer, accessor }
+    }
+
+    /// The lock-free path: an access to one page this accessor already found
+    /// good in the current generation, while no protection change is under
+    /// way. The returned marker keeps a change waiting until the copy is done.
+    /// (Dekker-style: we announce ourselves, then look for a writer; a writer
+    /// announces itself, then waits for us. Both with SeqCst.)
+    fn lock_free(&self, gpa: u64, len: usize, write: bool) -> Option<InFlight<'_>> {
+        let page = gpa >> heki::PAGE_SHIFT;
+        let last = (len as u64).checked_sub(1).and_then(|n| gpa.checked_add(n))?;
+        if last >> heki::PAGE_SHIFT != page {
+            return None;
+        }
+        let marker = InFlight::enter(&self.accessor);
+        if self.enforcer.writers.load(Ordering::SeqCst) != 0 {
+            return None;
+        }
+        let memo = if write { &self.accessor.memo } else { &self.accessor.readable };
+        memo.knows(page, self.enforcer.generation.load(Ordering::SeqCst)).then_some(marker)
     }
 
     pub fn accessor(&self) -> &Accessor {
         &self.accessor
+    }
+
+    pub fn enforcer(&self) -> &Arc<Enforcer> {
+        &self.enforcer
     }
 
     /// Judges a device write of `[gpa, gpa + len)`, reporting a violation;
@@ -242,10 +345,36 @@ impl CheckedMemory {
     }
 }
 
-/// Slices that keep the protections read-locked until a write is done.
+/// A lock-free access under way; a protection change waits for its drop.
+struct InFlight<'a>(&'a Accessor);
+
+impl<'a> InFlight<'a> {
+    fn enter(accessor: &'a Accessor) -> Self {
+        accessor.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(accessor)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What keeps a protection change from landing in the middle of an access.
+enum Hold<'a> {
+    /// Nothing to judge (a read while all memory is shared).
+    None,
+    /// The protections' read lock.
+    Locked(#[allow(dead_code)] RwLockReadGuard<'a, MemoryProtections>),
+    /// A lock-free access the writer waits for.
+    LockFree(#[allow(dead_code)] InFlight<'a>),
+}
+
+/// Slices that keep the access held (see `Hold`) until the copy is done.
 struct HeldSlices<'a, I> {
     slices: I,
-    _protections: Option<RwLockReadGuard<'a, MemoryProtections>>,
+    _hold: Hold<'a>,
 }
 
 impl<I: Iterator> Iterator for HeldSlices<'_, I> {
@@ -289,12 +418,16 @@ impl GuestMemory for CheckedMemory {
         access: Permissions,
     ) -> vm_memory::GuestMemoryResult<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
         let slices = GuestMemoryBackend::get_slices(&self.ram, addr, count);
-        if !access.has_write() && !self.enforcer.private_memory.load(Ordering::Acquire) {
-            // Reads are refused only for private pages: until there are any, no lock.
-            return Ok(HeldSlices { slices, _protections: None });
+        let write = access.has_write();
+        if !write && !self.enforcer.private_memory.load(Ordering::Acquire) {
+            // Reads are refused only for private pages: until there are any, no hold.
+            return Ok(HeldSlices { slices, _hold: Hold::None });
+        }
+        if let Some(in_flight) = self.lock_free(addr.0, count, write) {
+            return Ok(HeldSlices { slices, _hold: Hold::LockFree(in_flight) });
         }
         let protections = self.enforcer.protections();
-        let allowed = if access.has_write() {
+        let allowed = if write {
             self.judge_write(&protections, addr.0, count as u64)
         } else {
             self.judge_read(&protections, addr.0, count as u64)
@@ -302,6 +435,6 @@ impl GuestMemory for CheckedMemory {
         if !allowed {
             return Err(refused(addr));
         }
-        Ok(HeldSlices { slices, _protections: Some(protections) })
+        Ok(HeldSlices { slices, _hold: Hold::Locked(protections) })
     }
 }

@@ -131,8 +131,19 @@ fn devices_may_read_locked_memory() {
 
 #[test]
 fn a_lock_returns_only_after_the_dma_in_flight_has_landed() {
+    for warm in [false, true] {
+        lock_waits_for_dma_in_flight(warm);
+    }
+}
+
+/// `warm`: the device wrote the page before, so its next write takes the
+/// lock-free path (a memo hit) instead of the read lock.
+fn lock_waits_for_dma_in_flight(warm: bool) {
     let rig = rig(Policy::Deny);
     let device = rig.device("_disk0");
+    if warm {
+        device.write_slice(&[1; 4], GuestAddress(0x7000)).expect("writable");
+    }
     let (checked_tx, checked_rx) = std::sync::mpsc::channel();
     let writer = std::thread::spawn(move || {
         // A device access checked under the old permissions, still copying.
