@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+pub mod introspect;
+
 /// The API's path prefix.
 pub const API_PREFIX: &str = "/api/v1/";
 /// Responses larger than this are refused rather than buffered.

@@ -45,6 +45,13 @@ pub enum VmExit<'a> {
         reason: u64,
         cpu: u32,
     },
+    /// `KVM_EXIT_DEBUG`: a single step (`exception` 1, DR6.BS) or a hardware
+    /// breakpoint (`exception` 1, DR6.B0-B3) set with `Vcpu::set_guest_debug`.
+    Debug {
+        exception: u32,
+        pc: u64,
+        dr6: u64,
+    },
     /// `KVM_RUN` was interrupted by a signal (a kick) or `immediate_exit`.
     Interrupted,
     /// An exit reason this VMM does not handle.

@@ -76,4 +76,10 @@ impl Hypervisor {
     pub fn has_msr_filter(&self) -> bool {
         self.kvm.check_extension(Cap::X86MsrFilter) && self.kvm.check_extension(Cap::X86UserSpaceMsr)
     }
+
+    /// Whether `KVM_SET_GUEST_DEBUG` works (`KVM_CAP_SET_GUEST_DEBUG`):
+    /// single-step and hardware breakpoints.
+    pub fn has_guest_debug(&self) -> bool {
+        self.kvm.check_extension(Cap::SetGuestDebug)
+    }
 }

@@ -84,6 +84,7 @@ impl Vcpu {
             }),
             VcpuExit::FailEntry(reason, cpu) => VmExit::FailEntry { reason, cpu },
             VcpuExit::Intr => VmExit::Interrupted,
+            VcpuExit::Debug(arch) => VmExit::Debug { exception: arch.exception, pc: arch.pc, dr6: arch.dr6 },
             // SAFETY: the run page is mapped for the vCPU's lifetime and KVM does not
             // touch it while we are out of KVM_RUN.
             VcpuExit::InternalError => internal_error(unsafe { &*run_page }),
@@ -208,6 +209,37 @@ impl Vcpu {
     pub fn translate_gva(&self, gva: u64) -> Result<Option<u64>> {
         let t = self.fd.translate_gva(gva).map_err(ioctl_err("KVM_TRANSLATE"))?;
         Ok((t.valid != 0).then_some(t.physical_address))
+    }
+
+    /// `KVM_SET_GUEST_DEBUG`: single-step the guest and/or stop at up to four
+    /// hardware execution breakpoints (guest virtual addresses); each stop is
+    /// a `VmExit::Debug`. Nothing set turns guest debugging off.
+    pub fn set_guest_debug(&self, single_step: bool, breakpoints: &[u64]) -> Result<()> {
+        use kvm_bindings::{KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, kvm_guest_debug};
+        if breakpoints.len() > 4 {
+            return Err(HypervisorError::Ioctl {
+                op: "KVM_SET_GUEST_DEBUG",
+                source: std::io::Error::from_raw_os_error(libc::E2BIG),
+            });
+        }
+        let mut debug = kvm_guest_debug::default();
+        if single_step || !breakpoints.is_empty() {
+            debug.control = KVM_GUESTDBG_ENABLE;
+        }
+        if single_step {
+            debug.control |= KVM_GUESTDBG_SINGLESTEP;
+        }
+        if !breakpoints.is_empty() {
+            debug.control |= KVM_GUESTDBG_USE_HW_BP;
+            let mut dr7 = 0u64;
+            for (i, &address) in breakpoints.iter().enumerate() {
+                debug.arch.debugreg[i] = address;
+                // Local enable, condition 00 (execution), length 00.
+                dr7 |= 1 << (2 * i);
+            }
+            debug.arch.debugreg[7] = dr7;
+        }
+        self.fd.set_guest_debug(&debug).map_err(ioctl_err("KVM_SET_GUEST_DEBUG"))
     }
 
     /// Queues a hardware exception for delivery on the next entry.

@@ -10,6 +10,7 @@ pub mod devices;
 mod events;
 pub mod heki;
 pub mod host_view;
+pub mod introspection;
 pub mod layout;
 pub mod memory;
 pub mod run_control;

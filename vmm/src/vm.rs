@@ -23,7 +23,9 @@ use crate::devices::virtio::{
 };
 use crate::devices::{AcpiPmDevice, I8042Device, MmioBus, PioBus, SerialDevice};
 use crate::heki::ports::KvmSlots;
+use crate::heki::traps::VmTraps;
 use crate::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
+use crate::introspection::{AgentLink, Hub};
 use crate::layout::{self, ports};
 use crate::memory::{self, RamRegion};
 use crate::run_control::{PauseError, VmControl};
@@ -92,6 +94,7 @@ impl Vm {
         serial_out: Option<SharedOutput>,
         events: Sender<VcpuEvent>,
         events_wake: &EventFd,
+        agent: Option<&Arc<Hub>>,
     ) -> Result<Vm, VmError> {
         kick::install_kick_handler().map_err(VmError::SpawnVcpu)?;
         let kvm_vm = Arc::new(hv.create_vm()?);
@@ -106,20 +109,27 @@ impl Vm {
         let control = Arc::new(VmControl::new(events, events_wake.try_clone().map_err(VmError::EventFd)?));
         // Every device access to RAM is judged here, heki enabled or not.
         let enforcer = Arc::new(Enforcer::new(config.heki.policy, control.clone()));
-        let heki = config.heki.enabled.then(|| {
+        // Read-only memslots and the MSR filter, shared by heki and the introspection agent.
+        let traps = (config.heki.enabled || agent.is_some()).then(|| {
             let slots: Vec<(heki::PlannedSlot, u32)> = boot_slots
                 .iter()
                 .map(|s| (heki::PlannedSlot { gpa: s.guest_addr, size: s.size, readonly: s.readonly }, s.slot))
                 .collect();
-            Arc::new(HekiRuntime::new(
+            let host: Arc<dyn crate::heki::ports::VmSlots> =
+                Arc::new(KvmSlots { vm: kvm_vm.clone(), ram: guest_ram.kvm.clone() });
+            let budget = crate::heki::runtime::memslot_budget(host.as_ref());
+            Arc::new(VmTraps::new(host, enforcer.control_arc(), &slots, budget))
+        });
+        let heki = match (&traps, config.heki.enabled) {
+            (Some(traps), true) => Some(Arc::new(HekiRuntime::with_traps(
                 &config.heki,
                 enforcer.clone(),
-                Arc::new(KvmSlots { vm: kvm_vm.clone(), ram: guest_ram.kvm.clone() }),
+                traps.clone(),
                 &guest_ram,
-                &slots,
                 usize::from(config.cpus.boot_vcpus),
-            ))
-        });
+            ))),
+            _ => None,
+        };
         let heki_features = heki.as_ref().map(|h| h.features()).unwrap_or(0);
         let heki_leaves: Vec<hypervisor::CpuidEntry> = HekiRuntime::cpuid_leaves(heki.is_some(), heki_features)
             .iter()
@@ -155,12 +165,15 @@ impl Vm {
 
         let supported = hv.supported_cpuid()?;
         let mut pending_vcpus = Vec::new();
+        let mut vcpu_cpuid = Vec::new();
         for id in 0..cpus {
             let mut vcpu = kvm_vm.create_vcpu(id)?;
-            if heki.is_some() {
+            if heki.is_some() || agent.is_some() {
                 vcpu.enable_register_sync();
             }
-            vcpu.set_cpuid(&cpuid::vcpu_cpuid(&supported, id, cpus, &heki_leaves))?;
+            let leaves = cpuid::vcpu_cpuid(&supported, id, cpus, &heki_leaves);
+            vcpu.set_cpuid(&leaves)?;
+            vcpu_cpuid.push(leaves);
             vcpu.setup_lapic_lints()?;
             vcpu.reset_fpu()?;
             vcpu.set_msrs(&[(hypervisor::msr_index::IA32_MISC_ENABLE, 1)])?;
@@ -172,12 +185,31 @@ impl Vm {
             pending_vcpus.push(vcpu);
         }
 
+        let agent = match (agent, &traps) {
+            (Some(hub), Some(traps)) => {
+                let memory = CheckedMemory::new(mem.clone(), enforcer.clone(), Arc::new(Accessor::new("agent")));
+                let link = Arc::new(AgentLink::new(
+                    hub.clone(),
+                    traps.clone(),
+                    memory,
+                    guest_ram.kvm.clone(),
+                    control.clone(),
+                    heki.clone(),
+                    vcpu_cpuid,
+                ));
+                // Before any vCPU runs: the agent's tracking applies from the first instruction.
+                hub.attach(link.clone());
+                Some(link)
+            }
+            _ => None,
+        };
         let ctx = Arc::new(VcpuContext {
             pio,
             mmio,
             mem: guest_ram.kvm.clone(),
             control,
             heki_port: heki.is_some().then_some(ports::HEKI_DOORBELL),
+            agent,
             heki,
             counters: (0..cpus).map(|_| ExitCounters::default()).collect(),
         });
@@ -272,6 +304,9 @@ impl Vm {
         if let Some(heki) = &self.ctx.heki {
             all.insert("heki".into(), crate::heki::api::counters(heki));
         }
+        if let Some(agent) = &self.ctx.agent {
+            all.insert("introspection".into(), agent.counters());
+        }
         for dev in &self.virtio {
             all.insert(dev.name.clone(), dev.to_json());
         }
@@ -293,6 +328,9 @@ impl Vm {
 
     /// Stops and joins every vCPU and helper thread, each within a deadline.
     pub fn stop(&mut self) {
+        if let Some(agent) = &self.ctx.agent {
+            agent.detach();
+        }
         self.ctx.control.stop();
         let deadline = std::time::Instant::now() + VCPU_STOP_TIMEOUT;
         let all_done = |vm: &Vm| vm.vcpus_done.load(Ordering::Acquire) >= vm.threads.len();

@@ -35,6 +35,8 @@ pub enum VmmError {
     EventLoop(#[source] std::io::Error),
     #[error("the guest failed: {0}")]
     GuestFailed(String),
+    #[error(transparent)]
+    Introspection(#[from] crate::introspection::IntrospectionError),
 }
 
 /// Lifecycle state, spelled as Cloud Hypervisor's `vm.info` does.
@@ -88,6 +90,8 @@ pub(crate) struct Vmm {
     api_mode: bool,
     /// Set when the VMM should exit, with its exit status.
     pub(crate) exit_status: Option<Result<i32, VmmError>>,
+    /// The introspection agent's channel, once a VM config asked for one.
+    introspection: Option<crate::introspection::Introspection>,
 }
 
 /// Runs the VMM until the guest powers off (CLI) or `vmm.shutdown` (API).
@@ -111,6 +115,7 @@ pub fn run(run_config: VmmRunConfig) -> Result<i32, VmmError> {
         no_reboot: run_config.no_reboot,
         api_mode: run_config.api_listener.is_some(),
         exit_status: None,
+        introspection: None,
     };
     let epoll = Epoll::new().map_err(VmmError::EventLoop)?;
     let watch = |fd: &EventFd, token: u64| {
@@ -183,7 +188,35 @@ impl Vmm {
     pub(crate) fn create(&mut self, config: VmConfig) {
         self.config = Some(config);
         self.state = VmState::Created;
+        // An agent may connect before the boot; a failure is reported by `boot`.
+        if let Err(e) = self.start_introspection() {
+            log::warn!("{}", crate::error_chain(&e));
+        }
     }
+
+    /// Opens the agent socket the configuration names (once per VMM and path).
+    fn start_introspection(&mut self) -> Result<(), VmmError> {
+        let Some(config) = self.config.as_ref() else { return Ok(()) };
+        let Some(wanted) = &config.introspection else { return Ok(()) };
+        let ram = crate::memory::ram_regions(config.memory.size)
+            .iter()
+            .map(|r| (r.start, r.start.saturating_add(r.size)))
+            .collect();
+        let vcpus = usize::from(config.cpus.boot_vcpus);
+        if self.introspection.as_ref().is_none_or(|i| i.socket() != wanted.socket.as_path()) {
+            let caps = crate::introspection::HostCaps {
+                readonly_memory: self.hv.has_readonly_memory(),
+                msr_filter: self.hv.has_msr_filter(),
+                guest_debug: self.hv.has_guest_debug(),
+            };
+            self.introspection = Some(crate::introspection::Introspection::start(wanted, caps)?);
+        }
+        if let Some(introspection) = &self.introspection {
+            introspection.set_vm_shape(vcpus, ram);
+        }
+        Ok(())
+    }
+
 
     /// Builds and starts the VM from the stored configuration.
     pub(crate) fn boot(&mut self) -> Result<(), VmmError> {
@@ -195,7 +228,13 @@ impl Vmm {
                 self.start_stdin_forwarding();
             }
         }
-        let mut vm = Vm::new(&self.hv, &config, self.serial_out.clone(), self.vcpu_tx.clone(), &self.vcpu_wake)?;
+        self.start_introspection()?;
+        let agent = match (&config.introspection, &self.introspection) {
+            (Some(_), Some(introspection)) => Some(introspection.hub().clone()),
+            _ => None,
+        };
+        let mut vm =
+            Vm::new(&self.hv, &config, self.serial_out.clone(), self.vcpu_tx.clone(), &self.vcpu_wake, agent.as_ref())?;
         vm.start()?;
         self.vm = Some(vm);
         self.state = VmState::Running;

@@ -57,6 +57,11 @@ pub struct CliArgs {
     #[arg(long, value_name = "enabled=on,...")]
     pub heki: Option<String>,
 
+    /// Introspection agent socket: path=SOCK[,reply_timeout_ms=N] (mode 0600, one
+    /// agent at a time; see docs/introspection.md).
+    #[arg(long, value_name = "path=SOCK")]
+    pub introspection: Option<String>,
+
     /// virtio-block disk: path=FILE[,readonly=on][,id=NAME] (raw image; repeatable).
     #[arg(long, value_name = "path=FILE")]
     pub disk: Vec<String>,
@@ -153,6 +158,9 @@ impl CliArgs {
                 if let Some(heki) = &self.heki {
                     config.heki = parse_heki(heki)?;
                 }
+                if let Some(agent) = &self.introspection {
+                    config.introspection = Some(parse_introspection(agent)?);
+                }
                 if !self.disk.is_empty() {
                     let disks = self.disk.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>, _>>()?;
                     config.disks = Some(disks);
@@ -238,6 +246,13 @@ pub fn parse_net(input: &str) -> Result<super::NetConfig, ConfigError> {
         mac: o.get("mac").map(str::to_string),
         id: o.get("id").map(str::to_string),
     })
+}
+
+pub fn parse_introspection(input: &str) -> Result<super::IntrospectionConfig, ConfigError> {
+    let o = OptionValues::parse("--introspection", input, &["path", "reply_timeout_ms"])?;
+    let path = o.get("path").filter(|p| !p.is_empty()).ok_or_else(|| o.error("path=SOCK is required".into()))?;
+    let reply_timeout_ms = o.get_u64("reply_timeout_ms")?.unwrap_or(super::DEFAULT_REPLY_TIMEOUT_MS);
+    Ok(super::IntrospectionConfig { socket: PathBuf::from(path), reply_timeout_ms })
 }
 
 pub fn parse_heki(input: &str) -> Result<HekiConfig, ConfigError> {

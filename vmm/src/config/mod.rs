@@ -105,6 +105,24 @@ impl Default for HekiConfig {
     }
 }
 
+/// The introspection agent's channel (`docs/introspection.md`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionConfig {
+    /// Unix socket created with mode 0600; one agent at a time.
+    pub socket: PathBuf,
+    /// How long a vCPU held by an event waits for the agent's reply before
+    /// the VM's heki policy decides instead (`agent-timeout`).
+    #[serde(default = "default_reply_timeout_ms")]
+    pub reply_timeout_ms: u64,
+}
+
+pub const DEFAULT_REPLY_TIMEOUT_MS: u64 = 1000;
+
+fn default_reply_timeout_ms() -> u64 {
+    DEFAULT_REPLY_TIMEOUT_MS
+}
+
 /// A virtio-block disk (Cloud Hypervisor's `disks[]`). Fields Cloud
 /// Hypervisor defines beyond these are accepted at their defaults only.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -174,6 +192,8 @@ pub struct VmConfig {
     pub rng: Option<RngConfig>,
     pub disks: Option<Vec<DiskConfig>>,
     pub net: Option<Vec<NetConfig>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub introspection: Option<IntrospectionConfig>,
 }
 
 impl Default for VmConfig {
@@ -188,6 +208,7 @@ impl Default for VmConfig {
             rng: None,
             disks: None,
             net: None,
+            introspection: None,
         }
     }
 }
@@ -230,6 +251,11 @@ impl VmConfig {
         }
         if self.heki.cr_check_interval_ms == 0 || self.heki.cr_check_interval_ms > 60_000 {
             return Err(invalid("heki.cr_check_interval_ms", "must be 1..=60000"));
+        }
+        if let Some(agent) = &self.introspection
+            && (agent.reply_timeout_ms == 0 || agent.reply_timeout_ms > 600_000)
+        {
+            return Err(invalid("introspection.reply_timeout_ms", "must be 1..=600000"));
         }
         if let Some(payload) = &self.payload
             && payload.kernel.is_none()

@@ -39,6 +39,11 @@ pub enum ExitOutcome {
         index: u32,
         value: u64,
     },
+    /// A single step or hardware breakpoint the introspection agent set.
+    Debug {
+        pc: u64,
+        dr6: u64,
+    },
     /// An emulation failure: the loop adds the RIP and instruction bytes.
     EmulationFailure {
         insn_bytes: Option<Vec<u8>>,
@@ -72,6 +77,7 @@ pub fn handle_exit(exit: VmExit<'_>, vcpu: u8, pio: &PioBus, mmio: &MmioBus, hek
             ExitOutcome::Continue
         }
         VmExit::MsrWrite(msr) => ExitOutcome::MsrWrite { index: msr.index, value: msr.value },
+        VmExit::Debug { pc, dr6, .. } => ExitOutcome::Debug { pc, dr6 },
         VmExit::Hlt | VmExit::Interrupted | VmExit::Hypercall { .. } => ExitOutcome::Continue,
         VmExit::Shutdown => ExitOutcome::Stop(VcpuEvent::Reset { vcpu, cause: "triple fault" }),
         VmExit::SystemEvent(SystemEventKind::Reset) => {

@@ -112,6 +112,11 @@ impl VcpuGate {
         self.state().paused
     }
 
+    /// Whether the VM is being torn down (waits elsewhere must end).
+    pub fn is_stopping(&self) -> bool {
+        self.state().stopping
+    }
+
     /// Opens the gate after a pause (holds still apply).
     pub fn resume(&self) {
         self.state().paused = false;

@@ -12,6 +12,7 @@ use super::exit::{ExitOutcome, VcpuEvent, handle_exit};
 use super::gate::Entry;
 use crate::devices::{MmioBus, PioBus};
 use crate::heki::{HekiRuntime, doorbell};
+use crate::introspection::{AgentLink, Intercepted};
 use crate::run_control::VmControl;
 
 /// What every vCPU thread of a VM shares.
@@ -23,6 +24,8 @@ pub struct VcpuContext {
     pub control: Arc<VmControl>,
     pub heki_port: Option<u16>,
     pub heki: Option<Arc<HekiRuntime>>,
+    /// The introspection agent's view of this VM, when configured.
+    pub agent: Option<Arc<AgentLink>>,
     /// Exit counters, indexed by vCPU id.
     pub counters: Vec<ExitCounters>,
 }
@@ -77,11 +80,16 @@ pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
         if let Some(heki) = &ctx.heki {
             heki.serve_pin_request(&vcpu);
         }
+        if let Some(agent) = &ctx.agent {
+            agent.serve(&mut vcpu);
+        }
         let completing = match gate.enter(pending_completion) {
             Entry::Stop => return,
             Entry::Wait => {
-                let heki = ctx.heki.as_deref();
-                gate.wait(|| heki.is_some_and(|h| h.pins().has_request(id)));
+                let (heki, agent) = (ctx.heki.as_deref(), ctx.agent.as_deref());
+                gate.wait(|| {
+                    heki.is_some_and(|h| h.pins().has_request(id)) || agent.is_some_and(|a| a.has_request(id))
+                });
                 continue;
             }
             Entry::Run(guard) => (false, guard),
@@ -113,14 +121,29 @@ pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
         if let Some(heki) = &ctx.heki {
             heki.check_crs(&vcpu);
         }
+        if let Some(agent) = &ctx.agent {
+            agent.check_crs(&vcpu);
+        }
     }
 }
 
 /// Carries out one exit's outcome; false when the vCPU must stop.
 fn apply_outcome(ctx: &VcpuContext, vcpu: &mut Vcpu, outcome: ExitOutcome) -> bool {
     let id = vcpu.id();
+    // The agent sees tracked writes, MSR writes, hypercalls and debug stops first.
+    let outcome = match &ctx.agent {
+        Some(agent) => match agent.intercept(vcpu, outcome) {
+            Intercepted::Handled => return true,
+            Intercepted::Crash(event) => {
+                ctx.control.report(event);
+                return false;
+            }
+            Intercepted::Pass(outcome) => outcome,
+        },
+        None => outcome,
+    };
     match (outcome, &ctx.heki) {
-        (ExitOutcome::Continue, _) => {}
+        (ExitOutcome::Continue | ExitOutcome::Debug { .. }, _) => {}
         (ExitOutcome::MsrWrite { index, value }, Some(heki)) => heki.on_msr_write(vcpu, index, value),
         (ExitOutcome::MsrWrite { .. }, None) => vcpu.complete_msr_exit(true),
         (ExitOutcome::HekiCall, Some(heki)) => doorbell::handle_doorbell(vcpu, heki),

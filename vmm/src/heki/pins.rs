@@ -136,7 +136,8 @@ impl HekiRuntime {
     /// Installs the filter for every MSR pinned on any vCPU.
     fn install_msr_filter(&self) -> Result<(), super::ports::HostError> {
         let _one_at_a_time = lock(&self.pin_state.filter);
-        self.host().set_msr_write_filter(&self.pin_state.filtered_msrs())
+        // The installed filter also holds the MSRs the introspection agent intercepts.
+        self.traps().set_heki_msrs(self.pin_state.filtered_msrs())
     }
 
     /// Checks this vCPU's pinned CR bits; restores them unless policy is `log`.

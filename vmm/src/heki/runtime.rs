@@ -2,7 +2,7 @@
 //! memslots change together, trapped writes are judged and applied, and
 //! every verdict goes through the `Enforcer`.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use heki::abi::{self, feature};
 use heki::{
@@ -11,9 +11,10 @@ use heki::{
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::checked_memory::Enforcer;
-use super::memslots::{MemslotError, MemslotTable};
+use super::memslots::MemslotError;
 use super::pins::PinState;
 use super::ports::VmSlots;
+use super::traps::VmTraps;
 use super::violations::ViolationLog;
 use crate::config::HekiConfig;
 use crate::host_view;
@@ -53,9 +54,9 @@ impl PrivateMode {
 
 pub struct HekiRuntime {
     enforcer: Arc<Enforcer>,
-    /// The installed memslots; its lock also serializes protection changes.
-    slots: Mutex<MemslotTable>,
-    host: Arc<dyn VmSlots>,
+    /// The installed memslots (shared with the introspection agent); their
+    /// lock also serializes protection changes.
+    traps: Arc<VmTraps>,
     /// The guest's own view of RAM, for the paths that act as its CPU: page
     /// lists it hands over, and the emulated part of trapped writes (judged
     /// under the enforcer's lock first).
@@ -86,24 +87,34 @@ impl HekiRuntime {
         boot_slots: &[(PlannedSlot, u32)],
         vcpus: usize,
     ) -> Self {
+        let budget = memslot_budget(host.as_ref());
+        let traps = Arc::new(VmTraps::new(host, enforcer.control_arc(), boot_slots, budget));
+        Self::with_traps(config, enforcer, traps, guest_ram, vcpus)
+    }
+
+    /// Like `new`, sharing the VM's memslots and MSR filter with the agent.
+    pub fn with_traps(
+        config: &HekiConfig,
+        enforcer: Arc<Enforcer>,
+        traps: Arc<VmTraps>,
+        guest_ram: &GuestRam,
+        vcpus: usize,
+    ) -> Self {
         // Pinned MSRs need filtered writes to exit to user space.
-        let msr_filter = match host.enable_msr_exits() {
-            Ok(()) => true,
+        let msr_filter = match traps.host().enable_msr_exits() {
+            Ok(()) => {
+                traps.note_msr_exits_enabled();
+                true
+            }
             Err(e) => {
                 log::warn!("heki: MSR pinning unavailable: {e}");
                 false
             }
         };
-        // Tests shrink the budget to reach -ENOSPC without thousands of calls.
-        let budget = std::env::var(MEMSLOT_BUDGET_ENV)
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .map_or(host.max_memslots(), |b| b.min(host.max_memslots()));
-        let ram = RamLayout { regions: boot_slots.iter().map(|(s, _)| (s.gpa, s.gpa + s.size)).collect() };
+        let ram = traps.ram().clone();
         HekiRuntime {
             enforcer,
-            slots: Mutex::new(MemslotTable::new(boot_slots, budget)),
-            host,
+            traps,
             ram_mem: guest_ram.kvm.clone(),
             host_view: guest_ram.host.clone(),
             ram,
@@ -122,7 +133,12 @@ impl HekiRuntime {
     }
 
     pub(super) fn host(&self) -> &dyn VmSlots {
-        self.host.as_ref()
+        self.traps.host()
+    }
+
+    /// The VM's memslots and MSR filter, shared with the introspection agent.
+    pub fn traps(&self) -> &Arc<VmTraps> {
+        &self.traps
     }
 
     /// Whether pinned MSRs are enforced (the host has the MSR filter).
@@ -136,7 +152,8 @@ impl HekiRuntime {
 
     /// Feature bits this VMM implements on this host.
     pub fn features(&self) -> u32 {
-        let memory = if self.host.has_readonly_memory() { feature::PROTECT_MEMORY | feature::PROTECT_BYTES } else { 0 };
+        let memory =
+            if self.host().has_readonly_memory() { feature::PROTECT_MEMORY | feature::PROTECT_BYTES } else { 0 };
         let msr = if self.msr_filter { feature::PIN_MSR } else { 0 };
         // Devices reach guest RAM only through heki-checked memory.
         memory | feature::PIN_CR | msr | feature::DMA_GUARD | feature::SHARED_MEMORY
@@ -153,10 +170,6 @@ impl HekiRuntime {
 
     pub fn set_policy(&self, policy: Policy) {
         self.enforcer.set_policy(policy);
-    }
-
-    fn slots(&self) -> MutexGuard<'_, MemslotTable> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn ram(&self) -> &RamLayout {
@@ -177,10 +190,12 @@ impl HekiRuntime {
         change: impl FnOnce(&mut MemoryProtections) -> Result<(), AbiError>,
         view: impl FnOnce(&GuestMemoryMmap) -> std::io::Result<()>,
     ) -> Result<(), AbiError> {
-        let mut slots = self.slots();
+        let mut slots = self.traps.slots();
         let mut next = self.enforcer.protections().clone();
         change(&mut next)?;
-        let plan = next.plan(&self.ram, slots.max_slots()).map_err(|_| AbiError::NoSpace)?;
+        // heki's read-only pages plus the pages the introspection agent tracks.
+        let heki_pages = next.readonly_pages();
+        let plan = slots.plan_with_heki(&self.ram, &heki_pages).map_err(|_| AbiError::NoSpace)?;
         // Waits for device accesses in flight; new ones wait for us.
         let mut protections = self.enforcer.protections_mut();
         if slots.differs(&plan) {
@@ -189,7 +204,7 @@ impl HekiRuntime {
                 log::error!("heki: {e}");
                 AbiError::BadAddress
             })?;
-            let applied = slots.apply(self.host.as_ref(), &plan);
+            let applied = slots.apply(self.traps.host(), &plan);
             control.release_vcpus();
             applied.map_err(|e| {
                 log::error!("heki: memslot update failed: {e}");
@@ -203,6 +218,7 @@ impl HekiRuntime {
             log::error!("heki: cannot change the VMM's view of guest memory: {e}");
             AbiError::BadAddress
         })?;
+        slots.set_heki_pages(heki_pages);
         if next.private.is_enabled() {
             self.enforcer.note_private_memory();
         }
@@ -296,6 +312,22 @@ impl HekiRuntime {
     /// trapped it. Heki judges it; the allowed bytes are written here, under
     /// the same lock as the judgement, and a violation is enforced.
     pub fn on_unclaimed_mmio_write(&self, vcpu: u8, gpa: u64, data: &[u8], rip: impl FnOnce() -> Option<u64>) {
+        self.trapped_write(vcpu, gpa, data, rip, true);
+    }
+
+    /// A trapped write the introspection agent denied: nothing is written,
+    /// but a heki lock it touched is still judged and enforced (recorded,
+    /// and the policy's pause or shutdown applies).
+    pub fn on_denied_mmio_write(&self, vcpu: u8, gpa: u64, data: &[u8], rip: impl FnOnce() -> Option<u64>) {
+        self.trapped_write(vcpu, gpa, data, rip, false);
+    }
+
+    /// Whether a write of `len` bytes at `gpa` touches a heki-locked byte.
+    pub fn write_is_locked(&self, gpa: u64, len: usize) -> bool {
+        !self.enforcer.protections().check_write(gpa, len).allowed()
+    }
+
+    fn trapped_write(&self, vcpu: u8, gpa: u64, data: &[u8], rip: impl FnOnce() -> Option<u64>, apply: bool) {
         let len = data.len();
         if !self.ram.contains(gpa, len as u64) {
             // Not RAM: an access to a device we lack; dropped.
@@ -305,7 +337,8 @@ impl HekiRuntime {
             let protections = self.enforcer.protections();
             let access = Access::VcpuWrite { gpa, len };
             let verdict = judge(access, Protections { memory: &protections, pins: None }, self.policy());
-            for (offset, run) in verdict.bytes_to_apply(len) {
+            let runs = if apply { verdict.bytes_to_apply(len) } else { Vec::new() };
+            for (offset, run) in runs {
                 let Some(bytes) = data.get(offset..offset.saturating_add(run)) else { continue };
                 let at = gpa.saturating_add(offset as u64);
                 if let Err(e) = self.ram_mem.write_slice(bytes, GuestAddress(at)) {
@@ -344,7 +377,16 @@ impl HekiRuntime {
             let p = self.enforcer.protections();
             (p.pages.protected_pages(), p.bytes.total_bytes())
         };
-        let slots = self.slots();
+        let slots = self.traps.slots();
         (pages, bytes, slots.slot_count(), slots.max_slots())
     }
+}
+
+/// KVM's memslot budget, or less for tests (`HEKIVISOR_MEMSLOT_BUDGET`), so
+/// they reach -ENOSPC without thousands of calls.
+pub fn memslot_budget(host: &dyn VmSlots) -> usize {
+    std::env::var(MEMSLOT_BUDGET_ENV)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(host.max_memslots(), |b| b.min(host.max_memslots()))
 }

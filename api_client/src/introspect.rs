@@ -1,0 +1,192 @@
+//! A blocking client for the introspection agent socket (`docs/introspection.md`):
+//! JSON lines, commands with ids, events with sequence numbers and replies.
+//!
+//! ```no_run
+//! use api_client::introspect::{Agent, Action};
+//! let mut agent = Agent::connect("/tmp/hk-agent.sock")?;
+//! agent.call("track-write", serde_json::json!({"gpa": 0x10_0000}))?;
+//! while let Some(event) = agent.next_event(None)? {
+//!     if let Some(seq) = event.get("seq").and_then(|s| s.as_u64()) {
+//!         if event["reply_required"] == true {
+//!             agent.reply(seq, Action::Deny)?;
+//!         }
+//!     }
+//! }
+//! # Ok::<(), api_client::introspect::Error>(())
+//! ```
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("introspection socket I/O failed")]
+    Io(#[from] std::io::Error),
+    #[error("the VMM closed the introspection connection")]
+    Closed,
+    #[error("malformed message from the VMM: {0}")]
+    Protocol(String),
+    /// The VMM refused a command: an errno name and a message.
+    #[error("{errno}: {message}")]
+    Refused { errno: String, message: String },
+}
+
+/// What an agent answers to an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    Deny,
+    Retry,
+    Crash,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Continue => "continue",
+            Action::Deny => "deny",
+            Action::Retry => "retry",
+            Action::Crash => "crash",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Action> {
+        [Action::Continue, Action::Deny, Action::Retry, Action::Crash].into_iter().find(|a| a.as_str() == text)
+    }
+}
+
+/// One connection to a VMM's introspection socket.
+pub struct Agent {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// The VMM's `hello`: version, VM shape, capabilities.
+    pub hello: Value,
+    next_id: u64,
+    /// Events read while waiting for a command's reply.
+    events: VecDeque<Value>,
+    /// Lines that were neither events nor the awaited reply (errors for replies).
+    pub stray: Vec<Value>,
+}
+
+impl Agent {
+    /// Connects and reads the `hello`.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Agent, Error> {
+        let stream = UnixStream::connect(path)?;
+        let writer = stream.try_clone()?;
+        let mut agent = Agent {
+            reader: BufReader::new(stream),
+            writer,
+            hello: Value::Null,
+            next_id: 1,
+            events: VecDeque::new(),
+            stray: Vec::new(),
+        };
+        let first = agent.read_message(Some(Duration::from_secs(10)))?.ok_or(Error::Closed)?;
+        if let Some(error) = first.get("error") {
+            return Err(refusal(error));
+        }
+        agent.hello =
+            first.get("hello").cloned().ok_or_else(|| Error::Protocol(format!("expected hello, got {first}")))?;
+        Ok(agent)
+    }
+
+    /// Sends one raw line (tests send malformed ones).
+    pub fn send_raw(&mut self, line: &[u8]) -> Result<(), Error> {
+        self.writer.write_all(line)?;
+        self.writer.write_all(b"\n")?;
+        Ok(())
+    }
+
+    /// Reads the next message of any kind.
+    pub fn read_message(&mut self, timeout: Option<Duration>) -> Result<Option<Value>, Error> {
+        self.reader.get_ref().set_read_timeout(timeout)?;
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err(Error::Closed),
+            Ok(_) => serde_json::from_str(&line).map(Some).map_err(|e| Error::Protocol(format!("{e}: {line}"))),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Runs a command and returns its result; events that arrive meanwhile are kept for `next_event`.
+    pub fn call(&mut self, cmd: &str, args: Value) -> Result<Value, Error> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let message = json!({"id": id, "cmd": cmd, "args": args});
+        self.send_raw(message.to_string().as_bytes())?;
+        self.wait_reply(&json!(id))
+    }
+
+    /// Waits for the reply to command `id`.
+    pub fn wait_reply(&mut self, id: &Value) -> Result<Value, Error> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left =
+                deadline.checked_duration_since(Instant::now()).ok_or(Error::Protocol("no reply in 30 s".into()))?;
+            let Some(message) = self.read_message(Some(left))? else { continue };
+            if message.get("event").is_some() {
+                self.events.push_back(message);
+            } else if message.get("id") == Some(id) {
+                if let Some(error) = message.get("error") {
+                    return Err(refusal(error));
+                }
+                return Ok(message.get("result").cloned().unwrap_or(Value::Null));
+            } else {
+                self.stray.push(message);
+            }
+        }
+    }
+
+    /// The next event, waiting up to `timeout` (`None`: forever).
+    pub fn next_event(&mut self, timeout: Option<Duration>) -> Result<Option<Value>, Error> {
+        if let Some(event) = self.events.pop_front() {
+            return Ok(Some(event));
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => return Ok(None),
+                },
+                None => None,
+            };
+            match self.read_message(left)? {
+                Some(message) if message.get("event").is_some() => return Ok(Some(message)),
+                Some(message) => self.stray.push(message),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Answers event `seq`.
+    pub fn reply(&mut self, seq: u64, action: Action) -> Result<(), Error> {
+        self.send_raw(json!({"reply": seq, "action": action.as_str()}).to_string().as_bytes())
+    }
+}
+
+fn refusal(error: &Value) -> Error {
+    Error::Refused {
+        errno: error.get("errno").and_then(Value::as_str).unwrap_or("EIO").to_string(),
+        message: error.get("message").and_then(Value::as_str).unwrap_or("").to_string(),
+    }
+}
+
+/// Hex for `write-memory`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Bytes from `read-memory`'s hex.
+pub fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| text.get(i..i + 2).and_then(|p| u8::from_str_radix(p, 16).ok())).collect()
+}

@@ -1,0 +1,439 @@
+//! The introspection agent channel (`docs/introspection.md`), driven by an
+//! agent inside the test suite (`api_client::introspect`) against the
+//! `introspect` test guest.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use api_client::introspect::{Action, Agent, Error, to_hex};
+use serde_json::{Value, json};
+
+const MSR_SYSENTER_ESP: u64 = 0x175;
+
+/// A `hekivisor` booting the introspect guest with an agent socket.
+struct Vm {
+    child: Child,
+    dir: PathBuf,
+    socket: PathBuf,
+    serial: PathBuf,
+}
+
+impl Vm {
+    fn start(test: &str, extra: &[&str], cmdline: &str) -> Vm {
+        let dir = common::temp_dir(test);
+        let socket = dir.join("agent.sock");
+        let serial = dir.join("serial.log");
+        let events = dir.join("events.json");
+        let child = Command::new(common::hekivisor_bin())
+            .arg("--kernel")
+            .arg(common::guests::build("introspect"))
+            .args(["--cmdline", cmdline])
+            .arg("--serial")
+            .arg(format!("file={}", serial.display()))
+            .arg("--event-monitor")
+            .arg(format!("path={}", events.display()))
+            .arg("--introspection")
+            .arg(format!("path={},reply_timeout_ms=3000", socket.display()))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("stderr.log")).expect("stderr file"))
+            .spawn()
+            .expect("start hekivisor");
+        Vm { child, dir, socket, serial }
+    }
+
+    fn connect(&self) -> Agent {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match Agent::connect(&self.socket) {
+                Ok(agent) => return agent,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "no agent socket: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    fn serial(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// Waits for a whole serial line starting with `prefix`.
+    fn line(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = self.serial();
+            if let Some(line) = text.split_inclusive('\n').find(|l| l.starts_with(prefix) && l.ends_with('\n')) {
+                return line.trim_end().to_string();
+            }
+            assert!(Instant::now() < deadline, "no serial line '{prefix}'; serial so far:\n{text}\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    fn events(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.dir.join("events.json")).unwrap_or_default();
+        event_monitor::parse_events(&text).unwrap_or_default()
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let (status, timed_out) = common::wait_with_timeout(&mut self.child, Duration::from_secs(60));
+        assert!(!timed_out, "the VM did not finish; serial:\n{}\n{}", self.serial(), self.stderr());
+        status
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The guest's addresses from its `ready` line.
+struct Addresses {
+    watched: u64,
+    mailbox: u64,
+    locked: u64,
+}
+
+fn addresses(vm: &Vm) -> Addresses {
+    let line = vm.line("ready ");
+    let field = |name: &str| {
+        let text = line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{name}="))).expect("field");
+        u64::from_str_radix(text, 16).expect("hex")
+    };
+    Addresses { watched: field("watched"), mailbox: field("mailbox"), locked: field("locked") }
+}
+
+fn go(agent: &mut Agent, at: &Addresses, step: u64) {
+    agent.call("write-memory", json!({"gpa": at.mailbox, "data": to_hex(&step.to_le_bytes())})).expect("write mailbox");
+}
+
+/// The next event that wants a reply.
+fn sync_event(agent: &mut Agent) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let event = agent.next_event(Some(Duration::from_secs(30))).expect("socket").expect("an event in time");
+        if event["reply_required"] == true {
+            return event;
+        }
+        assert!(Instant::now() < deadline, "no synchronous event");
+    }
+}
+
+/// The next message that is not an event (an error reply to a bad message).
+fn not_an_event(agent: &mut Agent) -> Value {
+    loop {
+        let message = agent.read_message(Some(Duration::from_secs(10))).expect("socket").expect("a reply in time");
+        if message.get("event").is_none() {
+            return message;
+        }
+    }
+}
+
+fn seq(event: &Value) -> u64 {
+    event["seq"].as_u64().expect("seq")
+}
+
+fn refused(result: Result<Value, Error>) -> String {
+    match result {
+        Err(Error::Refused { errno, .. }) => errno,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_agent_reads_state_and_answers_writes_and_msr_writes_with_heki_off() {
+    require_kvm!();
+    let mut vm = Vm::start("introspect-commands", &[], "agent");
+    let mut agent = vm.connect();
+    let hello = agent.hello.clone();
+    assert_eq!(hello["version"], 1);
+    assert_eq!(hello["vm"]["vcpus"], 1);
+    assert_eq!(hello["vm"]["heki"], false);
+    let caps = &hello["capabilities"];
+    assert_eq!(caps["write-tracking"]["status"], "enforced");
+    assert_eq!(caps["msr-write"]["status"], "enforced");
+    assert_eq!(caps["cr"]["status"], "detected");
+    assert_eq!(caps["exec-tracking"]["status"], "unavailable");
+    assert!(caps["read-tracking"]["reason"].as_str().is_some_and(|r| !r.is_empty()));
+    assert_eq!(caps["hypercall"]["status"], "unavailable", "no doorbell with heki off");
+    let at = addresses(&vm);
+
+    // Pause, look at the vCPU, resume.
+    assert_eq!(agent.call("pause", json!({})).expect("pause")["paused"], true);
+    let regs = agent.call("get-registers", json!({"vcpu": 0})).expect("regs");
+    assert!(regs["rip"].as_u64().is_some_and(|rip| rip >= 0x10_0000), "{regs}");
+    let sregs = agent.call("get-sregs", json!({"vcpu": 0})).expect("sregs");
+    assert_ne!(sregs["efer"].as_u64().expect("efer") & (1 << 10), 0, "long mode active: {sregs}");
+    assert_eq!(sregs["cpl"], 0);
+    assert!(sregs["idt"]["limit"].as_u64().is_some());
+    let msrs = agent.call("get-msrs", json!({"vcpu": 0, "indices": ["0xc0000080"]})).expect("msrs");
+    assert_eq!(msrs[0]["value"], sregs["efer"]);
+    let cpuid = agent.call("get-cpuid", json!({"vcpu": 0, "leaf": 0})).expect("cpuid");
+    assert!(cpuid["eax"].as_u64().is_some_and(|max| max >= 1));
+    let t = agent.call("translate", json!({"vcpu": 0, "gva": at.watched + 0x10})).expect("translate");
+    assert_eq!(t["gpa"], at.watched + 0x10, "the test guest maps memory 1:1");
+    let mem = agent.call("read-memory", json!({"gpa": at.watched, "size": 8})).expect("read");
+    assert_eq!(mem["data"], "0000000000000000");
+    // The paused vCPU does not move.
+    let again = agent.call("get-registers", json!({"vcpu": 0})).expect("regs");
+    assert_eq!(again["rip"], regs["rip"]);
+    agent.call("resume", json!({})).expect("resume");
+
+    // Tracked writes: continue, deny, and retry after the agent untracked the page.
+    agent.call("track-write", json!({"gpa": at.watched})).expect("track");
+    go(&mut agent, &at, 1);
+    let first = sync_event(&mut agent);
+    assert_eq!((first["event"].as_str(), first["gpa"].as_u64()), (Some("write"), Some(at.watched)));
+    assert_eq!(
+        (first["value"].as_u64(), first["size"].as_u64(), first["vcpu"].as_u64()),
+        (Some(0x1111), Some(8), Some(0))
+    );
+    assert!(first["rip"].as_u64().is_some_and(|rip| rip >= 0x10_0000));
+    // Registers of the vCPU held by the event can be read meanwhile.
+    agent.call("get-registers", json!({"vcpu": 0})).expect("regs of a held vCPU");
+    agent.reply(seq(&first), Action::Continue).expect("reply");
+    let second = sync_event(&mut agent);
+    assert_eq!(second["gpa"].as_u64(), Some(at.watched + 8));
+    agent.reply(seq(&second), Action::Deny).expect("reply");
+    let third = sync_event(&mut agent);
+    assert_eq!(third["gpa"].as_u64(), Some(at.watched + 16));
+    agent.call("untrack-write", json!({"gpa": at.watched})).expect("untrack");
+    agent.reply(seq(&third), Action::Retry).expect("reply");
+    assert_eq!(vm.line("writes "), "writes a=1111 b=0 c=3333");
+
+    // MSR writes: deny raises #GP, continue writes the MSR.
+    agent.call("track-msr", json!({"index": MSR_SYSENTER_ESP})).expect("track msr");
+    go(&mut agent, &at, 2);
+    let msr = sync_event(&mut agent);
+    assert_eq!(
+        (msr["event"].as_str(), msr["msr"].as_u64(), msr["value"].as_u64()),
+        (Some("msr"), Some(MSR_SYSENTER_ESP), Some(0x1234))
+    );
+    agent.reply(seq(&msr), Action::Deny).expect("reply");
+    let msr = sync_event(&mut agent);
+    assert_eq!(msr["value"].as_u64(), Some(0x5678));
+    agent.reply(seq(&msr), Action::Continue).expect("reply");
+    assert_eq!(vm.line("msr "), "msr first=13 second=0 value=5678");
+
+    let stats = agent.call("stats", json!({})).expect("stats");
+    assert_eq!(stats["agent_timeouts"], 0);
+    go(&mut agent, &at, 3);
+    vm.line("done");
+    assert!(vm.wait_exit().success());
+}
+
+#[test]
+fn an_unanswered_event_times_out_to_the_policy_and_a_disconnect_undoes_the_tracking() {
+    require_kvm!();
+    // A short reply timeout.
+    let dir = common::temp_dir("introspect-timeout-run");
+    let socket = dir.join("agent.sock");
+    let serial = dir.join("serial.log");
+    let events = dir.join("events.json");
+    let child = Command::new(common::hekivisor_bin())
+        .arg("--kernel")
+        .arg(common::guests::build("introspect"))
+        .args(["--cmdline", "agent", "--serial"])
+        .arg(format!("file={}", serial.display()))
+        .arg("--event-monitor")
+        .arg(format!("path={}", events.display()))
+        .arg("--introspection")
+        .arg(format!("path={},reply_timeout_ms=200", socket.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr.log")).expect("stderr file"))
+        .spawn()
+        .expect("start hekivisor");
+    let mut vm = Vm { child, dir, socket, serial };
+    let mut agent = vm.connect();
+    let at = addresses(&vm);
+    agent.call("track-write", json!({"gpa": at.watched})).expect("track");
+    go(&mut agent, &at, 1);
+    // Not answered: after 200 ms the vCPU resumes under the policy (heki off: the write lands).
+    let first = sync_event(&mut agent);
+    assert_eq!(first["value"].as_u64(), Some(0x1111));
+    let second = sync_event(&mut agent);
+    assert_eq!(second["value"].as_u64(), Some(0x2222), "the vCPU went on after the timeout");
+    // A late reply to the timed-out event is an error, not a crash.
+    agent.reply(seq(&first), Action::Deny).expect("send");
+    // Disconnect while the second event waits: the vCPU resumes and the tracking is undone.
+    drop(agent);
+    assert_eq!(vm.line("writes "), "writes a=1111 b=2222 c=3333", "no more events: tracking undone");
+    let mut agent = vm.connect();
+    let tracking = agent.call("tracking", json!({})).expect("tracking");
+    assert_eq!(tracking["pages"], json!([]), "{tracking}");
+    assert_eq!(agent.call("stats", json!({})).expect("stats")["agent_timeouts"], 1);
+    go(&mut agent, &at, 3);
+    vm.line("done");
+    vm.wait_exit();
+    let timeouts =
+        vm.events().iter().filter(|e| e["source"] == "introspection" && e["event"] == "agent-timeout").count();
+    assert_eq!(timeouts, 1, "one agent-timeout event");
+}
+
+#[test]
+fn bad_messages_get_error_replies_and_the_vm_keeps_running() {
+    require_kvm!();
+    let mut vm = Vm::start("introspect-bad", &[], "agent");
+    let mut agent = vm.connect();
+    let at = addresses(&vm);
+    let mut errors = Vec::new();
+    for line in [
+        &b"{not json"[..],
+        b"[1, 2, 3]",
+        br#"{"cmd": "hello"}"#,
+        br#"{"reply": 999, "action": "continue"}"#,
+        br#"{"reply": 1, "action": "maybe"}"#,
+    ] {
+        agent.send_raw(line).expect("send");
+        let reply = not_an_event(&mut agent);
+        errors.push(reply["error"]["errno"].as_str().unwrap_or("none").to_string());
+    }
+    assert_eq!(errors, ["EINVAL", "EINVAL", "EINVAL", "ENOENT", "EINVAL"]);
+    let mut huge = vec![b'x'; 300 << 10];
+    huge.extend_from_slice(b"\"}");
+    agent.send_raw(&huge).expect("send");
+    let reply = not_an_event(&mut agent);
+    assert_eq!(reply["error"]["errno"], "E2BIG");
+    assert_eq!(refused(agent.call("no-such-command", json!({}))), "ENOSYS");
+    assert_eq!(refused(agent.call("get-registers", json!({"vcpu": 7}))), "ENOENT");
+    assert_eq!(refused(agent.call("read-memory", json!({"gpa": 0, "size": 1 << 20}))), "EINVAL");
+    assert_eq!(refused(agent.call("read-memory", json!({"gpa": "0xffffffffffff0000", "size": 8}))), "EFAULT");
+    assert_eq!(refused(agent.call("write-memory", json!({"gpa": at.watched, "data": "abc"}))), "EINVAL");
+    assert_eq!(refused(agent.call("track-write", json!({"gpa": "0x7fffffffff000"}))), "EFAULT");
+    // A second agent is turned away while this one is connected.
+    let mut second = std::os::unix::net::UnixStream::connect(&vm.socket).expect("connect");
+    let mut line = String::new();
+    second.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&mut second), &mut line).expect("busy line");
+    assert!(line.contains("EBUSY"), "{line}");
+    // Still working.
+    go(&mut agent, &at, 3);
+    vm.line("done");
+    assert!(vm.wait_exit().success());
+}
+
+#[test]
+fn a_heki_lock_holds_whatever_the_agent_answers() {
+    require_kvm!();
+    let mut vm = Vm::start("introspect-heki", &["--heki", "enabled=on,policy=deny"], "heki");
+    let mut agent = vm.connect();
+    let at = addresses(&vm);
+    assert_eq!(vm.line("protect rc="), "protect rc=0");
+    assert_eq!(agent.call("hello", json!({})).expect("hello")["vm"]["heki"], true);
+    // The agent cannot write a heki-locked page either.
+    assert_eq!(refused(agent.call("write-memory", json!({"gpa": at.locked, "data": "01"}))), "EPERM");
+    agent.call("track-write", json!({"gpa": at.locked})).expect("track a locked page");
+    agent.call("track-write", json!({"gpa": at.watched})).expect("track");
+    go(&mut agent, &at, 1);
+    let locked = sync_event(&mut agent);
+    assert_eq!((locked["gpa"].as_u64(), locked["heki_locked"].as_bool()), (Some(at.locked), Some(true)));
+    agent.reply(seq(&locked), Action::Continue).expect("reply");
+    // The heki violation reaches the agent too, before the next write's event.
+    let mut saw_violation = false;
+    let watched = loop {
+        let event = agent.next_event(Some(Duration::from_secs(30))).expect("socket").expect("an event");
+        saw_violation |= event["event"] == "heki-violation" && event["kind"] == "write";
+        if event["reply_required"] == true {
+            break event;
+        }
+    };
+    assert!(saw_violation, "a heki-violation event");
+    assert_eq!((watched["gpa"].as_u64(), watched["heki_locked"].as_bool()), (Some(at.watched), Some(false)));
+    agent.reply(seq(&watched), Action::Continue).expect("reply");
+    assert_eq!(vm.line("locked="), "locked=0 watched=5555");
+    vm.wait_exit();
+}
+
+#[test]
+fn single_step_reports_each_instruction_until_turned_off() {
+    require_kvm!();
+    let mut vm = Vm::start("introspect-step", &[], "agent");
+    let mut agent = vm.connect();
+    let at = addresses(&vm);
+    vm.line("step 1");
+    agent.call("single-step", json!({"vcpu": 0})).expect("single-step on");
+    let mut pcs = Vec::new();
+    while pcs.len() < 6 {
+        let event = sync_event(&mut agent);
+        assert_eq!(event["event"], "single-step", "{event}");
+        pcs.push(event["pc"].as_u64().expect("pc"));
+        agent.reply(seq(&event), Action::Continue).expect("reply");
+    }
+    // The guest spins in a short loop: each step moves to another instruction of it.
+    assert!(pcs.windows(2).all(|w| w[0] != w[1]), "{pcs:x?}");
+    let (low, high) = (pcs.iter().min().expect("pcs"), pcs.iter().max().expect("pcs"));
+    assert!(high - low < 64, "all in the wait loop: {pcs:x?}");
+    // Turning it off: events already on their way are answered, then none come.
+    let id = json!(1000);
+    agent
+        .send_raw(
+            json!({"id": 1000, "cmd": "single-step", "args": {"vcpu": 0, "enable": false}}).to_string().as_bytes(),
+        )
+        .expect("send");
+    loop {
+        let message = agent.read_message(Some(Duration::from_secs(10))).expect("socket").expect("message");
+        if message.get("id") == Some(&id) {
+            break;
+        }
+        if message["reply_required"] == true {
+            agent.reply(seq(&message), Action::Continue).expect("reply");
+        }
+    }
+    while let Some(event) = agent.next_event(Some(Duration::from_millis(300))).expect("socket") {
+        if event["reply_required"] == true {
+            agent.reply(seq(&event), Action::Continue).expect("reply");
+        }
+    }
+    assert!(agent.next_event(Some(Duration::from_millis(500))).expect("socket").is_none(), "single-step is off");
+    go(&mut agent, &at, 3);
+    vm.line("done");
+    vm.wait_exit();
+}
+
+/// Benchmark (run with `--ignored`): a tracked guest write whose event this
+/// Rust agent answers `continue`, against a plain MMIO exit, in one run.
+#[test]
+#[ignore = "benchmark: cargo test --release --test introspection -- --ignored --nocapture"]
+fn bench_tracked_write_answered_continue_against_a_plain_mmio_exit() {
+    require_kvm!();
+    let mut vm = Vm::start("introspect-bench", &[], "bench");
+    let mut agent = vm.connect();
+    let at = addresses(&vm);
+    agent.call("track-write", json!({"gpa": at.watched})).expect("track");
+    go(&mut agent, &at, 1);
+    let started = Instant::now();
+    let mut answered = 0;
+    while answered < 2000 {
+        let event = sync_event(&mut agent);
+        agent.reply(seq(&event), Action::Continue).expect("reply");
+        answered += 1;
+    }
+    let line = vm.line("bench ");
+    let field = |name: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .expect("field")
+            .parse()
+            .expect("number")
+    };
+    let (mmio, tracked) = (field("mmio_exit"), field("tracked_write_continue"));
+    println!(
+        "{line}\nratio {:.2} (goal <= 3); agent loop {:.1} us per event",
+        tracked / mmio,
+        started.elapsed().as_secs_f64() * 1e6 / 2000.0
+    );
+    vm.wait_exit();
+}

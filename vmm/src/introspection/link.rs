@@ -1,0 +1,481 @@
+//! One VM seen by the agent: the vCPU side of introspection.
+//!
+//! vCPU threads call in at three points: before entering the guest
+//! (`serve`: run the agent's register requests on their own thread, apply
+//! debug settings, park while the agent pauses this vCPU), after an exit
+//! (`intercept`: a tracked write, MSR write, hypercall or debug stop becomes
+//! an event, and this vCPU alone waits for the reply), and after each exit
+//! (`check_crs`, CR changes as detected). The agent's socket thread posts
+//! requests and delivers replies through each vCPU's slot.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hypervisor::{CpuidEntry, Vcpu};
+use serde_json::{Value, json};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::Hub;
+use super::protocol::{Action, AgentError, AgentResult};
+use crate::cpu::{ExitOutcome, VcpuEvent};
+use crate::heki::ports::VcpuAccess;
+use crate::heki::traps::VmTraps;
+use crate::heki::{CheckedMemory, HekiRuntime};
+use crate::run_control::VmControl;
+
+/// A waiting vCPU re-checks the connection and the VM's state this often.
+const WAIT_SLICE: Duration = Duration::from_millis(50);
+
+/// Work for one vCPU's own thread (its registers are only reachable there).
+pub type Request = Box<dyn FnOnce(&mut Vcpu) -> AgentResult + Send>;
+
+#[derive(Default)]
+struct SlotState {
+    request: Option<Request>,
+    result: Option<AgentResult>,
+    /// The event this vCPU waits on, and the agent's answer once it came.
+    waiting: Option<u64>,
+    answer: Option<Action>,
+    /// Paused by the agent; `parked` once the vCPU thread noticed.
+    paused: bool,
+    parked: bool,
+    /// Debug settings to apply before the next entry.
+    debug: Option<(bool, Vec<u64>)>,
+    /// CR0, CR3, CR4 last seen (CR tracking).
+    crs: Option<[u64; 3]>,
+}
+
+#[derive(Default)]
+struct VcpuSlot {
+    state: Mutex<SlotState>,
+    changed: Condvar,
+}
+
+impl VcpuSlot {
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What the vCPU loop does after `intercept`.
+pub enum Intercepted {
+    /// The agent's layer dealt with the exit.
+    Handled,
+    /// Not the agent's: the usual path handles it.
+    Pass(ExitOutcome),
+    /// The agent answered `crash`.
+    Crash(VcpuEvent),
+}
+
+pub struct AgentLink {
+    hub: Arc<Hub>,
+    pub(super) traps: Arc<VmTraps>,
+    pub(super) memory: CheckedMemory,
+    /// The guest's own view of RAM: tracked writes the agent let through
+    /// land here (heki off; with heki on, heki writes them).
+    ram: GuestMemoryMmap,
+    pub(super) control: Arc<VmControl>,
+    pub(super) heki: Option<Arc<HekiRuntime>>,
+    pub(super) cpuid: Vec<Vec<CpuidEntry>>,
+    slots: Vec<VcpuSlot>,
+    /// Whether the agent holds every vCPU out of guest mode.
+    pub(super) vm_paused: Mutex<bool>,
+}
+
+impl AgentLink {
+    pub fn new(
+        hub: Arc<Hub>,
+        traps: Arc<VmTraps>,
+        memory: CheckedMemory,
+        ram: GuestMemoryMmap,
+        control: Arc<VmControl>,
+        heki: Option<Arc<HekiRuntime>>,
+        cpuid: Vec<Vec<CpuidEntry>>,
+    ) -> Self {
+        let slots = (0..cpuid.len()).map(|_| VcpuSlot::default()).collect();
+        AgentLink { hub, traps, memory, ram, control, heki, cpuid, slots, vm_paused: Mutex::new(false) }
+    }
+
+    /// Agent counters for `vm.counters`.
+    pub fn counters(&self) -> Value {
+        self.hub.counters.to_json()
+    }
+
+    /// The VM is being torn down: the agent no longer sees it.
+    pub fn detach(&self) {
+        self.hub.detach(self);
+    }
+
+    pub fn vcpu_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn slot(&self, id: u8) -> Option<&VcpuSlot> {
+        self.slots.get(usize::from(id))
+    }
+
+    /// Whether the agent posted work for vCPU `id` (wakes a waiting vCPU).
+    pub fn has_request(&self, id: u8) -> bool {
+        self.slot(id).is_some_and(|s| {
+            let state = s.lock();
+            state.request.is_some() || state.debug.is_some() || state.paused
+        })
+    }
+
+    // ---- vCPU thread side ----
+
+    /// Before each entry: serve requests, apply debug settings, and park
+    /// while the agent pauses this vCPU (serving requests meanwhile).
+    pub fn serve(&self, vcpu: &mut Vcpu) {
+        let Some(slot) = self.slot(vcpu.id()) else { return };
+        let mut state = slot.lock();
+        loop {
+            state = self.serve_locked(slot, state, vcpu);
+            if !state.paused || self.control.vcpus.is_stopping() {
+                break;
+            }
+            if !state.parked {
+                state.parked = true;
+                slot.changed.notify_all();
+            }
+            state = slot.changed.wait_timeout(state, WAIT_SLICE).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        if state.parked {
+            state.parked = false;
+            slot.changed.notify_all();
+        }
+    }
+
+    fn serve_locked<'a>(
+        &self,
+        slot: &'a VcpuSlot,
+        mut state: MutexGuard<'a, SlotState>,
+        vcpu: &mut Vcpu,
+    ) -> MutexGuard<'a, SlotState> {
+        if let Some((single_step, breakpoints)) = state.debug.take()
+            && let Err(e) = vcpu.set_guest_debug(single_step, &breakpoints)
+        {
+            log::warn!("introspection: vCPU {}: {e}", vcpu.id());
+        }
+        if let Some(request) = state.request.take() {
+            drop(state);
+            let result = request(vcpu);
+            state = slot.lock();
+            state.result = Some(result);
+            slot.changed.notify_all();
+        }
+        state
+    }
+
+    /// Handles an exit the agent may have asked to see.
+    pub fn intercept(&self, vcpu: &mut Vcpu, outcome: ExitOutcome) -> Intercepted {
+        let tracking = self.hub.tracking();
+        match outcome {
+            ExitOutcome::UnclaimedMmioWrite { gpa, data } => {
+                let len = data.len() as u64;
+                let tracked = tracking.tracks_range(gpa, len);
+                drop(tracking);
+                if !tracked && self.heki.is_some() {
+                    return Intercepted::Pass(ExitOutcome::UnclaimedMmioWrite { gpa, data });
+                }
+                self.on_write(vcpu, gpa, &data, tracked)
+            }
+            ExitOutcome::MsrWrite { index, value } if tracking.msrs.contains(&index) => {
+                drop(tracking);
+                self.on_msr_write(vcpu, index, value)
+            }
+            ExitOutcome::MsrWrite { index, value } if self.heki.is_none() => {
+                // Only the agent filters MSRs here: an MSR it stopped tracking is written as asked.
+                drop(tracking);
+                let ok = vcpu.set_msr(index, value).is_ok();
+                vcpu.complete_msr_exit(!ok);
+                Intercepted::Handled
+            }
+            ExitOutcome::HekiCall if tracking.hypercalls => {
+                drop(tracking);
+                self.on_hypercall(vcpu)
+            }
+            ExitOutcome::Debug { pc, dr6 } => {
+                drop(tracking);
+                let kind = if dr6 & 0x4000 != 0 { "single-step" } else { "breakpoint" };
+                let event = json!({"event": kind, "dr6": dr6, "pc": pc});
+                match self.raise(vcpu, event) {
+                    Some(Action::Crash) => self.crash(vcpu),
+                    _ => Intercepted::Handled,
+                }
+            }
+            other => Intercepted::Pass(other),
+        }
+    }
+
+    fn crash(&self, vcpu: &Vcpu) -> Intercepted {
+        crate::events::emit("introspection", "crash", &[("vcpu", vcpu.id().to_string())]);
+        Intercepted::Crash(VcpuEvent::Failed {
+            vcpu: vcpu.id(),
+            error: "the introspection agent answered crash".into(),
+        })
+    }
+
+    fn on_write(&self, vcpu: &mut Vcpu, gpa: u64, data: &[u8], tracked: bool) -> Intercepted {
+        let mut tracked = tracked;
+        loop {
+            let action = if tracked {
+                let mut value = [0u8; 8];
+                let n = data.len().min(8);
+                value[..n].copy_from_slice(&data[..n]);
+                let locked = self.heki.as_ref().is_some_and(|h| h.write_is_locked(gpa, data.len()));
+                let event = json!({
+                    "event": "write", "gpa": gpa, "size": data.len(),
+                    "value": u64::from_le_bytes(value), "heki_locked": locked,
+                });
+                self.raise(vcpu, event)
+            } else {
+                None
+            };
+            match action {
+                // No answer (no agent, a timeout, a disconnect): the VM's policy decides.
+                None | Some(Action::Continue) => {
+                    self.perform_write(vcpu, gpa, data);
+                    return Intercepted::Handled;
+                }
+                Some(Action::Deny) => {
+                    if let Some(heki) = &self.heki {
+                        heki.on_denied_mmio_write(vcpu.id(), gpa, data, || VcpuAccess::exit_rip(&*vcpu));
+                    }
+                    return Intercepted::Handled;
+                }
+                Some(Action::Retry) => tracked = self.hub.tracking().tracks_range(gpa, data.len() as u64),
+                Some(Action::Crash) => return self.crash(vcpu),
+            }
+        }
+    }
+
+    /// Performs a trapped write: heki judges it when enabled (a heki lock
+    /// always holds); otherwise the bytes land in RAM.
+    fn perform_write(&self, vcpu: &Vcpu, gpa: u64, data: &[u8]) {
+        match &self.heki {
+            Some(heki) => heki.on_unclaimed_mmio_write(vcpu.id(), gpa, data, || VcpuAccess::exit_rip(vcpu)),
+            None => {
+                if self.traps.ram().contains(gpa, data.len() as u64)
+                    && let Err(e) = self.ram.write_slice(data, GuestAddress(gpa))
+                {
+                    log::warn!("introspection: cannot apply a tracked write at {gpa:#x}: {e}");
+                }
+            }
+        }
+    }
+
+    fn on_msr_write(&self, vcpu: &mut Vcpu, index: u32, value: u64) -> Intercepted {
+        loop {
+            let tracked = self.hub.tracking().msrs.contains(&index);
+            let action =
+                if tracked { self.raise(vcpu, json!({"event": "msr", "msr": index, "value": value})) } else { None };
+            match action {
+                None | Some(Action::Continue) => {
+                    if self.heki.is_some() {
+                        return Intercepted::Pass(ExitOutcome::MsrWrite { index, value });
+                    }
+                    let ok = vcpu.set_msr(index, value).is_ok();
+                    vcpu.complete_msr_exit(!ok);
+                    return Intercepted::Handled;
+                }
+                Some(Action::Deny) => {
+                    vcpu.complete_msr_exit(true);
+                    return Intercepted::Handled;
+                }
+                Some(Action::Retry) => continue,
+                Some(Action::Crash) => return self.crash(vcpu),
+            }
+        }
+    }
+
+    fn on_hypercall(&self, vcpu: &mut Vcpu) -> Intercepted {
+        loop {
+            let tracked = self.hub.tracking().hypercalls;
+            let regs = vcpu.regs().unwrap_or_default();
+            let action = if tracked {
+                let event = json!({"event": "hypercall", "nr": regs.rax, "args": [regs.rbx, regs.rcx, regs.rsi]});
+                self.raise(vcpu, event)
+            } else {
+                None
+            };
+            match action {
+                None | Some(Action::Continue) => return Intercepted::Pass(ExitOutcome::HekiCall),
+                Some(Action::Deny) => {
+                    let regs = hypervisor::Regs { rax: heki::AbiError::NotPermitted.errno() as u64, ..regs };
+                    if let Err(e) = vcpu.set_regs(&regs) {
+                        log::warn!("introspection: vCPU {}: {e}", vcpu.id());
+                    }
+                    return Intercepted::Handled;
+                }
+                Some(Action::Retry) => continue,
+                Some(Action::Crash) => return self.crash(vcpu),
+            }
+        }
+    }
+
+    /// Sends an event and holds this vCPU (serving the agent's requests)
+    /// until the reply; `None` without an agent, on a timeout or a disconnect.
+    fn raise(&self, vcpu: &mut Vcpu, mut event: Value) -> Option<Action> {
+        let id = vcpu.id();
+        let slot = self.slot(id)?;
+        let (rip, cpl) = match (vcpu.regs(), vcpu.sregs()) {
+            (Ok(r), Ok(s)) => (r.rip, s.cpl()),
+            _ => (0, 0),
+        };
+        if let Value::Object(fields) = &mut event {
+            fields.insert("vcpu".into(), json!(id));
+            fields.insert("rip".into(), json!(rip));
+            fields.insert("cpl".into(), json!(cpl));
+        }
+        let seq = self.hub.next_seq();
+        {
+            let mut state = slot.lock();
+            state.waiting = Some(seq);
+            state.answer = None;
+        }
+        let connection = self.hub.send_event(seq, event)?;
+        let deadline = Instant::now() + self.hub.reply_timeout;
+        let mut state = slot.lock();
+        let answer = loop {
+            if let Some(answer) = state.answer.take() {
+                break Some(answer);
+            }
+            if self.hub.connection() != Some(connection) || self.control.vcpus.is_stopping() {
+                break None;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.hub.note_timeout(id, seq);
+                break None;
+            }
+            state = self.serve_locked(slot, state, vcpu);
+            if state.answer.is_some() {
+                continue;
+            }
+            let wait = (deadline - now).min(WAIT_SLICE);
+            state = slot.changed.wait_timeout(state, wait).unwrap_or_else(|p| p.into_inner()).0;
+        };
+        state.waiting = None;
+        answer
+    }
+
+    /// CR changes, as detected at an exit (KVM gives user space no CR-write exits).
+    pub fn check_crs(&self, vcpu: &Vcpu) {
+        if !self.hub.tracking().crs {
+            return;
+        }
+        let Some(slot) = self.slot(vcpu.id()) else { return };
+        let Ok(sregs) = vcpu.sregs() else { return };
+        let now = [sregs.cr0, sregs.cr3, sregs.cr4];
+        let before = slot.lock().crs.replace(now);
+        let Some(before) = before else { return };
+        for (i, name) in ["cr0", "cr3", "cr4"].into_iter().enumerate() {
+            if before[i] != now[i] {
+                let rip = VcpuAccess::exit_rip(vcpu).unwrap_or(0);
+                self.hub.send_async(json!({
+                    "event": "cr", "vcpu": vcpu.id(), "register": name, "old": before[i], "new": now[i],
+                    "rip": rip, "cpl": sregs.cpl(), "detected": true,
+                }));
+            }
+        }
+    }
+
+    // ---- socket thread side ----
+
+    /// Delivers the agent's reply to the vCPU waiting on event `seq`.
+    pub(super) fn deliver(&self, seq: u64, action: Action) -> bool {
+        for slot in &self.slots {
+            let mut state = slot.lock();
+            if state.waiting == Some(seq) && state.answer.is_none() {
+                state.answer = Some(action);
+                slot.changed.notify_all();
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Runs `request` on vCPU `id`'s thread and waits for its result.
+    pub(super) fn on_vcpu(&self, id: u8, request: Request) -> AgentResult {
+        let slot = self.slot(id).ok_or_else(|| AgentError::new("ENOENT", format!("no vCPU {id}")))?;
+        {
+            let mut state = slot.lock();
+            state.request = Some(request);
+            state.result = None;
+        }
+        self.wake(slot);
+        let deadline = Instant::now() + crate::run_control::VCPU_STOP_TIMEOUT;
+        let mut state = slot.lock();
+        loop {
+            if let Some(result) = state.result.take() {
+                return result;
+            }
+            let now = Instant::now();
+            if now >= deadline || self.control.vcpus.is_stopping() {
+                state.request = None;
+                return Err(AgentError::new("ETIMEDOUT", format!("vCPU {id} did not answer")));
+            }
+            state =
+                slot.changed.wait_timeout(state, (deadline - now).min(WAIT_SLICE)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    fn wake(&self, slot: &VcpuSlot) {
+        slot.changed.notify_all();
+        self.control.vcpus.notify();
+        self.control.vcpus.kick_all();
+    }
+
+    /// Pauses one vCPU; returns once its thread is parked.
+    pub(super) fn pause_vcpu(&self, id: u8) -> AgentResult {
+        let slot = self.slot(id).ok_or_else(|| AgentError::new("ENOENT", format!("no vCPU {id}")))?;
+        slot.lock().paused = true;
+        self.wake(slot);
+        let deadline = Instant::now() + crate::run_control::VCPU_STOP_TIMEOUT;
+        let mut state = slot.lock();
+        while !state.parked {
+            let now = Instant::now();
+            if now >= deadline || self.control.vcpus.is_stopping() {
+                // A vCPU held elsewhere (an event, a VM pause) parks when it next reaches the gate.
+                return Ok(json!({"vcpu": id, "paused": true, "parked": false}));
+            }
+            state =
+                slot.changed.wait_timeout(state, (deadline - now).min(WAIT_SLICE)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        Ok(json!({"vcpu": id, "paused": true, "parked": true}))
+    }
+
+    pub(super) fn resume_vcpu(&self, id: u8) {
+        if let Some(slot) = self.slot(id) {
+            slot.lock().paused = false;
+            slot.changed.notify_all();
+        }
+    }
+
+    /// Posts debug settings for vCPU `id` (applied before its next entry).
+    pub(super) fn set_debug(&self, id: u8, single_step: bool, breakpoints: Vec<u64>) {
+        if let Some(slot) = self.slot(id) {
+            slot.lock().debug = Some((single_step, breakpoints));
+            self.wake(slot);
+        }
+    }
+
+    /// Undoes what the agent did to this VM: vCPU pauses, the VM pause,
+    /// debug settings; every waiting vCPU wakes and falls back to the policy.
+    pub(super) fn unhook(&self) {
+        for slot in &self.slots {
+            let mut state = slot.lock();
+            state.paused = false;
+            state.crs = None;
+            state.debug = Some((false, Vec::new()));
+            slot.changed.notify_all();
+        }
+        self.control.vcpus.notify();
+        self.control.vcpus.kick_all();
+        let mut paused = self.vm_paused.lock().unwrap_or_else(|p| p.into_inner());
+        if std::mem::replace(&mut *paused, false) {
+            self.control.vcpus.release();
+        }
+    }
+}

@@ -1,0 +1,535 @@
+//! Host introspection: a live agent on a Unix socket, in the spirit of KVMI
+//! (`docs/introspection.md`).
+//!
+//! The `Hub` outlives VMs (a guest reboot builds a new VM; the agent stays
+//! connected and its tracking is applied to the new VM before its vCPUs
+//! start). Threads: `introspect-accept` accepts agents (one at a time; a
+//! second one gets an `EBUSY` error line), `introspect-rx` reads one agent's
+//! messages and runs its commands, `introspect-tx` writes asynchronous
+//! events. vCPU threads write their own synchronous events and wait only for
+//! their own replies; the VMM thread never touches the socket.
+
+mod commands;
+pub mod link;
+pub mod protocol;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+pub use link::{AgentLink, Intercepted};
+use protocol::{AgentError, Incoming, MAX_LINE};
+
+use crate::config::IntrospectionConfig;
+
+/// Asynchronous events queued for the agent before newer ones are dropped (counted).
+const ASYNC_QUEUE: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IntrospectionError {
+    #[error("cannot create the introspection socket {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the introspection thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// What the host offers, for `hello`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostCaps {
+    pub readonly_memory: bool,
+    pub msr_filter: bool,
+    pub guest_debug: bool,
+}
+
+/// Everything the agent asked to see; undone when it disconnects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tracking {
+    /// Write-tracked guest page numbers.
+    pub pages: BTreeSet<u64>,
+    pub msrs: BTreeSet<u32>,
+    pub hypercalls: bool,
+    pub crs: bool,
+    /// Per vCPU: single-step, hardware breakpoints (GVAs).
+    pub debug: std::collections::BTreeMap<u8, (bool, Vec<u64>)>,
+}
+
+impl Tracking {
+    pub fn tracks_range(&self, gpa: u64, len: u64) -> bool {
+        let first = gpa >> heki::PAGE_SHIFT;
+        let last = gpa.saturating_add(len.max(1) - 1) >> heki::PAGE_SHIFT;
+        self.pages.range(first..=last).next().is_some()
+    }
+
+    /// The tracked pages as merged [start, end) ranges.
+    pub fn page_ranges(&self) -> Vec<(u64, u64)> {
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for &page in &self.pages {
+            match ranges.last_mut() {
+                Some(last) if last.1 == page => last.1 = page + 1,
+                _ => ranges.push((page, page + 1)),
+            }
+        }
+        ranges
+    }
+}
+
+/// Agent counters, for `vm.counters` and the `stats` command.
+#[derive(Default)]
+pub struct Counters {
+    pub events: AtomicU64,
+    pub replies: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub dropped: AtomicU64,
+    pub connections: AtomicU64,
+    pub bad_messages: AtomicU64,
+}
+
+impl Counters {
+    pub fn to_json(&self) -> Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "events": get(&self.events),
+            "replies": get(&self.replies),
+            "agent_timeouts": get(&self.timeouts),
+            "events_dropped": get(&self.dropped),
+            "connections": get(&self.connections),
+            "bad_messages": get(&self.bad_messages),
+        })
+    }
+}
+
+#[derive(Default)]
+struct Connection {
+    /// Bumped at every connect and disconnect.
+    generation: u64,
+    connected: bool,
+    async_tx: Option<SyncSender<String>>,
+}
+
+/// The agent channel of one VMM.
+pub struct Hub {
+    pub(crate) reply_timeout: Duration,
+    pub(crate) caps: HostCaps,
+    socket: PathBuf,
+    connection: Mutex<Connection>,
+    /// Writes to the agent: one line at a time.
+    out: Mutex<Option<UnixStream>>,
+    tracking: RwLock<Tracking>,
+    link: RwLock<Option<Arc<AgentLink>>>,
+    /// Configured vCPUs and RAM (for `hello` before boot).
+    pub(crate) vm_shape: Mutex<(usize, Vec<(u64, u64)>)>,
+    seq: AtomicU64,
+    pub counters: Counters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Hub {
+    pub fn tracking(&self) -> RwLockReadGuard<'_, Tracking> {
+        self.tracking.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn tracking_mut(&self) -> RwLockWriteGuard<'_, Tracking> {
+        self.tracking.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn link(&self) -> Option<Arc<AgentLink>> {
+        self.link.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The live connection's generation, if an agent is connected.
+    fn connection(&self) -> Option<u64> {
+        let c = lock(&self.connection);
+        c.connected.then_some(c.generation)
+    }
+
+    /// Writes one line to the agent; a failed write drops the connection.
+    fn write_line(&self, line: &str) -> bool {
+        let mut out = lock(&self.out);
+        let Some(stream) = out.as_mut() else { return false };
+        let ok = stream.write_all(line.as_bytes()).and_then(|()| stream.write_all(b"\n")).is_ok();
+        if !ok {
+            // The reader thread sees the shutdown and unhooks.
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            *out = None;
+        }
+        ok
+    }
+
+    /// Sends a synchronous event from a vCPU thread; the connection it went to.
+    fn send_event(&self, seq: u64, mut event: Value) -> Option<u64> {
+        let connection = self.connection()?;
+        if let Value::Object(fields) = &mut event {
+            fields.insert("seq".into(), json!(seq));
+            fields.insert("reply_required".into(), json!(true));
+        }
+        self.counters.events.fetch_add(1, Ordering::Relaxed);
+        self.write_line(&event.to_string()).then_some(connection)
+    }
+
+    /// Queues an event that needs no reply; never blocks (dropped and counted when full).
+    pub fn send_async(&self, mut event: Value) {
+        let connection = lock(&self.connection);
+        let Some(tx) = connection.async_tx.as_ref() else { return };
+        if let Value::Object(fields) = &mut event {
+            fields.insert("seq".into(), json!(self.next_seq()));
+        }
+        match tx.try_send(event.to_string()) {
+            Ok(()) => {
+                self.counters.events.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn note_timeout(&self, vcpu: u8, seq: u64) {
+        self.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+        log::warn!("introspection: the agent did not answer event {seq} (vCPU {vcpu}); the VM's policy decides");
+        crate::events::emit("introspection", "agent-timeout", &[("vcpu", vcpu.to_string()), ("seq", seq.to_string())]);
+    }
+
+    /// Installs the agent's write tracking and MSR interception in `link`'s VM.
+    fn apply_tracking(&self, link: &AgentLink, tracking: &Tracking) -> Result<(), AgentError> {
+        link.traps
+            .set_agent_pages(tracking.page_ranges())
+            .map_err(|e| AgentError::new("ENOSPC", crate::error_chain(&e)))?;
+        link.traps
+            .set_agent_msrs(tracking.msrs.iter().copied().collect())
+            .map_err(|e| AgentError::new("EIO", crate::error_chain(&e)))?;
+        Ok(())
+    }
+
+    /// Changes the tracking atomically: applied to the VM first, recorded only if that worked.
+    fn change_tracking(&self, change: impl FnOnce(&mut Tracking) -> Result<(), AgentError>) -> Result<(), AgentError> {
+        let mut tracking = self.tracking_mut();
+        let mut next = tracking.clone();
+        change(&mut next)?;
+        if let Some(link) = self.link() {
+            if let Err(e) = self.apply_tracking(&link, &next) {
+                // Put back what was installed.
+                let _ = self.apply_tracking(&link, &tracking);
+                return Err(e);
+            }
+            let vcpus: BTreeSet<u8> = next.debug.keys().chain(tracking.debug.keys()).copied().collect();
+            for vcpu in vcpus {
+                let wanted = next.debug.get(&vcpu).cloned().unwrap_or_default();
+                if tracking.debug.get(&vcpu).cloned().unwrap_or_default() != wanted {
+                    link.set_debug(vcpu, wanted.0, wanted.1);
+                }
+            }
+        }
+        *tracking = next;
+        Ok(())
+    }
+
+    /// KVMI's unhook: everything the agent set is undone; waiting vCPUs resume.
+    fn unhook(&self) {
+        {
+            let mut c = lock(&self.connection);
+            c.connected = false;
+            c.generation += 1;
+            c.async_tx = None;
+        }
+        if let Some(stream) = lock(&self.out).take() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        let mut tracking = self.tracking_mut();
+        *tracking = Tracking::default();
+        if let Some(link) = self.link() {
+            if let Err(e) = self.apply_tracking(&link, &tracking) {
+                log::error!("introspection: cannot undo the agent's tracking: {e}");
+            }
+            link.unhook();
+        }
+        crate::events::emit("introspection", "disconnected", &[]);
+    }
+}
+
+/// The agent channel, owned by the VMM.
+pub struct Introspection {
+    hub: Arc<Hub>,
+}
+
+impl Introspection {
+    /// Creates the socket (mode 0600) and starts accepting agents.
+    pub fn start(config: &IntrospectionConfig, caps: HostCaps) -> Result<Introspection, IntrospectionError> {
+        let listener = bind(&config.socket)?;
+        let hub = Arc::new(Hub {
+            reply_timeout: Duration::from_millis(config.reply_timeout_ms),
+            caps,
+            socket: config.socket.clone(),
+            connection: Mutex::default(),
+            out: Mutex::new(None),
+            tracking: RwLock::default(),
+            link: RwLock::new(None),
+            vm_shape: Mutex::new((0, Vec::new())),
+            seq: AtomicU64::new(0),
+            counters: Counters::default(),
+        });
+        let accept_hub = hub.clone();
+        std::thread::Builder::new()
+            .name("introspect-accept".into())
+            .spawn(move || accept_loop(&accept_hub, listener))
+            .map_err(IntrospectionError::Spawn)?;
+        Ok(Introspection { hub })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.hub.socket
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Records the shape of the VM about to be built (for `hello` before boot).
+    pub fn set_vm_shape(&self, vcpus: usize, ram: Vec<(u64, u64)>) {
+        *lock(&self.hub.vm_shape) = (vcpus, ram);
+    }
+}
+
+impl Hub {
+    /// Connects a freshly built VM (before its vCPUs run): the agent's
+    /// tracking is installed and violations are forwarded.
+    pub fn attach(self: &Arc<Self>, link: Arc<AgentLink>) {
+        let tracking = self.tracking().clone();
+        if let Err(e) = self.apply_tracking(&link, &tracking) {
+            log::error!("introspection: cannot install the agent's tracking in the new VM: {e}");
+        }
+        for (&vcpu, (step, bps)) in &tracking.debug {
+            link.set_debug(vcpu, *step, bps.clone());
+        }
+        let hub = Arc::downgrade(self);
+        link.memory.enforcer().set_observer(Box::new(move |record| {
+            if let Some(hub) = hub.upgrade() {
+                let mut event = json!({"event": "heki-violation"});
+                if let Value::Object(fields) = &mut event {
+                    for (key, value) in record.properties() {
+                        fields.insert(key.to_string(), json!(value));
+                    }
+                }
+                hub.send_async(event);
+            }
+        }));
+        *self.link.write().unwrap_or_else(|p| p.into_inner()) = Some(link);
+        self.send_async(json!({"event": "vm", "state": "created"}));
+    }
+
+    /// The VM is gone (shutdown or reboot).
+    pub fn detach(&self, link: &AgentLink) {
+        let mut current = self.link.write().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|l| std::ptr::eq(Arc::as_ptr(l), link)) {
+            *current = None;
+            drop(current);
+            self.send_async(json!({"event": "vm", "state": "stopped"}));
+        }
+    }
+}
+
+fn bind(path: &Path) -> Result<UnixListener, IntrospectionError> {
+    let err = |source| IntrospectionError::Bind { path: path.to_path_buf(), source };
+    if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+        // A stale socket from an earlier run.
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    // Created under a 0177 umask so it is never open to others, not even briefly.
+    // SAFETY: umask only changes this process's file-creation mask; it is restored at once.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    // The umask made it 0600 (no chmod: the VMM thread's seccomp filter has none).
+    bound.map_err(err)
+}
+
+fn accept_loop(hub: &Arc<Hub>, listener: UnixListener) {
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        if hub.connection().is_some() {
+            let busy = protocol::reply(
+                &Value::Null,
+                &Err(AgentError::new("EBUSY", "another agent is connected; one agent at a time")),
+            );
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = writeln!(stream, "{busy}");
+            continue;
+        }
+        if let Err(e) = start_connection(hub, stream) {
+            log::error!("introspection: cannot serve the agent: {e}");
+        }
+    }
+}
+
+fn start_connection(hub: &Arc<Hub>, stream: UnixStream) -> std::io::Result<()> {
+    stream.set_write_timeout(Some(hub.reply_timeout.max(Duration::from_millis(100))))?;
+    let writer = stream.try_clone()?;
+    let (async_tx, async_rx) = sync_channel(ASYNC_QUEUE);
+    *lock(&hub.out) = Some(writer);
+    {
+        let mut c = lock(&hub.connection);
+        c.generation += 1;
+        c.connected = true;
+        c.async_tx = Some(async_tx);
+    }
+    hub.counters.connections.fetch_add(1, Ordering::Relaxed);
+    crate::events::emit("introspection", "connected", &[]);
+    hub.write_line(&json!({"hello": commands::hello(hub)}).to_string());
+    let tx_hub = hub.clone();
+    std::thread::Builder::new().name("introspect-tx".into()).spawn(move || async_writer(&tx_hub, async_rx))?;
+    let rx_hub = hub.clone();
+    std::thread::Builder::new().name("introspect-rx".into()).spawn(move || {
+        read_loop(&rx_hub, stream);
+        rx_hub.unhook();
+    })?;
+    Ok(())
+}
+
+fn async_writer(hub: &Hub, rx: Receiver<String>) {
+    // Ends when the connection drops its sender.
+    while let Ok(line) = rx.recv() {
+        if !hub.write_line(&line) {
+            break;
+        }
+    }
+}
+
+/// Reads the agent's lines until it disconnects.
+fn read_loop(hub: &Arc<Hub>, stream: UnixStream) {
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match read_bounded_line(&mut reader, &mut line) {
+            Ok(LineRead::Eof) | Err(_) => return,
+            Ok(LineRead::TooLong) => {
+                hub.counters.bad_messages.fetch_add(1, Ordering::Relaxed);
+                let e = AgentError::new("E2BIG", format!("a message is at most {MAX_LINE} bytes"));
+                hub.write_line(&protocol::reply(&Value::Null, &Err(e)).to_string());
+            }
+            Ok(LineRead::Line) => {
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                handle_line(hub, &line);
+            }
+        }
+    }
+}
+
+enum LineRead {
+    Line,
+    TooLong,
+    Eof,
+}
+
+/// Reads one line into `line` (without the newline), at most `MAX_LINE`
+/// bytes; the rest of a longer line is skipped.
+fn read_bounded_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> std::io::Result<LineRead> {
+    let mut too_long = false;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(if line.is_empty() && !too_long { LineRead::Eof } else { LineRead::Line });
+        }
+        let (chunk, found) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        if !too_long && line.len() + chunk.len() <= MAX_LINE {
+            line.extend_from_slice(chunk);
+        } else {
+            too_long = true;
+            line.clear();
+        }
+        let used = found.unwrap_or(buf.len());
+        reader.consume(used);
+        if found.is_some() {
+            return Ok(if too_long { LineRead::TooLong } else { LineRead::Line });
+        }
+    }
+}
+
+fn handle_line(hub: &Arc<Hub>, line: &[u8]) {
+    match protocol::parse_line(line) {
+        Err((id, e)) => {
+            hub.counters.bad_messages.fetch_add(1, Ordering::Relaxed);
+            hub.write_line(&protocol::reply(&id, &Err(e)).to_string());
+        }
+        Ok(Incoming::Reply { seq, action }) => {
+            let delivered = hub.link().is_some_and(|link| link.deliver(seq, action));
+            if delivered {
+                hub.counters.replies.fetch_add(1, Ordering::Relaxed);
+            } else {
+                hub.counters.bad_messages.fetch_add(1, Ordering::Relaxed);
+                let e = AgentError::new("ENOENT", format!("no vCPU waits for a reply to event {seq}"));
+                hub.write_line(&json!({"reply": seq, "error": e.to_json()}).to_string());
+            }
+        }
+        Ok(Incoming::Command { id, cmd, args }) => {
+            let result = commands::run(hub, &cmd, &args);
+            if result.is_err() {
+                hub.counters.bad_messages.fetch_add(1, Ordering::Relaxed);
+            }
+            hub.write_line(&protocol::reply(&id, &result).to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_oversized_line_is_skipped_and_the_next_one_is_read() {
+        let mut input = vec![b'x'; MAX_LINE + 10];
+        input.extend_from_slice(b"\n{\"id\":1}\n");
+        let mut reader = BufReader::with_capacity(1024, &input[..]);
+        let mut line = Vec::new();
+        assert!(matches!(read_bounded_line(&mut reader, &mut line), Ok(LineRead::TooLong)));
+        line.clear();
+        assert!(matches!(read_bounded_line(&mut reader, &mut line), Ok(LineRead::Line)));
+        assert_eq!(line, b"{\"id\":1}");
+        line.clear();
+        assert!(matches!(read_bounded_line(&mut reader, &mut line), Ok(LineRead::Eof)));
+    }
+
+    #[test]
+    fn tracked_ranges_cover_every_page_a_write_touches() {
+        let tracking = Tracking { pages: [5, 6, 9].into_iter().collect(), ..Tracking::default() };
+        assert!(tracking.tracks_range(0x5ff8, 8));
+        assert!(tracking.tracks_range(0x4ffc, 8), "straddles into page 5");
+        assert!(!tracking.tracks_range(0x7000, 8));
+        assert_eq!(tracking.page_ranges(), vec![(5, 7), (9, 10)]);
+    }
+
+    #[test]
+    fn the_socket_is_created_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("hk-introspect-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("agent.sock");
+        let _listener = bind(&path).expect("bind");
+        let mode = std::fs::metadata(&path).expect("socket").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,237 @@
+//! The agent protocol's wire format: one JSON object per line.
+//!
+//! From the agent: a command `{"id", "cmd", "args"}`, or a reply to an event
+//! `{"reply": SEQ, "action"}`. From the VMM: `{"hello": ...}` on connect,
+//! `{"id", "result"}` / `{"id", "error": {"errno", "message"}}` for each
+//! command, and `{"event", "seq", "vcpu", ...}` events. Every number the
+//! agent sends may be a JSON integer or a `"0x…"` string.
+
+use serde_json::{Map, Value, json};
+
+/// Protocol version in `hello`.
+pub const PROTOCOL_VERSION: u64 = 1;
+/// Longest line accepted from the agent; a longer one is answered with
+/// `E2BIG` and skipped up to its newline.
+pub const MAX_LINE: usize = 256 << 10;
+/// Most bytes one `read-memory` / `write-memory` moves.
+pub const MAX_MEMORY_ACCESS: u64 = 64 << 10;
+
+/// An error reply: an errno name and a message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{errno}: {message}")]
+pub struct AgentError {
+    pub errno: &'static str,
+    pub message: String,
+}
+
+impl AgentError {
+    pub fn new(errno: &'static str, message: impl Into<String>) -> Self {
+        AgentError { errno, message: message.into() }
+    }
+    pub fn inval(message: impl Into<String>) -> Self {
+        Self::new("EINVAL", message)
+    }
+    pub fn to_json(&self) -> Value {
+        json!({"errno": self.errno, "message": self.message})
+    }
+}
+
+pub type AgentResult = Result<Value, AgentError>;
+
+/// What the agent answers to an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Perform the access.
+    Continue,
+    /// Drop the write, or raise #GP for an MSR write; fail a hypercall with -EPERM.
+    Deny,
+    /// Evaluate the access again against the tracking now in place.
+    Retry,
+    /// Stop the VM.
+    Crash,
+}
+
+impl Action {
+    pub fn parse(text: &str) -> Option<Action> {
+        Some(match text {
+            "continue" => Action::Continue,
+            "deny" => Action::Deny,
+            "retry" => Action::Retry,
+            "crash" => Action::Crash,
+            _ => return None,
+        })
+    }
+}
+
+/// One message from the agent.
+#[derive(Debug, PartialEq)]
+pub enum Incoming {
+    Command { id: Value, cmd: String, args: Map<String, Value> },
+    Reply { seq: u64, action: Action },
+}
+
+/// Parses one line. An error carries the `id` to answer with, if one was found.
+pub fn parse_line(line: &[u8]) -> Result<Incoming, (Value, AgentError)> {
+    let value: Value = serde_json::from_slice(line)
+        .map_err(|e| (Value::Null, AgentError::inval(format!("not a JSON message: {e}"))))?;
+    let Value::Object(mut object) = value else {
+        return Err((Value::Null, AgentError::inval("a message is a JSON object")));
+    };
+    if let Some(seq) = object.get("reply") {
+        let seq = seq.as_u64().ok_or((Value::Null, AgentError::inval("reply: the event's seq, an integer")))?;
+        let action = object
+            .get("action")
+            .and_then(Value::as_str)
+            .and_then(Action::parse)
+            .ok_or((Value::Null, AgentError::inval("action: continue, deny, retry or crash")))?;
+        return Ok(Incoming::Reply { seq, action });
+    }
+    let id = object.remove("id").unwrap_or(Value::Null);
+    if !(id.is_u64() || id.is_string()) {
+        return Err((Value::Null, AgentError::inval("a command needs an id (an integer or a string)")));
+    }
+    let cmd = match object.get("cmd").and_then(Value::as_str) {
+        Some(cmd) => cmd.to_string(),
+        None => return Err((id, AgentError::inval("cmd: the command name, a string"))),
+    };
+    let args = match object.remove("args") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(args)) => args,
+        Some(_) => return Err((id, AgentError::inval("args: an object"))),
+    };
+    Ok(Incoming::Command { id, cmd, args })
+}
+
+/// A reply line for a command.
+pub fn reply(id: &Value, result: &AgentResult) -> Value {
+    match result {
+        Ok(result) => json!({"id": id, "result": result}),
+        Err(e) => json!({"id": id, "error": e.to_json()}),
+    }
+}
+
+/// A number the agent sent: an integer or a hex string.
+pub fn number(value: &Value) -> Option<u64> {
+    match value {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => {
+            let s = s.trim();
+            match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+                Some(hex) => u64::from_str_radix(hex, 16).ok(),
+                None => s.parse().ok(),
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Typed access to a command's arguments.
+pub struct Args<'a>(pub &'a Map<String, Value>);
+
+impl Args<'_> {
+    pub fn u64(&self, key: &str) -> Result<u64, AgentError> {
+        self.opt_u64(key)?.ok_or_else(|| AgentError::inval(format!("{key}: required")))
+    }
+
+    pub fn opt_u64(&self, key: &str) -> Result<Option<u64>, AgentError> {
+        match self.0.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => number(v).map(Some).ok_or_else(|| AgentError::inval(format!("{key}: not a number"))),
+        }
+    }
+
+    pub fn vcpu(&self, count: usize) -> Result<u8, AgentError> {
+        let id = self.u64("vcpu")?;
+        u8::try_from(id)
+            .ok()
+            .filter(|&id| usize::from(id) < count)
+            .ok_or_else(|| AgentError::new("ENOENT", format!("vcpu: no vCPU {id}")))
+    }
+
+    pub fn opt_vcpu(&self, count: usize) -> Result<Option<u8>, AgentError> {
+        match self.0.get("vcpu") {
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => self.vcpu(count).map(Some),
+        }
+    }
+
+    pub fn bool(&self, key: &str, default: bool) -> Result<bool, AgentError> {
+        match self.0.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(AgentError::inval(format!("{key}: true or false"))),
+        }
+    }
+
+    pub fn str(&self, key: &str) -> Result<&str, AgentError> {
+        self.0.get(key).and_then(Value::as_str).ok_or_else(|| AgentError::inval(format!("{key}: a string")))
+    }
+
+    pub fn u64_list(&self, key: &str) -> Result<Vec<u64>, AgentError> {
+        match self.0.get(key) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => {
+                items.iter().map(|v| number(v).ok_or_else(|| AgentError::inval(format!("{key}: numbers")))).collect()
+            }
+            Some(_) => Err(AgentError::inval(format!("{key}: an array of numbers"))),
+        }
+    }
+}
+
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn from_hex(text: &str) -> Result<Vec<u8>, AgentError> {
+    if !text.len().is_multiple_of(2) {
+        return Err(AgentError::inval("data: an even number of hex digits"));
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            text.get(i..i + 2)
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+                .ok_or_else(|| AgentError::inval("data: hex digits only"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_keeps_its_id_and_args() {
+        let parsed = parse_line(br#"{"id": 7, "cmd": "read-memory", "args": {"gpa": "0x1000", "size": 8}}"#);
+        let Ok(Incoming::Command { id, cmd, args }) = parsed else { panic!("{parsed:?}") };
+        assert_eq!((id, cmd.as_str()), (json!(7), "read-memory"));
+        assert_eq!(Args(&args).u64("gpa"), Ok(0x1000));
+        assert_eq!(Args(&args).u64("size"), Ok(8));
+    }
+
+    #[test]
+    fn a_reply_names_its_event_and_action() {
+        assert_eq!(
+            parse_line(br#"{"reply": 3, "action": "deny"}"#),
+            Ok(Incoming::Reply { seq: 3, action: Action::Deny })
+        );
+        assert!(parse_line(br#"{"reply": 3, "action": "maybe"}"#).is_err());
+    }
+
+    #[test]
+    fn malformed_messages_are_errors_with_the_id_when_there_is_one() {
+        assert_eq!(parse_line(b"{not json").map_err(|e| e.1.errno), Err("EINVAL"));
+        assert_eq!(parse_line(b"[1,2]").map_err(|e| e.1.errno), Err("EINVAL"));
+        assert_eq!(parse_line(br#"{"cmd": "hello"}"#).map_err(|e| e.0), Err(Value::Null));
+        assert_eq!(parse_line(br#"{"id": "a", "args": {}}"#).map_err(|e| e.0), Err(json!("a")));
+        assert_eq!(parse_line(br#"{"id": 1, "cmd": "x", "args": 5}"#).map_err(|e| e.0), Err(json!(1)));
+    }
+
+    #[test]
+    fn hex_round_trips_and_rejects_garbage() {
+        assert_eq!(from_hex(&to_hex(&[0, 0xab, 0xff])), Ok(vec![0, 0xab, 0xff]));
+        assert!(from_hex("abc").is_err());
+        assert!(from_hex("zz").is_err());
+        assert!(from_hex("é1").is_err());
+    }
+}
