@@ -25,6 +25,8 @@ pub enum AcpiError {
     TooLarge { needed: u64, available: u64 },
     #[error("cannot write ACPI tables to guest memory")]
     GuestMemory(#[source] vm_memory::GuestMemoryError),
+    #[error("MP table")]
+    MpTable(#[from] crate::boot::mptable::MpTableError),
 }
 
 /// One table and where it goes.
@@ -169,11 +171,14 @@ pub fn build_acpi_tables(num_cpus: u8) -> Result<Vec<PlacedTable>, AcpiError> {
     ])
 }
 
-/// Writes the tables into guest memory; returns the RSDP address.
+/// Writes the tables into guest memory, and the MP table that describes the
+/// same machine to kernels without ACPI (`boot/mptable.rs`); returns the
+/// RSDP address.
 pub fn create_acpi_tables(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<GuestAddress, AcpiError> {
     for table in build_acpi_tables(num_cpus)? {
         mem.write_slice(&table.bytes, GuestAddress(table.addr)).map_err(AcpiError::GuestMemory)?;
     }
+    crate::boot::mptable::write_mptable(mem, num_cpus)?;
     Ok(GuestAddress(RSDP_START))
 }
 

@@ -31,7 +31,13 @@ pub const LEGACY_HOLE_START: u64 = 0xa0000;
 pub const LEGACY_HOLE_END: u64 = 0x10_0000;
 /// ACPI tables live in the reserved legacy hole; RSDP first.
 pub const RSDP_START: u64 = 0xe0000;
-pub const ACPI_TABLES_END: u64 = 0x10_0000;
+pub const ACPI_TABLES_END: u64 = 0xf0000;
+/// MP table (`boot/mptable.rs`): the floating pointer at the start of the
+/// EBDA, where Linux looks second, and the configuration table after the
+/// ACPI tables.
+pub const MPTABLE_FLOATING_START: u64 = EBDA_START;
+pub const MPTABLE_CONFIG_START: u64 = 0xf0000;
+pub const MPTABLE_CONFIG_END: u64 = 0x10_0000;
 /// Where kernels are loaded.
 pub const HIGH_RAM_START: u64 = 0x10_0000;
 /// RAM below 4 GiB ends here; the rest of RAM starts at `RAM_64BIT_START`.

@@ -3,6 +3,7 @@
 
 mod e820;
 mod linux;
+pub mod mptable;
 mod pvh;
 
 use std::fs::File;
