@@ -3,15 +3,21 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::config::VmmOptions;
 use vmm::config::cli::CliArgs;
+use vmm::config::{ApiSocketSpec, VmmOptions};
 
 fn main() -> ExitCode {
+    // Before any thread starts: only the signal thread will take SIGTERM and SIGINT.
+    if let Err(e) = vmm::signals::block_termination_signals() {
+        eprintln!("hekivisor: cannot block SIGTERM and SIGINT: {e}");
+        return ExitCode::FAILURE;
+    }
     let args = CliArgs::parse();
     let options = match args.into_options() {
         Ok(options) => options,
         Err(e) => return fail(&e),
     };
+    vmm::seccomp::set_mode(options.seccomp);
     if let Err(e) = init_logging(&options) {
         eprintln!("hekivisor: cannot open log file: {e}");
         return ExitCode::FAILURE;
@@ -34,7 +40,16 @@ fn run(options: VmmOptions) -> Result<i32, Box<dyn std::error::Error>> {
     if options.vm.is_none() && api_listener.is_none() {
         return Err("nothing to do: give --kernel to boot a VM, or --api-socket to wait for one (see --help)".into());
     }
-    Ok(vmm::run(vmm::VmmRunConfig { vm: options.vm, api_listener, no_reboot: options.no_reboot })?)
+    let bound_path = match (&api_listener, &options.api_socket) {
+        (Some(_), Some(ApiSocketSpec::Path(path))) => Some(path.clone()),
+        _ => None,
+    };
+    let result = vmm::run(vmm::VmmRunConfig { vm: options.vm, api_listener, no_reboot: options.no_reboot });
+    // The socket we created goes with us (an inherited fd is the parent's business).
+    if let Some(path) = bound_path {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(result?)
 }
 
 /// Prints the error and its causes on one line, as `hekivisor: ...`.

@@ -59,12 +59,24 @@ pub struct Monitor {
 impl Monitor {
     /// Starts a writer thread for `out`; timestamps count from `start`.
     pub fn new<W: Write + Send + 'static>(out: W, start: Instant, capacity: usize) -> std::io::Result<Monitor> {
+        Monitor::with_thread_start(out, start, capacity, || {})
+    }
+
+    /// As `new`; the writer thread first runs `on_start` (the VMM installs
+    /// the thread's seccomp filter there).
+    pub fn with_thread_start<W: Write + Send + 'static>(
+        out: W,
+        start: Instant,
+        capacity: usize,
+        on_start: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<Monitor> {
         let (queue, rx) = sync_channel(capacity);
         let dropped = Arc::new(AtomicU64::new(0));
         let writer_dropped = dropped.clone();
-        std::thread::Builder::new()
-            .name("event-monitor".into())
-            .spawn(move || write_events(rx, out, start, &writer_dropped))?;
+        std::thread::Builder::new().name("event-monitor".into()).spawn(move || {
+            on_start();
+            write_events(rx, out, start, &writer_dropped)
+        })?;
         Ok(Monitor { start, queue, dropped })
     }
 
@@ -159,10 +171,18 @@ pub fn start_clock() -> Instant {
 /// Starts the process-wide event stream to `out` (a `File`, usually).
 /// Only the first call takes effect; returns whether this one did.
 pub fn set_monitor<W: Write + Send + 'static>(out: W) -> bool {
+    set_monitor_with_thread_start(out, || {})
+}
+
+/// As `set_monitor`; the writer thread first runs `on_start`.
+pub fn set_monitor_with_thread_start<W: Write + Send + 'static>(
+    out: W,
+    on_start: impl FnOnce() + Send + 'static,
+) -> bool {
     if MONITOR.get().is_some() {
         return false;
     }
-    match Monitor::new(out, start_clock(), QUEUE_CAPACITY) {
+    match Monitor::with_thread_start(out, start_clock(), QUEUE_CAPACITY, on_start) {
         Ok(monitor) => MONITOR.set(monitor).is_ok(),
         Err(_) => false,
     }

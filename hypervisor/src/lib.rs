@@ -7,6 +7,7 @@
 mod cpuid;
 mod error;
 mod exit;
+pub mod ioctl_numbers;
 mod regs;
 mod system;
 mod vcpu;

@@ -31,6 +31,8 @@ pub fn start_event_monitor(spec: &EventMonitorSpec) -> std::io::Result<()> {
             unsafe { File::from_raw_fd(*fd) }
         }
     };
-    event_monitor::set_monitor(Box::new(file));
+    event_monitor::set_monitor_with_thread_start(Box::new(file), || {
+        crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::EventMonitor)
+    });
     Ok(())
 }

@@ -14,6 +14,8 @@ pub mod introspection;
 pub mod layout;
 pub mod memory;
 pub mod run_control;
+pub mod seccomp;
+pub mod signals;
 pub mod vm;
 pub mod vmm;
 

@@ -236,6 +236,7 @@ impl Vm {
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id()))
                 .spawn(move || {
+                    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Vcpu);
                     run_vcpu(vcpu, ctx);
                     done.fetch_add(1, Ordering::Release);
                     starter.unpark();
@@ -258,6 +259,7 @@ impl Vm {
             let checker = std::thread::Builder::new()
                 .name("heki-cr-check".into())
                 .spawn(move || {
+                    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::CrCheck);
                     // Kick vCPUs out of KVM_RUN so each checks its pinned CR bits;
                     // the stop event ends the wait at once, whatever the interval.
                     while !wait_readable(&stop, interval) {

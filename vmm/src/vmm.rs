@@ -37,6 +37,8 @@ pub enum VmmError {
     GuestFailed(String),
     #[error(transparent)]
     Introspection(#[from] crate::introspection::IntrospectionError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Lifecycle state, spelled as Cloud Hypervisor's `vm.info` does.
@@ -72,6 +74,7 @@ pub struct VmmRunConfig {
 const TOKEN_VCPU: u64 = 1;
 const TOKEN_API: u64 = 2;
 const TOKEN_STDIN: u64 = 3;
+const TOKEN_SIGNAL: u64 = 4;
 
 pub(crate) struct Vmm {
     pub(crate) hv: Hypervisor,
@@ -96,6 +99,8 @@ pub(crate) struct Vmm {
 
 /// Runs the VMM until the guest powers off (CLI) or `vmm.shutdown` (API).
 pub fn run(run_config: VmmRunConfig) -> Result<i32, VmmError> {
+    // The VMM thread's filter also bounds every thread started from here on.
+    crate::seccomp::apply(crate::seccomp::ThreadKind::Vmm)?;
     let hv = Hypervisor::new()?;
     let (vcpu_tx, vcpu_rx) = channel();
     let (_stdin_tx, stdin_rx) = channel();
@@ -125,6 +130,10 @@ pub fn run(run_config: VmmRunConfig) -> Result<i32, VmmError> {
     };
     watch(&vmm.vcpu_wake, TOKEN_VCPU)?;
     watch(&vmm.stdin_wake, TOKEN_STDIN)?;
+    let signal_wake = new_fd()?;
+    watch(&signal_wake, TOKEN_SIGNAL)?;
+    crate::signals::start_signal_thread(signal_wake.try_clone().map_err(VmmError::EventLoop)?)
+        .map_err(VmmError::EventLoop)?;
     let api = match run_config.api_listener {
         Some(listener) => {
             let (api, wake) = crate::api_handler::start(listener)?;
@@ -160,6 +169,13 @@ pub fn run(run_config: VmmRunConfig) -> Result<i32, VmmError> {
                             vm.serial_input(&bytes);
                         }
                     }
+                }
+                TOKEN_SIGNAL => {
+                    let _ = signal_wake.read();
+                    let signal = crate::signals::received().map_or("signal", crate::signals::name);
+                    log::info!("{signal}: stopping the VM");
+                    crate::events::emit("vmm", "signal", &[("signal", signal.to_string())]);
+                    vmm.exit_status = Some(Ok(0));
                 }
                 TOKEN_API => {
                     if let Some((api, wake)) = &api {
@@ -385,6 +401,7 @@ impl Vmm {
         };
         self.stdin_forwarding = true;
         let spawned = std::thread::Builder::new().name("stdin".into()).spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Stdin);
             let mut buf = [0u8; 256];
             let mut stdin = std::io::stdin();
             while let Ok(n) = stdin.read(&mut buf) {

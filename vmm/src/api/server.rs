@@ -87,6 +87,7 @@ pub fn start_api_server_with(
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let shared = Arc::new(Shared { to_vmm, wake_vmm, limits });
     std::thread::Builder::new().name("http-api".into()).spawn(move || {
+        crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Api);
         runtime.block_on(async move {
             let listener = match tokio::net::UnixListener::from_std(listener) {
                 Ok(l) => l,

@@ -87,6 +87,11 @@ pub struct CliArgs {
     #[arg(long)]
     pub no_reboot: bool,
 
+    /// seccomp filters, one allow-list per kind of thread: true (a system call outside
+    /// the list kills the process), false, or log (allowed, and logged by the kernel).
+    #[arg(long, value_name = "true|false|log", default_value = "true")]
+    pub seccomp: String,
+
     /// More logging: -v info, -vv debug, -vvv trace (default: warnings).
     #[arg(short = 'v', action = ArgAction::Count)]
     pub verbose: u8,
@@ -121,6 +126,7 @@ pub struct VmmOptions {
     pub no_reboot: bool,
     pub verbosity: u8,
     pub log_file: Option<PathBuf>,
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 impl CliArgs {
@@ -186,6 +192,7 @@ impl CliArgs {
             no_reboot: self.no_reboot,
             verbosity: self.verbose,
             log_file: self.log_file,
+            seccomp: self.seccomp.parse().map_err(|message| ConfigError::Cli { option: "--seccomp", message })?,
         })
     }
 }

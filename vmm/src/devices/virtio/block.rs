@@ -44,6 +44,16 @@ impl Block {
     }
 
     /// Runs one request; returns (status, bytes written to the guest).
+    /// Called when the VM is torn down (shutdown, signal, reboot): what the
+    /// guest wrote reaches the disk before the VMM goes on or exits.
+    fn flush_on_teardown(&self) {
+        if !self.readonly
+            && let Err(e) = self.file.sync_data()
+        {
+            log::warn!("{}: flush at teardown failed: {e}", self.id);
+        }
+    }
+
     fn execute(&mut self, kind: u32, sector: u64, data: &[Descriptor], dma: &DeviceMemory) -> (u8, u32) {
         let total = data.iter().map(|d| u64::from(d.len())).fold(0u64, u64::saturating_add);
         // The byte offset where the transfer starts, if it fits the disk.
@@ -94,6 +104,12 @@ impl Block {
 }
 
 /// The first `len` bytes of the reusable buffer (length bounded by MAX_TRANSFER).
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.flush_on_teardown();
+    }
+}
+
 fn scratch(buffer: &mut Vec<u8>, len: u32) -> &mut [u8] {
     let len = len as usize;
     if buffer.len() < len {

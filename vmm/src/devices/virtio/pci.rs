@@ -283,6 +283,7 @@ impl VirtioPci {
         let notify = self.notify.iter().map(EventFd::try_clone).collect::<std::io::Result<Vec<_>>>()?;
         let extra = self.lock().device.extra_fd();
         std::thread::Builder::new().name(name).spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::DeviceWorker);
             let mut fds: Vec<libc::pollfd> = notify
                 .iter()
                 .chain(std::iter::once(&stop))

@@ -9,6 +9,12 @@ use std::os::unix::fs::OpenOptionsExt;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `TUNGETIFF`: the name of a TAP passed in as a file descriptor.
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+
+/// The ioctls that open and configure a TAP (for the VMM thread's seccomp filter).
+pub const SETUP_IOCTLS: [libc::c_ulong; 6] =
+    [TUNSETIFF, TUNGETIFF, libc::SIOCSIFADDR, libc::SIOCSIFNETMASK, libc::SIOCGIFFLAGS, libc::SIOCSIFFLAGS];
 
 /// `struct ifreq` with the fields we use.
 #[repr(C)]
@@ -39,6 +45,15 @@ fn ioctl(fd: libc::c_int, request: libc::c_ulong, req: &mut IfReq) -> std::io::R
     if ret < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
+fn set_nonblocking(file: &File) -> std::io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL only read and set the descriptor's status flags.
+    let rc = unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 { flags } else { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) }
+    };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
 fn sockaddr_in(addr: Ipv4Addr) -> [u8; 24] {
     let mut data = [0u8; 24];
     data[0..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
@@ -56,6 +71,35 @@ impl Tap {
         // The kernel fills in the final name (patterns such as "hktap%d").
         let len = req.name.iter().position(|b| *b == 0).unwrap_or(req.name.len());
         Ok(Tap { file, name: String::from_utf8_lossy(&req.name[..len]).into_owned() })
+    }
+
+    /// Adopts a TAP that was opened beforehand and passed in (`--net fd=N`),
+    /// so the VMM needs no `CAP_NET_ADMIN`. The descriptor must be a TAP
+    /// opened with `IFF_TAP | IFF_NO_PI`; it is made non-blocking.
+    pub fn from_fd(fd: OwnedFd) -> std::io::Result<Tap> {
+        let file = File::from(fd);
+        let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: [0; 24] };
+        ioctl(file.as_raw_fd(), TUNGETIFF, &mut req).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("not a TAP device (TUNGETIFF: {e})"))
+        })?;
+        let flags = i16::from_ne_bytes([req.data[0], req.data[1]]);
+        if flags & IFF_TAP == 0 || flags & IFF_NO_PI == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the TAP must be opened with IFF_TAP | IFF_NO_PI",
+            ));
+        }
+        set_nonblocking(&file)?;
+        let len = req.name.iter().position(|b| *b == 0).unwrap_or(req.name.len());
+        Ok(Tap { file, name: String::from_utf8_lossy(&req.name[..len]).into_owned() })
+    }
+
+    /// A stand-in moving frames over any datagram descriptor (one end of a
+    /// `socketpair`): for fuzzing and tests of virtio-net without a TAP.
+    pub fn from_datagram_socket(fd: OwnedFd, name: &str) -> std::io::Result<Tap> {
+        let file = File::from(fd);
+        set_nonblocking(&file)?;
+        Ok(Tap { file, name: name.to_string() })
     }
 
     /// Gives the host side an address and brings the link up.
