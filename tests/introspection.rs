@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use api_client::introspect::{Action, Agent, Error, to_hex};
+use api_client::introspect::{Action, Agent, Error, from_hex, to_hex};
 use serde_json::{Value, json};
 
 const MSR_SYSENTER_ESP: u64 = 0x175;
@@ -104,6 +104,8 @@ struct Addresses {
     watched: u64,
     mailbox: u64,
     locked: u64,
+    /// `bp_target`, a function the guest calls (identity-mapped: GVA = GPA).
+    bp: u64,
 }
 
 fn addresses(vm: &Vm) -> Addresses {
@@ -112,7 +114,7 @@ fn addresses(vm: &Vm) -> Addresses {
         let text = line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{name}="))).expect("field");
         u64::from_str_radix(text, 16).expect("hex")
     };
-    Addresses { watched: field("watched"), mailbox: field("mailbox"), locked: field("locked") }
+    Addresses { watched: field("watched"), mailbox: field("mailbox"), locked: field("locked"), bp: field("bp") }
 }
 
 fn go(agent: &mut Agent, at: &Addresses, step: u64) {
@@ -401,6 +403,147 @@ fn single_step_reports_each_instruction_until_turned_off() {
     go(&mut agent, &at, 3);
     vm.line("done");
     vm.wait_exit();
+}
+
+fn read_u64(agent: &mut Agent, gpa: u64) -> u64 {
+    let mem = agent.call("read-memory", json!({"gpa": gpa, "size": 8})).expect("read");
+    let bytes = from_hex(mem["data"].as_str().expect("hex")).expect("hex");
+    u64::from_le_bytes(bytes.try_into().expect("8 bytes"))
+}
+
+/// The value of `name=HEX` in a serial line.
+fn hex_field(line: &str, name: &str) -> u64 {
+    let text = line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{name}="))).expect("field");
+    u64::from_str_radix(text, 16).expect("hex")
+}
+
+#[test]
+fn set_registers_changes_what_the_guest_sees_and_inject_delivers_an_exception() {
+    require_kvm!();
+    let mut vm = Vm::start("introspect-regs", &[], "regs");
+    let mut agent = vm.connect();
+    let at = addresses(&vm);
+    // The guest spins on RAX once it has set mailbox[1].
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read_u64(&mut agent, at.mailbox + 8) != 1 {
+        assert!(Instant::now() < deadline, "the guest never reached its register loop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    agent.call("pause", json!({})).expect("pause");
+    let before = agent.call("get-registers", json!({"vcpu": 0})).expect("regs");
+    assert_eq!((before["rax"].as_u64(), before["rbx"].as_u64()), (Some(0), Some(0x77)), "{before}");
+    let after = agent
+        .call("set-registers", json!({"vcpu": 0, "regs": {"rax": "0x5a5a", "rbx": 0x1234}}))
+        .expect("set-registers");
+    assert_eq!((after["rax"].as_u64(), after["rbx"].as_u64()), (Some(0x5a5a), Some(0x1234)));
+    assert_eq!(after["rip"], before["rip"], "other registers unchanged");
+    assert_eq!(refused(agent.call("set-registers", json!({"vcpu": 0, "regs": {"cr3": 0}}))), "EINVAL");
+    agent.call("resume", json!({})).expect("resume");
+    assert_eq!(vm.line("regs "), "regs rax=5a5a rbx=1234", "the guest saw the agent's registers");
+
+    // An injected #GP with an error code reaches the guest's handler, at the loop it waits in.
+    vm.line("step 2");
+    assert_eq!(refused(agent.call("inject", json!({"vcpu": 0, "vector": 32}))), "EINVAL");
+    agent.call("inject", json!({"vcpu": 0, "vector": 13, "error_code": "0x18"})).expect("inject");
+    let line = vm.line("EXCEPTION ");
+    assert!(line.starts_with("EXCEPTION vec=13 err=18 "), "{line}");
+    assert!(!vm.serial().contains("no exception"));
+    assert!(vm.wait_exit().success());
+}
+
+#[test]
+fn doorbell_calls_become_hypercall_events_with_heki_on() {
+    require_kvm!();
+    let mut vm = Vm::start("introspect-hypercall", &["--heki", "enabled=on,policy=deny"], "hypercall");
+    let mut agent = vm.connect();
+    let at = addresses(&vm);
+    // The hello at connect may predate the VM; asked now, it knows heki is on.
+    let hello = agent.call("hello", json!({})).expect("hello");
+    assert_eq!(hello["capabilities"]["hypercall"]["status"], "enforced", "{hello}");
+    assert_eq!(agent.call("track-hypercall", json!({})).expect("track")["hypercalls"], true);
+    go(&mut agent, &at, 1);
+    let first = sync_event(&mut agent);
+    assert_eq!(first["event"], "hypercall", "{first}");
+    assert_eq!((first["nr"].as_u64(), first["vcpu"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(first["args"], json!([0x11, 0x22, 0x33]));
+    agent.reply(seq(&first), Action::Deny).expect("reply");
+    let second = sync_event(&mut agent);
+    assert_eq!(second["event"], "hypercall");
+    assert!(seq(&second) > seq(&first));
+    agent.reply(seq(&second), Action::Continue).expect("reply");
+    // Denied: -EPERM; continued: heki's answer (the ABI version).
+    assert_eq!(vm.line("hypercall "), "hypercall first=-1 second=1");
+    vm.wait_exit();
+}
+
+#[test]
+fn cr_changes_are_reported_as_detected() {
+    require_kvm!();
+    let mut vm = Vm::start("introspect-cr", &[], "cr");
+    let mut agent = vm.connect();
+    let at = addresses(&vm);
+    assert_eq!(agent.call("track-cr", json!({})).expect("track")["mode"], "detected");
+    go(&mut agent, &at, 1);
+    let cr4 = hex_field(&vm.line("cr restored "), "cr4");
+    let mut changes = Vec::new();
+    while changes.len() < 2 {
+        let event = agent.next_event(Some(Duration::from_secs(10))).expect("socket").expect("a cr event");
+        if event["event"] != "cr" {
+            continue;
+        }
+        assert_eq!((event["detected"].as_bool(), event.get("reply_required")), (Some(true), None), "{event}");
+        assert_eq!(event["register"], "cr4", "{event}");
+        changes.push((event["old"].as_u64().expect("old"), event["new"].as_u64().expect("new")));
+    }
+    assert_eq!(changes, [(cr4, cr4 ^ 4), (cr4 ^ 4, cr4)], "TSD set, then cleared");
+    agent.call("track-cr", json!({"enable": false})).expect("untrack");
+    go(&mut agent, &at, 2);
+    vm.wait_exit();
+}
+
+#[test]
+fn a_hardware_breakpoint_reports_each_hit_until_removed() {
+    require_kvm!();
+    let mut vm = Vm::start("introspect-bp", &[], "bp");
+    let mut agent = vm.connect();
+    let at = addresses(&vm);
+    assert_eq!(refused(agent.call("breakpoints", json!({"vcpu": 0, "addresses": [1, 2, 3, 4, 5]}))), "EINVAL");
+    agent.call("breakpoints", json!({"vcpu": 0, "addresses": [at.bp]})).expect("breakpoints");
+    go(&mut agent, &at, 1);
+    for _ in 0..2 {
+        let event = sync_event(&mut agent);
+        assert_eq!((event["event"].as_str(), event["pc"].as_u64()), (Some("breakpoint"), Some(at.bp)), "{event}");
+        assert_eq!(event["dr6"].as_u64().map(|d| d & 1), Some(1), "breakpoint 0 hit: {event}");
+        agent.reply(seq(&event), Action::Continue).expect("reply");
+    }
+    assert_eq!(vm.line("bp first="), "bp first=2", "each hit ran once");
+    agent.call("breakpoints", json!({"vcpu": 0, "addresses": []})).expect("remove");
+    assert_eq!(agent.call("tracking", json!({})).expect("tracking")["debug"], json!([]));
+    go(&mut agent, &at, 2);
+    assert_eq!(vm.line("bp done "), "bp done hits=3");
+    // The guest powers off after its line: the connection may close meanwhile.
+    while let Ok(Some(event)) = agent.next_event(Some(Duration::from_millis(300))) {
+        assert_ne!(event["event"], "breakpoint", "removed, yet {event}");
+    }
+    vm.wait_exit();
+}
+
+#[test]
+fn a_crash_reply_stops_the_vm() {
+    require_kvm!();
+    let mut vm = Vm::start("introspect-crash", &[], "agent");
+    let mut agent = vm.connect();
+    let at = addresses(&vm);
+    agent.call("track-write", json!({"gpa": at.watched})).expect("track");
+    go(&mut agent, &at, 1);
+    let event = sync_event(&mut agent);
+    assert_eq!(event["gpa"].as_u64(), Some(at.watched));
+    agent.reply(seq(&event), Action::Crash).expect("reply");
+    let status = vm.wait_exit();
+    assert_eq!(status.code(), Some(1), "the VMM fails: {}", vm.stderr());
+    assert!(!vm.serial().contains("writes "), "the guest went no further");
+    assert!(vm.stderr().contains("crash"), "{}", vm.stderr());
+    assert!(vm.events().iter().any(|e| e["source"] == "introspection" && e["event"] == "crash"));
 }
 
 /// Benchmark (run with `--ignored`): a tracked guest write whose event this

@@ -23,8 +23,58 @@ static inline u64 rdtsc(void) {
 
 static u64 peek(const void *p) { return *(volatile const u64 *)p; }
 
+/* A hardware-breakpoint target: its address is in the ready line. */
+static volatile u64 bp_hits;
+static void __attribute__((noinline)) bp_target(void) { bp_hits++; }
+
 void guest_main(void) {
-    printf("ready watched=%lx mailbox=%lx locked=%lx\n", (u64)watched, (u64)mailbox, (u64)locked);
+    printf("ready watched=%lx mailbox=%lx locked=%lx bp=%lx\n", (u64)watched, (u64)mailbox, (u64)locked,
+           (u64)bp_target);
+    if (cmdline_has("regs")) {
+        /* Spins until the agent sets RAX to 0x5a5a; mailbox[1] says the loop has started. */
+        u64 rax, rbx = 0x77;
+        __asm__ volatile("xor %%eax, %%eax\n\t"
+                         "movq $1, %[flag]\n\t"
+                         "1: pause\n\t"
+                         "cmp $0x5a5a, %%rax\n\t"
+                         "jne 1b"
+                         : "=&a"(rax), "+b"(rbx), [flag] "=m"(mailbox[1])
+                         :
+                         : "memory");
+        printf("regs rax=%lx rbx=%lx\n", rax, rbx);
+        /* The agent injects an exception here: the handler prints it and powers off. */
+        step(2);
+        printf("no exception\n");
+        return;
+    }
+    if (cmdline_has("hypercall")) {
+        step(1);
+        s64 first = heki_call(HEKI_VERSION, 0x11, 0x22, 0x33);
+        s64 second = heki_call(HEKI_VERSION, 0x11, 0x22, 0x33);
+        printf("hypercall first=%ld second=%ld\n", first, second);
+        return;
+    }
+    if (cmdline_has("cr")) {
+        step(1);
+        printf("cr baseline\n");
+        u64 cr4 = read_cr4();
+        write_cr4(cr4 ^ (1UL << 2)); /* CR4.TSD: harmless here */
+        printf("cr toggled\n");
+        write_cr4(cr4);
+        printf("cr restored cr4=%lx\n", cr4);
+        step(2);
+        return;
+    }
+    if (cmdline_has("bp")) {
+        step(1);
+        bp_target();
+        bp_target();
+        printf("bp first=%lu\n", bp_hits);
+        step(2);
+        bp_target();
+        printf("bp done hits=%lu\n", bp_hits);
+        return;
+    }
     if (cmdline_has("bench")) {
         /* A tracked write answered `continue` against a plain MMIO exit, in one run. */
         step(1);

@@ -41,6 +41,11 @@ struct SlotState {
     parked: bool,
     /// Debug settings to apply before the next entry.
     debug: Option<(bool, Vec<u64>)>,
+    /// The debug settings in force on the vCPU (single-step, breakpoints).
+    applied: (bool, Vec<u64>),
+    /// Stepping over a breakpoint just answered: breakpoints are off for
+    /// one single step, then `applied` is put back.
+    stepping_over: bool,
     /// CR0, CR3, CR4 last seen (CR tracking).
     crs: Option<[u64; 3]>,
 }
@@ -56,6 +61,9 @@ impl VcpuSlot {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
+
+/// DR6.BS: the debug exit is a single step.
+const DR6_SINGLE_STEP: u64 = 1 << 14;
 
 /// What the vCPU loop does after `intercept`.
 pub enum Intercepted {
@@ -152,10 +160,12 @@ impl AgentLink {
         mut state: MutexGuard<'a, SlotState>,
         vcpu: &mut Vcpu,
     ) -> MutexGuard<'a, SlotState> {
-        if let Some((single_step, breakpoints)) = state.debug.take()
-            && let Err(e) = vcpu.set_guest_debug(single_step, &breakpoints)
-        {
-            log::warn!("introspection: vCPU {}: {e}", vcpu.id());
+        if let Some((single_step, breakpoints)) = state.debug.take() {
+            if let Err(e) = vcpu.set_guest_debug(single_step, &breakpoints) {
+                log::warn!("introspection: vCPU {}: {e}", vcpu.id());
+            }
+            state.applied = (single_step, breakpoints);
+            state.stepping_over = false;
         }
         if let Some(request) = state.request.take() {
             drop(state);
@@ -197,15 +207,53 @@ impl AgentLink {
             }
             ExitOutcome::Debug { pc, dr6 } => {
                 drop(tracking);
-                let kind = if dr6 & 0x4000 != 0 { "single-step" } else { "breakpoint" };
+                let single_step = dr6 & DR6_SINGLE_STEP != 0;
+                if single_step && self.end_step_over(vcpu) {
+                    return Intercepted::Handled;
+                }
+                let kind = if single_step { "single-step" } else { "breakpoint" };
                 let event = json!({"event": kind, "dr6": dr6, "pc": pc});
                 match self.raise(vcpu, event) {
                     Some(Action::Crash) => self.crash(vcpu),
-                    _ => Intercepted::Handled,
+                    _ => {
+                        if !single_step {
+                            self.step_over(vcpu);
+                        }
+                        Intercepted::Handled
+                    }
                 }
             }
             other => Intercepted::Pass(other),
         }
+    }
+
+    /// An execute breakpoint is a fault: RIP still points at the
+    /// instruction, and re-entering would hit it again at once. As a
+    /// debugger does, run that one instruction with breakpoints off and
+    /// single-step on (RFLAGS.RF would do it on hardware, but not every KVM
+    /// honours it), then put the settings back (`end_step_over`).
+    fn step_over(&self, vcpu: &Vcpu) {
+        let Some(slot) = self.slot(vcpu.id()) else { return };
+        let mut state = slot.lock();
+        match vcpu.set_guest_debug(true, &[]) {
+            Ok(()) => state.stepping_over = true,
+            Err(e) => log::warn!("introspection: vCPU {}: cannot step past a breakpoint: {e}", vcpu.id()),
+        }
+    }
+
+    /// The single step of a step-over is done: the agent's settings return.
+    /// True when the step is ours alone (the agent does not single-step).
+    fn end_step_over(&self, vcpu: &Vcpu) -> bool {
+        let Some(slot) = self.slot(vcpu.id()) else { return false };
+        let mut state = slot.lock();
+        if !std::mem::replace(&mut state.stepping_over, false) {
+            return false;
+        }
+        let (single_step, breakpoints) = &state.applied;
+        if let Err(e) = vcpu.set_guest_debug(*single_step, breakpoints) {
+            log::warn!("introspection: vCPU {}: {e}", vcpu.id());
+        }
+        !*single_step
     }
 
     fn crash(&self, vcpu: &Vcpu) -> Intercepted {
