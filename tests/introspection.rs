@@ -546,6 +546,76 @@ fn a_crash_reply_stops_the_vm() {
     assert!(vm.events().iter().any(|e| e["source"] == "introspection" && e["event"] == "crash"));
 }
 
+/// Runs `hk-introspect --socket SOCK ARGS`: (success, stdout, stderr). The
+/// previous run's disconnect may still be undoing its tracking when this one
+/// connects (one agent at a time), so `EBUSY` is retried.
+fn hk_introspect(vm: &Vm, args: &[&str]) -> (bool, String, String) {
+    for _ in 0..50 {
+        let out = Command::new(env!("CARGO_BIN_EXE_hk-introspect"))
+            .arg("--socket")
+            .arg(&vm.socket)
+            .args(args)
+            .output()
+            .expect("run hk-introspect");
+        let (stdout, stderr) =
+            (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+        if !stderr.contains("EBUSY") {
+            return (out.status.success(), stdout, stderr);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("hk-introspect: the socket stayed busy");
+}
+
+fn json_line(text: &str) -> Value {
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not a JSON line ({e}): {text}"))
+}
+
+#[test]
+fn hk_introspect_reads_state_and_watches_a_page_with_a_chosen_reply() {
+    require_kvm!();
+    let mut vm = Vm::start("introspect-cli", &[], "cli");
+    let at = addresses(&vm);
+    let hex = |n: u64| format!("{n:#x}");
+
+    let (ok, out, err) = hk_introspect(&vm, &["hello"]);
+    assert!(ok, "{err}");
+    assert_eq!(json_line(&out)["vm"]["vcpus"], 1);
+    let (ok, out, err) = hk_introspect(&vm, &["regs", "--vcpu", "0"]);
+    assert!(ok, "{err}");
+    assert!(json_line(&out)["rip"].as_u64().is_some_and(|rip| rip >= 0x10_0000), "{out}");
+    let (ok, out, err) = hk_introspect(&vm, &["translate", &hex(at.watched + 0x18)]);
+    assert!(ok, "{err}");
+    assert_eq!(json_line(&out)["gpa"], at.watched + 0x18);
+    let (ok, out, err) = hk_introspect(&vm, &["read", &hex(at.bp), "4"]);
+    assert!(ok, "{err}");
+    assert_eq!(json_line(&out)["data"].as_str().map(str::len), Some(8), "{out}");
+    let (ok, _, err) = hk_introspect(&vm, &["read", "0xffffffffffff0000", "8"]);
+    assert!(!ok && err.contains("EFAULT"), "{err}");
+
+    // Watch the page the guest keeps writing, denying two writes: they never land.
+    let (ok, out, err) = hk_introspect(&vm, &["watch", &hex(at.watched), "--reply", "deny", "--count", "2"]);
+    assert!(ok, "{err}");
+    let events: Vec<Value> = out.lines().map(json_line).collect();
+    let writes: Vec<u64> = events
+        .iter()
+        .filter(|e| e["event"] == "write" && e["gpa"] == at.watched)
+        .map(|e| e["value"].as_u64().expect("value"))
+        .collect();
+    assert_eq!(writes.len(), 2, "{out}");
+    assert_eq!(writes[1], writes[0] + 1, "consecutive writes: {out}");
+    for value in &writes {
+        vm.line(&format!("denied v={value:x}"));
+    }
+    // Gone with the tool: the guest's writes land again, and the guest finishes.
+    let (ok, _, err) = hk_introspect(&vm, &["write", &hex(at.mailbox), &to_hex(&9u64.to_le_bytes())]);
+    assert!(ok, "{err}");
+    vm.line("cli done");
+    let denied = vm.serial().lines().filter(|l| l.starts_with("denied ")).count();
+    assert_eq!(denied, 2, "only the watched writes were denied:\n{}", vm.serial());
+    assert!(vm.wait_exit().success());
+}
+
 /// Benchmark (run with `--ignored`): a tracked guest write whose event this
 /// Rust agent answers `continue`, against a plain MMIO exit, in one run.
 #[test]

@@ -30,6 +30,18 @@ static void __attribute__((noinline)) bp_target(void) { bp_hits++; }
 void guest_main(void) {
     printf("ready watched=%lx mailbox=%lx locked=%lx bp=%lx\n", (u64)watched, (u64)mailbox, (u64)locked,
            (u64)bp_target);
+    if (cmdline_has("cli")) {
+        /* Writes watched[0] until mailbox[0] reaches 9, reading each write back. */
+        u64 v = 0;
+        while (mailbox[0] < 9) {
+            v++;
+            *(volatile u64 *)watched = v;
+            if (peek(watched) != v) printf("denied v=%lx\n", v);
+            for (int i = 0; i < 1000; i++) cpu_relax();
+        }
+        printf("cli done\n");
+        return;
+    }
     if (cmdline_has("regs")) {
         /* Spins until the agent sets RAX to 0x5a5a; mailbox[1] says the loop has started. */
         u64 rax, rbx = 0x77;
