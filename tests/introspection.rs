@@ -616,6 +616,108 @@ fn hk_introspect_reads_state_and_watches_a_page_with_a_chosen_reply() {
     assert!(vm.wait_exit().success());
 }
 
+#[path = "../examples/protect-idt-agent.rs"]
+#[allow(dead_code)]
+mod protect_idt_agent;
+
+/// A VM on `--serial tty`: the guest's lines on stdout, the test's keys on stdin.
+struct TtyVm {
+    child: Child,
+    output: std::sync::Arc<std::sync::Mutex<String>>,
+    socket: PathBuf,
+}
+
+impl TtyVm {
+    fn start(test: &str, cmdline: &str) -> TtyVm {
+        let dir = common::temp_dir(test);
+        let socket = dir.join("agent.sock");
+        let mut child = Command::new(common::hekivisor_bin())
+            .arg("--kernel")
+            .arg(common::guests::build("introspect"))
+            .args(["--cmdline", cmdline, "--serial", "tty"])
+            .arg("--introspection")
+            .arg(format!("path={},reply_timeout_ms=3000", socket.display()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("stderr.log")).expect("stderr file"))
+            .spawn()
+            .expect("start hekivisor");
+        let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut stdout = child.stdout.take().expect("stdout");
+        let sink = output.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut stdout, &mut buf) {
+                sink.lock().expect("output").push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        TtyVm { child, output, socket }
+    }
+
+    fn line(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = self.output.lock().expect("output").clone();
+            if let Some(line) = text.split_inclusive('\n').find(|l| l.starts_with(prefix) && l.ends_with('\n')) {
+                return line.trim_end().to_string();
+            }
+            assert!(Instant::now() < deadline, "no line '{prefix}'; output so far:\n{text}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn press_key(&mut self) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        std::io::Write::write_all(stdin, b"g").expect("key");
+        std::io::Write::flush(stdin).expect("flush");
+    }
+}
+
+impl Drop for TtyVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn without_an_agent_the_guest_overwrites_its_idt_and_data_page() {
+    require_kvm!();
+    // The control for the example agent's test: the same guest, nobody watching.
+    let mut vm = TtyVm::start("introspect-idt-control", "idt");
+    vm.line("idt base=");
+    vm.press_key();
+    assert_eq!(vm.line("idt-attack "), "idt-attack gate=overwritten data=overwritten");
+}
+
+#[test]
+fn the_example_agent_denies_writes_to_the_idt_and_a_data_page_with_heki_off() {
+    require_kvm!();
+    let mut vm = TtyVm::start("introspect-idt-agent", "idt");
+    let line = vm.line("idt base=");
+    let (idt_base, data) = (hex_field(&line, "base"), hex_field(&line, "data"));
+    let options = protect_idt_agent::Options { socket: vm.socket.clone(), pages: vec![data], vcpu: 0 };
+    let (log_tx, log) = std::sync::mpsc::channel();
+    let agent = std::thread::spawn(move || {
+        protect_idt_agent::run(&options, |entry| {
+            let _ = log_tx.send(entry);
+        })
+    });
+    let armed = log.recv_timeout(Duration::from_secs(30)).expect("the agent protects the IDT");
+    assert_eq!(armed["protecting"]["idt"]["base"], idt_base, "{armed}");
+    assert_eq!(armed["protecting"]["pages"], json!([data]));
+    vm.press_key();
+    assert_eq!(vm.line("idt-attack "), "idt-attack gate=intact data=intact");
+    let denied: Vec<Value> = (0..2).map(|_| log.recv_timeout(Duration::from_secs(10)).expect("a denial")).collect();
+    assert_eq!(denied[0]["denied"], "idt", "{denied:?}");
+    assert_eq!(denied[0]["gpa"], idt_base + 3 * 16, "the #BP gate");
+    assert_eq!(denied[0]["value"], 0xdead_beef_u64);
+    assert_eq!((denied[1]["denied"].as_str(), denied[1]["gpa"].as_u64()), (Some("page"), Some(data)));
+    // The guest powers off; the agent ends with the connection.
+    agent.join().expect("agent thread").expect("the agent ran to the end");
+    assert!(log.try_recv().is_err(), "nothing else was denied");
+}
+
 /// Benchmark (run with `--ignored`): a tracked guest write whose event this
 /// Rust agent answers `continue`, against a plain MMIO exit, in one run.
 #[test]

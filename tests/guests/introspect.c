@@ -8,6 +8,13 @@
 static u8 watched[4096] ALIGNED_PAGE;
 static u8 locked[4096] ALIGNED_PAGE;
 static volatile u64 mailbox[512] ALIGNED_PAGE;
+static u8 secret[4096] ALIGNED_PAGE = {0x5e};
+
+/* Waits for a byte on COM1 (the host's stdin with --serial tty). */
+static void wait_serial_byte(void) {
+    while (!(inb(0x3f8 + 5) & 1)) cpu_relax();
+    (void)inb(0x3f8);
+}
 
 static void step(u64 n) {
     printf("step %lu\n", n);
@@ -30,6 +37,21 @@ static void __attribute__((noinline)) bp_target(void) { bp_hits++; }
 void guest_main(void) {
     printf("ready watched=%lx mailbox=%lx locked=%lx bp=%lx\n", (u64)watched, (u64)mailbox, (u64)locked,
            (u64)bp_target);
+    if (cmdline_has("idt")) {
+        /* A rootkit's move: hook #BP in the IDT and change a data page. */
+        struct __attribute__((packed)) { u16 limit; u64 base; } idtr;
+        __asm__ volatile("sidt %0" : "=m"(idtr));
+        printf("idt base=%lx limit=%x data=%lx\n", idtr.base, (u32)idtr.limit, (u64)secret);
+        wait_serial_byte();
+        volatile u64 *gate = (volatile u64 *)(idtr.base + 3 * 16);
+        u64 before = gate[0];
+        gate[0] = 0xdeadbeefUL;
+        u64 after = gate[0];
+        *(volatile u64 *)secret = 0x4141;
+        printf("idt-attack gate=%s data=%s\n", after == before ? "intact" : "overwritten",
+               peek(secret) == 0x4141 ? "overwritten" : "intact");
+        return;
+    }
     if (cmdline_has("cli")) {
         /* Writes watched[0] until mailbox[0] reaches 9, reading each write back. */
         u64 v = 0;
