@@ -7,6 +7,7 @@ use vmm::config::cli::CliArgs;
 use vmm::config::{ApiSocketSpec, VmmOptions};
 
 fn main() -> ExitCode {
+    vmm::seccomp::prepare_process();
     // Before any thread starts: only the signal thread will take SIGTERM and SIGINT.
     if let Err(e) = vmm::signals::block_termination_signals() {
         eprintln!("hekivisor: cannot block SIGTERM and SIGINT: {e}");
@@ -44,7 +45,12 @@ fn run(options: VmmOptions) -> Result<i32, Box<dyn std::error::Error>> {
         (Some(_), Some(ApiSocketSpec::Path(path))) => Some(path.clone()),
         _ => None,
     };
-    let result = vmm::run(vmm::VmmRunConfig { vm: options.vm, api_listener, no_reboot: options.no_reboot });
+    let result = vmm::run(vmm::VmmRunConfig {
+        vm: options.vm,
+        api_listener,
+        no_reboot: options.no_reboot,
+        api_socket_path: bound_path.clone(),
+    });
     // The socket we created goes with us (an inherited fd is the parent's business).
     if let Some(path) = bound_path {
         let _ = std::fs::remove_file(path);

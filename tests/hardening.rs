@@ -225,3 +225,148 @@ fn wait_for_socket(socket: &Path) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// landlock on (`landlock_enable` over the API): the VM boots, its devices
+/// work and it reboots; a kernel the configuration did not name cannot be
+/// opened afterwards, but a path given in `landlock_rules` can.
+#[test]
+fn landlock_keeps_the_configured_files_and_refuses_any_other() {
+    require_kvm!();
+    let vmm = common::ApiProcess::start("hardening-landlock", &[]);
+    let dir = &vmm.dir;
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk).and_then(|f| f.set_len(1 << 20)).expect("disk image");
+    let kernel = guests::build("hardening");
+    // Same kernel, at paths landlock was not told about / was told about.
+    let other = dir.join("other");
+    let allowed = dir.join("allowed");
+    for d in [&other, &allowed] {
+        std::fs::create_dir_all(d).expect("dir");
+        std::fs::copy(&kernel, d.join("kernel.elf")).expect("copy kernel");
+    }
+    let config = |kernel: &Path| {
+        format!(
+            r#"{{"memory":{{"size":134217728}},"payload":{{"kernel":"{}","cmdline":"reboot=kbd"}},
+               "serial":{{"mode":"File","file":"{}"}},"console":{{"mode":"File","file":"{}"}},
+               "rng":{{"src":"/dev/urandom"}},"disks":[{{"path":"{}"}}],
+               "landlock_enable":true,"landlock_rules":[{{"path":"{}","access":"r"}}]}}"#,
+            kernel.display(),
+            vmm.serial.display(),
+            dir.join("console.log").display(),
+            disk.display(),
+            allowed.display()
+        )
+    };
+    let client = api_client::ApiClient::new(&vmm.socket);
+    let call = |method: &str, command: &str, body: Option<&str>| {
+        let r = client.request(method, command, body).expect("request");
+        (r.status, r.body)
+    };
+    assert_eq!(call("PUT", "vm.create", Some(&config(&kernel))).0, 204);
+    assert_eq!(call("PUT", "vm.boot", None).0, 204);
+    // Each boot runs rng, disk and console, then reboots: three rounds.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let serial = || std::fs::read_to_string(&vmm.serial).unwrap_or_default();
+    while serial().matches("devices done").count() < 3 {
+        assert!(Instant::now() < deadline, "reboots under landlock: {}", serial());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = serial();
+    assert!(s.contains("rng: 32") && s.contains("disk: write 0 flush 0") && s.contains("console: 0"), "{s}");
+    // A kernel the configuration never named: refused by landlock.
+    assert_eq!(call("PUT", "vm.shutdown", None).0, 204);
+    assert_eq!(call("PUT", "vm.delete", None).0, 204);
+    assert_eq!(call("PUT", "vm.create", Some(&config(&other.join("kernel.elf")))).0, 204);
+    let (status, body) = call("PUT", "vm.boot", None);
+    assert_ne!(status, 204, "a kernel outside the landlock rules booted");
+    assert!(body.contains("Permission denied") || body.contains("denied"), "{body}");
+    // One under a landlock_rules path: allowed.
+    assert_eq!(call("PUT", "vm.delete", None).0, 204);
+    assert_eq!(call("PUT", "vm.create", Some(&config(&allowed.join("kernel.elf")))).0, 204);
+    let (status, body) = call("PUT", "vm.boot", None);
+    assert_eq!(status, 204, "{body}");
+}
+
+/// Runs `ip ARGS...`; false if it failed (no iproute2, or no right to do it).
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip").args(args).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+const CAP_NET_ADMIN: libc::c_ulong = 12;
+
+/// Boots the virtio-net guest with `net` in a process without
+/// CAP_NET_ADMIN (dropped from its bounding set before exec), keeping `fd` open.
+fn run_without_cap_net_admin(test: &str, net: &str, fd: Option<libc::c_int>) -> common::Run {
+    use std::os::unix::process::CommandExt;
+    let dir = common::temp_dir(test);
+    let serial = dir.join("serial.log");
+    let mut command = Command::new(common::hekivisor_bin());
+    command
+        .arg("--kernel")
+        .arg(guests::build("virtio_net"))
+        .arg("--serial")
+        .arg(format!("file={}", serial.display()))
+        .args(["--net", net])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec the closure makes only async-signal-safe
+    // system calls (fcntl, prctl) on descriptors and state of the child.
+    unsafe {
+        command.pre_exec(move || {
+            if let Some(fd) = fd
+                && libc::fcntl(fd, libc::F_SETFD, 0) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_CAPBSET_DROP, CAP_NET_ADMIN, 0, 0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().expect("start hekivisor");
+    let (status, timed_out) = common::wait_with_timeout(&mut child, Duration::from_secs(60));
+    let mut stderr = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
+    }
+    common::Run { status, serial: std::fs::read_to_string(&serial).unwrap_or_default(), stderr, timed_out }
+}
+
+/// Least privilege for networking: a TAP created and opened beforehand is
+/// passed in as `--net fd=N`, and the VMM, without CAP_NET_ADMIN, moves real
+/// packets through it; without the descriptor it could not create a TAP.
+#[test]
+fn a_pre_opened_tap_needs_no_cap_net_admin() {
+    require_kvm!();
+    let name = format!("hkfd{}", std::process::id() % 100_000);
+    if !ip(&["tuntap", "add", "dev", &name, "mode", "tap"]) {
+        eprintln!("SKIPPED: cannot create a TAP here (needs iproute2 and CAP_NET_ADMIN)");
+        return;
+    }
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            ip(&["tuntap", "del", "dev", &self.0, "mode", "tap"]);
+        }
+    }
+    let _cleanup = Cleanup(name.clone());
+    assert!(ip(&["addr", "add", "192.168.249.1/24", "dev", &name]) && ip(&["link", "set", &name, "up"]));
+    // Open it as a TAP (IFF_TAP | IFF_NO_PI), the way a privileged helper would.
+    let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").expect("/dev/net/tun");
+    let mut ifreq = [0u8; 40];
+    ifreq[..name.len()].copy_from_slice(name.as_bytes());
+    ifreq[16..18].copy_from_slice(&(0x0002i16 | 0x1000).to_ne_bytes());
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&tun);
+    // SAFETY: TUNSETIFF reads and writes a 40-byte struct ifreq, which `ifreq` is.
+    assert_eq!(unsafe { libc::ioctl(fd, 0x4004_54ca, ifreq.as_mut_ptr()) }, 0, "TUNSETIFF");
+
+    let run = run_without_cap_net_admin("hardening-tap-fd", &format!("fd={fd}"), Some(fd));
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert!(run.serial.contains("arp reply from 192.168.249.1 is-at "), "{}", run.serial);
+
+    let denied = run_without_cap_net_admin("hardening-tap-name", &format!("tap={name}x"), None);
+    assert!(!denied.status.success(), "created a TAP without CAP_NET_ADMIN: {}", denied.serial);
+    assert!(denied.stderr.contains("Operation not permitted"), "{}", denied.stderr);
+}

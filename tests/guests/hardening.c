@@ -2,7 +2,8 @@
 
 /* For the process-hardening tests (tests/hardening.rs): puts every device
  * worker to work once (rng read, disk write and flush, console write), then
- * ticks forever so the test can inspect the threads and signal the VMM. */
+ * ticks forever so the test can inspect the threads and signal the VMM
+ * (or, with reboot=kbd on the command line, reboots). */
 struct blk_req { u32 type; u32 reserved; u64 sector; };
 
 static struct virtq_page rng_queue ALIGNED_PAGE;
@@ -42,6 +43,7 @@ void guest_main(void) {
         printf("console: %ld\n", virtio_submit(&con, 0));
     }
     puts("devices done\n");
+    if (cmdline_has("reboot=kbd")) reboot_kbd();
     for (u64 n = 0;; n++) {
         printf("tick %lu\n", n);
         for (volatile u32 i = 0; i < 20000; i++) cpu_relax();

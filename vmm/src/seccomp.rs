@@ -105,6 +105,17 @@ pub fn mode() -> SeccompMode {
     MODE.get().copied().unwrap_or(SeccompMode::Off)
 }
 
+/// Call first thing in `main`, before any thread starts: keeps the C
+/// library from making system calls the filters refuse. glibc gives threads
+/// their own malloc arenas, and the first time it shrinks one it reads
+/// `/proc/sys/vm/overcommit_memory` from whichever thread freed the memory;
+/// only the VMM thread may open files. One arena (small allocations still
+/// go through each thread's lock-free cache) means no such read.
+pub fn prepare_process() {
+    // SAFETY: mallopt only sets an allocator parameter; no thread is running yet.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+}
+
 /// Installs the filter of `kind` on the calling thread, per the process's mode.
 pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
     match filter(kind, mode())? {

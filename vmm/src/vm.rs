@@ -443,7 +443,12 @@ fn add_pci_devices(
     }
     for (i, net) in config.net.iter().flatten().enumerate() {
         let device_err = |e: std::io::Error| VmError::Device(format!("net {i}: {e}"));
-        let tap = Tap::open(net.tap.as_deref().unwrap_or("hktap%d")).map_err(device_err)?;
+        let tap = match net.fds.as_deref() {
+            // Each VM (a reboot builds a new one) adopts its own duplicate.
+            Some([fd, ..]) => Tap::from_fd(crate::devices::virtio::tap::duplicate(*fd).map_err(device_err)?),
+            _ => Tap::open(net.tap.as_deref().unwrap_or("hktap%d")),
+        }
+        .map_err(device_err)?;
         if let (Some(ip), Some(mask)) = (net.ip, net.mask) {
             tap.configure(ip, mask).map_err(device_err)?;
         }

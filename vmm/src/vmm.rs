@@ -39,6 +39,8 @@ pub enum VmmError {
     Introspection(#[from] crate::introspection::IntrospectionError),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 /// Lifecycle state, spelled as Cloud Hypervisor's `vm.info` does.
@@ -69,6 +71,8 @@ pub struct VmmRunConfig {
     pub api_listener: Option<std::os::unix::net::UnixListener>,
     /// A guest reboot ends the VMM (exit 0) instead of rebooting.
     pub no_reboot: bool,
+    /// The API socket file the binary removes at exit (landlock keeps that allowed).
+    pub api_socket_path: Option<std::path::PathBuf>,
 }
 
 const TOKEN_VCPU: u64 = 1;
@@ -93,6 +97,9 @@ pub(crate) struct Vmm {
     api_mode: bool,
     /// Set when the VMM should exit, with its exit status.
     pub(crate) exit_status: Option<Result<i32, VmmError>>,
+    api_socket_path: Option<std::path::PathBuf>,
+    /// landlock binds this thread for good once the first VM boots.
+    landlocked: bool,
     /// The introspection agent's channel, once a VM config asked for one.
     introspection: Option<crate::introspection::Introspection>,
 }
@@ -120,6 +127,8 @@ pub fn run(run_config: VmmRunConfig) -> Result<i32, VmmError> {
         no_reboot: run_config.no_reboot,
         api_mode: run_config.api_listener.is_some(),
         exit_status: None,
+        api_socket_path: run_config.api_socket_path.clone(),
+        landlocked: false,
         introspection: None,
     };
     let epoll = Epoll::new().map_err(VmmError::EventLoop)?;
@@ -233,7 +242,6 @@ impl Vmm {
         Ok(())
     }
 
-
     /// Builds and starts the VM from the stored configuration.
     pub(crate) fn boot(&mut self) -> Result<(), VmmError> {
         let config = self.config.clone().ok_or(VmmError::GuestFailed("no VM configured".into()))?;
@@ -245,6 +253,10 @@ impl Vmm {
             }
         }
         self.start_introspection()?;
+        if config.landlock_enable && !self.landlocked {
+            crate::sandbox::restrict(&crate::sandbox::rules(&config, self.api_socket_path.as_deref()))?;
+            self.landlocked = true;
+        }
         let agent = match (&config.introspection, &self.introspection) {
             (Some(_), Some(introspection)) => Some(introspection.hub().clone()),
             _ => None,

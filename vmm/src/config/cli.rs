@@ -66,7 +66,8 @@ pub struct CliArgs {
     #[arg(long, value_name = "path=FILE")]
     pub disk: Vec<String>,
 
-    /// virtio-net on a host TAP: tap=NAME[,ip=ADDR,mask=MASK][,mac=MAC] (repeatable).
+    /// virtio-net on a host TAP: tap=NAME[,ip=ADDR,mask=MASK][,mac=MAC], or fd=N for a
+    /// TAP opened beforehand and inherited (no CAP_NET_ADMIN needed) (repeatable).
     #[arg(long, value_name = "tap=NAME")]
     pub net: Vec<String>,
 
@@ -91,6 +92,17 @@ pub struct CliArgs {
     /// the list kills the process), false, or log (allowed, and logged by the kernel).
     #[arg(long, value_name = "true|false|log", default_value = "true")]
     pub seccomp: String,
+
+    /// landlock: from the boot on, the VMM may open only the files the VM's
+    /// configuration names (kernel, initramfs, disks, serial and console files, rng
+    /// source, TAP device) and the --landlock-rules paths.
+    #[arg(long)]
+    pub landlock: bool,
+
+    /// An extra landlock rule: path=PATH,access=r|w|rw (a file, or a directory and what
+    /// is below it; repeatable). Needs --landlock.
+    #[arg(long, value_name = "path=PATH,access=rw")]
+    pub landlock_rules: Vec<String>,
 
     /// More logging: -v info, -vv debug, -vvv trace (default: warnings).
     #[arg(short = 'v', action = ArgAction::Count)]
@@ -167,6 +179,11 @@ impl CliArgs {
                 if let Some(agent) = &self.introspection {
                     config.introspection = Some(parse_introspection(agent)?);
                 }
+                config.landlock_enable = self.landlock;
+                if !self.landlock_rules.is_empty() {
+                    let rules = self.landlock_rules.iter().map(|r| parse_landlock_rule(r));
+                    config.landlock_rules = Some(rules.collect::<Result<Vec<_>, _>>()?);
+                }
                 if !self.disk.is_empty() {
                     let disks = self.disk.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>, _>>()?;
                     config.disks = Some(disks);
@@ -229,6 +246,16 @@ pub fn parse_console(option: &'static str, input: &str) -> Result<ConsoleConfig,
     }
 }
 
+pub fn parse_landlock_rule(input: &str) -> Result<super::LandlockConfig, ConfigError> {
+    let o = OptionValues::parse("--landlock-rules", input, &["path", "access"])?;
+    let path = o.get("path").filter(|p| !p.is_empty()).ok_or_else(|| o.error("path=PATH is required".into()))?;
+    let access = o.get("access").unwrap_or("rw");
+    if !matches!(access, "r" | "w" | "rw") {
+        return Err(o.error(format!("access={access}: expected r, w or rw")));
+    }
+    Ok(super::LandlockConfig { path: PathBuf::from(path), access: access.to_string() })
+}
+
 pub fn parse_disk(input: &str) -> Result<super::DiskConfig, ConfigError> {
     let o = OptionValues::parse("--disk", input, &["path", "readonly", "id"])?;
     let path = o.get("path").filter(|p| !p.is_empty()).ok_or_else(|| o.error("path=FILE is required".into()))?;
@@ -240,7 +267,11 @@ pub fn parse_disk(input: &str) -> Result<super::DiskConfig, ConfigError> {
 }
 
 pub fn parse_net(input: &str) -> Result<super::NetConfig, ConfigError> {
-    let o = OptionValues::parse("--net", input, &["tap", "ip", "mask", "mac", "id"])?;
+    let o = OptionValues::parse("--net", input, &["tap", "fd", "ip", "mask", "mac", "id"])?;
+    let fd = o
+        .get("fd")
+        .map(|v| v.parse::<i32>().map_err(|_| o.error(format!("fd={v}: not a file descriptor number"))))
+        .transpose()?;
     let addr = |key: &str| {
         o.get(key)
             .map(|v| v.parse::<std::net::Ipv4Addr>().map_err(|_| o.error(format!("{key}={v}: not an IPv4 address"))))
@@ -252,6 +283,7 @@ pub fn parse_net(input: &str) -> Result<super::NetConfig, ConfigError> {
         mask: addr("mask")?,
         mac: o.get("mac").map(str::to_string),
         id: o.get("id").map(str::to_string),
+        fds: fd.map(|fd| vec![fd]),
     })
 }
 

@@ -152,6 +152,10 @@ pub struct NetConfig {
     pub mac: Option<String>,
     #[serde(default)]
     pub id: Option<String>,
+    /// A TAP opened beforehand and inherited (Cloud Hypervisor's `fds`, one
+    /// queue pair: one descriptor); then the VMM needs no `CAP_NET_ADMIN`.
+    #[serde(default)]
+    pub fds: Option<Vec<i32>>,
 }
 
 impl NetConfig {
@@ -163,6 +167,16 @@ impl NetConfig {
             parts.try_into().map_err(|_| invalid("net.mac", format!("'{text}' is not a MAC address")))?;
         Ok(mac)
     }
+}
+
+/// An extra landlock rule (Cloud Hypervisor's `landlock_rules[]`): `path`
+/// (a file, or a directory and everything below it) and `access` (`r`, `w`
+/// or `rw`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LandlockConfig {
+    pub path: PathBuf,
+    pub access: String,
 }
 
 /// virtio-rng (Cloud Hypervisor's `rng`).
@@ -194,6 +208,10 @@ pub struct VmConfig {
     pub net: Option<Vec<NetConfig>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub introspection: Option<IntrospectionConfig>,
+    /// Restrict the VMM's file access to the paths this configuration names
+    /// (plus `landlock_rules`) from the boot on (`docs/security.md`).
+    pub landlock_enable: bool,
+    pub landlock_rules: Option<Vec<LandlockConfig>>,
 }
 
 impl Default for VmConfig {
@@ -209,6 +227,8 @@ impl Default for VmConfig {
             disks: None,
             net: None,
             introspection: None,
+            landlock_enable: false,
+            landlock_rules: None,
         }
     }
 }
@@ -245,6 +265,14 @@ impl VmConfig {
             if net.ip.is_some() != net.mask.is_some() {
                 return Err(invalid("net", "ip and mask go together"));
             }
+            if let Some(fds) = &net.fds {
+                if fds.len() != 1 || fds[0] < 0 {
+                    return Err(invalid("net.fds", "one open TAP descriptor (one queue pair)"));
+                }
+                if net.tap.is_some() {
+                    return Err(invalid("net.fds", "give a TAP name or a descriptor, not both"));
+                }
+            }
         }
         if self.rng.as_ref().is_some_and(|r| r.iommu) {
             return Err(invalid("rng.iommu", "not supported by Hekivisor"));
@@ -256,6 +284,11 @@ impl VmConfig {
             && (agent.reply_timeout_ms == 0 || agent.reply_timeout_ms > 600_000)
         {
             return Err(invalid("introspection.reply_timeout_ms", "must be 1..=600000"));
+        }
+        for rule in self.landlock_rules.iter().flatten() {
+            if !matches!(rule.access.as_str(), "r" | "w" | "rw") {
+                return Err(invalid("landlock_rules.access", format!("'{}': expected r, w or rw", rule.access)));
+            }
         }
         if let Some(payload) = &self.payload
             && payload.kernel.is_none()

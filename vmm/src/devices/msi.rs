@@ -37,7 +37,7 @@ impl MsiRoutes {
         if changed {
             let all: Vec<(u32, u64, u32)> = routes.iter().map(|(g, (a, d))| (*g, *a, *d)).collect();
             if let Err(e) = self.vm.set_msi_routes(&all) {
-                log::warn!("cannot update MSI routes: {e}");
+                crate::rate_limited!(warn, "cannot update MSI routes: {e}");
             }
         }
     }

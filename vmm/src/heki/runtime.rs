@@ -342,7 +342,7 @@ impl HekiRuntime {
                 let Some(bytes) = data.get(offset..offset.saturating_add(run)) else { continue };
                 let at = gpa.saturating_add(offset as u64);
                 if let Err(e) = self.ram_mem.write_slice(bytes, GuestAddress(at)) {
-                    log::warn!("heki: cannot apply guest write at {at:#x}: {e}");
+                    crate::rate_limited!(warn, "heki: cannot apply guest write at {at:#x}: {e}");
                 }
             }
             verdict

@@ -1,6 +1,9 @@
 //! PCI: a host bridge on bus 0, configuration through ports 0xCF8/0xCFC
 //! (mechanism #1) and through the ECAM window described by the MCFG table.
 
+// Guest-supplied offsets: no unchecked arithmetic here.
+#![deny(clippy::arithmetic_side_effects)]
+
 use std::sync::{Arc, Mutex};
 
 use super::mmio_bus::MmioDevice;
@@ -33,7 +36,7 @@ impl PciDevice for HostBridge {
 /// Copies `data.len()` bytes of `space` at `offset` (zeros past its end).
 pub fn fill(space: &[u8], offset: u16, data: &mut [u8]) {
     for (i, b) in data.iter_mut().enumerate() {
-        *b = space.get(usize::from(offset) + i).copied().unwrap_or(0);
+        *b = space.get(usize::from(offset).saturating_add(i)).copied().unwrap_or(0);
     }
 }
 
@@ -97,7 +100,7 @@ impl PciConfigIo {
         let bus = (self.address >> 16) as u8;
         let slot = ((self.address >> 11) & 0x1f) as u8;
         let function = ((self.address >> 8) & 7) as u8;
-        let register = (self.address & 0xfc) as u16 + data_offset;
+        let register = ((self.address & 0xfc) as u16).saturating_add(data_offset);
         Some((bus, slot, function, register))
     }
 }
@@ -106,7 +109,7 @@ impl PioDevice for PciConfigIo {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         match offset {
             0..=3 => fill(&self.address.to_le_bytes(), offset, data),
-            4..=7 => match self.target(offset - 4) {
+            4..=7 => match self.target(offset.saturating_sub(4)) {
                 Some((b, s, f, r)) => self.bus.read(b, s, f, r, data),
                 None => data.fill(0xff),
             },
@@ -120,7 +123,7 @@ impl PioDevice for PciConfigIo {
                 self.address = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
             }
             4..=7 => {
-                if let Some((b, s, f, r)) = self.target(offset - 4) {
+                if let Some((b, s, f, r)) = self.target(offset.saturating_sub(4)) {
                     self.bus.write(b, s, f, r, data);
                 }
             }

@@ -116,7 +116,11 @@ impl TransportState {
         rings.iter().all(|&(gpa, len, what)| {
             let ok = self.memory.mem.probe_write(gpa, len);
             if !ok {
-                log::warn!("{}: {what} at {gpa:#x} is in protected memory; device needs reset", self.memory.device());
+                crate::rate_limited!(
+                    warn,
+                    "{}: {what} at {gpa:#x} is in protected memory; device needs reset",
+                    self.memory.device()
+                );
             }
             ok
         })
@@ -162,7 +166,7 @@ impl TransportState {
             // The used ring is written through heki like any buffer: a ring
             // locked after DRIVER_OK stops the queue here.
             if queue.add_used(&mem, head, written).is_err() {
-                log::warn!("{}: cannot write the used ring; device needs reset", self.memory.device());
+                crate::rate_limited!(warn, "{}: cannot write the used ring; device needs reset", self.memory.device());
                 self.status |= status::NEEDS_RESET;
                 break;
             }

@@ -45,6 +45,17 @@ fn ioctl(fd: libc::c_int, request: libc::c_ulong, req: &mut IfReq) -> std::io::R
     if ret < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// Duplicates an inherited descriptor (`--net fd=N`), refusing numbers that are not open.
+pub fn duplicate(fd: libc::c_int) -> std::io::Result<OwnedFd> {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is open (checked above) and stays open for the call: the
+    // VMM never closes inherited descriptors.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()
+}
+
 fn set_nonblocking(file: &File) -> std::io::Result<()> {
     // SAFETY: F_GETFL/F_SETFL only read and set the descriptor's status flags.
     let rc = unsafe {
