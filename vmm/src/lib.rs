@@ -8,6 +8,8 @@ pub mod config;
 pub mod cpu;
 pub mod devices;
 mod events;
+#[doc(hidden)]
+pub mod fuzz_harness;
 pub mod heki;
 pub mod host_view;
 pub mod introspection;

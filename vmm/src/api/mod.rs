@@ -10,7 +10,7 @@ use thiserror::Error;
 
 use crate::config::VmConfig;
 
-pub use routes::{ROUTES, Route};
+pub use routes::{ROUTES, Resolved, Route, resolve};
 pub use server::{
     ERROR_CHAIN_HEAD, ServerLimits, TIMEOUT_ENV, drain_connections, start_api_server, start_api_server_with,
 };
