@@ -71,6 +71,8 @@ pub struct Agent {
     events: VecDeque<Value>,
     /// Lines that were neither events nor the awaited reply (errors for replies).
     pub stray: Vec<Value>,
+    /// The socket's read timeout, once set.
+    read_timeout: Option<Option<Duration>>,
 }
 
 impl Agent {
@@ -85,6 +87,7 @@ impl Agent {
             next_id: 1,
             events: VecDeque::new(),
             stray: Vec::new(),
+            read_timeout: None,
         };
         let first = agent.read_message(Some(Duration::from_secs(10)))?.ok_or(Error::Closed)?;
         if let Some(error) = first.get("error") {
@@ -95,16 +98,23 @@ impl Agent {
         Ok(agent)
     }
 
-    /// Sends one raw line (tests send malformed ones).
+    /// Sends one raw line (tests send malformed ones), in one write so the
+    /// VMM's reader wakes once per line.
     pub fn send_raw(&mut self, line: &[u8]) -> Result<(), Error> {
-        self.writer.write_all(line)?;
-        self.writer.write_all(b"\n")?;
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line);
+        buf.push(b'\n');
+        self.writer.write_all(&buf)?;
         Ok(())
     }
 
     /// Reads the next message of any kind.
     pub fn read_message(&mut self, timeout: Option<Duration>) -> Result<Option<Value>, Error> {
-        self.reader.get_ref().set_read_timeout(timeout)?;
+        // One system call less per message when the timeout is the one in place.
+        if self.read_timeout != Some(timeout) {
+            self.reader.get_ref().set_read_timeout(timeout)?;
+            self.read_timeout = Some(timeout);
+        }
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
             Ok(0) => Err(Error::Closed),
@@ -165,9 +175,11 @@ impl Agent {
         }
     }
 
-    /// Answers event `seq`.
+    /// Answers event `seq` (formatted directly: this is an agent's hot path).
     pub fn reply(&mut self, seq: u64, action: Action) -> Result<(), Error> {
-        self.send_raw(json!({"reply": seq, "action": action.as_str()}).to_string().as_bytes())
+        let line = format!("{{\"reply\":{seq},\"action\":\"{}\"}}\n", action.as_str());
+        self.writer.write_all(line.as_bytes())?;
+        Ok(())
     }
 }
 

@@ -39,11 +39,13 @@ pub struct Vcpu {
     id: u8,
     /// KVM copies the general registers into the run page at every exit.
     synced_regs: bool,
+    /// ... and the special registers (`sync_special_registers`).
+    synced_sregs: bool,
 }
 
 impl Vcpu {
     pub(crate) fn new(fd: VcpuFd, id: u8) -> Self {
-        Vcpu { fd, id, synced_regs: false }
+        Vcpu { fd, id, synced_regs: false, synced_sregs: false }
     }
 
     pub fn id(&self) -> u8 {
@@ -116,12 +118,46 @@ impl Vcpu {
         self.synced_regs = true;
     }
 
+    /// Also publishes the special registers in the run page at every exit
+    /// (`KVM_SYNC_X86_SREGS`), or stops doing so. Worth it only while exits
+    /// need the CPL, as introspection events do: KVM then copies the
+    /// segments and control registers at every exit.
+    pub fn sync_special_registers(&mut self, on: bool) {
+        if on == self.synced_sregs {
+            return;
+        }
+        if on {
+            self.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
+        } else {
+            self.fd.clear_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
+        }
+        self.synced_sregs = on;
+    }
+
     /// The guest RIP at the current exit.
     pub fn exit_rip(&self) -> Result<u64> {
         if self.synced_regs {
             return Ok(self.fd.sync_regs().regs.rip);
         }
         self.regs().map(|r| r.rip)
+    }
+
+    /// The general registers at the current exit: from the run page when
+    /// KVM publishes them there (no ioctl), else `KVM_GET_REGS`.
+    pub fn exit_regs(&self) -> Result<Regs> {
+        if self.synced_regs {
+            return Ok(Regs::from(self.fd.sync_regs().regs));
+        }
+        self.regs()
+    }
+
+    /// The guest's privilege level (CS.DPL) at the current exit: from the
+    /// run page when the special registers are synced, else `KVM_GET_SREGS`.
+    pub fn exit_cpl(&self) -> Result<u8> {
+        if self.synced_sregs {
+            return Ok(self.fd.sync_regs().sregs.cs.dpl);
+        }
+        self.sregs().map(|s| s.cpl())
     }
 
     pub fn regs(&self) -> Result<Regs> {

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::Hub;
-use super::protocol::{Action, AgentError, AgentResult};
+use super::protocol::{Action, AgentError, AgentResult, EventLine};
 use crate::cpu::{ExitOutcome, VcpuEvent};
 use crate::heki::ports::VcpuAccess;
 use crate::heki::traps::VmTraps;
@@ -135,6 +135,8 @@ impl AgentLink {
     /// Before each entry: serve requests, apply debug settings, and park
     /// while the agent pauses this vCPU (serving requests meanwhile).
     pub fn serve(&self, vcpu: &mut Vcpu) {
+        // Events carry the CPL: while they can happen, KVM publishes it in the run page.
+        vcpu.sync_special_registers(self.hub.events_armed());
         let Some(slot) = self.slot(vcpu.id()) else { return };
         let mut state = slot.lock();
         loop {
@@ -212,7 +214,7 @@ impl AgentLink {
                     return Intercepted::Handled;
                 }
                 let kind = if single_step { "single-step" } else { "breakpoint" };
-                let event = json!({"event": kind, "dr6": dr6, "pc": pc});
+                let event = EventLine::new(kind).num("dr6", dr6).num("pc", pc);
                 match self.raise(vcpu, event) {
                     Some(Action::Crash) => self.crash(vcpu),
                     _ => {
@@ -272,10 +274,11 @@ impl AgentLink {
                 let n = data.len().min(8);
                 value[..n].copy_from_slice(&data[..n]);
                 let locked = self.heki.as_ref().is_some_and(|h| h.write_is_locked(gpa, data.len()));
-                let event = json!({
-                    "event": "write", "gpa": gpa, "size": data.len(),
-                    "value": u64::from_le_bytes(value), "heki_locked": locked,
-                });
+                let event = EventLine::new("write")
+                    .num("gpa", gpa)
+                    .num("size", data.len() as u64)
+                    .num("value", u64::from_le_bytes(value))
+                    .flag("heki_locked", locked);
                 self.raise(vcpu, event)
             } else {
                 None
@@ -316,8 +319,11 @@ impl AgentLink {
     fn on_msr_write(&self, vcpu: &mut Vcpu, index: u32, value: u64) -> Intercepted {
         loop {
             let tracked = self.hub.tracking().msrs.contains(&index);
-            let action =
-                if tracked { self.raise(vcpu, json!({"event": "msr", "msr": index, "value": value})) } else { None };
+            let action = if tracked {
+                self.raise(vcpu, EventLine::new("msr").num("msr", u64::from(index)).num("value", value))
+            } else {
+                None
+            };
             match action {
                 None | Some(Action::Continue) => {
                     if self.heki.is_some() {
@@ -340,9 +346,10 @@ impl AgentLink {
     fn on_hypercall(&self, vcpu: &mut Vcpu) -> Intercepted {
         loop {
             let tracked = self.hub.tracking().hypercalls;
-            let regs = vcpu.regs().unwrap_or_default();
             let action = if tracked {
-                let event = json!({"event": "hypercall", "nr": regs.rax, "args": [regs.rbx, regs.rcx, regs.rsi]});
+                let regs = vcpu.exit_regs().unwrap_or_default();
+                let event =
+                    EventLine::new("hypercall").num("nr", regs.rax).nums("args", &[regs.rbx, regs.rcx, regs.rsi]);
                 self.raise(vcpu, event)
             } else {
                 None
@@ -350,6 +357,8 @@ impl AgentLink {
             match action {
                 None | Some(Action::Continue) => return Intercepted::Pass(ExitOutcome::HekiCall),
                 Some(Action::Deny) => {
+                    // Fresh, not the exit's copy: the agent may have set registers meanwhile.
+                    let regs = vcpu.regs().unwrap_or_default();
                     let regs = hypervisor::Regs { rax: heki::AbiError::NotPermitted.errno() as u64, ..regs };
                     if let Err(e) = vcpu.set_regs(&regs) {
                         log::warn!("introspection: vCPU {}: {e}", vcpu.id());
@@ -364,18 +373,12 @@ impl AgentLink {
 
     /// Sends an event and holds this vCPU (serving the agent's requests)
     /// until the reply; `None` without an agent, on a timeout or a disconnect.
-    fn raise(&self, vcpu: &mut Vcpu, mut event: Value) -> Option<Action> {
+    fn raise(&self, vcpu: &mut Vcpu, event: EventLine) -> Option<Action> {
         let id = vcpu.id();
         let slot = self.slot(id)?;
-        let (rip, cpl) = match (vcpu.regs(), vcpu.sregs()) {
-            (Ok(r), Ok(s)) => (r.rip, s.cpl()),
-            _ => (0, 0),
-        };
-        if let Value::Object(fields) = &mut event {
-            fields.insert("vcpu".into(), json!(id));
-            fields.insert("rip".into(), json!(rip));
-            fields.insert("cpl".into(), json!(cpl));
-        }
+        // From the run page (synced registers): no ioctl on the hot path.
+        let (rip, cpl) = (vcpu.exit_rip().unwrap_or(0), vcpu.exit_cpl().unwrap_or(0));
+        let event = event.num("vcpu", u64::from(id)).num("rip", rip).num("cpl", u64::from(cpl));
         let seq = self.hub.next_seq();
         {
             let mut state = slot.lock();
@@ -437,6 +440,8 @@ impl AgentLink {
             let mut state = slot.lock();
             if state.waiting == Some(seq) && state.answer.is_none() {
                 state.answer = Some(action);
+                // Unlocked first: the woken vCPU does not block again on this lock.
+                drop(state);
                 slot.changed.notify_all();
                 return true;
             }

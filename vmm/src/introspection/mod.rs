@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 pub use link::{AgentLink, Intercepted};
-use protocol::{AgentError, Incoming, MAX_LINE};
+use protocol::{AgentError, EventLine, Incoming, MAX_LINE};
 
 use crate::config::IntrospectionConfig;
 
@@ -69,6 +69,11 @@ impl Tracking {
         let first = gpa >> heki::PAGE_SHIFT;
         let last = gpa.saturating_add(len.max(1) - 1) >> heki::PAGE_SHIFT;
         self.pages.range(first..=last).next().is_some()
+    }
+
+    /// Whether vCPU exits may become events (CR tracking reports at exits too).
+    pub fn raises_events(&self) -> bool {
+        !self.pages.is_empty() || !self.msrs.is_empty() || self.hypercalls || self.crs || !self.debug.is_empty()
     }
 
     /// The tracked pages as merged [start, end) ranges.
@@ -130,6 +135,8 @@ pub struct Hub {
     /// Configured vCPUs and RAM (for `hello` before boot).
     pub(crate) vm_shape: Mutex<(usize, Vec<(u64, u64)>)>,
     seq: AtomicU64,
+    /// `Tracking::raises_events` of the current tracking.
+    armed: AtomicBool,
     pub counters: Counters,
 }
 
@@ -160,11 +167,13 @@ impl Hub {
         c.connected.then_some(c.generation)
     }
 
-    /// Writes one line to the agent; a failed write drops the connection.
-    fn write_line(&self, line: &str) -> bool {
+    /// Writes one line to the agent, in one write (the agent wakes once);
+    /// a failed write drops the connection.
+    fn write_line(&self, mut line: String) -> bool {
+        line.push('\n');
         let mut out = lock(&self.out);
         let Some(stream) = out.as_mut() else { return false };
-        let ok = stream.write_all(line.as_bytes()).and_then(|()| stream.write_all(b"\n")).is_ok();
+        let ok = stream.write_all(line.as_bytes()).is_ok();
         if !ok {
             // The reader thread sees the shutdown and unhooks.
             let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -174,14 +183,16 @@ impl Hub {
     }
 
     /// Sends a synchronous event from a vCPU thread; the connection it went to.
-    fn send_event(&self, seq: u64, mut event: Value) -> Option<u64> {
+    fn send_event(&self, seq: u64, event: EventLine) -> Option<u64> {
         let connection = self.connection()?;
-        if let Value::Object(fields) = &mut event {
-            fields.insert("seq".into(), json!(seq));
-            fields.insert("reply_required".into(), json!(true));
-        }
         self.counters.events.fetch_add(1, Ordering::Relaxed);
-        self.write_line(&event.to_string()).then_some(connection)
+        self.write_line(event.num("seq", seq).flag("reply_required", true).finish()).then_some(connection)
+    }
+
+    /// Whether the agent's tracking can raise events at vCPU exits (vCPUs
+    /// then have KVM publish the CPL in the run page).
+    pub fn events_armed(&self) -> bool {
+        self.armed.load(Ordering::Relaxed)
     }
 
     /// Queues an event that needs no reply; never blocks (dropped and counted when full).
@@ -237,6 +248,7 @@ impl Hub {
                 }
             }
         }
+        self.armed.store(next.raises_events(), Ordering::Relaxed);
         *tracking = next;
         Ok(())
     }
@@ -254,6 +266,7 @@ impl Hub {
         }
         let mut tracking = self.tracking_mut();
         *tracking = Tracking::default();
+        self.armed.store(false, Ordering::Relaxed);
         if let Some(link) = self.link() {
             if let Err(e) = self.apply_tracking(&link, &tracking) {
                 log::error!("introspection: cannot undo the agent's tracking: {e}");
@@ -283,6 +296,7 @@ impl Introspection {
             link: RwLock::new(None),
             vm_shape: Mutex::new((0, Vec::new())),
             seq: AtomicU64::new(0),
+            armed: AtomicBool::new(false),
             counters: Counters::default(),
         });
         let accept_hub = hub.clone();
@@ -392,7 +406,7 @@ fn start_connection(hub: &Arc<Hub>, stream: UnixStream) -> std::io::Result<()> {
     }
     hub.counters.connections.fetch_add(1, Ordering::Relaxed);
     crate::events::emit("introspection", "connected", &[]);
-    hub.write_line(&json!({"hello": commands::hello(hub)}).to_string());
+    hub.write_line(json!({"hello": commands::hello(hub)}).to_string());
     let tx_hub = hub.clone();
     std::thread::Builder::new().name("introspect-tx".into()).spawn(move || async_writer(&tx_hub, async_rx))?;
     let rx_hub = hub.clone();
@@ -406,7 +420,7 @@ fn start_connection(hub: &Arc<Hub>, stream: UnixStream) -> std::io::Result<()> {
 fn async_writer(hub: &Hub, rx: Receiver<String>) {
     // Ends when the connection drops its sender.
     while let Ok(line) = rx.recv() {
-        if !hub.write_line(&line) {
+        if !hub.write_line(line) {
             break;
         }
     }
@@ -423,7 +437,7 @@ fn read_loop(hub: &Arc<Hub>, stream: UnixStream) {
             Ok(LineRead::TooLong) => {
                 hub.counters.bad_messages.fetch_add(1, Ordering::Relaxed);
                 let e = AgentError::new("E2BIG", format!("a message is at most {MAX_LINE} bytes"));
-                hub.write_line(&protocol::reply(&Value::Null, &Err(e)).to_string());
+                hub.write_line(protocol::reply(&Value::Null, &Err(e)).to_string());
             }
             Ok(LineRead::Line) => {
                 if line.iter().all(u8::is_ascii_whitespace) {
@@ -472,7 +486,7 @@ fn handle_line(hub: &Arc<Hub>, line: &[u8]) {
     match protocol::parse_line(line) {
         Err((id, e)) => {
             hub.counters.bad_messages.fetch_add(1, Ordering::Relaxed);
-            hub.write_line(&protocol::reply(&id, &Err(e)).to_string());
+            hub.write_line(protocol::reply(&id, &Err(e)).to_string());
         }
         Ok(Incoming::Reply { seq, action }) => {
             let delivered = hub.link().is_some_and(|link| link.deliver(seq, action));
@@ -481,7 +495,7 @@ fn handle_line(hub: &Arc<Hub>, line: &[u8]) {
             } else {
                 hub.counters.bad_messages.fetch_add(1, Ordering::Relaxed);
                 let e = AgentError::new("ENOENT", format!("no vCPU waits for a reply to event {seq}"));
-                hub.write_line(&json!({"reply": seq, "error": e.to_json()}).to_string());
+                hub.write_line(json!({"reply": seq, "error": e.to_json()}).to_string());
             }
         }
         Ok(Incoming::Command { id, cmd, args }) => {
@@ -489,7 +503,7 @@ fn handle_line(hub: &Arc<Hub>, line: &[u8]) {
             if result.is_err() {
                 hub.counters.bad_messages.fetch_add(1, Ordering::Relaxed);
             }
-            hub.write_line(&protocol::reply(&id, &result).to_string());
+            hub.write_line(protocol::reply(&id, &result).to_string());
         }
     }
 }

@@ -70,8 +70,33 @@ pub enum Incoming {
     Reply { seq: u64, action: Action },
 }
 
+/// The common reply forms `{"reply":N,"action":"A"}` and
+/// `{"action":"A","reply":N}` (compact, as clients write them), read without
+/// a JSON tree; anything else goes to the full parser.
+fn parse_compact_reply(line: &[u8]) -> Option<Incoming> {
+    let text = std::str::from_utf8(line).ok()?.trim_end();
+    let body = text.strip_prefix('{')?.strip_suffix('}')?;
+    let (mut seq, mut action) = (None, None);
+    for field in body.split(',') {
+        let (key, value) = field.split_once(':')?;
+        match key {
+            "\"reply\"" if seq.is_none() => {
+                seq = Some(value.parse::<u64>().ok().filter(|_| value.bytes().all(|b| b.is_ascii_digit()))?)
+            }
+            "\"action\"" if action.is_none() => {
+                action = Some(Action::parse(value.strip_prefix('"')?.strip_suffix('"')?)?)
+            }
+            _ => return None,
+        }
+    }
+    Some(Incoming::Reply { seq: seq?, action: action? })
+}
+
 /// Parses one line. An error carries the `id` to answer with, if one was found.
 pub fn parse_line(line: &[u8]) -> Result<Incoming, (Value, AgentError)> {
+    if let Some(reply) = parse_compact_reply(line) {
+        return Ok(reply);
+    }
     let value: Value = serde_json::from_slice(line)
         .map_err(|e| (Value::Null, AgentError::inval(format!("not a JSON message: {e}"))))?;
     let Value::Object(mut object) = value else {
@@ -100,6 +125,50 @@ pub fn parse_line(line: &[u8]) -> Result<Incoming, (Value, AgentError)> {
         Some(_) => return Err((id, AgentError::inval("args: an object"))),
     };
     Ok(Incoming::Command { id, cmd, args })
+}
+
+/// An event line written straight into a string, without a JSON tree: the
+/// hot path of a synchronous event. Names and the kind are fixed
+/// identifiers (no escaping needed); values are integers and booleans.
+pub struct EventLine(String);
+
+impl EventLine {
+    pub fn new(kind: &'static str) -> Self {
+        let mut line = String::with_capacity(192);
+        line.push_str("{\"event\":\"");
+        line.push_str(kind);
+        line.push('"');
+        EventLine(line)
+    }
+
+    pub fn num(mut self, name: &'static str, value: u64) -> Self {
+        use std::fmt::Write;
+        // Writing into a String cannot fail.
+        let _ = write!(self.0, ",\"{name}\":{value}");
+        self
+    }
+
+    pub fn flag(mut self, name: &'static str, value: bool) -> Self {
+        use std::fmt::Write;
+        let _ = write!(self.0, ",\"{name}\":{value}");
+        self
+    }
+
+    pub fn nums(mut self, name: &'static str, values: &[u64]) -> Self {
+        use std::fmt::Write;
+        let _ = write!(self.0, ",\"{name}\":[");
+        for (i, value) in values.iter().enumerate() {
+            let _ = write!(self.0, "{}{value}", if i == 0 { "" } else { "," });
+        }
+        self.0.push(']');
+        self
+    }
+
+    /// The finished line, without its newline.
+    pub fn finish(mut self) -> String {
+        self.0.push('}');
+        self.0
+    }
 }
 
 /// A reply line for a command.
@@ -199,6 +268,39 @@ pub fn from_hex(text: &str) -> Result<Vec<u8>, AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compact_replies_parse_as_the_full_parser_would() {
+        for line in [
+            &br#"{"reply":12,"action":"deny"}"#[..],
+            br#"{"action":"deny","reply":12}"#,
+            br#"{"reply": 12, "action": "deny"}"#,
+        ] {
+            assert_eq!(parse_line(line), Ok(Incoming::Reply { seq: 12, action: Action::Deny }), "{line:?}");
+        }
+        // Not the compact form: the full parser decides, with its errors.
+        assert!(parse_compact_reply(br#"{"reply":12,"action":"deny","x":1}"#).is_none());
+        assert!(parse_compact_reply(br#"{"reply":-1,"action":"deny"}"#).is_none());
+        assert!(parse_compact_reply(br#"{"reply":"12","action":"deny"}"#).is_none());
+        assert!(parse_line(br#"{"reply":1,"action":"maybe"}"#).is_err());
+        assert!(parse_compact_reply(br#"{"reply":1,"reply":2,"action":"deny"}"#).is_none());
+    }
+
+    #[test]
+    fn an_event_line_is_the_json_object_it_names() {
+        let line = EventLine::new("hypercall")
+            .num("seq", 7)
+            .num("nr", u64::MAX)
+            .flag("reply_required", true)
+            .nums("args", &[1, 2, 3])
+            .nums("none", &[])
+            .finish();
+        let parsed: Value = serde_json::from_str(&line).expect("JSON");
+        assert_eq!(
+            parsed,
+            json!({"event": "hypercall", "seq": 7, "nr": u64::MAX, "reply_required": true, "args": [1, 2, 3], "none": []})
+        );
+    }
 
     #[test]
     fn a_command_keeps_its_id_and_args() {
