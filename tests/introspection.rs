@@ -203,6 +203,7 @@ fn an_agent_reads_state_and_answers_writes_and_msr_writes_with_heki_off() {
         (Some(0x1111), Some(8), Some(0))
     );
     assert!(first["rip"].as_u64().is_some_and(|rip| rip >= 0x10_0000));
+    assert_eq!(first["cpl"], 0, "the guest writes from ring 0");
     // Registers of the vCPU held by the event can be read meanwhile.
     agent.call("get-registers", json!({"vcpu": 0})).expect("regs of a held vCPU");
     agent.reply(seq(&first), Action::Continue).expect("reply");
