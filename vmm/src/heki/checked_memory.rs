@@ -119,7 +119,10 @@ impl Enforcer {
     }
 
     fn register(&self, accessor: &Arc<Accessor>) {
-        self.accessors.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(accessor));
+        let mut list = self.accessors.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget accessors that are gone, so the list stays as long as the live ones.
+        list.retain(|a| a.strong_count() > 0);
+        list.push(Arc::downgrade(accessor));
     }
 
     /// From now on device reads are judged too (set under the write lock).
