@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the host tools the test suite uses, from Debian's packages:
-# iasl (acpica-tools) checks our ACPI tables; gcc/binutils build the test guests.
+# iasl (acpica-tools) checks our ACPI tables; gcc/binutils build the test guests;
+# the Linux guest (tests/linux_guest.rs) needs linux-source-6.12, busybox-static
+# and the kernel's build tools (scripts/linux-guest/build.sh installs them).
 set -euo pipefail
 need=()
 command -v iasl >/dev/null || need+=(acpica-tools)
@@ -12,3 +14,4 @@ if [ ${#need[@]} -gt 0 ]; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+"$(dirname "$0")/linux-guest/build.sh" deps

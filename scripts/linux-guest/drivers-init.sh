@@ -1,0 +1,46 @@
+#!/bin/sh
+# /init of the drivers guest (tests/linux_guest.rs): real Linux virtio drivers
+# against Hekivisor's devices. The host checks these lines:
+#   /dev/vda    sector 0 holds "hekivisor-disk-pattern"; sector 1 is written
+#               with "written-by-linux" for the host to check in the image
+#   /dev/hwrng  64 bytes read
+#   eth0        $hk_net.2/24, pings the host at $hk_net.1 (hk_net=A.B.C on the
+#               kernel command line, which passes it to init as a variable;
+#               default 192.168.247)
+#   hvc0        one line written, for the host to find in the console file
+#   dma         a disk read into a page heki locked (refused under heki)
+#   /proc/interrupts, for the record
+echo "init: userspace up"
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+# CONFIG_DEVTMPFS_MOUNT does not apply to an initramfs.
+mount -t devtmpfs devtmpfs /dev
+if [ -b /dev/vda ]; then
+    echo "drivers: disk read: $(dd if=/dev/vda bs=22 count=1 2>/dev/null)"
+    echo "written-by-linux" | dd of=/dev/vda bs=512 seek=1 conv=sync,fsync 2>/dev/null &&
+        echo "drivers: disk write: ok"
+else
+    echo "drivers: disk: no /dev/vda"
+fi
+if [ -c /dev/hwrng ]; then
+    echo "drivers: hwrng bytes: $(dd if=/dev/hwrng bs=64 count=1 2>/dev/null | wc -c)"
+else
+    echo "drivers: hwrng: no /dev/hwrng"
+fi
+net=${hk_net:-192.168.247}
+if ip link set eth0 up && ip addr add "$net.2/24" dev eth0 &&
+    ping -c 1 -W 10 "$net.1" >/dev/null; then
+    echo "drivers: ping: ok"
+else
+    echo "drivers: ping: failed"
+fi
+if [ -c /dev/hvc0 ] && echo "hello from linux on hvc0" >/dev/hvc0; then
+    echo "drivers: hvc0: ok"
+else
+    echo "drivers: hvc0: failed"
+fi
+echo dma >/proc/heki_test
+# Which interrupts the drivers use (MSI-X: there is no IOAPIC routing table).
+cat /proc/interrupts
+echo "drivers: done"
+reboot -f

@@ -1,0 +1,16 @@
+#!/bin/sh
+# /init of the heki test guest (tests/linux_guest.rs): runs every simulated
+# rootkit attack of /proc/heki_test (CONFIG_HEKI_TEST) once, then ends the VM.
+# Each attack prints its own "heki-test: NAME: result=..." line in dmesg,
+# which is the serial console.
+echo "init: userspace up"
+mount -t proc proc /proc
+for attack in text rodata wp lstar; do
+    echo "$attack" >/proc/heki_test || echo "heki-test: $attack: result=unavailable"
+done
+echo "heki-test: done"
+# Time for the host to read GET vm.heki while the VM still runs.
+sleep 3
+# Without ACPI the kernel cannot power off; a reboot ends the VM through the
+# i8042 (hekivisor --no-reboot then exits with status 0).
+reboot -f
