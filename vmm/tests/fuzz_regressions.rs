@@ -17,6 +17,7 @@ const TARGETS: &[Target] = &[
     ("http_api", h::http_request),
     ("vm_config_json", h::vm_config_json),
     ("kernel_image", h::kernel_image),
+    ("introspection", h::introspection_line),
 ];
 
 /// xorshift64*: deterministic inputs without a dependency.
