@@ -257,6 +257,19 @@ fn linux_locks_itself_and_every_simulated_rootkit_attack_fails() {
 
     // vm.heki, read while the guest still ran: the locked pages and the pins.
     assert_eq!(heki["protected_pages"], pages, "{heki}");
+    // ...and the ranges themselves, as dmesg names them: text r-x, rodata r--, both immutable.
+    let range = |word: &str| {
+        let (start, end) = after(&lock, word).split_once('-').unwrap_or_else(|| panic!("{word} range in {lock}"));
+        (hex(start), hex(end))
+    };
+    for ((start, end), permissions) in
+        [(range("text"), vec!["read", "exec", "immutable"]), (range("rodata"), vec!["read", "immutable"])]
+    {
+        let listed = heki["protected_ranges"].as_array().expect("protected_ranges").iter().any(|r| {
+            r["gpa"] == start && r["size"] == end - start && r["permissions"] == serde_json::json!(permissions)
+        });
+        assert!(listed, "{start:#x}-{end:#x} {permissions:?} in {heki}");
+    }
     let pins = heki["pins"].as_array().expect("pins");
     assert_eq!(pins.len(), 1, "{heki}");
     assert_eq!(pins[0]["cr0"], "0x10000");

@@ -84,7 +84,8 @@ pub struct CliArgs {
     #[arg(long, value_name = "path=FILE")]
     pub event_monitor: Option<String>,
 
-    /// Exit (status 0) when the guest reboots instead of rebooting it.
+    /// Exit (status 0) when the guest reboots instead of rebooting it. With
+    /// --api-socket the VM shuts down instead and the VMM keeps serving the API.
     #[arg(long)]
     pub no_reboot: bool,
 

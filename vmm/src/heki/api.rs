@@ -110,6 +110,11 @@ fn report(
     if let Some(rt) = rt {
         let (pages, bytes, slots, max) = rt.stats();
         value["protected_pages"] = json!(pages);
+        value["protected_ranges"] = rt
+            .protected_ranges()
+            .iter()
+            .map(|&(gpa, size, permissions)| json!({ "gpa": gpa, "size": size, "permissions": permissions.names() }))
+            .collect();
         value["protected_bytes"] = json!(bytes);
         value["memslots"] = json!({ "used": slots, "limit": max });
         value["counters"] = counters(rt);

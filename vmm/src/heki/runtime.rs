@@ -371,6 +371,17 @@ impl HekiRuntime {
         verdict.performs_access()
     }
 
+    /// The page ranges whose permissions differ from the default, as
+    /// (GPA, size in bytes, permissions), for `vm.heki`.
+    pub fn protected_ranges(&self) -> Vec<(u64, u64, heki::Permissions)> {
+        let protections = self.enforcer.protections();
+        protections
+            .pages
+            .iter()
+            .map(|(start, end, perms)| (start << PAGE_SHIFT, (end - start) << PAGE_SHIFT, perms))
+            .collect()
+    }
+
     /// Counts of protected pages and bytes, and memslot use.
     pub fn stats(&self) -> (u64, u64, usize, usize) {
         let (pages, bytes) = {

@@ -279,3 +279,12 @@ fn making_a_page_private_waits_for_the_dma_in_flight() {
     writer.join().expect("writer");
     assert!(rig.device("_disk0").write_slice(&[1; 4], GuestAddress(0xb000)).is_err());
 }
+
+#[test]
+fn vm_heki_lists_the_locked_ranges_with_their_permissions() {
+    let rig = rig(Policy::Deny);
+    rig.lock_page(3);
+    let ranges = rig.heki.protected_ranges();
+    assert_eq!(ranges.len(), 1);
+    assert_eq!((ranges[0].0, ranges[0].1, ranges[0].2.names()), (0x3000, 0x1000, vec!["read"]));
+}
