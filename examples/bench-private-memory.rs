@@ -20,11 +20,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 fn main() {
     let regions = vmm::memory::ram_regions(256 << 20);
     let ram = vmm::memory::create_guest_ram(&regions).expect("memory");
-    let slots: Vec<(heki::PlannedSlot, u32)> = regions
-        .iter()
-        .zip(0..)
-        .map(|(r, id)| (heki::PlannedSlot { gpa: r.start, size: r.size, readonly: false }, id))
-        .collect();
+    let slots = vmm::memory::boot_slot_plan(&regions);
     let enforcer = Arc::new(Enforcer::new(heki::Policy::Deny, Arc::new(RecordingControl::default())));
     let config = HekiConfig { enabled: true, ..Default::default() };
     let rt = HekiRuntime::new(&config, enforcer, Arc::new(RecordingSlots::default()), &ram, &slots, 0);

@@ -47,11 +47,7 @@ fn run(requests: u64, guard: Guard) -> f64 {
     let regions = vmm::memory::ram_regions(256 << 20);
     let ram = vmm::memory::create_guest_ram(&regions).expect("memory");
     let mem = ram.host.clone();
-    let slots: Vec<(heki::PlannedSlot, u32)> = regions
-        .iter()
-        .zip(0..)
-        .map(|(r, id)| (heki::PlannedSlot { gpa: r.start, size: r.size, readonly: false }, id))
-        .collect();
+    let slots = vmm::memory::boot_slot_plan(&regions);
     let enforcer = Arc::new(Enforcer::new(heki::Policy::Deny, Arc::new(RecordingControl::default())));
     let _heki = (guard != Guard::Off).then(|| {
         let rt = Arc::new(HekiRuntime::new(

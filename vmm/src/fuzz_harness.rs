@@ -56,11 +56,7 @@ fn virtio_fixture() -> &'static VirtioFixture {
         let regions = crate::memory::ram_regions(RAM_SIZE);
         let ram = crate::memory::create_guest_ram(&regions).expect("fixture: guest RAM");
         let mem = ram.host.clone();
-        let slots: Vec<(heki::PlannedSlot, u32)> = regions
-            .iter()
-            .zip(0..)
-            .map(|(r, id)| (heki::PlannedSlot { gpa: r.start, size: r.size, readonly: false }, id))
-            .collect();
+        let slots = crate::memory::boot_slot_plan(&regions);
         let enforcer = Arc::new(Enforcer::new(heki::Policy::Deny, Arc::new(RecordingControl::default())));
         let heki = Arc::new(HekiRuntime::new(
             &HekiConfig { enabled: true, ..Default::default() },

@@ -90,6 +90,16 @@ pub fn create_guest_ram(regions: &[RamRegion]) -> Result<GuestRam, MemoryError> 
     Ok(GuestRam { kvm: map()?, host: map()? })
 }
 
+/// The boot memslot layout heki starts from: one writable slot per RAM
+/// region, with ids 0..n (as `register_ram` installs them).
+pub fn boot_slot_plan(regions: &[RamRegion]) -> Vec<(heki::PlannedSlot, u32)> {
+    regions
+        .iter()
+        .zip(0..)
+        .map(|(r, id)| (heki::PlannedSlot { gpa: r.start, size: r.size, readonly: false }, id))
+        .collect()
+}
+
 /// Host address of a guest physical address inside RAM.
 pub fn host_address(mem: &GuestMemoryMmap, gpa: u64) -> Option<u64> {
     mem.get_host_address(GuestAddress(gpa)).ok().map(|p| p as u64)

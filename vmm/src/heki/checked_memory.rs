@@ -264,9 +264,8 @@ impl CheckedMemory {
     /// (Dekker-style: we announce ourselves, then look for a writer; a writer
     /// announces itself, then waits for us. Both with SeqCst.)
     fn lock_free(&self, gpa: u64, len: usize, write: bool) -> Option<InFlight<'_>> {
-        let page = gpa >> heki::PAGE_SHIFT;
-        let last = (len as u64).checked_sub(1).and_then(|n| gpa.checked_add(n))?;
-        if last >> heki::PAGE_SHIFT != page {
+        let (page, one_page) = single_page(gpa, len as u64);
+        if !one_page {
             return None;
         }
         let marker = InFlight::enter(&self.accessor);
@@ -288,10 +287,8 @@ impl CheckedMemory {
     /// Judges a device write of `[gpa, gpa + len)`, reporting a violation;
     /// true if the write may be performed.
     fn judge_write(&self, protections: &MemoryProtections, gpa: u64, len: u64) -> bool {
-        let page = gpa >> heki::PAGE_SHIFT;
-        let last = len.checked_sub(1).and_then(|n| gpa.checked_add(n));
-        let one_page = last.is_some_and(|last| last >> heki::PAGE_SHIFT == page);
         let memo = &self.accessor.memo;
+        let (page, one_page) = single_page(gpa, len);
         if one_page && memo.knows(page, self.enforcer.generation.load(Ordering::Acquire)) {
             return true;
         }
@@ -316,10 +313,8 @@ impl CheckedMemory {
 
     /// Judges a device read; true if it may be performed.
     fn judge_read(&self, protections: &MemoryProtections, gpa: u64, len: u64) -> bool {
-        let page = gpa >> heki::PAGE_SHIFT;
-        let last = len.checked_sub(1).and_then(|n| gpa.checked_add(n));
-        let one_page = last.is_some_and(|last| last >> heki::PAGE_SHIFT == page);
         let memo = &self.accessor.readable;
+        let (page, one_page) = single_page(gpa, len);
         if one_page && memo.knows(page, self.enforcer.generation.load(Ordering::Acquire)) {
             return true;
         }
@@ -390,6 +385,13 @@ impl<I: Iterator> Iterator for HeldSlices<'_, I> {
 impl<I: FusedIterator> FusedIterator for HeldSlices<'_, I> {}
 
 impl<'a, I: GuestMemorySliceIterator<'a, BS<'a, ()>>> GuestMemorySliceIterator<'a, BS<'a, ()>> for HeldSlices<'a, I> {}
+
+/// The page of `gpa`, and whether `[gpa, gpa + len)` is non-empty and within it.
+fn single_page(gpa: u64, len: u64) -> (u64, bool) {
+    let page = gpa >> heki::PAGE_SHIFT;
+    let last = len.checked_sub(1).and_then(|n| gpa.checked_add(n));
+    (page, last.is_some_and(|last| last >> heki::PAGE_SHIFT == page))
+}
 
 fn refused(gpa: GuestAddress) -> GuestMemoryError {
     GuestMemoryError::IOError(std::io::Error::new(
