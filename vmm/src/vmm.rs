@@ -131,6 +131,13 @@ pub fn run(run_config: VmmRunConfig) -> Result<i32, VmmError> {
         landlocked: false,
         introspection: None,
     };
+    // A VM given on the command line has its landlock rules known now: restrict
+    // before the signal and API threads start, so that they are bound too
+    // (landlock binds the calling thread and the threads it starts later).
+    if let Some(config) = run_config.vm.as_ref().filter(|c| c.landlock_enable) {
+        crate::sandbox::restrict(&crate::sandbox::rules(config, vmm.api_socket_path.as_deref()))?;
+        vmm.landlocked = true;
+    }
     let epoll = Epoll::new().map_err(VmmError::EventLoop)?;
     let watch = |fd: &EventFd, token: u64| {
         epoll
@@ -248,15 +255,16 @@ impl Vmm {
         crate::events::emit("vm", "booting", &[]);
         if self.serial_out.is_none() {
             self.serial_out = serial_output(&config)?;
-            if config.serial.mode == ConsoleOutputMode::Tty && !self.stdin_forwarding {
-                self.start_stdin_forwarding();
-            }
         }
-        self.start_introspection()?;
+        // Before any thread this boot starts (stdin, introspection, the VM's own).
         if config.landlock_enable && !self.landlocked {
             crate::sandbox::restrict(&crate::sandbox::rules(&config, self.api_socket_path.as_deref()))?;
             self.landlocked = true;
         }
+        if config.serial.mode == ConsoleOutputMode::Tty && !self.stdin_forwarding {
+            self.start_stdin_forwarding();
+        }
+        self.start_introspection()?;
         let agent = match (&config.introspection, &self.introspection) {
             (Some(_), Some(introspection)) => Some(introspection.hub().clone()),
             _ => None,
