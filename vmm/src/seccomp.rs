@@ -68,10 +68,13 @@ pub enum ThreadKind {
     Signal,
     /// `stdin`: forwards input to the serial port.
     Stdin,
+    /// `introspect-accept`, `-rx`, `-tx`: the agent's socket, its commands
+    /// (memslot and MSR-filter changes for tracking) and its events.
+    Introspection,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Api,
@@ -80,6 +83,7 @@ impl ThreadKind {
         ThreadKind::CrCheck,
         ThreadKind::Signal,
         ThreadKind::Stdin,
+        ThreadKind::Introspection,
     ];
 }
 
@@ -304,6 +308,29 @@ fn plain(kind: ThreadKind) -> &'static [i64] {
             &[libc::SYS_poll, libc::SYS_ppoll, libc::SYS_read, libc::SYS_recvfrom, libc::SYS_recvmsg, libc::SYS_sendto]
         }
         ThreadKind::Stdin => &[libc::SYS_read],
+        // The accept thread starts the rx and tx threads of each agent, which
+        // inherit this filter and install it again (prctl, seccomp).
+        ThreadKind::Introspection => &[
+            libc::SYS_accept4,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_getsockopt,
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+            libc::SYS_prctl,
+            libc::SYS_read,
+            libc::SYS_readv,
+            libc::SYS_recvfrom,
+            libc::SYS_recvmsg,
+            libc::SYS_sched_getaffinity,
+            libc::SYS_seccomp,
+            libc::SYS_sendmsg,
+            libc::SYS_sendto,
+            libc::SYS_set_robust_list,
+            libc::SYS_setsockopt,
+            libc::SYS_shutdown,
+            libc::SYS_writev,
+        ],
     }
 }
 
@@ -318,6 +345,8 @@ fn ioctls(kind: ThreadKind) -> Vec<u64> {
             all
         }
         ThreadKind::Vcpu => hypervisor::ioctl_numbers::vcpu_thread_ioctls(),
+        // Tracking changes memslots and the MSR filter, as heki does from the VMM thread.
+        ThreadKind::Introspection => hypervisor::ioctl_numbers::vmm_thread_ioctls(),
         ThreadKind::Api => vec![libc::FIONBIO],
         _ => Vec::new(),
     }

@@ -302,7 +302,11 @@ impl Introspection {
         let accept_hub = hub.clone();
         std::thread::Builder::new()
             .name("introspect-accept".into())
-            .spawn(move || accept_loop(&accept_hub, listener))
+            .spawn(move || {
+                // Its own filter, which the agents' rx and tx threads inherit.
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Introspection);
+                accept_loop(&accept_hub, listener)
+            })
             .map_err(IntrospectionError::Spawn)?;
         Ok(Introspection { hub })
     }
