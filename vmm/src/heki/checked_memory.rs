@@ -287,12 +287,24 @@ impl CheckedMemory {
     /// Judges a device write of `[gpa, gpa + len)`, reporting a violation;
     /// true if the write may be performed.
     fn judge_write(&self, protections: &MemoryProtections, gpa: u64, len: u64) -> bool {
-        let memo = &self.accessor.memo;
+        self.judge_access(protections, gpa, len, true)
+    }
+
+    /// Judges a device read; true if it may be performed.
+    fn judge_read(&self, protections: &MemoryProtections, gpa: u64, len: u64) -> bool {
+        self.judge_access(protections, gpa, len, false)
+    }
+
+    /// One device access under the protections' read lock: a memo hit, or
+    /// heki's verdict (reported if it is a violation, remembered if the whole
+    /// page is good).
+    fn judge_access(&self, protections: &MemoryProtections, gpa: u64, len: u64, write: bool) -> bool {
+        let memo = if write { &self.accessor.memo } else { &self.accessor.readable };
         let (page, one_page) = single_page(gpa, len);
         if one_page && memo.knows(page, self.enforcer.generation.load(Ordering::Acquire)) {
             return true;
         }
-        let access = Access::DmaWrite { gpa, len };
+        let access = if write { Access::DmaWrite { gpa, len } } else { Access::DmaRead { gpa, len } };
         let verdict = judge(access, Protections { memory: protections, pins: None }, self.enforcer.policy());
         if verdict.is_violation() {
             if !verdict.performs_access() {
@@ -303,33 +315,12 @@ impl CheckedMemory {
                 record.gpa = Some(gpa);
                 record.size = Some(len);
                 record.details.insert("device".into(), device.clone());
+                if !write {
+                    record.details.insert("access".into(), "read".into());
+                }
             });
-        } else if one_page && !protections.bytes.page_has_bytes(page) {
-            // Only whole writable pages: a page with protected bytes is judged each time.
-            memo.remember(page);
-        }
-        verdict.performs_access()
-    }
-
-    /// Judges a device read; true if it may be performed.
-    fn judge_read(&self, protections: &MemoryProtections, gpa: u64, len: u64) -> bool {
-        let memo = &self.accessor.readable;
-        let (page, one_page) = single_page(gpa, len);
-        if one_page && memo.knows(page, self.enforcer.generation.load(Ordering::Acquire)) {
-            return true;
-        }
-        let access = Access::DmaRead { gpa, len };
-        let verdict = judge(access, Protections { memory: protections, pins: None }, self.enforcer.policy());
-        if verdict.is_violation() {
-            self.accessor.refused.fetch_add(1, Ordering::Relaxed);
-            let device = &self.accessor.name;
-            self.enforcer.enforce(&verdict, device, |record| {
-                record.gpa = Some(gpa);
-                record.size = Some(len);
-                record.details.insert("device".into(), device.clone());
-                record.details.insert("access".into(), "read".into());
-            });
-        } else if one_page {
+        } else if one_page && (!write || !protections.bytes.page_has_bytes(page)) {
+            // A page with protected bytes is judged at every write.
             memo.remember(page);
         }
         verdict.performs_access()
