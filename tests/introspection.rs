@@ -212,8 +212,12 @@ fn an_agent_reads_state_and_answers_writes_and_msr_writes_with_heki_off() {
     agent.reply(seq(&second), Action::Deny).expect("reply");
     let third = sync_event(&mut agent);
     assert_eq!(third["gpa"].as_u64(), Some(at.watched + 16));
-    agent.call("untrack-write", json!({"gpa": at.watched})).expect("untrack");
+    // Sent back to back, before the VMM answers the command: lines are handled
+    // in the order sent, so the retry sees the page untracked.
+    let untrack = json!({"id": 9001, "cmd": "untrack-write", "args": {"gpa": at.watched}});
+    agent.send_raw(untrack.to_string().as_bytes()).expect("send");
     agent.reply(seq(&third), Action::Retry).expect("reply");
+    agent.wait_reply(&json!(9001)).expect("untrack");
     assert_eq!(vm.line("writes "), "writes a=1111 b=0 c=3333");
 
     // MSR writes: deny raises #GP, continue writes the MSR.
@@ -284,6 +288,44 @@ fn an_unanswered_event_times_out_to_the_policy_and_a_disconnect_undoes_the_track
     let timeouts =
         vm.events().iter().filter(|e| e["source"] == "introspection" && e["event"] == "agent-timeout").count();
     assert_eq!(timeouts, 1, "one agent-timeout event");
+}
+
+#[test]
+fn two_vcpus_held_at_once_each_get_their_own_reply_whatever_the_order() {
+    require_kvm!();
+    let mut vm = Vm::start("introspect-smp", &["--cpus", "boot=2"], "smp");
+    let mut agent = vm.connect();
+    let at = addresses(&vm);
+    agent.call("track-write", json!({"gpa": at.watched})).expect("track");
+    go(&mut agent, &at, 1);
+    let mut both_held = 0;
+    let mut answered = 0;
+    while answered < 40 {
+        let first = sync_event(&mut agent);
+        // The other vCPU's write of this round, if it traps too: the one
+        // that sent first reads the agent's lines, so answering the later
+        // event first makes it hand that reply over.
+        match agent.next_event(Some(Duration::from_millis(200))).expect("socket") {
+            Some(second) if second["reply_required"] == true => {
+                assert_ne!(first["vcpu"], second["vcpu"], "one event per held vCPU");
+                agent.reply(seq(&second), Action::Continue).expect("reply");
+                agent.reply(seq(&first), Action::Continue).expect("reply");
+                both_held += 1;
+                answered += 2;
+            }
+            other => {
+                assert!(other.is_none(), "unexpected {other:?}");
+                agent.reply(seq(&first), Action::Continue).expect("reply");
+                answered += 1;
+            }
+        }
+    }
+    assert_eq!(vm.line("smp done"), "smp done cpus=2 a=20 b=20");
+    assert!(both_held >= 5, "two vCPUs were held at once in only {both_held} of 20 rounds");
+    let stats = agent.call("stats", json!({})).expect("stats");
+    assert_eq!((stats["replies"].as_u64(), stats["agent_timeouts"].as_u64()), (Some(40), Some(0)), "{stats}");
+    go(&mut agent, &at, 2);
+    assert!(vm.wait_exit().success());
 }
 
 #[test]
@@ -724,19 +766,30 @@ fn the_example_agent_denies_writes_to_the_idt_and_a_data_page_with_heki_off() {
     assert!(log.try_recv().is_err(), "nothing else was denied");
 }
 
-/// One benchmark run of `hekivisor`: per round, (plain MMIO exit, tracked
-/// write answered `continue`) in guest TSC cycles.
-fn bench_run(hekivisor: &str) -> Vec<(f64, f64)> {
+/// How one benchmark run is set up.
+struct BenchSetup {
+    label: &'static str,
+    hekivisor: String,
+    /// `reply_poll_us` for the VMM (`None`: its default, or a binary without the option).
+    reply_poll_us: Option<u64>,
+    /// How long the agent polls for the next event before it sleeps.
+    agent_poll: Duration,
+}
+
+/// One benchmark run: per round, (plain MMIO exit, tracked write answered
+/// `continue`) in guest TSC cycles.
+fn bench_run(setup: &BenchSetup) -> Vec<(f64, f64)> {
     let dir = common::temp_dir("introspect-bench");
     let socket = dir.join("agent.sock");
     let serial = dir.join("serial.log");
-    let child = Command::new(hekivisor)
+    let poll = setup.reply_poll_us.map(|us| format!(",reply_poll_us={us}")).unwrap_or_default();
+    let child = Command::new(&setup.hekivisor)
         .arg("--kernel")
         .arg(common::guests::build("introspect"))
         .args(["--cmdline", "bench", "--serial"])
         .arg(format!("file={}", serial.display()))
         .arg("--introspection")
-        .arg(format!("path={},reply_timeout_ms=3000", socket.display()))
+        .arg(format!("path={},reply_timeout_ms=3000{poll}", socket.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("stderr.log")).expect("stderr file"))
@@ -758,6 +811,7 @@ fn bench_run(hekivisor: &str) -> Vec<(f64, f64)> {
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
     });
+    agent.set_event_poll(setup.agent_poll);
     let mut answered = 0;
     while answered < 2000 {
         let event = agent.next_event(None).expect("the VM went away").expect("an event");
@@ -799,18 +853,39 @@ fn median(mut values: Vec<f64>) -> f64 {
 #[ignore = "benchmark: cargo test --release --test introspection -- --ignored --nocapture"]
 fn bench_tracked_write_answered_continue_against_a_plain_mmio_exit() {
     require_kvm!();
-    let baseline = std::env::var("HK_BENCH_BASELINE").ok();
-    let mut binaries: Vec<(&str, String)> = vec![("this build", common::hekivisor_bin().to_string())];
-    if let Some(path) = baseline {
-        binaries.insert(0, ("baseline", path));
+    let this = common::hekivisor_bin().to_string();
+    let mut setups = vec![
+        BenchSetup {
+            label: "vCPU polls 50 us (default), agent polls 200 us",
+            hekivisor: this.clone(),
+            reply_poll_us: None,
+            agent_poll: Duration::from_micros(200),
+        },
+        BenchSetup {
+            label: "vCPU polls 50 us (default), agent sleeps",
+            hekivisor: this.clone(),
+            reply_poll_us: None,
+            agent_poll: Duration::ZERO,
+        },
+        BenchSetup {
+            label: "no polling on either side",
+            hekivisor: this,
+            reply_poll_us: Some(0),
+            agent_poll: Duration::ZERO,
+        },
+    ];
+    if let Ok(path) = std::env::var("HK_BENCH_BASELINE") {
+        let label = "baseline binary, agent sleeps";
+        setups.push(BenchSetup { label, hekivisor: path, reply_poll_us: None, agent_poll: Duration::ZERO });
     }
-    let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); binaries.len()];
+    let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); setups.len()];
     for _ in 0..3 {
-        for (i, (_, binary)) in binaries.iter().enumerate() {
-            results[i].extend(bench_run(binary));
+        for (i, setup) in setups.iter().enumerate() {
+            results[i].extend(bench_run(setup));
         }
     }
-    for ((name, _), rounds) in binaries.iter().zip(results) {
+    for (setup, rounds) in setups.iter().zip(results) {
+        let name = setup.label;
         let ratio = median(rounds.iter().map(|(m, t)| t / m).collect());
         let mmio = median(rounds.iter().map(|r| r.0).collect());
         let tracked = median(rounds.iter().map(|r| r.1).collect());

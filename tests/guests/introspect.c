@@ -35,6 +35,25 @@ static u64 peek(const void *p) { return *(volatile const u64 *)p; }
 static volatile u64 bp_hits;
 static void __attribute__((noinline)) bp_target(void) { bp_hits++; }
 
+/* "smp": both vCPUs write the watched page at the same moment, round after
+ * round, so two events wait for replies at once. */
+#define SMP_ROUNDS 20
+static volatile u32 smp_arrived[2];
+static volatile unsigned smp_cpus = 1;
+
+static void smp_rounds(unsigned cpu) {
+    for (u32 r = 1; r <= SMP_ROUNDS; r++) {
+        smp_arrived[cpu] = r;
+        for (unsigned c = 0; c < smp_cpus; c++)
+            while (smp_arrived[c] < r) cpu_relax();
+        *(volatile u64 *)(watched + 64 * cpu) = r;
+    }
+}
+
+void ap_main(unsigned cpu) {
+    if (cpu == 1) smp_rounds(1);
+}
+
 void guest_main(void) {
     printf("ready watched=%lx mailbox=%lx locked=%lx bp=%lx\n", (u64)watched, (u64)mailbox, (u64)locked,
            (u64)bp_target);
@@ -108,6 +127,16 @@ void guest_main(void) {
         step(2);
         bp_target();
         printf("bp done hits=%lu\n", bp_hits);
+        return;
+    }
+    if (cmdline_has("smp")) {
+        step(1);
+        unsigned n = smp_start_async();
+        smp_cpus = n > 2 ? 2 : n;
+        smp_rounds(0);
+        while (smp_arrived[smp_cpus - 1] < SMP_ROUNDS || peek(watched + 64) < SMP_ROUNDS) cpu_relax();
+        printf("smp done cpus=%u a=%lu b=%lu\n", smp_cpus, peek(watched), peek(watched + 64));
+        step(2);
         return;
     }
     if (cmdline_has("bench")) {

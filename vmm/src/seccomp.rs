@@ -268,6 +268,9 @@ fn plain(kind: ThreadKind) -> &'static [i64] {
             libc::SYS_recvmsg,
             libc::SYS_sendmsg,
             libc::SYS_sendto,
+            // A failed write to the agent closes its socket, so that
+            // introspect-rx sees the end and undoes the agent's tracking.
+            libc::SYS_shutdown,
         ],
         // tokio's current-thread runtime over a Unix listener.
         ThreadKind::Api => &[
@@ -314,6 +317,8 @@ fn plain(kind: ThreadKind) -> &'static [i64] {
             libc::SYS_accept4,
             libc::SYS_clone,
             libc::SYS_clone3,
+            // Each agent's inbox wakes its rx thread through an eventfd.
+            libc::SYS_eventfd2,
             libc::SYS_getsockopt,
             libc::SYS_poll,
             libc::SYS_ppoll,

@@ -176,6 +176,32 @@ mod tests {
         assert_eq!(in_spec, served);
     }
 
+    /// Every field `vm.create` accepts (and `vm.info` returns) is in the spec's `VmConfig`.
+    #[test]
+    fn openapi_vm_config_names_every_config_field() {
+        let text = include_str!("openapi/hekivisor.yaml");
+        let spec: serde_yaml::Value = serde_yaml::from_str(text).expect("valid YAML");
+        let schema = &spec["components"]["schemas"]["VmConfig"]["properties"];
+        let config = crate::config::VmConfig {
+            introspection: Some(crate::config::IntrospectionConfig {
+                socket: "/run/agent.sock".into(),
+                reply_timeout_ms: 1000,
+                reply_poll_us: 50,
+            }),
+            ..Default::default()
+        };
+        let serde_json::Value::Object(fields) = serde_json::to_value(&config).expect("serialize") else {
+            panic!("VmConfig is an object")
+        };
+        for name in fields.keys() {
+            assert!(!schema[name.as_str()].is_null(), "VmConfig.{name} is missing from the OpenAPI spec");
+        }
+        let agent = &schema["introspection"]["properties"];
+        for name in ["socket", "reply_timeout_ms", "reply_poll_us"] {
+            assert!(!agent[name].is_null(), "introspection.{name} is missing from the OpenAPI spec");
+        }
+    }
+
     #[test]
     fn resolve_distinguishes_unknown_paths_from_wrong_methods() {
         assert!(matches!(resolve("GET", "/api/v1/vm.info"), Resolved::Request(_)));

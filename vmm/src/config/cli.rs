@@ -57,8 +57,8 @@ pub struct CliArgs {
     #[arg(long, value_name = "enabled=on,...")]
     pub heki: Option<String>,
 
-    /// Introspection agent socket: path=SOCK[,reply_timeout_ms=N] (mode 0600, one
-    /// agent at a time; see docs/introspection.md).
+    /// Introspection agent socket: path=SOCK[,reply_timeout_ms=N][,reply_poll_us=N]
+    /// (mode 0600, one agent at a time; see docs/introspection.md).
     #[arg(long, value_name = "path=SOCK")]
     pub introspection: Option<String>,
 
@@ -289,10 +289,11 @@ pub fn parse_net(input: &str) -> Result<super::NetConfig, ConfigError> {
 }
 
 pub fn parse_introspection(input: &str) -> Result<super::IntrospectionConfig, ConfigError> {
-    let o = OptionValues::parse("--introspection", input, &["path", "reply_timeout_ms"])?;
+    let o = OptionValues::parse("--introspection", input, &["path", "reply_timeout_ms", "reply_poll_us"])?;
     let path = o.get("path").filter(|p| !p.is_empty()).ok_or_else(|| o.error("path=SOCK is required".into()))?;
     let reply_timeout_ms = o.get_u64("reply_timeout_ms")?.unwrap_or(super::DEFAULT_REPLY_TIMEOUT_MS);
-    Ok(super::IntrospectionConfig { socket: PathBuf::from(path), reply_timeout_ms })
+    let reply_poll_us = o.get_u64("reply_poll_us")?.unwrap_or(super::DEFAULT_REPLY_POLL_US);
+    Ok(super::IntrospectionConfig { socket: PathBuf::from(path), reply_timeout_ms, reply_poll_us })
 }
 
 pub fn parse_heki(input: &str) -> Result<HekiConfig, ConfigError> {
@@ -387,6 +388,8 @@ mod tests {
             (&["--kernel", "k", "--serial", "file="][..], "--serial"),
             (&["--cpus", "boot=2"][..], "without --kernel"),
             (&["--api-socket", "fd=-3"][..], "--api-socket"),
+            (&["--kernel", "k", "--introspection", "path=/a,reply_poll_us=20000"][..], "introspection.reply_poll_us"),
+            (&["--kernel", "k", "--introspection", "path=/a,reply_poll=5"][..], "unknown key 'reply_poll'"),
         ] {
             let err = args(flags).err().unwrap_or_else(|| panic!("{flags:?} must fail")).to_string();
             assert!(err.contains(needle), "{flags:?}: '{err}' lacks '{needle}'");

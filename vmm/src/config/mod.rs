@@ -115,9 +115,21 @@ pub struct IntrospectionConfig {
     /// the VM's heki policy decides instead (`agent-timeout`).
     #[serde(default = "default_reply_timeout_ms")]
     pub reply_timeout_ms: u64,
+    /// How long a vCPU polls for the reply before it sleeps, as KVM's halt
+    /// polling does: a prompt agent's answer then costs no wake-up. 0 turns
+    /// polling off (no CPU time spent; every answer wakes the vCPU).
+    #[serde(default = "default_reply_poll_us")]
+    pub reply_poll_us: u64,
 }
 
 pub const DEFAULT_REPLY_TIMEOUT_MS: u64 = 1000;
+pub const DEFAULT_REPLY_POLL_US: u64 = 50;
+/// Polling longer than this is better spent asleep.
+pub const MAX_REPLY_POLL_US: u64 = 10_000;
+
+fn default_reply_poll_us() -> u64 {
+    DEFAULT_REPLY_POLL_US
+}
 
 fn default_reply_timeout_ms() -> u64 {
     DEFAULT_REPLY_TIMEOUT_MS
@@ -284,6 +296,11 @@ impl VmConfig {
             && (agent.reply_timeout_ms == 0 || agent.reply_timeout_ms > 600_000)
         {
             return Err(invalid("introspection.reply_timeout_ms", "must be 1..=600000"));
+        }
+        if let Some(agent) = &self.introspection
+            && agent.reply_poll_us > MAX_REPLY_POLL_US
+        {
+            return Err(invalid("introspection.reply_poll_us", format!("must be 0..={MAX_REPLY_POLL_US}")));
         }
         for rule in self.landlock_rules.iter().flatten() {
             if !matches!(rule.access.as_str(), "r" | "w" | "rw") {

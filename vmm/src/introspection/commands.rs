@@ -85,6 +85,7 @@ pub fn hello(hub: &Hub) -> Value {
             "memory": ram.iter().map(|&(start, end)| json!({"gpa": start, "size": end - start})).collect::<Vec<_>>(),
             "heki": heki.is_some(),
             "reply_timeout_ms": hub.reply_timeout.as_millis() as u64,
+            "reply_poll_us": hub.reply_poll.as_micros() as u64,
         },
         "capabilities": {
             "pause": {"status": "enforced"},

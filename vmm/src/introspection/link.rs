@@ -8,6 +8,7 @@
 //! (`check_crs`, CR changes as detected). The agent's socket thread posts
 //! requests and delivers replies through each vCPU's slot.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,8 @@ use serde_json::{Value, json};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::Hub;
-use super::protocol::{Action, AgentError, AgentResult, EventLine};
+use super::inbox::{Inbox, Line, LineReader};
+use super::protocol::{self, Action, AgentError, AgentResult, EventLine, Incoming};
 use crate::cpu::{ExitOutcome, VcpuEvent};
 use crate::heki::ports::VcpuAccess;
 use crate::heki::traps::VmTraps;
@@ -385,8 +387,27 @@ impl AgentLink {
             state.waiting = Some(seq);
             state.answer = None;
         }
-        let connection = self.hub.send_event(seq, event)?;
+        // Borrowed before the event goes out, so the reply cannot slip past.
+        let reader = self.hub.inbox().and_then(|(connection, inbox)| {
+            let reader = inbox.try_borrow()?;
+            Some((connection, inbox, reader))
+        });
+        let Some(connection) = self.hub.send_event(seq, event) else {
+            if let Some((_, inbox, reader)) = reader {
+                inbox.give_back(reader, None);
+            }
+            return None;
+        };
         let deadline = Instant::now() + self.hub.reply_timeout;
+        if let Some((borrowed_for, inbox, reader)) = reader {
+            if borrowed_for != connection {
+                // The agent changed meanwhile: that reader is the old connection's.
+                inbox.give_back(reader, None);
+            } else if let Some(answer) = self.read_own_reply(&inbox, reader, seq, connection, deadline) {
+                slot.lock().waiting = None;
+                return Some(answer);
+            }
+        }
         let mut state = slot.lock();
         let answer = loop {
             if let Some(answer) = state.answer.take() {
@@ -409,6 +430,58 @@ impl AgentLink {
         };
         state.waiting = None;
         answer
+    }
+
+    /// Reads the agent's lines on this vCPU's thread until the reply to
+    /// `seq`. Replies to other vCPUs' events are delivered on the way; any
+    /// other line, the end of the connection, the deadline or a VM stop
+    /// hands the reader back to `introspect-rx`, and `None` sends the caller
+    /// to the usual wait (which the agent can still answer).
+    fn read_own_reply(
+        &self,
+        inbox: &Inbox,
+        mut reader: LineReader,
+        seq: u64,
+        connection: u64,
+        deadline: Instant,
+    ) -> Option<Action> {
+        // As KVM's halt polling: a reply that comes within `reply_poll` is
+        // seen without this thread sleeping and being woken again.
+        let poll_until = Instant::now() + self.hub.reply_poll;
+        loop {
+            while let Some(line) = reader.next_line() {
+                let Line::Text(text) = &line else {
+                    inbox.give_back(reader, Some(line));
+                    return None;
+                };
+                match protocol::parse_line(text) {
+                    Ok(Incoming::Reply { seq: replied, action }) if replied == seq => {
+                        self.hub.counters.replies.fetch_add(1, Ordering::Relaxed);
+                        inbox.give_back(reader, None);
+                        return Some(action);
+                    }
+                    Ok(Incoming::Reply { seq: replied, action }) => self.hub.deliver_reply(replied, action),
+                    _ => {
+                        inbox.give_back(reader, Some(line));
+                        return None;
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline || self.hub.connection() != Some(connection) || self.control.vcpus.is_stopping() {
+                inbox.give_back(reader, None);
+                return None;
+            }
+            if now < poll_until {
+                std::hint::spin_loop();
+            } else {
+                inbox.wait((deadline - now).min(WAIT_SLICE));
+            }
+            if inbox.receive(&mut reader).is_err() {
+                // `reader` now ends with `Line::End`, which goes back to introspect-rx.
+                continue;
+            }
+        }
     }
 
     /// CR changes, as detected at an exit (KVM gives user space no CR-write exits).

@@ -10,11 +10,12 @@
 //! their own replies; the VMM thread never touches the socket.
 
 mod commands;
+mod inbox;
 pub mod link;
 pub mod protocol;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,6 +25,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use inbox::{Inbox, Line};
 pub use link::{AgentLink, Intercepted};
 use protocol::{AgentError, EventLine, Incoming, MAX_LINE};
 
@@ -120,11 +122,15 @@ struct Connection {
     generation: u64,
     connected: bool,
     async_tx: Option<SyncSender<String>>,
+    /// The agent's incoming lines (a waiting vCPU may read its own reply).
+    inbox: Option<Arc<Inbox>>,
 }
 
 /// The agent channel of one VMM.
 pub struct Hub {
     pub(crate) reply_timeout: Duration,
+    /// How long a vCPU polls for its reply before it sleeps.
+    pub(crate) reply_poll: Duration,
     pub(crate) caps: HostCaps,
     socket: PathBuf,
     connection: Mutex<Connection>,
@@ -165,6 +171,15 @@ impl Hub {
     fn connection(&self) -> Option<u64> {
         let c = lock(&self.connection);
         c.connected.then_some(c.generation)
+    }
+
+    /// The live connection's generation and incoming lines.
+    fn inbox(&self) -> Option<(u64, Arc<Inbox>)> {
+        let c = lock(&self.connection);
+        if !c.connected {
+            return None;
+        }
+        c.inbox.clone().map(|inbox| (c.generation, inbox))
     }
 
     /// Writes one line to the agent, in one write (the agent wakes once);
@@ -209,6 +224,19 @@ impl Hub {
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Hands a reply to the vCPU waiting on event `seq`; the agent hears
+    /// when none does (late, or a wrong seq).
+    fn deliver_reply(&self, seq: u64, action: protocol::Action) {
+        let delivered = self.link().is_some_and(|link| link.deliver(seq, action));
+        if delivered {
+            self.counters.replies.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.bad_messages.fetch_add(1, Ordering::Relaxed);
+            let e = AgentError::new("ENOENT", format!("no vCPU waits for a reply to event {seq}"));
+            self.write_line(json!({"reply": seq, "error": e.to_json()}).to_string());
         }
     }
 
@@ -260,6 +288,7 @@ impl Hub {
             c.connected = false;
             c.generation += 1;
             c.async_tx = None;
+            c.inbox = None;
         }
         if let Some(stream) = lock(&self.out).take() {
             let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -288,6 +317,7 @@ impl Introspection {
         let listener = bind(&config.socket)?;
         let hub = Arc::new(Hub {
             reply_timeout: Duration::from_millis(config.reply_timeout_ms),
+            reply_poll: Duration::from_micros(config.reply_poll_us),
             caps,
             socket: config.socket.clone(),
             connection: Mutex::default(),
@@ -400,6 +430,7 @@ fn accept_loop(hub: &Arc<Hub>, listener: UnixListener) {
 fn start_connection(hub: &Arc<Hub>, stream: UnixStream) -> std::io::Result<()> {
     stream.set_write_timeout(Some(hub.reply_timeout.max(Duration::from_millis(100))))?;
     let writer = stream.try_clone()?;
+    let inbox = Arc::new(Inbox::new(stream)?);
     let (async_tx, async_rx) = sync_channel(ASYNC_QUEUE);
     *lock(&hub.out) = Some(writer);
     {
@@ -407,6 +438,7 @@ fn start_connection(hub: &Arc<Hub>, stream: UnixStream) -> std::io::Result<()> {
         c.generation += 1;
         c.connected = true;
         c.async_tx = Some(async_tx);
+        c.inbox = Some(inbox.clone());
     }
     hub.counters.connections.fetch_add(1, Ordering::Relaxed);
     crate::events::emit("introspection", "connected", &[]);
@@ -415,7 +447,7 @@ fn start_connection(hub: &Arc<Hub>, stream: UnixStream) -> std::io::Result<()> {
     std::thread::Builder::new().name("introspect-tx".into()).spawn(move || async_writer(&tx_hub, async_rx))?;
     let rx_hub = hub.clone();
     std::thread::Builder::new().name("introspect-rx".into()).spawn(move || {
-        read_loop(&rx_hub, stream);
+        inbox.read_loop(|line| handle_incoming(&rx_hub, line));
         rx_hub.unhook();
     })?;
     Ok(())
@@ -430,59 +462,17 @@ fn async_writer(hub: &Hub, rx: Receiver<String>) {
     }
 }
 
-/// Reads the agent's lines until it disconnects.
-fn read_loop(hub: &Arc<Hub>, stream: UnixStream) {
-    let mut reader = BufReader::new(stream);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match read_bounded_line(&mut reader, &mut line) {
-            Ok(LineRead::Eof) | Err(_) => return,
-            Ok(LineRead::TooLong) => {
-                hub.counters.bad_messages.fetch_add(1, Ordering::Relaxed);
-                let e = AgentError::new("E2BIG", format!("a message is at most {MAX_LINE} bytes"));
-                hub.write_line(protocol::reply(&Value::Null, &Err(e)).to_string());
-            }
-            Ok(LineRead::Line) => {
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                handle_line(hub, &line);
-            }
+/// One line from the agent, on `introspect-rx`.
+fn handle_incoming(hub: &Arc<Hub>, line: Line) {
+    match line {
+        Line::Text(text) if text.iter().all(u8::is_ascii_whitespace) => {}
+        Line::Text(text) => handle_line(hub, &text),
+        Line::TooLong => {
+            hub.counters.bad_messages.fetch_add(1, Ordering::Relaxed);
+            let e = AgentError::new("E2BIG", format!("a message is at most {MAX_LINE} bytes"));
+            hub.write_line(protocol::reply(&Value::Null, &Err(e)).to_string());
         }
-    }
-}
-
-enum LineRead {
-    Line,
-    TooLong,
-    Eof,
-}
-
-/// Reads one line into `line` (without the newline), at most `MAX_LINE`
-/// bytes; the rest of a longer line is skipped.
-fn read_bounded_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> std::io::Result<LineRead> {
-    let mut too_long = false;
-    loop {
-        let buf = reader.fill_buf()?;
-        if buf.is_empty() {
-            return Ok(if line.is_empty() && !too_long { LineRead::Eof } else { LineRead::Line });
-        }
-        let (chunk, found) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (&buf[..i], Some(i + 1)),
-            None => (buf, None),
-        };
-        if !too_long && line.len() + chunk.len() <= MAX_LINE {
-            line.extend_from_slice(chunk);
-        } else {
-            too_long = true;
-            line.clear();
-        }
-        let used = found.unwrap_or(buf.len());
-        reader.consume(used);
-        if found.is_some() {
-            return Ok(if too_long { LineRead::TooLong } else { LineRead::Line });
-        }
+        Line::End => {}
     }
 }
 
@@ -492,16 +482,7 @@ fn handle_line(hub: &Arc<Hub>, line: &[u8]) {
             hub.counters.bad_messages.fetch_add(1, Ordering::Relaxed);
             hub.write_line(protocol::reply(&id, &Err(e)).to_string());
         }
-        Ok(Incoming::Reply { seq, action }) => {
-            let delivered = hub.link().is_some_and(|link| link.deliver(seq, action));
-            if delivered {
-                hub.counters.replies.fetch_add(1, Ordering::Relaxed);
-            } else {
-                hub.counters.bad_messages.fetch_add(1, Ordering::Relaxed);
-                let e = AgentError::new("ENOENT", format!("no vCPU waits for a reply to event {seq}"));
-                hub.write_line(json!({"reply": seq, "error": e.to_json()}).to_string());
-            }
-        }
+        Ok(Incoming::Reply { seq, action }) => hub.deliver_reply(seq, action),
         Ok(Incoming::Command { id, cmd, args }) => {
             let result = commands::run(hub, &cmd, &args);
             if result.is_err() {
@@ -515,20 +496,6 @@ fn handle_line(hub: &Arc<Hub>, line: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_oversized_line_is_skipped_and_the_next_one_is_read() {
-        let mut input = vec![b'x'; MAX_LINE + 10];
-        input.extend_from_slice(b"\n{\"id\":1}\n");
-        let mut reader = BufReader::with_capacity(1024, &input[..]);
-        let mut line = Vec::new();
-        assert!(matches!(read_bounded_line(&mut reader, &mut line), Ok(LineRead::TooLong)));
-        line.clear();
-        assert!(matches!(read_bounded_line(&mut reader, &mut line), Ok(LineRead::Line)));
-        assert_eq!(line, b"{\"id\":1}");
-        line.clear();
-        assert!(matches!(read_bounded_line(&mut reader, &mut line), Ok(LineRead::Eof)));
-    }
 
     #[test]
     fn tracked_ranges_cover_every_page_a_write_touches() {
