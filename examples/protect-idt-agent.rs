@@ -33,19 +33,19 @@ pub struct Options {
     pub socket: PathBuf,
     /// Guest-physical addresses of data pages to protect.
     pub pages: Vec<u64>,
-    /// The vCPU whose IDTR is read.
-    pub vcpu: u8,
+    /// Only this vCPU's IDT (default: every vCPU's).
+    pub vcpu: Option<u8>,
 }
 
 impl Options {
     fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
-        let mut options = Options { socket: PathBuf::new(), pages: Vec::new(), vcpu: 0 };
+        let mut options = Options { socket: PathBuf::new(), pages: Vec::new(), vcpu: None };
         while let Some(arg) = args.next() {
             let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
             match arg.as_str() {
                 "--socket" => options.socket = PathBuf::from(value()?),
                 "--page" => options.pages.push(number(&value()?)?),
-                "--vcpu" => options.vcpu = u8::try_from(number(&value()?)?).map_err(|_| "--vcpu: 0 to 255")?,
+                "--vcpu" => options.vcpu = Some(u8::try_from(number(&value()?)?).map_err(|_| "--vcpu: 0 to 255")?),
                 "--help" | "-h" => return Err(String::new()),
                 other => return Err(format!("unknown argument '{other}'")),
             }
@@ -72,8 +72,8 @@ struct Guard {
     ranges: Vec<(u64, u64, &'static str)>,
     /// Tracked guest-physical pages (page-aligned addresses).
     tracked: BTreeSet<u64>,
-    /// The IDTR last seen: (base, limit).
-    idtr: Option<(u64, u64)>,
+    /// Each vCPU's IDTR last seen: (base, limit).
+    idtrs: std::collections::BTreeMap<u8, (u64, u64)>,
 }
 
 impl Guard {
@@ -95,41 +95,58 @@ impl Guard {
         Ok(())
     }
 
-    /// Reads the IDTR and protects the IDT where it is now. `Some` (for the
-    /// log) when it moved; `None` while there is no VM or no paged IDT yet.
-    fn follow_idt(&mut self, agent: &mut Agent, options: &Options) -> Result<Option<Value>, Error> {
-        let sregs = match agent.call("get-sregs", json!({"vcpu": options.vcpu})) {
-            Ok(sregs) => sregs,
-            // Not booted yet, or rebooting.
-            Err(Error::Refused { errno, .. }) if errno == "ENODEV" || errno == "ETIMEDOUT" => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let get = |v: &Value| v.as_u64().unwrap_or(0);
-        let (base, limit) = (get(&sregs["idt"]["base"]), get(&sregs["idt"]["limit"]));
-        if get(&sregs["cr0"]) & CR0_PG == 0 || limit == 0 || self.idtr == Some((base, limit)) {
+    /// Reads every watched vCPU's IDTR and protects the IDTs where they are
+    /// now. `Some` (for the log) when one moved; `None` while there is no VM
+    /// or no paged IDT yet.
+    fn follow_idts(&mut self, agent: &mut Agent, vcpus: &[u8], options: &Options) -> Result<Option<Value>, Error> {
+        let mut idtrs = std::collections::BTreeMap::new();
+        for &vcpu in vcpus {
+            let sregs = match agent.call("get-sregs", json!({"vcpu": vcpu})) {
+                Ok(sregs) => sregs,
+                // Not booted yet, rebooting, or a vCPU not started.
+                Err(Error::Refused { errno, .. }) if matches!(errno.as_str(), "ENODEV" | "ETIMEDOUT" | "ENOENT") => {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let get = |v: &Value| v.as_u64().unwrap_or(0);
+            let (base, limit) = (get(&sregs["idt"]["base"]), get(&sregs["idt"]["limit"]));
+            if get(&sregs["cr0"]) & CR0_PG != 0 && limit != 0 {
+                idtrs.insert(vcpu, (base, limit));
+            }
+        }
+        if idtrs.is_empty() || idtrs == self.idtrs {
             return Ok(None);
         }
         let mut ranges: Vec<(u64, u64, &'static str)> = self.ranges.iter().filter(|r| r.2 != "idt").copied().collect();
-        let mut gva = base;
-        let end = base.saturating_add(limit + 1);
-        while gva < end {
-            let page_end = ((gva / PAGE) + 1).saturating_mul(PAGE).min(end);
-            let translated = agent.call("translate", json!({"vcpu": options.vcpu, "gva": gva}))?;
-            let Some(gpa) = translated["gpa"].as_u64() else {
-                // Not mapped (yet): try again at the next check.
-                return Ok(None);
-            };
-            ranges.push((gpa, gpa + (page_end - gva), "idt"));
-            gva = page_end;
+        // vCPUs usually share one IDT: each distinct one is translated once.
+        let mut seen = BTreeSet::new();
+        for (&vcpu, &(base, limit)) in &idtrs {
+            if !seen.insert((base, limit)) {
+                continue;
+            }
+            let mut gva = base;
+            let end = base.saturating_add(limit + 1);
+            while gva < end {
+                let page_end = ((gva / PAGE) + 1).saturating_mul(PAGE).min(end);
+                let translated = agent.call("translate", json!({"vcpu": vcpu, "gva": gva}))?;
+                let Some(gpa) = translated["gpa"].as_u64() else {
+                    // Not mapped (yet): try again at the next check.
+                    return Ok(None);
+                };
+                ranges.push((gpa, gpa + (page_end - gva), "idt"));
+                gva = page_end;
+            }
         }
         let wanted = ranges.iter().flat_map(|&(start, stop, _)| (start / PAGE..stop.div_ceil(PAGE)).map(|p| p * PAGE));
         self.track(agent, wanted.collect())?;
         self.ranges = ranges;
-        self.idtr = Some((base, limit));
         let idt: Vec<Value> =
             self.ranges.iter().filter(|r| r.2 == "idt").map(|r| json!({"gpa": r.0, "size": r.1 - r.0})).collect();
-        Ok(Some(json!({"protecting": {"idt": {"base": base, "limit": limit, "ranges": idt},
-                                       "pages": options.pages}})))
+        let per_vcpu: Vec<Value> =
+            idtrs.iter().map(|(vcpu, (base, limit))| json!({"vcpu": vcpu, "base": base, "limit": limit})).collect();
+        self.idtrs = idtrs;
+        Ok(Some(json!({"protecting": {"idt": {"idtr": per_vcpu, "ranges": idt}, "pages": options.pages}})))
     }
 }
 
@@ -143,10 +160,17 @@ pub fn run(options: &Options, mut log: impl FnMut(Value)) -> Result<(), Error> {
     }
     let pages = guard.ranges.iter().map(|r| r.0).collect();
     guard.track(&mut agent, pages)?;
+    let vcpus: Vec<u8> = match options.vcpu {
+        Some(vcpu) => vec![vcpu],
+        None => {
+            let count = agent.hello["vm"]["vcpus"].as_u64().unwrap_or(1).clamp(1, 256);
+            (0..count).map(|v| v as u8).collect()
+        }
+    };
     let mut checked: Option<Instant> = None;
     loop {
         if checked.is_none_or(|at| at.elapsed() >= RECHECK) {
-            if let Some(entry) = guard.follow_idt(&mut agent, options)? {
+            if let Some(entry) = guard.follow_idts(&mut agent, &vcpus, options)? {
                 log(entry);
             }
             checked = Some(Instant::now());
@@ -195,7 +219,7 @@ fn main() -> std::process::ExitCode {
             if !e.is_empty() {
                 eprintln!("protect-idt-agent: {e}");
             }
-            eprintln!("usage: protect-idt-agent --socket PATH [--page GPA]... [--vcpu N]");
+            eprintln!("usage: protect-idt-agent --socket PATH [--page GPA]... [--vcpu N (default: every vCPU)]");
             return std::process::ExitCode::FAILURE;
         }
     };

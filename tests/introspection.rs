@@ -744,7 +744,7 @@ fn the_example_agent_denies_writes_to_the_idt_and_a_data_page_with_heki_off() {
     let mut vm = TtyVm::start("introspect-idt-agent", "idt");
     let line = vm.line("idt base=");
     let (idt_base, data) = (hex_field(&line, "base"), hex_field(&line, "data"));
-    let options = protect_idt_agent::Options { socket: vm.socket.clone(), pages: vec![data], vcpu: 0 };
+    let options = protect_idt_agent::Options { socket: vm.socket.clone(), pages: vec![data], vcpu: None };
     let (log_tx, log) = std::sync::mpsc::channel();
     let agent = std::thread::spawn(move || {
         protect_idt_agent::run(&options, |entry| {
@@ -752,7 +752,7 @@ fn the_example_agent_denies_writes_to_the_idt_and_a_data_page_with_heki_off() {
         })
     });
     let armed = log.recv_timeout(Duration::from_secs(30)).expect("the agent protects the IDT");
-    assert_eq!(armed["protecting"]["idt"]["base"], idt_base, "{armed}");
+    assert_eq!(armed["protecting"]["idt"]["idtr"][0]["base"], idt_base, "{armed}");
     assert_eq!(armed["protecting"]["pages"], json!([data]));
     vm.press_key();
     assert_eq!(vm.line("idt-attack "), "idt-attack gate=intact data=intact");

@@ -253,6 +253,11 @@ impl HekiRuntime {
         Ok(bits | if unmapped { heki::private::QUERY_UNMAPPED } else { 0 })
     }
 
+    /// Pages up to the end of the highest RAM region.
+    fn ram_pages(&self) -> u64 {
+        self.ram.regions.iter().map(|&(_, end)| end >> PAGE_SHIFT).max().unwrap_or(0)
+    }
+
     /// Whether the guest made its memory private.
     pub fn private_memory_enabled(&self) -> bool {
         self.enforcer.protections().private.is_enabled()
@@ -279,6 +284,7 @@ impl HekiRuntime {
                 // One mprotect per contiguous private run.
                 for &(start, end) in newly_private.borrow().iter() {
                     host_view::set_access(view, start << PAGE_SHIFT, (end - start) << PAGE_SHIFT, false)?;
+                    self.enforcer.mark_private(self.ram_pages(), start, end, true);
                 }
                 Ok(())
             },
@@ -296,7 +302,12 @@ impl HekiRuntime {
         let ram = self.ram.clone();
         self.update_with_view(
             |p| p.private.set_shared(&ram, gpa, len, share),
-            |view| host_view::set_access(view, gpa, len, share == 1),
+            |view| {
+                host_view::set_access(view, gpa, len, share == 1)?;
+                let pages = (gpa >> PAGE_SHIFT, (gpa + len) >> PAGE_SHIFT);
+                self.enforcer.mark_private(self.ram_pages(), pages.0, pages.1, share == 0);
+                Ok(())
+            },
         )?;
         let what = if share == 1 { "shared" } else { "private" };
         crate::events::emit("heki", what, &[("gpa", format!("{gpa:#x}")), ("size", len.to_string())]);

@@ -280,6 +280,76 @@ fn making_a_page_private_waits_for_the_dma_in_flight() {
     assert!(rig.device("_disk0").write_slice(&[1; 4], GuestAddress(0xb000)).is_err());
 }
 
+/// A device batch holds a make-private until its next checkpoint; after
+/// it, the batch's reads of the page are refused (its window of shared pages
+/// is from the old generation).
+#[test]
+fn making_a_page_private_waits_for_a_device_batch_and_its_next_read_is_refused() {
+    let rig = rig(Policy::Deny);
+    rig.mem.write_obj(0x42u8, GuestAddress(0xb000)).expect("guest data");
+    rig.heki.enable_private_memory().expect("private");
+    rig.heki.set_shared(0xa000, 0x2000, 1).expect("share two pages");
+    let device = rig.device("_disk0");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let worker = std::thread::spawn(move || {
+        let batch = device.batch();
+        let first: u8 = device.read_obj(GuestAddress(0xb000)).expect("shared while the batch reads");
+        tx.send(first).expect("main thread");
+        go_rx.recv().expect("main thread");
+        // Still in the batch: the change is held off, the page still shared.
+        let still: u8 = device.read_obj(GuestAddress(0xb000)).expect("shared until the checkpoint");
+        tx.send(still).expect("main thread");
+        batch.checkpoint();
+        // Let the change land, then read again in the same batch.
+        std::thread::sleep(Duration::from_millis(200));
+        batch.checkpoint();
+        let after = device.read_obj::<u8>(GuestAddress(0xb000));
+        let neighbour = device.read_obj::<u8>(GuestAddress(0xa000));
+        (after.is_ok(), neighbour.is_ok())
+    });
+    assert_eq!(rx.recv().expect("worker"), 0x42);
+    let started = std::time::Instant::now();
+    let changer = {
+        let heki = rig.heki.clone();
+        std::thread::spawn(move || heki.set_shared(0xb000, 0x1000, 0))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!changer.is_finished(), "the make-private waits for the batch");
+    go_tx.send(()).expect("worker");
+    assert_eq!(rx.recv().expect("worker"), 0x42);
+    changer.join().expect("changer").expect("make private");
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    let (after, neighbour) = worker.join().expect("worker");
+    assert!(!after, "a read after the change is refused, even in the same batch");
+    assert!(neighbour, "the page left shared is still readable");
+    assert_eq!(rig.heki.violations().recent().len(), 1, "one private-access violation");
+}
+
+/// Disk I/O runs outside the batch: a change does not wait for it.
+#[test]
+fn a_change_does_not_wait_for_io_outside_the_batch() {
+    let rig = rig(Policy::Deny);
+    rig.heki.enable_private_memory().expect("private");
+    rig.heki.set_shared(0xa000, 0x1000, 1).expect("share");
+    let device = rig.device("_disk0");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let _batch = device.batch();
+        device.read_obj::<u8>(GuestAddress(0xa000)).expect("shared");
+        device.outside_batch(|| {
+            tx.send(()).expect("main thread");
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        device.read_obj::<u8>(GuestAddress(0xa000)).is_ok()
+    });
+    rx.recv().expect("worker in I/O");
+    let started = std::time::Instant::now();
+    rig.heki.set_shared(0xa000, 0x1000, 0).expect("make private");
+    assert!(started.elapsed() < Duration::from_millis(400), "the change did not wait for the I/O");
+    assert!(!worker.join().expect("worker"), "the read after the I/O is refused");
+}
+
 #[test]
 fn vm_heki_lists_the_locked_ranges_with_their_permissions() {
     let rig = rig(Policy::Deny);

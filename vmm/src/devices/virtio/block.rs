@@ -67,7 +67,7 @@ impl Block {
                 for d in data {
                     // Disk I/O into the bounce buffer first; heki checks and copies after.
                     let buf = scratch(&mut self.buffer, d.len());
-                    if self.file.read_exact_at(buf, offset).is_err() || dma.write(d.addr().0, buf).is_err() {
+                    if dma.io(|| self.file.read_exact_at(buf, offset)).is_err() || dma.write(d.addr().0, buf).is_err() {
                         return (S_IOERR, written);
                     }
                     offset = offset.saturating_add(u64::from(d.len()));
@@ -78,7 +78,7 @@ impl Block {
             (T_OUT, Some(mut offset)) if !self.readonly && data.iter().all(|d| !d.is_write_only()) => {
                 for d in data {
                     let buf = scratch(&mut self.buffer, d.len());
-                    if dma.read(d.addr().0, buf).is_err() || self.file.write_all_at(buf, offset).is_err() {
+                    if dma.read(d.addr().0, buf).is_err() || dma.io(|| self.file.write_all_at(buf, offset)).is_err() {
                         return (S_IOERR, 0);
                     }
                     offset = offset.saturating_add(u64::from(d.len()));
@@ -86,7 +86,7 @@ impl Block {
                 (S_OK, 0)
             }
             (T_IN | T_OUT, _) => (S_IOERR, 0),
-            (T_FLUSH, _) => (if self.file.sync_data().is_ok() { S_OK } else { S_IOERR }, 0),
+            (T_FLUSH, _) => (if dma.io(|| self.file.sync_data()).is_ok() { S_OK } else { S_IOERR }, 0),
             (T_GET_ID, _) => {
                 let mut id = [0u8; ID_BYTES];
                 let n = self.id.len().min(ID_BYTES);

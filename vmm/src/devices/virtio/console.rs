@@ -43,12 +43,12 @@ impl VirtioDevice for Console {
         dma.counters.requests.fetch_add(1, Ordering::Relaxed);
         for desc in chain.readable() {
             let mut buf = vec![0u8; desc.len().min(MAX_CHUNK) as usize];
-            if dma.read(desc.addr().0, &mut buf).is_err() || self.out.write_all(&buf).is_err() {
+            if dma.read(desc.addr().0, &mut buf).is_err() || dma.io(|| self.out.write_all(&buf)).is_err() {
                 dma.counters.errors.fetch_add(1, Ordering::Relaxed);
                 break;
             }
         }
-        let _ = self.out.flush();
+        let _ = dma.io(|| self.out.flush());
         0
     }
 }

@@ -65,6 +65,12 @@ impl DeviceMemory {
         Ok(())
     }
 
+    /// Runs a disk or network transfer (no guest memory) outside the
+    /// current batch, so a protection change does not wait for it.
+    pub fn io<R>(&self, transfer: impl FnOnce() -> R) -> R {
+        self.mem.outside_batch(transfer)
+    }
+
     /// Reads guest memory for the device.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         self.mem.read_slice(buf, GuestAddress(gpa)).map_err(|e| classify(&e, gpa))?;

@@ -51,13 +51,13 @@ impl Net {
                 return;
             }
         }
-        if packet.len() > HEADER_LEN && self.tap.write_frame(&packet[HEADER_LEN..]).is_ok() {
+        if packet.len() > HEADER_LEN && dma.io(|| self.tap.write_frame(&packet[HEADER_LEN..])).is_ok() {
             self.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     fn receive(&mut self, chain: DescriptorChain<&CheckedMemory>, dma: &DeviceMemory) -> u32 {
-        let len = match self.tap.read_frame(&mut self.frame[HEADER_LEN..]) {
+        let len = match dma.io(|| self.tap.read_frame(&mut self.frame[HEADER_LEN..])) {
             Ok(n) => n,
             Err(_) => return 0,
         };

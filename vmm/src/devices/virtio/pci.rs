@@ -155,11 +155,16 @@ impl TransportState {
         let mem = self.memory.mem.clone();
         let mut completed = false;
         let mut finished = true;
+        // Ring and buffer accesses are held once for the pass (the device's
+        // disk or network I/O runs outside it; a protection change waits at
+        // most until the next chain).
+        let batch = mem.batch();
         while self.device.ready(index) {
             if gate.is_paused() {
                 finished = false;
                 break;
             }
+            batch.checkpoint();
             let Some(chain) = queue.pop_descriptor_chain(&mem) else { break };
             let head = chain.head_index();
             let written = self.device.process(index, chain, &self.memory);

@@ -36,7 +36,7 @@ impl VirtioDevice for Rng {
         for desc in chain.writable() {
             let len = desc.len().min(MAX_REQUEST.saturating_sub(written));
             let mut buf = vec![0u8; len as usize];
-            if self.source.read_exact(&mut buf).is_err() {
+            if dma.io(|| self.source.read_exact(&mut buf)).is_err() {
                 dma.counters.errors.fetch_add(1, Ordering::Relaxed);
                 break;
             }

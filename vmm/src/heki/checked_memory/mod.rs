@@ -20,6 +20,12 @@ use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError,
 
 use super::ports::RunControl;
 use super::violations::ViolationLog;
+use page_bits::PageBits;
+
+mod batch;
+mod page_bits;
+
+pub use batch::Batch;
 
 /// Told of each recorded violation (the introspection agent's events); must not block.
 pub type ViolationObserver = Box<dyn Fn(&ViolationRecord) + Send + Sync>;
@@ -33,6 +39,9 @@ pub struct Enforcer {
     generation: AtomicU64,
     /// Set once the guest made memory private: reads must be judged from then on.
     private_memory: std::sync::atomic::AtomicBool,
+    /// One bit per RAM page, set while the page is private: a device read
+    /// checks it without the lock (allocated when memory first goes private).
+    private_pages: std::sync::OnceLock<PageBits>,
     /// Protection changes in progress: accesses take the locked path meanwhile.
     writers: AtomicU64,
     /// Every accessor, so a change can wait for their lock-free accesses.
@@ -50,6 +59,7 @@ impl Enforcer {
             memory: RwLock::default(),
             generation: AtomicU64::new(0),
             private_memory: std::sync::atomic::AtomicBool::new(false),
+            private_pages: std::sync::OnceLock::new(),
             writers: AtomicU64::new(0),
             accessors: Mutex::default(),
             policy: AtomicU8::new(policy_code(policy)),
@@ -130,6 +140,13 @@ impl Enforcer {
         self.private_memory.store(true, Ordering::Release);
     }
 
+    /// Records pages `[start, end)` as private or shared for the lock-free
+    /// read check. Called under the write lock, with the same change the
+    /// protections get; `pages` sizes the map the first time.
+    pub(super) fn mark_private(&self, pages: u64, start: u64, end: u64, private: bool) {
+        self.private_pages.get_or_init(|| PageBits::new(pages)).set_range(start, end, private);
+    }
+
     /// Sets the one observer of recorded violations (it must not block).
     pub fn set_observer(&self, observer: ViolationObserver) {
         let _ = self.observer.set(observer);
@@ -196,8 +213,6 @@ pub struct Accessor {
     /// Pages recently found writable, valid for one protections generation:
     /// devices write the same buffers, status bytes and rings over and over.
     memo: PageMemo,
-    /// Pages recently found readable (shared), once memory is private.
-    readable: PageMemo,
 }
 
 impl Accessor {
@@ -272,8 +287,12 @@ impl CheckedMemory {
         if self.enforcer.writers.load(Ordering::SeqCst) != 0 {
             return None;
         }
-        let memo = if write { &self.accessor.memo } else { &self.accessor.readable };
-        memo.knows(page, self.enforcer.generation.load(Ordering::SeqCst)).then_some(marker)
+        if !write {
+            // Shared pages are readable: no memo, one bit per page.
+            let bits = self.enforcer.private_pages.get()?;
+            return (bits.get(page) == Some(false)).then_some(marker);
+        }
+        self.accessor.memo.knows(page, self.enforcer.generation.load(Ordering::SeqCst)).then_some(marker)
     }
 
     pub fn accessor(&self) -> &Accessor {
@@ -299,9 +318,9 @@ impl CheckedMemory {
     /// heki's verdict (reported if it is a violation, remembered if the whole
     /// page is good).
     fn judge_access(&self, protections: &MemoryProtections, gpa: u64, len: u64, write: bool) -> bool {
-        let memo = if write { &self.accessor.memo } else { &self.accessor.readable };
+        let memo = &self.accessor.memo;
         let (page, one_page) = single_page(gpa, len);
-        if one_page && memo.knows(page, self.enforcer.generation.load(Ordering::Acquire)) {
+        if write && one_page && memo.knows(page, self.enforcer.generation.load(Ordering::Acquire)) {
             return true;
         }
         let access = if write { Access::DmaWrite { gpa, len } } else { Access::DmaRead { gpa, len } };
@@ -319,7 +338,7 @@ impl CheckedMemory {
                     record.details.insert("access".into(), "read".into());
                 }
             });
-        } else if one_page && (!write || !protections.bytes.page_has_bytes(page)) {
+        } else if write && one_page && !protections.bytes.page_has_bytes(page) {
             // A page with protected bytes is judged at every write.
             memo.remember(page);
         }
@@ -352,7 +371,8 @@ impl Drop for InFlight<'_> {
 
 /// What keeps a protection change from landing in the middle of an access.
 enum Hold<'a> {
-    /// Nothing to judge (a read while all memory is shared).
+    /// Nothing to hold: a read while all memory is shared, or an access
+    /// inside a batch (which holds for it).
     None,
     /// The protections' read lock.
     Locked(#[allow(dead_code)] RwLockReadGuard<'a, MemoryProtections>),
@@ -401,6 +421,9 @@ impl GuestMemory for CheckedMemory {
     type Bitmap = ();
 
     fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        if self.in_batch() {
+            self.leave_batch();
+        }
         let protections = self.enforcer.protections();
         GuestMemoryBackend::check_range(&self.ram, addr, count)
             && protections.private.range_shared(addr.0, count as u64)
@@ -418,6 +441,14 @@ impl GuestMemory for CheckedMemory {
         if !write && !self.enforcer.private_memory.load(Ordering::Acquire) {
             // Reads are refused only for private pages: until there are any, no hold.
             return Ok(HeldSlices { slices, _hold: Hold::None });
+        }
+        if self.in_batch() {
+            if self.good_in_batch(addr.0, count, write) {
+                return Ok(HeldSlices { slices, _hold: Hold::None });
+            }
+            // To be judged under the lock, which a batch must not wait for
+            // (a pending change waits for the batch): the batch ends here.
+            self.leave_batch();
         }
         if let Some(in_flight) = self.lock_free(addr.0, count, write) {
             return Ok(HeldSlices { slices, _hold: Hold::LockFree(in_flight) });
