@@ -53,17 +53,15 @@ impl LineReader {
         let unread = &self.buf[self.start..];
         match unread.iter().position(|&b| b == b'\n') {
             Some(newline) => {
-                let line = unread[..newline].to_vec();
+                let too_long = std::mem::replace(&mut self.skipping, false) || newline > MAX_LINE;
+                let line = if too_long { Line::TooLong } else { Line::Text(unread[..newline].to_vec()) };
                 self.start += newline + 1;
-                if std::mem::replace(&mut self.skipping, false) {
-                    return Some(Line::TooLong);
-                }
-                Some(Line::Text(line))
+                Some(line)
             }
             None if self.ended => {
                 let rest = std::mem::take(&mut self.buf).split_off(self.start);
                 self.start = 0;
-                if std::mem::replace(&mut self.skipping, false) {
+                if std::mem::replace(&mut self.skipping, false) || rest.len() > MAX_LINE {
                     return Some(Line::TooLong);
                 }
                 // The last line needs no newline; after it, the end.
@@ -262,6 +260,23 @@ mod tests {
         assert_eq!(reader.next_line(), Some(Line::TooLong));
         assert_eq!(reader.next_line(), text("{\"id\":1}"));
         assert_eq!(reader.next_line(), None);
+    }
+
+    #[test]
+    fn an_oversized_line_that_arrives_whole_is_refused_too() {
+        let mut reader = LineReader::default();
+        let mut bytes = vec![b'x'; MAX_LINE + 1];
+        bytes.extend_from_slice(b"\n{\"id\":2}\n");
+        reader.push(&bytes);
+        assert_eq!(reader.next_line(), Some(Line::TooLong));
+        assert_eq!(reader.next_line(), text("{\"id\":2}"));
+        let mut exact = vec![b' '; MAX_LINE];
+        exact.push(b'\n');
+        reader.push(&exact);
+        assert!(
+            matches!(reader.next_line(), Some(Line::Text(line)) if line.len() == MAX_LINE),
+            "MAX_LINE itself is allowed"
+        );
     }
 
     #[test]
