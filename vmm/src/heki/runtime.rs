@@ -214,14 +214,15 @@ impl HekiRuntime {
                 }
             })?;
         }
+        if next.private.is_enabled() {
+            // Before the view changes; every read is held either way (see `CheckedMemory::get_slices`).
+            self.enforcer.note_private_memory();
+        }
         view(&self.host_view).map_err(|e| {
             log::error!("heki: cannot change the VMM's view of guest memory: {e}");
             AbiError::BadAddress
         })?;
         slots.set_heki_pages(heki_pages);
-        if next.private.is_enabled() {
-            self.enforcer.note_private_memory();
-        }
         *protections = next;
         Ok(())
     }
