@@ -10,7 +10,7 @@ if [ ! -e /dev/kvm ]; then
     exit 1
 fi
 echo "== installing what the build needs (a no-op when present)"
-scripts/install-deps.sh
+scripts/install-deps.sh base
 echo "== building hekivisor and the demo guest"
 cargo build --release --quiet
 guest=$(cargo run --release --quiet --example build-guest -- demo)
