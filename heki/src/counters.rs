@@ -16,6 +16,9 @@ pub struct ViolationCounters {
     pub dma_write: u64,
     #[serde(rename = "private-access")]
     pub private_access: u64,
+    pub translation: u64,
+    #[serde(rename = "descriptor-table")]
+    pub descriptor_table: u64,
 }
 
 impl ViolationCounters {
@@ -27,6 +30,8 @@ impl ViolationCounters {
             ViolationKind::Msr => &mut self.msr,
             ViolationKind::DmaWrite => &mut self.dma_write,
             ViolationKind::PrivateAccess => &mut self.private_access,
+            ViolationKind::Translation => &mut self.translation,
+            ViolationKind::DescriptorTable => &mut self.descriptor_table,
         }
     }
 
@@ -43,6 +48,8 @@ impl ViolationCounters {
             ViolationKind::Msr => self.msr,
             ViolationKind::DmaWrite => self.dma_write,
             ViolationKind::PrivateAccess => self.private_access,
+            ViolationKind::Translation => self.translation,
+            ViolationKind::DescriptorTable => self.descriptor_table,
         }
     }
 

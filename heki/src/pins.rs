@@ -24,6 +24,8 @@ pub enum PinError {
     BitsNotSet,
     #[error("MSR {0:#x} cannot be pinned")]
     MsrNotPinnable(u32),
+    #[error("descriptor table {0} is not 0 (IDTR) or 1 (GDTR)")]
+    UnknownTable(u64),
 }
 
 /// Which control register.
@@ -86,6 +88,46 @@ pub struct VcpuPins {
     pub cr0: u64,
     pub cr4: u64,
     pub msrs: BTreeMap<u32, u64>,
+    /// Pinned IDTR (base, limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idtr: Option<(u64, u16)>,
+    /// Pinned GDTR (base, limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gdtr: Option<(u64, u16)>,
+}
+
+/// The descriptor-table registers PIN_DTR can pin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DescriptorTable {
+    Idtr,
+    Gdtr,
+}
+
+impl DescriptorTable {
+    /// PIN_DTR's arg0: 0 = IDTR, 1 = GDTR.
+    pub fn from_number(n: u64) -> Result<Self, PinError> {
+        match n {
+            0 => Ok(DescriptorTable::Idtr),
+            1 => Ok(DescriptorTable::Gdtr),
+            _ => Err(PinError::UnknownTable(n)),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DescriptorTable::Idtr => "idtr",
+            DescriptorTable::Gdtr => "gdtr",
+        }
+    }
+}
+
+/// A pinned descriptor-table register found changed: (base, limit) pairs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DtrViolation {
+    pub table: DescriptorTable,
+    pub pinned: (u64, u16),
+    pub value: (u64, u16),
 }
 
 impl VcpuPins {
@@ -130,8 +172,31 @@ impl VcpuPins {
         }
     }
 
+    /// PIN_DTR: pins the register at its current base and limit.
+    pub fn pin_dtr(&mut self, table: DescriptorTable, current: (u64, u16)) {
+        match table {
+            DescriptorTable::Idtr => self.idtr = Some(current),
+            DescriptorTable::Gdtr => self.gdtr = Some(current),
+        }
+    }
+
+    /// Checks IDTR and GDTR against the pins.
+    pub fn check_dtrs(&self, idtr: (u64, u16), gdtr: (u64, u16)) -> Vec<DtrViolation> {
+        [(DescriptorTable::Idtr, self.idtr, idtr), (DescriptorTable::Gdtr, self.gdtr, gdtr)]
+            .into_iter()
+            .filter_map(|(table, pinned, value)| {
+                let pinned = pinned?;
+                (pinned != value).then_some(DtrViolation { table, pinned, value })
+            })
+            .collect()
+    }
+
+    pub fn has_dtr_pins(&self) -> bool {
+        self.idtr.is_some() || self.gdtr.is_some()
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.cr0 == 0 && self.cr4 == 0 && self.msrs.is_empty()
+        self.cr0 == 0 && self.cr4 == 0 && self.msrs.is_empty() && !self.has_dtr_pins()
     }
 }
 
