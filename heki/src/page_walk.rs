@@ -519,3 +519,347 @@ pub fn check_range<M: PhysRead + ?Sized>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
+mod tests {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const P: u64 = PTE_PRESENT;
+    const RW: u64 = PTE_RW;
+    const US: u64 = PTE_US;
+    const PS: u64 = PTE_PS;
+    const NX: u64 = PTE_NX;
+    const TABLE: u64 = P | RW | US;
+    const ROOT: u64 = 0x10_0000;
+
+    /// Guest RAM made of page-table pages; everything else is not RAM.
+    #[derive(Default)]
+    struct FakeMem {
+        pages: HashMap<u64, Box<[u64; 512]>>,
+        next: u64,
+        reads: Cell<u64>,
+    }
+
+    impl PhysRead for FakeMem {
+        fn read_u64(&self, gpa: u64) -> Option<u64> {
+            self.reads.set(self.reads.get() + 1);
+            self.pages.get(&(gpa & !0xfff)).map(|p| p[((gpa & 0xfff) >> 3) as usize])
+        }
+    }
+
+    impl FakeMem {
+        fn new() -> Self {
+            let mut mem = FakeMem { next: ROOT, ..Default::default() };
+            mem.alloc();
+            mem
+        }
+
+        fn alloc(&mut self) -> u64 {
+            let t = self.next;
+            self.pages.insert(t, Box::new([0; 512]));
+            self.next += 0x1000;
+            t
+        }
+
+        fn index(va: u64, level: Level) -> usize {
+            ((va >> level.shift()) & 0x1ff) as usize
+        }
+
+        /// Writes `leaf` as the `level` entry for `va`, creating missing tables
+        /// with `upper(level)` flags. Returns the table pages on the path.
+        fn map(&mut self, la57: bool, va: u64, level: Level, leaf: u64, upper: impl Fn(Level) -> u64) -> Vec<u64> {
+            let mut at = if la57 { Level::Pml5 } else { Level::Pml4 };
+            let mut table = ROOT;
+            let mut path = vec![ROOT];
+            while at != level {
+                let i = Self::index(va, at);
+                let entry = self.pages[&table][i];
+                table = if entry & P == 0 {
+                    let t = self.alloc();
+                    self.pages.get_mut(&table).expect("table")[i] = t | upper(at);
+                    t
+                } else {
+                    entry & ADDR_MASK
+                };
+                path.push(table);
+                at = at.below().expect("leaf level is below");
+            }
+            self.pages.get_mut(&table).expect("table")[Self::index(va, level)] = leaf;
+            path
+        }
+
+        /// Location of the `level` entry for `va` (tables must exist).
+        fn entry_mut(&mut self, la57: bool, va: u64, level: Level) -> &mut u64 {
+            let mut at = if la57 { Level::Pml5 } else { Level::Pml4 };
+            let mut table = ROOT;
+            while at != level {
+                table = self.pages[&table][Self::index(va, at)] & ADDR_MASK;
+                at = at.below().expect("level is below");
+            }
+            &mut self.pages.get_mut(&table).expect("table")[Self::index(va, level)]
+        }
+    }
+
+    fn mode4() -> PagingMode {
+        PagingMode::long_mode(false, true)
+    }
+
+    const KVA: u64 = 0xffff_ffff_8000_0000;
+
+    fn rwx() -> PageFlags {
+        PageFlags { writable: true, user: false, executable: true }
+    }
+
+    #[test]
+    fn a_4k_leaf_translates_and_lists_every_table() {
+        let mut mem = FakeMem::new();
+        let path = mem.map(false, KVA, Level::Pt, 0x5000 | P | RW, |_| TABLE);
+        let t = walk(&mem, ROOT, mode4(), KVA + 0x123).expect("mapped");
+        assert_eq!(t.gpa, 0x5123);
+        assert_eq!(t.page_size, PageSize::Size4K);
+        assert_eq!(t.flags, rwx());
+        assert_eq!(t.table_pages, path);
+        assert_eq!(t.table_pages.len(), 4);
+    }
+
+    #[test]
+    fn a_2m_leaf_translates_and_pat_is_not_address() {
+        let mut mem = FakeMem::new();
+        mem.map(false, KVA, Level::Pd, 0x4020_0000 | 0x1000 | PS | P, |_| TABLE);
+        let t = walk(&mem, ROOT, mode4(), KVA + 0x1f_fff8).expect("mapped");
+        assert_eq!(t.gpa, 0x403f_fff8);
+        assert_eq!(t.page_size, PageSize::Size2M);
+        assert!(!t.flags.writable);
+        assert_eq!(t.table_pages.len(), 3);
+    }
+
+    #[test]
+    fn a_1g_leaf_translates() {
+        let mut mem = FakeMem::new();
+        mem.map(false, 0x40_0000_0000, Level::Pdpt, 0x8_4000_0000 | PS | P | RW | US, |_| TABLE);
+        let t = walk(&mem, ROOT, mode4(), 0x40_1234_5678).expect("mapped");
+        assert_eq!(t.gpa, 0x8_5234_5678);
+        assert_eq!(t.page_size, PageSize::Size1G);
+        assert_eq!(t.flags, PageFlags { writable: true, user: true, executable: true });
+        assert_eq!(t.table_pages.len(), 2);
+    }
+
+    #[test]
+    fn nx_at_any_level_forbids_execution_only_with_efer_nxe() {
+        let mut mem = FakeMem::new();
+        mem.map(false, KVA, Level::Pt, 0x5000 | P, |l| if l == Level::Pd { TABLE | NX } else { TABLE });
+        let t = walk(&mem, ROOT, mode4(), KVA).expect("mapped");
+        assert!(!t.flags.executable);
+        let no_nxe = PagingMode::long_mode(false, false);
+        assert_eq!(
+            walk(&mem, ROOT, no_nxe, KVA),
+            Err(WalkError::ReservedBits { level: Level::Pd, va: KVA, entry: (ROOT + 0x3000) | TABLE | NX })
+        );
+    }
+
+    #[test]
+    fn rw_and_us_are_the_and_of_every_level() {
+        let mut mem = FakeMem::new();
+        mem.map(false, KVA, Level::Pt, 0x5000 | P | RW | US, |l| if l == Level::Pml4 { P | US } else { P | RW });
+        let t = walk(&mem, ROOT, mode4(), KVA).expect("mapped");
+        assert_eq!(t.flags, PageFlags { writable: false, user: false, executable: true });
+    }
+
+    #[test]
+    fn five_level_paging_walks_pml5() {
+        let mode = PagingMode::long_mode(true, true);
+        let va = 0xff12_3456_7800_0000; // canonical only with LA57
+        let mut mem = FakeMem::new();
+        mem.map(true, va, Level::Pd, 0x20_0000 | PS | P | RW, |_| TABLE);
+        let t = walk(&mem, ROOT, mode, va + 0x10).expect("mapped");
+        assert_eq!(t.gpa, 0x20_0010);
+        assert_eq!(t.table_pages.len(), 4);
+        assert_eq!(walk(&mem, ROOT, mode4(), va), Err(WalkError::NonCanonical(va)));
+    }
+
+    #[test]
+    fn non_canonical_addresses_are_refused() {
+        let mem = FakeMem::new();
+        for va in [0x0000_8000_0000_0000, 0xffff_7fff_ffff_ffff, 0x1234_0000_0000_0000] {
+            assert_eq!(walk(&mem, ROOT, mode4(), va), Err(WalkError::NonCanonical(va)));
+        }
+        let la57 = PagingMode::long_mode(true, true);
+        assert_eq!(walk(&mem, ROOT, la57, 1 << 56), Err(WalkError::NonCanonical(1 << 56)));
+    }
+
+    #[test]
+    fn not_present_names_the_level() {
+        let mut mem = FakeMem::new();
+        assert_eq!(walk(&mem, ROOT, mode4(), KVA), Err(WalkError::NotPresent { level: Level::Pml4, va: KVA }));
+        mem.map(false, KVA, Level::Pt, 0x5000, |_| TABLE);
+        assert_eq!(walk(&mem, ROOT, mode4(), KVA), Err(WalkError::NotPresent { level: Level::Pt, va: KVA }));
+        *mem.entry_mut(false, KVA, Level::Pd) &= !P;
+        assert_eq!(walk(&mem, ROOT, mode4(), KVA), Err(WalkError::NotPresent { level: Level::Pd, va: KVA }));
+        let la57 = PagingMode::long_mode(true, true);
+        let empty = FakeMem::new();
+        assert_eq!(walk(&empty, ROOT, la57, KVA), Err(WalkError::NotPresent { level: Level::Pml5, va: KVA }));
+    }
+
+    #[test]
+    fn reserved_bits_are_refused() {
+        let narrow = mode4().with_maxphyaddr(40).expect("valid");
+        let mut mem = FakeMem::new();
+        mem.map(false, KVA, Level::Pt, (1 << 45) | 0x5000 | P, |_| TABLE);
+        assert_eq!(walk(&mem, ROOT, mode4(), KVA).map(|t| t.gpa), Ok((1 << 45) | 0x5000));
+        let err = walk(&mem, ROOT, narrow, KVA);
+        assert!(matches!(err, Err(WalkError::ReservedBits { level: Level::Pt, .. })), "{err:?}");
+
+        // PS in a PML4 entry, and low bits of large-page frames.
+        let mut mem = FakeMem::new();
+        mem.map(false, KVA, Level::Pml4, 0x7000 | PS | TABLE, |_| TABLE);
+        assert!(matches!(walk(&mem, ROOT, mode4(), KVA), Err(WalkError::ReservedBits { level: Level::Pml4, .. })));
+        let mut mem = FakeMem::new();
+        mem.map(false, KVA, Level::Pd, 0x20_0000 | 0x2000 | PS | P, |_| TABLE);
+        assert!(matches!(walk(&mem, ROOT, mode4(), KVA), Err(WalkError::ReservedBits { level: Level::Pd, .. })));
+        let mut mem = FakeMem::new();
+        mem.map(false, KVA, Level::Pdpt, 0x4000_0000 | 0x20_0000 | PS | P, |_| TABLE);
+        assert!(matches!(walk(&mem, ROOT, mode4(), KVA), Err(WalkError::ReservedBits { level: Level::Pdpt, .. })));
+    }
+
+    #[test]
+    fn pcid_flag_and_no_flush_bits_in_cr3_are_ignored() {
+        let mut mem = FakeMem::new();
+        mem.map(false, KVA, Level::Pt, 0x5000 | P, |_| TABLE);
+        let plain = walk(&mem, ROOT, mode4(), KVA).expect("mapped");
+        let cr3 = ROOT | 0xabc | (1 << 63) | (1 << 62) | (1 << 61);
+        assert_eq!(walk(&mem, cr3, mode4(), KVA), Ok(plain));
+        let narrow = mode4().with_maxphyaddr(36).expect("valid");
+        assert_eq!(walk(&mem, ROOT | (1 << 40), narrow, KVA), Err(WalkError::BadCr3(ROOT | (1 << 40))));
+    }
+
+    #[test]
+    fn a_table_outside_ram_is_reported_not_panicked_on() {
+        let mut mem = FakeMem::new();
+        mem.map(false, KVA, Level::Pdpt, 0xdead_0000 | TABLE, |_| TABLE);
+        assert_eq!(
+            walk(&mem, ROOT, mode4(), KVA),
+            Err(WalkError::Unreadable { level: Level::Pd, va: KVA, gpa: 0xdead_0000 })
+        );
+    }
+
+    #[test]
+    fn a_cyclic_table_ends_after_the_last_level() {
+        // Every entry of the root points at the root itself.
+        let mut mem = FakeMem::new();
+        mem.pages.get_mut(&ROOT).expect("root").fill(ROOT | TABLE);
+        let t = walk(&mem, ROOT, mode4(), KVA).expect("self-map reaches a leaf");
+        assert_eq!(t.gpa, ROOT);
+        assert_eq!(t.table_pages, vec![ROOT; 4]);
+        assert_eq!(mem.reads.get(), 4);
+        let r = walk_range(&mem, ROOT, mode4(), KVA, 1 << 20).expect("self-map");
+        assert_eq!(r.mappings.len(), 256, "every page maps the root: no runs merge");
+        assert_eq!(r.table_pages, vec![ROOT]);
+    }
+
+    #[test]
+    fn mode_comes_from_control_registers() {
+        let (pg, pae, lme, lma) = (CR0_PG | 1, CR4_PAE, EFER_LME, EFER_LMA);
+        assert_eq!(PagingMode::from_regs(1, pae, lme | lma), Err(WalkError::PagingDisabled));
+        assert!(matches!(PagingMode::from_regs(pg, 0, 0), Err(WalkError::UnsupportedMode(_))));
+        assert!(matches!(PagingMode::from_regs(pg, pae, 0), Err(WalkError::UnsupportedMode(_))));
+        assert_eq!(PagingMode::from_regs(pg, pae, lme | lma), Ok(PagingMode::long_mode(false, false)));
+        let mode = PagingMode::from_regs(pg, pae | CR4_LA57, lma | EFER_NXE).expect("long mode");
+        assert!(mode.la57() && mode.nxe());
+        assert_eq!(mode.maxphyaddr(), 52);
+        assert_eq!(mode.with_maxphyaddr(31), Err(WalkError::BadMaxPhyAddr(31)));
+        assert_eq!(mode.with_maxphyaddr(53), Err(WalkError::BadMaxPhyAddr(53)));
+    }
+
+    #[test]
+    fn walk_range_walks_a_2m_page_once_and_merges_contiguous_pages() {
+        let mut mem = FakeMem::new();
+        // 2 MiB at KVA, then 4 KiB pages continuing it, then one read-only page.
+        mem.map(false, KVA, Level::Pd, 0x20_0000 | PS | P | RW, |_| TABLE);
+        for i in 0..3 {
+            mem.map(false, KVA + 0x20_0000 + i * 0x1000, Level::Pt, (0x40_0000 + i * 0x1000) | P | RW, |_| TABLE);
+        }
+        mem.map(false, KVA + 0x20_3000, Level::Pt, 0x40_3000 | P, |_| TABLE);
+        mem.reads.set(0);
+        let r = walk_range(&mem, ROOT, mode4(), KVA + 0x10, 0x20_3ff0).expect("mapped");
+        assert_eq!(mem.reads.get(), 3 + 4 * 4, "one walk for the 2 MiB page, one per 4 KiB page");
+        let ro = PageFlags { writable: false, ..rwx() };
+        assert_eq!(
+            r.mappings,
+            vec![
+                Mapping { va: KVA + 0x10, gpa: 0x20_0010, len: 0x20_2ff0, flags: rwx() },
+                Mapping { va: KVA + 0x20_3000, gpa: 0x40_3000, len: 0x1000, flags: ro },
+            ]
+        );
+        assert_eq!(r.table_pages.len(), 4, "root, PDPT, PD, PT");
+        assert_eq!(check_range(&mem, ROOT, mode4(), &r), Ok(()));
+    }
+
+    #[test]
+    fn walk_range_fails_at_the_first_hole_and_refuses_wrapping() {
+        let mut mem = FakeMem::new();
+        mem.map(false, KVA, Level::Pt, 0x5000 | P, |_| TABLE);
+        assert_eq!(
+            walk_range(&mem, ROOT, mode4(), KVA, 0x1001),
+            Err(WalkError::NotPresent { level: Level::Pt, va: KVA + 0x1000 })
+        );
+        assert_eq!(walk_range(&mem, ROOT, mode4(), KVA, 0), Ok(RangeMap::default()));
+        assert_eq!(
+            walk_range(&mem, ROOT, mode4(), u64::MAX, 2),
+            Err(WalkError::RangeOverflow { va: u64::MAX, len: 2 })
+        );
+        assert!(walk_range(&mem, ROOT, mode4(), u64::MAX, 1).is_err(), "no panic at the top");
+    }
+
+    #[test]
+    fn check_range_reports_remaps_faults_and_unlocked_tables() {
+        let mut mem = FakeMem::new();
+        mem.map(false, KVA, Level::Pd, 0x20_0000 | PS | P | RW, |_| TABLE);
+        mem.map(false, KVA + 0x20_0000, Level::Pt, 0x40_0000 | P | RW, |_| TABLE);
+        let locked = walk_range(&mem, ROOT, mode4(), KVA, 0x20_1000).expect("mapped");
+        assert_eq!(check_range(&mem, ROOT, mode4(), &locked), Ok(()));
+
+        // The 4 KiB page made read-only.
+        *mem.entry_mut(false, KVA + 0x20_0000, Level::Pt) &= !RW;
+        let m = check_range(&mem, ROOT, mode4(), &locked).expect_err("flags changed");
+        assert_eq!((m.va, m.expected_gpa), (KVA + 0x20_0000, 0x40_0000));
+        assert_eq!(m.found, Found::Mapped { gpa: 0x40_0000, flags: PageFlags { writable: false, ..rwx() } });
+        *mem.entry_mut(false, KVA + 0x20_0000, Level::Pt) |= RW;
+
+        // The 2 MiB page split into a new (unlocked) page table, same mapping.
+        let pt = mem.alloc();
+        for i in 0..512u64 {
+            mem.pages.get_mut(&pt).expect("pt")[i as usize] = (0x20_0000 + i * 0x1000) | P | RW;
+        }
+        *mem.entry_mut(false, KVA, Level::Pd) = pt | TABLE;
+        assert_eq!(walk_range(&mem, ROOT, mode4(), KVA, 0x20_1000).expect("mapped").mappings, locked.mappings);
+        let m = check_range(&mem, ROOT, mode4(), &locked).expect_err("new table");
+        assert_eq!((m.va, m.found), (KVA, Found::UnlockedTable(pt)));
+
+        // Unmapped.
+        *mem.entry_mut(false, KVA, Level::Pd) = 0;
+        let m = check_range(&mem, ROOT, mode4(), &locked).expect_err("unmapped");
+        assert_eq!(m.found, Found::Fault(WalkError::NotPresent { level: Level::Pd, va: KVA }));
+        assert!(m.to_string().contains("not present"), "{m}");
+    }
+
+    #[test]
+    fn a_guest_memory_reader_serves_as_phys_read() {
+        struct Bytes(Vec<u8>);
+        impl GuestMemoryReader for Bytes {
+            fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+                let s = gpa as usize;
+                self.0.get(s..s + buf.len()).map(|src| buf.copy_from_slice(src)).is_some()
+            }
+        }
+        let mut bytes = vec![0u8; 16];
+        bytes[8..].copy_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
+        let mem = Bytes(bytes);
+        assert_eq!(PhysRead::read_u64(&mem, 8), Some(0x1122_3344_5566_7788));
+        assert_eq!(PhysRead::read_u64(&mem, 16), None);
+    }
+}
