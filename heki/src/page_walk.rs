@@ -862,4 +862,259 @@ mod tests {
         assert_eq!(PhysRead::read_u64(&mem, 8), Some(0x1122_3344_5566_7788));
         assert_eq!(PhysRead::read_u64(&mem, 16), None);
     }
+
+    // ---- Property test against an independent reference model ----
+
+    /// Indices the generator picks at each level: both address-space halves
+    /// and table edges, so leaves share tables and collide often.
+    const INDICES: [u64; 6] = [0, 1, 255, 256, 510, 511];
+    const LEVELS: [Level; 5] = [Level::Pml5, Level::Pml4, Level::Pdpt, Level::Pd, Level::Pt];
+    /// Bits every entry may carry without effect: A, D, G, AVL, PK, high AVL.
+    const IGNORED: u64 = 0x7ff0_0000_0000_0f60;
+
+    fn splitmix(x: u64) -> u64 {
+        let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn sign_extend(lin: u64, bits: u32) -> u64 {
+        (((lin << (64 - bits)) as i64) >> (64 - bits)) as u64
+    }
+
+    /// Flags of the non-leaf entry at `level` covering `va`: a fixed function
+    /// of the seed, so the encoder and the model agree without sharing tables.
+    fn upper_flags(seed: u64, nxe: bool, level: Level, va: u64) -> u64 {
+        let h = splitmix(seed ^ splitmix((va >> level.shift()) ^ ((level as u64) << 60)));
+        let mut f = P | (h & IGNORED);
+        if h & 3 != 0 {
+            f |= RW;
+        }
+        if h & 0xc != 0 {
+            f |= US;
+        }
+        if nxe && h & 0x30 == 0 {
+            f |= NX;
+        }
+        f
+    }
+
+    #[derive(Clone, Debug)]
+    struct ModelLeaf {
+        va: u64,
+        size: u64,
+        gpa: u64,
+        rw: bool,
+        us: bool,
+        nx: bool,
+    }
+
+    impl ModelLeaf {
+        fn last(&self) -> u64 {
+            self.va + (self.size - 1)
+        }
+    }
+
+    /// Leaves generated first, then encoded into tables; the model answers
+    /// from the leaf list and `upper_flags` alone.
+    struct World {
+        mem: FakeMem,
+        la57: bool,
+        nxe: bool,
+        seed: u64,
+        leaves: Vec<ModelLeaf>,
+        /// Table pages the encoder put on each leaf's path.
+        paths: Vec<Vec<u64>>,
+    }
+
+    /// (leaf size, indices from the top, run length, frame, contiguous gpa, rw/us/nx, noise)
+    type Group = (usize, [usize; 5], u64, u64, bool, (bool, bool, bool), u64);
+
+    fn group() -> impl Strategy<Value = Group> {
+        (
+            0..3usize,
+            proptest::array::uniform5(0..INDICES.len()),
+            1..5u64,
+            any::<u64>(),
+            any::<bool>(),
+            any::<(bool, bool, bool)>(),
+            any::<u64>(),
+        )
+    }
+
+    impl World {
+        fn bits(&self) -> u32 {
+            if self.la57 { 57 } else { 48 }
+        }
+
+        fn top(&self) -> Level {
+            if self.la57 { Level::Pml5 } else { Level::Pml4 }
+        }
+
+        fn mode(&self) -> PagingMode {
+            PagingMode::long_mode(self.la57, self.nxe)
+        }
+
+        fn build(la57: bool, nxe: bool, seed: u64, groups: &[Group]) -> World {
+            let mut w = World { mem: FakeMem::new(), la57, nxe, seed, leaves: Vec::new(), paths: Vec::new() };
+            let mut noises = Vec::new();
+            for &(size_sel, idx, count, frame, contiguous, (rw, us, nx), noise) in groups {
+                let level = [Level::Pt, Level::Pd, Level::Pdpt][size_sel];
+                let size = 1u64 << level.shift();
+                let lin = LEVELS
+                    .iter()
+                    .filter(|l| l.shift() <= w.top().shift() && l.shift() >= level.shift())
+                    .zip(idx)
+                    .fold(0, |n, (l, i)| n | INDICES[i] << l.shift());
+                let base = (frame % ((1 << 36) / size)) * size;
+                for k in 0..count {
+                    let lin = lin + k * size;
+                    if lin >> w.bits() != 0 {
+                        break;
+                    }
+                    let gpa = base + if contiguous { k } else { 2 * k } * size;
+                    let leaf = ModelLeaf { va: sign_extend(lin, w.bits()), size, gpa, rw, us, nx: nx && nxe };
+                    if w.leaves.iter().all(|o| o.va > leaf.last() || leaf.va > o.last()) {
+                        w.leaves.push(leaf);
+                        noises.push(splitmix(noise ^ k) & IGNORED);
+                    }
+                }
+            }
+            for (leaf, noise) in w.leaves.iter().zip(noises) {
+                let level = LEVELS.into_iter().find(|l| 1u64 << l.shift() == leaf.size).expect("leaf size");
+                let mut entry = leaf.gpa | P | noise;
+                entry |= if leaf.rw { RW } else { 0 } | if leaf.us { US } else { 0 } | if leaf.nx { NX } else { 0 };
+                entry |= if level == Level::Pt { 0 } else { PS };
+                let (seed, va) = (w.seed, leaf.va);
+                w.paths.push(w.mem.map(la57, va, level, entry, |l| upper_flags(seed, nxe, l, va)));
+            }
+            w
+        }
+
+        /// The model's translation: (gpa, flags, leaf's last va, leaf index).
+        fn lookup(&self, va: u64) -> Result<(u64, PageFlags, u64, usize), WalkError> {
+            let bits = self.bits();
+            if sign_extend(va & ((1 << bits) - 1), bits) != va {
+                return Err(WalkError::NonCanonical(va));
+            }
+            let upper = |l: &Level| l.shift() <= self.top().shift();
+            if let Some(i) = self.leaves.iter().position(|l| l.va <= va && va <= l.last()) {
+                let leaf = &self.leaves[i];
+                let mut flags = PageFlags { writable: leaf.rw, user: leaf.us, executable: !leaf.nx };
+                for level in LEVELS.iter().filter(|l| upper(l) && 1u64 << l.shift() > leaf.size) {
+                    let f = upper_flags(self.seed, self.nxe, *level, va);
+                    flags.writable &= f & RW != 0;
+                    flags.user &= f & US != 0;
+                    flags.executable &= f & NX == 0;
+                }
+                return Ok((leaf.gpa + (va - leaf.va), flags, leaf.last(), i));
+            }
+            // An entry exists exactly when some leaf lies in the span it covers.
+            for level in LEVELS.into_iter().filter(upper) {
+                let lo = va & !((1u64 << level.shift()) - 1);
+                let hi = lo + ((1u64 << level.shift()) - 1);
+                if !self.leaves.iter().any(|l| l.va <= hi && lo <= l.last()) {
+                    return Err(WalkError::NotPresent { level, va });
+                }
+            }
+            unreachable!("an address no leaf covers is missing at some level")
+        }
+
+        /// The model's runs over [start, start + len), and the tables used.
+        fn range(&self, start: u64, len: u64) -> Result<RangeMap, WalkError> {
+            let last = start.checked_add(len - 1).ok_or(WalkError::RangeOverflow { va: start, len })?;
+            let mut mappings: Vec<Mapping> = Vec::new();
+            let mut tables = BTreeSet::new();
+            let mut va = start;
+            loop {
+                let (gpa, flags, leaf_last, i) = self.lookup(va)?;
+                tables.extend(self.paths[i].iter().copied());
+                let end = leaf_last.min(last);
+                let len = end - va + 1;
+                match mappings.last_mut() {
+                    Some(m) if m.va + m.len == va && m.gpa + m.len == gpa && m.flags == flags => m.len += len,
+                    _ => mappings.push(Mapping { va, gpa, len, flags }),
+                }
+                if end == last {
+                    return Ok(RangeMap { mappings, table_pages: tables.into_iter().collect() });
+                }
+                va = end + 1;
+            }
+        }
+
+        /// A probe address: in or just past a leaf, near the leaves, or anywhere.
+        fn probe(&self, kind: u8, pick: prop::sample::Index, r: u64) -> u64 {
+            let near = |leaf: &ModelLeaf| match kind {
+                0 => leaf.va + r % leaf.size,
+                _ => leaf.last().wrapping_add(1 + r % 0x3000),
+            };
+            match (kind, self.leaves.is_empty()) {
+                (0 | 1, false) => near(&self.leaves[pick.index(self.leaves.len())]),
+                (3, _) => r,
+                _ => {
+                    let lin = LEVELS
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, l)| l.shift() <= self.top().shift())
+                        .fold(r & 0xfff, |n, (k, l)| n | INDICES[((r >> (12 + 3 * k)) % 6) as usize] << l.shift());
+                    sign_extend(lin, self.bits())
+                }
+            }
+        }
+    }
+
+    fn lengths() -> impl Strategy<Value = u64> {
+        prop_oneof![1u64..0x3000, 1u64..0x60_0000, 1u64..0x1_8000_0000]
+    }
+
+    proptest! {
+        /// `walk`, `walk_range` and `check_range` agree with a model built from
+        /// the leaf list alone, on random 4- and 5-level tables.
+        #[test]
+        fn walks_agree_with_a_reference_model(
+            la57 in any::<bool>(),
+            nxe in any::<bool>(),
+            seed in any::<u64>(),
+            groups in proptest::collection::vec(group(), 1..12),
+            probes in proptest::collection::vec((0..4u8, any::<prop::sample::Index>(), any::<u64>(), lengths()), 1..16),
+            cr3_low in 0u64..0x1000,
+        ) {
+            let mut w = World::build(la57, nxe, seed, &groups);
+            let mode = w.mode();
+            let cr3 = ROOT | cr3_low | (seed & (1 << 63));
+            for (kind, pick, r, len) in probes {
+                let va = w.probe(kind, pick, r);
+                let expected = w.lookup(va);
+                let got = walk(&w.mem, cr3, mode, va);
+                match (&got, &expected) {
+                    (Ok(t), Ok((gpa, flags, _, i))) => {
+                        prop_assert_eq!((t.gpa, t.flags), (*gpa, *flags), "va {:#x}", va);
+                        prop_assert_eq!(t.page_size.bytes(), w.leaves[*i].size);
+                        prop_assert_eq!(&t.table_pages, &w.paths[*i]);
+                    }
+                    _ => prop_assert_eq!(got.map(|t| t.gpa), expected.map(|e| e.0), "va {:#x}", va),
+                }
+
+                let range = walk_range(&w.mem, cr3, mode, va, len);
+                prop_assert_eq!(&range, &w.range(va, len), "range {:#x}+{:#x}", va, len);
+                let Ok(range) = range else { continue };
+                prop_assert_eq!(check_range(&w.mem, cr3, mode, &range), Ok(()));
+
+                // Remap, then unmap, the leaf holding `va`: the check catches it there.
+                let (gpa, flags, _, i) = expected.expect("walk_range succeeded");
+                let leaf = w.leaves[i].clone();
+                let level = LEVELS.into_iter().find(|l| 1u64 << l.shift() == leaf.size).expect("leaf size");
+                let entry = *w.mem.entry_mut(la57, leaf.va, level);
+                *w.mem.entry_mut(la57, leaf.va, level) = entry ^ leaf.size;
+                let found = Found::Mapped { gpa: gpa ^ leaf.size, flags };
+                let m = Mismatch { va, expected_gpa: gpa, expected_flags: flags, found };
+                prop_assert_eq!(check_range(&w.mem, cr3, mode, &range), Err(m));
+                *w.mem.entry_mut(la57, leaf.va, level) = entry & !P;
+                let found = Found::Fault(WalkError::NotPresent { level, va });
+                prop_assert_eq!(check_range(&w.mem, cr3, mode, &range), Err(Mismatch { found, ..m }));
+                *w.mem.entry_mut(la57, leaf.va, level) = entry;
+            }
+        }
+    }
 }
