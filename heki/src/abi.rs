@@ -282,7 +282,7 @@ mod tests {
         let bytes: Vec<u8> = SIGNATURE.iter().flat_map(|w| w.to_le_bytes()).collect();
         assert_eq!(&bytes, b"HekiVisorABI");
         assert_eq!(cpuid_leaves(false, 3, 0x580)[0].1, [0; 4]);
-        assert_eq!(cpuid_leaves(true, 3, 0x580)[1].1, [1, 3, 0x580, 0]);
+        assert_eq!(cpuid_leaves(true, 3, 0x580)[1].1, [1, 3, 0x580, ABI_REVISION], "EDX: the revision");
     }
 
     #[test]

@@ -81,6 +81,9 @@ mod tests {
         let mut counters = ViolationCounters::default();
         counters.record(ViolationKind::Hypercall);
         let json = serde_json::to_string(&counters).expect("serializable");
-        assert_eq!(json, r#"{"write":0,"hypercall":1,"cr":0,"msr":0,"dma-write":0,"private-access":0}"#);
+        assert_eq!(
+            json,
+            r#"{"write":0,"hypercall":1,"cr":0,"msr":0,"dma-write":0,"private-access":0,"translation":0,"descriptor-table":0}"#
+        );
     }
 }

@@ -15,6 +15,7 @@ pub mod pins;
 pub mod policy;
 pub mod private;
 pub mod rate_limit;
+pub mod translation;
 pub mod verdict;
 
 pub use abi::{AbiError, GuestMemoryReader, HekiCall, ProtectRange, RamLayout};

@@ -263,7 +263,7 @@ impl Vm {
                     // Kick vCPUs out of KVM_RUN so each checks its pinned CR bits;
                     // the stop event ends the wait at once, whatever the interval.
                     while !wait_readable(&stop, interval) {
-                        if heki.pins().any_cr_pins() && !ctx.control.vcpus.is_paused() {
+                        if heki.needs_register_checks() && !ctx.control.vcpus.is_paused() {
                             ctx.control.vcpus.kick_all();
                         }
                     }

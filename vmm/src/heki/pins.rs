@@ -27,6 +27,9 @@ pub struct PinRequest {
     pub apply: bool,
 }
 
+/// A descriptor-table register and the (base, limit) last reported for it.
+type LoggedDtr = (DescriptorTable, (u64, u16));
+
 /// Per-vCPU pin state plus the mailbox for host-side requests.
 pub struct PinState {
     pins: Vec<Mutex<VcpuPins>>,
@@ -34,7 +37,7 @@ pub struct PinState {
     /// Last CR violation reported per vCPU under `log`, to report changes once.
     last_logged: Vec<Mutex<Option<(ControlRegister, u64)>>>,
     /// The same for descriptor-table registers.
-    last_logged_dtr: Vec<Mutex<Option<(DescriptorTable, (u64, u16))>>>,
+    last_logged_dtr: Vec<Mutex<Option<LoggedDtr>>>,
     mailbox: Mutex<Mailbox>,
     answered: Condvar,
     /// Serializes computing and installing the VM-wide MSR filter: a guest
@@ -181,7 +184,7 @@ impl HekiRuntime {
             restore |= self.check_pinned_crs(vcpu, &mut sregs);
             restore |= self.check_pinned_dtrs(vcpu, &mut sregs);
         }
-        restore |= self.check_translations(vcpu, &sregs);
+        restore |= self.check_translations(vcpu, &mut sregs);
         if restore && let Err(e) = vcpu.set_sregs(&sregs) {
             log::error!("heki: cannot restore pinned registers on vCPU {id}: {e}");
         }
