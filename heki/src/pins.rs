@@ -210,6 +210,22 @@ mod tests {
     const SMAP: u64 = 1 << 21;
 
     #[test]
+    fn a_pinned_idtr_or_gdtr_that_changes_is_found_with_both_values() {
+        let mut pins = VcpuPins::default();
+        assert!(pins.check_dtrs((0x1000, 0xfff), (0x2000, 0x7f)).is_empty(), "nothing pinned yet");
+        assert_eq!(DescriptorTable::from_number(2), Err(PinError::UnknownTable(2)));
+        pins.pin_dtr(DescriptorTable::from_number(0).expect("idtr"), (0x1000, 0xfff));
+        assert!(pins.check_dtrs((0x1000, 0xfff), (0x9000, 0x1)).is_empty(), "GDTR is not pinned");
+        let found = pins.check_dtrs((0x5000, 0xfff), (0x2000, 0x7f));
+        assert_eq!(found, [DtrViolation { table: DescriptorTable::Idtr, pinned: (0x1000, 0xfff), value: (0x5000, 0xfff) }]);
+        // A limit change alone is a change too (a shorter IDT drops vectors).
+        assert_eq!(pins.check_dtrs((0x1000, 0xff), (0, 0)).len(), 1);
+        pins.pin_dtr(DescriptorTable::Gdtr, (0x2000, 0x7f));
+        assert_eq!(pins.check_dtrs((0x5000, 0xfff), (0x3000, 0x7f)).len(), 2);
+        assert!(!pins.is_empty());
+    }
+
+    #[test]
     fn pinning_a_set_bit_succeeds_and_accumulates() {
         let mut pins = VcpuPins::default();
         pins.pin_cr(ControlRegister::Cr4, SMEP, SMEP | SMAP).expect("SMEP is set");

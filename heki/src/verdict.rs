@@ -469,6 +469,33 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_translation_or_descriptor_table_is_restored_under_deny_and_reported_under_log() {
+        let memory = MemoryProtections::default();
+        let none = Protections { memory: &memory, pins: None };
+        let intact = judge(Access::Translation { intact: true }, none, Policy::Deny);
+        assert!(!intact.is_violation());
+        let remapped = judge(Access::Translation { intact: false }, none, Policy::Deny);
+        assert_eq!((remapped.kind, remapped.recorded()), (ViolationKind::Translation, Some(RecordedAction::Restored)));
+        assert!(remapped.restores());
+        let logged = judge(Access::Translation { intact: false }, none, Policy::Log);
+        assert_eq!(logged.recorded(), Some(RecordedAction::Logged));
+        assert!(!logged.restores(), "audit mode leaves it in place");
+        let paused = judge(Access::Translation { intact: false }, none, Policy::Pause);
+        assert_eq!((paused.outcome(), paused.restores()), (Outcome::Pause, true));
+
+        let mut pins = VcpuPins::default();
+        pins.pin_dtr(crate::pins::DescriptorTable::Idtr, (0x1000, 0xfff));
+        let pinned = Protections { memory: &memory, pins: Some(&pins) };
+        let moved = judge(Access::DescriptorTables { idtr: (0x8000, 0xfff), gdtr: (0, 0) }, pinned, Policy::Deny);
+        assert_eq!(moved.kind, ViolationKind::DescriptorTable);
+        assert_eq!(moved.restored_dtrs()[0].pinned, (0x1000, 0xfff));
+        let record = moved.record().expect("a violation");
+        assert_eq!(record.details["register"], "idtr");
+        let same = judge(Access::DescriptorTables { idtr: (0x1000, 0xfff), gdtr: (0, 0) }, pinned, Policy::Deny);
+        assert!(!same.is_violation());
+    }
+
+    #[test]
     fn an_allowed_access_is_performed_under_every_policy_and_not_recorded() {
         let allowed = [
             Access::VcpuWrite { gpa: 0x3000, len: 8 },

@@ -51,7 +51,7 @@ pub struct CliArgs {
     #[arg(long, value_name = "MODE")]
     pub console: Option<String>,
 
-    /// Kernel integrity: enabled=on|off,policy=deny|log|pause|shutdown[,cr_check_interval_ms=N].
+    /// Kernel integrity: enabled=on|off,policy=deny|log|pause|shutdown[,cr_check_interval_ms=N][,translation=on|off].
     /// Without --heki it is off; with it, on unless enabled=off (defaults: policy=deny,
     /// cr_check_interval_ms=10).
     #[arg(long, value_name = "enabled=on,...")]
@@ -297,7 +297,7 @@ pub fn parse_introspection(input: &str) -> Result<super::IntrospectionConfig, Co
 }
 
 pub fn parse_heki(input: &str) -> Result<HekiConfig, ConfigError> {
-    let o = OptionValues::parse("--heki", input, &["enabled", "policy", "cr_check_interval_ms"])?;
+    let o = OptionValues::parse("--heki", input, &["enabled", "policy", "cr_check_interval_ms", "translation"])?;
     let mut config = HekiConfig { enabled: true, ..HekiConfig::default() };
     if let Some(enabled) = o.get_bool("enabled")? {
         config.enabled = enabled;
@@ -307,6 +307,9 @@ pub fn parse_heki(input: &str) -> Result<HekiConfig, ConfigError> {
     }
     if let Some(ms) = o.get_u64("cr_check_interval_ms")? {
         config.cr_check_interval_ms = ms;
+    }
+    if let Some(translation) = o.get_bool("translation")? {
+        config.translation = translation;
     }
     Ok(config)
 }

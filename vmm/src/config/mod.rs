@@ -97,11 +97,19 @@ pub struct HekiConfig {
     pub enabled: bool,
     pub policy: heki::Policy,
     pub cr_check_interval_ms: u64,
+    /// Whether LOCK_MAPPINGS is offered (translation integrity); off only
+    /// to measure what the checks cost.
+    pub translation: bool,
 }
 
 impl Default for HekiConfig {
     fn default() -> Self {
-        HekiConfig { enabled: false, policy: heki::Policy::Deny, cr_check_interval_ms: DEFAULT_CR_CHECK_INTERVAL_MS }
+        HekiConfig {
+            enabled: false,
+            policy: heki::Policy::Deny,
+            cr_check_interval_ms: DEFAULT_CR_CHECK_INTERVAL_MS,
+            translation: true,
+        }
     }
 }
 

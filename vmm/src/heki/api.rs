@@ -104,7 +104,7 @@ fn report(
                         "mechanism": "page tables",
                         "reason": TRANSLATION_REASON })
             } else {
-                json!({ "status": "unavailable", "reason": if enabled { "KVM lacks read-only memslots" } else { "heki is disabled for this VM" } })
+                json!({ "status": "unavailable", "reason": if enabled { "turned off (heki.translation = false) or KVM lacks read-only memslots" } else { "heki is disabled for this VM" } })
             },
             "pin_dtr": if enabled {
                 json!({ "status": "detect-and-restore", "interval_ms": rt.map(|r| r.cr_check_interval_ms),

@@ -66,6 +66,8 @@ pub struct HekiRuntime {
     host_view: GuestMemoryMmap,
     ram: RamLayout,
     pub cr_check_interval_ms: u64,
+    /// Whether LOCK_MAPPINGS is offered (`HekiConfig::translation`).
+    translation: bool,
     pub(super) pin_state: PinState,
     msr_filter: bool,
     translations: TranslationState,
@@ -121,6 +123,7 @@ impl HekiRuntime {
             host_view: guest_ram.host.clone(),
             ram,
             cr_check_interval_ms: config.cr_check_interval_ms,
+            translation: config.translation,
             pin_state: PinState::new(vcpus),
             msr_filter,
             translations: TranslationState::default(),
@@ -175,7 +178,7 @@ impl HekiRuntime {
         let msr = if self.msr_filter { feature::PIN_MSR } else { 0 };
         // Devices reach guest RAM only through heki-checked memory.
         // Translation locks lock page tables: they need read-only memory too.
-        let mappings = if memory != 0 { feature::LOCK_MAPPINGS } else { 0 };
+        let mappings = if memory != 0 && self.translation { feature::LOCK_MAPPINGS } else { 0 };
         memory | feature::PIN_CR | msr | feature::DMA_GUARD | feature::SHARED_MEMORY | mappings | feature::PIN_DTR
     }
 
