@@ -301,6 +301,7 @@ impl VirtioPci {
                 .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
                 .collect();
             let extra_index = notify.len().saturating_add(1);
+            let mut extra_ended = false;
             // Drains a queue, across a pause if one cuts in; false at teardown.
             let drain = |index: usize| loop {
                 let Some(_active) = gate.begin() else { return false };
@@ -325,19 +326,30 @@ impl VirtioPci {
                         }
                     }
                 }
-                if let Some((_, queue)) = extra
+                if let Some((fd, queue)) = extra
                     && fds[extra_index].revents != 0
                 {
                     if !drain(queue) {
                         return;
                     }
-                    // Data the guest has no buffers for yet: wait for its next notify.
-                    if !lock_state(&state).queue_has_room(queue) {
-                        fds[extra_index].events = 0;
+                    let s = lock_state(&state);
+                    if s.device.extra_fd().is_none() {
+                        // The input ended: a hung-up descriptor would wake poll forever.
+                        extra_ended = true;
+                        fds[extra_index].fd = -1;
+                    } else if !s.queue_has_room(queue) {
+                        // Data the guest has no buffers for yet: wait for its next
+                        // notify (a negative fd is ignored by poll, hang-ups included).
+                        fds[extra_index].fd = -1;
+                    } else {
+                        fds[extra_index].fd = fd;
                     }
                 }
-                if fds.len() > extra_index && fds[..notify.len()].iter().any(|f| f.revents != 0) {
-                    fds[extra_index].events = libc::POLLIN;
+                if let Some((fd, _)) = extra
+                    && !extra_ended
+                    && fds[..notify.len()].iter().any(|f| f.revents != 0)
+                {
+                    fds[extra_index].fd = fd;
                 }
             }
         })
