@@ -228,3 +228,156 @@ fn make_raw(tty: &File) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::OwnedFd;
+    use std::sync::Arc;
+
+    use heki::{Permissions, PlannedSlot, Policy, ProtectRange, ViolationKind};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::config::HekiConfig;
+    use crate::devices::gate::DeviceGate;
+    use crate::devices::mmio_bus::MmioDevice;
+    use crate::devices::virtio::pci::VirtioPci;
+    use crate::heki::testing::{RecordingControl, RecordingSlots};
+    use crate::heki::{Accessor, Enforcer, HekiRuntime};
+
+    const DESC: u64 = 0x1_0000;
+    const AVAIL: u64 = 0x1_1000;
+    const USED: u64 = 0x1_2000;
+    const BUFFER: u64 = 0x2_0000;
+    const LOCKED: u64 = 0x3_0000;
+
+    /// A console fed from a pipe, its receive queue (4 entries) started by a
+    /// minimal driver, heki on with policy deny.
+    fn started_console() -> (GuestMemoryMmap, Arc<HekiRuntime>, VirtioPci, std::io::PipeWriter) {
+        let ram =
+            crate::memory::create_guest_ram(&[crate::memory::RamRegion { start: 0, size: 1 << 20 }]).expect("memory");
+        let mem = ram.host.clone();
+        let enforcer = Arc::new(Enforcer::new(Policy::Deny, Arc::new(RecordingControl::default())));
+        let config = HekiConfig { enabled: true, ..HekiConfig::default() };
+        let boot = [(PlannedSlot { gpa: 0, size: 1 << 20, readonly: false }, 0)];
+        let heki =
+            Arc::new(HekiRuntime::new(&config, enforcer.clone(), Arc::new(RecordingSlots::default()), &ram, &boot, 1));
+        let memory = DeviceMemory::new(
+            CheckedMemory::new(mem.clone(), enforcer, Arc::new(Accessor::new("_console"))),
+            Arc::default(),
+        );
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        let console = Console::with_input(Box::new(std::io::sink()), File::from(OwnedFd::from(reader)));
+        let mut dev = VirtioPci::new(Box::new(console), 0, memory, 0, None).expect("transport");
+        let w32 = |dev: &mut VirtioPci, off: u64, v: u32| dev.write(off, &v.to_le_bytes());
+        dev.write(0x14, &[3]);
+        w32(&mut dev, 0x08, 1);
+        w32(&mut dev, 0x0c, 1);
+        dev.write(0x14, &[11]);
+        dev.write(0x16, &0u16.to_le_bytes()); // the receive queue
+        dev.write(0x18, &4u16.to_le_bytes());
+        for (off, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
+            w32(&mut dev, off, addr as u32);
+        }
+        dev.write(0x1c, &1u16.to_le_bytes());
+        dev.write(0x14, &[15]);
+        (mem, heki, dev, writer)
+    }
+
+    /// Makes available the chain of writable buffers `bufs` (descriptors 0..) as request `n`.
+    fn post(mem: &GuestMemoryMmap, n: u16, bufs: &[(u64, u32)]) {
+        for (i, &(addr, len)) in bufs.iter().enumerate() {
+            let desc = DESC + 16 * i as u64;
+            let last = i + 1 == bufs.len();
+            mem.write_obj(addr, GuestAddress(desc)).expect("desc addr");
+            mem.write_obj(len, GuestAddress(desc + 8)).expect("desc len");
+            mem.write_obj(if last { 2u16 } else { 3u16 }, GuestAddress(desc + 12)).expect("write-only, next");
+            mem.write_obj(i as u16 + 1, GuestAddress(desc + 14)).expect("next");
+        }
+        mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(n % 4))).expect("ring");
+        mem.write_obj(n + 1, GuestAddress(AVAIL + 2)).expect("avail idx");
+    }
+
+    fn drain(dev: &VirtioPci) {
+        let state = dev.state();
+        assert!(state.lock().expect("state").process_queue(RECEIVE_QUEUE, &DeviceGate::default()));
+    }
+
+    /// (used idx, length of used element `n`).
+    fn used(mem: &GuestMemoryMmap, n: u64) -> (u16, u32) {
+        let idx = mem.read_obj::<u16>(GuestAddress(USED + 2)).expect("used idx");
+        (idx, mem.read_obj::<u32>(GuestAddress(USED + 4 + 8 * (n % 4) + 4)).expect("used len"))
+    }
+
+    fn bytes(mem: &GuestMemoryMmap, gpa: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        mem.read_slice(&mut buf, GuestAddress(gpa)).expect("read");
+        buf
+    }
+
+    #[test]
+    fn a_refused_receive_buffer_ends_the_request_and_keeps_the_rest_of_the_input() {
+        let (mem, heki, dev, mut input) = started_console();
+        let range = ProtectRange { start: LOCKED >> 12, end: (LOCKED >> 12) + 1, perms: Permissions::READ };
+        heki.protect_pages(&[range], "guest").expect("lock a page");
+        input.write_all(b"hello world").expect("input");
+        post(&mem, 0, &[(BUFFER, 4), (LOCKED, 16)]);
+        drain(&dev);
+        assert_eq!(used(&mem, 0), (1, 4), "used length: the bytes written before the refused buffer");
+        assert_eq!(bytes(&mem, BUFFER, 4), b"hell");
+        assert!(bytes(&mem, LOCKED, 16).iter().all(|&b| b == 0), "nothing lands in the locked page");
+        assert!(heki.violations().recent().iter().any(|v| v.kind == ViolationKind::DmaWrite));
+        post(&mem, 1, &[(BUFFER + 0x100, 64)]);
+        drain(&dev);
+        assert_eq!(used(&mem, 1), (2, 7), "the refused bytes go to the next buffer");
+        assert_eq!(bytes(&mem, BUFFER + 0x100, 7), b"o world");
+    }
+
+    #[test]
+    fn input_waits_for_a_buffer_and_buffers_wait_for_input() {
+        let (mem, _heki, dev, mut input) = started_console();
+        post(&mem, 0, &[(BUFFER, 64)]);
+        drain(&dev);
+        assert_eq!(used(&mem, 0).0, 0, "no input: the buffer stays with the device");
+        input.write_all(b"abc").expect("input");
+        drain(&dev);
+        assert_eq!(used(&mem, 0), (1, 3));
+        assert_eq!(bytes(&mem, BUFFER, 3), b"abc");
+        input.write_all(b"later").expect("input");
+        drain(&dev);
+        assert_eq!(used(&mem, 0).0, 1, "no buffer: the input is kept");
+        post(&mem, 1, &[(BUFFER + 0x100, 64)]);
+        drain(&dev);
+        assert_eq!(used(&mem, 1), (2, 5));
+        assert_eq!(bytes(&mem, BUFFER + 0x100, 5), b"later");
+    }
+
+    #[test]
+    fn at_end_of_input_the_device_stops_offering_its_descriptor() {
+        let (mem, _heki, dev, input) = started_console();
+        let state = dev.state();
+        assert!(state.lock().expect("state").extra_fd().is_some(), "the input is polled");
+        drop(input);
+        post(&mem, 0, &[(BUFFER, 64)]);
+        drain(&dev);
+        assert_eq!(used(&mem, 0).0, 0, "no buffer is completed empty");
+        assert!(state.lock().expect("state").extra_fd().is_none(), "a hung-up input is no longer polled");
+    }
+
+    #[test]
+    fn a_pty_carries_bytes_both_ways() {
+        let pty = Pty::open().expect("pty");
+        let (mut out, mut input) = pty.endpoints().expect("endpoints");
+        let mut user = std::fs::OpenOptions::new().read(true).write(true).open(&pty.path).expect("open the pty");
+        user.write_all(b"typed").expect("type");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut buf = [0u8; 16];
+        assert_eq!(input.read(&mut buf).ok(), Some(5));
+        assert_eq!(&buf[..5], b"typed", "raw mode: no echo, no line buffering");
+        out.write_all(b"shown\n").expect("output");
+        let n = user.read(&mut buf).expect("read the output");
+        assert_eq!(&buf[..n], b"shown\n", "raw mode: no CR added");
+    }
+}

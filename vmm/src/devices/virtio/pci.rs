@@ -134,6 +134,11 @@ impl TransportState {
         })
     }
 
+    /// The device's host fd and the queue it feeds, while it has one to poll.
+    pub fn extra_fd(&self) -> Option<(libc::c_int, usize)> {
+        self.device.extra_fd()
+    }
+
     fn selected(&self) -> Option<&Queue> {
         self.queues.get(usize::from(self.queue_select))
     }
@@ -333,7 +338,7 @@ impl VirtioPci {
                         return;
                     }
                     let s = lock_state(&state);
-                    if s.device.extra_fd().is_none() {
+                    if s.extra_fd().is_none() {
                         // The input ended: a hung-up descriptor would wake poll forever.
                         extra_ended = true;
                         fds[extra_index].fd = -1;
