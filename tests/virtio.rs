@@ -106,9 +106,9 @@ fn console_output_reaches_the_configured_file() {
     assert_eq!(std::fs::read_to_string(&out).expect("console file"), "hello from the virtio console\n");
 }
 
-/// Starts the console guest in echo mode with `console` as its `--console`;
-/// stdin, stdout and stderr are pipes. Returns the child and its serial log.
-fn start_console_echo(test: &str, console: &str, verbose: bool) -> (std::process::Child, std::path::PathBuf) {
+/// Starts the console guest in echo mode with `console` as its `--console`
+/// and `extra` arguments; stdin, stdout and stderr are pipes. Returns the child and its serial log.
+fn start_console_echo(test: &str, console: &str, extra: &[&str]) -> (std::process::Child, std::path::PathBuf) {
     let serial = common::temp_dir(test).join("serial.log");
     let mut command = std::process::Command::new(common::hekivisor_bin());
     command
@@ -117,10 +117,8 @@ fn start_console_echo(test: &str, console: &str, verbose: bool) -> (std::process
         .args(["--cmdline", "echo", "--serial", &format!("file={}", serial.display()), "--console", console])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
+        .args(extra)
         .stderr(std::process::Stdio::piped());
-    if verbose {
-        command.arg("-v");
-    }
     (command.spawn().expect("start hekivisor"), serial)
 }
 
@@ -133,7 +131,7 @@ fn read_all(mut from: impl std::io::Read) -> String {
 #[test]
 fn console_tty_feeds_stdin_to_the_guest_even_before_it_posts_buffers() {
     require_kvm!();
-    let (mut child, serial) = start_console_echo("virtio-console-stdin", "tty", false);
+    let (mut child, serial) = start_console_echo("virtio-console-stdin", "tty", &[]);
     {
         use std::io::Write;
         // Written at once, long before the guest has a receive buffer; then end of input.
@@ -157,7 +155,8 @@ fn console_tty_feeds_stdin_to_the_guest_even_before_it_posts_buffers() {
 fn console_pty_carries_input_to_the_guest_and_its_output_back() {
     require_kvm!();
     use std::io::{BufRead, Read, Write};
-    let (mut child, serial) = start_console_echo("virtio-console-pty", "pty", true);
+    // With landlock on: the pty is opened before the VMM restricts itself.
+    let (mut child, serial) = start_console_echo("virtio-console-pty", "pty", &["-v", "--landlock"]);
     // The path is logged (info) at boot.
     let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
     let mut log = String::new();

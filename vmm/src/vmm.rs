@@ -140,6 +140,7 @@ pub fn run(run_config: VmmRunConfig) -> Result<i32, VmmError> {
     // before the signal and API threads start, so that they are bound too
     // (landlock binds the calling thread and the threads it starts later).
     if let Some(config) = run_config.vm.as_ref().filter(|c| c.landlock_enable) {
+        vmm.open_console_pty(config)?;
         crate::sandbox::restrict(&crate::sandbox::rules(config, vmm.api_socket_path.as_deref()))?;
         vmm.landlocked = true;
     }
@@ -224,7 +225,6 @@ impl Vmm {
     /// Records the configuration (state Created).
     pub(crate) fn create(&mut self, config: VmConfig) {
         self.config = Some(config);
-        self.console_pty = None;
         self.state = VmState::Created;
         // An agent may connect before the boot; a failure is reported by `boot`.
         if let Err(e) = self.start_introspection() {
@@ -262,13 +262,7 @@ impl Vmm {
         if self.serial_out.is_none() {
             self.serial_out = serial_output(&config)?;
         }
-        // Before landlock: /dev/ptmx and /dev/pts are not among its paths.
-        if config.console.mode == ConsoleOutputMode::Pty && self.console_pty.is_none() {
-            let pty =
-                Pty::open().map_err(|e| VmmError::GuestFailed(format!("cannot open a pty for the console: {e}")))?;
-            log::info!("virtio console: pty {}", pty.path.display());
-            self.console_pty = Some(pty);
-        }
+        self.open_console_pty(&config)?;
         if let Some(pty) = &self.console_pty {
             // Reported where Cloud Hypervisor reports it: vm.info's console.file.
             config.console.file = Some(pty.path.clone());
@@ -310,6 +304,18 @@ impl Vmm {
         self.vm = Some(vm);
         self.state = VmState::Running;
         crate::events::emit("vm", "booted", &[]);
+        Ok(())
+    }
+
+    /// Opens the console's pseudo-terminal if `config` asks for one and none
+    /// is open yet. Before landlock: /dev/ptmx is not among its paths.
+    fn open_console_pty(&mut self, config: &VmConfig) -> Result<(), VmmError> {
+        if config.console.mode == ConsoleOutputMode::Pty && self.console_pty.is_none() {
+            let pty =
+                Pty::open().map_err(|e| VmmError::GuestFailed(format!("cannot open a pty for the console: {e}")))?;
+            log::info!("virtio console: pty {}", pty.path.display());
+            self.console_pty = Some(pty);
+        }
         Ok(())
     }
 

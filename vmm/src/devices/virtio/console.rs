@@ -14,7 +14,6 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
@@ -201,7 +200,15 @@ impl Pty {
             return Err(std::io::Error::last_os_error());
         }
         let path = PathBuf::from(format!("/dev/pts/{number}"));
-        let peer = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOCTTY).open(&path)?;
+        // The peer through the master: no second open by path.
+        let peer_flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+        // SAFETY: TIOCGPTPEER takes open flags by value and returns a new descriptor.
+        let fd = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, peer_flags) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by the kernel and is owned by nothing else.
+        let peer = unsafe { File::from_raw_fd(fd) };
         make_raw(&peer)?;
         Ok(Pty { master, _peer: peer, path })
     }
