@@ -469,10 +469,9 @@ fn vm_info_reports_the_console_pty_and_keeps_it_across_a_reboot() {
     require_kvm!();
     let mut vmm = Vmm::start("api-console-pty");
     // "echo": the guest waits for a line on its console.
-    let config = vmm.config("virtio_console", r#","console":{"mode":"Pty"}"#).replace(
-        r#""payload":{"kernel":"#,
-        r#""payload":{"cmdline":"echo","kernel":"#,
-    );
+    let config = vmm
+        .config("virtio_console", r#","console":{"mode":"Pty"}"#)
+        .replace(r#""payload":{"kernel":"#, r#""payload":{"cmdline":"echo","kernel":"#);
     assert_eq!(vmm.status("PUT", "vm.create", Some(&config)).0, 204);
     assert_eq!(vmm.status("PUT", "vm.boot", None).0, 204);
     let console = &vmm.json("vm.info")["config"]["console"];
