@@ -126,8 +126,12 @@ impl TransportState {
         })
     }
 
-    /// Whether the guest has made buffers available on `index` that the device has not used.
+    /// Whether the guest has made buffers available on `index` that the
+    /// device has not used and may use now (driver ready, no reset pending).
     fn queue_has_room(&self, index: usize) -> bool {
+        if self.status & status::DRIVER_OK == 0 || self.status & status::NEEDS_RESET != 0 {
+            return false;
+        }
         let mem = &self.memory.mem;
         self.queues.get(index).is_some_and(|q| {
             q.ready() && q.avail_idx(mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|i| i.0 != q.next_avail())
