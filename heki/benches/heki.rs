@@ -96,9 +96,7 @@ fn translation_check(c: &mut Criterion) {
     let mut copy = [0u64; 512];
     copy[511] = (pdpt | 3) | 0x20;
     mem.0.insert(process, copy);
-    c.bench_function("translation_check_steady_state", |b| {
-        b.iter(|| black_box(locks.check(&mem, black_box(process))))
-    });
+    c.bench_function("translation_check_steady_state", |b| b.iter(|| black_box(locks.check(&mem, black_box(process)))));
     // What a remap costs to find and describe (once per attack).
     let private = 0x30_0000u64;
     mem.0.insert(private, [0; 512]);
