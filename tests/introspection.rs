@@ -898,3 +898,66 @@ fn bench_tracked_write_answered_continue_against_a_plain_mmio_exit() {
         );
     }
 }
+
+#[test]
+fn a_tracked_write_to_a_private_page_reaches_the_agent_without_its_bytes() {
+    require_kvm!();
+    let mut vm = Vm::start("introspect-private", &["--heki", "enabled=on"], "private");
+    let mut agent = vm.connect();
+    let at = addresses(&vm);
+    assert_eq!(vm.line("private on="), "private on=0 shared=0");
+    assert_eq!(refused(agent.call("read-memory", json!({"gpa": at.watched, "size": 8}))), "EPERM");
+    agent.call("track-write", json!({"gpa": at.watched})).expect("track a private page");
+    go(&mut agent, &at, 1);
+    let write = sync_event(&mut agent);
+    assert_eq!((write["event"].as_str(), write["gpa"].as_u64()), (Some("write"), Some(at.watched)), "{write}");
+    assert_eq!(write["private"], true, "{write}");
+    assert!(write.get("value").is_none(), "a private byte reached the agent: {write}");
+    let secret = 0x5ec7_e75e_c7e7_u64;
+    assert!(!write.to_string().contains(&secret.to_string()), "{write}");
+    agent.reply(seq(&write), Action::Continue).expect("reply");
+    // Continued: the guest's write landed (the agent only never saw it).
+    assert_eq!(vm.line("private written="), format!("private written={secret:x}"));
+    go(&mut agent, &at, 2);
+    vm.wait_exit();
+    let log = format!("{}{}", vm.stderr(), std::fs::read_to_string(vm.dir.join("events.json")).unwrap_or_default());
+    assert!(!log.contains(&format!("{secret:x}")), "a private value in the VMM's log or events:\n{log}");
+}
+
+#[test]
+fn a_second_vmm_cannot_take_a_live_agent_socket() {
+    require_kvm!();
+    let mut first = Vm::start("introspect-socket-owner", &[], "agent");
+    let mut agent = first.connect();
+    let at = addresses(&first);
+    // A second VMM names the same path: it must refuse to start, naming the path.
+    let stderr_path = first.dir.join("second-stderr.log");
+    let mut second = Command::new(common::hekivisor_bin())
+        .arg("--kernel")
+        .arg(common::guests::build("introspect"))
+        .args(["--cmdline", "agent"])
+        .arg("--introspection")
+        .arg(format!("path={}", first.socket.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+        .spawn()
+        .expect("start a second hekivisor");
+    let (status, timed_out) = common::wait_with_timeout(&mut second, Duration::from_secs(20));
+    if timed_out {
+        let _ = second.kill();
+        let _ = second.wait();
+    }
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    assert!(!timed_out && !status.success(), "the second VMM started: {stderr}");
+    assert!(stderr.contains(&first.socket.display().to_string()) && stderr.contains("in use"), "{stderr}");
+    // The first VMM's agent is still connected (the probe met EBUSY), and its socket still answers.
+    assert_eq!(agent.call("stats", json!({})).expect("stats")["connections"], 1);
+    drop(agent);
+    let mut agent = first.connect();
+    go(&mut agent, &at, 1);
+    assert_eq!(first.line("writes "), "writes a=1111 b=2222 c=3333");
+    go(&mut agent, &at, 3);
+    first.line("done");
+    assert!(first.wait_exit().success());
+}

@@ -156,6 +156,17 @@ void guest_main(void) {
         printf("bench done\n");
         return;
     }
+    if (cmdline_has("private")) {
+        /* All RAM private but the mailbox (the agent steps the guest through it). */
+        s64 on = heki_call(HEKI_PRIVATE_MEMORY, 1, 0, 0);
+        s64 shared = heki_call(HEKI_SET_SHARED, (u64)mailbox, 4096, 1);
+        printf("private on=%ld shared=%ld\n", on, shared);
+        step(1);
+        *(volatile u64 *)watched = 0x5ec7e75ec7e7UL;
+        printf("private written=%lx\n", peek(watched));
+        step(2);
+        return;
+    }
     if (cmdline_has("heki")) {
         s64 rc = heki_protect((u64)locked, (u64)locked + 4096, HEKI_READ);
         printf("protect rc=%ld\n", rc);

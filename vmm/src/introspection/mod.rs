@@ -42,6 +42,8 @@ pub enum IntrospectionError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the introspection socket {path} is in use: another process (another VMM?) answers on it")]
+    InUse { path: PathBuf },
     #[error("cannot start the introspection thread")]
     Spawn(#[source] std::io::Error),
 }
@@ -396,8 +398,13 @@ impl Hub {
 fn bind(path: &Path) -> Result<UnixListener, IntrospectionError> {
     let err = |source| IntrospectionError::Bind { path: path.to_path_buf(), source };
     if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
-        // A stale socket from an earlier run.
-        std::fs::remove_file(path).map_err(err)?;
+        // Removed only when stale (nobody listens: ECONNREFUSED); a live
+        // socket belongs to someone else, whose agent must not be cut off.
+        match UnixStream::connect(path) {
+            Ok(_) => return Err(IntrospectionError::InUse { path: path.to_path_buf() }),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => std::fs::remove_file(path).map_err(err)?,
+            Err(e) => return Err(err(e)),
+        }
     }
     // Created under a 0177 umask so it is never open to others, not even briefly.
     // SAFETY: umask only changes this process's file-creation mask; it is restored at once.
@@ -504,6 +511,36 @@ mod tests {
         assert!(tracking.tracks_range(0x4ffc, 8), "straddles into page 5");
         assert!(!tracking.tracks_range(0x7000, 8));
         assert_eq!(tracking.page_ranges(), vec![(5, 7), (9, 10)]);
+    }
+
+    #[test]
+    fn a_live_socket_at_the_path_is_refused_and_keeps_working() {
+        let dir = std::env::temp_dir().join(format!("hk-introspect-live-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("agent.sock");
+        let first = UnixListener::bind(&path).expect("the first VMM's socket");
+        let err = bind(&path).expect_err("a live socket must not be replaced");
+        assert!(matches!(&err, IntrospectionError::InUse { path: p } if *p == path), "{err:?}");
+        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+        // The first owner still accepts: the probe's connection, then a new one.
+        first.set_nonblocking(true).expect("nonblocking");
+        let _probe = first.accept();
+        let _client = UnixStream::connect(&path).expect("the first socket still answers");
+        assert!(first.accept().is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_stale_socket_at_the_path_is_replaced() {
+        let dir = std::env::temp_dir().join(format!("hk-introspect-stale-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("agent.sock");
+        // Dropping a listener leaves its file behind: nobody answers there.
+        drop(UnixListener::bind(&path).expect("bind"));
+        let listener = bind(&path).expect("a stale socket is replaced");
+        let _client = UnixStream::connect(&path).expect("the new socket answers");
+        assert!(listener.accept().is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
