@@ -170,6 +170,10 @@ fn an_agent_reads_state_and_answers_writes_and_msr_writes_with_heki_off() {
     assert_eq!(caps["exec-tracking"]["status"], "unavailable");
     assert!(caps["read-tracking"]["reason"].as_str().is_some_and(|r| !r.is_empty()));
     assert_eq!(caps["hypercall"]["status"], "unavailable", "no doorbell with heki off");
+    // One truth: what hello calls unavailable cannot be tracked either.
+    assert_eq!(refused(agent.call("track-hypercall", json!({}))), "EOPNOTSUPP");
+    assert_eq!(agent.call("track-hypercall", json!({"enable": false})).expect("off")["hypercalls"], false);
+    assert_eq!(agent.call("tracking", json!({})).expect("tracking")["hypercalls"], false);
     let at = addresses(&vm);
 
     // Pause, look at the vCPU, resume.
@@ -206,10 +210,12 @@ fn an_agent_reads_state_and_answers_writes_and_msr_writes_with_heki_off() {
     assert_eq!(first["cpl"], 0, "the guest writes from ring 0");
     // Registers of the vCPU held by the event can be read meanwhile.
     agent.call("get-registers", json!({"vcpu": 0})).expect("regs of a held vCPU");
-    agent.reply(seq(&first), Action::Continue).expect("reply");
+    // The reply's seq as a 0x-hex string, as for every number an agent sends.
+    agent.send_raw(format!(r#"{{"reply":"{:#x}","action":"continue"}}"#, seq(&first)).as_bytes()).expect("reply");
     let second = sync_event(&mut agent);
     assert_eq!(second["gpa"].as_u64(), Some(at.watched + 8));
-    agent.reply(seq(&second), Action::Deny).expect("reply");
+    // ... or as a decimal string, with the full parser's spacing.
+    agent.send_raw(format!(r#"{{ "action": "deny", "reply": "{}" }}"#, seq(&second)).as_bytes()).expect("reply");
     let third = sync_event(&mut agent);
     assert_eq!(third["gpa"].as_u64(), Some(at.watched + 16));
     // Sent back to back, before the VMM answers the command: lines are handled
@@ -353,6 +359,21 @@ fn bad_messages_get_error_replies_and_the_vm_keeps_running() {
     let reply = not_an_event(&mut agent);
     assert_eq!(reply["error"]["errno"], "E2BIG");
     assert_eq!(refused(agent.call("no-such-command", json!({}))), "ENOSYS");
+    // Unknown fields are refused by name, at the top level and in args.
+    agent.send_raw(br#"{"id": 77, "cmd": "read-memory", "arg": {"gpa": 0, "size": 8}}"#).expect("send");
+    let reply = not_an_event(&mut agent);
+    assert_eq!((&reply["id"], &reply["error"]["errno"]), (&json!(77), &json!("EINVAL")), "{reply}");
+    assert!(reply["error"]["message"].as_str().is_some_and(|m| m.contains("'arg'")), "{reply}");
+    match agent.call("read-memory", json!({"gpa": at.watched, "size": 8, "sise": 8})) {
+        Err(Error::Refused { errno, message }) => {
+            assert_eq!(errno, "EINVAL");
+            assert!(message.contains("args.sise"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    agent.send_raw(br#"{"reply": 5, "action": "continue", "vcpu": 0}"#).expect("send");
+    let reply = not_an_event(&mut agent);
+    assert_eq!(reply["error"]["errno"], "EINVAL", "{reply}");
     assert_eq!(refused(agent.call("get-registers", json!({"vcpu": 7}))), "ENOENT");
     assert_eq!(refused(agent.call("read-memory", json!({"gpa": 0, "size": 1 << 20}))), "EINVAL");
     assert_eq!(refused(agent.call("read-memory", json!({"gpa": "0xffffffffffff0000", "size": 8}))), "EFAULT");
@@ -960,4 +981,42 @@ fn a_second_vmm_cannot_take_a_live_agent_socket() {
     go(&mut agent, &at, 3);
     first.line("done");
     assert!(first.wait_exit().success());
+}
+
+#[test]
+fn a_disconnect_drops_its_queued_commands_and_the_next_agent_connects_at_once() {
+    require_kvm!();
+    let mut vm = Vm::start("introspect-reconnect", &[], "agent");
+    let mut agent = vm.connect();
+    let at = addresses(&vm);
+    agent.call("track-write", json!({"gpa": at.watched})).expect("track");
+    go(&mut agent, &at, 1);
+    // The vCPU is held by this event (for up to reply_timeout_ms = 3000):
+    // pausing it cannot finish until then. Queue such commands, then leave.
+    let held = sync_event(&mut agent);
+    assert_eq!(held["event"], "write");
+    for id in 100..105 {
+        let pause = json!({"id": id, "cmd": "pause", "args": {"vcpu": 0}});
+        agent.send_raw(pause.to_string().as_bytes()).expect("send");
+    }
+    drop(agent);
+    let gone = Instant::now();
+    let mut agent = loop {
+        match Agent::connect(&vm.socket) {
+            Ok(agent) => break agent,
+            Err(e) => {
+                assert!(gone.elapsed() < Duration::from_secs(30), "no reconnect: {e}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    };
+    let waited = gone.elapsed();
+    assert!(waited < Duration::from_millis(1000), "the next agent waited {waited:?} (EBUSY meanwhile)");
+    // Nothing the first agent queued ran after it left: its tracking is
+    // undone and no pause holds the vCPU, so the guest's writes all land.
+    assert_eq!(agent.call("tracking", json!({})).expect("tracking")["pages"], json!([]));
+    assert_eq!(vm.line("writes "), "writes a=1111 b=2222 c=3333");
+    go(&mut agent, &at, 3);
+    vm.line("done");
+    assert!(vm.wait_exit().success());
 }

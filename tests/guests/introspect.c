@@ -110,7 +110,8 @@ void guest_main(void) {
     }
     if (cmdline_has("cr")) {
         step(1);
-        printf("cr baseline\n");
+        /* No exit between the agent's track-cr and this change: the baseline
+         * must be the one taken when tracking started. */
         u64 cr4 = read_cr4();
         write_cr4(cr4 ^ (1UL << 2)); /* CR4.TSD: harmless here */
         printf("cr toggled\n");

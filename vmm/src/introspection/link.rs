@@ -516,6 +516,34 @@ impl AgentLink {
 
     // ---- socket thread side ----
 
+    /// CR tracking starts: each vCPU's CR0, CR3 and CR4 now are the
+    /// baseline its first change is reported against (read on its own thread).
+    pub(super) fn take_cr_baselines(&self) -> Result<(), AgentError> {
+        for id in 0..self.slots.len() {
+            let id = u8::try_from(id).map_err(|_| AgentError::new("ENOENT", "no such vCPU"))?;
+            let crs = self.on_vcpu(
+                id,
+                Box::new(|v| {
+                    let s = v.sregs().map_err(|e| AgentError::new("EIO", crate::error_chain(&e)))?;
+                    Ok(json!([s.cr0, s.cr3, s.cr4]))
+                }),
+            )?;
+            let crs: [u64; 3] =
+                serde_json::from_value(crs).map_err(|e| AgentError::new("EIO", format!("vCPU {id}: {e}")))?;
+            if let Some(slot) = self.slot(id) {
+                slot.lock().crs = Some(crs);
+            }
+        }
+        Ok(())
+    }
+
+    /// CR tracking stops: the next start takes fresh baselines.
+    pub(super) fn clear_cr_baselines(&self) {
+        for slot in &self.slots {
+            slot.lock().crs = None;
+        }
+    }
+
     /// Delivers the agent's reply to the vCPU waiting on event `seq`.
     pub(super) fn deliver(&self, seq: u64, action: Action) -> bool {
         for slot in &self.slots {
@@ -551,6 +579,11 @@ impl AgentLink {
                 state.request = None;
                 return Err(AgentError::new("ETIMEDOUT", format!("vCPU {id} did not answer")));
             }
+            if self.hub.agent_gone() {
+                // Nobody will read the result: the connection's work ends with it.
+                state.request = None;
+                return Err(AgentError::new("ECONNRESET", "the agent disconnected"));
+            }
             state =
                 slot.changed.wait_timeout(state, (deadline - now).min(WAIT_SLICE)).unwrap_or_else(|p| p.into_inner()).0;
         }
@@ -571,7 +604,7 @@ impl AgentLink {
         let mut state = slot.lock();
         while !state.parked {
             let now = Instant::now();
-            if now >= deadline || self.control.vcpus.is_stopping() {
+            if now >= deadline || self.control.vcpus.is_stopping() || self.hub.agent_gone() {
                 // A vCPU held elsewhere (an event, a VM pause) parks when it next reaches the gate.
                 return Ok(json!({"vcpu": id, "paused": true, "parked": false}));
             }

@@ -142,6 +142,8 @@ pub struct Hub {
     link: RwLock<Option<Arc<AgentLink>>>,
     /// Configured vCPUs and RAM (for `hello` before boot).
     pub(crate) vm_shape: Mutex<(usize, Vec<(u64, u64)>)>,
+    /// Whether the configured VM runs heki (its doorbell carries hypercalls).
+    pub(crate) heki_configured: AtomicBool,
     seq: AtomicU64,
     /// `Tracking::raises_events` of the current tracking.
     armed: AtomicBool,
@@ -182,6 +184,12 @@ impl Hub {
             return None;
         }
         c.inbox.clone().map(|inbox| (c.generation, inbox))
+    }
+
+    /// Whether the agent has closed its connection (or there is none):
+    /// work it queued is then dropped, as nobody can read its replies.
+    pub(crate) fn agent_gone(&self) -> bool {
+        self.inbox().is_none_or(|(_, inbox)| inbox.hung_up())
     }
 
     /// Writes one line to the agent, in one write (the agent wakes once);
@@ -327,6 +335,7 @@ impl Introspection {
             tracking: RwLock::default(),
             link: RwLock::new(None),
             vm_shape: Mutex::new((0, Vec::new())),
+            heki_configured: AtomicBool::new(false),
             seq: AtomicU64::new(0),
             armed: AtomicBool::new(false),
             counters: Counters::default(),
@@ -352,8 +361,9 @@ impl Introspection {
     }
 
     /// Records the shape of the VM about to be built (for `hello` before boot).
-    pub fn set_vm_shape(&self, vcpus: usize, ram: Vec<(u64, u64)>) {
+    pub fn set_vm_shape(&self, vcpus: usize, ram: Vec<(u64, u64)>, heki: bool) {
         *lock(&self.hub.vm_shape) = (vcpus, ram);
+        self.hub.heki_configured.store(heki, Ordering::Relaxed);
     }
 }
 
