@@ -49,7 +49,7 @@ impl Vm {
     fn connect(&self) -> Agent {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            match Agent::connect(&self.socket) {
+            match Agent::connect_observed(&self.socket, schema_check()) {
                 Ok(agent) => return agent,
                 Err(e) => {
                     assert!(Instant::now() < deadline, "no agent socket: {e}");
@@ -97,6 +97,23 @@ impl Drop for Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Holds every message the VMM sends to the protocol's JSON Schema
+/// (`docs/introspection.schema.json`), and each command's result to the
+/// result schema of that command; a message that breaks it fails the test.
+fn schema_check() -> api_client::introspect::Observer {
+    let schema = common::json_schema::introspection();
+    Box::new(move |message, cmd| {
+        if let Err(e) = schema.validate(message) {
+            panic!("a message breaks docs/introspection.schema.json: {e}\n{message}");
+        }
+        if let (Some(cmd), Some(result)) = (cmd, message.get("result")) {
+            if let Err(e) = schema.validate_at(&format!("#/$defs/results/{cmd}"), result) {
+                panic!("the result of {cmd} breaks docs/introspection.schema.json: {e}\n{message}");
+            }
+        }
+    })
 }
 
 /// The guest's addresses from its `ready` line.
@@ -1002,7 +1019,7 @@ fn a_disconnect_drops_its_queued_commands_and_the_next_agent_connects_at_once() 
     drop(agent);
     let gone = Instant::now();
     let mut agent = loop {
-        match Agent::connect(&vm.socket) {
+        match Agent::connect_observed(&vm.socket, schema_check()) {
             Ok(agent) => break agent,
             Err(e) => {
                 assert!(gone.elapsed() < Duration::from_secs(30), "no reconnect: {e}");
@@ -1019,4 +1036,34 @@ fn a_disconnect_drops_its_queued_commands_and_the_next_agent_connects_at_once() 
     go(&mut agent, &at, 3);
     vm.line("done");
     assert!(vm.wait_exit().success());
+}
+
+#[test]
+fn the_schema_holds_events_to_one_shape_with_numbers_as_numbers() {
+    let schema = common::json_schema::introspection();
+    let ok = |message: Value| schema.validate(&message).map_err(|e| format!("{e}: {message}"));
+    ok(json!({"event": "write", "seq": 3, "vcpu": 0, "rip": 4096, "cpl": 0, "gpa": 8192, "size": 8,
+              "value": 17, "heki_locked": false, "reply_required": true}))
+    .expect("a write event");
+    ok(json!({"event": "write", "seq": 3, "vcpu": 0, "rip": 4096, "cpl": 0, "gpa": 8192, "size": 8,
+              "private": true, "heki_locked": false, "reply_required": true}))
+    .expect("a write event to a private page");
+    ok(json!({"event": "heki-violation", "seq": 9, "violation": 1, "kind": "write", "action": "denied",
+              "vcpu": 0, "rip": 4096, "gpa": 8192, "size": 8}))
+    .expect("a heki-violation event");
+    ok(json!({"id": null, "error": {"errno": "EBUSY", "message": "another agent is connected"}})).expect("EBUSY");
+    // What the VMM sent before: strings for numbers, an extra field, both value and private.
+    for bad in [
+        json!({"event": "heki-violation", "seq": 9, "kind": "write", "action": "denied", "vcpu": "0",
+               "rip": "0x1000", "gpa": "0x2000", "size": "8"}),
+        json!({"event": "write", "seq": 3, "vcpu": 0, "rip": 4096, "cpl": 0, "gpa": 8192, "size": 8,
+               "value": 17, "private": true, "heki_locked": false, "reply_required": true}),
+        json!({"event": "msr", "seq": 3, "vcpu": 0, "rip": 4096, "cpl": 0, "msr": 373, "value": 1,
+               "reply_required": true, "extra": 1}),
+        json!({"id": 1, "error": {"errno": "EWHAT", "message": ""}}),
+    ] {
+        assert!(ok(bad.clone()).is_err(), "accepted {bad}");
+    }
+    let registers = json!({"rax": 1});
+    assert!(schema.validate_at("#/$defs/results/get-registers", &registers).is_err(), "rbx... missing");
 }

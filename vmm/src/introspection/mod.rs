@@ -381,13 +381,7 @@ impl Hub {
         let hub = Arc::downgrade(self);
         link.memory.enforcer().set_observer(Box::new(move |record| {
             if let Some(hub) = hub.upgrade() {
-                let mut event = json!({"event": "heki-violation"});
-                if let Value::Object(fields) = &mut event {
-                    for (key, value) in record.properties() {
-                        fields.insert(key.to_string(), json!(value));
-                    }
-                }
-                hub.send_async(event);
+                hub.send_async(violation_event(record));
             }
         }));
         *self.link.write().unwrap_or_else(|p| p.into_inner()) = Some(link);
@@ -403,6 +397,36 @@ impl Hub {
             self.send_async(json!({"event": "vm", "state": "stopped"}));
         }
     }
+}
+
+/// A heki violation as the agent sees it: the fields every event has, as
+/// numbers (`vcpu`, `rip`, `cpl` when a vCPU caused it and they are known),
+/// heki's record number as `violation`, and its details with numbers as numbers.
+fn violation_event(record: &heki::ViolationRecord) -> Value {
+    let mut event = serde_json::Map::new();
+    event.insert("event".into(), json!("heki-violation"));
+    event.insert("violation".into(), json!(record.seq));
+    event.insert("kind".into(), json!(record.kind.as_str()));
+    event.insert("action".into(), json!(record.action.as_str()));
+    let fields = [("vcpu", record.vcpu.map(u64::from)), ("rip", record.rip), ("gpa", record.gpa), ("size", record.size)];
+    for (name, value) in fields {
+        if let Some(value) = value {
+            event.insert(name.into(), json!(value));
+        }
+    }
+    for (name, value) in &record.details {
+        // heki writes numbers in its details as hex ("0x…") or decimal strings.
+        let number = match value.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => value.parse::<u64>().ok(),
+        };
+        let value = match number {
+            Some(n) if name != "device" => json!(n),
+            _ => json!(value),
+        };
+        event.entry(name.clone()).or_insert(value);
+    }
+    Value::Object(event)
 }
 
 fn bind(path: &Path) -> Result<UnixListener, IntrospectionError> {
@@ -551,6 +575,22 @@ mod tests {
         let _client = UnixStream::connect(&path).expect("the new socket answers");
         assert!(listener.accept().is_ok());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_violation_event_has_numbers_as_numbers() {
+        let mut record = heki::ViolationRecord::new(heki::ViolationKind::Hypercall, heki::RecordedAction::Denied);
+        record.seq = 4;
+        record.vcpu = Some(1);
+        record.rip = Some(0xffff_ffff_8100_0000);
+        record.details.insert("cpl".into(), "3".into());
+        record.details.insert("device".into(), "_rng".into());
+        record.details.insert("pinned".into(), "0x10".into());
+        assert_eq!(
+            violation_event(&record),
+            json!({"event": "heki-violation", "violation": 4, "kind": "hypercall", "action": "denied", "vcpu": 1,
+                   "rip": 0xffff_ffff_8100_0000_u64, "cpl": 3, "device": "_rng", "pinned": 16})
+        );
     }
 
     #[test]
