@@ -121,7 +121,8 @@ impl Schema {
                 "oneOf" | "anyOf" => {
                     let options = rule.as_array().ok_or("oneOf/anyOf: an array")?;
                     let mut errors = Vec::new();
-                    let matched = options.iter().filter(|s| self.check(s, value, at).map_err(|e| errors.push(e)).is_ok());
+                    let matched =
+                        options.iter().filter(|s| self.check(s, value, at).map_err(|e| errors.push(e)).is_ok());
                     let count = matched.count();
                     if count == 0 || (keyword == "oneOf" && count > 1) {
                         return Err(format!("{at}: {count} of {keyword} match {value}: {}", errors.join("; ")));

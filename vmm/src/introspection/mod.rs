@@ -401,14 +401,14 @@ impl Hub {
 
 /// A heki violation as the agent sees it: the fields every event has, as
 /// numbers (`vcpu`, `rip`, `cpl` when a vCPU caused it and they are known),
-/// heki's record number as `violation`, and its details with numbers as numbers.
+/// and heki's details with numbers as numbers.
 fn violation_event(record: &heki::ViolationRecord) -> Value {
     let mut event = serde_json::Map::new();
     event.insert("event".into(), json!("heki-violation"));
-    event.insert("violation".into(), json!(record.seq));
     event.insert("kind".into(), json!(record.kind.as_str()));
     event.insert("action".into(), json!(record.action.as_str()));
-    let fields = [("vcpu", record.vcpu.map(u64::from)), ("rip", record.rip), ("gpa", record.gpa), ("size", record.size)];
+    let fields =
+        [("vcpu", record.vcpu.map(u64::from)), ("rip", record.rip), ("gpa", record.gpa), ("size", record.size)];
     for (name, value) in fields {
         if let Some(value) = value {
             event.insert(name.into(), json!(value));
@@ -580,7 +580,6 @@ mod tests {
     #[test]
     fn a_violation_event_has_numbers_as_numbers() {
         let mut record = heki::ViolationRecord::new(heki::ViolationKind::Hypercall, heki::RecordedAction::Denied);
-        record.seq = 4;
         record.vcpu = Some(1);
         record.rip = Some(0xffff_ffff_8100_0000);
         record.details.insert("cpl".into(), "3".into());
@@ -588,7 +587,7 @@ mod tests {
         record.details.insert("pinned".into(), "0x10".into());
         assert_eq!(
             violation_event(&record),
-            json!({"event": "heki-violation", "violation": 4, "kind": "hypercall", "action": "denied", "vcpu": 1,
+            json!({"event": "heki-violation", "kind": "hypercall", "action": "denied", "vcpu": 1,
                    "rip": 0xffff_ffff_8100_0000_u64, "cpl": 3, "device": "_rng", "pinned": 16})
         );
     }

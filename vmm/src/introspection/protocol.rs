@@ -332,7 +332,11 @@ mod tests {
         ] {
             let text = String::from_utf8_lossy(line);
             let want = Incoming::Reply { seq: 18, action: Action::Continue };
-            assert_eq!(parse_compact_reply(line), Some(Incoming::Reply { seq: 18, action: Action::Continue }), "{text}");
+            assert_eq!(
+                parse_compact_reply(line),
+                Some(Incoming::Reply { seq: 18, action: Action::Continue }),
+                "{text}"
+            );
             // The full parser agrees (the fast one is only a shortcut).
             assert_eq!(parse_full(line), Ok(want), "{text}");
         }
