@@ -125,7 +125,7 @@ pub fn hello(hub: &Hub) -> Value {
         "capabilities": {
             "pause": {"status": "enforced"},
             "registers": {"status": "enforced"},
-            "memory": {"status": "enforced", "note": "through heki-checked memory: heki-locked pages are read-only and private pages unreadable for the agent too"},
+            "memory": {"status": "enforced", "note": "through heki-checked memory: heki-locked pages are read-only for the agent too, and no byte of a page the guest keeps private reaches it (reads and writes refused, write events without their value)"},
             "translate": {"status": "enforced"},
             "inject": {"status": "enforced"},
             "write-tracking": cap(caps.readonly_memory, "enforced", "KVM has no read-only memslots (KVM_CAP_READONLY_MEM)"),
