@@ -9,6 +9,8 @@ if [ ! -e /dev/kvm ]; then
     echo "demo: /dev/kvm is missing; Hekivisor needs KVM." >&2
     exit 1
 fi
+echo "== installing what the build needs (a no-op when present)"
+scripts/install-deps.sh base
 echo "== building hekivisor and the demo guest"
 cargo build --release --quiet
 guest=$(cargo run --release --quiet --example build-guest -- demo)

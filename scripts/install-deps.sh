@@ -3,8 +3,12 @@
 # iasl (acpica-tools) checks our ACPI tables; gcc/binutils build the test guests;
 # the Linux guest (tests/linux_guest.rs) needs linux-source-6.12, busybox-static
 # and the kernel's build tools (scripts/linux-guest/build.sh installs them).
+#
+#   scripts/install-deps.sh          # everything the test suite uses
+#   scripts/install-deps.sh base     # only what the demo needs (gcc, binutils, python3)
 set -euo pipefail
 need=()
+command -v python3 >/dev/null || need+=(python3)
 command -v iasl >/dev/null || need+=(acpica-tools)
 command -v gcc >/dev/null || need+=(gcc)
 command -v objcopy >/dev/null || need+=(binutils)
@@ -14,4 +18,5 @@ if [ ${#need[@]} -gt 0 ]; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+[ "${1:-}" = base ] && exit 0
 "$(dirname "$0")/linux-guest/build.sh" deps

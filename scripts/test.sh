@@ -3,6 +3,9 @@
 # tests that boot tiny guests on /dev/kvm (they skip, saying why, without it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A new machine needs nothing installed by hand: the Debian packages the tests
+# use are installed here (a no-op when they are present).
+scripts/install-deps.sh
 # The Linux guests (tests/linux_guest.rs) are built, or found in the cache
 # (~/.cache/hekivisor/linux), before the tests start, so a kernel build does
 # not compete for the CPU with tests that boot VMs against a deadline. A build

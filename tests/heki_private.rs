@@ -81,3 +81,32 @@ fn a_guest_reset_makes_all_memory_shared_again() {
     let reset = all.iter().find(|e| e["source"] == "heki" && e["event"] == "reset").expect("a heki reset event");
     assert!(reset["properties"]["reason"].as_str().is_some_and(|r| r.contains("shared")), "{reset}");
 }
+
+/// Issue 20, break 1: a guest that turns private memory on while a device
+/// reads guest memory must not end its VMM. The change waits for the copy in
+/// flight; the device's later accesses (buffer and rings are private now)
+/// are refused and reported. Several boots, each with its own delay.
+#[test]
+fn private_memory_turned_on_during_a_device_read_never_ends_the_vmm() {
+    require_kvm!();
+    let dir = common::temp_dir("private-race");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 2 << 20]).expect("disk image");
+    let disk_arg = format!("path={}", disk.display());
+    let guest = guests::build("private_race");
+    for boot in 0..4 {
+        let (run, events) = common::run_vm_with_events(
+            "private-race",
+            &guest,
+            &["--heki", "enabled=on", "--cpus", "boot=2", "--memory", "size=256M", "--disk", &disk_arg],
+        );
+        let s = &run.serial;
+        assert!(run.status.success(), "boot {boot}: status {:?}, stderr: {}\nserial:\n{s}", run.status, run.stderr);
+        assert!(s.contains("cpus=2\n"), "{s}");
+        assert!(s.contains("private_memory(1) with a transfer in flight: 0\n"), "boot {boot}:\n{s}");
+        assert!(s.contains("after: query=200\n") && s.contains("vmm survived\n"), "boot {boot}:\n{s}");
+        for refused in private_events(&events) {
+            assert_eq!(refused["properties"]["device"], "_disk0", "only the disk was refused: {refused}");
+        }
+    }
+}

@@ -133,7 +133,13 @@ impl DeviceKind {
 /// guest memory from GPA 0 (descriptor table, available ring at 0x1000,
 /// used ring at 0x2000, buffers). Panics if a device changed the protected page.
 pub fn virtio_queue(data: &[u8]) {
-    let [device, queue, offered, frame_len, image @ ..] = data else { return };
+    let _ = virtio_queue_used(data);
+}
+
+/// `virtio_queue`, returning the used ring's entries (descriptor id, used
+/// length) afterwards, so a test can check what a device reported.
+pub fn virtio_queue_used(data: &[u8]) -> Vec<(u32, u32)> {
+    let [device, queue, offered, frame_len, image @ ..] = data else { return Vec::new() };
     let fixture = virtio_fixture();
     let mem = &fixture.mem;
     let mut window = vec![0u8; INPUT_WINDOW as usize];
@@ -161,7 +167,7 @@ pub fn virtio_queue(data: &[u8]) {
     let queues = device.num_queues();
     let index = usize::from(*queue) % queues.max(1);
     let memory = DeviceMemory::new(fixture.checked.clone(), Arc::new(DeviceCounters::default()));
-    let Ok(mut dev) = VirtioPci::new(device, 0xc000_0000, memory, 0xff_00_00, None) else { return };
+    let Ok(mut dev) = VirtioPci::new(device, 0xc000_0000, memory, 0xff_00_00, None) else { return Vec::new() };
     let w16 = |dev: &mut VirtioPci, off: u64, v: u16| dev.write(off, &v.to_le_bytes());
     let w32 = |dev: &mut VirtioPci, off: u64, v: u32| dev.write(off, &v.to_le_bytes());
     // Driver side: reset, ACKNOWLEDGE|DRIVER, VERSION_1, FEATURES_OK, one queue, DRIVER_OK.
@@ -194,6 +200,15 @@ pub fn virtio_queue(data: &[u8]) {
     let mut page = [0u8; 4096];
     mem.read_slice(&mut page, GuestAddress(PROTECTED_PAGE)).expect("the protected page is in RAM");
     assert!(page.iter().all(|b| *b == PROTECTED_FILL), "a {kind:?} device wrote to a protected page");
+    let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).expect("the used ring is in RAM");
+    (0..u64::from(used_idx).min(u64::from(QUEUE_SIZE)))
+        .map(|i| {
+            let elem = USED + 4 + 8 * i;
+            let id: u32 = mem.read_obj(GuestAddress(elem)).expect("used ring");
+            let len: u32 = mem.read_obj(GuestAddress(elem + 4)).expect("used ring");
+            (id, len)
+        })
+        .collect()
 }
 
 /// PCI configuration space (ports 0xCF8/0xCFC, the ECAM window) and BAR 0

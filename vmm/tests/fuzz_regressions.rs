@@ -73,3 +73,24 @@ fn a_device_never_writes_the_protected_page_through_a_crafted_chain() {
     // The harness panics if the page changed.
     h::virtio_queue(&input);
 }
+
+/// Issue 20: an rng chain whose second buffer heki refuses reports the
+/// bytes of the first buffer, which it did fill (it used to report 0).
+#[test]
+fn an_rng_chain_partly_refused_reports_the_bytes_it_filled() {
+    let mut input = vec![0u8, 0, 1, 0];
+    let mut memory = vec![0u8; 0x1010];
+    let buffer = 0x3000u64;
+    // Descriptor 0: 32 writable bytes at 0x3000, then descriptor 1.
+    memory[0..8].copy_from_slice(&buffer.to_le_bytes());
+    memory[8..12].copy_from_slice(&32u32.to_le_bytes());
+    memory[12..14].copy_from_slice(&3u16.to_le_bytes()); // NEXT | WRITE
+    memory[14..16].copy_from_slice(&1u16.to_le_bytes());
+    // Descriptor 1: 64 writable bytes in the protected page.
+    memory[16..24].copy_from_slice(&h::PROTECTED_PAGE.to_le_bytes());
+    memory[24..28].copy_from_slice(&64u32.to_le_bytes());
+    memory[28..30].copy_from_slice(&2u16.to_le_bytes()); // WRITE
+    input.extend_from_slice(&memory);
+    let used = h::virtio_queue_used(&input);
+    assert_eq!(used, [(0, 32)], "the first buffer was filled and is reported; the refused one is not");
+}

@@ -280,6 +280,56 @@ fn making_a_page_private_waits_for_the_dma_in_flight() {
     assert!(rig.device("_disk0").write_slice(&[1; 4], GuestAddress(0xb000)).is_err());
 }
 
+/// Issue 20, break 1: a device read that started while all memory was
+/// shared (no batch) holds PRIVATE_MEMORY(1) off until its copy is done;
+/// the read after it is refused. Before the fix the change did not wait,
+/// the copy hit the `PROT_NONE` view and the VMM died.
+#[test]
+fn turning_private_memory_on_waits_for_a_read_in_flight() {
+    let rig = rig(Policy::Deny);
+    rig.mem.write_obj(0x5au8, GuestAddress(0xc000)).expect("guest data");
+    let device = rig.device("_disk0");
+    let (checked_tx, checked_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let slices = vm_memory::GuestMemory::get_slices(&device, GuestAddress(0xc000), 4, vm_memory::Permissions::Read)
+            .expect("all memory is shared");
+        checked_tx.send(()).expect("main thread");
+        std::thread::sleep(Duration::from_millis(150));
+        let mut byte = [0u8; 4];
+        for slice in slices {
+            slice.expect("slice").copy_to(&mut byte[..]);
+        }
+        (byte[0], device.read_obj::<u8>(GuestAddress(0xc000)).is_ok())
+    });
+    checked_rx.recv().expect("device checked");
+    let started = std::time::Instant::now();
+    rig.heki.enable_private_memory().expect("private");
+    assert!(started.elapsed() >= Duration::from_millis(100), "PRIVATE_MEMORY(1) waited for the read in flight");
+    let (byte, read_after) = reader.join().expect("reader");
+    assert_eq!(byte, 0x5a, "the copy in flight completed");
+    assert!(!read_after, "the read after the change is refused");
+    let recent = rig.heki.violations().recent();
+    assert_eq!(recent.iter().map(|r| r.kind).collect::<Vec<_>>(), [ViolationKind::PrivateAccess]);
+}
+
+/// A read that meets a pending PRIVATE_MEMORY(1) is judged after it: refused.
+#[test]
+fn a_read_that_loses_the_race_to_private_memory_is_refused() {
+    let rig = rig(Policy::Deny);
+    let device = rig.device("agent");
+    let enforcer = rig.heki.enforcer().clone();
+    // The change, as `enable_private_memory` makes it, held open.
+    let mut change = enforcer.protections_mut();
+    let reader = std::thread::spawn(move || device.read_obj::<u8>(GuestAddress(0xd000)).is_ok());
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!reader.is_finished(), "the read waits for the pending change");
+    change.private.enable();
+    enforcer.note_private_memory();
+    drop(change);
+    assert!(!reader.join().expect("reader"), "judged after the change: the page is private");
+    assert_eq!(rig.heki.violations().recent()[0].kind, ViolationKind::PrivateAccess);
+}
+
 /// A device batch holds a make-private until its next checkpoint; after
 /// it, the batch's reads of the page are refused (its window of shared pages
 /// is from the old generation).

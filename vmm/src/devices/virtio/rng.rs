@@ -40,10 +40,12 @@ impl VirtioDevice for Rng {
                 dma.counters.errors.fetch_add(1, Ordering::Relaxed);
                 break;
             }
-            // A refused write means no bytes for this request.
+            // A refused buffer ends the request: the used length counts the
+            // buffers filled before it (a prefix, as virtio requires), so the
+            // driver never takes bytes it did not get, nor loses the ones it did.
             if dma.write(desc.addr().0, &buf).is_err() {
                 dma.counters.errors.fetch_add(1, Ordering::Relaxed);
-                return 0;
+                break;
             }
             written = written.saturating_add(len);
             if written >= MAX_REQUEST {

@@ -371,8 +371,7 @@ impl Drop for InFlight<'_> {
 
 /// What keeps a protection change from landing in the middle of an access.
 enum Hold<'a> {
-    /// Nothing to hold: a read while all memory is shared, or an access
-    /// inside a batch (which holds for it).
+    /// Nothing to hold: an access inside a batch (which holds for it).
     None,
     /// The protections' read lock.
     Locked(#[allow(dead_code)] RwLockReadGuard<'a, MemoryProtections>),
@@ -439,8 +438,18 @@ impl GuestMemory for CheckedMemory {
         let slices = GuestMemoryBackend::get_slices(&self.ram, addr, count);
         let write = access.has_write();
         if !write && !self.enforcer.private_memory.load(Ordering::Acquire) {
-            // Reads are refused only for private pages: until there are any, no hold.
-            return Ok(HeldSlices { slices, _hold: Hold::None });
+            // Reads are refused only for private pages, and there are none yet;
+            // but a change may be about to make memory private (and take the
+            // pages away from this view), so the copy is still held: by the
+            // batch this thread is in, or by an in-flight marker the change
+            // waits for. A read that meets a pending change is judged after it.
+            if self.in_batch() {
+                return Ok(HeldSlices { slices, _hold: Hold::None });
+            }
+            let marker = InFlight::enter(&self.accessor);
+            if self.enforcer.writers.load(Ordering::SeqCst) == 0 {
+                return Ok(HeldSlices { slices, _hold: Hold::LockFree(marker) });
+            }
         }
         if self.in_batch() {
             if self.good_in_batch(addr.0, count, write) {
