@@ -160,7 +160,9 @@ fn apply_outcome(ctx: &VcpuContext, vcpu: &mut Vcpu, outcome: ExitOutcome) -> bo
                 _ => false,
             };
             if !judged {
-                let error = describe_emulation_failure(vcpu, bytes);
+                // Private guest memory stays private in the failure report too.
+                let private = heki.as_deref().is_some_and(|h| instruction_is_private(vcpu, h));
+                let error = describe_emulation_failure(vcpu, bytes, private);
                 ctx.control.report(VcpuEvent::Failed { vcpu: id, error });
                 return false;
             }
@@ -182,8 +184,18 @@ fn instruction_at_rip(vcpu: &Vcpu, mem: &GuestMemoryMmap) -> Option<Vec<u8>> {
     Some(buf.to_vec())
 }
 
+/// Whether the instruction at RIP may lie in a page the guest keeps private
+/// (an untranslatable RIP counts as private once private memory is on).
+fn instruction_is_private(vcpu: &Vcpu, heki: &HekiRuntime) -> bool {
+    if !heki.private_memory_enabled() {
+        return false;
+    }
+    let gpa = vcpu.regs().ok().and_then(|r| vcpu.translate_gva(r.rip).ok().flatten());
+    gpa.is_none_or(|gpa| heki.range_is_private(gpa, 15))
+}
+
 /// "KVM could not emulate ... at RIP 0x…: instruction bytes 0f c7 …".
-fn describe_emulation_failure(vcpu: &Vcpu, bytes: Option<Vec<u8>>) -> String {
+fn describe_emulation_failure(vcpu: &Vcpu, bytes: Option<Vec<u8>>, private: bool) -> String {
     let rip = match vcpu.regs() {
         Ok(regs) => regs.rip,
         Err(e) => {
@@ -191,6 +203,7 @@ fn describe_emulation_failure(vcpu: &Vcpu, bytes: Option<Vec<u8>>) -> String {
         }
     };
     let bytes = match bytes {
+        Some(_) if private => "withheld, the guest keeps this memory private".into(),
         Some(b) => b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" "),
         None => "unavailable".into(),
     };

@@ -365,6 +365,12 @@ impl HekiRuntime {
         !self.enforcer.protections().check_write(gpa, len).allowed()
     }
 
+    /// Whether `[gpa, gpa + len)` touches a page the guest keeps private
+    /// (its bytes must then reach no event, reply or log).
+    pub fn range_is_private(&self, gpa: u64, len: usize) -> bool {
+        !self.enforcer.protections().private.range_shared(gpa, len as u64)
+    }
+
     fn trapped_write(&self, vcpu: u8, gpa: u64, data: &[u8], rip: impl FnOnce() -> Option<u64>, apply: bool) {
         let len = data.len();
         if !self.ram.contains(gpa, len as u64) {
