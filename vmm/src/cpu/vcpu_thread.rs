@@ -149,8 +149,7 @@ fn apply_outcome(ctx: &VcpuContext, vcpu: &mut Vcpu, outcome: ExitOutcome) -> bo
         (ExitOutcome::HekiCall, Some(heki)) => doorbell::handle_doorbell(vcpu, heki),
         (ExitOutcome::HekiCall, None) => {}
         (ExitOutcome::UnclaimedMmioWrite { gpa, data }, Some(heki)) => {
-            let rip = || crate::heki::ports::VcpuAccess::exit_rip(&*vcpu);
-            heki.on_unclaimed_mmio_write(id, gpa, &data, rip);
+            heki.on_unclaimed_mmio_write(id, gpa, &data, || crate::heki::ExitSite::of(&*vcpu));
         }
         (ExitOutcome::UnclaimedMmioWrite { .. }, None) => {}
         (ExitOutcome::EmulationFailure { insn_bytes }, heki) => {

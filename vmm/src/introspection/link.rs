@@ -302,7 +302,7 @@ impl AgentLink {
                 }
                 Some(Action::Deny) => {
                     if let Some(heki) = &self.heki {
-                        heki.on_denied_mmio_write(vcpu.id(), gpa, data, || VcpuAccess::exit_rip(&*vcpu));
+                        heki.on_denied_mmio_write(vcpu.id(), gpa, data, || crate::heki::ExitSite::of(&*vcpu));
                     }
                     return Intercepted::Handled;
                 }
@@ -316,7 +316,7 @@ impl AgentLink {
     /// always holds); otherwise the bytes land in RAM.
     fn perform_write(&self, vcpu: &Vcpu, gpa: u64, data: &[u8]) {
         match &self.heki {
-            Some(heki) => heki.on_unclaimed_mmio_write(vcpu.id(), gpa, data, || VcpuAccess::exit_rip(vcpu)),
+            Some(heki) => heki.on_unclaimed_mmio_write(vcpu.id(), gpa, data, || crate::heki::ExitSite::of(vcpu)),
             None => {
                 if self.traps.ram().contains(gpa, data.len() as u64)
                     && let Err(e) = self.ram.write_slice(data, GuestAddress(gpa))
