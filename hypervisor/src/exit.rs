@@ -23,7 +23,7 @@ pub enum VmExit<'a> {
     /// A `rdmsr` forwarded to user space (filtered or unknown MSR).
     MsrRead(MsrRead<'a>),
     /// A `wrmsr` forwarded to user space (filtered or unknown MSR).
-    MsrWrite(MsrWrite<'a>),
+    MsrWrite(MsrWrite),
     /// `KVM_EXIT_HYPERCALL`: only for hypercalls KVM forwards (not on every host).
     Hypercall {
         nr: u64,
@@ -78,23 +78,12 @@ impl MsrRead<'_> {
     }
 }
 
+/// A filtered `wrmsr`. KVM does not perform it: user space writes the MSR
+/// (or not) and completes the exit with `Vcpu::complete_msr_exit`.
 #[derive(Debug)]
-pub struct MsrWrite<'a> {
+pub struct MsrWrite {
     pub index: u32,
     pub value: u64,
-    pub(crate) error: &'a mut u8,
-}
-
-impl MsrWrite<'_> {
-    /// Lets the `wrmsr` take effect (KVM applies it on re-entry).
-    pub fn allow(&mut self) {
-        *self.error = 0;
-    }
-
-    /// Makes the `wrmsr` raise #GP in the guest; the MSR keeps its value.
-    pub fn inject_gp(&mut self) {
-        *self.error = 1;
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

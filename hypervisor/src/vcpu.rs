@@ -74,7 +74,7 @@ impl Vcpu {
             VcpuExit::MmioRead(gpa, data) => VmExit::MmioRead { gpa, data },
             VcpuExit::MmioWrite(gpa, data) => VmExit::MmioWrite { gpa, data },
             VcpuExit::X86Rdmsr(m) => VmExit::MsrRead(MsrRead { index: m.index, data: m.data, error: m.error }),
-            VcpuExit::X86Wrmsr(m) => VmExit::MsrWrite(MsrWrite { index: m.index, value: m.data, error: m.error }),
+            VcpuExit::X86Wrmsr(m) => VmExit::MsrWrite(MsrWrite { index: m.index, value: m.data }),
             VcpuExit::Hypercall(h) => VmExit::Hypercall { nr: h.nr, args: h.args },
             VcpuExit::Hlt => VmExit::Hlt,
             VcpuExit::Shutdown => VmExit::Shutdown,

@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{BootInputs, EntryPoint, load_payload};
 use crate::config::{ConsoleOutputMode, VmConfig};
+use crate::cpu::hook::ExitHook;
 use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, boot_registers, cpuid, kick, run_vcpu};
 use crate::devices::msi::MsiRoutes;
 use crate::devices::pci::{PciBus, PciConfigIo, PciConfigMmio};
@@ -88,6 +89,9 @@ pub struct Vm {
     device_stop: EventFd,
     pending_vcpus: Vec<Vcpu>,
     ctx: Arc<VcpuContext>,
+    /// heki and the introspection agent; the vCPUs see them as `ctx.hooks`.
+    heki: Option<Arc<HekiRuntime>>,
+    agent: Option<Arc<AgentLink>>,
     kvm_vm: Arc<hypervisor::Vm>,
     serial: Option<Arc<Mutex<SerialDevice>>>,
 }
@@ -216,8 +220,13 @@ impl Vm {
             mem: guest_ram.kvm.clone(),
             control,
             heki_port: heki.is_some().then_some(ports::HEKI_DOORBELL),
-            agent,
-            heki,
+            // The agent first: it may hold an exit for its answer; heki then
+            // judges what it let through, so a heki lock holds whatever it says.
+            hooks: agent
+                .iter()
+                .map(|a| a.clone() as Arc<dyn ExitHook>)
+                .chain(heki.iter().map(|h| h.clone() as Arc<dyn ExitHook>))
+                .collect(),
             counters: (0..cpus).map(|_| ExitCounters::default()).collect(),
         });
         let device_stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
@@ -229,6 +238,8 @@ impl Vm {
             device_stop,
             pending_vcpus,
             ctx,
+            heki,
+            agent,
             kvm_vm,
             serial,
         })
@@ -259,7 +270,7 @@ impl Vm {
                 lock_device(&dev.device).spawn_worker(dev.name.clone(), stop, gate).map_err(VmError::SpawnVcpu)?;
             self.helpers.push(worker);
         }
-        if let Some(heki) = self.ctx.heki.clone() {
+        if let Some(heki) = self.heki.clone() {
             let ctx = self.ctx.clone();
             let interval = Duration::from_millis(heki.cr_check_interval_ms);
             let stop = self.device_stop.try_clone().map_err(VmError::EventFd)?;
@@ -310,10 +321,10 @@ impl Vm {
         for (id, c) in self.ctx.counters.iter().enumerate() {
             all.insert(format!("vcpu{id}"), c.to_json());
         }
-        if let Some(heki) = &self.ctx.heki {
+        if let Some(heki) = &self.heki {
             all.insert("heki".into(), crate::heki::api::counters(heki));
         }
-        if let Some(agent) = &self.ctx.agent {
+        if let Some(agent) = &self.agent {
             all.insert("introspection".into(), agent.counters());
         }
         for dev in &self.virtio {
@@ -328,7 +339,7 @@ impl Vm {
     }
 
     pub fn heki(&self) -> Option<&Arc<HekiRuntime>> {
-        self.ctx.heki.as_ref()
+        self.heki.as_ref()
     }
 
     pub fn vcpu_count(&self) -> usize {
@@ -337,7 +348,7 @@ impl Vm {
 
     /// Stops and joins every vCPU and helper thread, each within a deadline.
     pub fn stop(&mut self) {
-        if let Some(agent) = &self.ctx.agent {
+        if let Some(agent) = &self.agent {
             agent.detach();
         }
         self.ctx.control.stop();

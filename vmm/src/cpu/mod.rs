@@ -5,10 +5,11 @@ mod boot_state;
 pub mod cpuid;
 pub mod exit;
 pub mod gate;
+pub mod hook;
 pub mod kick;
 mod vcpu_thread;
 
 pub use boot_state::boot_registers;
 pub use exit::{ExitOutcome, VcpuEvent, handle_exit};
 pub use gate::{Entry, VcpuGate};
-pub use vcpu_thread::{ExitCounters, VcpuContext, run_vcpu};
+pub use vcpu_thread::{ExitCounters, VcpuContext, describe_emulation_failure, run_vcpu};

@@ -10,9 +10,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::exit::{ExitOutcome, VcpuEvent, handle_exit};
 use super::gate::Entry;
+use super::hook::{ExitHook, Hooked, MsrDecision, complete_msr_write};
 use crate::devices::{MmioBus, PioBus};
-use crate::heki::{HekiRuntime, doorbell};
-use crate::introspection::{AgentLink, Intercepted};
 use crate::run_control::VmControl;
 
 /// What every vCPU thread of a VM shares.
@@ -23,9 +22,8 @@ pub struct VcpuContext {
     pub mem: GuestMemoryMmap,
     pub control: Arc<VmControl>,
     pub heki_port: Option<u16>,
-    pub heki: Option<Arc<HekiRuntime>>,
-    /// The introspection agent's view of this VM, when configured.
-    pub agent: Option<Arc<AgentLink>>,
+    /// Who sees exits, in order (`vm.rs`): the introspection agent, then heki.
+    pub hooks: Vec<Arc<dyn ExitHook>>,
     /// Exit counters, indexed by vCPU id.
     pub counters: Vec<ExitCounters>,
 }
@@ -77,19 +75,13 @@ pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
     let gate = &ctx.control.vcpus;
     let mut pending_completion = false;
     loop {
-        if let Some(heki) = &ctx.heki {
-            heki.serve_pin_request(&vcpu);
-        }
-        if let Some(agent) = &ctx.agent {
-            agent.serve(&mut vcpu);
+        for hook in &ctx.hooks {
+            hook.serve(&mut vcpu);
         }
         let completing = match gate.enter(pending_completion) {
             Entry::Stop => return,
             Entry::Wait => {
-                let (heki, agent) = (ctx.heki.as_deref(), ctx.agent.as_deref());
-                gate.wait(|| {
-                    heki.is_some_and(|h| h.pins().has_request(id)) || agent.is_some_and(|a| a.has_request(id))
-                });
+                gate.wait(|| ctx.hooks.iter().any(|h| h.has_request(id)));
                 continue;
             }
             Entry::Run(guard) => (false, guard),
@@ -117,61 +109,63 @@ pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
         if !apply_outcome(&ctx, &mut vcpu, outcome) {
             return;
         }
-        // Pinned CR bits are checked at every exit, kicks included.
-        if let Some(heki) = &ctx.heki {
-            heki.check_crs(&vcpu);
-        }
-        if let Some(agent) = &ctx.agent {
-            agent.check_crs(&vcpu);
+        // Registers are checked at every exit, kicks included.
+        for hook in &ctx.hooks {
+            hook.after_exit(&vcpu);
         }
     }
 }
 
-/// Carries out one exit's outcome; false when the vCPU must stop.
+/// Carries out one exit's outcome; false when the vCPU must stop. The
+/// hooks see it in order; what none of them handles gets the default here.
 fn apply_outcome(ctx: &VcpuContext, vcpu: &mut Vcpu, outcome: ExitOutcome) -> bool {
     let id = vcpu.id();
-    // The agent sees tracked writes, MSR writes, hypercalls and debug stops first.
-    let outcome = match &ctx.agent {
-        Some(agent) => match agent.intercept(vcpu, outcome) {
-            Intercepted::Handled => return true,
-            Intercepted::Crash(event) => {
+    let mut outcome = match outcome {
+        // The instruction bytes, for the hooks and the report.
+        ExitOutcome::EmulationFailure { insn_bytes } => {
+            ExitOutcome::EmulationFailure { insn_bytes: insn_bytes.or_else(|| instruction_at_rip(vcpu, &ctx.mem)) }
+        }
+        other => other,
+    };
+    for hook in &ctx.hooks {
+        let msr = match outcome {
+            ExitOutcome::MsrWrite { index, value } => Some((index, value)),
+            _ => None,
+        };
+        outcome = match hook.on_exit(vcpu, outcome) {
+            Hooked::Pass(outcome) => outcome,
+            Hooked::Done => return true,
+            Hooked::Msr(decision) => {
+                if let Some((index, value)) = msr {
+                    complete_msr_write(vcpu, index, value, decision);
+                }
+                return true;
+            }
+            Hooked::Stop(event) => {
                 ctx.control.report(event);
                 return false;
             }
-            Intercepted::Pass(outcome) => outcome,
-        },
-        None => outcome,
-    };
-    match (outcome, &ctx.heki) {
-        (ExitOutcome::Continue | ExitOutcome::Debug { .. }, _) => {}
-        (ExitOutcome::MsrWrite { index, value }, Some(heki)) => heki.on_msr_write(vcpu, index, value),
-        (ExitOutcome::MsrWrite { .. }, None) => vcpu.complete_msr_exit(true),
-        (ExitOutcome::HekiCall, Some(heki)) => doorbell::handle_doorbell(vcpu, heki),
-        (ExitOutcome::HekiCall, None) => {}
-        (ExitOutcome::UnclaimedMmioWrite { gpa, data }, Some(heki)) => {
-            heki.on_unclaimed_mmio_write(id, gpa, &data, || crate::heki::ExitSite::of(&*vcpu));
+        };
+    }
+    match outcome {
+        ExitOutcome::Continue | ExitOutcome::Debug { .. } | ExitOutcome::HekiCall => true,
+        // An unclaimed write with nobody to judge it: nothing is there.
+        ExitOutcome::UnclaimedMmioWrite { .. } => true,
+        // Filtered, and nobody allowed it.
+        ExitOutcome::MsrWrite { index, value } => {
+            complete_msr_write(vcpu, index, value, MsrDecision::Refuse);
+            true
         }
-        (ExitOutcome::UnclaimedMmioWrite { .. }, None) => {}
-        (ExitOutcome::EmulationFailure { insn_bytes }, heki) => {
-            let bytes = insn_bytes.or_else(|| instruction_at_rip(vcpu, &ctx.mem));
-            let judged = match (heki, &bytes) {
-                (Some(heki), Some(bytes)) => heki.on_emulation_failure(vcpu, bytes),
-                _ => false,
-            };
-            if !judged {
-                // Private guest memory stays private in the failure report too.
-                let private = heki.as_deref().is_some_and(|h| instruction_is_private(vcpu, h));
-                let error = describe_emulation_failure(vcpu, bytes, private);
-                ctx.control.report(VcpuEvent::Failed { vcpu: id, error });
-                return false;
-            }
+        ExitOutcome::EmulationFailure { insn_bytes } => {
+            let error = describe_emulation_failure(vcpu, insn_bytes);
+            ctx.control.report(VcpuEvent::Failed { vcpu: id, error });
+            false
         }
-        (ExitOutcome::Stop(event), _) => {
+        ExitOutcome::Stop(event) => {
             ctx.control.report(event);
-            return false;
+            false
         }
     }
-    true
 }
 
 /// The bytes at the guest RIP, read through the guest's page tables.
@@ -183,18 +177,9 @@ fn instruction_at_rip(vcpu: &Vcpu, mem: &GuestMemoryMmap) -> Option<Vec<u8>> {
     Some(buf.to_vec())
 }
 
-/// Whether the instruction at RIP may lie in a page the guest keeps private
-/// (an untranslatable RIP counts as private once private memory is on).
-fn instruction_is_private(vcpu: &Vcpu, heki: &HekiRuntime) -> bool {
-    if !heki.private_memory_enabled() {
-        return false;
-    }
-    let gpa = vcpu.regs().ok().and_then(|r| vcpu.translate_gva(r.rip).ok().flatten());
-    gpa.is_none_or(|gpa| heki.range_is_private(gpa, 15))
-}
-
 /// "KVM could not emulate ... at RIP 0x…: instruction bytes 0f c7 …".
-fn describe_emulation_failure(vcpu: &Vcpu, bytes: Option<Vec<u8>>, private: bool) -> String {
+/// `bytes` is `None` when unavailable or withheld (private guest memory).
+pub fn describe_emulation_failure(vcpu: &Vcpu, bytes: Option<Vec<u8>>) -> String {
     let rip = match vcpu.regs() {
         Ok(regs) => regs.rip,
         Err(e) => {
@@ -202,9 +187,8 @@ fn describe_emulation_failure(vcpu: &Vcpu, bytes: Option<Vec<u8>>, private: bool
         }
     };
     let bytes = match bytes {
-        Some(_) if private => "withheld, the guest keeps this memory private".into(),
         Some(b) => b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" "),
-        None => "unavailable".into(),
+        None => "unavailable or withheld (private guest memory)".into(),
     };
     format!("KVM could not emulate the guest instruction at RIP {rip:#x} (instruction bytes: {bytes})")
 }

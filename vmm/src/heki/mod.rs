@@ -10,6 +10,7 @@ pub mod api;
 pub mod checked_memory;
 pub mod doorbell;
 pub mod emulation;
+mod hook;
 pub mod memslots;
 pub mod pins;
 pub mod ports;

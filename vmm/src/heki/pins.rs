@@ -12,6 +12,7 @@ use heki::{AbiError, Access, MemoryProtections, Policy, Protections, VcpuPins, j
 
 use super::ports::VcpuAccess;
 use super::runtime::HekiRuntime;
+use crate::cpu::hook::MsrDecision;
 
 /// How long a host-side pin waits for the vCPUs to answer.
 const PIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -261,8 +262,9 @@ impl HekiRuntime {
         !restored.is_empty()
     }
 
-    /// A guest `wrmsr` to a filtered MSR: judge it, then complete the exit.
-    pub fn on_msr_write(&self, vcpu: &mut dyn VcpuAccess, index: u32, value: u64) {
+    /// A guest `wrmsr` to a filtered MSR: heki's decision (the vCPU loop
+    /// completes the exit with it, `cpu::hook::complete_msr_write`).
+    pub fn on_msr_write(&self, vcpu: &dyn VcpuAccess, index: u32, value: u64) -> MsrDecision {
         let id = vcpu.id();
         let verdict = {
             let pins = self.pin_state.pins(id);
@@ -270,17 +272,16 @@ impl HekiRuntime {
             let protections = Protections { memory: &memory, pins: pins.as_deref() };
             judge(Access::MsrWrite { index, value }, protections, self.policy())
         };
-        // A filtered write never reaches the MSR by itself: carry out the allowed ones.
-        let written = verdict.performs_access() && vcpu.set_msr(index, value).is_ok();
-        vcpu.complete_msr_exit(!written);
         if verdict.is_violation() {
             self.enforcer().enforce(&verdict, &format!("vcpu {id}"), |record| {
                 record.vcpu = Some(u32::from(id));
-                super::ExitSite::of(&*vcpu).fill(record);
+                super::ExitSite::of(vcpu).fill(record);
                 record.details.insert("msr".into(), format!("{index:#x}"));
                 record.details.insert("value".into(), format!("{value:#x}"));
             });
         }
+        // A filtered write never reaches the MSR by itself: the allowed ones are written.
+        if verdict.performs_access() { MsrDecision::Write } else { MsrDecision::Refuse }
     }
 
     /// The host-side request mailbox: served by each vCPU thread, also while held.

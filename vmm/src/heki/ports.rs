@@ -46,8 +46,6 @@ pub trait VcpuAccess {
     fn exit_rip(&self) -> Option<u64>;
     /// The guest's privilege level at the current exit (CS.DPL).
     fn exit_cpl(&self) -> Option<u8>;
-    /// Finishes a pending MSR exit; with `inject_gp` the guest gets #GP.
-    fn complete_msr_exit(&mut self, inject_gp: bool);
 }
 
 /// Why vCPUs could not be held out of guest mode.
@@ -143,8 +141,5 @@ impl VcpuAccess for hypervisor::Vcpu {
     }
     fn exit_cpl(&self) -> Option<u8> {
         hypervisor::Vcpu::exit_cpl(self).ok()
-    }
-    fn complete_msr_exit(&mut self, inject_gp: bool) {
-        hypervisor::Vcpu::complete_msr_exit(self, inject_gp)
     }
 }

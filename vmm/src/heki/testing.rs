@@ -72,8 +72,6 @@ pub struct FakeVcpu {
     pub regs: Mutex<Regs>,
     pub sregs: Mutex<SpecialRegs>,
     pub msrs: Mutex<std::collections::BTreeMap<u32, u64>>,
-    /// `Some(inject_gp)` once an MSR exit was completed.
-    pub msr_exit: Option<bool>,
 }
 
 impl VcpuAccess for FakeVcpu {
@@ -109,9 +107,6 @@ impl VcpuAccess for FakeVcpu {
     }
     fn exit_cpl(&self) -> Option<u8> {
         Some(0)
-    }
-    fn complete_msr_exit(&mut self, inject_gp: bool) {
-        self.msr_exit = Some(inject_gp);
     }
 }
 

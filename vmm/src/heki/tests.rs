@@ -10,6 +10,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::testing::{FakeVcpu, RecordingControl, RecordingSlots};
 use super::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
 use crate::config::HekiConfig;
+use crate::cpu::hook::MsrDecision;
 
 const RAM: u64 = 1 << 20;
 const LSTAR: u32 = 0xc000_0082;
@@ -199,14 +200,12 @@ fn a_host_pin_captures_each_vcpus_live_value_and_installs_the_filter_while_held(
 #[test]
 fn a_pinned_msr_write_is_refused_with_gp_and_the_same_value_passes() {
     let rig = rig(Policy::Deny);
-    let mut vcpu = FakeVcpu { id: 0, ..FakeVcpu::default() };
+    let vcpu = FakeVcpu { id: 0, ..FakeVcpu::default() };
     vcpu.msrs.lock().expect("msrs").insert(LSTAR, 0x1000);
     rig.heki.pin_msr(&vcpu, u64::from(LSTAR)).expect("pinned");
-    rig.heki.on_msr_write(&mut vcpu, LSTAR, 0xbad);
-    assert_eq!(vcpu.msr_exit, Some(true), "#GP");
+    assert_eq!(rig.heki.on_msr_write(&vcpu, LSTAR, 0xbad), MsrDecision::Refuse, "#GP");
     assert_eq!(vcpu.msrs.lock().expect("msrs").get(&LSTAR), Some(&0x1000));
-    rig.heki.on_msr_write(&mut vcpu, LSTAR, 0x1000);
-    assert_eq!(vcpu.msr_exit, Some(false));
+    assert_eq!(rig.heki.on_msr_write(&vcpu, LSTAR, 0x1000), MsrDecision::Write);
     assert_eq!(rig.heki.violations().counts().get(ViolationKind::Msr), 1);
 }
 

@@ -19,6 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::Hub;
 use super::inbox::{Inbox, Line, LineReader};
 use super::protocol::{self, Action, AgentError, AgentResult, EventLine, Incoming};
+use crate::cpu::hook::{ExitHook, Hooked, MsrDecision};
 use crate::cpu::{ExitOutcome, VcpuEvent};
 use crate::heki::ports::VcpuAccess;
 use crate::heki::traps::VmTraps;
@@ -66,16 +67,6 @@ impl VcpuSlot {
 
 /// DR6.BS: the debug exit is a single step.
 const DR6_SINGLE_STEP: u64 = 1 << 14;
-
-/// What the vCPU loop does after `intercept`.
-pub enum Intercepted {
-    /// The agent's layer dealt with the exit.
-    Handled,
-    /// Not the agent's: the usual path handles it.
-    Pass(ExitOutcome),
-    /// The agent answered `crash`.
-    Crash(VcpuEvent),
-}
 
 /// The `write` event of a tracked write. A write that touches a page the
 /// guest keeps private carries `"private": true` instead of its `value`:
@@ -198,7 +189,7 @@ impl AgentLink {
     }
 
     /// Handles an exit the agent may have asked to see.
-    pub fn intercept(&self, vcpu: &mut Vcpu, outcome: ExitOutcome) -> Intercepted {
+    fn intercept(&self, vcpu: &mut Vcpu, outcome: ExitOutcome) -> Hooked {
         let tracking = self.hub.tracking();
         match outcome {
             ExitOutcome::UnclaimedMmioWrite { gpa, data } => {
@@ -206,7 +197,7 @@ impl AgentLink {
                 let tracked = tracking.tracks_range(gpa, len);
                 drop(tracking);
                 if !tracked && self.heki.is_some() {
-                    return Intercepted::Pass(ExitOutcome::UnclaimedMmioWrite { gpa, data });
+                    return Hooked::Pass(ExitOutcome::UnclaimedMmioWrite { gpa, data });
                 }
                 self.on_write(vcpu, gpa, &data, tracked)
             }
@@ -214,12 +205,9 @@ impl AgentLink {
                 drop(tracking);
                 self.on_msr_write(vcpu, index, value)
             }
-            ExitOutcome::MsrWrite { index, value } if self.heki.is_none() => {
+            ExitOutcome::MsrWrite { .. } if self.heki.is_none() => {
                 // Only the agent filters MSRs here: an MSR it stopped tracking is written as asked.
-                drop(tracking);
-                let ok = vcpu.set_msr(index, value).is_ok();
-                vcpu.complete_msr_exit(!ok);
-                Intercepted::Handled
+                Hooked::Msr(MsrDecision::Write)
             }
             ExitOutcome::HekiCall if tracking.hypercalls => {
                 drop(tracking);
@@ -229,7 +217,7 @@ impl AgentLink {
                 drop(tracking);
                 let single_step = dr6 & DR6_SINGLE_STEP != 0;
                 if single_step && self.end_step_over(vcpu) {
-                    return Intercepted::Handled;
+                    return Hooked::Done;
                 }
                 let kind = if single_step { "single-step" } else { "breakpoint" };
                 let event = EventLine::new(kind).num("dr6", dr6).num("pc", pc);
@@ -239,11 +227,11 @@ impl AgentLink {
                         if !single_step {
                             self.step_over(vcpu);
                         }
-                        Intercepted::Handled
+                        Hooked::Done
                     }
                 }
             }
-            other => Intercepted::Pass(other),
+            other => Hooked::Pass(other),
         }
     }
 
@@ -276,15 +264,12 @@ impl AgentLink {
         !*single_step
     }
 
-    fn crash(&self, vcpu: &Vcpu) -> Intercepted {
+    fn crash(&self, vcpu: &Vcpu) -> Hooked {
         crate::events::emit("introspection", "crash", &[("vcpu", vcpu.id().to_string())]);
-        Intercepted::Crash(VcpuEvent::Failed {
-            vcpu: vcpu.id(),
-            error: "the introspection agent answered crash".into(),
-        })
+        Hooked::Stop(VcpuEvent::Failed { vcpu: vcpu.id(), error: "the introspection agent answered crash".into() })
     }
 
-    fn on_write(&self, vcpu: &mut Vcpu, gpa: u64, data: &[u8], tracked: bool) -> Intercepted {
+    fn on_write(&self, vcpu: &mut Vcpu, gpa: u64, data: &[u8], tracked: bool) -> Hooked {
         let mut tracked = tracked;
         loop {
             let action = if tracked {
@@ -298,13 +283,13 @@ impl AgentLink {
                 // No answer (no agent, a timeout, a disconnect): the VM's policy decides.
                 None | Some(Action::Continue) => {
                     self.perform_write(vcpu, gpa, data);
-                    return Intercepted::Handled;
+                    return Hooked::Done;
                 }
                 Some(Action::Deny) => {
                     if let Some(heki) = &self.heki {
                         heki.on_denied_mmio_write(vcpu.id(), gpa, data, || crate::heki::ExitSite::of(&*vcpu));
                     }
-                    return Intercepted::Handled;
+                    return Hooked::Done;
                 }
                 Some(Action::Retry) => tracked = self.hub.tracking().tracks_range(gpa, data.len() as u64),
                 Some(Action::Crash) => return self.crash(vcpu),
@@ -327,7 +312,7 @@ impl AgentLink {
         }
     }
 
-    fn on_msr_write(&self, vcpu: &mut Vcpu, index: u32, value: u64) -> Intercepted {
+    fn on_msr_write(&self, vcpu: &mut Vcpu, index: u32, value: u64) -> Hooked {
         loop {
             let tracked = self.hub.tracking().msrs.contains(&index);
             let action = if tracked {
@@ -336,25 +321,19 @@ impl AgentLink {
                 None
             };
             match action {
-                None | Some(Action::Continue) => {
-                    if self.heki.is_some() {
-                        return Intercepted::Pass(ExitOutcome::MsrWrite { index, value });
-                    }
-                    let ok = vcpu.set_msr(index, value).is_ok();
-                    vcpu.complete_msr_exit(!ok);
-                    return Intercepted::Handled;
+                // heki, when on, has the last word on a pinned MSR.
+                None | Some(Action::Continue) if self.heki.is_some() => {
+                    return Hooked::Pass(ExitOutcome::MsrWrite { index, value });
                 }
-                Some(Action::Deny) => {
-                    vcpu.complete_msr_exit(true);
-                    return Intercepted::Handled;
-                }
+                None | Some(Action::Continue) => return Hooked::Msr(MsrDecision::Write),
+                Some(Action::Deny) => return Hooked::Msr(MsrDecision::Refuse),
                 Some(Action::Retry) => continue,
                 Some(Action::Crash) => return self.crash(vcpu),
             }
         }
     }
 
-    fn on_hypercall(&self, vcpu: &mut Vcpu) -> Intercepted {
+    fn on_hypercall(&self, vcpu: &mut Vcpu) -> Hooked {
         loop {
             let tracked = self.hub.tracking().hypercalls;
             let action = if tracked {
@@ -366,7 +345,7 @@ impl AgentLink {
                 None
             };
             match action {
-                None | Some(Action::Continue) => return Intercepted::Pass(ExitOutcome::HekiCall),
+                None | Some(Action::Continue) => return Hooked::Pass(ExitOutcome::HekiCall),
                 Some(Action::Deny) => {
                     // Fresh, not the exit's copy: the agent may have set registers meanwhile.
                     let regs = vcpu.regs().unwrap_or_default();
@@ -374,7 +353,7 @@ impl AgentLink {
                     if let Err(e) = vcpu.set_regs(&regs) {
                         log::warn!("introspection: vCPU {}: {e}", vcpu.id());
                     }
-                    return Intercepted::Handled;
+                    return Hooked::Done;
                 }
                 Some(Action::Retry) => continue,
                 Some(Action::Crash) => return self.crash(vcpu),
@@ -645,6 +624,27 @@ impl AgentLink {
         if std::mem::replace(&mut *paused, false) {
             self.control.vcpus.release();
         }
+    }
+}
+
+/// The agent sees exits before heki does (`vm.rs` orders the hooks): it may
+/// hold a tracked write, MSR write or hypercall for its answer, and heki then
+/// judges what the agent let through, so a heki lock holds whatever the agent says.
+impl ExitHook for AgentLink {
+    fn serve(&self, vcpu: &mut Vcpu) {
+        AgentLink::serve(self, vcpu);
+    }
+
+    fn has_request(&self, id: u8) -> bool {
+        AgentLink::has_request(self, id)
+    }
+
+    fn on_exit(&self, vcpu: &mut Vcpu, outcome: ExitOutcome) -> Hooked {
+        self.intercept(vcpu, outcome)
+    }
+
+    fn after_exit(&self, vcpu: &Vcpu) {
+        self.check_crs(vcpu);
     }
 }
 

@@ -26,7 +26,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use inbox::{Inbox, Line};
-pub use link::{AgentLink, Intercepted};
+pub use link::AgentLink;
 use protocol::{AgentError, EventLine, Incoming, MAX_LINE};
 
 use crate::config::IntrospectionConfig;
