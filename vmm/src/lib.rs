@@ -20,6 +20,7 @@ pub mod run_control;
 pub mod sandbox;
 pub mod seccomp;
 pub mod signals;
+pub mod traps;
 pub mod vm;
 pub mod vmm;
 

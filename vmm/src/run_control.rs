@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::cpu::VcpuEvent;
 use crate::cpu::gate::{GateTimeout, VcpuGate};
 use crate::devices::gate::{DeviceGate, DevicePauseTimeout};
-use crate::heki::ports::{HoldTimeout, RunControl};
+use crate::traps::ports::{HoldTimeout, RunControl};
 
 /// How long a pause, a hold or a teardown may wait for vCPUs and devices.
 pub const VCPU_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

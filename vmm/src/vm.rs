@@ -29,13 +29,13 @@ use crate::devices::virtio::{
     tap::Tap,
 };
 use crate::devices::{AcpiPmDevice, I8042Device, MmioBus, PioBus, SerialDevice};
-use crate::heki::ports::KvmSlots;
-use crate::heki::traps::VmTraps;
 use crate::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
 use crate::introspection::{AgentLink, Hub};
 use crate::layout::{self, ports};
 use crate::memory::{self, RamRegion};
 use crate::run_control::{PauseError, VmControl};
+use crate::traps::VmTraps;
+use crate::traps::ports::KvmSlots;
 
 pub use crate::run_control::VCPU_STOP_TIMEOUT;
 
@@ -126,7 +126,7 @@ impl Vm {
                 .iter()
                 .map(|s| (heki::PlannedSlot { gpa: s.guest_addr, size: s.size, readonly: s.readonly }, s.slot))
                 .collect();
-            let host: Arc<dyn crate::heki::ports::VmSlots> =
+            let host: Arc<dyn crate::traps::ports::VmSlots> =
                 Arc::new(KvmSlots { vm: kvm_vm.clone(), ram: guest_ram.kvm.clone() });
             let budget = crate::heki::runtime::memslot_budget(host.as_ref());
             Arc::new(VmTraps::new(host, enforcer.control_arc(), &slots, budget))

@@ -2,8 +2,8 @@
 
 use heki::{AbiError, HekiCall};
 
-use super::ports::VcpuAccess;
 use super::runtime::HekiRuntime;
+use crate::traps::ports::VcpuAccess;
 
 /// Handles one doorbell exit on `vcpu`: decode, check privilege, execute,
 /// return the result in RAX (other registers untouched).

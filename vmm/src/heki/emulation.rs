@@ -3,8 +3,8 @@
 
 use heki::{Access, Protections, judge};
 
-use super::ports::VcpuAccess;
 use super::runtime::HekiRuntime;
+use crate::traps::ports::VcpuAccess;
 
 impl HekiRuntime {
     /// Returns false when the failure is not a write to protected memory

@@ -11,13 +11,10 @@ pub mod checked_memory;
 pub mod doorbell;
 pub mod emulation;
 mod hook;
-pub mod memslots;
 pub mod pins;
-pub mod ports;
 pub mod runtime;
 pub mod testing;
 pub mod translation;
-pub mod traps;
 pub mod violations;
 
 pub use checked_memory::{Accessor, CheckedMemory, Enforcer};

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use heki::pins::{ControlRegister, DescriptorTable, PINNABLE_MSRS, PinError};
 use heki::{AbiError, Access, MemoryProtections, Policy, Protections, VcpuPins, judge};
 
-use super::ports::VcpuAccess;
 use super::runtime::HekiRuntime;
 use crate::cpu::hook::MsrDecision;
+use crate::traps::ports::VcpuAccess;
 
 /// How long a host-side pin waits for the vCPUs to answer.
 const PIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -141,7 +141,7 @@ impl HekiRuntime {
     }
 
     /// Installs the filter for every MSR pinned on any vCPU.
-    fn install_msr_filter(&self) -> Result<(), super::ports::HostError> {
+    fn install_msr_filter(&self) -> Result<(), crate::traps::ports::HostError> {
         let _one_at_a_time = lock(&self.pin_state.filter);
         // The installed filter also holds the MSRs the introspection agent intercepts.
         self.traps().set_heki_msrs(self.pin_state.filtered_msrs())

@@ -11,16 +11,16 @@ use heki::{
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::checked_memory::Enforcer;
-use super::memslots::MemslotError;
 use super::pins::PinState;
-use super::ports::VmSlots;
 use super::translation::TranslationState;
-use super::traps::VmTraps;
 use super::violations::ViolationLog;
 use crate::config::HekiConfig;
 use crate::host_view;
 use crate::layout::ports::HEKI_DOORBELL;
 use crate::memory::GuestRam;
+use crate::traps::VmTraps;
+use crate::traps::memslots::MemslotError;
+use crate::traps::ports::VmSlots;
 
 /// Caps the memslot budget below KVM's (`KVM_CAP_NR_MEMSLOTS`); for tests.
 /// Where in the guest a vCPU violation happened, read only when one is
@@ -32,7 +32,7 @@ pub struct ExitSite {
 }
 
 impl ExitSite {
-    pub fn of(vcpu: &dyn super::ports::VcpuAccess) -> Self {
+    pub fn of(vcpu: &dyn crate::traps::ports::VcpuAccess) -> Self {
         ExitSite { rip: vcpu.exit_rip(), cpl: vcpu.exit_cpl() }
     }
 

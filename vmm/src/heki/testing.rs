@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use heki::Outcome;
 use hypervisor::{Regs, SpecialRegs};
 
-use super::ports::{HoldTimeout, HostError, RunControl, VcpuAccess, VmSlots};
+use crate::traps::ports::{HoldTimeout, HostError, RunControl, VcpuAccess, VmSlots};
 
 /// Memslots and the MSR filter, recorded instead of installed.
 #[derive(Default)]

@@ -11,8 +11,8 @@ use heki::translation::{LockError, NewLock, TranslationLocks, expect};
 use heki::{AbiError, Access, MemoryProtections, PagingMode, Permissions, ProtectRange, Protections, judge};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::ports::VcpuAccess;
 use super::runtime::{GuestReader, HekiRuntime};
+use crate::traps::ports::VcpuAccess;
 
 /// The VM's translation locks and what the checks reported.
 #[derive(Default)]

@@ -21,10 +21,10 @@ use super::inbox::{Inbox, Line, LineReader};
 use super::protocol::{self, Action, AgentError, AgentResult, EventLine, Incoming};
 use crate::cpu::hook::{ExitHook, Hooked, MsrDecision};
 use crate::cpu::{ExitOutcome, VcpuEvent};
-use crate::heki::ports::VcpuAccess;
-use crate::heki::traps::VmTraps;
 use crate::heki::{CheckedMemory, HekiRuntime};
 use crate::run_control::VmControl;
+use crate::traps::VmTraps;
+use crate::traps::ports::VcpuAccess;
 
 /// A waiting vCPU re-checks the connection and the VM's state this often.
 const WAIT_SLICE: Duration = Duration::from_millis(50);

@@ -18,8 +18,8 @@ use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::GuestMemorySliceIterator;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, Permissions};
 
-use super::ports::RunControl;
 use super::violations::ViolationLog;
+use crate::traps::ports::RunControl;
 use page_bits::PageBits;
 
 mod batch;

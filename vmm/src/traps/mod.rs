@@ -9,18 +9,21 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+pub mod memslots;
+pub mod ports;
+
 use heki::memslot_plan::merge_ranges;
 use heki::{PlannedSlot, RamLayout, TooManySlots, plan_memslots};
 
-use super::memslots::{MemslotError, MemslotTable};
-use super::ports::{HostError, RunControl, VmSlots};
+use memslots::{MemslotError, MemslotTable};
+use ports::{HostError, RunControl, VmSlots};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrapError {
     #[error(transparent)]
     TooManySlots(#[from] TooManySlots),
     #[error("vCPUs did not leave guest mode for the memslot change")]
-    Hold(#[source] super::ports::HoldTimeout),
+    Hold(#[source] ports::HoldTimeout),
     #[error(transparent)]
     Memslots(#[from] MemslotError),
     #[error("cannot set the MSR filter")]
