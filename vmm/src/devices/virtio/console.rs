@@ -243,53 +243,24 @@ mod tests {
     use std::os::fd::OwnedFd;
     use std::sync::Arc;
 
-    use heki::{Permissions, PlannedSlot, Policy, ProtectRange, ViolationKind};
+    use heki::{Permissions, ProtectRange, ViolationKind};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::*;
-    use crate::config::HekiConfig;
     use crate::devices::gate::DeviceGate;
-    use crate::devices::mmio_bus::MmioDevice;
     use crate::devices::virtio::pci::VirtioPci;
-    use crate::heki::testing::{RecordingControl, RecordingSlots};
-    use crate::heki::{Accessor, Enforcer, HekiRuntime};
+    use crate::devices::virtio::test_rig::{AVAIL, DESC, USED, started};
+    use crate::heki::HekiRuntime;
 
-    const DESC: u64 = 0x1_0000;
-    const AVAIL: u64 = 0x1_1000;
-    const USED: u64 = 0x1_2000;
     const BUFFER: u64 = 0x2_0000;
     const LOCKED: u64 = 0x3_0000;
 
     /// A console fed from a pipe, its receive queue (4 entries) started by a
     /// minimal driver, heki on with policy deny.
     fn started_console() -> (GuestMemoryMmap, Arc<HekiRuntime>, VirtioPci, std::io::PipeWriter) {
-        let ram =
-            crate::memory::create_guest_ram(&[crate::memory::RamRegion { start: 0, size: 1 << 20 }]).expect("memory");
-        let mem = ram.host.clone();
-        let enforcer = Arc::new(Enforcer::new(Policy::Deny, Arc::new(RecordingControl::default())));
-        let config = HekiConfig { enabled: true, ..HekiConfig::default() };
-        let boot = [(PlannedSlot { gpa: 0, size: 1 << 20, readonly: false }, 0)];
-        let heki =
-            Arc::new(HekiRuntime::new(&config, enforcer.clone(), Arc::new(RecordingSlots::default()), &ram, &boot, 1));
-        let memory = DeviceMemory::new(
-            CheckedMemory::new(mem.clone(), enforcer, Arc::new(Accessor::new("_console"))),
-            Arc::default(),
-        );
         let (reader, writer) = std::io::pipe().expect("pipe");
         let console = Console::with_input(Box::new(std::io::sink()), File::from(OwnedFd::from(reader)));
-        let mut dev = VirtioPci::new(Box::new(console), 0, memory, 0, None).expect("transport");
-        let w32 = |dev: &mut VirtioPci, off: u64, v: u32| dev.write(off, &v.to_le_bytes());
-        dev.write(0x14, &[3]);
-        w32(&mut dev, 0x08, 1);
-        w32(&mut dev, 0x0c, 1);
-        dev.write(0x14, &[11]);
-        dev.write(0x16, &0u16.to_le_bytes()); // the receive queue
-        dev.write(0x18, &4u16.to_le_bytes());
-        for (off, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
-            w32(&mut dev, off, addr as u32);
-        }
-        dev.write(0x1c, &1u16.to_le_bytes());
-        dev.write(0x14, &[15]);
+        let (mem, heki, dev) = started(Box::new(console), "_console", RECEIVE_QUEUE as u16);
         (mem, heki, dev, writer)
     }
 

@@ -9,6 +9,8 @@ pub mod net;
 pub mod pci;
 pub mod rng;
 pub mod tap;
+#[cfg(test)]
+mod test_rig;
 
 use crate::heki::CheckedMemory;
 use virtio_queue::{DescriptorChain, Queue};

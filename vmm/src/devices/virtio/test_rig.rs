@@ -1,0 +1,53 @@
+//! A virtio device on its PCI transport, started by a minimal driver over
+//! heki-checked memory, for the devices' unit tests.
+
+use std::sync::Arc;
+
+use heki::{PlannedSlot, Policy};
+use vm_memory::GuestMemoryMmap;
+
+use super::pci::VirtioPci;
+use super::{DeviceMemory, VirtioDevice};
+use crate::config::HekiConfig;
+use crate::devices::mmio_bus::MmioDevice;
+use crate::heki::testing::{RecordingControl, RecordingSlots};
+use crate::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
+
+/// Where the rig's driver puts the queue: each part in its own page.
+pub const DESC: u64 = 0x1_0000;
+pub const AVAIL: u64 = 0x1_1000;
+pub const USED: u64 = 0x1_2000;
+const RAM: u64 = 1 << 20;
+
+/// `device` as accessor `name` in 1 MiB of RAM, heki on (policy deny),
+/// queue `queue` (4 entries) started by the driver.
+pub fn started(
+    device: Box<dyn VirtioDevice>,
+    name: &str,
+    queue: u16,
+) -> (GuestMemoryMmap, Arc<HekiRuntime>, VirtioPci) {
+    let ram = crate::memory::create_guest_ram(&[crate::memory::RamRegion { start: 0, size: RAM }]).expect("memory");
+    let mem = ram.host.clone();
+    let enforcer = Arc::new(Enforcer::new(Policy::Deny, Arc::new(RecordingControl::default())));
+    let config = HekiConfig { enabled: true, ..HekiConfig::default() };
+    let boot = [(PlannedSlot { gpa: 0, size: RAM, readonly: false }, 0)];
+    let heki =
+        Arc::new(HekiRuntime::new(&config, enforcer.clone(), Arc::new(RecordingSlots::default()), &ram, &boot, 1));
+    let memory =
+        DeviceMemory::new(CheckedMemory::new(mem.clone(), enforcer, Arc::new(Accessor::new(name))), Arc::default());
+    let mut dev = VirtioPci::new(device, 0, memory, 0, None).expect("transport");
+    let w32 = |dev: &mut VirtioPci, off: u64, v: u32| dev.write(off, &v.to_le_bytes());
+    // ACKNOWLEDGE|DRIVER, VERSION_1, FEATURES_OK, the queue, DRIVER_OK.
+    dev.write(0x14, &[3]);
+    w32(&mut dev, 0x08, 1);
+    w32(&mut dev, 0x0c, 1);
+    dev.write(0x14, &[11]);
+    dev.write(0x16, &queue.to_le_bytes());
+    dev.write(0x18, &4u16.to_le_bytes());
+    for (off, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
+        w32(&mut dev, off, addr as u32);
+    }
+    dev.write(0x1c, &1u16.to_le_bytes());
+    dev.write(0x14, &[15]);
+    (mem, heki, dev)
+}
