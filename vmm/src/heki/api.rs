@@ -51,7 +51,7 @@ pub(crate) fn handle(ctx: HekiApiContext<'_>, request: ApiRequest) -> ApiResult 
             if !request.msrs.is_empty() && !rt.msr_pinning() {
                 return Err(ApiError::Conflict("this host's KVM cannot filter MSR writes".into()));
             }
-            rt.pin_from_host(request, ctx.vcpus).map_err(ApiError::BadRequest)?;
+            rt.pin_from_host(request, ctx.vcpus).map_err(|e| ApiError::BadRequest(e.to_string()))?;
             Ok(None)
         }
         _ => Err(ApiError::Internal("not a heki request".into())),

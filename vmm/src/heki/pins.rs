@@ -28,6 +28,25 @@ pub struct PinRequest {
     pub apply: bool,
 }
 
+/// Why a host-side pin (`vm.heki-pin`) was refused; the API answers 400 with it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HostPinError {
+    #[error("vCPU {vcpu}: cannot read its registers: {reason}")]
+    Registers { vcpu: u8, reason: String },
+    #[error("vCPU {vcpu}: {register}: {source}")]
+    Cr { vcpu: u8, register: &'static str, source: PinError },
+    #[error("vCPU {vcpu}: MSR {index:#x}: {reason}")]
+    MsrUnreadable { vcpu: u8, index: u32, reason: String },
+    #[error("vCPU {vcpu}: {source}")]
+    Msr { vcpu: u8, source: PinError },
+    #[error("{0}")]
+    Hold(String),
+    #[error("vCPUs did not answer the pin request (is the VM running?)")]
+    NoAnswer,
+    #[error("cannot install the MSR filter: {0}")]
+    Filter(String),
+}
+
 /// A descriptor-table register and the (base, limit) last reported for it.
 type LoggedDtr = (DescriptorTable, (u64, u16));
 
@@ -49,7 +68,7 @@ pub struct PinState {
 #[derive(Default)]
 struct Mailbox {
     requests: Vec<Option<PinRequest>>,
-    results: Vec<Option<Result<(), String>>>,
+    results: Vec<Option<Result<(), HostPinError>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -297,20 +316,25 @@ impl HekiRuntime {
         self.pin_state.answered.notify_all();
     }
 
-    fn apply_pin_request(&self, vcpu: &dyn VcpuAccess, request: &PinRequest) -> Result<(), String> {
+    fn apply_pin_request(&self, vcpu: &dyn VcpuAccess, request: &PinRequest) -> Result<(), HostPinError> {
         let id = vcpu.id();
-        let sregs = vcpu.sregs().map_err(|e| e.to_string())?;
+        let sregs = vcpu.sregs().map_err(|e| HostPinError::Registers { vcpu: id, reason: e.to_string() })?;
         let mut trial = self.pin_state.pins(id).map(|p| p.clone()).unwrap_or_default();
         for (register, mask, current) in
             [(ControlRegister::Cr0, request.cr0, sregs.cr0), (ControlRegister::Cr4, request.cr4, sregs.cr4)]
         {
             if mask != 0 {
-                trial.pin_cr(register, mask, current).map_err(|e| format!("vCPU {id}: {}: {e}", register.name()))?;
+                trial.pin_cr(register, mask, current).map_err(|source| HostPinError::Cr {
+                    vcpu: id,
+                    register: register.name(),
+                    source,
+                })?;
             }
         }
         for &index in &request.msrs {
-            let value = vcpu.msr(index).map_err(|e| format!("vCPU {id}: MSR {index:#x}: {e}"))?;
-            trial.pin_msr(index, value).map_err(|e| format!("vCPU {id}: {e}"))?;
+            let value =
+                vcpu.msr(index).map_err(|e| HostPinError::MsrUnreadable { vcpu: id, index, reason: e.to_string() })?;
+            trial.pin_msr(index, value).map_err(|source| HostPinError::Msr { vcpu: id, source })?;
         }
         if request.apply {
             if let Some(mut pins) = self.pin_state.pins(id) {
@@ -326,9 +350,9 @@ impl HekiRuntime {
     /// `vm.heki-pin`: with every vCPU held out of guest mode, validate on
     /// every vCPU, pin on every vCPU, and install the MSR filter; only then
     /// do the vCPUs run again. The values reported are the live ones.
-    pub fn pin_from_host(&self, request: PinRequest, vcpus: usize) -> Result<(), String> {
+    pub fn pin_from_host(&self, request: PinRequest, vcpus: usize) -> Result<(), HostPinError> {
         let control = self.enforcer().control();
-        control.hold_vcpus().map_err(|e| e.to_string())?;
+        control.hold_vcpus().map_err(|e| HostPinError::Hold(e.to_string()))?;
         let result = self.pin_held(&request, vcpus);
         control.release_vcpus();
         result?;
@@ -345,18 +369,18 @@ impl HekiRuntime {
         Ok(())
     }
 
-    fn pin_held(&self, request: &PinRequest, vcpus: usize) -> Result<(), String> {
+    fn pin_held(&self, request: &PinRequest, vcpus: usize) -> Result<(), HostPinError> {
         for apply in [false, true] {
             self.ask_every_vcpu(PinRequest { apply, ..request.clone() }, vcpus)?;
         }
         if !request.msrs.is_empty() {
-            self.install_msr_filter().map_err(|e| e.to_string())?;
+            self.install_msr_filter().map_err(|e| HostPinError::Filter(e.to_string()))?;
         }
         Ok(())
     }
 
     /// Posts `round` to every vCPU and waits for every answer.
-    fn ask_every_vcpu(&self, round: PinRequest, vcpus: usize) -> Result<(), String> {
+    fn ask_every_vcpu(&self, round: PinRequest, vcpus: usize) -> Result<(), HostPinError> {
         {
             let mut mailbox = lock(&self.pin_state.mailbox);
             let mailbox = &mut *mailbox;
@@ -373,7 +397,7 @@ impl HekiRuntime {
             if now >= deadline {
                 // Withdraw what was not served, so a late vCPU cannot apply half a request.
                 mailbox.requests.iter_mut().for_each(|r| *r = None);
-                return Err("vCPUs did not answer the pin request (is the VM running?)".into());
+                return Err(HostPinError::NoAnswer);
             }
             mailbox =
                 self.pin_state.answered.wait_timeout(mailbox, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
