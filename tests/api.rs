@@ -463,3 +463,33 @@ fn devices_report_their_counters_and_the_dma_guard_is_enforced() {
     assert_eq!(status, 400);
     assert!(body.contains("disks[0].direct"), "{body}");
 }
+
+#[test]
+fn vm_info_reports_the_console_pty_and_keeps_it_across_a_reboot() {
+    require_kvm!();
+    let mut vmm = Vmm::start("api-console-pty");
+    // "echo": the guest waits for a line on its console.
+    let config = vmm
+        .config("virtio_console", r#","console":{"mode":"Pty"}"#)
+        .replace(r#""payload":{"kernel":"#, r#""payload":{"cmdline":"echo","kernel":"#);
+    assert_eq!(vmm.status("PUT", "vm.create", Some(&config)).0, 204);
+    assert_eq!(vmm.status("PUT", "vm.boot", None).0, 204);
+    let console = &vmm.json("vm.info")["config"]["console"];
+    assert_eq!(console["mode"], "Pty");
+    let path = console["file"].as_str().expect("the pty path in console.file").to_string();
+    assert!(path.starts_with("/dev/pts/"), "{path}");
+    // The guest writes a line to its console: it arrives on the pty.
+    let mut pty = std::fs::OpenOptions::new().read(true).write(true).open(&path).expect("open the pty");
+    let mut line = [0u8; 30];
+    pty.read_exact(&mut line).expect("the guest's console line");
+    assert_eq!(&line, b"hello from the virtio console\n");
+    assert_eq!(vmm.status("PUT", "vm.reboot", None).0, 204);
+    assert_eq!(vmm.json("vm.info")["config"]["console"]["file"], path.as_str(), "one pty for the VM's life");
+    pty.read_exact(&mut line).expect("the rebooted guest's console line");
+    assert_eq!(&line, b"hello from the virtio console\n", "the rebooted guest writes to the same pty");
+    pty.write_all(b"typed over the api's pty\n").expect("type");
+    wait_for("the echo", || serial_text(&vmm).contains("echo: typed over the api's pty\n"));
+    assert_eq!(vmm.status("PUT", "vmm.shutdown", None).0, 204);
+    let (status, timed_out) = common::wait_with_timeout(&mut vmm.child, Duration::from_secs(10));
+    assert!(!timed_out && status.success());
+}

@@ -48,3 +48,38 @@ fn guest_pins_hold_and_every_error_case_is_einval() {
     );
     assert_eq!(m["pinned"], "0xffffffff80001000");
 }
+
+/// Issue 19: a rootkit that remaps instead of writing. LOCK_MAPPINGS locks
+/// the tables under a virtual range (a PTE write and a top-level entry
+/// write are dropped), a private CR3 is found and put back, and a pinned
+/// IDTR is restored after `lidt`; each is reported.
+#[test]
+fn remapping_a_locked_range_or_reloading_the_idt_is_stopped_and_reported() {
+    require_kvm!();
+    let (run, events) = common::run_vm_with_events(
+        "heki-translation",
+        &guests::build("heki_translation"),
+        &["--heki", "enabled=on,policy=deny"],
+    );
+    let s = &run.serial;
+    assert!(run.status.success(), "stderr: {}\nserial:\n{s}", run.stderr);
+    assert!(s.contains("revision=1 lock_mappings=1 pin_dtr=1\n"), "{s}");
+    assert!(s.contains("heki translation done failures=0\n"), "{s}");
+    let violations: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "violation").collect();
+    let kinds: Vec<&str> = violations.iter().filter_map(|e| e["properties"]["kind"].as_str()).collect();
+    assert!(kinds.iter().filter(|k| **k == "write").count() >= 2, "the PTE and top-level writes: {kinds:?}");
+    let remap = violations
+        .iter()
+        .find(|e| e["properties"]["kind"] == "translation")
+        .unwrap_or_else(|| panic!("no translation violation in {kinds:?}"));
+    assert_eq!(remap["properties"]["va"], "0xffff800000000000", "{remap}");
+    assert_eq!(remap["properties"]["action"], "restored", "{remap}");
+    assert!(remap["properties"]["found"].as_str().is_some_and(|f| f.contains("gpa=")), "{remap}");
+    let idt = violations
+        .iter()
+        .find(|e| e["properties"]["kind"] == "descriptor-table")
+        .unwrap_or_else(|| panic!("no descriptor-table violation in {kinds:?}"));
+    assert_eq!(idt["properties"]["register"], "idtr", "{idt}");
+    assert_eq!(idt["properties"]["action"], "restored", "{idt}");
+    assert!(events.iter().any(|e| e["event"] == "mappings-locked"), "the lock is reported");
+}

@@ -106,6 +106,102 @@ fn console_output_reaches_the_configured_file() {
     assert_eq!(std::fs::read_to_string(&out).expect("console file"), "hello from the virtio console\n");
 }
 
+/// Starts the console guest in echo mode with `console` as its `--console`
+/// and `extra` arguments; stdin, stdout and stderr are pipes. Returns the child and its serial log.
+fn start_console_echo(test: &str, console: &str, extra: &[&str]) -> (std::process::Child, std::path::PathBuf) {
+    let serial = common::temp_dir(test).join("serial.log");
+    let mut command = std::process::Command::new(common::hekivisor_bin());
+    command
+        .arg("--kernel")
+        .arg(guests::build("virtio_console"))
+        .args(["--cmdline", "echo", "--serial", &format!("file={}", serial.display()), "--console", console])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .args(extra)
+        .stderr(std::process::Stdio::piped());
+    (command.spawn().expect("start hekivisor"), serial)
+}
+
+fn read_all(mut from: impl std::io::Read) -> String {
+    let mut text = String::new();
+    let _ = from.read_to_string(&mut text);
+    text
+}
+
+#[test]
+fn console_tty_feeds_stdin_to_the_guest_even_before_it_posts_buffers() {
+    require_kvm!();
+    let (mut child, serial) = start_console_echo("virtio-console-stdin", "tty", &[]);
+    {
+        use std::io::Write;
+        // Written at once, long before the guest has a receive buffer; then end of input.
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"ping from the host\n").expect("write stdin");
+    }
+    let stdout = child.stdout.take().expect("stdout");
+    let stdout = std::thread::spawn(move || read_all(stdout));
+    let (status, timed_out) = common::wait_with_timeout(&mut child, std::time::Duration::from_secs(60));
+    let stderr = read_all(child.stderr.take().expect("stderr"));
+    assert!(!timed_out && status.success(), "{status:?} stderr: {stderr}");
+    let serial = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert!(serial.contains("echo: ping from the host\n"), "{serial}");
+    assert!(serial.contains("echoed: 0"), "{serial}");
+    // The console's output is stdout: the greeting, then the echo.
+    let stdout = stdout.join().expect("stdout reader");
+    assert_eq!(stdout, "hello from the virtio console\nping from the host\n");
+}
+
+#[test]
+fn console_pty_carries_input_to_the_guest_and_its_output_back() {
+    require_kvm!();
+    use std::io::{BufRead, Read, Write};
+    // With landlock on: the pty is opened before the VMM restricts itself.
+    let (mut child, serial) = start_console_echo("virtio-console-pty", "pty", &["-v", "--landlock"]);
+    // The path is logged (info) at boot.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut log = String::new();
+    let path = loop {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+            let _ = child.kill();
+            panic!("no pty path logged: {log}");
+        }
+        log.push_str(&line);
+        if let Some(at) = line.find("virtio console: pty ") {
+            break line[at + "virtio console: pty ".len()..].trim().to_string();
+        }
+    };
+    let stderr = std::thread::spawn(move || read_all(stderr));
+    let mut pty = std::fs::OpenOptions::new().read(true).write(true).open(&path).expect("open the pty");
+    pty.write_all(b"ping over the pty\n").expect("type into the pty");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = pty.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            let _ = tx.send(String::from_utf8_lossy(&seen).into_owned());
+        }
+    });
+    let want = "hello from the virtio console\nping over the pty\n";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut output = String::new();
+    while output != want && std::time::Instant::now() < deadline {
+        if let Ok(more) = rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            output = more;
+        }
+    }
+    let (status, timed_out) = common::wait_with_timeout(&mut child, std::time::Duration::from_secs(60));
+    let stderr = stderr.join().expect("stderr reader");
+    assert!(!timed_out && status.success(), "{status:?} stderr: {log}{stderr}");
+    assert_eq!(output, want, "the guest's console output, raw, on the pty");
+    let serial = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert!(serial.contains("echo: ping over the pty\n"), "{serial}");
+}
+
 /// TAP tests need /dev/net/tun and the right to create interfaces.
 fn tap_missing() -> Option<String> {
     std::fs::OpenOptions::new()

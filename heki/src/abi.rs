@@ -9,6 +9,9 @@ use crate::permission_map::PAGE_SIZE;
 use crate::perms::Permissions;
 
 pub const ABI_VERSION: u64 = 1;
+/// Additions to version 1 that old guests can ignore (CPUID 0x40000101 EDX):
+/// revision 1 adds LOCK_MAPPINGS and PIN_DTR.
+pub const ABI_REVISION: u32 = 1;
 /// CPUID leaf with the signature; EAX = highest heki leaf.
 pub const LEAF_SIGNATURE: u32 = 0x4000_0100;
 /// CPUID leaf with version, features and the doorbell port.
@@ -26,6 +29,8 @@ pub mod feature {
     pub const PIN_MSR: u32 = 1 << 4;
     pub const DMA_GUARD: u32 = 1 << 5;
     pub const SHARED_MEMORY: u32 = 1 << 6;
+    pub const LOCK_MAPPINGS: u32 = 1 << 7;
+    pub const PIN_DTR: u32 = 1 << 8;
 }
 
 /// Function numbers (RAX).
@@ -38,6 +43,8 @@ pub mod function {
     pub const QUERY: u64 = 5;
     pub const SET_SHARED: u64 = 6;
     pub const PRIVATE_MEMORY: u64 = 7;
+    pub const LOCK_MAPPINGS: u64 = 8;
+    pub const PIN_DTR: u64 = 9;
 }
 
 /// Entries per page-list page: (4096 - 16) / 24.
@@ -91,6 +98,8 @@ pub enum HekiCall {
     Query { gpa: u64 },
     SetShared { gpa: u64, len: u64, share: u64 },
     PrivateMemory { arg: u64 },
+    LockMappings { va: u64, len: u64, expect: u64 },
+    PinDtr { table: u64 },
     Unknown(u64),
 }
 
@@ -105,6 +114,8 @@ pub fn decode_call(rax: u64, rbx: u64, rcx: u64, rsi: u64) -> HekiCall {
         function::QUERY => HekiCall::Query { gpa: rbx },
         function::SET_SHARED => HekiCall::SetShared { gpa: rbx, len: rcx, share: rsi },
         function::PRIVATE_MEMORY => HekiCall::PrivateMemory { arg: rbx },
+        function::LOCK_MAPPINGS => HekiCall::LockMappings { va: rbx, len: rcx, expect: rsi },
+        function::PIN_DTR => HekiCall::PinDtr { table: rbx },
         other => HekiCall::Unknown(other),
     }
 }
@@ -116,7 +127,7 @@ pub fn cpuid_leaves(enabled: bool, features: u32, doorbell_port: u16) -> [(u32, 
     }
     [
         (LEAF_SIGNATURE, [LEAF_FEATURES, SIGNATURE[0], SIGNATURE[1], SIGNATURE[2]]),
-        (LEAF_FEATURES, [ABI_VERSION as u32, features, u32::from(doorbell_port), 0]),
+        (LEAF_FEATURES, [ABI_VERSION as u32, features, u32::from(doorbell_port), ABI_REVISION]),
     ]
 }
 
@@ -271,7 +282,7 @@ mod tests {
         let bytes: Vec<u8> = SIGNATURE.iter().flat_map(|w| w.to_le_bytes()).collect();
         assert_eq!(&bytes, b"HekiVisorABI");
         assert_eq!(cpuid_leaves(false, 3, 0x580)[0].1, [0; 4]);
-        assert_eq!(cpuid_leaves(true, 3, 0x580)[1].1, [1, 3, 0x580, 0]);
+        assert_eq!(cpuid_leaves(true, 3, 0x580)[1].1, [1, 3, 0x580, ABI_REVISION], "EDX: the revision");
     }
 
     #[test]

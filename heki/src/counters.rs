@@ -16,6 +16,9 @@ pub struct ViolationCounters {
     pub dma_write: u64,
     #[serde(rename = "private-access")]
     pub private_access: u64,
+    pub translation: u64,
+    #[serde(rename = "descriptor-table")]
+    pub descriptor_table: u64,
 }
 
 impl ViolationCounters {
@@ -27,6 +30,8 @@ impl ViolationCounters {
             ViolationKind::Msr => &mut self.msr,
             ViolationKind::DmaWrite => &mut self.dma_write,
             ViolationKind::PrivateAccess => &mut self.private_access,
+            ViolationKind::Translation => &mut self.translation,
+            ViolationKind::DescriptorTable => &mut self.descriptor_table,
         }
     }
 
@@ -43,6 +48,8 @@ impl ViolationCounters {
             ViolationKind::Msr => self.msr,
             ViolationKind::DmaWrite => self.dma_write,
             ViolationKind::PrivateAccess => self.private_access,
+            ViolationKind::Translation => self.translation,
+            ViolationKind::DescriptorTable => self.descriptor_table,
         }
     }
 
@@ -74,6 +81,9 @@ mod tests {
         let mut counters = ViolationCounters::default();
         counters.record(ViolationKind::Hypercall);
         let json = serde_json::to_string(&counters).expect("serializable");
-        assert_eq!(json, r#"{"write":0,"hypercall":1,"cr":0,"msr":0,"dma-write":0,"private-access":0}"#);
+        assert_eq!(
+            json,
+            r#"{"write":0,"hypercall":1,"cr":0,"msr":0,"dma-write":0,"private-access":0,"translation":0,"descriptor-table":0}"#
+        );
     }
 }

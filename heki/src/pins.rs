@@ -24,6 +24,8 @@ pub enum PinError {
     BitsNotSet,
     #[error("MSR {0:#x} cannot be pinned")]
     MsrNotPinnable(u32),
+    #[error("descriptor table {0} is not 0 (IDTR) or 1 (GDTR)")]
+    UnknownTable(u64),
 }
 
 /// Which control register.
@@ -86,6 +88,46 @@ pub struct VcpuPins {
     pub cr0: u64,
     pub cr4: u64,
     pub msrs: BTreeMap<u32, u64>,
+    /// Pinned IDTR (base, limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idtr: Option<(u64, u16)>,
+    /// Pinned GDTR (base, limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gdtr: Option<(u64, u16)>,
+}
+
+/// The descriptor-table registers PIN_DTR can pin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DescriptorTable {
+    Idtr,
+    Gdtr,
+}
+
+impl DescriptorTable {
+    /// PIN_DTR's arg0: 0 = IDTR, 1 = GDTR.
+    pub fn from_number(n: u64) -> Result<Self, PinError> {
+        match n {
+            0 => Ok(DescriptorTable::Idtr),
+            1 => Ok(DescriptorTable::Gdtr),
+            _ => Err(PinError::UnknownTable(n)),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DescriptorTable::Idtr => "idtr",
+            DescriptorTable::Gdtr => "gdtr",
+        }
+    }
+}
+
+/// A pinned descriptor-table register found changed: (base, limit) pairs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DtrViolation {
+    pub table: DescriptorTable,
+    pub pinned: (u64, u16),
+    pub value: (u64, u16),
 }
 
 impl VcpuPins {
@@ -130,8 +172,31 @@ impl VcpuPins {
         }
     }
 
+    /// PIN_DTR: pins the register at its current base and limit.
+    pub fn pin_dtr(&mut self, table: DescriptorTable, current: (u64, u16)) {
+        match table {
+            DescriptorTable::Idtr => self.idtr = Some(current),
+            DescriptorTable::Gdtr => self.gdtr = Some(current),
+        }
+    }
+
+    /// Checks IDTR and GDTR against the pins.
+    pub fn check_dtrs(&self, idtr: (u64, u16), gdtr: (u64, u16)) -> Vec<DtrViolation> {
+        [(DescriptorTable::Idtr, self.idtr, idtr), (DescriptorTable::Gdtr, self.gdtr, gdtr)]
+            .into_iter()
+            .filter_map(|(table, pinned, value)| {
+                let pinned = pinned?;
+                (pinned != value).then_some(DtrViolation { table, pinned, value })
+            })
+            .collect()
+    }
+
+    pub fn has_dtr_pins(&self) -> bool {
+        self.idtr.is_some() || self.gdtr.is_some()
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.cr0 == 0 && self.cr4 == 0 && self.msrs.is_empty()
+        self.cr0 == 0 && self.cr4 == 0 && self.msrs.is_empty() && !self.has_dtr_pins()
     }
 }
 
@@ -143,6 +208,22 @@ mod tests {
     const WP: u64 = 1 << 16;
     const SMEP: u64 = 1 << 20;
     const SMAP: u64 = 1 << 21;
+
+    #[test]
+    fn a_pinned_idtr_or_gdtr_that_changes_is_found_with_both_values() {
+        let mut pins = VcpuPins::default();
+        assert!(pins.check_dtrs((0x1000, 0xfff), (0x2000, 0x7f)).is_empty(), "nothing pinned yet");
+        assert_eq!(DescriptorTable::from_number(2), Err(PinError::UnknownTable(2)));
+        pins.pin_dtr(DescriptorTable::from_number(0).expect("idtr"), (0x1000, 0xfff));
+        assert!(pins.check_dtrs((0x1000, 0xfff), (0x9000, 0x1)).is_empty(), "GDTR is not pinned");
+        let found = pins.check_dtrs((0x5000, 0xfff), (0x2000, 0x7f));
+        assert_eq!(found, [DtrViolation { table: DescriptorTable::Idtr, pinned: (0x1000, 0xfff), value: (0x5000, 0xfff) }]);
+        // A limit change alone is a change too (a shorter IDT drops vectors).
+        assert_eq!(pins.check_dtrs((0x1000, 0xff), (0, 0)).len(), 1);
+        pins.pin_dtr(DescriptorTable::Gdtr, (0x2000, 0x7f));
+        assert_eq!(pins.check_dtrs((0x5000, 0xfff), (0x3000, 0x7f)).len(), 2);
+        assert!(!pins.is_empty());
+    }
 
     #[test]
     fn pinning_a_set_bit_succeeds_and_accumulates() {

@@ -27,16 +27,23 @@ pub enum ViolationKind {
     DmaWrite,
     /// A device (or other host) access to memory the guest made private.
     PrivateAccess,
+    /// A locked virtual range found translated other than it was locked
+    /// (a changed or private page table).
+    Translation,
+    /// A pinned IDTR or GDTR found changed.
+    DescriptorTable,
 }
 
 impl ViolationKind {
-    pub const ALL: [ViolationKind; 6] = [
+    pub const ALL: [ViolationKind; 8] = [
         ViolationKind::Write,
         ViolationKind::Hypercall,
         ViolationKind::Cr,
         ViolationKind::Msr,
         ViolationKind::DmaWrite,
         ViolationKind::PrivateAccess,
+        ViolationKind::Translation,
+        ViolationKind::DescriptorTable,
     ];
 
     /// The name in events and JSON.
@@ -48,10 +55,12 @@ impl ViolationKind {
             ViolationKind::Msr => "msr",
             ViolationKind::DmaWrite => "dma-write",
             ViolationKind::PrivateAccess => "private-access",
+            ViolationKind::Translation => "translation",
+            ViolationKind::DescriptorTable => "descriptor-table",
         }
     }
 
-    /// Dense index (0..6) for per-kind tables.
+    /// Dense index (0..8) for per-kind tables.
     pub fn index(self) -> usize {
         self as usize
     }
@@ -165,6 +174,11 @@ pub enum Access {
     ControlRegisters { cr0: u64, cr4: u64 },
     /// A heki call made at this privilege level.
     Call { cpl: u8 },
+    /// The descriptor-table registers found on a vCPU (base, limit).
+    DescriptorTables { idtr: (u64, u16), gdtr: (u64, u16) },
+    /// A locked translation as found from a vCPU's live CR3: `intact` when
+    /// it still reaches the locked pages with the locked flags.
+    Translation { intact: bool },
 }
 
 /// What the protections say about an access, before policy.
@@ -184,6 +198,10 @@ pub enum Breach {
     Crs(Vec<CrViolation>),
     /// A heki call from user mode.
     Privilege,
+    /// Pinned descriptor-table registers were found changed.
+    Dtrs(Vec<crate::pins::DtrViolation>),
+    /// A locked translation was found changed.
+    Remapped,
 }
 
 /// What the VMM must do with one access.
@@ -241,6 +259,13 @@ pub fn judge(access: Access, protections: Protections<'_>, policy: Policy) -> Ve
         Access::Call { cpl } => {
             (ViolationKind::Hypercall, if cpl == 0 { Breach::None } else { Breach::Privilege }, cpl == 0)
         }
+        Access::DescriptorTables { idtr, gdtr } => {
+            let found = protections.pins.map(|p| p.check_dtrs(idtr, gdtr)).unwrap_or_default();
+            (ViolationKind::DescriptorTable, if found.is_empty() { Breach::None } else { Breach::Dtrs(found) }, true)
+        }
+        Access::Translation { intact } => {
+            (ViolationKind::Translation, if intact { Breach::None } else { Breach::Remapped }, true)
+        }
     };
     let action = match (&breach, performable) {
         (Breach::None, _) => Action::Allow,
@@ -273,7 +298,10 @@ impl Verdict {
     /// How the violation is recorded; a CR bit put back under `deny` is "restored".
     pub fn recorded(&self) -> Option<RecordedAction> {
         match (self.kind, self.action) {
-            (ViolationKind::Cr, Action::Deny) => Some(RecordedAction::Restored),
+            // Detect-and-restore: under `deny` the VMM puts the pinned value back.
+            (ViolationKind::Cr | ViolationKind::DescriptorTable | ViolationKind::Translation, Action::Deny) => {
+                Some(RecordedAction::Restored)
+            }
             (_, action) => action.recorded(),
         }
     }
@@ -289,6 +317,21 @@ impl Verdict {
                 }
             }
             Breach::Bytes(check) if self.performable => check.allowed_runs(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether the VMM must put a pinned register or a locked translation
+    /// back (every policy but `log`).
+    pub fn restores(&self) -> bool {
+        matches!(self.breach, Breach::Crs(_) | Breach::Dtrs(_) | Breach::Remapped)
+            && !self.action.performs_forbidden_part()
+    }
+
+    /// For descriptor-table registers: the pinned values to write back.
+    pub fn restored_dtrs(&self) -> Vec<crate::pins::DtrViolation> {
+        match &self.breach {
+            Breach::Dtrs(found) if !self.action.performs_forbidden_part() => found.clone(),
             _ => Vec::new(),
         }
     }
@@ -321,7 +364,18 @@ impl Verdict {
                     record.details.insert("value".into(), format!("{:#x}", first.value));
                 }
             }
-            Breach::None | Breach::Range | Breach::Private | Breach::Privilege => {}
+            Breach::Dtrs(found) => {
+                if let Some(first) = found.first() {
+                    record.details.insert("register".into(), first.table.name().into());
+                    record
+                        .details
+                        .insert("pinned".into(), format!("base={:#x} limit={:#x}", first.pinned.0, first.pinned.1));
+                    record
+                        .details
+                        .insert("value".into(), format!("base={:#x} limit={:#x}", first.value.0, first.value.1));
+                }
+            }
+            Breach::None | Breach::Range | Breach::Private | Breach::Privilege | Breach::Remapped => {}
         }
         Some(record)
     }
@@ -412,6 +466,33 @@ mod tests {
     fn judge_with(access: Access, policy: Policy) -> Verdict {
         let (m, p) = (memory(), pins());
         judge(access, Protections { memory: &m, pins: Some(&p) }, policy)
+    }
+
+    #[test]
+    fn a_changed_translation_or_descriptor_table_is_restored_under_deny_and_reported_under_log() {
+        let memory = MemoryProtections::default();
+        let none = Protections { memory: &memory, pins: None };
+        let intact = judge(Access::Translation { intact: true }, none, Policy::Deny);
+        assert!(!intact.is_violation());
+        let remapped = judge(Access::Translation { intact: false }, none, Policy::Deny);
+        assert_eq!((remapped.kind, remapped.recorded()), (ViolationKind::Translation, Some(RecordedAction::Restored)));
+        assert!(remapped.restores());
+        let logged = judge(Access::Translation { intact: false }, none, Policy::Log);
+        assert_eq!(logged.recorded(), Some(RecordedAction::Logged));
+        assert!(!logged.restores(), "audit mode leaves it in place");
+        let paused = judge(Access::Translation { intact: false }, none, Policy::Pause);
+        assert_eq!((paused.outcome(), paused.restores()), (Outcome::Pause, true));
+
+        let mut pins = VcpuPins::default();
+        pins.pin_dtr(crate::pins::DescriptorTable::Idtr, (0x1000, 0xfff));
+        let pinned = Protections { memory: &memory, pins: Some(&pins) };
+        let moved = judge(Access::DescriptorTables { idtr: (0x8000, 0xfff), gdtr: (0, 0) }, pinned, Policy::Deny);
+        assert_eq!(moved.kind, ViolationKind::DescriptorTable);
+        assert_eq!(moved.restored_dtrs()[0].pinned, (0x1000, 0xfff));
+        let record = moved.record().expect("a violation");
+        assert_eq!(record.details["register"], "idtr");
+        let same = judge(Access::DescriptorTables { idtr: (0x1000, 0xfff), gdtr: (0, 0) }, pinned, Policy::Deny);
+        assert!(!same.is_violation());
     }
 
     #[test]

@@ -99,6 +99,7 @@ fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResult {
             current_state(vmm)?;
             vmm.shutdown_vm();
             vmm.config = None;
+            vmm.console_pty = None;
             vmm.state = VmState::Shutdown;
             crate::events::emit("vm", "deleted", &[]);
             Ok(None)

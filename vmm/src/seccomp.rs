@@ -347,6 +347,8 @@ fn ioctls(kind: ThreadKind) -> Vec<u64> {
             all.extend(crate::devices::virtio::tap::SETUP_IOCTLS);
             // Set-up of the API listener and terminal checks by the logger.
             all.extend([libc::FIONBIO, libc::FIOCLEX, libc::TCGETS, libc::TIOCGWINSZ]);
+            // The console's pseudo-terminal: unlock it, learn its number, open its peer, make it raw.
+            all.extend([libc::TIOCSPTLCK, libc::TIOCGPTN, libc::TIOCGPTPEER, libc::TCSETS]);
             all
         }
         ThreadKind::Vcpu => hypervisor::ioctl_numbers::vcpu_thread_ioctls(),

@@ -1,6 +1,7 @@
 //! One virtual machine: memory, devices, vCPUs, built from a `VmConfig`.
 
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -19,7 +20,12 @@ use crate::devices::msi::MsiRoutes;
 use crate::devices::pci::{PciBus, PciConfigIo, PciConfigMmio};
 use crate::devices::virtio::pci::{BAR_SIZE, VirtioPci};
 use crate::devices::virtio::{
-    DeviceCounters, DeviceMemory, VirtioDevice, block::Block, console::Console, net::Net, rng::Rng, tap::Tap,
+    DeviceCounters, DeviceMemory, VirtioDevice,
+    block::Block,
+    console::{Console, ConsoleHost},
+    net::Net,
+    rng::Rng,
+    tap::Tap,
 };
 use crate::devices::{AcpiPmDevice, I8042Device, MmioBus, PioBus, SerialDevice};
 use crate::heki::ports::KvmSlots;
@@ -95,6 +101,7 @@ impl Vm {
         events: Sender<VcpuEvent>,
         events_wake: &EventFd,
         agent: Option<&Arc<Hub>>,
+        console: ConsoleHost<'_>,
     ) -> Result<Vm, VmError> {
         kick::install_kick_handler().map_err(VmError::SpawnVcpu)?;
         let kvm_vm = Arc::new(hv.create_vm()?);
@@ -159,7 +166,7 @@ impl Vm {
             _ => None,
         };
         let mut mmio = MmioBus::default();
-        let virtio = add_pci_devices(config, &kvm_vm, &mem, &enforcer, &mut pio, &mut mmio)?;
+        let virtio = add_pci_devices(config, &kvm_vm, &mem, &enforcer, &mut pio, &mut mmio, console)?;
         pio.insert(ports::I8042_DATA, 5, Arc::new(Mutex::new(I8042Device)));
         pio.insert(ports::ACPI_SLEEP_CONTROL, 3, Arc::new(Mutex::new(AcpiPmDevice)));
 
@@ -263,7 +270,7 @@ impl Vm {
                     // Kick vCPUs out of KVM_RUN so each checks its pinned CR bits;
                     // the stop event ends the wait at once, whatever the interval.
                     while !wait_readable(&stop, interval) {
-                        if heki.pins().any_cr_pins() && !ctx.control.vcpus.is_paused() {
+                        if heki.needs_register_checks() && !ctx.control.vcpus.is_paused() {
                             ctx.control.vcpus.kick_all();
                         }
                     }
@@ -433,6 +440,7 @@ fn add_pci_devices(
     enforcer: &Arc<Enforcer>,
     pio: &mut PioBus,
     mmio: &mut MmioBus,
+    console_host: ConsoleHost<'_>,
 ) -> Result<Vec<VirtioHandle>, VmError> {
     let mut bus = PciBus::default();
     let mut wanted: Vec<(String, Box<dyn VirtioDevice>, u32)> = Vec::new();
@@ -457,8 +465,8 @@ fn add_pci_devices(
         log::info!("{name}: TAP {}", tap.name);
         wanted.push((name, Box::new(Net::new(tap, mac)), CLASS_NETWORK));
     }
-    if let Some(out) = console_output(&config.console)? {
-        wanted.push(("_console".to_string(), Box::new(Console::new(out)), CLASS_COMMUNICATION));
+    if let Some(console) = console_device(&config.console, console_host)? {
+        wanted.push(("_console".to_string(), Box::new(console), CLASS_COMMUNICATION));
     }
     for (i, disk) in config.disks.iter().flatten().enumerate() {
         let file = std::fs::OpenOptions::new()
@@ -498,17 +506,28 @@ fn add_pci_devices(
     Ok(handles)
 }
 
-/// Where virtio-console output goes; `None` for `Off` (no device).
-fn console_output(console: &crate::config::ConsoleConfig) -> Result<Option<Box<dyn Write + Send>>, VmError> {
+/// The virtio console of `console`'s mode with its output and input; `None` for `Off` (no device).
+fn console_device(console: &crate::config::ConsoleConfig, host: ConsoleHost<'_>) -> Result<Option<Console>, VmError> {
+    let failed = |what: &str, e: std::io::Error| VmError::Device(format!("console {what}: {e}"));
     Ok(match console.mode {
         ConsoleOutputMode::Off => None,
-        ConsoleOutputMode::Null => Some(Box::new(std::io::sink())),
-        ConsoleOutputMode::Tty => Some(Box::new(std::io::stdout())),
+        ConsoleOutputMode::Null => Some(Console::new(Box::new(std::io::sink()))),
+        ConsoleOutputMode::Tty if host.stdin => {
+            // A duplicate, so the device owns its descriptor; stdin's own flags are left as they are.
+            let input = std::io::stdin().as_fd().try_clone_to_owned().map_err(|e| failed("stdin", e))?;
+            Some(Console::with_input(Box::new(std::io::stdout()), std::fs::File::from(input)))
+        }
+        ConsoleOutputMode::Tty => Some(Console::new(Box::new(std::io::stdout()))),
+        ConsoleOutputMode::Pty => {
+            let pty = host.pty.ok_or_else(|| VmError::Device("console mode Pty needs a pseudo-terminal".into()))?;
+            let (out, input) = pty.endpoints().map_err(|e| failed(&pty.path.display().to_string(), e))?;
+            Some(Console::with_input(Box::new(out), input))
+        }
         ConsoleOutputMode::File => {
             let path = console.file.as_ref().ok_or_else(|| VmError::Device("console mode File needs a file".into()))?;
             let file = std::fs::File::create(path)
                 .map_err(|e| VmError::Device(format!("console file {}: {e}", path.display())))?;
-            Some(Box::new(file))
+            Some(Console::new(Box::new(file)))
         }
     })
 }

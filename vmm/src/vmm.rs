@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::cpu::VcpuEvent;
+use crate::devices::virtio::console::{ConsoleHost, Pty};
 use crate::vm::{SharedOutput, Vm, VmError};
 
 #[derive(Debug, Error)]
@@ -102,6 +103,9 @@ pub(crate) struct Vmm {
     landlocked: bool,
     /// The introspection agent's channel, once a VM config asked for one.
     introspection: Option<crate::introspection::Introspection>,
+    /// The virtio console's pseudo-terminal (mode `Pty`): one per VM
+    /// configuration, kept across reboots.
+    pub(crate) console_pty: Option<Pty>,
 }
 
 /// Runs the VMM until the guest powers off (CLI) or `vmm.shutdown` (API).
@@ -130,11 +134,13 @@ pub fn run(run_config: VmmRunConfig) -> Result<i32, VmmError> {
         api_socket_path: run_config.api_socket_path.clone(),
         landlocked: false,
         introspection: None,
+        console_pty: None,
     };
     // A VM given on the command line has its landlock rules known now: restrict
     // before the signal and API threads start, so that they are bound too
     // (landlock binds the calling thread and the threads it starts later).
     if let Some(config) = run_config.vm.as_ref().filter(|c| c.landlock_enable) {
+        vmm.open_console_pty(config)?;
         crate::sandbox::restrict(&crate::sandbox::rules(config, vmm.api_socket_path.as_deref()))?;
         vmm.landlocked = true;
     }
@@ -251,30 +257,65 @@ impl Vmm {
 
     /// Builds and starts the VM from the stored configuration.
     pub(crate) fn boot(&mut self) -> Result<(), VmmError> {
-        let config = self.config.clone().ok_or(VmmError::GuestFailed("no VM configured".into()))?;
+        let mut config = self.config.clone().ok_or(VmmError::GuestFailed("no VM configured".into()))?;
         crate::events::emit("vm", "booting", &[]);
         if self.serial_out.is_none() {
             self.serial_out = serial_output(&config)?;
+        }
+        self.open_console_pty(&config)?;
+        if let Some(pty) = &self.console_pty {
+            // Reported where Cloud Hypervisor reports it: vm.info's console.file.
+            config.console.file = Some(pty.path.clone());
+            if let Some(stored) = self.config.as_mut() {
+                stored.console.file = Some(pty.path.clone());
+            }
         }
         // Before any thread this boot starts (stdin, introspection, the VM's own).
         if config.landlock_enable && !self.landlocked {
             crate::sandbox::restrict(&crate::sandbox::rules(&config, self.api_socket_path.as_deref()))?;
             self.landlocked = true;
         }
-        if config.serial.mode == ConsoleOutputMode::Tty && !self.stdin_forwarding {
+        // stdin goes to one reader: the virtio console when both are Tty (as
+        // its input; the serial port still writes to stdout), else the serial port.
+        let console_tty = config.console.mode == ConsoleOutputMode::Tty;
+        if config.serial.mode == ConsoleOutputMode::Tty && !console_tty && !self.stdin_forwarding {
             self.start_stdin_forwarding();
         }
+        if console_tty && self.stdin_forwarding {
+            log::warn!("virtio console: stdin already feeds the serial port (an earlier VM); the console has no input");
+        }
+        let console_stdin = console_tty && !self.stdin_forwarding;
         self.start_introspection()?;
         let agent = match (&config.introspection, &self.introspection) {
             (Some(_), Some(introspection)) => Some(introspection.hub().clone()),
             _ => None,
         };
-        let mut vm =
-            Vm::new(&self.hv, &config, self.serial_out.clone(), self.vcpu_tx.clone(), &self.vcpu_wake, agent.as_ref())?;
+        let console = ConsoleHost { pty: self.console_pty.as_ref(), stdin: console_stdin };
+        let mut vm = Vm::new(
+            &self.hv,
+            &config,
+            self.serial_out.clone(),
+            self.vcpu_tx.clone(),
+            &self.vcpu_wake,
+            agent.as_ref(),
+            console,
+        )?;
         vm.start()?;
         self.vm = Some(vm);
         self.state = VmState::Running;
         crate::events::emit("vm", "booted", &[]);
+        Ok(())
+    }
+
+    /// Opens the console's pseudo-terminal if `config` asks for one and none
+    /// is open yet. Before landlock: /dev/ptmx is not among its paths.
+    fn open_console_pty(&mut self, config: &VmConfig) -> Result<(), VmmError> {
+        if config.console.mode == ConsoleOutputMode::Pty && self.console_pty.is_none() {
+            let pty =
+                Pty::open().map_err(|e| VmmError::GuestFailed(format!("cannot open a pty for the console: {e}")))?;
+            log::info!("virtio console: pty {}", pty.path.display());
+            self.console_pty = Some(pty);
+        }
         Ok(())
     }
 
@@ -439,7 +480,8 @@ impl Vmm {
 
 fn serial_output(config: &VmConfig) -> Result<Option<SharedOutput>, VmmError> {
     let out: Box<dyn std::io::Write + Send> = match config.serial.mode {
-        ConsoleOutputMode::Off => return Ok(None),
+        // `VmConfig::validate` refuses Pty for the serial port.
+        ConsoleOutputMode::Off | ConsoleOutputMode::Pty => return Ok(None),
         ConsoleOutputMode::Null => Box::new(std::io::sink()),
         ConsoleOutputMode::Tty => Box::new(std::io::stdout()),
         ConsoleOutputMode::File => {

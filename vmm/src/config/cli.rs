@@ -43,15 +43,18 @@ pub struct CliArgs {
     #[arg(long, value_name = "size=SIZE")]
     pub memory: Option<String>,
 
-    /// Serial port COM1 output: off|null|tty|file=PATH (default tty; tty also forwards stdin).
+    /// Serial port COM1 output: off|null|tty|file=PATH (default tty; tty also forwards
+    /// stdin, unless --console tty takes it).
     #[arg(long, value_name = "MODE")]
     pub serial: Option<String>,
 
-    /// virtio console: off|null|tty|file=PATH (default off).
+    /// virtio console: off|null|tty|pty|file=PATH (default off). tty writes to stdout and
+    /// reads stdin (the serial port then gets no input); pty opens a pseudo-terminal
+    /// for both and logs its path (vm.info: console.file).
     #[arg(long, value_name = "MODE")]
     pub console: Option<String>,
 
-    /// Kernel integrity: enabled=on|off,policy=deny|log|pause|shutdown[,cr_check_interval_ms=N].
+    /// Kernel integrity: enabled=on|off,policy=deny|log|pause|shutdown[,cr_check_interval_ms=N][,translation=on|off].
     /// Without --heki it is off; with it, on unless enabled=off (defaults: policy=deny,
     /// cr_check_interval_ms=10).
     #[arg(long, value_name = "enabled=on,...")]
@@ -234,10 +237,14 @@ pub fn parse_memory(input: &str) -> Result<MemoryConfig, ConfigError> {
 
 pub fn parse_console(option: &'static str, input: &str) -> Result<ConsoleConfig, ConfigError> {
     let mode = |mode| Ok(ConsoleConfig { mode, file: None });
+    let refuse = |message: &str| Err(ConfigError::Cli { option, message: message.into() });
     match input {
         "off" | "Off" => mode(ConsoleOutputMode::Off),
         "null" | "Null" => mode(ConsoleOutputMode::Null),
         "tty" | "Tty" => mode(ConsoleOutputMode::Tty),
+        "pty" | "Pty" if option == "--console" => mode(ConsoleOutputMode::Pty),
+        "pty" | "Pty" => refuse("pty is supported by --console only (off, null, tty, file=PATH)"),
+        _ if input.starts_with("socket=") => refuse("socket=PATH is not supported (off, null, tty, pty, file=PATH)"),
         _ => {
             let o = OptionValues::parse(option, input, &["file"])?;
             let file =
@@ -297,7 +304,7 @@ pub fn parse_introspection(input: &str) -> Result<super::IntrospectionConfig, Co
 }
 
 pub fn parse_heki(input: &str) -> Result<HekiConfig, ConfigError> {
-    let o = OptionValues::parse("--heki", input, &["enabled", "policy", "cr_check_interval_ms"])?;
+    let o = OptionValues::parse("--heki", input, &["enabled", "policy", "cr_check_interval_ms", "translation"])?;
     let mut config = HekiConfig { enabled: true, ..HekiConfig::default() };
     if let Some(enabled) = o.get_bool("enabled")? {
         config.enabled = enabled;
@@ -307,6 +314,9 @@ pub fn parse_heki(input: &str) -> Result<HekiConfig, ConfigError> {
     }
     if let Some(ms) = o.get_u64("cr_check_interval_ms")? {
         config.cr_check_interval_ms = ms;
+    }
+    if let Some(translation) = o.get_bool("translation")? {
+        config.translation = translation;
     }
     Ok(config)
 }
@@ -436,8 +446,11 @@ mod tests {
         assert_eq!(parse_console("--serial", "tty").map(|c| c.mode), Ok(ConsoleOutputMode::Tty));
         let file = parse_console("--console", "file=/tmp/c").expect("file");
         assert_eq!((file.mode, file.file), (ConsoleOutputMode::File, Some(PathBuf::from("/tmp/c"))));
-        assert!(parse_console("--serial", "pty").is_err());
-        assert!(parse_console("--serial", "socket=/x").is_err());
+        assert_eq!(parse_console("--console", "pty").map(|c| c.mode), Ok(ConsoleOutputMode::Pty));
+        let serial_pty = parse_console("--serial", "pty").expect_err("the serial port has no pty");
+        assert!(serial_pty.to_string().starts_with("--serial: pty is supported by --console only"), "{serial_pty}");
+        let socket = parse_console("--console", "socket=/x").expect_err("no socket mode");
+        assert!(socket.to_string().starts_with("--console: socket=PATH is not supported"), "{socket}");
     }
 
     #[test]

@@ -215,8 +215,13 @@ fn unsupported(field: String) -> ConfigError {
 }
 
 /// Cloud Hypervisor console modes Hekivisor lacks (serde would only say
-/// "unknown variant").
-const UNSUPPORTED_MODES: &[&str] = &["Pty", "Socket"];
+/// "unknown variant"), per section.
+fn unsupported_modes(section: Section) -> &'static [&'static str] {
+    match section {
+        Section::Serial => &["Pty", "Socket"],
+        _ => &["Socket"],
+    }
+}
 
 /// Strips one object's Cloud Hypervisor fields; `path` prefixes error names.
 fn strip_foreign(object: &mut Map<String, Value>, section: Section, path: &str) -> Result<(), ConfigError> {
@@ -232,11 +237,15 @@ fn strip_foreign(object: &mut Map<String, Value>, section: Section, path: &str) 
     }
     if matches!(section, Section::Serial | Section::Console)
         && let Some(mode) = object.get("mode").and_then(Value::as_str)
-        && UNSUPPORTED_MODES.contains(&mode)
+        && unsupported_modes(section).contains(&mode)
     {
+        let (field, supported) = match section {
+            Section::Serial => ("serial.mode", "Off, Null, Tty, File are"),
+            _ => ("console.mode", "Off, Null, Tty, File, Pty are"),
+        };
         return Err(ConfigError::Invalid {
-            field: if section == Section::Serial { "serial.mode" } else { "console.mode" },
-            message: format!("mode {mode} is not supported by Hekivisor (Off, Null, Tty, File are)"),
+            field,
+            message: format!("mode {mode} is not supported by Hekivisor ({supported})"),
         });
     }
     Ok(())
@@ -453,11 +462,19 @@ mod tests {
             (r#""memory": {"size": 1048576, "thp": false}"#, "memory.thp"),
             (r#""pvpanic": true"#, "pvpanic"),
             (r#""serial": {"mode": "Pty"}"#, "serial.mode"),
+            (r#""console": {"mode": "Socket"}"#, "console.mode"),
         ] {
             let body = format!(r#"{{"payload": {{"kernel": "/k"}}, {section}}}"#);
             let err = vm_config_from_json(body.as_bytes()).expect_err(&body).to_string();
             assert!(err.starts_with(&format!("{field}: ")), "'{err}' names {field}");
         }
+    }
+
+    #[test]
+    fn the_console_takes_a_pty_and_its_reported_path_is_accepted_back() {
+        let body = br#"{"payload": {"kernel": "/k"}, "console": {"mode": "Pty", "file": "/dev/pts/7"}}"#;
+        let config = vm_config_from_json(body).expect("console pty");
+        assert_eq!(config.console.mode, crate::config::ConsoleOutputMode::Pty);
     }
 
     #[test]

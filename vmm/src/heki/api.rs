@@ -58,6 +58,9 @@ pub(crate) fn handle(ctx: HekiApiContext<'_>, request: ApiRequest) -> ApiResult 
     }
 }
 
+/// What stock KVM leaves open in translation integrity (docs/heki.md).
+const TRANSLATION_REASON: &str = "the page tables below the top level of each locked range are locked read-only, so a change to them is denied at the write; a different top-level entry (another or a private CR3) is found at the next exit or check interval and put back. Memslots have no execute permission, so a remapped page can run until then; Intel HLAT or KVM memory attributes with execute control would close that window in hardware, and neither is used here";
+
 fn running(enabled: bool, runtime: Option<&HekiRuntime>) -> Result<&HekiRuntime, ApiError> {
     if !enabled {
         return Err(ApiError::Conflict("heki is not enabled for this VM".into()));
@@ -96,6 +99,19 @@ fn report(
             },
             "pin_msr": status(feature::PIN_MSR, "KVM lacks the MSR filter with user-space MSR exits"),
             "dma_guard": status(feature::DMA_GUARD, "heki is disabled"),
+            "translation": if enabled && features & feature::LOCK_MAPPINGS != 0 {
+                json!({ "status": "lock-and-check", "interval_ms": rt.map(|r| r.cr_check_interval_ms),
+                        "mechanism": "page tables",
+                        "reason": TRANSLATION_REASON })
+            } else {
+                json!({ "status": "unavailable", "reason": if enabled { "turned off (heki.translation = false) or KVM lacks read-only memslots" } else { "heki is disabled for this VM" } })
+            },
+            "pin_dtr": if enabled {
+                json!({ "status": "detect-and-restore", "interval_ms": rt.map(|r| r.cr_check_interval_ms),
+                        "reason": "KVM offers user space no LIDT/LGDT interception; pinned IDTR/GDTR are checked at every exit and at least every interval, then restored" })
+            } else {
+                json!({ "status": "unavailable", "reason": "heki is disabled for this VM" })
+            },
             "shared_memory": match rt {
                 Some(rt) if enabled => json!({
                     "status": "enforced",
@@ -118,6 +134,7 @@ fn report(
         value["protected_bytes"] = json!(bytes);
         value["memslots"] = json!({ "used": slots, "limit": max });
         value["counters"] = counters(rt);
+        value["translations"] = rt.translations().to_json();
         value["devices"] = devices.unwrap_or_default();
         value["pins"] = rt
             .pins()

@@ -44,6 +44,11 @@ fn execute(call: HekiCall, vcpu: &dyn VcpuAccess, heki: &HekiRuntime) -> Result<
         HekiCall::PrivateMemory { arg: 1 } => heki.enable_private_memory().map(|_| 0),
         HekiCall::PrivateMemory { .. } => Err(AbiError::InvalidArgument),
         HekiCall::SetShared { gpa, len, share } => heki.set_shared(gpa, len, share).map(|_| 0),
+        HekiCall::LockMappings { va, len, expect } if heki.features() & heki::abi::feature::LOCK_MAPPINGS != 0 => {
+            heki.lock_mappings(vcpu, va, len, expect).map(|_| 0)
+        }
+        HekiCall::PinDtr { table } => heki.pin_dtr(vcpu, table).map(|_| 0),
+        HekiCall::LockMappings { .. } => Err(AbiError::NotImplemented),
         HekiCall::PinMsr { .. } | HekiCall::Unknown(_) => Err(AbiError::NotImplemented),
     }
 }

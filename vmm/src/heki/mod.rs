@@ -15,6 +15,7 @@ pub mod pins;
 pub mod ports;
 pub mod runtime;
 pub mod testing;
+pub mod translation;
 pub mod traps;
 pub mod violations;
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use heki::pins::{ControlRegister, PINNABLE_MSRS, PinError};
+use heki::pins::{ControlRegister, DescriptorTable, PINNABLE_MSRS, PinError};
 use heki::{AbiError, Access, MemoryProtections, Policy, Protections, VcpuPins, judge};
 
 use super::ports::VcpuAccess;
@@ -27,12 +27,17 @@ pub struct PinRequest {
     pub apply: bool,
 }
 
+/// A descriptor-table register and the (base, limit) last reported for it.
+type LoggedDtr = (DescriptorTable, (u64, u16));
+
 /// Per-vCPU pin state plus the mailbox for host-side requests.
 pub struct PinState {
     pins: Vec<Mutex<VcpuPins>>,
     has_cr_pins: Vec<AtomicBool>,
     /// Last CR violation reported per vCPU under `log`, to report changes once.
     last_logged: Vec<Mutex<Option<(ControlRegister, u64)>>>,
+    /// The same for descriptor-table registers.
+    last_logged_dtr: Vec<Mutex<Option<LoggedDtr>>>,
     mailbox: Mutex<Mailbox>,
     answered: Condvar,
     /// Serializes computing and installing the VM-wide MSR filter: a guest
@@ -56,6 +61,7 @@ impl PinState {
             pins: (0..vcpus).map(|_| Mutex::default()).collect(),
             has_cr_pins: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
             last_logged: (0..vcpus).map(|_| Mutex::default()).collect(),
+            last_logged_dtr: (0..vcpus).map(|_| Mutex::default()).collect(),
             mailbox: Mutex::new(Mailbox { requests: vec![None; vcpus], results: vec![None; vcpus] }),
             answered: Condvar::new(),
             filter: Mutex::new(()),
@@ -140,25 +146,65 @@ impl HekiRuntime {
         self.traps().set_heki_msrs(self.pin_state.filtered_msrs())
     }
 
-    /// Checks this vCPU's pinned CR bits; restores them unless policy is `log`.
+    /// PIN_DTR from the guest: pins the calling vCPU's IDTR or GDTR as it is now.
+    pub fn pin_dtr(&self, vcpu: &dyn VcpuAccess, table: u64) -> Result<(), AbiError> {
+        let table = DescriptorTable::from_number(table).map_err(pin_errno)?;
+        let sregs = vcpu.sregs().map_err(|_| AbiError::BadAddress)?;
+        let current = match table {
+            DescriptorTable::Idtr => (sregs.idt.base, sregs.idt.limit),
+            DescriptorTable::Gdtr => (sregs.gdt.base, sregs.gdt.limit),
+        };
+        self.pin_state.pins(vcpu.id()).ok_or(AbiError::InvalidArgument)?.pin_dtr(table, current);
+        // Checked with the CR pins, at every exit and every tick.
+        self.pin_state.has_cr_pins[usize::from(vcpu.id())].store(true, Ordering::Relaxed);
+        crate::events::emit(
+            "heki",
+            "pinned",
+            &[
+                ("vcpu", vcpu.id().to_string()),
+                ("register", table.name().into()),
+                ("base", format!("{:#x}", current.0)),
+                ("limit", format!("{:#x}", current.1)),
+            ],
+        );
+        Ok(())
+    }
+
+    /// Checks this vCPU's pinned registers (CR bits, IDTR, GDTR) and locked
+    /// translations; puts them back unless the policy is `log`.
     pub fn check_crs(&self, vcpu: &dyn VcpuAccess) {
         let id = vcpu.id();
-        if !self.pin_state.has_cr_pins.get(usize::from(id)).is_some_and(|b| b.load(Ordering::Relaxed)) {
+        let has_pins = self.pin_state.has_cr_pins.get(usize::from(id)).is_some_and(|b| b.load(Ordering::Relaxed));
+        if !has_pins && !self.translations().is_active() {
             return;
         }
         let Ok(mut sregs) = vcpu.sregs() else { return };
-        let Some(pins) = self.pin_state.pins(id) else { return };
+        let mut restore = false;
+        if has_pins {
+            restore |= self.check_pinned_crs(vcpu, &mut sregs);
+            restore |= self.check_pinned_dtrs(vcpu, &mut sregs);
+        }
+        restore |= self.check_translations(vcpu, &mut sregs);
+        if restore && let Err(e) = vcpu.set_sregs(&sregs) {
+            log::error!("heki: cannot restore pinned registers on vCPU {id}: {e}");
+        }
+    }
+
+    /// CR0/CR4 pins; true if `sregs` was changed to restore them.
+    fn check_pinned_crs(&self, vcpu: &dyn VcpuAccess, sregs: &mut hypervisor::SpecialRegs) -> bool {
+        let id = vcpu.id();
+        let Some(pins) = self.pin_state.pins(id) else { return false };
         let memory = MemoryProtections::default();
         let access = Access::ControlRegisters { cr0: sregs.cr0, cr4: sregs.cr4 };
         let verdict = judge(access, Protections { memory: &memory, pins: Some(&pins) }, self.policy());
         drop(pins);
-        let heki::Breach::Crs(found) = &verdict.breach else { return };
+        let heki::Breach::Crs(found) = &verdict.breach else { return false };
         if self.policy() == Policy::Log {
             // Audit mode leaves the change in place: report each new value once.
             let mut last = lock(&self.pin_state.last_logged[usize::from(id)]);
             let key = found.first().map(|v| (v.register, v.value));
             if *last == key {
-                return;
+                return false;
             }
             *last = key;
         }
@@ -168,15 +214,49 @@ impl HekiRuntime {
                 ControlRegister::Cr4 => sregs.cr4 = restore.restored,
             }
         }
-        if !verdict.restored_crs().is_empty()
-            && let Err(e) = vcpu.set_sregs(&sregs)
-        {
-            log::error!("heki: cannot restore pinned CR bits on vCPU {id}: {e}");
+        self.enforcer().enforce(&verdict, &format!("vcpu {id}"), |record| {
+            record.vcpu = Some(u32::from(id));
+            record.rip = vcpu.exit_rip();
+        });
+        !verdict.restored_crs().is_empty()
+    }
+
+    /// IDTR/GDTR pins; true if `sregs` was changed to restore them.
+    fn check_pinned_dtrs(&self, vcpu: &dyn VcpuAccess, sregs: &mut hypervisor::SpecialRegs) -> bool {
+        let id = vcpu.id();
+        let Some(pins) = self.pin_state.pins(id) else { return false };
+        if !pins.has_dtr_pins() {
+            return false;
+        }
+        let memory = MemoryProtections::default();
+        let access = Access::DescriptorTables {
+            idtr: (sregs.idt.base, sregs.idt.limit),
+            gdtr: (sregs.gdt.base, sregs.gdt.limit),
+        };
+        let verdict = judge(access, Protections { memory: &memory, pins: Some(&pins) }, self.policy());
+        drop(pins);
+        let heki::Breach::Dtrs(found) = &verdict.breach else { return false };
+        if self.policy() == Policy::Log {
+            let mut last = lock(&self.pin_state.last_logged_dtr[usize::from(id)]);
+            let key = found.first().map(|v| (v.table, v.value));
+            if *last == key {
+                return false;
+            }
+            *last = key;
+        }
+        let restored = verdict.restored_dtrs();
+        for dtr in &restored {
+            let register = match dtr.table {
+                DescriptorTable::Idtr => &mut sregs.idt,
+                DescriptorTable::Gdtr => &mut sregs.gdt,
+            };
+            (register.base, register.limit) = dtr.pinned;
         }
         self.enforcer().enforce(&verdict, &format!("vcpu {id}"), |record| {
             record.vcpu = Some(u32::from(id));
             record.rip = vcpu.exit_rip();
         });
+        !restored.is_empty()
     }
 
     /// A guest `wrmsr` to a filtered MSR: judge it, then complete the exit.

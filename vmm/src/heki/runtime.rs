@@ -14,6 +14,7 @@ use super::checked_memory::Enforcer;
 use super::memslots::MemslotError;
 use super::pins::PinState;
 use super::ports::VmSlots;
+use super::translation::TranslationState;
 use super::traps::VmTraps;
 use super::violations::ViolationLog;
 use crate::config::HekiConfig;
@@ -65,12 +66,15 @@ pub struct HekiRuntime {
     host_view: GuestMemoryMmap,
     ram: RamLayout,
     pub cr_check_interval_ms: u64,
+    /// Whether LOCK_MAPPINGS is offered (`HekiConfig::translation`).
+    translation: bool,
     pub(super) pin_state: PinState,
     msr_filter: bool,
+    translations: TranslationState,
 }
 
 /// Adapts guest memory for heki's page-list decoder.
-struct GuestReader<'a>(&'a GuestMemoryMmap);
+pub(super) struct GuestReader<'a>(pub(super) &'a GuestMemoryMmap);
 
 impl heki::GuestMemoryReader for GuestReader<'_> {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
@@ -119,8 +123,10 @@ impl HekiRuntime {
             host_view: guest_ram.host.clone(),
             ram,
             cr_check_interval_ms: config.cr_check_interval_ms,
+            translation: config.translation,
             pin_state: PinState::new(vcpus),
             msr_filter,
+            translations: TranslationState::default(),
         }
     }
 
@@ -150,13 +156,30 @@ impl HekiRuntime {
         &self.pin_state
     }
 
+    /// The translation locks (LOCK_MAPPINGS).
+    pub fn translations(&self) -> &TranslationState {
+        &self.translations
+    }
+
+    /// Guest RAM as KVM maps it: the view of the paths that act as the guest's CPU.
+    pub(super) fn kvm_memory(&self) -> &GuestMemoryMmap {
+        &self.ram_mem
+    }
+
+    /// Whether the periodic register check has anything to check.
+    pub fn needs_register_checks(&self) -> bool {
+        self.pin_state.any_cr_pins() || self.translations.is_active()
+    }
+
     /// Feature bits this VMM implements on this host.
     pub fn features(&self) -> u32 {
         let memory =
             if self.host().has_readonly_memory() { feature::PROTECT_MEMORY | feature::PROTECT_BYTES } else { 0 };
         let msr = if self.msr_filter { feature::PIN_MSR } else { 0 };
         // Devices reach guest RAM only through heki-checked memory.
-        memory | feature::PIN_CR | msr | feature::DMA_GUARD | feature::SHARED_MEMORY
+        // Translation locks lock page tables: they need read-only memory too.
+        let mappings = if memory != 0 && self.translation { feature::LOCK_MAPPINGS } else { 0 };
+        memory | feature::PIN_CR | msr | feature::DMA_GUARD | feature::SHARED_MEMORY | mappings | feature::PIN_DTR
     }
 
     /// The CPUID leaves advertising the ABI.
@@ -179,7 +202,10 @@ impl HekiRuntime {
     /// Applies new protections and the memslot layout they need, atomically.
     /// Returns once no device access judged under the old protections can
     /// still land and no vCPU runs with the old memslots.
-    fn update(&self, change: impl FnOnce(&mut MemoryProtections) -> Result<(), AbiError>) -> Result<(), AbiError> {
+    pub(super) fn update(
+        &self,
+        change: impl FnOnce(&mut MemoryProtections) -> Result<(), AbiError>,
+    ) -> Result<(), AbiError> {
         self.update_with_view(change, |_| Ok(()))
     }
 

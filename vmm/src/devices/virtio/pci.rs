@@ -126,12 +126,21 @@ impl TransportState {
         })
     }
 
-    /// Whether the guest has made buffers available on `index` that the device has not used.
+    /// Whether the guest has made buffers available on `index` that the
+    /// device has not used and may use now (driver ready, no reset pending).
     fn queue_has_room(&self, index: usize) -> bool {
+        if self.status & status::DRIVER_OK == 0 || self.status & status::NEEDS_RESET != 0 {
+            return false;
+        }
         let mem = &self.memory.mem;
         self.queues.get(index).is_some_and(|q| {
             q.ready() && q.avail_idx(mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|i| i.0 != q.next_avail())
         })
+    }
+
+    /// The device's host fd and the queue it feeds, while it has one to poll.
+    pub fn extra_fd(&self) -> Option<(libc::c_int, usize)> {
+        self.device.extra_fd()
     }
 
     fn selected(&self) -> Option<&Queue> {
@@ -301,6 +310,7 @@ impl VirtioPci {
                 .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
                 .collect();
             let extra_index = notify.len().saturating_add(1);
+            let mut extra_ended = false;
             // Drains a queue, across a pause if one cuts in; false at teardown.
             let drain = |index: usize| loop {
                 let Some(_active) = gate.begin() else { return false };
@@ -325,19 +335,30 @@ impl VirtioPci {
                         }
                     }
                 }
-                if let Some((_, queue)) = extra
+                if let Some((fd, queue)) = extra
                     && fds[extra_index].revents != 0
                 {
                     if !drain(queue) {
                         return;
                     }
-                    // Data the guest has no buffers for yet: wait for its next notify.
-                    if !lock_state(&state).queue_has_room(queue) {
-                        fds[extra_index].events = 0;
+                    let s = lock_state(&state);
+                    if s.extra_fd().is_none() {
+                        // The input ended: a hung-up descriptor would wake poll forever.
+                        extra_ended = true;
+                        fds[extra_index].fd = -1;
+                    } else if !s.queue_has_room(queue) {
+                        // Data the guest has no buffers for yet: wait for its next
+                        // notify (a negative fd is ignored by poll, hang-ups included).
+                        fds[extra_index].fd = -1;
+                    } else {
+                        fds[extra_index].fd = fd;
                     }
                 }
-                if fds.len() > extra_index && fds[..notify.len()].iter().any(|f| f.revents != 0) {
-                    fds[extra_index].events = libc::POLLIN;
+                if let Some((fd, _)) = extra
+                    && !extra_ended
+                    && fds[..notify.len()].iter().any(|f| f.revents != 0)
+                {
+                    fds[extra_index].fd = fd;
                 }
             }
         })

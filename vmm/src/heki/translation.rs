@@ -1,0 +1,190 @@
+//! Translation integrity on the VMM side (LOCK_MAPPINGS): walks the calling
+//! vCPU's page tables, locks the tables that translate the range, and checks
+//! every vCPU's live CR3 against what was locked at each register check.
+//! The decisions are heki's (`heki::translation`, `heki::judge`); this
+//! module reads and writes guest memory and registers.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, RwLock};
+
+use heki::translation::{LockError, NewLock, TranslationLocks, expect};
+use heki::{AbiError, Access, MemoryProtections, PagingMode, Permissions, ProtectRange, Protections, judge};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::ports::VcpuAccess;
+use super::runtime::{GuestReader, HekiRuntime};
+
+/// The VM's translation locks and what the checks reported.
+#[derive(Default)]
+pub struct TranslationState {
+    locks: RwLock<TranslationLocks>,
+    /// Set once a range is locked: from then on every register check walks.
+    active: AtomicBool,
+    /// Under `log`, the last (CR3, VA) reported, so a standing remap is reported once.
+    last_logged: Mutex<Option<(u64, u64)>>,
+}
+
+impl TranslationState {
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// The locked ranges and top-level entries, for `vm.heki`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let locks = self.locks.read().unwrap_or_else(|p| p.into_inner());
+        serde_json::json!({
+            "ranges": locks.ranges().iter().map(|r| serde_json::json!({
+                "va": format!("{:#x}", r.va),
+                "len": r.len,
+                "read_only": r.expect & expect::READ_ONLY != 0,
+                "no_exec": r.expect & expect::NO_EXEC != 0,
+                "mappings": r.map.mappings.len(),
+            })).collect::<Vec<_>>(),
+            "top_level_entries": locks.top_entries().iter()
+                .map(|t| serde_json::json!({"index": t.index, "value": format!("{:#x}", t.value)}))
+                .collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn lock_errno(e: &LockError) -> AbiError {
+    match e {
+        LockError::InvalidArgument => AbiError::InvalidArgument,
+        LockError::NotMapped(_) => AbiError::BadAddress,
+        LockError::Expectation { .. } => AbiError::NotPermitted,
+        LockError::NoSpace => AbiError::NoSpace,
+    }
+}
+
+/// Page-table pages are locked readable and immutable: the kernel reads
+/// them, nobody may change them.
+fn table_permissions() -> Permissions {
+    Permissions::from_abi(Permissions::READ.bits() | Permissions::IMMUTABLE.bits()).unwrap_or(Permissions::READ)
+}
+
+impl HekiRuntime {
+    /// LOCK_MAPPINGS from the guest, on the calling vCPU's live page tables.
+    pub fn lock_mappings(&self, vcpu: &dyn VcpuAccess, va: u64, len: u64, expectations: u64) -> Result<(), AbiError> {
+        let sregs = vcpu.sregs().map_err(|_| AbiError::BadAddress)?;
+        let mode = PagingMode::from_regs(sregs.cr0, sregs.cr4, sregs.efer).map_err(|_| AbiError::InvalidArgument)?;
+        let reader = GuestReader(self.kvm_memory());
+        let state = self.translations();
+        let lock: NewLock = {
+            let locks = state.locks.read().unwrap_or_else(|p| p.into_inner());
+            locks.prepare(&reader, sregs.cr3, mode, va, len, expectations).map_err(|e| {
+                log::warn!("heki: LOCK_MAPPINGS {va:#x}+{len:#x} refused: {e}");
+                lock_errno(&e)
+            })?
+        };
+        let ram = self.ram().clone();
+        let table_pages = lock.table_pages.clone();
+        let top_entries = lock.top_entry_gpas.clone();
+        let targets = lock.targets.clone();
+        self.update(|p| {
+            if expectations & expect::READ_ONLY != 0 && !targets_locked_read_only(p, &ram, &targets) {
+                log::warn!("heki: LOCK_MAPPINGS {va:#x}+{len:#x}: the pages it reaches are not locked read-only");
+                return Err(AbiError::NotPermitted);
+            }
+            // Tables shared with a range locked earlier are locked already.
+            let ranges: Vec<ProtectRange> = table_pages
+                .iter()
+                .filter(|&&t| p.query(&ram, t).map_or(true, |bits| bits & Permissions::IMMUTABLE.bits() == 0))
+                .map(|&t| ProtectRange {
+                    start: t >> heki::PAGE_SHIFT,
+                    end: (t >> heki::PAGE_SHIFT) + 1,
+                    perms: table_permissions(),
+                })
+                .collect();
+            p.protect_pages(&ranges)?;
+            for &entry in &top_entries {
+                if p.range_writable(entry, 8) {
+                    p.protect_bytes(&ram, entry, 8)?;
+                }
+            }
+            Ok(())
+        })?;
+        let (tables, tops) = (lock.table_pages.len(), lock.top_entry_gpas.len());
+        state.locks.write().unwrap_or_else(|p| p.into_inner()).commit(lock, mode);
+        state.active.store(true, Ordering::Relaxed);
+        crate::events::emit(
+            "heki",
+            "mappings-locked",
+            &[
+                ("vcpu", vcpu.id().to_string()),
+                ("va", format!("{va:#x}")),
+                ("size", len.to_string()),
+                ("table_pages", tables.to_string()),
+                ("top_level_entries", tops.to_string()),
+            ],
+        );
+        Ok(())
+    }
+
+    /// Checks the locked translations from this vCPU's live CR3. Under every
+    /// policy but `log`, a changed top-level entry is written back and the
+    /// vCPU's translation reloaded; true if `sregs` must be set again.
+    pub(super) fn check_translations(&self, vcpu: &dyn VcpuAccess, sregs: &mut hypervisor::SpecialRegs) -> bool {
+        let state = self.translations();
+        if !state.is_active() {
+            return false;
+        }
+        let remapped = {
+            let locks = state.locks.read().unwrap_or_else(|p| p.into_inner());
+            locks.check(&GuestReader(self.kvm_memory()), sregs.cr3)
+        };
+        let Some(remapped) = remapped else { return false };
+        let memory = MemoryProtections::default();
+        let verdict =
+            judge(Access::Translation { intact: false }, Protections { memory: &memory, pins: None }, self.policy());
+        if !verdict.restores() {
+            let mut last = state.last_logged.lock().unwrap_or_else(|p| p.into_inner());
+            if *last == Some((remapped.cr3, remapped.va)) {
+                return false;
+            }
+            *last = Some((remapped.cr3, remapped.va));
+        }
+        let mut repaired = verdict.restores();
+        if repaired {
+            // The VMM acts as the CPU here: it writes the guest's own top-level page.
+            for &(gpa, value) in &remapped.repair {
+                if let Err(e) = self.kvm_memory().write_obj(value, GuestAddress(gpa)) {
+                    log::error!("heki: cannot restore the top-level entry at {gpa:#x}: {e}");
+                    repaired = false;
+                }
+            }
+        }
+        let id = vcpu.id();
+        self.enforcer().enforce(&verdict, &format!("vcpu {id}"), |record| {
+            record.vcpu = Some(u32::from(id));
+            record.rip = vcpu.exit_rip();
+            record.details.insert("va".into(), format!("{:#x}", remapped.va));
+            record.details.insert("cr3".into(), format!("{:#x}", remapped.cr3));
+            record.details.insert("expected_gpa".into(), format!("{:#x}", remapped.expected_gpa));
+            record.details.insert("expected_flags".into(), remapped.expected_flags.to_string());
+            record.details.insert("found".into(), remapped.found.clone());
+        });
+        if repaired {
+            // KVM may hold the old translation (TLB, shadow pages): a paging
+            // mode change makes it rebuild from the repaired tables.
+            let mut toggled = *sregs;
+            toggled.cr4 ^= CR4_PGE;
+            if let Err(e) = vcpu.set_sregs(&toggled) {
+                log::error!("heki: cannot reload vCPU {id}'s translation: {e}");
+            }
+        }
+        repaired
+    }
+}
+
+const CR4_PGE: u64 = 1 << 7;
+
+/// Whether every page of `targets` is locked without WRITE.
+fn targets_locked_read_only(p: &MemoryProtections, ram: &heki::RamLayout, targets: &[(u64, u64)]) -> bool {
+    targets.iter().all(|&(gpa, len)| {
+        let pages = len.div_ceil(heki::PAGE_SIZE);
+        (0..pages).all(|i| {
+            let page = gpa.saturating_add(i.saturating_mul(heki::PAGE_SIZE));
+            p.query(ram, page).is_ok_and(|bits| bits & Permissions::WRITE.bits() == 0)
+        })
+    })
+}
