@@ -408,6 +408,47 @@ fn with_heki_off_on_the_command_line_every_simulated_attack_lands() {
     );
 }
 
+/// `heki.translation = false` clears LOCK_MAPPINGS from the feature bits, as a
+/// hypervisor of ABI revision 0 would: the guest says so in its line and
+/// carries on; the page locks and pins still hold, but the remaps land with no
+/// event at all. This is the gap of issue 19 that the translation locks close.
+#[test]
+fn without_translation_locks_the_remaps_land_unseen_and_the_rest_holds() {
+    require_kvm!();
+    let guest = linux_guest("heki");
+    let mut vm =
+        LinuxVm::start("linux-heki-notrans", &guest, CMDLINE, &["--heki", "enabled=on,policy=deny,translation=false"]);
+    let lock = vm.wait_for_line("heki: locked");
+    vm.wait_for_line("heki-test: done");
+    vm.wait_for_guest_end();
+    let serial = vm.serial();
+    let events = vm.events();
+    let ctx = || format!("{}\nevents: {events:#?}", vm.report());
+    assert!(lock.contains("; mappings not locked (LOCK_MAPPINGS unavailable);"), "{lock}");
+    assert!(lock.contains(" EFER IDTR GDTR on 1 CPU;"), "{lock}");
+    for name in ["remap-text", "remap-rodata"] {
+        let a = attack(&serial, name);
+        assert_eq!((a["result"].as_str(), a["undo"].as_str()), ("landed", "done"), "{name}: {a:?}\n{}", ctx());
+    }
+    assert_eq!(attack(&serial, "private-cr3")["result"], "landed", "{}", ctx());
+    // What does not depend on translations still holds.
+    assert_eq!(attack(&serial, "idt-alias")["result"], "dropped", "{}", ctx());
+    assert_eq!(attack(&serial, "lidt")["result"], "restored", "{}", ctx());
+    assert_eq!(attack(&serial, "efer")["result"], "gp", "{}", ctx());
+    assert_eq!(attack(&serial, "textpoke")["result"], "refused", "{}", ctx());
+    assert!(violations(&events, "translation").is_empty(), "{}", ctx());
+    assert!(!events.iter().any(|e| e["event"] == "mappings-locked"), "{}", ctx());
+    // No write violation at the page-table entries the remaps changed.
+    let entries = [hex(&attack(&serial, "remap-text")["entry_pa"]), hex(&attack(&serial, "remap-rodata")["entry_pa"])];
+    assert!(
+        violations(&events, "write")
+            .iter()
+            .all(|e| !entries.contains(&hex(e["properties"]["gpa"].as_str().unwrap_or("0")))),
+        "{}",
+        ctx()
+    );
+}
+
 #[test]
 fn real_linux_virtio_drivers_work_and_a_disk_read_into_locked_memory_is_refused() {
     require_kvm!();
