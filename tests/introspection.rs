@@ -23,13 +23,17 @@ struct Vm {
 
 impl Vm {
     fn start(test: &str, extra: &[&str], cmdline: &str) -> Vm {
+        Vm::start_guest(test, "introspect", extra, cmdline)
+    }
+
+    fn start_guest(test: &str, guest: &str, extra: &[&str], cmdline: &str) -> Vm {
         let dir = common::temp_dir(test);
         let socket = dir.join("agent.sock");
         let serial = dir.join("serial.log");
         let events = dir.join("events.json");
         let child = Command::new(common::hekivisor_bin())
             .arg("--kernel")
-            .arg(common::guests::build("introspect"))
+            .arg(common::guests::build(guest))
             .args(["--cmdline", cmdline])
             .arg("--serial")
             .arg(format!("file={}", serial.display()))
@@ -49,7 +53,7 @@ impl Vm {
     fn connect(&self) -> Agent {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            match Agent::connect(&self.socket) {
+            match Agent::connect_observed(&self.socket, schema_check()) {
                 Ok(agent) => return agent,
                 Err(e) => {
                     assert!(Instant::now() < deadline, "no agent socket: {e}");
@@ -97,6 +101,23 @@ impl Drop for Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Holds every message the VMM sends to the protocol's JSON Schema
+/// (`docs/introspection.schema.json`), and each command's result to the
+/// result schema of that command; a message that breaks it fails the test.
+fn schema_check() -> api_client::introspect::Observer {
+    let schema = common::json_schema::introspection();
+    Box::new(move |message, cmd| {
+        if let Err(e) = schema.validate(message) {
+            panic!("a message breaks docs/introspection.schema.json: {e}\n{message}");
+        }
+        if let (Some(cmd), Some(result)) = (cmd, message.get("result"))
+            && let Err(e) = schema.validate_at(&format!("#/$defs/results/{cmd}"), result)
+        {
+            panic!("the result of {cmd} breaks docs/introspection.schema.json: {e}\n{message}");
+        }
+    })
 }
 
 /// The guest's addresses from its `ready` line.
@@ -170,6 +191,10 @@ fn an_agent_reads_state_and_answers_writes_and_msr_writes_with_heki_off() {
     assert_eq!(caps["exec-tracking"]["status"], "unavailable");
     assert!(caps["read-tracking"]["reason"].as_str().is_some_and(|r| !r.is_empty()));
     assert_eq!(caps["hypercall"]["status"], "unavailable", "no doorbell with heki off");
+    // One truth: what hello calls unavailable cannot be tracked either.
+    assert_eq!(refused(agent.call("track-hypercall", json!({}))), "EOPNOTSUPP");
+    assert_eq!(agent.call("track-hypercall", json!({"enable": false})).expect("off")["hypercalls"], false);
+    assert_eq!(agent.call("tracking", json!({})).expect("tracking")["hypercalls"], false);
     let at = addresses(&vm);
 
     // Pause, look at the vCPU, resume.
@@ -206,10 +231,12 @@ fn an_agent_reads_state_and_answers_writes_and_msr_writes_with_heki_off() {
     assert_eq!(first["cpl"], 0, "the guest writes from ring 0");
     // Registers of the vCPU held by the event can be read meanwhile.
     agent.call("get-registers", json!({"vcpu": 0})).expect("regs of a held vCPU");
-    agent.reply(seq(&first), Action::Continue).expect("reply");
+    // The reply's seq as a 0x-hex string, as for every number an agent sends.
+    agent.send_raw(format!(r#"{{"reply":"{:#x}","action":"continue"}}"#, seq(&first)).as_bytes()).expect("reply");
     let second = sync_event(&mut agent);
     assert_eq!(second["gpa"].as_u64(), Some(at.watched + 8));
-    agent.reply(seq(&second), Action::Deny).expect("reply");
+    // ... or as a decimal string, with the full parser's spacing.
+    agent.send_raw(format!(r#"{{ "action": "deny", "reply": "{}" }}"#, seq(&second)).as_bytes()).expect("reply");
     let third = sync_event(&mut agent);
     assert_eq!(third["gpa"].as_u64(), Some(at.watched + 16));
     // Sent back to back, before the VMM answers the command: lines are handled
@@ -353,6 +380,21 @@ fn bad_messages_get_error_replies_and_the_vm_keeps_running() {
     let reply = not_an_event(&mut agent);
     assert_eq!(reply["error"]["errno"], "E2BIG");
     assert_eq!(refused(agent.call("no-such-command", json!({}))), "ENOSYS");
+    // Unknown fields are refused by name, at the top level and in args.
+    agent.send_raw(br#"{"id": 77, "cmd": "read-memory", "arg": {"gpa": 0, "size": 8}}"#).expect("send");
+    let reply = not_an_event(&mut agent);
+    assert_eq!((&reply["id"], &reply["error"]["errno"]), (&json!(77), &json!("EINVAL")), "{reply}");
+    assert!(reply["error"]["message"].as_str().is_some_and(|m| m.contains("'arg'")), "{reply}");
+    match agent.call("read-memory", json!({"gpa": at.watched, "size": 8, "sise": 8})) {
+        Err(Error::Refused { errno, message }) => {
+            assert_eq!(errno, "EINVAL");
+            assert!(message.contains("args.sise"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    agent.send_raw(br#"{"reply": 5, "action": "continue", "vcpu": 0}"#).expect("send");
+    let reply = not_an_event(&mut agent);
+    assert_eq!(reply["error"]["errno"], "EINVAL", "{reply}");
     assert_eq!(refused(agent.call("get-registers", json!({"vcpu": 7}))), "ENOENT");
     assert_eq!(refused(agent.call("read-memory", json!({"gpa": 0, "size": 1 << 20}))), "EINVAL");
     assert_eq!(refused(agent.call("read-memory", json!({"gpa": "0xffffffffffff0000", "size": 8}))), "EFAULT");
@@ -896,5 +938,171 @@ fn bench_tracked_write_answered_continue_against_a_plain_mmio_exit() {
             ratios.len(),
             ratios.join(" ")
         );
+    }
+}
+
+#[test]
+fn a_tracked_write_to_a_private_page_reaches_the_agent_without_its_bytes() {
+    require_kvm!();
+    let mut vm = Vm::start("introspect-private", &["--heki", "enabled=on"], "private");
+    let mut agent = vm.connect();
+    let at = addresses(&vm);
+    assert_eq!(vm.line("private on="), "private on=0 shared=0");
+    assert_eq!(refused(agent.call("read-memory", json!({"gpa": at.watched, "size": 8}))), "EPERM");
+    agent.call("track-write", json!({"gpa": at.watched})).expect("track a private page");
+    go(&mut agent, &at, 1);
+    let write = sync_event(&mut agent);
+    assert_eq!((write["event"].as_str(), write["gpa"].as_u64()), (Some("write"), Some(at.watched)), "{write}");
+    assert_eq!(write["private"], true, "{write}");
+    assert!(write.get("value").is_none(), "a private byte reached the agent: {write}");
+    let secret = 0x5ec7_e75e_c7e7_u64;
+    assert!(!write.to_string().contains(&secret.to_string()), "{write}");
+    agent.reply(seq(&write), Action::Continue).expect("reply");
+    // Continued: the guest's write landed (the agent only never saw it).
+    assert_eq!(vm.line("private written="), format!("private written={secret:x}"));
+    go(&mut agent, &at, 2);
+    vm.wait_exit();
+    let log = format!("{}{}", vm.stderr(), std::fs::read_to_string(vm.dir.join("events.json")).unwrap_or_default());
+    assert!(!log.contains(&format!("{secret:x}")), "a private value in the VMM's log or events:\n{log}");
+}
+
+#[test]
+fn a_second_vmm_cannot_take_a_live_agent_socket() {
+    require_kvm!();
+    let mut first = Vm::start("introspect-socket-owner", &[], "agent");
+    let mut agent = first.connect();
+    let at = addresses(&first);
+    // A second VMM names the same path: it must refuse to start, naming the path.
+    let stderr_path = first.dir.join("second-stderr.log");
+    let mut second = Command::new(common::hekivisor_bin())
+        .arg("--kernel")
+        .arg(common::guests::build("introspect"))
+        .args(["--cmdline", "agent"])
+        .arg("--introspection")
+        .arg(format!("path={}", first.socket.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+        .spawn()
+        .expect("start a second hekivisor");
+    let (status, timed_out) = common::wait_with_timeout(&mut second, Duration::from_secs(20));
+    if timed_out {
+        let _ = second.kill();
+        let _ = second.wait();
+    }
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    assert!(!timed_out && !status.success(), "the second VMM started: {stderr}");
+    assert!(stderr.contains(&first.socket.display().to_string()) && stderr.contains("in use"), "{stderr}");
+    // The first VMM's agent is still connected (the probe met EBUSY), and its socket still answers.
+    assert_eq!(agent.call("stats", json!({})).expect("stats")["connections"], 1);
+    drop(agent);
+    let mut agent = first.connect();
+    go(&mut agent, &at, 1);
+    assert_eq!(first.line("writes "), "writes a=1111 b=2222 c=3333");
+    go(&mut agent, &at, 3);
+    first.line("done");
+    assert!(first.wait_exit().success());
+}
+
+#[test]
+fn a_disconnect_drops_its_queued_commands_and_the_next_agent_connects_at_once() {
+    require_kvm!();
+    let mut vm = Vm::start("introspect-reconnect", &[], "agent");
+    let mut agent = vm.connect();
+    let at = addresses(&vm);
+    agent.call("track-write", json!({"gpa": at.watched})).expect("track");
+    go(&mut agent, &at, 1);
+    // The vCPU is held by this event (for up to reply_timeout_ms = 3000):
+    // pausing it cannot finish until then. Queue such commands, then leave.
+    let held = sync_event(&mut agent);
+    assert_eq!(held["event"], "write");
+    for id in 100..105 {
+        let pause = json!({"id": id, "cmd": "pause", "args": {"vcpu": 0}});
+        agent.send_raw(pause.to_string().as_bytes()).expect("send");
+    }
+    drop(agent);
+    let gone = Instant::now();
+    let mut agent = loop {
+        match Agent::connect_observed(&vm.socket, schema_check()) {
+            Ok(agent) => break agent,
+            Err(e) => {
+                assert!(gone.elapsed() < Duration::from_secs(30), "no reconnect: {e}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    };
+    let waited = gone.elapsed();
+    assert!(waited < Duration::from_millis(1000), "the next agent waited {waited:?} (EBUSY meanwhile)");
+    // Nothing the first agent queued ran after it left: its tracking is
+    // undone and no pause holds the vCPU, so the guest's writes all land.
+    assert_eq!(agent.call("tracking", json!({})).expect("tracking")["pages"], json!([]));
+    assert_eq!(vm.line("writes "), "writes a=1111 b=2222 c=3333");
+    go(&mut agent, &at, 3);
+    vm.line("done");
+    assert!(vm.wait_exit().success());
+}
+
+#[test]
+fn the_schema_holds_events_to_one_shape_with_numbers_as_numbers() {
+    let schema = common::json_schema::introspection();
+    let ok = |message: Value| schema.validate(&message).map_err(|e| format!("{e}: {message}"));
+    ok(json!({"event": "write", "seq": 3, "vcpu": 0, "rip": 4096, "cpl": 0, "gpa": 8192, "size": 8,
+              "value": 17, "heki_locked": false, "reply_required": true}))
+    .expect("a write event");
+    ok(json!({"event": "write", "seq": 3, "vcpu": 0, "rip": 4096, "cpl": 0, "gpa": 8192, "size": 8,
+              "private": true, "heki_locked": false, "reply_required": true}))
+    .expect("a write event to a private page");
+    ok(json!({"event": "heki-violation", "seq": 9, "kind": "write", "action": "denied",
+              "vcpu": 0, "rip": 4096, "gpa": 8192, "size": 8}))
+    .expect("a heki-violation event");
+    ok(json!({"id": null, "error": {"errno": "EBUSY", "message": "another agent is connected"}})).expect("EBUSY");
+    // What the VMM sent before: strings for numbers, an extra field, both value and private.
+    for bad in [
+        json!({"event": "heki-violation", "seq": 9, "kind": "write", "action": "denied", "vcpu": "0",
+               "rip": "0x1000", "gpa": "0x2000", "size": "8"}),
+        json!({"event": "write", "seq": 3, "vcpu": 0, "rip": 4096, "cpl": 0, "gpa": 8192, "size": 8,
+               "value": 17, "private": true, "heki_locked": false, "reply_required": true}),
+        json!({"event": "msr", "seq": 3, "vcpu": 0, "rip": 4096, "cpl": 0, "msr": 373, "value": 1,
+               "reply_required": true, "extra": 1}),
+        json!({"id": 1, "error": {"errno": "EWHAT", "message": ""}}),
+    ] {
+        assert!(ok(bad.clone()).is_err(), "accepted {bad}");
+    }
+    let registers = json!({"rax": 1});
+    assert!(schema.validate_at("#/$defs/results/get-registers", &registers).is_err(), "rbx... missing");
+}
+
+/// The translation and descriptor-table violations of ABI revision 1 reach
+/// the agent in the one event schema (numbers as numbers, every field known
+/// to docs/introspection.schema.json): the heki_translation guest remaps a
+/// locked range, loads a private CR3 and another IDT while an agent listens.
+#[test]
+fn translation_and_descriptor_table_violations_reach_the_agent_in_the_schema() {
+    require_kvm!();
+    let mut vm = Vm::start_guest("introspect-translation", "heki_translation", &["--heki", "enabled=on"], "");
+    let mut agent = vm.connect();
+    let mut kinds = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Ok(Some(event)) = agent.next_event(Some(Duration::from_millis(200))) else {
+            if vm.serial().contains("heki translation done") {
+                break;
+            }
+            continue;
+        };
+        if event["event"] == "heki-violation" {
+            if event["kind"] == "translation" {
+                assert!(event["va"].is_u64() && event["cr3"].is_u64() && event["found"].is_string(), "{event}");
+            }
+            if event["kind"] == "descriptor-table" {
+                assert!(event["pinned"].is_u64() && event["limit"].is_u64(), "{event}");
+            }
+            kinds.push(event["kind"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    assert!(vm.wait_exit().success(), "{}", vm.stderr());
+    assert!(vm.serial().contains("heki translation done failures=0"), "{}", vm.serial());
+    for kind in ["write", "translation", "descriptor-table"] {
+        assert!(kinds.iter().any(|k| k == kind), "no {kind} violation among {kinds:?}");
     }
 }

@@ -60,6 +60,10 @@ impl Action {
     }
 }
 
+/// Sees every message the VMM sends, with the name of the command a reply
+/// answers when this agent sent it (see `Agent::connect_observed`).
+pub type Observer = Box<dyn FnMut(&Value, Option<&str>) + Send>;
+
 /// One connection to a VMM's introspection socket.
 pub struct Agent {
     reader: BufReader<UnixStream>,
@@ -75,11 +79,24 @@ pub struct Agent {
     read_timeout: Option<Option<Duration>>,
     /// How long `next_event` polls before it sleeps (see `set_event_poll`).
     event_poll: Duration,
+    observer: Option<Observer>,
+    /// Commands sent and not yet answered, by id (kept only with an observer).
+    sent: std::collections::HashMap<String, String>,
 }
 
 impl Agent {
     /// Connects and reads the `hello`.
     pub fn connect(path: impl AsRef<Path>) -> Result<Agent, Error> {
+        Self::connect_with(path, None)
+    }
+
+    /// Connects with an observer that sees every message from the VMM, the
+    /// `hello` included (tests check each against the protocol's schema).
+    pub fn connect_observed(path: impl AsRef<Path>, observer: Observer) -> Result<Agent, Error> {
+        Self::connect_with(path, Some(observer))
+    }
+
+    fn connect_with(path: impl AsRef<Path>, observer: Option<Observer>) -> Result<Agent, Error> {
         let stream = UnixStream::connect(path)?;
         let writer = stream.try_clone()?;
         let mut agent = Agent {
@@ -91,6 +108,8 @@ impl Agent {
             stray: Vec::new(),
             read_timeout: None,
             event_poll: Duration::ZERO,
+            observer,
+            sent: std::collections::HashMap::new(),
         };
         let first = agent.read_message(Some(Duration::from_secs(10)))?.ok_or(Error::Closed)?;
         if let Some(error) = first.get("error") {
@@ -104,6 +123,12 @@ impl Agent {
     /// Sends one raw line (tests send malformed ones), in one write so the
     /// VMM's reader wakes once per line.
     pub fn send_raw(&mut self, line: &[u8]) -> Result<(), Error> {
+        if self.observer.is_some()
+            && let Ok(Value::Object(message)) = serde_json::from_slice::<Value>(line)
+            && let (Some(id), Some(Value::String(cmd))) = (message.get("id"), message.get("cmd"))
+        {
+            self.sent.insert(id.to_string(), cmd.clone());
+        }
         let mut buf = Vec::with_capacity(line.len() + 1);
         buf.extend_from_slice(line);
         buf.push(b'\n');
@@ -121,7 +146,15 @@ impl Agent {
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
             Ok(0) => Err(Error::Closed),
-            Ok(_) => serde_json::from_str(&line).map(Some).map_err(|e| Error::Protocol(format!("{e}: {line}"))),
+            Ok(_) => {
+                let message: Value =
+                    serde_json::from_str(&line).map_err(|e| Error::Protocol(format!("{e}: {line}")))?;
+                if let Some(observer) = self.observer.as_mut() {
+                    let cmd = message.get("id").and_then(|id| self.sent.remove(&id.to_string()));
+                    observer(&message, cmd.as_deref());
+                }
+                Ok(Some(message))
+            }
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Ok(None),
             Err(e) => Err(e.into()),
         }

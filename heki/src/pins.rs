@@ -217,7 +217,10 @@ mod tests {
         pins.pin_dtr(DescriptorTable::from_number(0).expect("idtr"), (0x1000, 0xfff));
         assert!(pins.check_dtrs((0x1000, 0xfff), (0x9000, 0x1)).is_empty(), "GDTR is not pinned");
         let found = pins.check_dtrs((0x5000, 0xfff), (0x2000, 0x7f));
-        assert_eq!(found, [DtrViolation { table: DescriptorTable::Idtr, pinned: (0x1000, 0xfff), value: (0x5000, 0xfff) }]);
+        assert_eq!(
+            found,
+            [DtrViolation { table: DescriptorTable::Idtr, pinned: (0x1000, 0xfff), value: (0x5000, 0xfff) }]
+        );
         // A limit change alone is a change too (a shorter IDT drops vectors).
         assert_eq!(pins.check_dtrs((0x1000, 0xff), (0, 0)).len(), 1);
         pins.pin_dtr(DescriptorTable::Gdtr, (0x2000, 0x7f));

@@ -367,12 +367,11 @@ impl Verdict {
             Breach::Dtrs(found) => {
                 if let Some(first) = found.first() {
                     record.details.insert("register".into(), first.table.name().into());
-                    record
-                        .details
-                        .insert("pinned".into(), format!("base={:#x} limit={:#x}", first.pinned.0, first.pinned.1));
-                    record
-                        .details
-                        .insert("value".into(), format!("base={:#x} limit={:#x}", first.value.0, first.value.1));
+                    // Bases as `pinned`/`value` (like a CR), limits beside them.
+                    record.details.insert("pinned".into(), format!("{:#x}", first.pinned.0));
+                    record.details.insert("value".into(), format!("{:#x}", first.value.0));
+                    record.details.insert("pinned_limit".into(), format!("{:#x}", first.pinned.1));
+                    record.details.insert("limit".into(), format!("{:#x}", first.value.1));
                 }
             }
             Breach::None | Breach::Range | Breach::Private | Breach::Privilege | Breach::Remapped => {}

@@ -110,7 +110,8 @@ void guest_main(void) {
     }
     if (cmdline_has("cr")) {
         step(1);
-        printf("cr baseline\n");
+        /* No exit between the agent's track-cr and this change: the baseline
+         * must be the one taken when tracking started. */
         u64 cr4 = read_cr4();
         write_cr4(cr4 ^ (1UL << 2)); /* CR4.TSD: harmless here */
         printf("cr toggled\n");
@@ -154,6 +155,17 @@ void guest_main(void) {
             printf("bench round=%d mmio_exit=%lu tracked_write_continue=%lu\n", round, mmio, tracked);
         }
         printf("bench done\n");
+        return;
+    }
+    if (cmdline_has("private")) {
+        /* All RAM private but the mailbox (the agent steps the guest through it). */
+        s64 on = heki_call(HEKI_PRIVATE_MEMORY, 1, 0, 0);
+        s64 shared = heki_call(HEKI_SET_SHARED, (u64)mailbox, 4096, 1);
+        printf("private on=%ld shared=%ld\n", on, shared);
+        step(1);
+        *(volatile u64 *)watched = 0x5ec7e75ec7e7UL;
+        printf("private written=%lx\n", peek(watched));
+        step(2);
         return;
     }
     if (cmdline_has("heki")) {

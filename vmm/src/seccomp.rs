@@ -200,6 +200,8 @@ fn plain(kind: ThreadKind) -> &'static [i64] {
             libc::SYS_chmod,
             libc::SYS_clone,
             libc::SYS_clone3,
+            // Probing whether an introspection socket at the path is live.
+            libc::SYS_connect,
             libc::SYS_dup,
             libc::SYS_epoll_create1,
             libc::SYS_epoll_ctl,

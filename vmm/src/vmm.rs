@@ -250,7 +250,7 @@ impl Vmm {
             self.introspection = Some(crate::introspection::Introspection::start(wanted, caps)?);
         }
         if let Some(introspection) = &self.introspection {
-            introspection.set_vm_shape(vcpus, ram);
+            introspection.set_vm_shape(vcpus, ram, config.heki.enabled);
         }
         Ok(())
     }

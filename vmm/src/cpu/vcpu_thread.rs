@@ -149,8 +149,7 @@ fn apply_outcome(ctx: &VcpuContext, vcpu: &mut Vcpu, outcome: ExitOutcome) -> bo
         (ExitOutcome::HekiCall, Some(heki)) => doorbell::handle_doorbell(vcpu, heki),
         (ExitOutcome::HekiCall, None) => {}
         (ExitOutcome::UnclaimedMmioWrite { gpa, data }, Some(heki)) => {
-            let rip = || crate::heki::ports::VcpuAccess::exit_rip(&*vcpu);
-            heki.on_unclaimed_mmio_write(id, gpa, &data, rip);
+            heki.on_unclaimed_mmio_write(id, gpa, &data, || crate::heki::ExitSite::of(&*vcpu));
         }
         (ExitOutcome::UnclaimedMmioWrite { .. }, None) => {}
         (ExitOutcome::EmulationFailure { insn_bytes }, heki) => {
@@ -160,7 +159,9 @@ fn apply_outcome(ctx: &VcpuContext, vcpu: &mut Vcpu, outcome: ExitOutcome) -> bo
                 _ => false,
             };
             if !judged {
-                let error = describe_emulation_failure(vcpu, bytes);
+                // Private guest memory stays private in the failure report too.
+                let private = heki.as_deref().is_some_and(|h| instruction_is_private(vcpu, h));
+                let error = describe_emulation_failure(vcpu, bytes, private);
                 ctx.control.report(VcpuEvent::Failed { vcpu: id, error });
                 return false;
             }
@@ -182,8 +183,18 @@ fn instruction_at_rip(vcpu: &Vcpu, mem: &GuestMemoryMmap) -> Option<Vec<u8>> {
     Some(buf.to_vec())
 }
 
+/// Whether the instruction at RIP may lie in a page the guest keeps private
+/// (an untranslatable RIP counts as private once private memory is on).
+fn instruction_is_private(vcpu: &Vcpu, heki: &HekiRuntime) -> bool {
+    if !heki.private_memory_enabled() {
+        return false;
+    }
+    let gpa = vcpu.regs().ok().and_then(|r| vcpu.translate_gva(r.rip).ok().flatten());
+    gpa.is_none_or(|gpa| heki.range_is_private(gpa, 15))
+}
+
 /// "KVM could not emulate ... at RIP 0x…: instruction bytes 0f c7 …".
-fn describe_emulation_failure(vcpu: &Vcpu, bytes: Option<Vec<u8>>) -> String {
+fn describe_emulation_failure(vcpu: &Vcpu, bytes: Option<Vec<u8>>, private: bool) -> String {
     let rip = match vcpu.regs() {
         Ok(regs) => regs.rip,
         Err(e) => {
@@ -191,6 +202,7 @@ fn describe_emulation_failure(vcpu: &Vcpu, bytes: Option<Vec<u8>>) -> String {
         }
     };
     let bytes = match bytes {
+        Some(_) if private => "withheld, the guest keeps this memory private".into(),
         Some(b) => b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" "),
         None => "unavailable".into(),
     };

@@ -20,6 +20,6 @@ pub mod traps;
 pub mod violations;
 
 pub use checked_memory::{Accessor, CheckedMemory, Enforcer};
-pub use runtime::HekiRuntime;
+pub use runtime::{ExitSite, HekiRuntime};
 #[cfg(test)]
 mod tests;

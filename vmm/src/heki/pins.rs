@@ -217,6 +217,7 @@ impl HekiRuntime {
         self.enforcer().enforce(&verdict, &format!("vcpu {id}"), |record| {
             record.vcpu = Some(u32::from(id));
             record.rip = vcpu.exit_rip();
+            record.details.insert("cpl".into(), sregs.cpl().to_string());
         });
         !verdict.restored_crs().is_empty()
     }
@@ -255,6 +256,7 @@ impl HekiRuntime {
         self.enforcer().enforce(&verdict, &format!("vcpu {id}"), |record| {
             record.vcpu = Some(u32::from(id));
             record.rip = vcpu.exit_rip();
+            record.details.insert("cpl".into(), sregs.cpl().to_string());
         });
         !restored.is_empty()
     }
@@ -274,7 +276,7 @@ impl HekiRuntime {
         if verdict.is_violation() {
             self.enforcer().enforce(&verdict, &format!("vcpu {id}"), |record| {
                 record.vcpu = Some(u32::from(id));
-                record.rip = vcpu.exit_rip();
+                super::ExitSite::of(&*vcpu).fill(record);
                 record.details.insert("msr".into(), format!("{index:#x}"));
                 record.details.insert("value".into(), format!("{value:#x}"));
             });

@@ -44,6 +44,8 @@ pub trait VcpuAccess {
     fn translate_gva(&self, gva: u64) -> Result<Option<u64>, HostError>;
     /// The guest RIP at the current exit (cheap where KVM syncs registers).
     fn exit_rip(&self) -> Option<u64>;
+    /// The guest's privilege level at the current exit (CS.DPL).
+    fn exit_cpl(&self) -> Option<u8>;
     /// Finishes a pending MSR exit; with `inject_gp` the guest gets #GP.
     fn complete_msr_exit(&mut self, inject_gp: bool);
 }
@@ -138,6 +140,9 @@ impl VcpuAccess for hypervisor::Vcpu {
     }
     fn exit_rip(&self) -> Option<u64> {
         hypervisor::Vcpu::exit_rip(self).ok()
+    }
+    fn exit_cpl(&self) -> Option<u8> {
+        hypervisor::Vcpu::exit_cpl(self).ok()
     }
     fn complete_msr_exit(&mut self, inject_gp: bool) {
         hypervisor::Vcpu::complete_msr_exit(self, inject_gp)

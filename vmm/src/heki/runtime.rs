@@ -23,6 +23,28 @@ use crate::layout::ports::HEKI_DOORBELL;
 use crate::memory::GuestRam;
 
 /// Caps the memslot budget below KVM's (`KVM_CAP_NR_MEMSLOTS`); for tests.
+/// Where in the guest a vCPU violation happened, read only when one is
+/// recorded (the CPL may cost a `KVM_GET_SREGS`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitSite {
+    pub rip: Option<u64>,
+    pub cpl: Option<u8>,
+}
+
+impl ExitSite {
+    pub fn of(vcpu: &dyn super::ports::VcpuAccess) -> Self {
+        ExitSite { rip: vcpu.exit_rip(), cpl: vcpu.exit_cpl() }
+    }
+
+    /// Fills a violation record's RIP and CPL.
+    pub fn fill(self, record: &mut heki::ViolationRecord) {
+        record.rip = self.rip;
+        if let Some(cpl) = self.cpl {
+            record.details.insert("cpl".into(), cpl.to_string());
+        }
+    }
+}
+
 pub const MEMSLOT_BUDGET_ENV: &str = "HEKIVISOR_MEMSLOT_BUDGET";
 
 /// How private pages are kept from the host.
@@ -349,15 +371,15 @@ impl HekiRuntime {
     /// An MMIO write no device claimed: if it hit RAM, a read-only memslot
     /// trapped it. Heki judges it; the allowed bytes are written here, under
     /// the same lock as the judgement, and a violation is enforced.
-    pub fn on_unclaimed_mmio_write(&self, vcpu: u8, gpa: u64, data: &[u8], rip: impl FnOnce() -> Option<u64>) {
-        self.trapped_write(vcpu, gpa, data, rip, true);
+    pub fn on_unclaimed_mmio_write(&self, vcpu: u8, gpa: u64, data: &[u8], site: impl FnOnce() -> ExitSite) {
+        self.trapped_write(vcpu, gpa, data, site, true);
     }
 
     /// A trapped write the introspection agent denied: nothing is written,
     /// but a heki lock it touched is still judged and enforced (recorded,
     /// and the policy's pause or shutdown applies).
-    pub fn on_denied_mmio_write(&self, vcpu: u8, gpa: u64, data: &[u8], rip: impl FnOnce() -> Option<u64>) {
-        self.trapped_write(vcpu, gpa, data, rip, false);
+    pub fn on_denied_mmio_write(&self, vcpu: u8, gpa: u64, data: &[u8], site: impl FnOnce() -> ExitSite) {
+        self.trapped_write(vcpu, gpa, data, site, false);
     }
 
     /// Whether a write of `len` bytes at `gpa` touches a heki-locked byte.
@@ -365,7 +387,13 @@ impl HekiRuntime {
         !self.enforcer.protections().check_write(gpa, len).allowed()
     }
 
-    fn trapped_write(&self, vcpu: u8, gpa: u64, data: &[u8], rip: impl FnOnce() -> Option<u64>, apply: bool) {
+    /// Whether `[gpa, gpa + len)` touches a page the guest keeps private
+    /// (its bytes must then reach no event, reply or log).
+    pub fn range_is_private(&self, gpa: u64, len: usize) -> bool {
+        !self.enforcer.protections().private.range_shared(gpa, len as u64)
+    }
+
+    fn trapped_write(&self, vcpu: u8, gpa: u64, data: &[u8], site: impl FnOnce() -> ExitSite, apply: bool) {
         let len = data.len();
         if !self.ram.contains(gpa, len as u64) {
             // Not RAM: an access to a device we lack; dropped.
@@ -390,7 +418,7 @@ impl HekiRuntime {
             self.enforcer.enforce(&verdict, &format!("vcpu {vcpu}"), |record| {
                 record.vcpu = Some(u32::from(vcpu));
                 record.gpa = Some(first);
-                record.rip = rip();
+                site().fill(record);
             });
         }
     }

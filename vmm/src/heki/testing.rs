@@ -107,6 +107,9 @@ impl VcpuAccess for FakeVcpu {
     fn exit_rip(&self) -> Option<u64> {
         Some(lock(&self.regs).rip)
     }
+    fn exit_cpl(&self) -> Option<u8> {
+        Some(0)
+    }
     fn complete_msr_exit(&mut self, inject_gp: bool) {
         self.msr_exit = Some(inject_gp);
     }

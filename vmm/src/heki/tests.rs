@@ -68,7 +68,8 @@ fn a_lock_installs_a_read_only_slot_with_vcpus_held() {
 fn a_trapped_write_keeps_its_allowed_bytes_and_is_reported() {
     let rig = rig(Policy::Deny);
     rig.heki.protect_bytes(0x5004, 2, "test").expect("lock bytes");
-    rig.heki.on_unclaimed_mmio_write(1, 0x5000, &[0xaa; 8], || Some(0x1234));
+    rig.heki
+        .on_unclaimed_mmio_write(1, 0x5000, &[0xaa; 8], || crate::heki::ExitSite { rip: Some(0x1234), cpl: Some(0) });
     let bytes: Vec<u8> = (0x5000..0x5008).map(|g| rig.byte(g)).collect();
     assert_eq!(bytes, [0xaa, 0xaa, 0xaa, 0xaa, 0, 0, 0xaa, 0xaa]);
     let recent = rig.heki.violations().recent();
@@ -82,7 +83,7 @@ fn a_trapped_write_keeps_its_allowed_bytes_and_is_reported() {
 fn a_trapped_write_under_pause_stops_the_vm_once_per_trap() {
     let rig = rig(Policy::Pause);
     rig.lock_page(2);
-    rig.heki.on_unclaimed_mmio_write(0, 0x2000, &[1], || None);
+    rig.heki.on_unclaimed_mmio_write(0, 0x2000, &[1], crate::heki::ExitSite::default);
     assert_eq!(rig.byte(0x2000), 0);
     assert_eq!(rig.stops(), vec![Outcome::Pause]);
 }
@@ -90,7 +91,7 @@ fn a_trapped_write_under_pause_stops_the_vm_once_per_trap() {
 #[test]
 fn a_write_outside_ram_is_not_heki_business() {
     let rig = rig(Policy::Shutdown);
-    rig.heki.on_unclaimed_mmio_write(0, RAM + 0x1000, &[1], || None);
+    rig.heki.on_unclaimed_mmio_write(0, RAM + 0x1000, &[1], crate::heki::ExitSite::default);
     assert!(rig.heki.violations().recent().is_empty());
     assert!(rig.stops().is_empty());
 }

@@ -157,6 +157,7 @@ impl HekiRuntime {
         self.enforcer().enforce(&verdict, &format!("vcpu {id}"), |record| {
             record.vcpu = Some(u32::from(id));
             record.rip = vcpu.exit_rip();
+            record.details.insert("cpl".into(), sregs.cpl().to_string());
             record.details.insert("va".into(), format!("{:#x}", remapped.va));
             record.details.insert("cr3".into(), format!("{:#x}", remapped.cr3));
             record.details.insert("expected_gpa".into(), format!("{:#x}", remapped.expected_gpa));

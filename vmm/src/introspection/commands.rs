@@ -2,6 +2,7 @@
 //! vCPU's registers run on that vCPU's own thread (`AgentLink::on_vcpu`).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use hypervisor::{Regs, Segment, SpecialRegs, Vcpu};
 use serde_json::{Map, Value, json};
@@ -17,6 +18,7 @@ fn no_vm() -> AgentError {
 /// Runs one command.
 pub fn run(hub: &Arc<Hub>, cmd: &str, args: &Map<String, Value>) -> AgentResult {
     let args = Args(args);
+    args.only(known_args(cmd)?)?;
     let link = hub.link();
     let vm = || link.as_deref().ok_or_else(no_vm);
     match cmd {
@@ -44,6 +46,12 @@ pub fn run(hub: &Arc<Hub>, cmd: &str, args: &Map<String, Value>) -> AgentResult 
         "track-msr" | "untrack-msr" => track_msr(hub, &args, cmd == "track-msr"),
         "track-hypercall" => {
             let on = args.bool("enable", true)?;
+            if on && !hypercalls_available(hub) {
+                return Err(AgentError::new(
+                    "EOPNOTSUPP",
+                    "hypercalls reach the VMM only through heki's doorbell: this VM runs without heki",
+                ));
+            }
             hub.change_tracking(|t| {
                 t.hypercalls = on;
                 Ok(())
@@ -52,6 +60,14 @@ pub fn run(hub: &Arc<Hub>, cmd: &str, args: &Map<String, Value>) -> AgentResult 
         }
         "track-cr" => {
             let on = args.bool("enable", true)?;
+            // The baseline is each vCPU's CRs now, so the first change is reported too.
+            if let Some(link) = &link {
+                if on && !hub.tracking().crs {
+                    link.take_cr_baselines()?;
+                } else if !on {
+                    link.clear_cr_baselines();
+                }
+            }
             hub.change_tracking(|t| {
                 t.crs = on;
                 Ok(())
@@ -63,39 +79,58 @@ pub fn run(hub: &Arc<Hub>, cmd: &str, args: &Map<String, Value>) -> AgentResult 
     }
 }
 
+/// The arguments each command takes; anything else is refused (`EINVAL`).
+fn known_args(cmd: &str) -> Result<&'static [&'static str], AgentError> {
+    Ok(match cmd {
+        "hello" | "stats" | "tracking" => &[],
+        "pause" | "resume" | "get-registers" | "get-sregs" => &["vcpu"],
+        "set-registers" => &["vcpu", "regs"],
+        "get-msrs" => &["vcpu", "indices"],
+        "get-cpuid" => &["vcpu", "leaf", "index"],
+        "read-memory" => &["gpa", "size"],
+        "write-memory" => &["gpa", "data"],
+        "translate" => &["vcpu", "gva"],
+        "inject" => &["vcpu", "vector", "error_code"],
+        "track-write" | "untrack-write" => &["gpa", "pages"],
+        "track-msr" | "untrack-msr" => &["index"],
+        "track-hypercall" | "track-cr" => &["enable"],
+        "single-step" => &["vcpu", "enable"],
+        "breakpoints" => &["vcpu", "addresses"],
+        _ => return Err(AgentError::new("ENOSYS", format!("unknown command '{cmd}'"))),
+    })
+}
+
 /// The handshake: protocol version, the VM's shape and each capability.
 pub fn hello(hub: &Hub) -> Value {
     let (vcpus, ram) = hub.vm_shape.lock().map(|s| s.clone()).unwrap_or_default();
     let link = hub.link();
     let heki = link.as_ref().and_then(|l| l.heki.clone());
+    let heki = heki.is_some() || (link.is_none() && hub.heki_configured.load(Ordering::Relaxed));
     let caps = hub.caps;
     let cap = |on: bool, mode: &str, why_not: &str| {
         if on { json!({"status": mode}) } else { json!({"status": "unavailable", "reason": why_not}) }
     };
-    let hypercall_reason = if link.is_some() {
-        "the heki doorbell port exists only with heki enabled (vmcall/vmmcall never exit on this host's KVM)"
-    } else {
-        "no VM yet: known once the VM boots (needs heki enabled for the doorbell port)"
-    };
+    let hypercall_reason =
+        "the heki doorbell port exists only with heki enabled (vmcall/vmmcall never exit on this host's KVM)";
     json!({
         "version": PROTOCOL_VERSION,
         "vm": {
             "state": if link.is_some() { "running" } else { "not-booted" },
             "vcpus": vcpus,
             "memory": ram.iter().map(|&(start, end)| json!({"gpa": start, "size": end - start})).collect::<Vec<_>>(),
-            "heki": heki.is_some(),
+            "heki": heki,
             "reply_timeout_ms": hub.reply_timeout.as_millis() as u64,
             "reply_poll_us": hub.reply_poll.as_micros() as u64,
         },
         "capabilities": {
             "pause": {"status": "enforced"},
             "registers": {"status": "enforced"},
-            "memory": {"status": "enforced", "note": "through heki-checked memory: heki-locked pages are read-only and private pages unreadable for the agent too"},
+            "memory": {"status": "enforced", "note": "through heki-checked memory: heki-locked pages are read-only for the agent too, and no byte of a page the guest keeps private reaches it (reads and writes refused, write events without their value)"},
             "translate": {"status": "enforced"},
             "inject": {"status": "enforced"},
             "write-tracking": cap(caps.readonly_memory, "enforced", "KVM has no read-only memslots (KVM_CAP_READONLY_MEM)"),
             "msr-write": cap(caps.msr_filter, "enforced", "KVM has no MSR filter with user-space exits"),
-            "hypercall": cap(heki.is_some(), "enforced", hypercall_reason),
+            "hypercall": cap(hypercalls_available(hub), "enforced", hypercall_reason),
             "single-step": cap(caps.guest_debug, "enforced", "KVM_CAP_SET_GUEST_DEBUG is missing"),
             "breakpoints": cap(caps.guest_debug, "enforced", "KVM_CAP_SET_GUEST_DEBUG is missing"),
             "cr": {"status": "detected", "reason": "upstream KVM gives user space no CR-write exits: changes are observed at the vCPU's next exit"},
@@ -104,6 +139,15 @@ pub fn hello(hub: &Hub) -> Value {
             "descriptor-table": {"status": "unavailable", "reason": "upstream KVM does not exit on LGDT/LIDT/LLDT/LTR to user space"},
         },
     })
+}
+
+/// Whether the VM (running, or configured when none runs yet) has heki's
+/// doorbell, the only way hypercalls reach the VMM on this host.
+fn hypercalls_available(hub: &Hub) -> bool {
+    match hub.link() {
+        Some(link) => link.heki.is_some(),
+        None => hub.heki_configured.load(Ordering::Relaxed),
+    }
 }
 
 fn tracking_json(hub: &Hub) -> Value {

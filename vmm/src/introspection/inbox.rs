@@ -178,6 +178,15 @@ impl Inbox {
         }
     }
 
+    /// Whether the agent closed its end: the socket reports a hang-up
+    /// (both directions shut) even while lines it sent are still unread.
+    pub fn hung_up(&self) -> bool {
+        let mut fds = [PollFd::new(&self.stream, PollFlags::IN)];
+        let now = Timespec { tv_sec: 0, tv_nsec: 0 };
+        rustix::event::poll(&mut fds, Some(&now)).is_ok_and(|n| n > 0)
+            && fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR)
+    }
+
     /// Waits until the socket has bytes, for at most `timeout`.
     pub fn wait(&self, timeout: Duration) {
         wait_readable(&self.stream, None, Some(timeout));
@@ -203,19 +212,22 @@ impl Inbox {
                     state = self.returned.wait(state).unwrap_or_else(|p| p.into_inner());
                 }
             };
+            // A closed connection drops what it queued: its replies have no
+            // reader, and the next agent must not wait for them.
             let mut ended = false;
             for line in left {
-                ended |= line == Line::End;
-                if !ended {
-                    handle(line);
+                ended |= line == Line::End || self.hung_up();
+                if ended {
+                    break;
                 }
+                handle(line);
             }
             if !ended {
                 if let Err(e) = reader.receive(&self.stream) {
                     log::info!("introspection: the agent's connection failed: {e}");
                 }
                 while let Some(line) = reader.next_line() {
-                    if line == Line::End {
+                    if line == Line::End || self.hung_up() {
                         ended = true;
                         break;
                     }
@@ -314,7 +326,8 @@ mod tests {
         let left = borrowed.next_line();
         inbox.give_back(borrowed, left);
         assert!(inbox.try_borrow().is_none(), "older lines wait for introspect-rx");
-        drop(agent);
+        // Half-closed: the agent still reads the replies, so its lines run.
+        agent.shutdown(std::net::Shutdown::Write).expect("shutdown");
         let rx = inbox.clone();
         let seen = std::thread::spawn(move || {
             let mut seen = Vec::new();
@@ -324,5 +337,18 @@ mod tests {
         .join()
         .expect("rx thread");
         assert_eq!(seen, vec![text("{\"id\":7}").unwrap(), text("{\"id\":8}").unwrap()]);
+    }
+
+    #[test]
+    fn lines_queued_by_an_agent_that_closed_are_dropped() {
+        let (mut agent, vmm) = UnixStream::pair().expect("socketpair");
+        let inbox = Inbox::new(vmm).expect("inbox");
+        agent.write_all(b"{\"id\":1,\"cmd\":\"pause\"}\n{\"id\":2,\"cmd\":\"pause\"}\n").expect("write");
+        assert!(!inbox.hung_up());
+        drop(agent);
+        assert!(inbox.hung_up());
+        let mut seen = Vec::new();
+        inbox.read_loop(|line| seen.push(line));
+        assert_eq!(seen, Vec::<Line>::new(), "nothing runs for a closed connection");
     }
 }

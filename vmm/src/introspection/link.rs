@@ -77,6 +77,22 @@ pub enum Intercepted {
     Crash(VcpuEvent),
 }
 
+/// The `write` event of a tracked write. A write that touches a page the
+/// guest keeps private carries `"private": true` instead of its `value`:
+/// private bytes reach no one on the host, the agent included.
+fn write_event(gpa: u64, data: &[u8], heki_locked: bool, private: bool) -> EventLine {
+    let event = EventLine::new("write").num("gpa", gpa).num("size", data.len() as u64);
+    let event = if private {
+        event.flag("private", true)
+    } else {
+        let mut value = [0u8; 8];
+        let n = data.len().min(8);
+        value[..n].copy_from_slice(&data[..n]);
+        event.num("value", u64::from_le_bytes(value))
+    };
+    event.flag("heki_locked", heki_locked)
+}
+
 pub struct AgentLink {
     hub: Arc<Hub>,
     pub(super) traps: Arc<VmTraps>,
@@ -272,16 +288,9 @@ impl AgentLink {
         let mut tracked = tracked;
         loop {
             let action = if tracked {
-                let mut value = [0u8; 8];
-                let n = data.len().min(8);
-                value[..n].copy_from_slice(&data[..n]);
                 let locked = self.heki.as_ref().is_some_and(|h| h.write_is_locked(gpa, data.len()));
-                let event = EventLine::new("write")
-                    .num("gpa", gpa)
-                    .num("size", data.len() as u64)
-                    .num("value", u64::from_le_bytes(value))
-                    .flag("heki_locked", locked);
-                self.raise(vcpu, event)
+                let private = self.heki.as_ref().is_some_and(|h| h.range_is_private(gpa, data.len()));
+                self.raise(vcpu, write_event(gpa, data, locked, private))
             } else {
                 None
             };
@@ -293,7 +302,7 @@ impl AgentLink {
                 }
                 Some(Action::Deny) => {
                     if let Some(heki) = &self.heki {
-                        heki.on_denied_mmio_write(vcpu.id(), gpa, data, || VcpuAccess::exit_rip(&*vcpu));
+                        heki.on_denied_mmio_write(vcpu.id(), gpa, data, || crate::heki::ExitSite::of(&*vcpu));
                     }
                     return Intercepted::Handled;
                 }
@@ -307,7 +316,7 @@ impl AgentLink {
     /// always holds); otherwise the bytes land in RAM.
     fn perform_write(&self, vcpu: &Vcpu, gpa: u64, data: &[u8]) {
         match &self.heki {
-            Some(heki) => heki.on_unclaimed_mmio_write(vcpu.id(), gpa, data, || VcpuAccess::exit_rip(vcpu)),
+            Some(heki) => heki.on_unclaimed_mmio_write(vcpu.id(), gpa, data, || crate::heki::ExitSite::of(vcpu)),
             None => {
                 if self.traps.ram().contains(gpa, data.len() as u64)
                     && let Err(e) = self.ram.write_slice(data, GuestAddress(gpa))
@@ -507,6 +516,34 @@ impl AgentLink {
 
     // ---- socket thread side ----
 
+    /// CR tracking starts: each vCPU's CR0, CR3 and CR4 now are the
+    /// baseline its first change is reported against (read on its own thread).
+    pub(super) fn take_cr_baselines(&self) -> Result<(), AgentError> {
+        for id in 0..self.slots.len() {
+            let id = u8::try_from(id).map_err(|_| AgentError::new("ENOENT", "no such vCPU"))?;
+            let crs = self.on_vcpu(
+                id,
+                Box::new(|v| {
+                    let s = v.sregs().map_err(|e| AgentError::new("EIO", crate::error_chain(&e)))?;
+                    Ok(json!([s.cr0, s.cr3, s.cr4]))
+                }),
+            )?;
+            let crs: [u64; 3] =
+                serde_json::from_value(crs).map_err(|e| AgentError::new("EIO", format!("vCPU {id}: {e}")))?;
+            if let Some(slot) = self.slot(id) {
+                slot.lock().crs = Some(crs);
+            }
+        }
+        Ok(())
+    }
+
+    /// CR tracking stops: the next start takes fresh baselines.
+    pub(super) fn clear_cr_baselines(&self) {
+        for slot in &self.slots {
+            slot.lock().crs = None;
+        }
+    }
+
     /// Delivers the agent's reply to the vCPU waiting on event `seq`.
     pub(super) fn deliver(&self, seq: u64, action: Action) -> bool {
         for slot in &self.slots {
@@ -542,6 +579,11 @@ impl AgentLink {
                 state.request = None;
                 return Err(AgentError::new("ETIMEDOUT", format!("vCPU {id} did not answer")));
             }
+            if self.hub.agent_gone() {
+                // Nobody will read the result: the connection's work ends with it.
+                state.request = None;
+                return Err(AgentError::new("ECONNRESET", "the agent disconnected"));
+            }
             state =
                 slot.changed.wait_timeout(state, (deadline - now).min(WAIT_SLICE)).unwrap_or_else(|p| p.into_inner()).0;
         }
@@ -562,7 +604,7 @@ impl AgentLink {
         let mut state = slot.lock();
         while !state.parked {
             let now = Instant::now();
-            if now >= deadline || self.control.vcpus.is_stopping() {
+            if now >= deadline || self.control.vcpus.is_stopping() || self.hub.agent_gone() {
                 // A vCPU held elsewhere (an event, a VM pause) parks when it next reaches the gate.
                 return Ok(json!({"vcpu": id, "paused": true, "parked": false}));
             }
@@ -603,5 +645,29 @@ impl AgentLink {
         if std::mem::replace(&mut *paused, false) {
             self.control.vcpus.release();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(event: EventLine) -> Value {
+        serde_json::from_str(&event.finish()).expect("JSON")
+    }
+
+    #[test]
+    fn a_write_event_carries_the_value_of_a_shared_page() {
+        let event = parsed(write_event(0x5000, &[0x11, 0x22, 0, 0, 0, 0, 0, 0], false, false));
+        assert_eq!(event, json!({"event": "write", "gpa": 0x5000, "size": 8, "value": 0x2211, "heki_locked": false}));
+    }
+
+    #[test]
+    fn a_write_event_to_a_private_page_carries_no_byte_of_it() {
+        let data = [0x5e, 0xc7, 0xe7, 0x5e, 0xc7, 0xe7, 0x5e, 0xc7];
+        let line = write_event(0x5000, &data, false, true).finish();
+        let event: Value = serde_json::from_str(&line).expect("JSON");
+        assert_eq!(event, json!({"event": "write", "gpa": 0x5000, "size": 8, "private": true, "heki_locked": false}));
+        assert!(!line.contains(&u64::from_le_bytes(data).to_string()), "{line}");
     }
 }

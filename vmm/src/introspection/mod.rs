@@ -42,6 +42,8 @@ pub enum IntrospectionError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the introspection socket {path} is in use: another process (another VMM?) answers on it")]
+    InUse { path: PathBuf },
     #[error("cannot start the introspection thread")]
     Spawn(#[source] std::io::Error),
 }
@@ -140,6 +142,8 @@ pub struct Hub {
     link: RwLock<Option<Arc<AgentLink>>>,
     /// Configured vCPUs and RAM (for `hello` before boot).
     pub(crate) vm_shape: Mutex<(usize, Vec<(u64, u64)>)>,
+    /// Whether the configured VM runs heki (its doorbell carries hypercalls).
+    pub(crate) heki_configured: AtomicBool,
     seq: AtomicU64,
     /// `Tracking::raises_events` of the current tracking.
     armed: AtomicBool,
@@ -180,6 +184,12 @@ impl Hub {
             return None;
         }
         c.inbox.clone().map(|inbox| (c.generation, inbox))
+    }
+
+    /// Whether the agent has closed its connection (or there is none):
+    /// work it queued is then dropped, as nobody can read its replies.
+    pub(crate) fn agent_gone(&self) -> bool {
+        self.inbox().is_none_or(|(_, inbox)| inbox.hung_up())
     }
 
     /// Writes one line to the agent, in one write (the agent wakes once);
@@ -325,6 +335,7 @@ impl Introspection {
             tracking: RwLock::default(),
             link: RwLock::new(None),
             vm_shape: Mutex::new((0, Vec::new())),
+            heki_configured: AtomicBool::new(false),
             seq: AtomicU64::new(0),
             armed: AtomicBool::new(false),
             counters: Counters::default(),
@@ -350,8 +361,9 @@ impl Introspection {
     }
 
     /// Records the shape of the VM about to be built (for `hello` before boot).
-    pub fn set_vm_shape(&self, vcpus: usize, ram: Vec<(u64, u64)>) {
+    pub fn set_vm_shape(&self, vcpus: usize, ram: Vec<(u64, u64)>, heki: bool) {
         *lock(&self.hub.vm_shape) = (vcpus, ram);
+        self.hub.heki_configured.store(heki, Ordering::Relaxed);
     }
 }
 
@@ -369,13 +381,7 @@ impl Hub {
         let hub = Arc::downgrade(self);
         link.memory.enforcer().set_observer(Box::new(move |record| {
             if let Some(hub) = hub.upgrade() {
-                let mut event = json!({"event": "heki-violation"});
-                if let Value::Object(fields) = &mut event {
-                    for (key, value) in record.properties() {
-                        fields.insert(key.to_string(), json!(value));
-                    }
-                }
-                hub.send_async(event);
+                hub.send_async(violation_event(record));
             }
         }));
         *self.link.write().unwrap_or_else(|p| p.into_inner()) = Some(link);
@@ -393,11 +399,46 @@ impl Hub {
     }
 }
 
+/// A heki violation as the agent sees it: the fields every event has, as
+/// numbers (`vcpu`, `rip`, `cpl` when a vCPU caused it and they are known),
+/// and heki's details with numbers as numbers.
+fn violation_event(record: &heki::ViolationRecord) -> Value {
+    let mut event = serde_json::Map::new();
+    event.insert("event".into(), json!("heki-violation"));
+    event.insert("kind".into(), json!(record.kind.as_str()));
+    event.insert("action".into(), json!(record.action.as_str()));
+    let fields =
+        [("vcpu", record.vcpu.map(u64::from)), ("rip", record.rip), ("gpa", record.gpa), ("size", record.size)];
+    for (name, value) in fields {
+        if let Some(value) = value {
+            event.insert(name.into(), json!(value));
+        }
+    }
+    for (name, value) in &record.details {
+        // heki writes numbers in its details as hex ("0x…") or decimal strings.
+        let number = match value.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => value.parse::<u64>().ok(),
+        };
+        let value = match number {
+            Some(n) if name != "device" => json!(n),
+            _ => json!(value),
+        };
+        event.entry(name.clone()).or_insert(value);
+    }
+    Value::Object(event)
+}
+
 fn bind(path: &Path) -> Result<UnixListener, IntrospectionError> {
     let err = |source| IntrospectionError::Bind { path: path.to_path_buf(), source };
     if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
-        // A stale socket from an earlier run.
-        std::fs::remove_file(path).map_err(err)?;
+        // Removed only when stale (nobody listens: ECONNREFUSED); a live
+        // socket belongs to someone else, whose agent must not be cut off.
+        match UnixStream::connect(path) {
+            Ok(_) => return Err(IntrospectionError::InUse { path: path.to_path_buf() }),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => std::fs::remove_file(path).map_err(err)?,
+            Err(e) => return Err(err(e)),
+        }
     }
     // Created under a 0177 umask so it is never open to others, not even briefly.
     // SAFETY: umask only changes this process's file-creation mask; it is restored at once.
@@ -504,6 +545,51 @@ mod tests {
         assert!(tracking.tracks_range(0x4ffc, 8), "straddles into page 5");
         assert!(!tracking.tracks_range(0x7000, 8));
         assert_eq!(tracking.page_ranges(), vec![(5, 7), (9, 10)]);
+    }
+
+    #[test]
+    fn a_live_socket_at_the_path_is_refused_and_keeps_working() {
+        let dir = std::env::temp_dir().join(format!("hk-introspect-live-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("agent.sock");
+        let first = UnixListener::bind(&path).expect("the first VMM's socket");
+        let err = bind(&path).expect_err("a live socket must not be replaced");
+        assert!(matches!(&err, IntrospectionError::InUse { path: p } if *p == path), "{err:?}");
+        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+        // The first owner still accepts: the probe's connection, then a new one.
+        first.set_nonblocking(true).expect("nonblocking");
+        let _probe = first.accept();
+        let _client = UnixStream::connect(&path).expect("the first socket still answers");
+        assert!(first.accept().is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_stale_socket_at_the_path_is_replaced() {
+        let dir = std::env::temp_dir().join(format!("hk-introspect-stale-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("agent.sock");
+        // Dropping a listener leaves its file behind: nobody answers there.
+        drop(UnixListener::bind(&path).expect("bind"));
+        let listener = bind(&path).expect("a stale socket is replaced");
+        let _client = UnixStream::connect(&path).expect("the new socket answers");
+        assert!(listener.accept().is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_violation_event_has_numbers_as_numbers() {
+        let mut record = heki::ViolationRecord::new(heki::ViolationKind::Hypercall, heki::RecordedAction::Denied);
+        record.vcpu = Some(1);
+        record.rip = Some(0xffff_ffff_8100_0000);
+        record.details.insert("cpl".into(), "3".into());
+        record.details.insert("device".into(), "_rng".into());
+        record.details.insert("pinned".into(), "0x10".into());
+        assert_eq!(
+            violation_event(&record),
+            json!({"event": "heki-violation", "kind": "hypercall", "action": "denied", "vcpu": 1,
+                   "rip": 0xffff_ffff_8100_0000_u64, "cpl": 3, "device": "_rng", "pinned": 16})
+        );
     }
 
     #[test]

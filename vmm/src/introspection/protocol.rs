@@ -79,9 +79,19 @@ fn parse_compact_reply(line: &[u8]) -> Option<Incoming> {
     let (mut seq, mut action) = (None, None);
     for field in body.split(',') {
         let (key, value) = field.split_once(':')?;
-        match key {
+        let value = value.trim();
+        match key.trim() {
             "\"reply\"" if seq.is_none() => {
-                seq = Some(value.parse::<u64>().ok().filter(|_| value.bytes().all(|b| b.is_ascii_digit()))?)
+                // A JSON integer, or a decimal or 0x-hex string, as every number the agent sends.
+                let digits = value.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(value);
+                let quoted = digits.len() != value.len();
+                seq = Some(match digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
+                    Some(hex) if quoted && !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                        u64::from_str_radix(hex, 16).ok()?
+                    }
+                    _ if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => digits.parse().ok()?,
+                    _ => return None,
+                })
             }
             "\"action\"" if action.is_none() => {
                 action = Some(Action::parse(value.strip_prefix('"')?.strip_suffix('"')?)?)
@@ -94,16 +104,27 @@ fn parse_compact_reply(line: &[u8]) -> Option<Incoming> {
 
 /// Parses one line. An error carries the `id` to answer with, if one was found.
 pub fn parse_line(line: &[u8]) -> Result<Incoming, (Value, AgentError)> {
-    if let Some(reply) = parse_compact_reply(line) {
-        return Ok(reply);
+    match parse_compact_reply(line) {
+        Some(reply) => Ok(reply),
+        None => parse_full(line),
     }
+}
+
+/// `parse_line` through a JSON tree: every form, with its errors.
+fn parse_full(line: &[u8]) -> Result<Incoming, (Value, AgentError)> {
     let value: Value = serde_json::from_slice(line)
         .map_err(|e| (Value::Null, AgentError::inval(format!("not a JSON message: {e}"))))?;
     let Value::Object(mut object) = value else {
         return Err((Value::Null, AgentError::inval("a message is a JSON object")));
     };
     if let Some(seq) = object.get("reply") {
-        let seq = seq.as_u64().ok_or((Value::Null, AgentError::inval("reply: the event's seq, an integer")))?;
+        if let Some(unknown) = object.keys().find(|k| !matches!(k.as_str(), "reply" | "action")) {
+            return Err((Value::Null, AgentError::inval(format!("unknown field '{unknown}' in a reply"))));
+        }
+        let seq = number(seq).ok_or((
+            Value::Null,
+            AgentError::inval("reply: the event's seq, an integer or a decimal or 0x-hex string"),
+        ))?;
         let action = object
             .get("action")
             .and_then(Value::as_str)
@@ -114,6 +135,9 @@ pub fn parse_line(line: &[u8]) -> Result<Incoming, (Value, AgentError)> {
     let id = object.remove("id").unwrap_or(Value::Null);
     if !(id.is_u64() || id.is_string()) {
         return Err((Value::Null, AgentError::inval("a command needs an id (an integer or a string)")));
+    }
+    if let Some(unknown) = object.keys().find(|k| !matches!(k.as_str(), "cmd" | "args")) {
+        return Err((id, AgentError::inval(format!("unknown field '{unknown}' in a command"))));
     }
     let cmd = match object.get("cmd").and_then(Value::as_str) {
         Some(cmd) => cmd.to_string(),
@@ -198,6 +222,14 @@ pub fn number(value: &Value) -> Option<u64> {
 pub struct Args<'a>(pub &'a Map<String, Value>);
 
 impl Args<'_> {
+    /// Refuses any argument not in `known` (a misspelt one would otherwise be ignored).
+    pub fn only(&self, known: &[&str]) -> Result<(), AgentError> {
+        match self.0.keys().find(|k| !known.contains(&k.as_str())) {
+            Some(unknown) => Err(AgentError::inval(format!("unknown field 'args.{unknown}'"))),
+            None => Ok(()),
+        }
+    }
+
     pub fn u64(&self, key: &str) -> Result<u64, AgentError> {
         self.opt_u64(key)?.ok_or_else(|| AgentError::inval(format!("{key}: required")))
     }
@@ -281,9 +313,52 @@ mod tests {
         // Not the compact form: the full parser decides, with its errors.
         assert!(parse_compact_reply(br#"{"reply":12,"action":"deny","x":1}"#).is_none());
         assert!(parse_compact_reply(br#"{"reply":-1,"action":"deny"}"#).is_none());
-        assert!(parse_compact_reply(br#"{"reply":"12","action":"deny"}"#).is_none());
+        assert!(parse_compact_reply(br#"{"reply":0x12,"action":"deny"}"#).is_none(), "not JSON");
+        assert!(parse_compact_reply(br#"{"reply":"0x","action":"deny"}"#).is_none());
+        assert!(parse_compact_reply(br#"{"reply":"","action":"deny"}"#).is_none());
         assert!(parse_line(br#"{"reply":1,"action":"maybe"}"#).is_err());
         assert!(parse_compact_reply(br#"{"reply":1,"reply":2,"action":"deny"}"#).is_none());
+    }
+
+    #[test]
+    fn a_reply_seq_may_be_an_integer_a_decimal_string_or_a_hex_string() {
+        for line in [
+            &br#"{"reply":18,"action":"continue"}"#[..],
+            br#"{"reply":"18","action":"continue"}"#,
+            br#"{"reply":"0x12","action":"continue"}"#,
+            br#"{"action":"continue","reply":"0X12"}"#,
+            br#"{"reply": "0x12", "action": "continue"}"#,
+            br#"{ "reply" : "18" , "action" : "continue" }"#,
+        ] {
+            let text = String::from_utf8_lossy(line);
+            let want = Incoming::Reply { seq: 18, action: Action::Continue };
+            assert_eq!(
+                parse_compact_reply(line),
+                Some(Incoming::Reply { seq: 18, action: Action::Continue }),
+                "{text}"
+            );
+            // The full parser agrees (the fast one is only a shortcut).
+            assert_eq!(parse_full(line), Ok(want), "{text}");
+        }
+        for bad in [&br#"{"reply":"0xzz","action":"continue"}"#[..], br#"{"reply":"-1","action":"continue"}"#] {
+            assert_eq!(parse_line(bad).map_err(|e| e.1.errno), Err("EINVAL"), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let refusal = |line: &[u8]| parse_line(line).map_err(|(id, e)| (id, e.errno, e.message));
+        let (id, errno, message) = refusal(br#"{"id": 4, "cmd": "hello", "arg": {}}"#).expect_err("refused");
+        assert_eq!((id, errno), (json!(4), "EINVAL"));
+        assert!(message.contains("'arg'"), "{message}");
+        let (_, errno, message) = refusal(br#"{"reply": 3, "action": "deny", "vcpu": 0}"#).expect_err("refused");
+        assert_eq!(errno, "EINVAL");
+        assert!(message.contains("'vcpu'"), "{message}");
+        let args = json!({"gpa": 1, "sise": 8});
+        let Value::Object(args) = args else { unreachable!() };
+        let err = Args(&args).only(&["gpa", "size"]).expect_err("refused");
+        assert_eq!((err.errno, err.message.as_str()), ("EINVAL", "unknown field 'args.sise'"));
+        assert!(Args(&args).only(&["gpa", "sise"]).is_ok());
     }
 
     #[test]
