@@ -243,9 +243,14 @@ fn linux_locks_itself_and_every_simulated_rootkit_attack_fails() {
     }
     assert_eq!(attack(&serial, "remap-text")["victim"], "42", "the original code ran");
     // A private CR3: the patched copy ran until the VMM put the top-level
-    // entry back in the attacker's own top-level page.
+    // entry back in the attacker's own top-level page (`restored`), or, if a
+    // check fell between loading CR3 and the first call, never (`refused`).
     let cr3 = attack(&serial, "private-cr3");
-    assert_eq!((cr3["result"].as_str(), cr3["first"].as_str()), ("restored", "1337"), "{cr3:?}\n{}", ctx());
+    match cr3["result"].as_str() {
+        "restored" => assert_eq!(cr3["first"], "1337", "{cr3:?}"),
+        "refused" => assert_eq!(cr3["first"], "42", "{cr3:?}"),
+        _ => panic!("private-cr3: {cr3:?}\n{}", ctx()),
+    }
     assert_eq!(cr3["top_entry"], "restored", "{cr3:?}");
     // The IDT page is locked: a gate rewritten through a fresh alias is dropped.
     let idt = attack(&serial, "idt-alias");
