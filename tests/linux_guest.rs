@@ -195,10 +195,14 @@ fn linux_locks_itself_and_every_simulated_rootkit_attack_fails() {
     let ctx = || format!("{}\nevents: {events:#?}", vm.report());
 
     // dmesg: what was locked and pinned, in one line.
-    assert!(lock.contains(" r-x and rodata ") && lock.contains("r--, immutable"), "{lock}");
+    assert!(
+        lock.contains(" r-x and rodata ") && lock.contains(" and idt ") && lock.contains("r--, immutable"),
+        "{lock}"
+    );
+    assert!(lock.contains("; mappings text rodata idt locked;"), "{lock}");
     assert!(
         lock.contains("pinned CR0.WP CR4 ")
-            && lock.contains("STAR LSTAR CSTAR SFMASK SYSENTER_CS SYSENTER_ESP SYSENTER_EIP on 1 CPU"),
+            && lock.contains("STAR LSTAR CSTAR SFMASK SYSENTER_CS SYSENTER_ESP SYSENTER_EIP EFER IDTR GDTR on 1 CPU;"),
         "{lock}"
     );
     let pages: u64 = after(&lock, "immutable,").parse().expect("page count");
@@ -229,11 +233,63 @@ fn linux_locks_itself_and_every_simulated_rootkit_attack_fails() {
     let lstar = attack(&serial, "lstar");
     assert_eq!(lstar["result"], "gp", "{lstar:?}");
 
+    // The attacks that remap instead of writing (issue 19). A page-table
+    // entry rewritten in place is dropped at the write: the tables under a
+    // locked range are locked.
+    for name in ["remap-text", "remap-rodata"] {
+        let a = attack(&serial, name);
+        assert_eq!(a["result"], "dropped", "{name}: {a:?}\n{}", ctx());
+        expected_writes.push(hex(&a["entry_pa"]));
+    }
+    assert_eq!(attack(&serial, "remap-text")["victim"], "42", "the original code ran");
+    // A private CR3: the patched copy ran until the VMM put the top-level
+    // entry back in the attacker's own top-level page (`restored`), or, if a
+    // check fell between loading CR3 and the first call, never (`refused`).
+    let cr3 = attack(&serial, "private-cr3");
+    match cr3["result"].as_str() {
+        "restored" => assert_eq!(cr3["first"], "1337", "{cr3:?}"),
+        "refused" => assert_eq!(cr3["first"], "42", "{cr3:?}"),
+        _ => panic!("private-cr3: {cr3:?}\n{}", ctx()),
+    }
+    assert_eq!(cr3["top_entry"], "restored", "{cr3:?}");
+    // The IDT page is locked: a gate rewritten through a fresh alias is dropped.
+    let idt = attack(&serial, "idt-alias");
+    assert_eq!(idt["result"], "dropped", "{idt:?}\n{}", ctx());
+    expected_writes.push(hex(&idt["gpa"]));
+    // IDTR is pinned: an attacker's IDT is replaced by the pinned one.
+    let lidt = attack(&serial, "lidt");
+    assert_eq!(lidt["result"], "restored", "{lidt:?}\n{}", ctx());
+    let lidt_us: u64 = lidt["after_us"].parse().expect("after_us");
+    assert!(lidt_us < 250_000, "IDTR came back after {lidt_us} us");
+    // EFER is pinned through the MSR filter.
+    let efer = attack(&serial, "efer");
+    assert_eq!(efer["result"], "gp", "{efer:?}\n{}", ctx());
+    // Runtime text patching after the lock returns without writing, warns
+    // once, and never oopses; the hypervisor never sees a write.
+    assert_eq!(attack(&serial, "textpoke")["result"], "refused", "{}", ctx());
+    assert!(serial.contains("heki: kernel text is locked by the hypervisor: runtime text patching"), "{}", ctx());
+    assert!(!serial.contains("Oops") && !serial.contains("kernel BUG"), "{}", ctx());
+
     // One violation per attack, exactly, and nothing else.
     let writes = violations(&events, "write");
     let gpas: Vec<u64> = writes.iter().map(|e| hex(e["properties"]["gpa"].as_str().unwrap_or("?"))).collect();
     assert_eq!(gpas, expected_writes, "write violations\n{}", ctx());
     assert!(writes.iter().all(|e| e["properties"]["action"] == "denied"));
+    // The entry writes are whole 8-byte stores, the gate write 2 bytes.
+    let sizes: Vec<&str> = writes.iter().map(|e| e["properties"]["size"].as_str().unwrap_or("?")).collect();
+    assert_eq!(&sizes[sizes.len() - 3..], ["8", "8", "2"], "{}", ctx());
+    let translation = violations(&events, "translation");
+    assert_eq!(translation.len(), 1, "translation violations\n{}", ctx());
+    let t = &translation[0]["properties"];
+    assert_eq!(t["action"], "restored");
+    assert!(hex(t["va"].as_str().unwrap_or("?")) >= 0xffff_ffff_8000_0000, "a kernel-text VA: {t}");
+    let dtr = violations(&events, "descriptor-table");
+    assert_eq!(dtr.len(), 1, "descriptor-table violations\n{}", ctx());
+    let d = &dtr[0]["properties"];
+    assert_eq!((d["register"].as_str(), d["action"].as_str()), (Some("idtr"), Some("restored")), "{d}");
+    // The attacker's base, and the pinned one: the IDT alias in the CPU entry area.
+    assert_eq!(hex(d["value"].as_str().unwrap_or("?")), hex(&lidt["fake"]), "{d}");
+    assert_eq!(hex(d["pinned"].as_str().unwrap_or("?")), 0xffff_fe00_0000_0000, "{d}");
     let cr = violations(&events, "cr");
     assert_eq!(cr.len(), expected_cr, "cr violations\n{}", ctx());
     for e in &cr {
@@ -242,29 +298,52 @@ fn linux_locks_itself_and_every_simulated_rootkit_attack_fails() {
         assert_eq!(p["action"], "restored");
     }
     let msr = violations(&events, "msr");
-    assert_eq!(msr.len(), 1, "msr violations\n{}", ctx());
+    assert_eq!(msr.len(), 2, "msr violations\n{}", ctx());
     let m = &msr[0]["properties"];
     assert_eq!(m["msr"], "0xc0000082");
     assert_eq!(m["action"], "denied");
     assert_eq!(hex(m["value"].as_str().unwrap_or("?")), hex(&lstar["hook"]));
     assert_eq!(hex(m["pinned"].as_str().unwrap_or("?")), hex(&lstar["value"]));
+    let m = &msr[1]["properties"];
+    assert_eq!((m["msr"].as_str(), m["action"].as_str()), (Some("0xc0000080"), Some("denied")), "{m}");
+    assert_eq!(hex(m["value"].as_str().unwrap_or("?")), hex(&efer["value"]));
+    assert_eq!(hex(m["pinned"].as_str().unwrap_or("?")), hex(&efer["orig"]));
     let all: Vec<_> = events.iter().filter(|e| e["event"] == "violation").collect();
-    assert_eq!(all.len(), expected_writes.len() + expected_cr + 1, "no other violation\n{}", ctx());
+    let expected_all = expected_writes.len() + expected_cr + msr.len() + translation.len() + dtr.len();
+    assert_eq!(all.len(), expected_all, "no other violation\n{}", ctx());
     let protected: Vec<_> = events.iter().filter(|e| e["event"] == "protected").collect();
     assert_eq!(protected.len(), 1, "{protected:?}");
     assert_eq!(protected[0]["properties"]["pages"], pages.to_string());
     assert_eq!(protected[0]["properties"]["by"], "guest");
+    // Three translations locked: text, rodata, and the IDT alias in the CPU entry area.
+    let mapped: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "mappings-locked")
+        .map(|e| e["properties"]["va"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(mapped.len(), 3, "{}", ctx());
+    assert_eq!(mapped[2], "0xfffffe0000000000", "CPU_ENTRY_AREA_RO_IDT");
+    let table_pages: u64 = events
+        .iter()
+        .filter(|e| e["event"] == "mappings-locked")
+        .map(|e| e["properties"]["table_pages"].as_str().unwrap_or("0").parse::<u64>().unwrap_or(0))
+        .sum();
 
-    // vm.heki, read while the guest still ran: the locked pages and the pins.
-    assert_eq!(heki["protected_pages"], pages, "{heki}");
+    // vm.heki, read while the guest still ran: the locked pages (the page
+    // tables under the locked translations too) and the pins.
+    let locked = heki["protected_pages"].as_u64().expect("protected_pages");
+    assert!(locked > pages && locked <= pages + table_pages, "{locked} pages: {pages} + at most {table_pages}\n{heki}");
+    assert_eq!(heki["translations"]["ranges"].as_array().map(Vec::len), Some(3), "{heki}");
     // ...and the ranges themselves, as dmesg names them: text r-x, rodata r--, both immutable.
     let range = |word: &str| {
         let (start, end) = after(&lock, word).split_once('-').unwrap_or_else(|| panic!("{word} range in {lock}"));
         (hex(start), hex(end))
     };
-    for ((start, end), permissions) in
-        [(range("text"), vec!["read", "exec", "immutable"]), (range("rodata"), vec!["read", "immutable"])]
-    {
+    for ((start, end), permissions) in [
+        (range("text"), vec!["read", "exec", "immutable"]),
+        (range("rodata"), vec!["read", "immutable"]),
+        (range("idt"), vec!["read", "immutable"]),
+    ] {
         let listed = heki["protected_ranges"].as_array().expect("protected_ranges").iter().any(|r| {
             r["gpa"] == start && r["size"] == end - start && r["permissions"] == serde_json::json!(permissions)
         });
@@ -282,9 +361,14 @@ fn linux_locks_itself_and_every_simulated_rootkit_attack_fails() {
         .collect();
     let mut pinned: Vec<u64> = msrs.keys().copied().collect();
     pinned.sort_unstable();
-    assert_eq!(pinned, [0x174, 0x175, 0x176, 0xc000_0081, 0xc000_0082, 0xc000_0083, 0xc000_0084], "{heki}");
+    assert_eq!(
+        pinned,
+        [0x174, 0x175, 0x176, 0xc000_0080, 0xc000_0081, 0xc000_0082, 0xc000_0083, 0xc000_0084],
+        "{heki}"
+    );
     assert_eq!(msrs[&0xc000_0082], hex(&lstar["value"]));
-    assert_eq!(heki["counters"]["violations"], (expected_writes.len() + expected_cr + 1) as u64, "{heki}");
+    assert_eq!(msrs[&0xc000_0080], hex(&efer["orig"]));
+    assert_eq!(heki["counters"]["violations"], expected_all as u64, "{heki}");
 }
 
 #[test]
@@ -305,9 +389,67 @@ fn with_heki_off_on_the_command_line_every_simulated_attack_lands() {
     }
     assert_eq!(attack(&serial, "wp")["result"], "stayed-clear");
     assert_eq!(attack(&serial, "lstar")["result"], "landed");
+    // Without heki every remap lands: the patched copy runs, the constant
+    // changes through its own address, the IDT gate changes (and is seen
+    // through IDTR), IDTR and EFER stay as the attacker set them, and
+    // text_poke() patches text. Each is undone.
+    for name in ["remap-text", "remap-rodata", "idt-alias", "efer", "textpoke"] {
+        let a = attack(&serial, name);
+        assert_eq!((a["result"].as_str(), a["undo"].as_str()), ("landed", "done"), "{name}: {a:?}");
+    }
+    assert_eq!(attack(&serial, "remap-text")["victim"], "1337");
+    assert_eq!(attack(&serial, "idt-alias")["via_idtr"], "changed");
+    let cr3 = attack(&serial, "private-cr3");
+    assert_eq!((cr3["result"].as_str(), cr3["first"].as_str()), ("landed", "1337"), "{cr3:?}");
+    assert_eq!(attack(&serial, "lidt")["result"], "stayed");
+    assert!(!serial.contains("Oops") && !serial.contains("kernel BUG"), "{serial}");
     assert!(
-        events.iter().all(|e| e["event"] != "violation" && e["event"] != "protected" && e["event"] != "pinned"),
+        events
+            .iter()
+            .all(|e| !["violation", "protected", "pinned", "mappings-locked"]
+                .contains(&e["event"].as_str().unwrap_or(""))),
         "{events:#?}"
+    );
+}
+
+/// `heki.translation = false` clears LOCK_MAPPINGS from the feature bits, as a
+/// hypervisor of ABI revision 0 would: the guest says so in its line and
+/// carries on; the page locks and pins still hold, but the remaps land with no
+/// event at all. This is the gap of issue 19 that the translation locks close.
+#[test]
+fn without_translation_locks_the_remaps_land_unseen_and_the_rest_holds() {
+    require_kvm!();
+    let guest = linux_guest("heki");
+    let mut vm =
+        LinuxVm::start("linux-heki-notrans", &guest, CMDLINE, &["--heki", "enabled=on,policy=deny,translation=false"]);
+    let lock = vm.wait_for_line("heki: locked");
+    vm.wait_for_line("heki-test: done");
+    vm.wait_for_guest_end();
+    let serial = vm.serial();
+    let events = vm.events();
+    let ctx = || format!("{}\nevents: {events:#?}", vm.report());
+    assert!(lock.contains("; mappings not locked (LOCK_MAPPINGS unavailable);"), "{lock}");
+    assert!(lock.contains(" EFER IDTR GDTR on 1 CPU;"), "{lock}");
+    for name in ["remap-text", "remap-rodata"] {
+        let a = attack(&serial, name);
+        assert_eq!((a["result"].as_str(), a["undo"].as_str()), ("landed", "done"), "{name}: {a:?}\n{}", ctx());
+    }
+    assert_eq!(attack(&serial, "private-cr3")["result"], "landed", "{}", ctx());
+    // What does not depend on translations still holds.
+    assert_eq!(attack(&serial, "idt-alias")["result"], "dropped", "{}", ctx());
+    assert_eq!(attack(&serial, "lidt")["result"], "restored", "{}", ctx());
+    assert_eq!(attack(&serial, "efer")["result"], "gp", "{}", ctx());
+    assert_eq!(attack(&serial, "textpoke")["result"], "refused", "{}", ctx());
+    assert!(violations(&events, "translation").is_empty(), "{}", ctx());
+    assert!(!events.iter().any(|e| e["event"] == "mappings-locked"), "{}", ctx());
+    // No write violation at the page-table entries the remaps changed.
+    let entries = [hex(&attack(&serial, "remap-text")["entry_pa"]), hex(&attack(&serial, "remap-rodata")["entry_pa"])];
+    assert!(
+        violations(&events, "write")
+            .iter()
+            .all(|e| !entries.contains(&hex(e["properties"]["gpa"].as_str().unwrap_or("0")))),
+        "{}",
+        ctx()
     );
 }
 

@@ -5,7 +5,7 @@
 # which is the serial console.
 echo "init: userspace up"
 mount -t proc proc /proc
-for attack in text rodata wp lstar; do
+for attack in text rodata wp lstar remap-text remap-rodata private-cr3 idt-alias lidt efer textpoke; do
     echo "$attack" >/proc/heki_test || echo "heki-test: $attack: result=unavailable"
 done
 echo "heki-test: done"
