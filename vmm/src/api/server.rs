@@ -26,7 +26,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::routes::{Resolved, resolve};
+use super::routes::{Dialect, Resolved, resolve};
 use super::{ApiError, ApiMessage, ApiResult};
 
 /// Limits that protect the VMM from misbehaving clients.
@@ -157,8 +157,8 @@ fn error_response(status: u16, context: &str, message: &str) -> Response<Full<By
     respond(status, Some(serde_json::Value::from(chain)))
 }
 
-fn api_error(context: &str, e: &ApiError) -> Response<Full<Bytes>> {
-    error_response(e.status(), context, &e.to_string())
+fn api_error(context: &str, e: &ApiError, dialect: Dialect) -> Response<Full<Bytes>> {
+    error_response(e.status(dialect), context, &e.to_string())
 }
 
 /// Marks a response as the connection's last: the rest of the request body
@@ -199,7 +199,7 @@ async fn answer(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<By
         Resolved::NotFound => return error_response(404, &format!("unknown endpoint {path}"), ""),
         Resolved::NotImplemented(name, feature) => {
             let message = format!("Hekivisor does not implement {name} ({feature}), a Cloud Hypervisor endpoint");
-            return error_response(404, &format!("{name} failed"), &message);
+            return error_response(501, &format!("{name} failed"), &message);
         }
         Resolved::MethodNotAllowed(allow) => {
             let context = format!("{} {path} failed", req.method());
@@ -223,7 +223,7 @@ async fn answer(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<By
     };
     let request = match route.decode(&bytes) {
         Ok(r) => r,
-        Err(e) => return api_error(&context, &e),
+        Err(e) => return api_error(&context, &e, route.dialect()),
     };
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
     let sent = shared.to_vmm.send(ApiMessage { request, reply: reply_tx }).is_ok();
@@ -237,6 +237,6 @@ async fn answer(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<By
     match result {
         Ok(Some(json)) => respond(StatusCode::OK, Some(json)),
         Ok(None) => respond(StatusCode::NO_CONTENT, None),
-        Err(e) => api_error(&context, &e),
+        Err(e) => api_error(&context, &e, route.dialect()),
     }
 }

@@ -44,6 +44,7 @@ fn fake_vmm(requests: Receiver<ApiMessage>, wake: EventFd) {
                 ApiRequest::VmPause => Err(ApiError::Conflict("cannot pause a VM in state Created".into())),
                 ApiRequest::VmResume => Err(ApiError::NotFound("no VM has been created".into())),
                 ApiRequest::VmCounters => Err(ApiError::Internal("counters broke".into())),
+                ApiRequest::VmHeki => Err(ApiError::Conflict("heki is not enabled for this VM".into())),
                 ApiRequest::VmHekiPolicy(policy) => Ok(Some(json!({ "policy": policy }))),
                 ApiRequest::VmHekiProtect(body) | ApiRequest::VmHekiPin(body) => Ok(Some(body)),
                 // Drops the reply unanswered.
@@ -172,7 +173,7 @@ fn the_wire_format_is_cloud_hypervisors() {
     assert!(!head.contains("Content-Length") && body.is_empty(), "{head:?}");
     // Errors: status alone, then a JSON array of strings, outermost first.
     let (head, body) = raw_exchange(&mut stream, b"PUT /api/v1/vm.pause HTTP/1.1\r\nHost: localhost\r\n\r\n");
-    assert!(head.starts_with("HTTP/1.1 409 \r\n"), "{head:?}");
+    assert!(head.starts_with("HTTP/1.1 500 \r\n"), "a state conflict answers as Cloud Hypervisor: {head:?}");
     let chain: Vec<String> = serde_json::from_str(&body).expect("array of strings");
     assert_eq!(chain, ["Error from API", "vm.pause failed", "cannot pause a VM in state Created"]);
     let (head, _) = raw_exchange(&mut stream, b"GET /api/v1/vm.nope HTTP/1.1\r\nHost: localhost\r\n\r\n");
@@ -186,8 +187,13 @@ fn the_wire_format_is_cloud_hypervisors() {
 fn vmm_errors_map_to_their_status_codes() {
     let server = TestServer::start("errors", Duration::from_secs(10));
     assert_eq!(server.request("PUT", "vm.create", Some(GOOD_CONFIG)).status, 204);
-    assert_json_error(&server.request("PUT", "vm.create", Some(GOOD_CONFIG)), 409, "already exists");
-    assert_json_error(&server.request("PUT", "vm.pause", None), 409, "cannot pause");
+    // State conflicts on Cloud Hypervisor's endpoints answer as Cloud Hypervisor does.
+    assert_json_error(&server.request("PUT", "vm.create", Some(GOOD_CONFIG)), 500, "already exists");
+    assert_json_error(&server.request("PUT", "vm.pause", None), 500, "cannot pause");
+    // On our own endpoints a conflict is a 409.
+    assert_json_error(&server.request("GET", "vm.heki", None), 409, "heki is not enabled");
+    // A Cloud Hypervisor endpoint we lack: 501, named.
+    assert_json_error(&server.request("PUT", "vm.snapshot", Some("{}")), 501, "does not implement vm.snapshot");
     assert_json_error(&server.request("PUT", "vm.resume", None), 404, "no VM");
     assert_json_error(&server.request("GET", "vm.counters", None), 500, "counters broke");
     assert_json_error(&server.request("PUT", "vm.delete", None), 500, "dropped");
@@ -306,8 +312,8 @@ fn keep_alive_connections_serve_many_requests() {
         let body = api_client::simple_api_command(&mut stream, "GET", "vm.info", None).expect("info");
         assert_eq!(body.as_deref(), Some(r#"{"state":"Running"}"#));
     }
-    let err = api_client::simple_api_command(&mut stream, "PUT", "vm.pause", None).expect_err("409");
-    assert_eq!(err.status(), Some(409));
+    let err = api_client::simple_api_command(&mut stream, "PUT", "vm.pause", None).expect_err("conflict");
+    assert_eq!(err.status(), Some(500));
 }
 
 #[test]
