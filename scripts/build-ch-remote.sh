@@ -10,7 +10,10 @@
 # ordinary registry access. CH depends on micro-http as a git dependency; give
 # a local micro-http checkout (at the commit in CH's Cargo.lock) as the second
 # argument, or put it next to the CH checkout as `micro-http`. The override is
-# passed on cargo's command line, so the CH checkout's files are not modified.
+# passed on cargo's command line; cargo rewrites CH's Cargo.lock for it, and the
+# script puts the original back afterwards, so the checkout is left as it was
+# (the binary still calls itself `v53.0-dirty`: CH's build.rs ran `git describe`
+# while the lock file was changed).
 # QUICK=1 builds without LTO and with 16 codegen units (minutes instead of
 # tens of minutes on a small machine; the client's behaviour is the same).
 # Prints the path of the built binary on stdout.
@@ -33,6 +36,9 @@ if [ "${QUICK:-0}" = 1 ]; then
     quick=(--config profile.release.lto=false --config profile.release.codegen-units=16)
 fi
 cd "$ch"
+lock=$(mktemp)
+cp Cargo.lock "$lock"
+trap 'cp "$lock" "$ch/Cargo.lock"; rm -f "$lock"' EXIT
 nice -n 10 cargo build --release --bin ch-remote \
     --config "patch.'https://github.com/firecracker-microvm/micro-http'.micro_http.path='$micro_http'" "${quick[@]}" >&2
 echo "${CARGO_TARGET_DIR:-$ch/target}/release/ch-remote"

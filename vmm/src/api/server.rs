@@ -194,22 +194,18 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
 
 async fn answer(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
-    let route = match resolve(req.method().as_str(), &path) {
-        Resolved::Request(route) => route,
-        Resolved::NotFound => return error_response(404, &format!("unknown endpoint {path}"), ""),
-        Resolved::NotImplemented(name, feature) => {
-            let message = format!("Hekivisor does not implement {name} ({feature}), a Cloud Hypervisor endpoint");
-            return error_response(501, &format!("{name} failed"), &message);
-        }
-        Resolved::MethodNotAllowed(allow) => {
-            let context = format!("{} {path} failed", req.method());
-            let mut response =
-                error_response(405, &context, &format!("{} is not allowed here; use {allow}", req.method()));
-            response.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
-            return response;
-        }
+    let method = req.method().clone();
+    let resolved = resolve(method.as_str(), &path);
+    let context = match &resolved {
+        Resolved::Request(route) => format!("{} failed", route.path),
+        Resolved::NotImplemented(name, _) => format!("{name} failed"),
+        Resolved::NotFound => format!("unknown endpoint {path}"),
+        Resolved::MethodNotAllowed(_) => format!("{method} {path} failed"),
     };
-    let context = format!("{} failed", route.path);
+    // The whole body is read before any answer, even one that does not need
+    // it: Cloud Hypervisor's client writes its headers and its body in
+    // separate writes, and a connection closed before the body arrived makes
+    // it fail with EPIPE instead of printing our answer.
     let limits = shared.limits;
     let body = Limited::new(req.into_body(), limits.max_body);
     let bytes = match tokio::time::timeout(limits.read_timeout, body.collect()).await {
@@ -220,6 +216,19 @@ async fn answer(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<By
         }
         Ok(Err(e)) => return error_response(400, &context, &format!("cannot read the request body: {e}")),
         Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    let route = match resolved {
+        Resolved::Request(route) => route,
+        Resolved::NotFound => return error_response(404, &context, ""),
+        Resolved::NotImplemented(name, feature) => {
+            let message = format!("Hekivisor does not implement {name} ({feature}), a Cloud Hypervisor endpoint");
+            return error_response(501, &context, &message);
+        }
+        Resolved::MethodNotAllowed(allow) => {
+            let mut response = error_response(405, &context, &format!("{method} is not allowed here; use {allow}"));
+            response.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+            return response;
+        }
     };
     let request = match route.decode(&bytes) {
         Ok(r) => r,

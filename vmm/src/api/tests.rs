@@ -199,6 +199,31 @@ fn vmm_errors_map_to_their_status_codes() {
     assert_json_error(&server.request("PUT", "vm.delete", None), 500, "dropped");
 }
 
+/// Cloud Hypervisor's client sends its headers and its body in separate
+/// writes. Every answer, even one that does not need the body (an endpoint we
+/// lack, a wrong method), waits for it, so the client's body write never
+/// meets a closed connection and it reads our answer on the same connection.
+#[test]
+fn answers_that_ignore_the_body_still_wait_for_it() {
+    let server = TestServer::start("late-body", Duration::from_secs(10));
+    let body = r#"{"desired_vcpus":2}"#;
+    for (method, path, status) in [("PUT", "vm.resize", "501"), ("GET", "vm.boot", "405"), ("PUT", "vm.nope", "404")] {
+        let mut stream = UnixStream::connect(&server.socket).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let head = format!("{method} /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n");
+        stream.write_all(head.as_bytes()).expect("request line");
+        stream.write_all(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes()).expect("headers");
+        std::thread::sleep(Duration::from_millis(100));
+        stream.write_all(body.as_bytes()).expect("the body is still welcome after the headers were answered");
+        let (head, answer) = raw_exchange(&mut stream, b"");
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} \r\n")), "{method} {path}: {head:?}");
+        assert!(answer.starts_with("[\"Error from API\""), "{answer}");
+        // The connection is still usable.
+        let (head, _) = raw_exchange(&mut stream, b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 200 \r\n"), "{head:?}");
+    }
+}
+
 #[test]
 fn routing_errors_are_404_and_405_with_allow() {
     let server = TestServer::start("routing", Duration::from_secs(10));
