@@ -6,6 +6,7 @@ pub mod cpuid;
 pub mod exit;
 pub mod gate;
 pub mod kick;
+mod topology;
 mod vcpu_thread;
 
 pub use boot_state::boot_registers;
