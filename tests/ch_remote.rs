@@ -108,7 +108,7 @@ impl ChRemote {
     }
 
     /// The command fails, and `ch-remote` names `status` and prints `needle`.
-    fn refused(&mut self, args: &[&str], stdin: Option<&str>, status: &str, needle: &str) {
+    fn refused(&mut self, args: &[&str], stdin: Option<&str>, status: &str, needle: &str) -> Outcome {
         let out = self.run(args, stdin);
         assert!(!out.success, "{args:?} succeeded: {out:?}");
         assert!(out.stderr.contains(&format!("Server responded with {status}\n")), "{args:?}: {}", out.stderr);
@@ -116,6 +116,7 @@ impl ChRemote {
         assert!(out.stderr.contains(needle), "{args:?}: {} lacks {needle:?}", out.stderr);
         assert!(!out.stderr.contains("Unknown"), "{args:?}: a status ch-remote cannot name: {}", out.stderr);
         assert!(!out.stderr.contains("Can't get remote's error messages"), "{args:?}: {}", out.stderr);
+        out
     }
 
     fn state(&mut self) -> String {
@@ -185,6 +186,12 @@ fn the_real_ch_remote_drives_the_whole_matrix() {
     let wrong_type = write("type.json", &config.replace("\"size\":134217728", "\"size\":\"big\""));
     ch.refused(&["create", &wrong_type], None, "BadRequest", "memory.size");
     ch.refused(&["create", "-"], Some(""), "BadRequest", "invalid JSON");
+    // Kata's body: every field we lack, one per line of what ch-remote prints.
+    let kata = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kata-clh-vm-create.json");
+    let out = ch.refused(&["create", kata], None, "BadRequest", "fs: not supported by Hekivisor");
+    for field in ["vsock", "platform.num_pci_segments", "memory.hotplug_size", "memory.shared"] {
+        assert!(out.stderr.contains(&format!(": {field}: not supported by Hekivisor")), "{field}: {}", out.stderr);
+    }
 
     // Created, from a file.
     ch.done(&["create", config_path]);

@@ -27,9 +27,9 @@ pub fn vcpu_cpuid(
     extra: &[CpuidEntry],
 ) -> Vec<CpuidEntry> {
     let mut table: Vec<CpuidEntry> = supported.to_vec();
-    if topology.dies_per_package > 1 {
-        add_die_level(&mut table);
-    }
+    // Every level we describe, and the invalid one that ends the list.
+    add_sub_leaves(&mut table, LEAF_EXT_TOPOLOGY, 3);
+    add_sub_leaves(&mut table, LEAF_EXT_TOPOLOGY_V2, if topology.dies_per_package > 1 { 4 } else { 3 });
     let per_package = topology.per_package();
     for entry in table.iter_mut() {
         match entry.function {
@@ -62,16 +62,20 @@ pub fn vcpu_cpuid(
     table
 }
 
-/// Leaf 0x1F needs sub-leaves 2 (the die level) and 3 (the end of the list)
-/// when there are several dies; a host with one die may offer fewer.
-fn add_die_level(table: &mut Vec<CpuidEntry>) {
-    let Some(first) = table.iter().find(|e| e.function == LEAF_EXT_TOPOLOGY_V2).copied() else { return };
-    for index in 0..=3 {
-        if !table.iter().any(|e| e.function == LEAF_EXT_TOPOLOGY_V2 && e.index == index) {
-            table.push(CpuidEntry { index, ..first });
+/// Makes sure `leaf`, if the host offers it at all, has sub-leaves
+/// `0..count`: a host may list fewer levels than the guest's topology has
+/// (one with a single core per package lists only the SMT level).
+fn add_sub_leaves(table: &mut Vec<CpuidEntry>, leaf: u32, count: u32) {
+    let Some(first) = table.iter().find(|e| e.function == leaf).copied() else { return };
+    for index in 0..count {
+        if !table.iter().any(|e| e.function == leaf && e.index == index) {
+            table.push(CpuidEntry { index, flags: first.flags | KVM_CPUID_FLAG_SIGNIFCANT_INDEX, ..first });
         }
     }
 }
+
+/// KVM_CPUID_FLAG_SIGNIFCANT_INDEX (KVM's spelling): the sub-leaf matters.
+const KVM_CPUID_FLAG_SIGNIFCANT_INDEX: u32 = 1;
 
 /// Leaf 4 (deterministic cache parameters), one sub-leaf per cache:
 /// EAX[25:14] is the number of APIC ids sharing the cache - 1 (L1 and L2
@@ -146,7 +150,8 @@ mod tests {
         l4_l1.eax = 1 << 5; // level 1
         let mut l4_l3 = leaf(4, 3);
         l4_l3.eax = 3 << 5; // level 3
-        let host = [leaf(1, 0), l4_l1, l4_l3, leaf(0xb, 0), leaf(0xb, 1), leaf(0xb, 2), leaf(0x1f, 0), leaf(0x1f, 1)];
+        // A host that lists only the first level of each topology leaf.
+        let host = [leaf(1, 0), l4_l1, l4_l3, leaf(0xb, 0), leaf(0x1f, 0)];
         // vCPU 13 = thread 1 of core 0 of die 1 of package 1.
         let table = vcpu_cpuid(&host, 13, &topology, &[]);
         let get = |f: u32, i: u32| *table.iter().find(|e| e.function == f && e.index == i).expect("leaf present");
@@ -162,6 +167,7 @@ mod tests {
         assert_eq!(regs(get(0x1f, 1)), (2, 4, (2 << 8) | 1, 13), "cores: shift 2, 4 per die");
         assert_eq!(regs(get(0x1f, 2)), (3, 8, (5 << 8) | 2, 13), "dies: shift 3, 8 per package");
         assert_eq!(regs(get(0x1f, 3)), (0, 0, 3, 13), "end of the list");
+        assert_eq!(get(0x1f, 3).flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX, 1, "sub-leaves are told apart");
     }
 
     #[test]
