@@ -23,6 +23,19 @@ fn every_vcpu_of_an_smp_guest_checks_in() {
     assert!(run.serial.contains("all 4 cpus checked in"), "serial: {}", run.serial);
 }
 
+/// vCPUs above `boot_vcpus` exist only in the tables: a guest that starts
+/// every enabled CPU of its MADT starts the boot ones, and nothing answers
+/// for the others.
+#[test]
+fn vcpus_above_boot_are_not_started() {
+    require_kvm!();
+    let run = common::run_vm("smp-max", &guests::build("smp"), &["--cpus", "boot=2,max=4"]);
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert!(run.serial.contains("cpu 1 checked in"), "serial: {}", run.serial);
+    assert!(run.serial.contains("all 2 cpus checked in"), "serial: {}", run.serial);
+    assert!(!run.serial.contains("cpu 2 checked in"), "serial: {}", run.serial);
+}
+
 /// Boots the `bootinfo` guest with a command line and an initramfs and checks
 /// what it read back through its boot protocol.
 fn check_boot_info(test: &str, kernel: &std::path::Path, protocol: &str, cmdline: &str, initrd: &[u8]) {
@@ -137,6 +150,27 @@ fn guest_walks_rsdp_xsdt_madt_and_finds_every_vcpu() {
         assert!(run.serial.contains(&format!("table {table} checksum=ok")), "{table}: {}", run.serial);
     }
     assert!(run.serial.contains("madt lapics=3 cpuid cpus=3"), "serial: {}", run.serial);
+}
+
+/// `cpus.topology` and `max_vcpus` above `boot_vcpus`, as the guest reads
+/// them: 8 possible vCPUs (2 threads × 2 cores × 1 die × 2 packages), 2
+/// started; the other 6 are in the MADT as online-capable, not enabled.
+#[test]
+fn guest_sees_the_configured_topology_and_the_vcpus_left_for_hotplug() {
+    require_kvm!();
+    let run = common::run_vm("topology", &guests::build("acpi"), &["--cpus", "boot=2,max=8,topology=2:2:1:2"]);
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    let serial = &run.serial;
+    // Leaf 1 counts logical processors per package: 2 threads × 2 cores.
+    assert!(serial.contains("madt lapics=2 cpuid cpus=4"), "serial: {serial}");
+    assert!(serial.contains("madt online-capable=6"), "serial: {serial}");
+    assert!(serial.contains("topology leaf=b level=0 type=1 shift=1 count=2 x2apic=0"), "serial: {serial}");
+    assert!(serial.contains("topology leaf=b level=1 type=2 shift=2 count=4 x2apic=0"), "serial: {serial}");
+    // Leaf 0x1F, where the host has it, says the same with one die per package.
+    if !serial.contains("topology leaf=1f absent") {
+        assert!(serial.contains("topology leaf=1f level=1 type=2 shift=2 count=4"), "serial: {serial}");
+        assert!(!serial.contains("topology leaf=1f level=2"), "one die: no die level: {serial}");
+    }
 }
 
 #[test]

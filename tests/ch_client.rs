@@ -269,33 +269,39 @@ fn the_endpoint_matrix_through_cloud_hypervisors_client() {
         "cpus.nested",
     );
     api.refused("GET", "vm.boot", None, Unknown, "use PUT");
-    api.refused("PUT", "vm.snapshot", Some(r#"{"destination_url":"file:///tmp/s"}"#), NotFound, "does not implement");
+    api.refused(
+        "PUT",
+        "vm.snapshot",
+        Some(r#"{"destination_url":"file:///tmp/s"}"#),
+        NotImplemented,
+        "does not implement",
+    );
     api.refused("PUT", "vm.nonsense", None, NotFound, "unknown endpoint");
 
     // Created.
     assert_eq!(api.ok("PUT", "vm.create", Some(&config)), None, "204 prints nothing");
-    api.refused("PUT", "vm.create", Some(&config), Unknown, "already exists");
+    api.refused("PUT", "vm.create", Some(&config), InternalServerError, "already exists");
     let info = api.json("vm.info");
     assert_eq!(info["state"], "Created");
     for (section, field) in [("console", "pci_segment"), ("rng", "pci_segment"), ("cpus", "profile"), ("memory", "thp")]
     {
         assert!(info["config"][section].get(field).is_some(), "vm.info config lacks {section}.{field}: {info}");
     }
-    api.refused("PUT", "vm.pause", None, Unknown, "cannot pause a VM in state Created");
-    api.refused("PUT", "vm.resume", None, Unknown, "cannot resume");
-    api.refused("PUT", "vm.shutdown", None, Unknown, "cannot shut down");
+    api.refused("PUT", "vm.pause", None, InternalServerError, "cannot pause a VM in state Created");
+    api.refused("PUT", "vm.resume", None, InternalServerError, "cannot resume");
+    api.refused("PUT", "vm.shutdown", None, InternalServerError, "cannot shut down");
 
     // Running.
     assert_eq!(api.ok("PUT", "vm.boot", None), None);
-    api.refused("PUT", "vm.boot", None, Unknown, "cannot boot a VM in state Running");
+    api.refused("PUT", "vm.boot", None, InternalServerError, "cannot boot a VM in state Running");
     assert_eq!(api.json("vm.info")["state"], "Running");
-    api.refused("PUT", "vm.resume", None, Unknown, "cannot resume a VM in state Running");
-    api.refused("PUT", "vm.power-button", None, Unknown, "no ACPI power button");
+    api.refused("PUT", "vm.resume", None, InternalServerError, "cannot resume a VM in state Running");
+    api.refused("PUT", "vm.power-button", None, NotImplemented, "no ACPI power button");
     assert!(api.json("vm.counters")["vcpu0"].is_object());
 
     // Paused.
     assert_eq!(api.ok("PUT", "vm.pause", None), None);
-    api.refused("PUT", "vm.pause", None, Unknown, "cannot pause a VM in state Paused");
+    api.refused("PUT", "vm.pause", None, InternalServerError, "cannot pause a VM in state Paused");
     assert_eq!(api.json("vm.info")["state"], "Paused");
     assert_eq!(api.ok("PUT", "vm.resume", None), None);
 
@@ -303,7 +309,7 @@ fn the_endpoint_matrix_through_cloud_hypervisors_client() {
     assert_eq!(api.ok("PUT", "vm.reboot", None), None);
     assert_eq!(api.json("vm.info")["state"], "Running");
     assert_eq!(api.ok("PUT", "vm.shutdown", None), None);
-    api.refused("PUT", "vm.reboot", None, Unknown, "cannot reboot a VM in state Shutdown");
+    api.refused("PUT", "vm.reboot", None, InternalServerError, "cannot reboot a VM in state Shutdown");
     assert_eq!(api.json("vm.info")["state"], "Shutdown");
     assert_eq!(api.ok("PUT", "vm.delete", None), None);
     api.refused("GET", "vm.info", None, NotFound, "no VM has been created");

@@ -91,19 +91,37 @@ fn fadt(dsdt_addr: u64) -> Sdt {
     fadt
 }
 
-fn madt(num_cpus: u8) -> Sdt {
+/// The vCPUs the firmware tables describe: `boot` running ones, and up to
+/// `max` in all; those above `boot` are present but not started (for hotplug).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuCounts {
+    pub boot: u8,
+    pub max: u8,
+}
+
+impl CpuCounts {
+    /// `n` vCPUs, all started.
+    pub fn all(n: u8) -> CpuCounts {
+        CpuCounts { boot: n, max: n }
+    }
+}
+
+fn madt(cpus: CpuCounts) -> Sdt {
     const PCAT_COMPAT: u32 = 1;
     const LAPIC_ENABLED: u32 = 1;
+    /// ACPI 6.3: not enabled now, may be enabled later (hotplug).
+    const LAPIC_ONLINE_CAPABLE: u32 = 1 << 1;
     let mut madt = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     madt.write_u32(36, APIC_START as u32);
     madt.write_u32(40, PCAT_COMPAT);
-    for cpu in 0..num_cpus {
-        // Processor Local APIC: type 0, length 8, UID, APIC id, flags.
+    for cpu in 0..cpus.max {
+        // Processor Local APIC: type 0, length 8, UID, APIC id (= vCPU index), flags.
         madt.append_slice(&[0, 8, cpu, cpu]);
-        madt.append_slice(&LAPIC_ENABLED.to_le_bytes());
+        let flags = if cpu < cpus.boot { LAPIC_ENABLED } else { LAPIC_ONLINE_CAPABLE };
+        madt.append_slice(&flags.to_le_bytes());
     }
     // I/O APIC: type 1, length 12, id, reserved, address, GSI base.
-    madt.append_slice(&[1, 12, num_cpus, 0]);
+    madt.append_slice(&[1, 12, cpus.max, 0]);
     madt.append_slice(&(IOAPIC_START as u32).to_le_bytes());
     madt.append_slice(&0u32.to_le_bytes());
     // Interrupt source override: ISA IRQ 0 (PIT) is GSI 2 on KVM's IOAPIC.
@@ -138,7 +156,7 @@ fn align16(addr: u64) -> u64 {
 }
 
 /// Builds every table and its address, starting with the RSDP at `RSDP_START`.
-pub fn build_acpi_tables(num_cpus: u8) -> Result<Vec<PlacedTable>, AcpiError> {
+pub fn build_acpi_tables(cpus: CpuCounts) -> Result<Vec<PlacedTable>, AcpiError> {
     let mut next = align16(RSDP_START + Rsdp::len() as u64);
     let mut place = |bytes: &[u8]| {
         let addr = next;
@@ -149,7 +167,7 @@ pub fn build_acpi_tables(num_cpus: u8) -> Result<Vec<PlacedTable>, AcpiError> {
     let dsdt_addr = place(dsdt.as_slice());
     let fadt = fadt(dsdt_addr);
     let fadt_addr = place(fadt.as_slice());
-    let madt = madt(num_cpus);
+    let madt = madt(cpus);
     let madt_addr = place(madt.as_slice());
     let mcfg = mcfg();
     let mcfg_addr = place(mcfg.as_slice());
@@ -174,11 +192,11 @@ pub fn build_acpi_tables(num_cpus: u8) -> Result<Vec<PlacedTable>, AcpiError> {
 /// Writes the tables into guest memory, and the MP table that describes the
 /// same machine to kernels without ACPI (`boot/mptable.rs`); returns the
 /// RSDP address.
-pub fn create_acpi_tables(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<GuestAddress, AcpiError> {
-    for table in build_acpi_tables(num_cpus)? {
+pub fn create_acpi_tables(mem: &GuestMemoryMmap, cpus: CpuCounts) -> Result<GuestAddress, AcpiError> {
+    for table in build_acpi_tables(cpus)? {
         mem.write_slice(&table.bytes, GuestAddress(table.addr)).map_err(AcpiError::GuestMemory)?;
     }
-    crate::boot::mptable::write_mptable(mem, num_cpus)?;
+    crate::boot::mptable::write_mptable(mem, cpus)?;
     Ok(GuestAddress(RSDP_START))
 }
 
@@ -192,34 +210,52 @@ mod tests {
 
     #[test]
     fn every_table_checksums_to_zero() {
-        for table in build_acpi_tables(4).expect("tables") {
+        for table in build_acpi_tables(CpuCounts { boot: 2, max: 4 }).expect("tables") {
             let len = if table.signature == "RSDP" { 20 } else { table.bytes.len() };
             assert!(checksum_ok(&table.bytes[..len]), "{} checksum", table.signature);
         }
     }
 
+    /// (APIC id, flags) of every Local APIC entry, and the I/O APIC's id.
+    fn madt_entries(cpus: CpuCounts) -> (Vec<(u8, u32)>, u8) {
+        let tables = build_acpi_tables(cpus).expect("tables");
+        let madt = tables.iter().find(|t| t.signature == "APIC").expect("MADT");
+        let (mut lapics, mut ioapic) = (Vec::new(), None);
+        let mut off = 44;
+        while off < madt.bytes.len() {
+            let (kind, len) = (madt.bytes[off], usize::from(madt.bytes[off + 1]));
+            let entry = &madt.bytes[off..off + len];
+            match kind {
+                0 => lapics.push((entry[3], u32::from_le_bytes(entry[4..8].try_into().expect("4 bytes")))),
+                1 => ioapic = Some(entry[2]),
+                _ => {}
+            }
+            off += len;
+        }
+        (lapics, ioapic.expect("an I/O APIC"))
+    }
+
     #[test]
     fn madt_has_one_enabled_lapic_per_vcpu() {
         for cpus in [1u8, 2, 8, 254] {
-            let tables = build_acpi_tables(cpus).expect("tables");
-            let madt = tables.iter().find(|t| t.signature == "APIC").expect("MADT");
-            let mut lapics = 0;
-            let mut off = 44;
-            while off < madt.bytes.len() {
-                let (kind, len) = (madt.bytes[off], usize::from(madt.bytes[off + 1]));
-                if kind == 0 && madt.bytes[off + 4] & 1 == 1 {
-                    lapics += 1;
-                }
-                off += len;
-            }
-            assert_eq!(lapics, usize::from(cpus));
+            let (lapics, ioapic) = madt_entries(CpuCounts::all(cpus));
+            let expected: Vec<(u8, u32)> = (0..cpus).map(|id| (id, 1)).collect();
+            assert_eq!(lapics, expected);
+            assert_eq!(ioapic, cpus, "the I/O APIC id follows the last APIC id");
         }
+    }
+
+    #[test]
+    fn vcpus_above_boot_are_present_online_capable_and_disabled() {
+        let (lapics, ioapic) = madt_entries(CpuCounts { boot: 2, max: 5 });
+        assert_eq!(lapics, [(0, 1), (1, 1), (2, 2), (3, 2), (4, 2)]);
+        assert_eq!(ioapic, 5);
     }
 
     #[test]
     fn pointers_resolve_in_guest_memory() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
-        let rsdp = create_acpi_tables(&mem, 2).expect("written");
+        let rsdp = create_acpi_tables(&mem, CpuCounts::all(2)).expect("written");
         let xsdt: u64 = mem.read_obj(GuestAddress(rsdp.0 + 24)).expect("xsdt pointer");
         let mut sig = [0u8; 4];
         mem.read_slice(&mut sig, GuestAddress(xsdt)).expect("xsdt");
@@ -245,7 +281,11 @@ mod tests {
         }
         let dir = std::env::temp_dir().join(format!("hekivisor-acpi-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        for table in build_acpi_tables(4).expect("tables").into_iter().filter(|t| t.signature != "RSDP") {
+        for table in build_acpi_tables(CpuCounts { boot: 2, max: 4 })
+            .expect("tables")
+            .into_iter()
+            .filter(|t| t.signature != "RSDP")
+        {
             let path = dir.join(format!("{}.dat", table.signature.to_lowercase()));
             std::fs::write(&path, &table.bytes).expect("write table");
             let out = std::process::Command::new("iasl")

@@ -91,7 +91,7 @@ fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResult {
         ApiRequest::VmPowerButton => match current_state(vmm)? {
             // No ACPI power button device yet: the guest cannot be asked, so say so.
             VmState::Running => {
-                Err(ApiError::Conflict("the guest has no ACPI power button device; use vm.shutdown".into()))
+                Err(ApiError::NotImplemented("the guest has no ACPI power button device yet; use vm.shutdown".into()))
             }
             state => Err(conflict("press the power button of", state)),
         },

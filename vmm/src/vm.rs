@@ -154,8 +154,11 @@ impl Vm {
             })
             .collect();
 
+        // vCPUs above boot_vcpus are in the tables (for hotplug) but not created.
         let cpus = config.cpus.boot_vcpus;
-        let rsdp = crate::acpi::create_acpi_tables(&mem, cpus).map_err(|e| VmError::Acpi(e.to_string()))?;
+        let counts = crate::acpi::CpuCounts { boot: cpus, max: config.cpus.max_vcpus };
+        let topology = config.cpus.effective_topology();
+        let rsdp = crate::acpi::create_acpi_tables(&mem, counts).map_err(|e| VmError::Acpi(e.to_string()))?;
         let entry = load_kernel(&mem, config, &ram, rsdp.0)?;
 
         let mut pio = PioBus::default();
@@ -182,7 +185,7 @@ impl Vm {
             if heki.is_some() || agent.is_some() {
                 vcpu.enable_register_sync();
             }
-            let leaves = cpuid::vcpu_cpuid(&supported, id, cpus, &heki_leaves);
+            let leaves = cpuid::vcpu_cpuid(&supported, id, &topology, &heki_leaves);
             vcpu.set_cpuid(&leaves)?;
             vcpu_cpuid.push(leaves);
             vcpu.setup_lapic_lints()?;

@@ -10,7 +10,7 @@ use thiserror::Error;
 
 use crate::config::VmConfig;
 
-pub use routes::{ROUTES, Resolved, Route, resolve};
+pub use routes::{Dialect, ROUTES, Resolved, Route, resolve};
 pub use server::{
     ERROR_CHAIN_HEAD, ServerLimits, TIMEOUT_ENV, drain_connections, start_api_server, start_api_server_with,
 };
@@ -50,19 +50,34 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// Not possible in the VM's current state (pause a VM that is not
+    /// running, create a second VM, change an immutable page).
     #[error("{0}")]
     Conflict(String),
+    /// The endpoint exists but Hekivisor lacks what it needs (no such device yet).
+    #[error("{0}")]
+    NotImplemented(String),
     #[error("{0}")]
     Internal(String),
 }
 
 impl ApiError {
     /// The one place errors become HTTP status codes.
-    pub fn status(&self) -> u16 {
+    ///
+    /// A state conflict answers as the endpoint's owner would: Cloud
+    /// Hypervisor's endpoints say 500, as Cloud Hypervisor does (its
+    /// `ch-remote` names 400, 404, 429, 500 and 501 and nothing else, and
+    /// clients written against it see the same answer from us); our own
+    /// endpoints say 409. The message says which state was wrong either way.
+    pub fn status(&self, dialect: Dialect) -> u16 {
         match self {
             ApiError::BadRequest(_) => 400,
             ApiError::NotFound(_) => 404,
-            ApiError::Conflict(_) => 409,
+            ApiError::Conflict(_) => match dialect {
+                Dialect::CloudHypervisor => 500,
+                Dialect::Hekivisor => 409,
+            },
+            ApiError::NotImplemented(_) => 501,
             ApiError::Internal(_) => 500,
         }
     }

@@ -21,6 +21,16 @@ impl Method {
     }
 }
 
+/// Whose endpoint a route is, which decides the status of a state conflict
+/// (`ApiError::status`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// Cloud Hypervisor's endpoint: its status codes, so its clients read ours.
+    CloudHypervisor,
+    /// Hekivisor's own (`vm.heki*`): plain HTTP codes (409 for a conflict).
+    Hekivisor,
+}
+
 pub struct Route {
     /// The path below `/api/v1/`.
     pub path: &'static str,
@@ -86,7 +96,8 @@ pub static ROUTES: &[Route] = &[
 ];
 
 /// Cloud Hypervisor endpoints Hekivisor does not implement, with what they do.
-/// They answer 404 naming the missing feature (not a bare "unknown endpoint").
+/// They answer 501 (Not Implemented, a status `ch-remote` names) naming the
+/// missing feature, not a bare "unknown endpoint".
 pub static NOT_IMPLEMENTED: &[(&str, &str)] = &[
     ("vm.resize", "vCPU and memory hotplug, balloon resize"),
     ("vm.resize-disk", "disk resize"),
@@ -141,6 +152,10 @@ pub fn resolve(method: &str, full_path: &str) -> Resolved {
 }
 
 impl Route {
+    pub fn dialect(&self) -> Dialect {
+        if self.path.starts_with("vm.heki") { Dialect::Hekivisor } else { Dialect::CloudHypervisor }
+    }
+
     pub fn decode(&self, body: &[u8]) -> Result<ApiRequest, ApiError> {
         (self.decode)(body)
     }

@@ -26,7 +26,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::routes::{Resolved, resolve};
+use super::routes::{Dialect, Resolved, resolve};
 use super::{ApiError, ApiMessage, ApiResult};
 
 /// Limits that protect the VMM from misbehaving clients.
@@ -157,8 +157,8 @@ fn error_response(status: u16, context: &str, message: &str) -> Response<Full<By
     respond(status, Some(serde_json::Value::from(chain)))
 }
 
-fn api_error(context: &str, e: &ApiError) -> Response<Full<Bytes>> {
-    error_response(e.status(), context, &e.to_string())
+fn api_error(context: &str, e: &ApiError, dialect: Dialect) -> Response<Full<Bytes>> {
+    error_response(e.status(dialect), context, &e.to_string())
 }
 
 /// Marks a response as the connection's last: the rest of the request body
@@ -194,22 +194,18 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
 
 async fn answer(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
-    let route = match resolve(req.method().as_str(), &path) {
-        Resolved::Request(route) => route,
-        Resolved::NotFound => return error_response(404, &format!("unknown endpoint {path}"), ""),
-        Resolved::NotImplemented(name, feature) => {
-            let message = format!("Hekivisor does not implement {name} ({feature}), a Cloud Hypervisor endpoint");
-            return error_response(404, &format!("{name} failed"), &message);
-        }
-        Resolved::MethodNotAllowed(allow) => {
-            let context = format!("{} {path} failed", req.method());
-            let mut response =
-                error_response(405, &context, &format!("{} is not allowed here; use {allow}", req.method()));
-            response.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
-            return response;
-        }
+    let method = req.method().clone();
+    let resolved = resolve(method.as_str(), &path);
+    let context = match &resolved {
+        Resolved::Request(route) => format!("{} failed", route.path),
+        Resolved::NotImplemented(name, _) => format!("{name} failed"),
+        Resolved::NotFound => format!("unknown endpoint {path}"),
+        Resolved::MethodNotAllowed(_) => format!("{method} {path} failed"),
     };
-    let context = format!("{} failed", route.path);
+    // The whole body is read before any answer, even one that does not need
+    // it: Cloud Hypervisor's client writes its headers and its body in
+    // separate writes, and a connection closed before the body arrived makes
+    // it fail with EPIPE instead of printing our answer.
     let limits = shared.limits;
     let body = Limited::new(req.into_body(), limits.max_body);
     let bytes = match tokio::time::timeout(limits.read_timeout, body.collect()).await {
@@ -221,9 +217,22 @@ async fn answer(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<By
         Ok(Err(e)) => return error_response(400, &context, &format!("cannot read the request body: {e}")),
         Ok(Ok(collected)) => collected.to_bytes(),
     };
+    let route = match resolved {
+        Resolved::Request(route) => route,
+        Resolved::NotFound => return error_response(404, &context, ""),
+        Resolved::NotImplemented(name, feature) => {
+            let message = format!("Hekivisor does not implement {name} ({feature}), a Cloud Hypervisor endpoint");
+            return error_response(501, &context, &message);
+        }
+        Resolved::MethodNotAllowed(allow) => {
+            let mut response = error_response(405, &context, &format!("{method} is not allowed here; use {allow}"));
+            response.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+            return response;
+        }
+    };
     let request = match route.decode(&bytes) {
         Ok(r) => r,
-        Err(e) => return api_error(&context, &e),
+        Err(e) => return api_error(&context, &e, route.dialect()),
     };
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
     let sent = shared.to_vmm.send(ApiMessage { request, reply: reply_tx }).is_ok();
@@ -237,6 +246,6 @@ async fn answer(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<By
     match result {
         Ok(Some(json)) => respond(StatusCode::OK, Some(json)),
         Ok(None) => respond(StatusCode::NO_CONTENT, None),
-        Err(e) => api_error(&context, &e),
+        Err(e) => api_error(&context, &e, route.dialect()),
     }
 }

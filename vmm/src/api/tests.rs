@@ -44,6 +44,7 @@ fn fake_vmm(requests: Receiver<ApiMessage>, wake: EventFd) {
                 ApiRequest::VmPause => Err(ApiError::Conflict("cannot pause a VM in state Created".into())),
                 ApiRequest::VmResume => Err(ApiError::NotFound("no VM has been created".into())),
                 ApiRequest::VmCounters => Err(ApiError::Internal("counters broke".into())),
+                ApiRequest::VmHeki => Err(ApiError::Conflict("heki is not enabled for this VM".into())),
                 ApiRequest::VmHekiPolicy(policy) => Ok(Some(json!({ "policy": policy }))),
                 ApiRequest::VmHekiProtect(body) | ApiRequest::VmHekiPin(body) => Ok(Some(body)),
                 // Drops the reply unanswered.
@@ -172,7 +173,7 @@ fn the_wire_format_is_cloud_hypervisors() {
     assert!(!head.contains("Content-Length") && body.is_empty(), "{head:?}");
     // Errors: status alone, then a JSON array of strings, outermost first.
     let (head, body) = raw_exchange(&mut stream, b"PUT /api/v1/vm.pause HTTP/1.1\r\nHost: localhost\r\n\r\n");
-    assert!(head.starts_with("HTTP/1.1 409 \r\n"), "{head:?}");
+    assert!(head.starts_with("HTTP/1.1 500 \r\n"), "a state conflict answers as Cloud Hypervisor: {head:?}");
     let chain: Vec<String> = serde_json::from_str(&body).expect("array of strings");
     assert_eq!(chain, ["Error from API", "vm.pause failed", "cannot pause a VM in state Created"]);
     let (head, _) = raw_exchange(&mut stream, b"GET /api/v1/vm.nope HTTP/1.1\r\nHost: localhost\r\n\r\n");
@@ -186,11 +187,41 @@ fn the_wire_format_is_cloud_hypervisors() {
 fn vmm_errors_map_to_their_status_codes() {
     let server = TestServer::start("errors", Duration::from_secs(10));
     assert_eq!(server.request("PUT", "vm.create", Some(GOOD_CONFIG)).status, 204);
-    assert_json_error(&server.request("PUT", "vm.create", Some(GOOD_CONFIG)), 409, "already exists");
-    assert_json_error(&server.request("PUT", "vm.pause", None), 409, "cannot pause");
+    // State conflicts on Cloud Hypervisor's endpoints answer as Cloud Hypervisor does.
+    assert_json_error(&server.request("PUT", "vm.create", Some(GOOD_CONFIG)), 500, "already exists");
+    assert_json_error(&server.request("PUT", "vm.pause", None), 500, "cannot pause");
+    // On our own endpoints a conflict is a 409.
+    assert_json_error(&server.request("GET", "vm.heki", None), 409, "heki is not enabled");
+    // A Cloud Hypervisor endpoint we lack: 501, named.
+    assert_json_error(&server.request("PUT", "vm.snapshot", Some("{}")), 501, "does not implement vm.snapshot");
     assert_json_error(&server.request("PUT", "vm.resume", None), 404, "no VM");
     assert_json_error(&server.request("GET", "vm.counters", None), 500, "counters broke");
     assert_json_error(&server.request("PUT", "vm.delete", None), 500, "dropped");
+}
+
+/// Cloud Hypervisor's client sends its headers and its body in separate
+/// writes. Every answer, even one that does not need the body (an endpoint we
+/// lack, a wrong method), waits for it, so the client's body write never
+/// meets a closed connection and it reads our answer on the same connection.
+#[test]
+fn answers_that_ignore_the_body_still_wait_for_it() {
+    let server = TestServer::start("late-body", Duration::from_secs(10));
+    let body = r#"{"desired_vcpus":2}"#;
+    for (method, path, status) in [("PUT", "vm.resize", "501"), ("GET", "vm.boot", "405"), ("PUT", "vm.nope", "404")] {
+        let mut stream = UnixStream::connect(&server.socket).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let head = format!("{method} /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n");
+        stream.write_all(head.as_bytes()).expect("request line");
+        stream.write_all(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes()).expect("headers");
+        std::thread::sleep(Duration::from_millis(100));
+        stream.write_all(body.as_bytes()).expect("the body is still welcome after the headers were answered");
+        let (head, answer) = raw_exchange(&mut stream, b"");
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} \r\n")), "{method} {path}: {head:?}");
+        assert!(answer.starts_with("[\"Error from API\""), "{answer}");
+        // The connection is still usable.
+        let (head, _) = raw_exchange(&mut stream, b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 200 \r\n"), "{head:?}");
+    }
 }
 
 #[test]
@@ -306,8 +337,8 @@ fn keep_alive_connections_serve_many_requests() {
         let body = api_client::simple_api_command(&mut stream, "GET", "vm.info", None).expect("info");
         assert_eq!(body.as_deref(), Some(r#"{"state":"Running"}"#));
     }
-    let err = api_client::simple_api_command(&mut stream, "PUT", "vm.pause", None).expect_err("409");
-    assert_eq!(err.status(), Some(409));
+    let err = api_client::simple_api_command(&mut stream, "PUT", "vm.pause", None).expect_err("conflict");
+    assert_eq!(err.status(), Some(500));
 }
 
 #[test]

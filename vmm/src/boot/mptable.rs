@@ -6,12 +6,13 @@
 //! (0x9FC00), the second place Linux looks; the configuration table is in
 //! the reserved legacy hole at 0xF0000. It describes the same machine as the
 //! MADT: one enabled processor per vCPU (APIC id = vCPU index, the first one
-//! the BSP), the IOAPIC with id `num_cpus`, and the ISA interrupts routed as
+//! the BSP), the IOAPIC with the id after the last vCPU's, and the ISA interrupts routed as
 //! on KVM's in-kernel IOAPIC (IRQ 0, the PIT, on pin 2).
 
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::acpi::CpuCounts;
 use crate::layout::{APIC_START, IOAPIC_START, MPTABLE_CONFIG_END, MPTABLE_CONFIG_START, MPTABLE_FLOATING_START};
 
 const SPEC_REVISION: u8 = 4;
@@ -40,12 +41,18 @@ fn checksum(bytes: &[u8]) -> u8 {
     bytes.iter().fold(0u8, |sum, b| sum.wrapping_sub(*b))
 }
 
-/// The configuration table (header and entries), checksummed.
-pub fn config_table(num_cpus: u8) -> Vec<u8> {
+/// The configuration table (header and entries), checksummed. vCPUs above
+/// `cpus.boot` are listed as not enabled (the MP specification has no
+/// hotplug; a kernel without ACPI never starts them).
+pub fn config_table(cpus: CpuCounts) -> Vec<u8> {
     let mut entries = Vec::new();
     let mut count: u16 = 0;
-    for cpu in 0..num_cpus {
-        let flags = if cpu == 0 { CPU_ENABLED | CPU_BOOTPROCESSOR } else { CPU_ENABLED };
+    for cpu in 0..cpus.max {
+        let flags = match cpu {
+            0 => CPU_ENABLED | CPU_BOOTPROCESSOR,
+            cpu if cpu < cpus.boot => CPU_ENABLED,
+            _ => 0,
+        };
         entries.extend_from_slice(&[0, cpu, APIC_VERSION, flags]);
         entries.extend_from_slice(&CPU_SIGNATURE.to_le_bytes());
         entries.extend_from_slice(&CPU_FEATURES.to_le_bytes());
@@ -54,7 +61,7 @@ pub fn config_table(num_cpus: u8) -> Vec<u8> {
     }
     entries.extend_from_slice(&[1, ISA_BUS]);
     entries.extend_from_slice(b"ISA   ");
-    let ioapic_id = num_cpus;
+    let ioapic_id = cpus.max;
     entries.extend_from_slice(&[2, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 2;
@@ -102,11 +109,11 @@ pub fn floating_pointer(config: u32) -> [u8; 16] {
 }
 
 /// Writes the floating pointer and the configuration table into guest memory.
-pub fn write_mptable(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), MpTableError> {
-    let config = config_table(num_cpus);
+pub fn write_mptable(mem: &GuestMemoryMmap, cpus: CpuCounts) -> Result<(), MpTableError> {
+    let config = config_table(cpus);
     let available = MPTABLE_CONFIG_END - MPTABLE_CONFIG_START;
     if config.len() as u64 > available {
-        return Err(MpTableError::TooLarge { cpus: num_cpus, needed: config.len(), available });
+        return Err(MpTableError::TooLarge { cpus: cpus.max, needed: config.len(), available });
     }
     mem.write_slice(&config, GuestAddress(MPTABLE_CONFIG_START)).map_err(MpTableError::GuestMemory)?;
     let config_address = u32::try_from(MPTABLE_CONFIG_START).expect("below 1 MiB");
@@ -141,7 +148,7 @@ mod tests {
 
     #[test]
     fn floating_pointer_and_table_checksum_to_zero() {
-        let config = config_table(4);
+        let config = config_table(CpuCounts::all(4));
         assert!(sums_to_zero(&config));
         assert_eq!(usize::from(u16::from_le_bytes([config[4], config[5]])), config.len());
         let mpf = floating_pointer(MPTABLE_CONFIG_START as u32);
@@ -152,7 +159,7 @@ mod tests {
     #[test]
     fn one_enabled_processor_per_vcpu_and_only_the_first_boots() {
         for cpus in [1u8, 2, 8, 254] {
-            let config = config_table(cpus);
+            let config = config_table(CpuCounts::all(cpus));
             let all = entries(&config);
             assert_eq!(all.len(), usize::from(u16::from_le_bytes([config[34], config[35]])));
             let processors: Vec<_> = all.iter().filter(|e| e[0] == 0).collect();
@@ -166,8 +173,17 @@ mod tests {
     }
 
     #[test]
+    fn vcpus_above_boot_are_listed_disabled() {
+        let config = config_table(CpuCounts { boot: 2, max: 4 });
+        let flags: Vec<u8> = entries(&config).iter().filter(|e| e[0] == 0).map(|p| p[3]).collect();
+        assert_eq!(flags, [CPU_ENABLED | CPU_BOOTPROCESSOR, CPU_ENABLED, 0, 0]);
+        let ioapic = entries(&config).into_iter().find(|e| e[0] == 2).expect("IOAPIC entry")[1];
+        assert_eq!(ioapic, 4, "IOAPIC id after every vCPU, started or not");
+    }
+
+    #[test]
     fn isa_irq_0_the_pit_arrives_on_ioapic_pin_2() {
-        let config = config_table(1);
+        let config = config_table(CpuCounts::all(1));
         let all = entries(&config);
         let ioapic = all.iter().find(|e| e[0] == 2).expect("IOAPIC entry");
         assert_eq!(ioapic[1], 1, "IOAPIC id after the vCPUs");
@@ -180,7 +196,7 @@ mod tests {
     #[test]
     fn the_largest_table_fits_its_reserved_area() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("memory");
-        write_mptable(&mem, 254).expect("fits");
+        write_mptable(&mem, CpuCounts::all(254)).expect("fits");
         let mut signature = [0u8; 4];
         mem.read_slice(&mut signature, GuestAddress(MPTABLE_FLOATING_START)).expect("read");
         assert_eq!(&signature, b"_MP_");

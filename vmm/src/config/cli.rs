@@ -7,7 +7,8 @@ use clap::{ArgAction, Parser};
 
 use super::options::{OptionValues, parse_size};
 use super::{
-    ConfigError, ConsoleConfig, ConsoleOutputMode, CpusConfig, HekiConfig, MemoryConfig, PayloadConfig, VmConfig,
+    ConfigError, ConsoleConfig, ConsoleOutputMode, CpuTopology, CpusConfig, HekiConfig, MemoryConfig, PayloadConfig,
+    VmConfig,
 };
 
 #[derive(Debug, Parser)]
@@ -35,7 +36,9 @@ pub struct CliArgs {
     #[arg(long, value_name = "STRING")]
     pub cmdline: Option<String>,
 
-    /// vCPUs: boot=N[,max=N] (default boot=1; max must equal boot).
+    /// vCPUs: boot=N[,max=N][,topology=THREADS:CORES:DIES:PACKAGES] (default
+    /// boot=1; max defaults to boot; vCPUs above boot are present but not
+    /// started; the topology's product must equal max).
     #[arg(long, value_name = "boot=N")]
     pub cpus: Option<String>,
 
@@ -219,14 +222,24 @@ impl CliArgs {
 }
 
 pub fn parse_cpus(input: &str) -> Result<CpusConfig, ConfigError> {
-    let o = OptionValues::parse("--cpus", input, &["boot", "max"])?;
+    let o = OptionValues::parse("--cpus", input, &["boot", "max", "topology"])?;
     let boot = o.get_u64("boot")?.ok_or_else(|| o.error("boot=N is required".into()))?;
     let boot = u8::try_from(boot).map_err(|_| o.error(format!("boot={boot}: at most 254 vCPUs")))?;
     let max = match o.get_u64("max")? {
         Some(m) => u8::try_from(m).map_err(|_| o.error(format!("max={m}: at most 254 vCPUs")))?,
         None => boot,
     };
-    Ok(CpusConfig { boot_vcpus: boot, max_vcpus: max })
+    let topology = match o.get("topology") {
+        None => None,
+        Some(text) => {
+            let levels: Vec<u8> = text.split(':').filter_map(|n| n.parse().ok()).collect();
+            let [threads_per_core, cores_per_die, dies_per_package, packages] = levels[..] else {
+                return Err(o.error(format!("topology={text}: expected THREADS:CORES:DIES:PACKAGES")));
+            };
+            Some(CpuTopology { threads_per_core, cores_per_die, dies_per_package, packages })
+        }
+    };
+    Ok(CpusConfig { boot_vcpus: boot, max_vcpus: max, topology })
 }
 
 pub fn parse_memory(input: &str) -> Result<MemoryConfig, ConfigError> {
@@ -379,7 +392,7 @@ mod tests {
         ])
         .expect("valid");
         let vm = o.vm.expect("kernel given");
-        assert_eq!(vm.cpus, CpusConfig { boot_vcpus: 2, max_vcpus: 2 });
+        assert_eq!(vm.cpus, CpusConfig { boot_vcpus: 2, max_vcpus: 2, topology: None });
         assert_eq!(vm.memory.size, 1 << 30);
         assert_eq!(vm.serial.mode, ConsoleOutputMode::File);
         assert!(vm.heki.enabled);
@@ -483,7 +496,7 @@ mod tests {
     #[test]
     fn defaults_without_vm_flags() {
         let vm = args(&["--kernel", "k"]).expect("valid").vm.expect("kernel");
-        assert_eq!(vm.cpus, CpusConfig { boot_vcpus: 1, max_vcpus: 1 });
+        assert_eq!(vm.cpus, CpusConfig { boot_vcpus: 1, max_vcpus: 1, topology: None });
         assert_eq!(vm.memory.size, 512 << 20);
         assert_eq!(vm.serial.mode, ConsoleOutputMode::Tty);
         assert_eq!(vm.console.mode, ConsoleOutputMode::Off);
@@ -492,12 +505,20 @@ mod tests {
 
     #[test]
     fn cpus_and_memory_parse() {
-        assert_eq!(parse_cpus("boot=4").ok(), Some(CpusConfig { boot_vcpus: 4, max_vcpus: 4 }));
+        assert_eq!(parse_cpus("boot=4").ok(), Some(CpusConfig { boot_vcpus: 4, max_vcpus: 4, topology: None }));
         assert!(parse_cpus("max=4").is_err(), "boot is required");
         assert!(parse_cpus("boot=two").is_err());
+        let cpus = parse_cpus("boot=2,max=4,topology=2:2:1:1").expect("topology");
+        let topology = CpuTopology { threads_per_core: 2, cores_per_die: 2, dies_per_package: 1, packages: 1 };
+        assert_eq!((cpus.max_vcpus, cpus.topology), (4, Some(topology)));
+        assert!(parse_cpus("boot=2,topology=2:2").is_err(), "four levels");
         assert!(
-            args(&["--kernel", "k", "--cpus", "boot=2,max=4"]).err().is_some_and(|e| e.to_string().contains("hotplug"))
+            args(&["--kernel", "k", "--cpus", "boot=2,max=4,topology=1:2:1:1"])
+                .err()
+                .is_some_and(|e| e.to_string().contains("cpus.topology")),
+            "the product must equal max"
         );
+        assert!(args(&["--kernel", "k", "--cpus", "boot=4,max=2"]).is_err(), "max below boot");
         assert_eq!(parse_memory("size=1048576").map(|m| m.size), Ok(1 << 20));
         assert!(parse_memory("512M").is_err(), "size= is required");
         assert!(args(&["--kernel", "k", "--memory", "size=1000000"]).is_err(), "not a multiple of 4 KiB");

@@ -92,7 +92,6 @@ fn foreign_fields(section: Section) -> Vec<(&'static str, Value)> {
             ("preserved_fds", Value::Null),
         ],
         Section::Cpus => vec![
-            ("topology", Value::Null),
             ("kvm_hyperv", json!(false)),
             ("max_phys_bits", json!(46)),
             ("affinity", Value::Null),
@@ -195,23 +194,46 @@ fn default_alternatives(field: &str) -> Option<Value> {
     })
 }
 
-/// Whether `value` asks for nothing beyond `default`: equal to it, `null`
-/// (Cloud Hypervisor's "unset"), an empty list, or an object whose every
-/// member matches the default's member of the same name.
-fn matches_default(value: &Value, default: &Value) -> bool {
+/// Where `value` asks for more than `default`: `None` when it asks for
+/// nothing beyond it (equal, `null` as Cloud Hypervisor's "unset", an empty
+/// list, or an object whose every member is at the default's member of the
+/// same name), else the path below the field of the first member that
+/// differs (`""` for the field itself).
+fn first_difference(value: &Value, default: &Value) -> Option<String> {
     match (value, default) {
-        (Value::Null, _) => true,
-        (Value::Array(a), Value::Null) => a.is_empty(),
-        (Value::Object(v), Value::Object(d)) => {
-            v.iter().all(|(k, member)| d.get(k).is_some_and(|dm| matches_default(member, dm)))
-        }
-        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
-        (v, d) => v == d,
+        (Value::Null, _) => None,
+        (Value::Array(a), Value::Null) if a.is_empty() => None,
+        (Value::Object(v), Value::Object(d)) => v.iter().find_map(|(k, member)| match d.get(k) {
+            None => Some(format!(".{k}")),
+            Some(dm) => first_difference(member, dm).map(|below| format!(".{k}{below}")),
+        }),
+        (Value::Number(a), Value::Number(b)) if a.as_f64() == b.as_f64() => None,
+        (v, d) if v == d => None,
+        _ => Some(String::new()),
     }
 }
 
+/// Why a Cloud Hypervisor field is refused, where there is more to say than
+/// "not supported" (the issue that plans it, or what to do instead).
+fn reason(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "fs" => "virtio-fs through vhost-user is planned, #23",
+        "vsock" => "virtio-vsock is planned, #23",
+        "memory.shared" => "guest RAM is private to the VMM; shared memory for vhost-user backends is planned, #23",
+        "memory.hugepages" | "memory.hugepage_size" => "guest RAM is not backed by huge pages yet, #22",
+        "memory.hotplug_size" | "memory.hotplugged_size" => "memory hotplug is planned, #19",
+        "balloon" => "virtio-balloon is not implemented",
+        "pmem" => "virtio-pmem is not implemented",
+        "platform.num_pci_segments" => "one PCI segment only; more are planned, #22",
+        "devices" | "user_devices" | "vdpa" => "device passthrough is not implemented",
+        "numa" => "one NUMA node only",
+        _ => return None,
+    })
+}
+
 fn unsupported(field: String) -> ConfigError {
-    ConfigError::Unsupported { field }
+    let reason = reason(&field);
+    ConfigError::Unsupported { field, reason }
 }
 
 /// Cloud Hypervisor console modes Hekivisor lacks (serde would only say
@@ -224,16 +246,23 @@ fn unsupported_modes(section: Section) -> &'static [&'static str] {
 }
 
 /// Strips one object's Cloud Hypervisor fields; `path` prefixes error names.
-fn strip_foreign(object: &mut Map<String, Value>, section: Section, path: &str) -> Result<(), ConfigError> {
+/// A field that asks for something we lack is removed too, and recorded in
+/// `problems`, so that one answer names every one of them.
+fn strip_foreign(object: &mut Map<String, Value>, section: Section, path: &str, problems: &mut Vec<ConfigError>) {
     let name = |field: &str| if path.is_empty() { field.to_string() } else { format!("{path}.{field}") };
     for (field, default) in foreign_fields(section) {
-        let Some(value) = object.get(field) else { continue };
-        let ok = matches_default(value, &default)
-            || default_alternatives(field).is_some_and(|alt| matches_default(value, &alt));
-        if !ok {
-            return Err(unsupported(name(field)));
+        let Some(value) = object.remove(field) else { continue };
+        let difference = first_difference(&value, &default);
+        let alternative = default_alternatives(field).map(|alt| first_difference(&value, &alt));
+        // Name the member that differs from the closest default (`platform.num_pci_segments`).
+        let differs = match (difference, alternative) {
+            (None, _) | (_, Some(None)) => None,
+            (_, Some(Some(below))) => Some(below),
+            (Some(below), None) => Some(below),
+        };
+        if let Some(below) = differs {
+            problems.push(unsupported(format!("{}{below}", name(field))));
         }
-        object.remove(field);
     }
     if matches!(section, Section::Serial | Section::Console)
         && let Some(mode) = object.get("mode").and_then(Value::as_str)
@@ -243,12 +272,12 @@ fn strip_foreign(object: &mut Map<String, Value>, section: Section, path: &str) 
             Section::Serial => ("serial.mode", "Off, Null, Tty, File are"),
             _ => ("console.mode", "Off, Null, Tty, File, Pty are"),
         };
-        return Err(ConfigError::Invalid {
+        problems.push(ConfigError::Invalid {
             field,
             message: format!("mode {mode} is not supported by Hekivisor ({supported})"),
         });
+        object.remove("mode");
     }
-    Ok(())
 }
 
 /// Parses a `vm.create` body: strips Cloud Hypervisor defaults, refuses the rest.
@@ -258,21 +287,22 @@ pub fn vm_config_from_json(body: &[u8]) -> Result<VmConfig, ConfigError> {
     let root = value
         .as_object_mut()
         .ok_or_else(|| ConfigError::Json { path: String::new(), message: "expected a JSON object".into() })?;
+    let mut problems = Vec::new();
     for section in Section::ALL {
         match section {
-            Section::Root => strip_foreign(root, section, "")?,
+            Section::Root => strip_foreign(root, section, "", &mut problems),
             Section::Disk | Section::Net => {
                 if let Some(list) = root.get_mut(section.key()).and_then(Value::as_array_mut) {
                     for (i, item) in list.iter_mut().enumerate() {
                         if let Some(item) = item.as_object_mut() {
-                            strip_foreign(item, section, &format!("{}[{i}]", section.key()))?;
+                            strip_foreign(item, section, &format!("{}[{i}]", section.key()), &mut problems);
                         }
                     }
                 }
             }
             _ => {
                 if let Some(object) = root.get_mut(section.key()).and_then(Value::as_object_mut) {
-                    strip_foreign(object, section, section.key())?;
+                    strip_foreign(object, section, section.key(), &mut problems);
                 }
             }
         }
@@ -284,12 +314,29 @@ pub fn vm_config_from_json(body: &[u8]) -> Result<VmConfig, ConfigError> {
         // Cloud Hypervisor lets max_vcpus default to boot_vcpus.
         cpus.insert("max_vcpus".into(), boot);
     }
-    let config: VmConfig = serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Json {
-        path: e.path().to_string().trim_start_matches('.').to_string(),
-        message: e.into_inner().to_string(),
-    })?;
-    config.validate()?;
-    Ok(config)
+    // What is left is checked too, so one answer lists every problem.
+    let parsed = serde_path_to_error::deserialize::<_, VmConfig>(value)
+        .map_err(|e| ConfigError::Json {
+            path: e.path().to_string().trim_start_matches('.').to_string(),
+            message: e.into_inner().to_string(),
+        })
+        .and_then(|config| config.validate().map(|()| config));
+    match parsed {
+        Ok(config) if problems.is_empty() => Ok(config),
+        Ok(_) => Err(several(problems)),
+        // A serde error on a field we stripped is not possible: it is gone.
+        Err(e) if problems.is_empty() => Err(e),
+        Err(e) => {
+            // Serde's and validate's complaints are about the remaining fields;
+            // a `mode` we refused is gone, so its serde default is not misreported.
+            problems.push(e);
+            Err(several(problems))
+        }
+    }
+}
+
+fn several(mut problems: Vec<ConfigError>) -> ConfigError {
+    if problems.len() == 1 { problems.remove(0) } else { ConfigError::Several(problems) }
 }
 
 /// Adds one object's Cloud Hypervisor fields at their defaults.
@@ -436,7 +483,7 @@ mod tests {
         assert!(vm_config_from_json(body).is_ok());
         let body = br#"{"payload": {"kernel": "/k"}, "platform": {"num_pci_segments": 2}}"#;
         let err = vm_config_from_json(body).expect_err("two segments").to_string();
-        assert!(err.starts_with("platform: not supported"), "{err}");
+        assert!(err.starts_with("platform.num_pci_segments: not supported"), "the member is named: {err}");
     }
 
     #[test]
@@ -444,13 +491,12 @@ mod tests {
         for (section, field) in [
             (r#""memory": {"size": 1048576, "hugepages": true}"#, "memory.hugepages"),
             (r#""memory": {"size": 1048576, "hotplug_size": 1073741824}"#, "memory.hotplug_size"),
-            (r#""cpus": {"boot_vcpus": 1, "features": {"amx": true}}"#, "cpus.features"),
+            (r#""cpus": {"boot_vcpus": 1, "features": {"amx": true}}"#, "cpus.features.amx"),
             (r#""cpus": {"boot_vcpus": 1, "max_phys_bits": 40}"#, "cpus.max_phys_bits"),
-            (r#""cpus": {"boot_vcpus": 1, "topology": {"threads_per_core": 2}}"#, "cpus.topology"),
             (r#""serial": {"mode": "Socket", "socket": "/s"}"#, "serial.socket"),
             (r#""disks": [{"path": "/x", "direct": true}]"#, "disks[0].direct"),
             (r#""net": [{"tap": "t0", "vhost_user": true}]"#, "net[0].vhost_user"),
-            (r#""debug_console": {"mode": "Tty", "iobase": 233}"#, "debug_console"),
+            (r#""debug_console": {"mode": "Tty", "iobase": 233}"#, "debug_console.mode"),
             (r#""vsock": {"cid": 3, "socket": "/v"}"#, "vsock"),
             (r#""iommu": true"#, "iommu"),
             (r#""watchdog": true"#, "watchdog"),
@@ -507,7 +553,27 @@ mod tests {
     fn range_errors_name_the_field() {
         for (body, path) in [
             (r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 0}}"#, "cpus.boot_vcpus"),
-            (r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 2, "max_vcpus": 4}}"#, "cpus.max_vcpus"),
+            (r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 4, "max_vcpus": 2}}"#, "cpus.max_vcpus"),
+            (r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 2, "max_vcpus": 255}}"#, "cpus.max_vcpus"),
+            (
+                r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 1, "topology": {"threads_per_core": 2}}}"#,
+                "cpus.topology",
+            ),
+            (
+                r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 4, "topology":
+                   {"threads_per_core": 2, "cores_per_die": 1, "dies_per_package": 1, "packages": 1}}}"#,
+                "cpus.topology: threads_per_core × cores_per_die × dies_per_package × packages is 2, but max_vcpus is 4",
+            ),
+            (
+                r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 6, "topology":
+                   {"threads_per_core": 3, "cores_per_die": 2, "dies_per_package": 1, "packages": 1}}}"#,
+                "cpus.topology: every level below the highest one above 1 needs a power-of-two count",
+            ),
+            (
+                r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 1, "topology":
+                   {"threads_per_core": 0, "cores_per_die": 1, "dies_per_package": 1, "packages": 1}}}"#,
+                "cpus.topology: every level",
+            ),
             (r#"{"payload": {"kernel": "/k"}, "memory": {"size": 4096}}"#, "memory.size"),
             (r#"{"payload": {"kernel": "/k"}, "memory": {"size": 1048577}}"#, "memory.size"),
             (r#"{"payload": {"kernel": "/k"}, "memory": {"size": 2199023255552}}"#, "memory.size"),
@@ -517,6 +583,55 @@ mod tests {
             let err = vm_config_from_json(body.as_bytes()).expect_err(body).to_string();
             assert!(err.starts_with(path), "{body}: '{err}' should start with '{path}'");
         }
+    }
+
+    #[test]
+    fn topology_and_vcpus_above_boot_are_accepted_and_reported() {
+        let body = br#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 2, "max_vcpus": 8,
+                        "topology": {"threads_per_core": 2, "cores_per_die": 2, "dies_per_package": 1, "packages": 2}}}"#;
+        let config = vm_config_from_json(body).expect("accepted");
+        let topology = config.cpus.topology.expect("kept");
+        assert_eq!((config.cpus.boot_vcpus, config.cpus.max_vcpus, topology.packages), (2, 8, 2));
+        let reported = to_cloud_hypervisor_json(&config);
+        assert_eq!(reported["cpus"]["topology"]["threads_per_core"], 2);
+        assert_eq!(reported["cpus"]["max_vcpus"], 8);
+        assert_eq!(vm_config_from_json(reported.to_string().as_bytes()).expect("round trip"), config);
+        // Without a topology, vm.info says null, as Cloud Hypervisor does.
+        let plain = to_cloud_hypervisor_json(&vm_config_from_json(br#"{"payload": {"kernel": "/k"}}"#).expect("ok"));
+        assert!(plain["cpus"]["topology"].is_null(), "{plain}");
+    }
+
+    /// Kata's `vm.create` body (`tests/fixtures/kata-clh-vm-create.json`, built
+    /// as Kata's clh.go builds it with its default configuration: virtio-fs,
+    /// an image disk, 8 possible vCPUs, memory hotplug). One answer names
+    /// every field Hekivisor lacks, each with why; what it has is not named.
+    #[test]
+    fn kata_body_names_every_missing_feature_and_nothing_else() {
+        let body = include_str!("../../../tests/fixtures/kata-clh-vm-create.json");
+        let err = vm_config_from_json(body.as_bytes()).expect_err("Kata's body needs virtio-fs and vsock");
+        let lines: Vec<String> = err.to_string().lines().map(str::to_string).collect();
+        let fields: Vec<&str> = lines.iter().map(|l| l.split(':').next().unwrap_or_default()).collect();
+        assert_eq!(
+            fields,
+            ["fs", "vsock", "platform.num_pci_segments", "memory.hotplug_size", "memory.shared"],
+            "{lines:?}"
+        );
+        assert!(lines[0].starts_with("fs: not supported by Hekivisor (virtio-fs"), "{lines:?}");
+        // Without those, the rest of Kata's body is accepted as Kata means it.
+        let mut kata: Value = serde_json::from_str(body).expect("fixture");
+        let root = kata.as_object_mut().expect("object");
+        root.remove("fs");
+        root.remove("vsock");
+        root["platform"]["num_pci_segments"] = json!(1);
+        root["memory"]["shared"] = json!(false);
+        root["memory"].as_object_mut().expect("memory").remove("hotplug_size");
+        let config = vm_config_from_json(kata.to_string().as_bytes()).expect("the rest is accepted");
+        assert_eq!((config.cpus.boot_vcpus, config.cpus.max_vcpus), (1, 8));
+        assert_eq!(config.cpus.effective_topology().cores_per_die, 8);
+        let disk = &config.disks.as_ref().expect("the image disk")[0];
+        assert!(disk.readonly);
+        assert_eq!(config.memory.size, 2 << 30);
+        assert_eq!(config.serial.mode, crate::config::ConsoleOutputMode::Off);
     }
 
     #[test]

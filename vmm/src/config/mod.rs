@@ -25,8 +25,12 @@ pub enum ConfigError {
     Cli { option: &'static str, message: String },
     #[error("{field}: {message}")]
     Invalid { field: &'static str, message: String },
-    #[error("{field}: not supported by Hekivisor")]
-    Unsupported { field: String },
+    #[error("{field}: not supported by Hekivisor{}", reason.map(|r| format!(" ({r})")).unwrap_or_default())]
+    Unsupported { field: String, reason: Option<&'static str> },
+    /// Several problems, one per line: Cloud Hypervisor fields we lack
+    /// (top-level fields first, then section by section), then the rest.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Several(Vec<ConfigError>),
     /// Malformed JSON, a wrong type or an unknown field; `path` is where (e.g. `heki.enabeld`).
     #[error("{}{message}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
     Json { path: String, message: String },
@@ -44,13 +48,38 @@ pub const DEFAULT_CR_CHECK_INTERVAL_MS: u64 = 10;
 #[serde(deny_unknown_fields, default)]
 pub struct CpusConfig {
     pub boot_vcpus: u8,
+    /// vCPUs the guest may have: those above `boot_vcpus` are listed in the
+    /// MADT as present but disabled (online-capable) and are not started;
+    /// bringing them up is hotplug (`vm.resize`, not implemented yet).
     pub max_vcpus: u8,
+    /// How the `max_vcpus` vCPUs group into threads, cores, dies and
+    /// packages (CPUID leaves 0x1, 0x4, 0xB, 0x1F). Default: one thread per
+    /// core, all cores in one die of one package.
+    pub topology: Option<CpuTopology>,
 }
 
 impl Default for CpusConfig {
     fn default() -> Self {
-        CpusConfig { boot_vcpus: DEFAULT_VCPUS, max_vcpus: DEFAULT_VCPUS }
+        CpusConfig { boot_vcpus: DEFAULT_VCPUS, max_vcpus: DEFAULT_VCPUS, topology: None }
     }
+}
+
+impl CpusConfig {
+    /// The topology the guest sees: the configured one, or the flat default.
+    pub fn effective_topology(&self) -> CpuTopology {
+        self.topology.unwrap_or_else(|| CpuTopology::flat(self.max_vcpus))
+    }
+}
+
+/// Cloud Hypervisor's `cpus.topology`; the product of the four must equal
+/// `max_vcpus` (`cpu/topology.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuTopology {
+    pub threads_per_core: u8,
+    pub cores_per_die: u8,
+    pub dies_per_package: u8,
+    pub packages: u8,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -265,8 +294,34 @@ impl VmConfig {
         if cpus.boot_vcpus == 0 || cpus.boot_vcpus > MAX_VCPUS {
             return Err(invalid("cpus.boot_vcpus", format!("must be 1..={MAX_VCPUS}, got {}", cpus.boot_vcpus)));
         }
-        if cpus.max_vcpus != cpus.boot_vcpus {
-            return Err(invalid("cpus.max_vcpus", "vCPU hotplug is not supported: max_vcpus must equal boot_vcpus"));
+        if cpus.max_vcpus < cpus.boot_vcpus || cpus.max_vcpus > MAX_VCPUS {
+            return Err(invalid(
+                "cpus.max_vcpus",
+                format!("must be boot_vcpus ({})..={MAX_VCPUS}, got {}", cpus.boot_vcpus, cpus.max_vcpus),
+            ));
+        }
+        if let Some(t) = &cpus.topology {
+            let levels = [t.threads_per_core, t.cores_per_die, t.dies_per_package, t.packages];
+            if levels.contains(&0) {
+                return Err(invalid("cpus.topology", "every level needs at least 1"));
+            }
+            if t.vcpus() != u32::from(cpus.max_vcpus) {
+                return Err(invalid(
+                    "cpus.topology",
+                    format!(
+                        "threads_per_core × cores_per_die × dies_per_package × packages is {}, but max_vcpus is {}",
+                        t.vcpus(),
+                        cpus.max_vcpus
+                    ),
+                ));
+            }
+            if !t.apic_ids_are_dense() {
+                return Err(invalid(
+                    "cpus.topology",
+                    "every level below the highest one above 1 needs a power-of-two count \
+                     (Hekivisor gives vCPU i APIC id i; sparse APIC ids are not supported yet)",
+                ));
+            }
         }
         let size = self.memory.size;
         if size < (1 << 20) || !size.is_multiple_of(4096) || size > MAX_MEMORY_SIZE {

@@ -7,6 +7,7 @@ pub mod exit;
 pub mod gate;
 pub mod hook;
 pub mod kick;
+mod topology;
 mod vcpu_thread;
 
 pub use boot_state::boot_registers;
