@@ -1,32 +1,58 @@
-//! The VMM-thread side of the REST API: turns requests into lifecycle actions.
+//! The VMM-thread side of the REST API: turns requests into lifecycle
+//! actions through `RequestHandler`, which the VMM implements
+//! (`vmm_requests.rs`), so this module knows the API and the lifecycle
+//! rules but not the VMM's insides.
 
 use std::os::unix::net::UnixListener;
 use std::sync::mpsc::{Receiver, channel};
 
-use serde_json::json;
+use serde_json::{Value, json};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{ApiError, ApiMessage, ApiRequest, ApiResult};
-use crate::vmm::{VmState, Vmm, VmmError};
+use crate::config::VmConfig;
+use crate::vm_state::VmState;
+
+/// What the API asks of the VMM. Each call runs on the VMM thread.
+pub(crate) trait RequestHandler {
+    /// The VM's state; `None` while no VM was created.
+    fn vm_state(&self) -> Option<VmState>;
+    fn vm_config(&self) -> Option<&VmConfig>;
+    /// Records a configuration (state Created).
+    fn create_vm(&mut self, config: VmConfig);
+    fn boot_vm(&mut self) -> Result<(), ApiError>;
+    /// Stops the VM; its configuration stays.
+    fn shutdown_vm(&mut self);
+    fn reboot_vm(&mut self) -> Result<(), ApiError>;
+    fn pause_vm(&mut self) -> Result<(), ApiError>;
+    fn resume_vm(&mut self);
+    /// Stops the VM and forgets its configuration.
+    fn delete_vm(&mut self);
+    fn vm_counters(&self) -> Value;
+    /// The `vm.heki*` endpoints.
+    fn heki_request(&mut self, request: ApiRequest) -> ApiResult;
+    /// Ends the VMM process (after shutting the VM down).
+    fn shutdown_vmm(&mut self);
+}
 
 pub(crate) struct ApiEndpoint {
     requests: Receiver<ApiMessage>,
 }
 
 /// Starts the HTTP server thread; returns the receiving end and its wake fd.
-pub(crate) fn start(listener: UnixListener) -> Result<(ApiEndpoint, EventFd), VmmError> {
-    let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventLoop)?;
+pub(crate) fn start(listener: UnixListener) -> std::io::Result<(ApiEndpoint, EventFd)> {
+    let wake = EventFd::new(libc::EFD_NONBLOCK)?;
     let (tx, rx) = channel();
-    let server_wake = wake.try_clone().map_err(VmmError::EventLoop)?;
-    crate::api::start_api_server(listener, tx, server_wake).map_err(VmmError::EventLoop)?;
+    let server_wake = wake.try_clone()?;
+    crate::api::start_api_server(listener, tx, server_wake)?;
     Ok((ApiEndpoint { requests: rx }, wake))
 }
 
 impl ApiEndpoint {
     /// Answers every queued request.
-    pub(crate) fn drain(&self, vmm: &mut Vmm) {
+    pub(crate) fn drain(&self, handler: &mut dyn RequestHandler) {
         while let Ok(message) = self.requests.try_recv() {
-            let result = handle(vmm, message.request);
+            let result = handle(handler, message.request);
             // The client may have gone away; nothing to do then.
             let _ = message.reply.send(result);
         }
@@ -41,7 +67,11 @@ fn conflict(action: &str, state: VmState) -> ApiError {
     ApiError::Conflict(format!("cannot {action} a VM in state {}", state.as_str()))
 }
 
-fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResult {
+fn current_state(handler: &dyn RequestHandler) -> Result<VmState, ApiError> {
+    handler.vm_state().ok_or_else(no_vm)
+}
+
+fn handle(vmm: &mut dyn RequestHandler, request: ApiRequest) -> ApiResult {
     match request {
         ApiRequest::VmmPing => Ok(Some(json!({
             "build_version": env!("CARGO_PKG_VERSION"),
@@ -50,20 +80,18 @@ fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResult {
             "features": ["heki"],
         }))),
         ApiRequest::VmmShutdown => {
-            vmm.shutdown_vm();
-            vmm.exit_status = Some(Ok(0));
+            vmm.shutdown_vmm();
             Ok(None)
         }
         ApiRequest::VmCreate(config) => {
-            if vmm.config.is_some() {
+            if vmm.vm_state().is_some() {
                 return Err(ApiError::Conflict("a VM already exists; delete it first".into()));
             }
-            vmm.create(*config);
-            crate::events::emit("vm", "created", &[]);
+            vmm.create_vm(*config);
             Ok(None)
         }
         ApiRequest::VmBoot => match current_state(vmm)? {
-            VmState::Created | VmState::Shutdown => boot(vmm),
+            VmState::Created | VmState::Shutdown => vmm.boot_vm().map(|_| None),
             state => Err(conflict("boot", state)),
         },
         ApiRequest::VmShutdown => match current_state(vmm)? {
@@ -74,16 +102,16 @@ fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResult {
             state => Err(conflict("shut down", state)),
         },
         ApiRequest::VmReboot => match current_state(vmm)? {
-            VmState::Running | VmState::Paused => vmm.reboot().map(|_| None).map_err(internal),
+            VmState::Running | VmState::Paused => vmm.reboot_vm().map(|_| None),
             state => Err(conflict("reboot", state)),
         },
         ApiRequest::VmPause => match current_state(vmm)? {
-            VmState::Running => vmm.pause().map(|_| None).map_err(internal),
+            VmState::Running => vmm.pause_vm().map(|_| None),
             state => Err(conflict("pause", state)),
         },
         ApiRequest::VmResume => match current_state(vmm)? {
             VmState::Paused => {
-                vmm.resume();
+                vmm.resume_vm();
                 Ok(None)
             }
             state => Err(conflict("resume", state)),
@@ -97,16 +125,12 @@ fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResult {
         },
         ApiRequest::VmDelete => {
             current_state(vmm)?;
-            vmm.shutdown_vm();
-            vmm.config = None;
-            vmm.console_pty = None;
-            vmm.state = VmState::Shutdown;
-            crate::events::emit("vm", "deleted", &[]);
+            vmm.delete_vm();
             Ok(None)
         }
         ApiRequest::VmInfo => {
             let state = current_state(vmm)?;
-            let config = vmm.config.as_ref().ok_or_else(no_vm)?;
+            let config = vmm.vm_config().ok_or_else(no_vm)?;
             Ok(Some(json!({
                 // Every Cloud Hypervisor section and field, as its vm.info reports them.
                 "config": crate::config::to_cloud_hypervisor_json(config),
@@ -116,67 +140,12 @@ fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResult {
         }
         ApiRequest::VmCounters => {
             current_state(vmm)?;
-            Ok(Some(vmm.counters()))
+            Ok(Some(vmm.vm_counters()))
         }
-        ApiRequest::VmHeki
+        request @ (ApiRequest::VmHeki
         | ApiRequest::VmHekiProtect(_)
         | ApiRequest::VmHekiPolicy(_)
         | ApiRequest::VmHekiViolations
-        | ApiRequest::VmHekiPin(_) => {
-            let running = vmm.state == VmState::Running;
-            let vm = vmm.vm.as_ref();
-            let context = crate::heki::api::HekiApiContext {
-                config: vmm.config.as_mut().map(|c| &mut c.heki),
-                runtime: vm.and_then(|vm| vm.heki()).map(|rt| rt.as_ref()),
-                running,
-                vcpus: vm.map_or(0, |vm| vm.vcpu_count()),
-                devices: vm.map(|vm| vm.device_counters()),
-            };
-            crate::heki::api::handle(context, request)
-        }
+        | ApiRequest::VmHekiPin(_)) => vmm.heki_request(request),
     }
-}
-
-fn current_state(vmm: &Vmm) -> Result<VmState, ApiError> {
-    if vmm.config.is_none() {
-        return Err(no_vm());
-    }
-    Ok(vmm.state)
-}
-
-fn boot(vmm: &mut Vmm) -> ApiResult {
-    vmm.boot().map(|_| None).map_err(|e| match e {
-        // A bad kernel path or image is the caller's mistake, not ours.
-        VmmError::Vm(crate::vm::VmError::Boot(b)) => ApiError::BadRequest(error_lines(&b)),
-        other => internal(other),
-    })
-}
-
-fn internal(e: VmmError) -> ApiError {
-    ApiError::Internal(error_lines(&e))
-}
-
-/// An error and its causes, one per line: the API sends each line as one
-/// string of its error chain.
-fn error_lines(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        message.push('\n');
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
-}
-
-/// An error with its causes, for messages that leave the process.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }

@@ -7,6 +7,7 @@ pub mod boot;
 pub mod config;
 pub mod cpu;
 pub mod devices;
+mod errors;
 mod events;
 #[doc(hidden)]
 pub mod fuzz_harness;
@@ -22,8 +23,10 @@ pub mod seccomp;
 pub mod signals;
 pub mod traps;
 pub mod vm;
+mod vm_state;
 pub mod vmm;
+mod vmm_requests;
 
-pub use api_handler::error_chain;
+pub use errors::error_chain;
 pub use events::start_event_monitor;
 pub use vmm::{VmState, VmmError, VmmRunConfig, run};

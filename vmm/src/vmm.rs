@@ -17,6 +17,7 @@ use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::cpu::VcpuEvent;
 use crate::devices::virtio::console::{ConsoleHost, Pty};
 use crate::vm::{SharedOutput, Vm, VmError};
+pub use crate::vm_state::VmState;
 
 #[derive(Debug, Error)]
 pub enum VmmError {
@@ -42,26 +43,6 @@ pub enum VmmError {
     Seccomp(#[from] crate::seccomp::SeccompError),
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
-}
-
-/// Lifecycle state, spelled as Cloud Hypervisor's `vm.info` does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VmState {
-    Created,
-    Running,
-    Paused,
-    Shutdown,
-}
-
-impl VmState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VmState::Created => "Created",
-            VmState::Running => "Running",
-            VmState::Paused => "Paused",
-            VmState::Shutdown => "Shutdown",
-        }
-    }
 }
 
 /// How to run the VMM.
@@ -158,7 +139,7 @@ pub fn run(run_config: VmmRunConfig) -> Result<i32, VmmError> {
         .map_err(VmmError::EventLoop)?;
     let api = match run_config.api_listener {
         Some(listener) => {
-            let (api, wake) = crate::api_handler::start(listener)?;
+            let (api, wake) = crate::api_handler::start(listener).map_err(VmmError::EventLoop)?;
             watch(&wake, TOKEN_API)?;
             Some((api, wake))
         }
