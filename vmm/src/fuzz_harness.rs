@@ -334,6 +334,7 @@ pub fn kernel_image(data: &[u8]) {
         cmdline: "console=ttyS0",
         ram: regions,
         rsdp: 0x000e_0000,
+        keep_image: true,
     };
     let _ = crate::boot::load_payload(mem, &inputs);
 }

@@ -12,7 +12,7 @@ use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot::{BootInputs, EntryPoint, load_payload};
+use crate::boot::{BootInputs, Loaded, load_payload};
 use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, boot_registers, cpuid, kick, run_vcpu};
 use crate::devices::msi::MsiRoutes;
@@ -145,7 +145,11 @@ impl Vm {
 
         let cpus = config.cpus.boot_vcpus;
         let rsdp = crate::acpi::create_acpi_tables(&mem, cpus).map_err(|e| VmError::Acpi(e.to_string()))?;
-        let entry = load_kernel(&mem, config, &ram, rsdp.0)?;
+        let loaded = load_kernel(&mem, config, &ram, rsdp.0)?;
+        let entry = loaded.entry;
+        if let (Some(heki), Some(image)) = (&heki, loaded.image) {
+            heki.set_kernel_image(image);
+        }
 
         let mut pio = PioBus::default();
         let serial = match (&serial_out, config.serial.mode) {
@@ -385,7 +389,7 @@ fn wait_readable(fd: &EventFd, timeout: Duration) -> bool {
     ready > 0 && pollfd.revents != 0
 }
 
-fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig, ram: &[RamRegion], rsdp: u64) -> Result<EntryPoint, VmError> {
+fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig, ram: &[RamRegion], rsdp: u64) -> Result<Loaded, VmError> {
     let payload = config.payload.as_ref().ok_or(crate::boot::BootError::NoKernel)?;
     let kernel = payload.kernel.as_deref().ok_or(crate::boot::BootError::NoKernel)?;
     let inputs = BootInputs {
@@ -394,6 +398,7 @@ fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig, ram: &[RamRegion], rsdp
         cmdline: payload.cmdline.as_deref().unwrap_or(""),
         ram,
         rsdp,
+        keep_image: config.heki.enabled,
     };
     Ok(load_payload(mem, &inputs)?)
 }
