@@ -35,7 +35,9 @@ pub struct Segment {
     pub bytes: Vec<u8>,
 }
 
-/// One ELF section, by name, virtual address and content.
+/// One ELF section, by name, virtual address and content; or a table the
+/// linker script merged into a larger section, bounded by its symbols
+/// (`__start_static_call_sites`..), named as its input section.
 #[derive(Clone, Copy, Debug)]
 pub struct Section<'a> {
     pub name: &'a str,
@@ -70,10 +72,12 @@ pub enum PatchKind {
     RuntimeShift,
     /// `__mcount_loc`: ftrace call sites turned into NOPs at boot.
     Mcount,
+    /// `.static_call.text`: the static-call trampolines, rewritten whole.
+    StaticCallText,
 }
 
 impl PatchKind {
-    pub const ALL: [PatchKind; 12] = [
+    pub const ALL: [PatchKind; 13] = [
         PatchKind::Alternative,
         PatchKind::SmpLock,
         PatchKind::JumpLabel,
@@ -86,6 +90,7 @@ impl PatchKind {
         PatchKind::RuntimePtr,
         PatchKind::RuntimeShift,
         PatchKind::Mcount,
+        PatchKind::StaticCallText,
     ];
 
     /// The section that lists these sites (a prefix for runtime constants).
@@ -103,6 +108,7 @@ impl PatchKind {
             PatchKind::RuntimePtr => "runtime_ptr_",
             PatchKind::RuntimeShift => "runtime_shift_",
             PatchKind::Mcount => "__mcount_loc",
+            PatchKind::StaticCallText => ".static_call.text",
         }
     }
 
@@ -192,6 +198,8 @@ pub fn sites(section: &Section<'_>, first_byte: impl Fn(u64) -> Option<u8>) -> V
             .filter(|s| s.len > 0)
             .collect(),
         PatchKind::Mcount => entries(8).filter_map(|at| le_u64(section.data, at)).map(|va| site(va, 5)).collect(),
+        PatchKind::StaticCallText if !section.data.is_empty() => vec![site(section.va, section.data.len() as u64)],
+        PatchKind::StaticCallText => Vec::new(),
     }
 }
 
@@ -489,6 +497,7 @@ mod tests {
         pv.extend([3, 7, 0, 0, 0, 0, 0, 0]);
         assert_eq!(one(".parainstructions", pv), vec![(VA + 0x98, 7)]);
         assert_eq!(one("__mcount_loc", (VA + 0xa0).to_le_bytes().to_vec()), vec![(VA + 0xa0, 5)]);
+        assert_eq!(one(".static_call.text", vec![0xcc; 24]), vec![(at, 24)]);
         assert_eq!(one(".text", vec![1, 2, 3, 4]), vec![]);
     }
 

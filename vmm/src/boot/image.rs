@@ -4,8 +4,32 @@
 
 use heki::image::{KernelImage, Section, Segment};
 use object::Endianness;
-use object::elf::{FileHeader64, PT_LOAD};
-use object::read::elf::{FileHeader, ProgramHeader, SectionHeader};
+use object::elf::{FileHeader64, PT_LOAD, SHT_SYMTAB};
+use object::read::elf::{FileHeader, ProgramHeader, SectionHeader, Sym};
+
+/// Site tables that Linux's linker script merges into a larger output
+/// section (`.init.data`, `.rodata`), found by their bounding symbols, and
+/// the input section each would be: (start, stop, name).
+const BOUNDED_TABLES: [(&str, &str, &str); 9] = [
+    ("__start_static_call_sites", "__stop_static_call_sites", ".static_call_sites"),
+    ("__start___jump_table", "__stop___jump_table", "__jump_table"),
+    ("__start_mcount_loc", "__stop_mcount_loc", "__mcount_loc"),
+    ("__static_call_text_start", "__static_call_text_end", ".static_call.text"),
+    ("__retpoline_sites", "__retpoline_sites_end", ".retpoline_sites"),
+    ("__return_sites", "__return_sites_end", ".return_sites"),
+    ("__call_sites", "__call_sites_end", ".call_sites"),
+    ("__ibt_endbr_seal", "__ibt_endbr_seal_end", ".ibt_endbr_seal"),
+    ("__smp_locks", "__smp_locks_end", ".smp_locks"),
+];
+
+/// The file bytes of [start, stop) (virtual), if one segment holds them all.
+fn file_bytes(segments: &[Segment], start: u64, stop: u64) -> Option<&[u8]> {
+    segments.iter().find_map(|s| {
+        let from = usize::try_from(start.checked_sub(s.va)?).ok()?;
+        let to = usize::try_from(stop.checked_sub(s.va)?).ok()?;
+        s.bytes.get(from..to)
+    })
+}
 
 /// Parses an ELF vmlinux into what heki compares locked text with. Host
 /// input, but a malformed file is an error, never a panic.
@@ -32,6 +56,27 @@ pub fn kernel_image(data: &[u8]) -> Result<KernelImage, String> {
         let Ok(name) = std::str::from_utf8(name) else { continue };
         sections.push(Section { name, va: sh.sh_addr(endian), data: bytes });
     }
+    // Tables merged into other sections, unless they kept their own.
+    let symbols = table.symbols(endian, data, SHT_SYMTAB).ok();
+    let wanted: Vec<&str> = BOUNDED_TABLES.iter().flat_map(|(a, b, _)| [*a, *b]).collect();
+    let mut found = std::collections::HashMap::new();
+    for sym in symbols.iter().flat_map(|t| t.iter()) {
+        let Some(name) = symbols.as_ref().and_then(|t| t.symbol_name(endian, sym).ok()) else { continue };
+        if let Some(w) = wanted.iter().find(|w| w.as_bytes() == name) {
+            found.insert(*w, sym.st_value(endian));
+        }
+    }
+    for (start, stop, name) in BOUNDED_TABLES {
+        let (Some(&start), Some(&stop)) = (found.get(start), found.get(stop)) else { continue };
+        if stop <= start || sections.iter().any(|s| s.name == name) {
+            continue;
+        }
+        if let Some(bytes) = file_bytes(&segments, start, stop) {
+            sections.push(Section { name, va: start, data: bytes });
+        }
+    }
+    // `sections` borrows `segments`' bytes: clone them for the image.
+    let segments = segments.clone();
     Ok(KernelImage::new(segments, &sections))
 }
 
