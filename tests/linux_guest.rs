@@ -314,6 +314,7 @@ fn linux_lock_is_measured_and_the_locked_text_is_the_loaded_image() {
     let digests: Vec<&str> = p["sha256"].as_str().expect("sha256").split(',').collect();
     assert_eq!((ranges.len(), digests.len()), (2, 2), "text and rodata: {p}");
     let kernel = p["kernel_sha256"].as_str().expect("kernel_sha256");
+    eprintln!("locked {ranges:?}: sha256 {digests:?}, kernel_sha256 {kernel}");
     assert_eq!(heki["kernel_sha256"], kernel, "{heki}");
     assert!(heki["kernel_image"]["masked_bytes"].as_u64().is_some_and(|b| b > 0), "{heki}");
 

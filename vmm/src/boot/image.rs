@@ -150,6 +150,14 @@ mod tests {
             checked += 1;
         }
         assert!(checked > 100, "{checked} alternatives");
+        // The text Linux locks, [_text, _etext): the first segment's .text.
+        let (_, text_section) = table.section_by_name(endian, b".text").expect(".text");
+        let text_end = text.gpa + text_section.sh_size(endian);
+        let in_text: u64 = image.masks().iter().map(|&(s, e)| e.min(text_end).saturating_sub(s.max(text.gpa))).sum();
+        eprintln!("masked in .text: {in_text} of {} bytes", text_end - text.gpa);
+        assert!(in_text > 0 && in_text < stats.total_bytes);
+        let static_calls = stats.by_kind.iter().any(|(k, n, _)| *k == PatchKind::StaticCall && *n > 0);
+        assert!(static_calls, "static-call sites, from __start_static_call_sites: {stats:?}");
         let alternatives = stats.by_kind.iter().find(|(k, _, _)| *k == PatchKind::Alternative).expect("alternatives");
         assert_eq!(alternatives.1, checked);
         // The image compared with itself matches; one flipped byte outside the masks does not.
