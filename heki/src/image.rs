@@ -362,7 +362,7 @@ pub struct Measurement {
     pub end: u64,
     pub perms: Permissions,
     pub sha256: Sha256Digest,
-    /// Whether the range overlaps the loaded kernel image.
+    /// Whether it is kernel text: EXEC, overlapping the loaded image.
     pub kernel: bool,
 }
 
@@ -399,9 +399,10 @@ impl Measurements {
         self.records.iter().filter(move |r| start <= r.start && r.end <= end)
     }
 
-    /// One digest over the kernel's locked ranges: SHA-256 over, for each
-    /// range overlapping the image in GPA order, its GPA and size (u64
-    /// little-endian) and its SHA-256. `None` before any is locked.
+    /// One digest over the kernel's locked text: SHA-256 over, for each
+    /// `kernel` range in GPA order, its GPA and size (u64 little-endian) and
+    /// its SHA-256. `None` before any is locked. (Read-only data is left
+    /// out: its `__ro_after_init` part holds per-boot values.)
     pub fn kernel_sha256(&self) -> Option<Sha256Digest> {
         let mut hasher = Sha256::new();
         let mut any = false;

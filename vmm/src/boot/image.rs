@@ -22,12 +22,16 @@ const BOUNDED_TABLES: [(&str, &str, &str); 9] = [
     ("__smp_locks", "__smp_locks_end", ".smp_locks"),
 ];
 
-/// The file bytes of [start, stop) (virtual), if one segment holds them all.
-fn file_bytes(segments: &[Segment], start: u64, stop: u64) -> Option<&[u8]> {
-    segments.iter().find_map(|s| {
-        let from = usize::try_from(start.checked_sub(s.va)?).ok()?;
-        let to = usize::try_from(stop.checked_sub(s.va)?).ok()?;
-        s.bytes.get(from..to)
+/// The file bytes of [start, stop) (virtual), if one loadable segment holds
+/// them all; `loads` is (vaddr, file offset, file size) per segment.
+fn file_bytes<'a>(data: &'a [u8], loads: &[(u64, u64, u64)], start: u64, stop: u64) -> Option<&'a [u8]> {
+    loads.iter().find_map(|&(va, offset, filesz)| {
+        let (from, to) = (start.checked_sub(va)?, stop.checked_sub(va)?);
+        if to > filesz {
+            return None;
+        }
+        let at = |o: u64| usize::try_from(offset.checked_add(o)?).ok();
+        data.get(at(from)?..at(to)?)
     })
 }
 
@@ -37,11 +41,13 @@ pub fn kernel_image(data: &[u8]) -> Result<KernelImage, String> {
     let header = FileHeader64::<Endianness>::parse(data).map_err(|e| format!("not a 64-bit ELF: {e}"))?;
     let endian = header.endian().map_err(|e| format!("ELF header: {e}"))?;
     let mut segments = Vec::new();
+    let mut loads = Vec::new();
     for ph in header.program_headers(endian, data).map_err(|e| format!("program headers: {e}"))? {
         if ph.p_type(endian) != PT_LOAD {
             continue;
         }
         let bytes = ph.data(endian, data).map_err(|_| "a loadable segment lies outside the file".to_string())?;
+        loads.push((ph.p_vaddr(endian), ph.p_offset(endian), bytes.len() as u64));
         segments.push(Segment {
             gpa: ph.p_paddr(endian),
             va: ph.p_vaddr(endian),
@@ -71,12 +77,10 @@ pub fn kernel_image(data: &[u8]) -> Result<KernelImage, String> {
         if stop <= start || sections.iter().any(|s| s.name == name) {
             continue;
         }
-        if let Some(bytes) = file_bytes(&segments, start, stop) {
+        if let Some(bytes) = file_bytes(data, &loads, start, stop) {
             sections.push(Section { name, va: start, data: bytes });
         }
     }
-    // `sections` borrows `segments`' bytes: clone them for the image.
-    let segments = segments.clone();
     Ok(KernelImage::new(segments, &sections))
 }
 

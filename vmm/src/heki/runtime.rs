@@ -344,7 +344,7 @@ impl HekiRuntime {
         let mut report = LockReport::default();
         for r in ranges {
             let (start, end) = (r.start << PAGE_SHIFT, r.end << PAGE_SHIFT);
-            let in_image = image.is_some_and(|i| i.overlaps(start, end));
+            let text = r.perms.contains(Permissions::EXEC) && image.is_some_and(|i| i.overlaps(start, end));
             let mut content = vec![0u8; usize::try_from(end.saturating_sub(start)).unwrap_or(0)];
             if let Err(e) = self.ram_mem.read_slice(&mut content, GuestAddress(start)) {
                 log::warn!("heki: cannot measure the lock at {start:#x}: {e}");
@@ -353,8 +353,8 @@ impl HekiRuntime {
             }
             let sha256 = heki::image::sha256(&content);
             report.digests.push(Some(sha256));
-            measurements.record(Measurement { start, end, perms: r.perms, sha256, kernel: in_image });
-            if let Some(image) = image.filter(|_| in_image && r.perms.contains(Permissions::EXEC)) {
+            measurements.record(Measurement { start, end, perms: r.perms, sha256, kernel: text });
+            if let Some(image) = image.filter(|_| text) {
                 report.compared = true;
                 report.mismatches.extend(image.compare(start, &content));
             }
