@@ -371,6 +371,66 @@ fn linux_locks_itself_and_every_simulated_rootkit_attack_fails() {
     assert_eq!(heki["counters"]["violations"], expected_all as u64, "{heki}");
 }
 
+/// The lock is measured (a SHA-256 per range and one over the kernel's
+/// ranges, in the event and in `vm.heki`), and the locked text of an honest
+/// kernel is the loaded vmlinux outside the sites it patched at boot.
+#[test]
+fn linux_lock_is_measured_and_the_locked_text_is_the_loaded_image() {
+    require_kvm!();
+    let guest = linux_guest("heki");
+    let mut vm = LinuxVm::start("linux-heki-image", &guest, CMDLINE, &["--heki", "enabled=on,policy=deny"]);
+    let lock = vm.wait_for_line("heki: locked");
+    vm.wait_for_line("heki-test: done");
+    let heki = vm.get("vm.heki");
+    vm.wait_for_guest_end();
+    let events = vm.events();
+    let ctx = || format!("{}\nvm.heki: {heki:#}\nevents: {events:#?}", vm.report());
+
+    let mismatches = violations(&events, "image-mismatch");
+    assert!(mismatches.is_empty(), "an honest kernel's text is the image's: {mismatches:#?}\n{}", ctx());
+    assert_eq!(heki["counters"]["image-mismatch"], 0, "{heki}");
+
+    let protected: Vec<_> = events.iter().filter(|e| e["event"] == "protected").collect();
+    assert_eq!(protected.len(), 1, "{protected:?}");
+    let p = &protected[0]["properties"];
+    assert_eq!(p["image_mismatches"], "0", "text was compared: {p}");
+    let ranges: Vec<&str> = p["ranges"].as_str().expect("ranges").split(',').collect();
+    let digests: Vec<&str> = p["sha256"].as_str().expect("sha256").split(',').collect();
+    assert_eq!((ranges.len(), digests.len()), (2, 2), "text and rodata: {p}");
+    let kernel = p["kernel_sha256"].as_str().expect("kernel_sha256");
+    eprintln!("locked {ranges:?}: sha256 {digests:?}, kernel_sha256 {kernel}");
+    assert_eq!(heki["kernel_sha256"], kernel, "{heki}");
+    assert!(heki["kernel_image"]["masked_bytes"].as_u64().is_some_and(|b| b > 0), "{heki}");
+
+    // Each range of the event is listed in vm.heki with the same digest, and
+    // kernel_sha256 is the digest over (gpa, size, sha256) in GPA order.
+    let mut kernel_input = Vec::new();
+    let mut listed: Vec<(u64, u64, String)> = Vec::new();
+    for (range, digest) in ranges.iter().zip(&digests) {
+        assert_eq!(digest.len(), 64, "{digest}");
+        let (start, end) = range.split_once('-').expect("start-end");
+        let (start, end) = (hex(start), hex(end));
+        let entry = heki["protected_ranges"]
+            .as_array()
+            .expect("protected_ranges")
+            .iter()
+            .find(|r| r["gpa"] == start && r["size"] == end - start)
+            .unwrap_or_else(|| panic!("{range} in {heki}"));
+        assert_eq!(entry["sha256"], *digest, "{entry}");
+        listed.push((start, end - start, digest.to_string()));
+    }
+    // Only the text counts: rodata's __ro_after_init part differs per boot.
+    let text = hex(after(&lock, "text").split_once('-').expect("text range").0);
+    listed.retain(|(gpa, _, _)| *gpa == text);
+    assert_eq!(listed.len(), 1, "{lock}");
+    for (gpa, size, digest) in &listed {
+        kernel_input.extend(gpa.to_le_bytes());
+        kernel_input.extend(size.to_le_bytes());
+        kernel_input.extend((0..32).map(|i| u8::from_str_radix(&digest[i * 2..i * 2 + 2], 16).expect("hex")));
+    }
+    assert_eq!(heki::image::hex(&heki::image::sha256(&kernel_input)), kernel);
+}
+
 #[test]
 fn with_heki_off_on_the_command_line_every_simulated_attack_lands() {
     require_kvm!();

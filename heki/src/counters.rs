@@ -19,6 +19,8 @@ pub struct ViolationCounters {
     pub translation: u64,
     #[serde(rename = "descriptor-table")]
     pub descriptor_table: u64,
+    #[serde(rename = "image-mismatch")]
+    pub image_mismatch: u64,
 }
 
 impl ViolationCounters {
@@ -32,6 +34,7 @@ impl ViolationCounters {
             ViolationKind::PrivateAccess => &mut self.private_access,
             ViolationKind::Translation => &mut self.translation,
             ViolationKind::DescriptorTable => &mut self.descriptor_table,
+            ViolationKind::ImageMismatch => &mut self.image_mismatch,
         }
     }
 
@@ -50,6 +53,7 @@ impl ViolationCounters {
             ViolationKind::PrivateAccess => self.private_access,
             ViolationKind::Translation => self.translation,
             ViolationKind::DescriptorTable => self.descriptor_table,
+            ViolationKind::ImageMismatch => self.image_mismatch,
         }
     }
 
@@ -83,7 +87,7 @@ mod tests {
         let json = serde_json::to_string(&counters).expect("serializable");
         assert_eq!(
             json,
-            r#"{"write":0,"hypercall":1,"cr":0,"msr":0,"dma-write":0,"private-access":0,"translation":0,"descriptor-table":0}"#
+            r#"{"write":0,"hypercall":1,"cr":0,"msr":0,"dma-write":0,"private-access":0,"translation":0,"descriptor-table":0,"image-mismatch":0}"#
         );
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod abi;
 pub mod counters;
+pub mod image;
 pub mod insn;
 pub mod memslot_plan;
 pub mod page_walk;
@@ -20,6 +21,7 @@ pub mod verdict;
 
 pub use abi::{AbiError, GuestMemoryReader, HekiCall, ProtectRange, RamLayout};
 pub use counters::ViolationCounters;
+pub use image::{KernelImage, Measurement, Measurements, Mismatch};
 pub use memslot_plan::{PlannedSlot, SlotDiff, TooManySlots, diff_slots, plan_memslots};
 pub use page_walk::{PagingMode, PhysRead, WalkError};
 pub use permission_map::{ByteProtections, PAGE_SHIFT, PAGE_SIZE, PermissionMap};
@@ -81,6 +83,8 @@ pub struct MemoryProtections {
     pub bytes: ByteProtections,
     /// Which pages the host may touch (all, until the guest asks for private memory).
     pub private: PrivateMemory,
+    /// The SHA-256 of each locked range, as locked (the VMM measures).
+    pub measurements: Measurements,
 }
 
 impl MemoryProtections {

@@ -32,10 +32,13 @@ pub enum ViolationKind {
     Translation,
     /// A pinned IDTR or GDTR found changed.
     DescriptorTable,
+    /// Locked kernel text that differs from the image the VMM loaded,
+    /// outside the sites the kernel rewrites at boot.
+    ImageMismatch,
 }
 
 impl ViolationKind {
-    pub const ALL: [ViolationKind; 8] = [
+    pub const ALL: [ViolationKind; 9] = [
         ViolationKind::Write,
         ViolationKind::Hypercall,
         ViolationKind::Cr,
@@ -44,6 +47,7 @@ impl ViolationKind {
         ViolationKind::PrivateAccess,
         ViolationKind::Translation,
         ViolationKind::DescriptorTable,
+        ViolationKind::ImageMismatch,
     ];
 
     /// The name in events and JSON.
@@ -57,10 +61,11 @@ impl ViolationKind {
             ViolationKind::PrivateAccess => "private-access",
             ViolationKind::Translation => "translation",
             ViolationKind::DescriptorTable => "descriptor-table",
+            ViolationKind::ImageMismatch => "image-mismatch",
         }
     }
 
-    /// Dense index (0..8) for per-kind tables.
+    /// Dense index (0..9) for per-kind tables.
     pub fn index(self) -> usize {
         self as usize
     }
@@ -179,6 +184,10 @@ pub enum Access {
     /// A locked translation as found from a vCPU's live CR3: `intact` when
     /// it still reaches the locked pages with the locked flags.
     Translation { intact: bool },
+    /// Text being locked, compared with the loaded kernel image: `len`
+    /// bytes at `offset` into the image differ outside the masked sites
+    /// (`len == 0`: it matches).
+    ImageText { offset: u64, len: u64 },
 }
 
 /// What the protections say about an access, before policy.
@@ -202,6 +211,8 @@ pub enum Breach {
     Dtrs(Vec<crate::pins::DtrViolation>),
     /// A locked translation was found changed.
     Remapped,
+    /// Locked text is not the loaded image's: `len` bytes at `offset`.
+    NotImage { offset: u64, len: u64 },
 }
 
 /// What the VMM must do with one access.
@@ -266,6 +277,11 @@ pub fn judge(access: Access, protections: Protections<'_>, policy: Policy) -> Ve
         Access::Translation { intact } => {
             (ViolationKind::Translation, if intact { Breach::None } else { Breach::Remapped }, true)
         }
+        // The lock itself goes through either way: the text is locked, the
+        // violation says it is not the image's.
+        Access::ImageText { offset, len } => {
+            (ViolationKind::ImageMismatch, if len == 0 { Breach::None } else { Breach::NotImage { offset, len } }, true)
+        }
     };
     let action = match (&breach, performable) {
         (Breach::None, _) => Action::Allow,
@@ -302,6 +318,8 @@ impl Verdict {
             (ViolationKind::Cr | ViolationKind::DescriptorTable | ViolationKind::Translation, Action::Deny) => {
                 Some(RecordedAction::Restored)
             }
+            // Nothing to deny: the text is locked as found, and reported.
+            (ViolationKind::ImageMismatch, Action::Deny) => Some(RecordedAction::Logged),
             (_, action) => action.recorded(),
         }
     }
@@ -373,6 +391,10 @@ impl Verdict {
                     record.details.insert("pinned_limit".into(), format!("{:#x}", first.pinned.1));
                     record.details.insert("limit".into(), format!("{:#x}", first.value.1));
                 }
+            }
+            Breach::NotImage { offset, len } => {
+                record.size = Some(*len);
+                record.details.insert("offset".into(), format!("{offset:#x}"));
             }
             Breach::None | Breach::Range | Breach::Private | Breach::Privilege | Breach::Remapped => {}
         }
@@ -639,6 +661,24 @@ mod tests {
         let v =
             judge(Access::MsrWrite { index: LSTAR, value: 1 }, Protections { memory: &m, pins: None }, Policy::Deny);
         assert_eq!(v.action, Action::Allow);
+    }
+
+    #[test]
+    fn locked_text_unlike_the_image_is_reported_under_every_policy_and_the_lock_stands() {
+        assert_eq!(judge_with(Access::ImageText { offset: 0x40, len: 0 }, Policy::Shutdown).action, Action::Allow);
+        for (policy, recorded, outcome) in [
+            (Policy::Deny, RecordedAction::Logged, Outcome::Continue),
+            (Policy::Log, RecordedAction::Logged, Outcome::Continue),
+            (Policy::Pause, RecordedAction::Paused, Outcome::Pause),
+            (Policy::Shutdown, RecordedAction::Shutdown, Outcome::Shutdown),
+        ] {
+            let v = judge_with(Access::ImageText { offset: 0x1234, len: 3 }, policy);
+            assert_eq!((v.kind, v.outcome()), (ViolationKind::ImageMismatch, outcome), "{policy:?}");
+            assert!(!v.restores());
+            let record = v.record().expect("a violation");
+            assert_eq!((record.action, record.size), (recorded, Some(3)), "{policy:?}");
+            assert_eq!(record.details.get("offset").map(String::as_str), Some("0x1234"));
+        }
     }
 
     #[test]

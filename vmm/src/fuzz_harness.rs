@@ -318,6 +318,8 @@ pub fn vm_config_json(data: &[u8]) {
 /// Kernel loading (ELF with a PVH note, bzImage): the input is the kernel
 /// file, loaded into 64 MiB of guest RAM.
 pub fn kernel_image(data: &[u8]) {
+    // The image heki keeps is parsed from the same bytes: never a panic.
+    let _ = crate::boot::image::kernel_image(data);
     static MEM: OnceLock<(GuestMemoryMmap, Vec<crate::memory::RamRegion>)> = OnceLock::new();
     let (mem, regions) = MEM.get_or_init(|| {
         let regions = crate::memory::ram_regions(64 << 20);
@@ -334,6 +336,7 @@ pub fn kernel_image(data: &[u8]) {
         cmdline: "console=ttyS0",
         ram: regions,
         rsdp: 0x000e_0000,
+        keep_image: true,
     };
     let _ = crate::boot::load_payload(mem, &inputs);
 }

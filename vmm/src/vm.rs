@@ -13,7 +13,7 @@ use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot::{BootInputs, EntryPoint, load_payload};
+use crate::boot::{BootInputs, Loaded, load_payload};
 use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::cpu::hook::ExitHook;
 use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, boot_registers, cpuid, kick, run_vcpu};
@@ -159,7 +159,11 @@ impl Vm {
         let counts = crate::acpi::CpuCounts { boot: cpus, max: config.cpus.max_vcpus };
         let topology = config.cpus.effective_topology();
         let rsdp = crate::acpi::create_acpi_tables(&mem, counts).map_err(|e| VmError::Acpi(e.to_string()))?;
-        let entry = load_kernel(&mem, config, &ram, rsdp.0)?;
+        let loaded = load_kernel(&mem, config, &ram, rsdp.0)?;
+        let entry = loaded.entry;
+        if let (Some(heki), Some(image)) = (&heki, loaded.image) {
+            heki.set_kernel_image(image);
+        }
 
         let mut pio = PioBus::default();
         let serial = match (&serial_out, config.serial.mode) {
@@ -406,7 +410,7 @@ fn wait_readable(fd: &EventFd, timeout: Duration) -> bool {
     ready > 0 && pollfd.revents != 0
 }
 
-fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig, ram: &[RamRegion], rsdp: u64) -> Result<EntryPoint, VmError> {
+fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig, ram: &[RamRegion], rsdp: u64) -> Result<Loaded, VmError> {
     let payload = config.payload.as_ref().ok_or(crate::boot::BootError::NoKernel)?;
     let kernel = payload.kernel.as_deref().ok_or(crate::boot::BootError::NoKernel)?;
     let inputs = BootInputs {
@@ -415,6 +419,7 @@ fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig, ram: &[RamRegion], rsdp
         cmdline: payload.cmdline.as_deref().unwrap_or(""),
         ram,
         rsdp,
+        keep_image: config.heki.enabled,
     };
     Ok(load_payload(mem, &inputs)?)
 }

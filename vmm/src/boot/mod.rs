@@ -2,6 +2,7 @@
 //! the Linux 64-bit boot protocol for bzImage.
 
 mod e820;
+pub mod image;
 mod linux;
 pub mod mptable;
 mod pvh;
@@ -48,6 +49,16 @@ pub struct BootInputs<'a> {
     pub cmdline: &'a str,
     pub ram: &'a [RamRegion],
     pub rsdp: u64,
+    /// Keep the loaded image for heki's lock-time comparison (ELF only).
+    pub keep_image: bool,
+}
+
+/// What `load_payload` loaded.
+pub struct Loaded {
+    pub entry: EntryPoint,
+    /// The ELF image, when asked for (`keep_image`); a bzImage unpacks itself
+    /// in the guest, so there is no image to compare with.
+    pub image: Option<heki::KernelImage>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +68,7 @@ enum KernelFormat {
 }
 
 /// Loads kernel, initramfs and command line, and writes the boot structures.
-pub fn load_payload(mem: &GuestMemoryMmap, inputs: &BootInputs<'_>) -> Result<EntryPoint, BootError> {
+pub fn load_payload(mem: &GuestMemoryMmap, inputs: &BootInputs<'_>) -> Result<Loaded, BootError> {
     let kernel_err = |reason: String| BootError::Kernel { path: inputs.kernel.to_path_buf(), reason };
     let mut file = File::open(inputs.kernel).map_err(|e| kernel_err(format!("cannot open: {e}")))?;
     let file_size = file.metadata().map_err(|e| kernel_err(format!("cannot stat: {e}")))?.len();
@@ -74,7 +85,16 @@ pub fn load_payload(mem: &GuestMemoryMmap, inputs: &BootInputs<'_>) -> Result<En
             let loaded = pvh::load_elf(mem, &mut file).map_err(kernel_err)?;
             let initramfs = load_initramfs(mem, inputs, loaded.kernel_end, LOW_RAM_END)?;
             let start_info = pvh::write_start_info(mem, inputs, initramfs).map_err(BootError::GuestMemory)?;
-            Ok(EntryPoint::Pvh { entry: loaded.entry, start_info })
+            let image = if inputs.keep_image {
+                let mut data = Vec::new();
+                file.seek(SeekFrom::Start(0))
+                    .and_then(|_| file.read_to_end(&mut data))
+                    .map_err(|e| kernel_err(format!("cannot read: {e}")))?;
+                Some(image::kernel_image(&data).map_err(kernel_err)?)
+            } else {
+                None
+            };
+            Ok(Loaded { entry: EntryPoint::Pvh { entry: loaded.entry, start_info }, image })
         }
         KernelFormat::BzImage => {
             let loaded = linux::load_bzimage(mem, &mut file).map_err(kernel_err)?;
@@ -89,7 +109,7 @@ pub fn load_payload(mem: &GuestMemoryMmap, inputs: &BootInputs<'_>) -> Result<En
             let initramfs = load_initramfs(mem, inputs, loaded.kernel_end, limit)?;
             let boot_params = linux::write_boot_params(mem, inputs, &loaded, cmdline_len, initramfs)
                 .map_err(BootError::GuestMemory)?;
-            Ok(EntryPoint::Linux64 { entry: loaded.entry, boot_params })
+            Ok(Loaded { entry: EntryPoint::Linux64 { entry: loaded.entry, boot_params }, image: None })
         }
     }
 }

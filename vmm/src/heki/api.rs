@@ -126,11 +126,39 @@ fn report(
     if let Some(rt) = rt {
         let (pages, bytes, slots, max) = rt.stats();
         value["protected_pages"] = json!(pages);
+        let (measured, kernel_sha256) = rt.measurements();
         value["protected_ranges"] = rt
             .protected_ranges()
             .iter()
-            .map(|&(gpa, size, permissions)| json!({ "gpa": gpa, "size": size, "permissions": permissions.names() }))
+            .map(|&(gpa, size, permissions)| {
+                let mut range = json!({ "gpa": gpa, "size": size, "permissions": permissions.names() });
+                let end = gpa.saturating_add(size);
+                // One lock: its digest. Neighbouring locks with the same
+                // permissions are listed as one range: the digest of each.
+                match measured.iter().find(|m| m.start == gpa && m.end == end) {
+                    Some(m) => range["sha256"] = json!(heki::image::hex(&m.sha256)),
+                    None => {
+                        let inside: Vec<_> = measured
+                            .iter()
+                            .filter(|m| gpa <= m.start && m.end <= end)
+                            .map(|m| json!({ "gpa": m.start, "size": m.end - m.start, "sha256": heki::image::hex(&m.sha256) }))
+                            .collect();
+                        if !inside.is_empty() {
+                            range["locks"] = json!(inside);
+                        }
+                    }
+                }
+                range
+            })
             .collect();
+        value["kernel_sha256"] = json!(kernel_sha256.map(|d| heki::image::hex(&d)));
+        value["kernel_image"] = match rt.kernel_image() {
+            Some(image) => {
+                let (start, end) = image.span();
+                json!({ "gpa": start, "size": end - start, "masked_bytes": image.mask_stats().total_bytes })
+            }
+            None => json!(null),
+        };
         value["protected_bytes"] = json!(bytes);
         value["memslots"] = json!({ "used": slots, "limit": max });
         value["counters"] = counters(rt);

@@ -2,11 +2,12 @@
 //! memslots change together, trapped writes are judged and applied, and
 //! every verdict goes through the `Enforcer`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use heki::abi::{self, feature};
 use heki::{
-    AbiError, Access, MemoryProtections, PAGE_SHIFT, PlannedSlot, Policy, ProtectRange, Protections, RamLayout, judge,
+    AbiError, Access, KernelImage, Measurement, MemoryProtections, Mismatch, PAGE_SHIFT, Permissions, PlannedSlot,
+    Policy, ProtectRange, Protections, RamLayout, judge,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -93,6 +94,18 @@ pub struct HekiRuntime {
     pub(super) pin_state: PinState,
     msr_filter: bool,
     translations: TranslationState,
+    /// The ELF kernel the VMM loaded, set once before the vCPUs start.
+    kernel_image: OnceLock<KernelImage>,
+}
+
+/// What measuring one PROTECT_MEMORY request found.
+#[derive(Default)]
+struct LockReport {
+    /// The digest of each entry, in request order (`None`: RAM unreadable).
+    digests: Vec<Option<heki::image::Sha256Digest>>,
+    /// Whether any EXEC range inside the image was compared.
+    compared: bool,
+    mismatches: Vec<Mismatch>,
 }
 
 /// Adapts guest memory for heki's page-list decoder.
@@ -149,7 +162,17 @@ impl HekiRuntime {
             pin_state: PinState::new(vcpus),
             msr_filter,
             translations: TranslationState::default(),
+            kernel_image: OnceLock::new(),
         }
+    }
+
+    /// Keeps the loaded ELF kernel for the lock-time comparison (once).
+    pub fn set_kernel_image(&self, image: KernelImage) {
+        let _ = self.kernel_image.set(image);
+    }
+
+    pub fn kernel_image(&self) -> Option<&KernelImage> {
+        self.kernel_image.get()
     }
 
     pub fn enforcer(&self) -> &Arc<Enforcer> {
@@ -231,11 +254,31 @@ impl HekiRuntime {
         self.update_with_view(change, |_| Ok(()))
     }
 
+    /// `update_with_view`, with a step that sees the new protections once the
+    /// new memslots are in place and while no device access is in flight: what
+    /// it reads of guest memory is what the lock covers.
+    fn update_measured(
+        &self,
+        change: impl FnOnce(&mut MemoryProtections) -> Result<(), AbiError>,
+        measure: impl FnOnce(&mut MemoryProtections),
+    ) -> Result<(), AbiError> {
+        self.update_inner(change, measure, |_| Ok(()))
+    }
+
     /// `update`, plus a change to the VMM's view of RAM made while no device
     /// access is in flight (so nothing lands in a page after it turns private).
     fn update_with_view(
         &self,
         change: impl FnOnce(&mut MemoryProtections) -> Result<(), AbiError>,
+        view: impl FnOnce(&GuestMemoryMmap) -> std::io::Result<()>,
+    ) -> Result<(), AbiError> {
+        self.update_inner(change, |_| {}, view)
+    }
+
+    fn update_inner(
+        &self,
+        change: impl FnOnce(&mut MemoryProtections) -> Result<(), AbiError>,
+        measure: impl FnOnce(&mut MemoryProtections),
         view: impl FnOnce(&GuestMemoryMmap) -> std::io::Result<()>,
     ) -> Result<(), AbiError> {
         let mut slots = self.traps.slots();
@@ -262,6 +305,9 @@ impl HekiRuntime {
                 }
             })?;
         }
+        // Written pages are read-only now (vCPU writes trap and wait for the
+        // protections lock we hold), and no device access is in flight.
+        measure(&mut next);
         if next.private.is_enabled() {
             // Before the view changes; every read is held either way (see `CheckedMemory::get_slices`).
             self.enforcer.note_private_memory();
@@ -275,12 +321,84 @@ impl HekiRuntime {
         Ok(())
     }
 
-    /// PROTECT_MEMORY / `vm.heki-protect`.
+    /// PROTECT_MEMORY / `vm.heki-protect`: locks, then measures each range
+    /// as locked (SHA-256, through KVM's view of RAM, under the same update)
+    /// and compares EXEC ranges inside the loaded kernel image with it.
     pub fn protect_pages(&self, ranges: &[ProtectRange], who: &str) -> Result<(), AbiError> {
-        self.update(|p| p.protect_pages(ranges))?;
+        let mut report = LockReport::default();
+        let mut kernel_sha256 = None;
+        self.update_measured(
+            |p| p.protect_pages(ranges),
+            |p| {
+                report = self.measure(ranges, &mut p.measurements);
+                kernel_sha256 = p.measurements.kernel_sha256();
+            },
+        )?;
         let pages: u64 = ranges.iter().map(|r| r.end.saturating_sub(r.start)).fold(0, u64::saturating_add);
-        crate::events::emit("heki", "protected", &[("by", who.to_string()), ("pages", pages.to_string())]);
+        let list = |f: &dyn Fn(usize, &ProtectRange) -> String| {
+            ranges.iter().enumerate().map(|(i, r)| f(i, r)).collect::<Vec<_>>().join(",")
+        };
+        let mut props = vec![
+            ("by", who.to_string()),
+            ("pages", pages.to_string()),
+            ("ranges", list(&|_, r| format!("{:#x}-{:#x}", r.start << PAGE_SHIFT, r.end << PAGE_SHIFT))),
+            (
+                "sha256",
+                list(&|i, _| {
+                    report.digests.get(i).copied().flatten().map_or_else(String::new, |d| heki::image::hex(&d))
+                }),
+            ),
+        ];
+        if let Some(digest) = kernel_sha256 {
+            props.push(("kernel_sha256", heki::image::hex(&digest)));
+        }
+        if report.compared {
+            props.push(("image_mismatches", report.mismatches.len().to_string()));
+        }
+        crate::events::emit("heki", "protected", &props);
+        for m in &report.mismatches {
+            self.report_mismatch(m, who);
+        }
         Ok(())
+    }
+
+    /// Digests every entry of a lock, records them, and compares EXEC ranges
+    /// inside the image; called with the lock in place.
+    fn measure(&self, ranges: &[ProtectRange], measurements: &mut heki::Measurements) -> LockReport {
+        let image = self.kernel_image.get();
+        let mut report = LockReport::default();
+        for r in ranges {
+            let (start, end) = (r.start << PAGE_SHIFT, r.end << PAGE_SHIFT);
+            let text = r.perms.contains(Permissions::EXEC) && image.is_some_and(|i| i.overlaps(start, end));
+            let mut content = vec![0u8; usize::try_from(end.saturating_sub(start)).unwrap_or(0)];
+            if let Err(e) = self.ram_mem.read_slice(&mut content, GuestAddress(start)) {
+                log::warn!("heki: cannot measure the lock at {start:#x}: {e}");
+                report.digests.push(None);
+                continue;
+            }
+            let sha256 = heki::image::sha256(&content);
+            report.digests.push(Some(sha256));
+            measurements.record(Measurement { start, end, perms: r.perms, sha256, kernel: text });
+            if let Some(image) = image.filter(|_| text) {
+                report.compared = true;
+                report.mismatches.extend(image.compare(start, &content));
+            }
+        }
+        report
+    }
+
+    /// One run of locked text that is not the image's, through the judge.
+    fn report_mismatch(&self, m: &Mismatch, who: &str) {
+        let memory = MemoryProtections::default();
+        let access = Access::ImageText { offset: m.offset, len: m.len };
+        let verdict = judge(access, Protections { memory: &memory, pins: None }, self.policy());
+        if verdict.is_violation() {
+            let source = if who == "guest" { "guest lock".to_string() } else { format!("{who} lock") };
+            self.enforcer.enforce(&verdict, &source, |record| {
+                record.gpa = Some(m.gpa);
+                record.details.insert("va".into(), format!("{:#x}", m.va));
+            });
+        }
     }
 
     /// PROTECT_BYTES.
@@ -446,6 +564,13 @@ impl HekiRuntime {
             .iter()
             .map(|(start, end, perms)| (start << PAGE_SHIFT, (end - start) << PAGE_SHIFT, perms))
             .collect()
+    }
+
+    /// The digests of the locked ranges (in GPA order), and the one over
+    /// the kernel's ranges.
+    pub fn measurements(&self) -> (Vec<Measurement>, Option<heki::image::Sha256Digest>) {
+        let protections = self.enforcer.protections();
+        (protections.measurements.iter().copied().collect(), protections.measurements.kernel_sha256())
     }
 
     /// Counts of protected pages and bytes, and memslot use.

@@ -408,3 +408,56 @@ fn vm_heki_lists_the_locked_ranges_with_their_permissions() {
     assert_eq!(ranges.len(), 1);
     assert_eq!((ranges[0].0, ranges[0].1, ranges[0].2.names()), (0x3000, 0x1000, vec!["read"]));
 }
+
+/// A kernel image of two text pages at 0x10000 (VA 0xffffffff81000000),
+/// with one alternative site of 5 bytes at offset 0x100, copied into RAM.
+fn rig_with_image(policy: Policy) -> (Rig, Vec<u8>) {
+    const VA: u64 = 0xffff_ffff_8100_0000;
+    let rig = rig(policy);
+    let text: Vec<u8> = (0..0x2000u32).map(|i| (i * 13 % 251) as u8).collect();
+    // alt_instr at VA + 0x3000: instr_offset -0x2f00 (site VA + 0x100), instrlen 5.
+    let mut alt = (-0x2f00i32).to_le_bytes().to_vec();
+    alt.extend([0; 8]);
+    alt.extend([5, 5]);
+    let section = heki::image::Section { name: ".altinstructions", va: VA + 0x3000, data: &alt };
+    let segment = heki::image::Segment { gpa: 0x10000, va: VA, memsz: 0x2000, bytes: text.clone() };
+    rig.heki.set_kernel_image(heki::KernelImage::new(vec![segment], &[section]));
+    rig.mem.write_slice(&text, GuestAddress(0x10000)).expect("RAM");
+    (rig, text)
+}
+
+fn lock_text(rig: &Rig) {
+    let perms = Permissions::from_abi(13).expect("read+exec+immutable");
+    rig.heki.protect_pages(&[ProtectRange { start: 0x10, end: 0x12, perms }], "test").expect("lock");
+}
+
+#[test]
+fn locked_text_that_is_the_image_outside_the_masks_is_measured_and_not_reported() {
+    let (rig, text) = rig_with_image(Policy::Shutdown);
+    rig.mem.write_slice(&[0x90; 5], GuestAddress(0x10100)).expect("patch the alternative site");
+    lock_text(&rig);
+    assert!(rig.heki.violations().recent().is_empty());
+    assert!(rig.stops().is_empty());
+    let (measured, kernel) = rig.heki.measurements();
+    let mut locked = text;
+    locked[0x100..0x105].fill(0x90);
+    assert_eq!(measured.len(), 1);
+    assert_eq!((measured[0].start, measured[0].end), (0x10000, 0x12000));
+    assert_eq!(measured[0].sha256, heki::image::sha256(&locked), "the digest of the content as locked");
+    assert!(measured[0].kernel && kernel.is_some());
+}
+
+#[test]
+fn locked_text_unlike_the_image_is_an_image_mismatch_with_its_offset_and_the_lock_stands() {
+    let (rig, _) = rig_with_image(Policy::Pause);
+    rig.mem.write_slice(&[0xcc, 0xcc], GuestAddress(0x11234)).expect("a pre-lock patch");
+    lock_text(&rig);
+    let recent = rig.heki.violations().recent();
+    assert_eq!(recent.len(), 1, "{recent:?}");
+    let v = &recent[0];
+    assert_eq!((v.kind, v.gpa, v.size), (ViolationKind::ImageMismatch, Some(0x11234), Some(2)));
+    assert_eq!(v.details.get("offset").map(String::as_str), Some("0x1234"));
+    assert_eq!(v.details.get("va").map(String::as_str), Some("0xffffffff81001234"));
+    assert_eq!(rig.stops(), vec![Outcome::Pause], "enforced per policy");
+    assert_eq!(rig.heki.query(0x11000), Ok(13), "the text is locked all the same");
+}
