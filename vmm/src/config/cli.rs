@@ -81,6 +81,12 @@ pub struct CliArgs {
     #[arg(long, value_name = "src=PATH")]
     pub rng: Option<String>,
 
+    /// virtio-vsock with a hybrid Unix-socket host end: cid=N,socket=PATH[,id=NAME].
+    /// Host clients connect to PATH and send `CONNECT <port>`; a guest connecting to
+    /// host port P reaches the listener at PATH_P (see docs/devices.md).
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    pub vsock: Option<String>,
+
     /// REST API socket: path=PATH, fd=N, or a bare PATH (created with mode 0600).
     /// Without --kernel, the VMM starts empty and waits for vm.create.
     #[arg(long, value_name = "path=PATH")]
@@ -204,6 +210,9 @@ impl CliArgs {
                         o.get("src").filter(|s| !s.is_empty()).ok_or_else(|| o.error("src=PATH is required".into()))?;
                     config.rng = Some(super::RngConfig { src: PathBuf::from(src), iommu: false });
                 }
+                if let Some(vsock) = &self.vsock {
+                    config.vsock = Some(parse_vsock(vsock)?);
+                }
                 config.validate()?;
                 Some(config)
             }
@@ -306,6 +315,13 @@ pub fn parse_net(input: &str) -> Result<super::NetConfig, ConfigError> {
         id: o.get("id").map(str::to_string),
         fds: fd.map(|fd| vec![fd]),
     })
+}
+
+pub fn parse_vsock(input: &str) -> Result<super::VsockConfig, ConfigError> {
+    let o = OptionValues::parse("--vsock", input, &["cid", "socket", "id"])?;
+    let cid = o.get_u64("cid")?.ok_or_else(|| o.error("cid=N is required".into()))?;
+    let socket = o.get("socket").filter(|s| !s.is_empty()).ok_or_else(|| o.error("socket=PATH is required".into()))?;
+    Ok(super::VsockConfig { cid, socket: PathBuf::from(socket), id: o.get("id").map(str::to_string) })
 }
 
 pub fn parse_introspection(input: &str) -> Result<super::IntrospectionConfig, ConfigError> {
