@@ -369,7 +369,9 @@ impl Muxer {
                 crate::rate_limited!(warn, "vsock: {MAX_CONNECTIONS} connections open; host client refused");
                 continue;
             }
-            self.insert(Conn::new(UnixStream::from(fd), None, State::Handshake { line: Vec::new() }));
+            let fd = self.insert(Conn::new(UnixStream::from(fd), None, State::Handshake { line: Vec::new() }));
+            // The line may be there already.
+            self.read_line(fd);
         }
     }
 

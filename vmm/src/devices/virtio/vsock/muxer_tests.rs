@@ -118,7 +118,9 @@ fn a_bad_connect_line_closes_the_client_without_a_packet() {
         client.write_all(line).expect("write");
         assert!(drain(&mut m).is_empty());
         let mut buf = [0u8; 8];
-        assert_eq!(client.read(&mut buf).expect("read"), 0, "{line:?}: closed");
+        // Closed: at its end, or reset when bytes were left unread.
+        let end = client.read(&mut buf);
+        assert!(matches!(end, Ok(0)) || end.is_err(), "{line:?}: closed, got {end:?}");
     }
     assert_eq!(m.connections(), 0);
 }
