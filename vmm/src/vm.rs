@@ -24,10 +24,10 @@ use crate::devices::virtio::{
     DeviceCounters, DeviceMemory, VirtioDevice,
     block::Block,
     console::{Console, ConsoleHost},
-    vsock::Vsock,
     net::Net,
     rng::Rng,
     tap::Tap,
+    vsock::Vsock,
 };
 use crate::devices::{AcpiPmDevice, I8042Device, MmioBus, PioBus, SerialDevice};
 use crate::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};

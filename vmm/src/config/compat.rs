@@ -484,7 +484,10 @@ mod tests {
                         "vsock": {"cid": 3, "socket": "/run/kata/vsock.sock", "iommu": false, "id": "vsock0", "pci_segment": 0}}"#;
         let config = vm_config_from_json(body).expect("valid");
         let vsock = config.vsock.clone().expect("vsock");
-        assert_eq!((vsock.cid, vsock.socket.to_str(), vsock.id.as_deref()), (3, Some("/run/kata/vsock.sock"), Some("vsock0")));
+        assert_eq!(
+            (vsock.cid, vsock.socket.to_str(), vsock.id.as_deref()),
+            (3, Some("/run/kata/vsock.sock"), Some("vsock0"))
+        );
         let reported = to_cloud_hypervisor_json(&config);
         assert_eq!(reported["vsock"]["pci_segment"], 0);
         assert_eq!(reported["vsock"]["iommu"], false);

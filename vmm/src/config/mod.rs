@@ -382,11 +382,17 @@ impl VmConfig {
         }
         if let Some(vsock) = &self.vsock {
             if !(MIN_VSOCK_CID..=MAX_VSOCK_CID).contains(&vsock.cid) {
-                return Err(invalid("vsock.cid", format!("must be {MIN_VSOCK_CID}..={MAX_VSOCK_CID}, got {}", vsock.cid)));
+                return Err(invalid(
+                    "vsock.cid",
+                    format!("must be {MIN_VSOCK_CID}..={MAX_VSOCK_CID}, got {}", vsock.cid),
+                ));
             }
             let len = vsock.socket.as_os_str().len();
             if len == 0 || len > MAX_VSOCK_SOCKET_PATH {
-                return Err(invalid("vsock.socket", format!("a Unix socket path of 1..={MAX_VSOCK_SOCKET_PATH} bytes")));
+                return Err(invalid(
+                    "vsock.socket",
+                    format!("a Unix socket path of 1..={MAX_VSOCK_SOCKET_PATH} bytes"),
+                ));
             }
         }
         if self.rng.as_ref().is_some_and(|r| r.iommu) {

@@ -66,7 +66,9 @@ pub type Key = (u32, u32);
 #[derive(Debug, PartialEq, Eq)]
 enum State {
     /// A host client that has not yet sent its `CONNECT` line.
-    Handshake { line: Vec<u8> },
+    Handshake {
+        line: Vec<u8>,
+    },
     /// REQUEST sent to the guest; waiting for RESPONSE or RST.
     Connecting,
     Established,
@@ -191,8 +193,9 @@ impl Muxer {
         listener.set_nonblocking(true).map_err(listen_err)?;
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| VsockError::Events(io(e)))?;
-        let wake = rustix::event::eventfd(0, rustix::event::EventfdFlags::NONBLOCK | rustix::event::EventfdFlags::CLOEXEC)
-            .map_err(|e| VsockError::Events(io(e)))?;
+        let wake =
+            rustix::event::eventfd(0, rustix::event::EventfdFlags::NONBLOCK | rustix::event::EventfdFlags::CLOEXEC)
+                .map_err(|e| VsockError::Events(io(e)))?;
         for (fd, token) in [(listener.as_fd(), LISTENER), (wake.as_fd(), WAKE)] {
             epoll::add(&epoll, fd, epoll::EventData::new_u64(token), epoll::EventFlags::IN)
                 .map_err(|e| VsockError::Events(io(e)))?;
