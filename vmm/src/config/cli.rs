@@ -416,6 +416,16 @@ mod tests {
     }
 
     #[test]
+    fn vsock_takes_a_cid_and_a_socket() {
+        let o = args(&["--kernel", "k", "--vsock", "cid=3,socket=/run/v.sock,id=agent"]).expect("valid");
+        let vsock = o.vm.and_then(|vm| vm.vsock).expect("vsock");
+        assert_eq!(
+            vsock,
+            crate::config::VsockConfig { cid: 3, socket: "/run/v.sock".into(), id: Some("agent".into()) }
+        );
+    }
+
+    #[test]
     fn bad_values_are_errors_naming_the_option() {
         for (flags, needle) in [
             (&["--kernel", "k", "--cpus", "boot=0"][..], "boot_vcpus"),
@@ -429,6 +439,10 @@ mod tests {
             (&["--api-socket", "fd=-3"][..], "--api-socket"),
             (&["--kernel", "k", "--introspection", "path=/a,reply_poll_us=20000"][..], "introspection.reply_poll_us"),
             (&["--kernel", "k", "--introspection", "path=/a,reply_poll=5"][..], "unknown key 'reply_poll'"),
+            (&["--kernel", "k", "--vsock", "socket=/v"][..], "cid=N is required"),
+            (&["--kernel", "k", "--vsock", "cid=3"][..], "socket=PATH is required"),
+            (&["--kernel", "k", "--vsock", "cid=1,socket=/v"][..], "vsock.cid"),
+            (&["--kernel", "k", "--vsock", "cid=3,socket=/v,port=5"][..], "unknown key 'port'"),
         ] {
             let err = args(flags).err().unwrap_or_else(|| panic!("{flags:?} must fail")).to_string();
             assert!(err.contains(needle), "{flags:?}: '{err}' lacks '{needle}'");
