@@ -189,7 +189,7 @@ fn the_real_ch_remote_drives_the_whole_matrix() {
     // Kata's body: every field we lack, one per line of what ch-remote prints.
     let kata = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kata-clh-vm-create.json");
     let out = ch.refused(&["create", kata], None, "BadRequest", "fs: not supported by Hekivisor");
-    for field in ["vsock", "platform.num_pci_segments", "memory.hotplug_size", "memory.shared"] {
+    for field in ["platform.num_pci_segments", "memory.hotplug_size", "memory.shared"] {
         assert!(out.stderr.contains(&format!(": {field}: not supported by Hekivisor")), "{field}: {}", out.stderr);
     }
 

@@ -582,3 +582,80 @@ fn real_linux_virtio_drivers_work_and_a_disk_read_into_locked_memory_is_refused(
     assert_eq!(p["device"], "_disk0");
     assert_eq!(events.iter().filter(|e| e["event"] == "violation").count(), 1, "{}", ctx());
 }
+
+/// One line from `stream`, newline included (empty at the end or on a timeout).
+fn read_unix_line(stream: &mut std::os::unix::net::UnixStream) -> String {
+    use std::io::Read;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while matches!(stream.read(&mut byte), Ok(1)) {
+        line.push(byte[0]);
+        if byte[0] == b'\n' {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+/// Kata's agent channel, hybrid vsock, with the real Linux driver under
+/// heki: a host process reaches a guest listener through the VMM's Unix
+/// socket (`CONNECT 52` → `OK <port>`, then an echoed line), and the guest
+/// reaches the host listener at `<socket>_1234`.
+#[test]
+fn real_linux_talks_to_the_host_over_hybrid_vsock_both_ways() {
+    use std::io::Write;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    require_kvm!();
+    let guest = linux_guest("drivers");
+    let dir = common::temp_dir("linux-vsock-files");
+    let socket = dir.join("vsock.sock");
+    // The guest connects to host port 1234: a listener at <socket>_1234 answers.
+    let host_listener = UnixListener::bind(format!("{}_1234", socket.display())).expect("host listener");
+    host_listener.set_nonblocking(true).expect("non-blocking");
+    let host_side = std::thread::spawn(move || {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let mut stream = loop {
+            match host_listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return format!("no guest connection: {e}"),
+            }
+        };
+        stream.set_nonblocking(false).expect("blocking");
+        stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        let line = read_unix_line(&mut stream);
+        stream.write_all(b"hello from the host\n").expect("answer the guest");
+        line
+    });
+    let cmdline = format!("{CMDLINE} hk_vsock=1234");
+    let vsock = format!("cid=3,socket={}", socket.display());
+    let mut vm =
+        LinuxVm::start("linux-vsock", &guest, &cmdline, &["--heki", "enabled=on,policy=deny", "--vsock", &vsock]);
+    vm.wait_for_line("drivers: vsock: listening on 52");
+
+    let mut client = UnixStream::connect(&socket).expect("connect to the hybrid vsock socket");
+    client.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    client.write_all(b"CONNECT 52\n").expect("CONNECT");
+    let ok = read_unix_line(&mut client);
+    assert!(ok.starts_with("OK ") && ok.ends_with('\n'), "answer {ok:?}\n{}", vm.report());
+    assert!(ok[3..].trim_end().parse::<u32>().is_ok(), "OK names the host port: {ok:?}");
+    client.write_all(b"echo me over vsock\n").expect("send");
+    assert_eq!(read_unix_line(&mut client), "echo me over vsock\n", "{}", vm.report());
+
+    vm.wait_for_line("drivers: done");
+    let info = vm.get("vm.info");
+    assert_eq!(
+        (info["config"]["vsock"]["cid"].as_u64(), info["config"]["vsock"]["pci_segment"].as_u64()),
+        (Some(3), Some(0))
+    );
+    let counters = vm.get("vm.counters");
+    assert!(counters["_vsock"]["requests"].as_u64() > Some(0), "{counters}");
+    vm.wait_for_guest_end();
+    let serial = vm.serial();
+    assert_eq!(host_side.join().expect("host side"), "hello from the guest\n", "{}", vm.report());
+    for line in ["drivers: vsock: host said: hello from the host", "drivers: vsock: echo served"] {
+        assert!(serial.contains(line), "{line}\n{}", vm.report());
+    }
+    // Every guest buffer went through the DMA guard, and none was refused.
+    assert!(!vm.events().iter().any(|e| e["event"] == "violation"), "{}", vm.report());
+}

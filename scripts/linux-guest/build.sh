@@ -33,7 +33,7 @@ log() { echo "linux-guest: $*" >&2; }
 # --- Debian packages --------------------------------------------------------
 # linux-source-6.12 is in bookworm-backports (and bookworm-security); the rest
 # is in bookworm main.
-packages=(linux-source-6.12 busybox-static make gcc flex bison bc libelf-dev)
+packages=(linux-source-6.12 busybox-static make gcc libc6-dev flex bison bc libelf-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -89,7 +89,8 @@ hash=$(
     {
         echo "$kernel_hash"
         cat "$init"
-        dpkg-query -W -f='${Package} ${Version}\n' busybox-static
+        [ "$flavour" != drivers ] || cat "$here/vsock-echo.c"
+        dpkg-query -W -f='${Package} ${Version}\n' busybox-static gcc libc6-dev
     } | sha256sum | cut -c1-16
 )
 kernel="$cache/kernel-$flavour-$kernel_hash"
@@ -173,6 +174,11 @@ fi
         [ "$applet" = busybox ] || echo "slink /bin/$applet busybox 0777 0 0"
     done
     echo "file /init $init 0755 0 0"
+    if [ "$flavour" = drivers ]; then
+        # The guest's vsock peer: busybox has no vsock tool.
+        gcc -static -O2 -Wall -o "$out.tmp/vsock-echo" "$here/vsock-echo.c" >&2
+        echo "file /bin/vsock-echo $out.tmp/vsock-echo 0755 0 0"
+    fi
 } >"$out.tmp/initramfs.list"
 "$kernel/gen_init_cpio" "$out.tmp/initramfs.list" >"$out.tmp/initramfs.cpio"
 

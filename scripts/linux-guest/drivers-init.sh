@@ -9,6 +9,9 @@
 #               default 192.168.247)
 #   hvc0        one line written, for the host to find in the console file
 #   dma         a disk read into a page heki locked (refused under heki)
+#   vsock       with hk_vsock=PORT on the command line: listens on vsock port
+#               52 and echoes one line to the host; connects to the host at
+#               PORT, sends a line and prints the host's answer
 #   /proc/interrupts, for the record
 echo "init: userspace up"
 mount -t proc proc /proc
@@ -38,6 +41,12 @@ if [ -c /dev/hvc0 ] && echo "hello from linux on hvc0" >/dev/hvc0; then
     echo "drivers: hvc0: ok"
 else
     echo "drivers: hvc0: failed"
+fi
+if [ -n "$hk_vsock" ]; then
+    vsock-echo listen 52 &
+    listener=$!
+    echo "drivers: vsock: host said: $(vsock-echo connect "$hk_vsock" "hello from the guest")"
+    wait "$listener" && echo "drivers: vsock: echo served"
 fi
 echo dma >/proc/heki_test
 # Which interrupts the drivers use (MSI-X: there is no IOAPIC routing table).

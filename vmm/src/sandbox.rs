@@ -62,6 +62,8 @@ pub enum Use {
     Device,
     /// A directory where the VMM removes a file it created (the API socket).
     RemoveIn,
+    /// A directory where the VMM creates (and replaces) a Unix socket (vsock).
+    SocketIn,
 }
 
 impl Use {
@@ -73,6 +75,7 @@ impl Use {
             Use::Write => AccessFs::from_write(abi),
             Use::ReadWrite | Use::Device => AccessFs::from_all(abi),
             Use::RemoveIn => BitFlags::from(AccessFs::RemoveFile),
+            Use::SocketIn => AccessFs::MakeSock | AccessFs::RemoveFile,
         };
         if is_dir { wanted } else { wanted & file_only }
     }
@@ -99,6 +102,10 @@ pub fn rules(config: &VmConfig, api_socket: Option<&Path>) -> Vec<(PathBuf, Use)
     }
     if config.net.iter().flatten().any(|n| n.fds.is_none()) {
         rules.push((PathBuf::from("/dev/net/tun"), Use::Device));
+    }
+    if let Some(dir) = config.vsock.as_ref().and_then(|v| v.socket.parent()) {
+        // A rebuilt VM (reboot) binds its socket again.
+        rules.push((dir.to_path_buf(), Use::SocketIn));
     }
     if let Some(dir) = api_socket.and_then(Path::parent) {
         rules.push((dir.to_path_buf(), Use::RemoveIn));

@@ -60,6 +60,9 @@ pub enum ThreadKind {
     Api,
     /// `_rng`, `_disk0`, ...: one virtio device's queues.
     DeviceWorker,
+    /// `_vsock`: a device worker that also serves the hybrid vsock's Unix
+    /// sockets (accepts host clients, connects to `<socket>_<port>`).
+    VsockWorker,
     /// `event-monitor`: writes the event stream.
     EventMonitor,
     /// `heki-cr-check`: kicks vCPUs.
@@ -74,11 +77,12 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 9] = [
+    pub const ALL: [ThreadKind; 10] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Api,
         ThreadKind::DeviceWorker,
+        ThreadKind::VsockWorker,
         ThreadKind::EventMonitor,
         ThreadKind::CrCheck,
         ThreadKind::Signal,
@@ -306,6 +310,21 @@ fn plain(kind: ThreadKind) -> &'static [i64] {
             libc::SYS_readv,
             libc::SYS_writev,
         ],
+        // Queue notifications, the epoll set of its Unix sockets, non-blocking
+        // stream I/O; socket() itself is limited to AF_UNIX below.
+        ThreadKind::VsockWorker => &[
+            libc::SYS_accept4,
+            libc::SYS_connect,
+            libc::SYS_epoll_ctl,
+            libc::SYS_epoll_pwait,
+            libc::SYS_epoll_wait,
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+            libc::SYS_read,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            libc::SYS_shutdown,
+        ],
         ThreadKind::EventMonitor => &[libc::SYS_fdatasync, libc::SYS_fsync, libc::SYS_writev],
         ThreadKind::CrCheck => &[libc::SYS_poll, libc::SYS_ppoll],
         // signal-hook's self-pipe: the handler sends, the thread receives.
@@ -394,6 +413,9 @@ pub fn rules(kind: ThreadKind) -> Built<Rules> {
         let family =
             |f: libc::c_int| -> Built<SeccompRule> { SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, f as u64)?]) };
         rules.insert(libc::SYS_socket, vec![family(libc::AF_INET)?, family(libc::AF_UNIX)?]);
+    }
+    if kind == ThreadKind::VsockWorker {
+        rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?])?]);
     }
     Ok(rules)
 }
@@ -539,6 +561,14 @@ mod tests {
         // The VMM thread configures TAPs through an AF_INET socket; a device worker makes none.
         assert_eq!(in_filtered_child(ThreadKind::Vmm, inet_socket), End::Exited(0));
         assert_eq!(in_filtered_child(ThreadKind::DeviceWorker, inet_socket), KILLED);
+        // The vsock worker connects to Unix sockets only.
+        assert_eq!(in_filtered_child(ThreadKind::VsockWorker, inet_socket), KILLED);
+        // SAFETY: as inet_socket.
+        let unix_socket = || unsafe {
+            libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        };
+        assert_eq!(in_filtered_child(ThreadKind::VsockWorker, unix_socket), End::Exited(0));
+        assert_eq!(in_filtered_child(ThreadKind::DeviceWorker, unix_socket), KILLED);
         assert_eq!(in_filtered_child(ThreadKind::Vcpu, inet_socket), KILLED);
         // SAFETY: as inet_socket.
         let netlink = || unsafe {

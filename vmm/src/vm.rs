@@ -27,6 +27,7 @@ use crate::devices::virtio::{
     net::Net,
     rng::Rng,
     tap::Tap,
+    vsock::Vsock,
 };
 use crate::devices::{AcpiPmDevice, I8042Device, MmioBus, PioBus, SerialDevice};
 use crate::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
@@ -497,6 +498,12 @@ fn add_pci_devices(
         let block = Block::new(file, disk.readonly, name.clone())
             .map_err(|e| VmError::Device(format!("disk {}: {e}", disk.path.display())))?;
         wanted.push((name, Box::new(block), CLASS_STORAGE));
+    }
+    if let Some(vsock) = &config.vsock {
+        let device = Vsock::new(vsock.cid, &vsock.socket).map_err(|e| VmError::Device(crate::error_chain(&e)))?;
+        let name = vsock.id.clone().unwrap_or_else(|| "_vsock".to_string());
+        log::info!("{name}: guest CID {}, host socket {}", vsock.cid, vsock.socket.display());
+        wanted.push((name, Box::new(device), CLASS_COMMUNICATION));
     }
     let mut handles = Vec::new();
     let routes = Arc::new(MsiRoutes::new(kvm_vm.clone()));

@@ -81,6 +81,12 @@ pub struct CliArgs {
     #[arg(long, value_name = "src=PATH")]
     pub rng: Option<String>,
 
+    /// virtio-vsock with a hybrid Unix-socket host end: cid=N,socket=PATH[,id=NAME].
+    /// Host clients connect to PATH and send `CONNECT <port>`; a guest connecting to
+    /// host port P reaches the listener at PATH_P (see docs/devices.md).
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    pub vsock: Option<String>,
+
     /// REST API socket: path=PATH, fd=N, or a bare PATH (created with mode 0600).
     /// Without --kernel, the VMM starts empty and waits for vm.create.
     #[arg(long, value_name = "path=PATH")]
@@ -204,6 +210,9 @@ impl CliArgs {
                         o.get("src").filter(|s| !s.is_empty()).ok_or_else(|| o.error("src=PATH is required".into()))?;
                     config.rng = Some(super::RngConfig { src: PathBuf::from(src), iommu: false });
                 }
+                if let Some(vsock) = &self.vsock {
+                    config.vsock = Some(parse_vsock(vsock)?);
+                }
                 config.validate()?;
                 Some(config)
             }
@@ -308,6 +317,13 @@ pub fn parse_net(input: &str) -> Result<super::NetConfig, ConfigError> {
     })
 }
 
+pub fn parse_vsock(input: &str) -> Result<super::VsockConfig, ConfigError> {
+    let o = OptionValues::parse("--vsock", input, &["cid", "socket", "id"])?;
+    let cid = o.get_u64("cid")?.ok_or_else(|| o.error("cid=N is required".into()))?;
+    let socket = o.get("socket").filter(|s| !s.is_empty()).ok_or_else(|| o.error("socket=PATH is required".into()))?;
+    Ok(super::VsockConfig { cid, socket: PathBuf::from(socket), id: o.get("id").map(str::to_string) })
+}
+
 pub fn parse_introspection(input: &str) -> Result<super::IntrospectionConfig, ConfigError> {
     let o = OptionValues::parse("--introspection", input, &["path", "reply_timeout_ms", "reply_poll_us"])?;
     let path = o.get("path").filter(|p| !p.is_empty()).ok_or_else(|| o.error("path=SOCK is required".into()))?;
@@ -400,6 +416,16 @@ mod tests {
     }
 
     #[test]
+    fn vsock_takes_a_cid_and_a_socket() {
+        let o = args(&["--kernel", "k", "--vsock", "cid=3,socket=/run/v.sock,id=agent"]).expect("valid");
+        let vsock = o.vm.and_then(|vm| vm.vsock).expect("vsock");
+        assert_eq!(
+            vsock,
+            crate::config::VsockConfig { cid: 3, socket: "/run/v.sock".into(), id: Some("agent".into()) }
+        );
+    }
+
+    #[test]
     fn bad_values_are_errors_naming_the_option() {
         for (flags, needle) in [
             (&["--kernel", "k", "--cpus", "boot=0"][..], "boot_vcpus"),
@@ -413,6 +439,10 @@ mod tests {
             (&["--api-socket", "fd=-3"][..], "--api-socket"),
             (&["--kernel", "k", "--introspection", "path=/a,reply_poll_us=20000"][..], "introspection.reply_poll_us"),
             (&["--kernel", "k", "--introspection", "path=/a,reply_poll=5"][..], "unknown key 'reply_poll'"),
+            (&["--kernel", "k", "--vsock", "socket=/v"][..], "cid=N is required"),
+            (&["--kernel", "k", "--vsock", "cid=3"][..], "socket=PATH is required"),
+            (&["--kernel", "k", "--vsock", "cid=1,socket=/v"][..], "vsock.cid"),
+            (&["--kernel", "k", "--vsock", "cid=3,socket=/v,port=5"][..], "unknown key 'port'"),
         ] {
             let err = args(flags).err().unwrap_or_else(|| panic!("{flags:?} must fail")).to_string();
             assert!(err.contains(needle), "{flags:?}: '{err}' lacks '{needle}'");

@@ -29,10 +29,11 @@ enum Section {
     Disk,
     /// Each element of `net`.
     Net,
+    Vsock,
 }
 
 impl Section {
-    const ALL: [Section; 9] = [
+    const ALL: [Section; 10] = [
         Section::Root,
         Section::Cpus,
         Section::Memory,
@@ -42,6 +43,7 @@ impl Section {
         Section::Rng,
         Section::Disk,
         Section::Net,
+        Section::Vsock,
     ];
 
     fn key(self) -> &'static str {
@@ -55,6 +57,7 @@ impl Section {
             Section::Rng => "rng",
             Section::Disk => "disks",
             Section::Net => "net",
+            Section::Vsock => "vsock",
         }
     }
 }
@@ -79,7 +82,6 @@ fn foreign_fields(section: Section) -> Vec<(&'static str, Value)> {
             ("devices", Value::Null),
             ("user_devices", Value::Null),
             ("vdpa", Value::Null),
-            ("vsock", Value::Null),
             ("pvpanic", json!(false)),
             ("iommu", json!(false)),
             ("sgx_epc", Value::Null),
@@ -113,6 +115,7 @@ fn foreign_fields(section: Section) -> Vec<(&'static str, Value)> {
             ("zones", Value::Null),
             ("thp", json!(true)),
         ],
+        Section::Vsock => vec![("iommu", json!(false)), ("pci_segment", json!(0))],
         Section::Payload => vec![("firmware", Value::Null), ("igvm", Value::Null), ("host_data", Value::Null)],
         Section::Serial => vec![("iommu", json!(false)), ("socket", Value::Null)],
         Section::Console => {
@@ -218,7 +221,6 @@ fn first_difference(value: &Value, default: &Value) -> Option<String> {
 fn reason(field: &str) -> Option<&'static str> {
     Some(match field {
         "fs" => "virtio-fs through vhost-user is planned, #23",
-        "vsock" => "virtio-vsock is planned, #23",
         "memory.shared" => "guest RAM is private to the VMM; shared memory for vhost-user backends is planned, #23",
         "memory.hugepages" | "memory.hugepage_size" => "guest RAM is not backed by huge pages yet, #22",
         "memory.hotplug_size" | "memory.hotplugged_size" => "memory hotplug is planned, #19",
@@ -477,6 +479,22 @@ mod tests {
     }
 
     #[test]
+    fn a_cloud_hypervisor_vsock_is_accepted_and_reported_back() {
+        let body = br#"{"payload": {"kernel": "/k"},
+                        "vsock": {"cid": 3, "socket": "/run/kata/vsock.sock", "iommu": false, "id": "vsock0", "pci_segment": 0}}"#;
+        let config = vm_config_from_json(body).expect("valid");
+        let vsock = config.vsock.clone().expect("vsock");
+        assert_eq!(
+            (vsock.cid, vsock.socket.to_str(), vsock.id.as_deref()),
+            (3, Some("/run/kata/vsock.sock"), Some("vsock0"))
+        );
+        let reported = to_cloud_hypervisor_json(&config);
+        assert_eq!(reported["vsock"]["pci_segment"], 0);
+        assert_eq!(reported["vsock"]["iommu"], false);
+        assert_eq!(vm_config_from_json(reported.to_string().as_bytes()).expect("round trip"), config);
+    }
+
+    #[test]
     fn a_platform_at_its_defaults_is_accepted() {
         let body = br#"{"payload": {"kernel": "/k"}, "platform": {"num_pci_segments": 1, "iommu_segments": null,
                         "serial_number": null, "uuid": null, "oem_strings": null}}"#;
@@ -497,7 +515,9 @@ mod tests {
             (r#""disks": [{"path": "/x", "direct": true}]"#, "disks[0].direct"),
             (r#""net": [{"tap": "t0", "vhost_user": true}]"#, "net[0].vhost_user"),
             (r#""debug_console": {"mode": "Tty", "iobase": 233}"#, "debug_console.mode"),
-            (r#""vsock": {"cid": 3, "socket": "/v"}"#, "vsock"),
+            (r#""vsock": {"cid": 3, "socket": "/v", "iommu": true}"#, "vsock.iommu"),
+            (r#""vsock": {"cid": 3, "socket": "/v", "pci_segment": 1}"#, "vsock.pci_segment"),
+            (r#""vsock": {"cid": 2, "socket": "/v"}"#, "vsock.cid"),
             (r#""iommu": true"#, "iommu"),
             (r#""watchdog": true"#, "watchdog"),
             (r#""console": {"mode": "Off", "pci_segment": 1}"#, "console.pci_segment"),
@@ -608,20 +628,15 @@ mod tests {
     #[test]
     fn kata_body_names_every_missing_feature_and_nothing_else() {
         let body = include_str!("../../../tests/fixtures/kata-clh-vm-create.json");
-        let err = vm_config_from_json(body.as_bytes()).expect_err("Kata's body needs virtio-fs and vsock");
+        let err = vm_config_from_json(body.as_bytes()).expect_err("Kata's body needs virtio-fs");
         let lines: Vec<String> = err.to_string().lines().map(str::to_string).collect();
         let fields: Vec<&str> = lines.iter().map(|l| l.split(':').next().unwrap_or_default()).collect();
-        assert_eq!(
-            fields,
-            ["fs", "vsock", "platform.num_pci_segments", "memory.hotplug_size", "memory.shared"],
-            "{lines:?}"
-        );
+        assert_eq!(fields, ["fs", "platform.num_pci_segments", "memory.hotplug_size", "memory.shared"], "{lines:?}");
         assert!(lines[0].starts_with("fs: not supported by Hekivisor (virtio-fs"), "{lines:?}");
         // Without those, the rest of Kata's body is accepted as Kata means it.
         let mut kata: Value = serde_json::from_str(body).expect("fixture");
         let root = kata.as_object_mut().expect("object");
         root.remove("fs");
-        root.remove("vsock");
         root["platform"]["num_pci_segments"] = json!(1);
         root["memory"]["shared"] = json!(false);
         root["memory"].as_object_mut().expect("memory").remove("hotplug_size");
@@ -632,6 +647,9 @@ mod tests {
         assert!(disk.readonly);
         assert_eq!(config.memory.size, 2 << 30);
         assert_eq!(config.serial.mode, crate::config::ConsoleOutputMode::Off);
+        // Kata's agent channel, hybrid vsock, is honoured.
+        let vsock = config.vsock.as_ref().expect("Kata's vsock");
+        assert_eq!((vsock.cid, vsock.socket.to_str()), (3, Some("/run/vc/vm/3f0c6b1e9a2d/clh.sock")));
     }
 
     #[test]

@@ -248,6 +248,27 @@ impl Default for RngConfig {
     }
 }
 
+/// virtio-vsock with a hybrid Unix-socket host end (Cloud Hypervisor's
+/// `vsock`; `docs/devices.md`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id.
+    pub cid: u64,
+    /// Host clients connect here and send `CONNECT <port>\n`; a guest
+    /// connection to host port P reaches the listener at `<socket>_<P>`.
+    pub socket: PathBuf,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// Guest CIDs 0-2 are reserved (hypervisor, local, host); u32::MAX means "any".
+pub const MIN_VSOCK_CID: u64 = 3;
+pub const MAX_VSOCK_CID: u64 = u32::MAX as u64 - 1;
+/// `sun_path` holds 108 bytes with the terminating NUL; `_<port>` is added
+/// for guest-initiated connections.
+pub const MAX_VSOCK_SOCKET_PATH: usize = 107;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VmConfig {
@@ -260,6 +281,7 @@ pub struct VmConfig {
     pub rng: Option<RngConfig>,
     pub disks: Option<Vec<DiskConfig>>,
     pub net: Option<Vec<NetConfig>>,
+    pub vsock: Option<VsockConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub introspection: Option<IntrospectionConfig>,
     /// Restrict the VMM's file access to the paths this configuration names
@@ -280,6 +302,7 @@ impl Default for VmConfig {
             rng: None,
             disks: None,
             net: None,
+            vsock: None,
             introspection: None,
             landlock_enable: false,
             landlock_rules: None,
@@ -355,6 +378,21 @@ impl VmConfig {
                 if net.tap.is_some() {
                     return Err(invalid("net.fds", "give a TAP name or a descriptor, not both"));
                 }
+            }
+        }
+        if let Some(vsock) = &self.vsock {
+            if !(MIN_VSOCK_CID..=MAX_VSOCK_CID).contains(&vsock.cid) {
+                return Err(invalid(
+                    "vsock.cid",
+                    format!("must be {MIN_VSOCK_CID}..={MAX_VSOCK_CID}, got {}", vsock.cid),
+                ));
+            }
+            let len = vsock.socket.as_os_str().len();
+            if len == 0 || len > MAX_VSOCK_SOCKET_PATH {
+                return Err(invalid(
+                    "vsock.socket",
+                    format!("a Unix socket path of 1..={MAX_VSOCK_SOCKET_PATH} bytes"),
+                ));
             }
         }
         if self.rng.as_ref().is_some_and(|r| r.iommu) {

@@ -11,6 +11,7 @@ pub mod rng;
 pub mod tap;
 #[cfg(test)]
 mod test_rig;
+pub mod vsock;
 
 use crate::heki::CheckedMemory;
 use virtio_queue::{DescriptorChain, Queue};
@@ -57,6 +58,10 @@ pub trait VirtioDevice: Send {
     /// A host fd whose readiness means "drain this queue" (a TAP for receive).
     fn extra_fd(&self) -> Option<(libc::c_int, usize)> {
         None
+    }
+    /// The seccomp allow-list of the device's worker thread.
+    fn thread_kind(&self) -> crate::seccomp::ThreadKind {
+        crate::seccomp::ThreadKind::DeviceWorker
     }
     /// Reads the device-specific configuration space.
     fn read_config(&self, _offset: u64, data: &mut [u8]) {

@@ -299,9 +299,12 @@ impl VirtioPci {
     pub fn spawn_worker(&self, name: String, stop: EventFd, gate: Arc<DeviceGate>) -> std::io::Result<JoinHandle<()>> {
         let state = self.state.clone();
         let notify = self.notify.iter().map(EventFd::try_clone).collect::<std::io::Result<Vec<_>>>()?;
-        let extra = self.lock().device.extra_fd();
+        let (extra, kind) = {
+            let s = self.lock();
+            (s.device.extra_fd(), s.device.thread_kind())
+        };
         std::thread::Builder::new().name(name).spawn(move || {
-            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::DeviceWorker);
+            crate::seccomp::apply_or_exit(kind);
             let mut fds: Vec<libc::pollfd> = notify
                 .iter()
                 .chain(std::iter::once(&stop))
