@@ -546,11 +546,9 @@ fn real_linux_mounts_a_virtio_fs_share_served_by_virtiofsd() {
     vm.wait_for_guest_end();
     let serial = vm.serial();
     let ctx = || format!("{}\nvirtiofsd:\n{}", vm.report(), backend.log());
-    for line in [
-        "drivers: virtiofs read: hello-from-the-host",
-        "drivers: virtiofs write: ok",
-        "drivers: virtiofs umount: ok",
-    ] {
+    for line in
+        ["drivers: virtiofs read: hello-from-the-host", "drivers: virtiofs write: ok", "drivers: virtiofs umount: ok"]
+    {
         assert!(serial.contains(line), "{line}\n{}", ctx());
     }
     let written = std::fs::read_to_string(share.join("from-guest.txt")).unwrap_or_default();

@@ -34,7 +34,8 @@ fn with_heki_enabled_a_virtio_fs_share_is_refused_and_the_answer_says_why() {
     assert!(why.contains("fs: not available with heki enabled"), "{why}");
     assert!(why.contains("outside the VMM, where heki's DMA guard cannot refuse"), "{why}");
     // Without heki the same body is accepted (the backend is met at boot).
-    let r = ApiClient::new(&vmm.socket).request("PUT", "vm.create", Some(&create_body(&socket, false))).expect("answer");
+    let r =
+        ApiClient::new(&vmm.socket).request("PUT", "vm.create", Some(&create_body(&socket, false))).expect("answer");
     assert_eq!(r.status, 204, "{}", r.body);
 
     let run = common::run_hekivisor(&[
@@ -62,7 +63,11 @@ fn a_real_virtiofsd_completes_the_handshake_and_exits_with_the_vm() {
     std::fs::create_dir_all(&share).expect("share");
     let mut backend = common::virtiofsd::Virtiofsd::start(&dir, &share);
     let fs = format!("tag=hkshare,socket={}", backend.socket.display());
-    let run = common::run_vm("fs-handshake", &common::guests::build("hello"), &["--memory", "size=64M,shared=on", "--fs", &fs, "--landlock", "-v"]);
+    let run = common::run_vm(
+        "fs-handshake",
+        &common::guests::build("hello"),
+        &["--memory", "size=64M,shared=on", "--fs", &fs, "--landlock", "-v"],
+    );
     assert!(run.status.success() && !run.timed_out, "{run:?}\n{}", backend.log());
     assert!(run.serial.contains("Hello from the hekivisor test guest"), "{run:?}");
     assert!(run.stderr.contains("virtio-fs 'hkshare' served by"), "{}", run.stderr);

@@ -119,7 +119,9 @@ pub fn shared_regions(mem: &GuestMemoryMmap) -> Result<Vec<SharedRegion>, Memory
         let Some(backing) = region.file_offset() else {
             return Err(MemoryError::Memfd(std::io::Error::other("guest RAM is not backed by a memfd")));
         };
-        let host = region.get_host_address(MemoryRegionAddress(0)).map_err(|e| MemoryError::Memfd(std::io::Error::other(e.to_string())))?;
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| MemoryError::Memfd(std::io::Error::other(e.to_string())))?;
         regions.push(SharedRegion {
             gpa: region.start_addr().0,
             size: region.len(),

@@ -501,7 +501,8 @@ fn add_pci_devices(
         }
         let name = share.id.clone().unwrap_or_else(|| format!("_fs{i}"));
         let regions = memory::shared_regions(mem)?;
-        let fs = Fs::new(share, regions).map_err(|e| VmError::Device(format!("fs {}: {}", share.tag, crate::errors::error_chain(&e))))?;
+        let fs = Fs::new(share, regions)
+            .map_err(|e| VmError::Device(format!("fs {}: {}", share.tag, crate::errors::error_chain(&e))))?;
         log::info!("{name}: virtio-fs '{}' served by {}", share.tag, share.socket.display());
         wanted.push((name, Box::new(fs), CLASS_STORAGE));
     }

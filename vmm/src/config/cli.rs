@@ -268,7 +268,8 @@ pub fn parse_fs(input: &str) -> Result<super::FsConfig, ConfigError> {
         tag: tag.to_string(),
         socket: PathBuf::from(socket),
         num_queues: usize::try_from(num_queues).map_err(|_| o.error(format!("num_queues={num_queues}: too many")))?,
-        queue_size: u16::try_from(queue_size).map_err(|_| o.error(format!("queue_size={queue_size}: at most 32768")))?,
+        queue_size: u16::try_from(queue_size)
+            .map_err(|_| o.error(format!("queue_size={queue_size}: at most 32768")))?,
         id: o.get("id").map(str::to_string),
     })
 }

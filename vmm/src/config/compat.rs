@@ -642,7 +642,10 @@ mod tests {
         assert_eq!(config.serial.mode, crate::config::ConsoleOutputMode::Off);
         // vm.info reports the share as Cloud Hypervisor does, and it round-trips.
         let reported = to_cloud_hypervisor_json(&config);
-        assert_eq!((reported["fs"][0]["pci_segment"].clone(), reported["memory"]["shared"].clone()), (json!(0), json!(true)));
+        assert_eq!(
+            (reported["fs"][0]["pci_segment"].clone(), reported["memory"]["shared"].clone()),
+            (json!(0), json!(true))
+        );
         assert_eq!(vm_config_from_json(reported.to_string().as_bytes()).expect("round trip"), config);
     }
 

@@ -454,7 +454,10 @@ impl VmConfig {
                 return Err(invalid("fs.num_queues", format!("must be 1..={FS_MAX_QUEUES}, got {}", fs.num_queues)));
             }
             if !fs.queue_size.is_power_of_two() || fs.queue_size > 32768 {
-                return Err(invalid("fs.queue_size", format!("must be a power of two up to 32768, got {}", fs.queue_size)));
+                return Err(invalid(
+                    "fs.queue_size",
+                    format!("must be a power of two up to 32768, got {}", fs.queue_size),
+                ));
             }
         }
         Ok(())

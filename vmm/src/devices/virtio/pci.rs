@@ -166,7 +166,11 @@ impl TransportState {
         match self.device.activate(self.driver_features, &handoffs) {
             Ok(()) => true,
             Err(e) => {
-                crate::rate_limited!(warn, "{}: cannot start the backend: {e}; device needs reset", self.memory.device());
+                crate::rate_limited!(
+                    warn,
+                    "{}: cannot start the backend: {e}; device needs reset",
+                    self.memory.device()
+                );
                 false
             }
         }
@@ -631,7 +635,7 @@ impl MmioDevice for VirtioPci {
 #[cfg(test)]
 #[allow(clippy::arithmetic_side_effects)]
 mod tests {
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
     use heki::{Permissions, ProtectRange, ViolationKind};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -664,6 +668,66 @@ mod tests {
         let mut page = vec![0u8; 4096];
         mem.read_slice(&mut page, GuestAddress(USED)).expect("used ring");
         page
+    }
+
+    /// An `external` device (as vhost-user devices are) that records what the transport hands it.
+    struct Handed {
+        log: Arc<Mutex<Vec<String>>>,
+        fail: bool,
+    }
+
+    impl VirtioDevice for Handed {
+        fn device_type(&self) -> u16 {
+            26
+        }
+        fn external(&self) -> bool {
+            true
+        }
+        fn activate(&mut self, features: u64, queues: &[QueueHandoff<'_>]) -> Result<(), String> {
+            for q in queues {
+                let (desc, avail, used, call) = (q.desc_table, q.avail_ring, q.used_ring, q.call.is_some());
+                let line = format!("{features:#x} q{} n{} {desc:#x} {avail:#x} {used:#x} call={call}", q.index, q.size);
+                self.log.lock().expect("log").push(line);
+            }
+            if self.fail { Err("backend gone".into()) } else { Ok(()) }
+        }
+        fn reset(&mut self) {
+            self.log.lock().expect("log").push("reset".into());
+        }
+        fn process(
+            &mut self,
+            _: usize,
+            _: virtio_queue::DescriptorChain<&crate::heki::CheckedMemory>,
+            _: &DeviceMemory,
+        ) -> u32 {
+            unreachable!("an external device's queues are served elsewhere")
+        }
+    }
+
+    fn started_external(fail: bool) -> (Arc<Mutex<Vec<String>>>, VirtioPci) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (_mem, _heki, dev) = started(Box::new(Handed { log: log.clone(), fail }), "_fs0", 0);
+        (log, dev)
+    }
+
+    #[test]
+    fn an_external_device_gets_its_rings_at_driver_ok_and_runs_no_worker() {
+        let (log, dev) = started_external(false);
+        let expected = format!("{VIRTIO_F_VERSION_1:#x} q0 n4 {DESC:#x} {AVAIL:#x} {USED:#x} call=false");
+        assert_eq!(*log.lock().expect("log"), [expected]);
+        assert_eq!(lock_state(&dev.state).status & status::NEEDS_RESET, 0);
+        let stop = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let worker = dev.spawn_worker("_fs0".into(), stop, Arc::new(DeviceGate::default())).expect("spawn");
+        assert!(worker.is_none(), "the backend drains the queues, not a worker of ours");
+    }
+
+    #[test]
+    fn a_failed_hand_over_needs_reset_and_a_driver_reset_takes_the_queues_back() {
+        let (log, mut dev) = started_external(true);
+        assert_ne!(lock_state(&dev.state).status & status::NEEDS_RESET, 0);
+        dev.write(0x14, &[0]);
+        assert_eq!(lock_state(&dev.state).status, 0);
+        assert_eq!(log.lock().expect("log").last().map(String::as_str), Some("reset"));
     }
 
     #[test]

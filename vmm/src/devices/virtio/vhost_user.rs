@@ -126,7 +126,8 @@ impl VhostUserConnection {
             .collect();
         self.frontend.set_mem_table(&table).map_err(step("SET_MEM_TABLE"))?;
         for q in queues {
-            let address = |gpa: u64| self.host_address(gpa).ok_or(VhostUserError::RingOutsideRam { queue: q.index, gpa });
+            let address =
+                |gpa: u64| self.host_address(gpa).ok_or(VhostUserError::RingOutsideRam { queue: q.index, gpa });
             let rings = VringConfigData {
                 queue_max_size: q.size,
                 queue_size: q.size,
