@@ -500,7 +500,7 @@ fn vm_info_reports_the_console_pty_and_keeps_it_across_a_reboot() {
 
 /// Kata's `vm.create` body (`tests/fixtures/kata-clh-vm-create.json`, as
 /// Kata's clh.go builds it by default) over the socket: one 400 whose error
-/// chain names every field Hekivisor lacks, first `fs`, and the VMM lives
+/// chain names every field Hekivisor lacks, first `vsock`, and the VMM lives
 /// on. The same body without those fields creates and boots a VM with Kata's
 /// 8 possible vCPUs in Kata's topology, its read-only image disk and its
 /// consoles off.
@@ -514,8 +514,8 @@ fn katas_vm_create_body_is_refused_by_name_and_the_rest_of_it_boots() {
     let chain = r.error_chain().expect("an error chain");
     assert_eq!(&chain[..2], ["Error from API", "vm.create failed"]);
     let fields: Vec<&str> = chain[2..].iter().map(|l| l.split(':').next().unwrap_or_default()).collect();
-    assert_eq!(fields, ["fs", "platform.num_pci_segments", "memory.hotplug_size", "memory.shared"]);
-    assert!(chain[2].contains("not supported by Hekivisor (virtio-fs"), "{chain:?}");
+    assert_eq!(fields, ["platform.num_pci_segments", "memory.hotplug_size", "fs[0].pci_segment"]);
+    assert!(chain[4].contains("one PCI segment only"), "{chain:?}");
     assert_eq!(vmm.status("GET", "vm.info", None).0, 404, "nothing was created");
 
     let mut kata: Value = serde_json::from_str(kata_text).expect("fixture");

@@ -188,8 +188,9 @@ fn the_real_ch_remote_drives_the_whole_matrix() {
     ch.refused(&["create", "-"], Some(""), "BadRequest", "invalid JSON");
     // Kata's body: every field we lack, one per line of what ch-remote prints.
     let kata = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kata-clh-vm-create.json");
-    let out = ch.refused(&["create", kata], None, "BadRequest", "fs: not supported by Hekivisor");
-    for field in ["platform.num_pci_segments", "memory.hotplug_size", "memory.shared"] {
+    let out =
+        ch.refused(&["create", kata], None, "BadRequest", "platform.num_pci_segments: not supported by Hekivisor");
+    for field in ["memory.hotplug_size", "fs[0].pci_segment"] {
         assert!(out.stderr.contains(&format!(": {field}: not supported by Hekivisor")), "{field}: {}", out.stderr);
     }
 

@@ -60,12 +60,15 @@ impl LinuxVm {
         let events = dir.join("events.json");
         let stderr = dir.join("stderr.log");
         let started = Instant::now();
+        // 256 MiB unless the test gives its own --memory.
+        let memory: &[&str] = if extra.contains(&"--memory") { &[] } else { &["--memory", "size=256M"] };
         let child = Command::new(common::hekivisor_bin())
             .arg("--kernel")
             .arg(guest.join("vmlinux"))
             .arg("--initramfs")
             .arg(guest.join("initramfs.cpio"))
-            .args(["--cmdline", cmdline, "--memory", "size=256M", "--no-reboot"])
+            .args(["--cmdline", cmdline, "--no-reboot"])
+            .args(memory)
             .arg("--serial")
             .arg(format!("file={}", serial.display()))
             .arg("--event-monitor")
@@ -658,4 +661,35 @@ fn real_linux_talks_to_the_host_over_hybrid_vsock_both_ways() {
     }
     // Every guest buffer went through the DMA guard, and none was refused.
     assert!(!vm.events().iter().any(|e| e["event"] == "violation"), "{}", vm.report());
+}
+
+/// virtio-fs with a real virtiofsd, started as Kata starts it: Linux mounts
+/// the share, reads a file the host wrote and writes one the host then reads;
+/// when the VM ends, the VMM closes the vhost-user connection and virtiofsd
+/// exits. heki is off: it refuses vhost-user devices (docs/heki.md).
+#[test]
+fn real_linux_mounts_a_virtio_fs_share_served_by_virtiofsd() {
+    require_kvm!();
+    let guest = linux_guest("drivers");
+    let dir = common::temp_dir("linux-virtiofs");
+    let share = dir.join("share");
+    std::fs::create_dir_all(&share).expect("share");
+    std::fs::write(share.join("from-host.txt"), "hello-from-the-host\n").expect("host file");
+    let mut backend = common::virtiofsd::Virtiofsd::start(&dir, &share);
+    let fs = format!("tag=hkshare,socket={},num_queues=1,queue_size=1024", backend.socket.display());
+    let cmdline = format!("{CMDLINE} hk_fs=hkshare");
+    let mut vm = LinuxVm::start("linux-virtiofs", &guest, &cmdline, &["--memory", "size=256M,shared=on", "--fs", &fs]);
+    vm.wait_for_line("drivers: done");
+    vm.wait_for_guest_end();
+    let serial = vm.serial();
+    let ctx = || format!("{}\nvirtiofsd:\n{}", vm.report(), backend.log());
+    for line in
+        ["drivers: virtiofs read: hello-from-the-host", "drivers: virtiofs write: ok", "drivers: virtiofs umount: ok"]
+    {
+        assert!(serial.contains(line), "{line}\n{}", ctx());
+    }
+    let written = std::fs::read_to_string(share.join("from-guest.txt")).unwrap_or_default();
+    assert_eq!(written, "written-by-linux\n", "{}", ctx());
+    let report = ctx();
+    assert!(backend.wait_for_exit(Duration::from_secs(10)), "virtiofsd outlived the VM\n{report}");
 }

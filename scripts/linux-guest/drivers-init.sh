@@ -13,11 +13,24 @@
 #               52 and echoes one line to the host; connects to the host at
 #               PORT, sends a line and prints the host's answer
 #   /proc/interrupts, for the record
+# With hk_fs=<tag> on the command line, only virtio-fs instead: mounts the
+# share, prints /mnt/from-host.txt, writes /mnt/from-guest.txt, unmounts.
 echo "init: userspace up"
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 # CONFIG_DEVTMPFS_MOUNT does not apply to an initramfs.
 mount -t devtmpfs devtmpfs /dev
+if [ -n "$hk_fs" ]; then
+    if mount -t virtiofs "$hk_fs" /mnt; then
+        echo "drivers: virtiofs read: $(cat /mnt/from-host.txt)"
+        echo "written-by-linux" >/mnt/from-guest.txt && sync && echo "drivers: virtiofs write: ok"
+        umount /mnt && echo "drivers: virtiofs umount: ok"
+    else
+        echo "drivers: virtiofs: mount failed"
+    fi
+    echo "drivers: done"
+    reboot -f
+fi
 if [ -b /dev/vda ]; then
     echo "drivers: disk read: $(dd if=/dev/vda bs=22 count=1 2>/dev/null)"
     echo "written-by-linux" | dd of=/dev/vda bs=512 seek=1 conv=sync,fsync 2>/dev/null &&

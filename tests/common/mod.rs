@@ -4,6 +4,7 @@
 
 pub mod guests;
 pub mod json_schema;
+pub mod virtiofsd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

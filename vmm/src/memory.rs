@@ -100,6 +100,39 @@ pub fn boot_slot_plan(regions: &[RamRegion]) -> Vec<(heki::PlannedSlot, u32)> {
         .collect()
 }
 
+/// One region of guest RAM as another process (a vhost-user backend) maps
+/// it: the memfd and where the region starts in it. `host_addr` is where this
+/// process maps the region; it only names the region in messages.
+pub struct SharedRegion {
+    pub gpa: u64,
+    pub size: u64,
+    pub host_addr: u64,
+    pub file_offset: u64,
+    pub file: File,
+}
+
+/// Guest RAM's regions with a descriptor of their memfd each, for handing to
+/// a backend (`memory.shared`).
+pub fn shared_regions(mem: &GuestMemoryMmap) -> Result<Vec<SharedRegion>, MemoryError> {
+    let mut regions = Vec::new();
+    for region in mem.iter() {
+        let Some(backing) = region.file_offset() else {
+            return Err(MemoryError::Memfd(std::io::Error::other("guest RAM is not backed by a memfd")));
+        };
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| MemoryError::Memfd(std::io::Error::other(e.to_string())))?;
+        regions.push(SharedRegion {
+            gpa: region.start_addr().0,
+            size: region.len(),
+            host_addr: host as u64,
+            file_offset: backing.start(),
+            file: backing.file().try_clone().map_err(MemoryError::Memfd)?,
+        });
+    }
+    Ok(regions)
+}
+
 /// Host address of a guest physical address inside RAM.
 pub fn host_address(mem: &GuestMemoryMmap, gpa: u64) -> Option<u64> {
     mem.get_host_address(GuestAddress(gpa)).ok().map(|p| p as u64)

@@ -11,8 +11,9 @@
 //! Allowed, for reboots and for the VMM's own exit: the kernel and initramfs
 //! (read), each disk (read, and write unless read-only), the rng source
 //! (read), the serial and console files (write, truncate), `/dev/net/tun`
-//! for a TAP opened by name (read, write, ioctl), removing the API socket at
-//! exit, and each `landlock_rules` entry.
+//! for a TAP opened by name (read, write, ioctl), each virtio-fs backend's
+//! socket (read, write), removing the API socket at exit, and each
+//! `landlock_rules` entry.
 
 use std::path::{Path, PathBuf};
 
@@ -99,6 +100,10 @@ pub fn rules(config: &VmConfig, api_socket: Option<&Path>) -> Vec<(PathBuf, Use)
         {
             rules.push((file.clone(), Use::Write));
         }
+    }
+    // A vhost-user backend's socket, connected to again at each reboot.
+    for share in config.fs.iter().flatten() {
+        rules.push((share.socket.clone(), Use::ReadWrite));
     }
     if config.net.iter().flatten().any(|n| n.fds.is_none()) {
         rules.push((PathBuf::from("/dev/net/tun"), Use::Device));

@@ -24,6 +24,7 @@ use crate::devices::virtio::{
     DeviceCounters, DeviceMemory, VirtioDevice,
     block::Block,
     console::{Console, ConsoleHost},
+    fs::Fs,
     net::Net,
     rng::Rng,
     tap::Tap,
@@ -276,7 +277,7 @@ impl Vm {
             let gate = self.ctx.control.devices.clone();
             let worker =
                 lock_device(&dev.device).spawn_worker(dev.name.clone(), stop, gate).map_err(VmError::SpawnVcpu)?;
-            self.helpers.push(worker);
+            self.helpers.extend(worker);
         }
         if let Some(heki) = self.heki.clone() {
             let ctx = self.ctx.clone();
@@ -504,6 +505,18 @@ fn add_pci_devices(
         let name = vsock.id.clone().unwrap_or_else(|| "_vsock".to_string());
         log::info!("{name}: guest CID {}, host socket {}", vsock.cid, vsock.socket.display());
         wanted.push((name, Box::new(device), CLASS_COMMUNICATION));
+    }
+    for (i, share) in config.fs.iter().flatten().enumerate() {
+        // validate() holds this too; the memfd's descriptor leaves the VMM only when asked.
+        if !config.memory.shared || config.heki.enabled {
+            return Err(VmError::Device("fs needs memory.shared=true and heki disabled".into()));
+        }
+        let name = share.id.clone().unwrap_or_else(|| format!("_fs{i}"));
+        let regions = memory::shared_regions(mem)?;
+        let fs = Fs::new(share, regions)
+            .map_err(|e| VmError::Device(format!("fs {}: {}", share.tag, crate::errors::error_chain(&e))))?;
+        log::info!("{name}: virtio-fs '{}' served by {}", share.tag, share.socket.display());
+        wanted.push((name, Box::new(fs), CLASS_STORAGE));
     }
     let mut handles = Vec::new();
     let routes = Arc::new(MsiRoutes::new(kvm_vm.clone()));

@@ -42,7 +42,8 @@ pub struct CliArgs {
     #[arg(long, value_name = "boot=N")]
     pub cpus: Option<String>,
 
-    /// Guest RAM: size=SIZE in bytes or with a K/M/G suffix (default size=512M).
+    /// Guest RAM: size=SIZE in bytes or with a K/M/G suffix (default size=512M)[,shared=on]
+    /// (shared=on lets a vhost-user backend such as --fs map it).
     #[arg(long, value_name = "size=SIZE")]
     pub memory: Option<String>,
 
@@ -76,6 +77,12 @@ pub struct CliArgs {
     /// TAP opened beforehand and inherited (no CAP_NET_ADMIN needed) (repeatable).
     #[arg(long, value_name = "tap=NAME")]
     pub net: Vec<String>,
+
+    /// virtio-fs through a vhost-user backend (e.g. virtiofsd):
+    /// tag=TAG,socket=PATH[,num_queues=N][,queue_size=N][,id=NAME] (repeatable; needs
+    /// --memory shared=on and heki off).
+    #[arg(long, value_name = "tag=TAG,socket=PATH")]
+    pub fs: Vec<String>,
 
     /// virtio-rng entropy source: src=PATH (e.g. src=/dev/urandom).
     #[arg(long, value_name = "src=PATH")]
@@ -204,6 +211,9 @@ impl CliArgs {
                 if !self.net.is_empty() {
                     config.net = Some(self.net.iter().map(|n| parse_net(n)).collect::<Result<Vec<_>, _>>()?);
                 }
+                if !self.fs.is_empty() {
+                    config.fs = Some(self.fs.iter().map(|f| parse_fs(f)).collect::<Result<Vec<_>, _>>()?);
+                }
                 if let Some(rng) = &self.rng {
                     let o = OptionValues::parse("--rng", rng, &["src"])?;
                     let src =
@@ -252,9 +262,25 @@ pub fn parse_cpus(input: &str) -> Result<CpusConfig, ConfigError> {
 }
 
 pub fn parse_memory(input: &str) -> Result<MemoryConfig, ConfigError> {
-    let o = OptionValues::parse("--memory", input, &["size"])?;
+    let o = OptionValues::parse("--memory", input, &["size", "shared"])?;
     let size = o.get("size").ok_or_else(|| o.error("size=SIZE is required".into()))?;
-    Ok(MemoryConfig { size: parse_size(size).map_err(|e| o.error(e))? })
+    Ok(MemoryConfig { size: parse_size(size).map_err(|e| o.error(e))?, shared: o.get_bool("shared")?.unwrap_or(false) })
+}
+
+pub fn parse_fs(input: &str) -> Result<super::FsConfig, ConfigError> {
+    let o = OptionValues::parse("--fs", input, &["tag", "socket", "num_queues", "queue_size", "id"])?;
+    let tag = o.get("tag").filter(|t| !t.is_empty()).ok_or_else(|| o.error("tag=TAG is required".into()))?;
+    let socket = o.get("socket").filter(|p| !p.is_empty()).ok_or_else(|| o.error("socket=PATH is required".into()))?;
+    let num_queues = o.get_u64("num_queues")?.unwrap_or(1);
+    let queue_size = o.get_u64("queue_size")?.unwrap_or(1024);
+    Ok(super::FsConfig {
+        tag: tag.to_string(),
+        socket: PathBuf::from(socket),
+        num_queues: usize::try_from(num_queues).map_err(|_| o.error(format!("num_queues={num_queues}: too many")))?,
+        queue_size: u16::try_from(queue_size)
+            .map_err(|_| o.error(format!("queue_size={queue_size}: at most 32768")))?,
+        id: o.get("id").map(str::to_string),
+    })
 }
 
 pub fn parse_console(option: &'static str, input: &str) -> Result<ConsoleConfig, ConfigError> {

@@ -30,10 +30,12 @@ enum Section {
     /// Each element of `net`.
     Net,
     Vsock,
+    /// Each element of `fs`.
+    Fs,
 }
 
 impl Section {
-    const ALL: [Section; 10] = [
+    const ALL: [Section; 11] = [
         Section::Root,
         Section::Cpus,
         Section::Memory,
@@ -44,6 +46,7 @@ impl Section {
         Section::Disk,
         Section::Net,
         Section::Vsock,
+        Section::Fs,
     ];
 
     fn key(self) -> &'static str {
@@ -58,6 +61,7 @@ impl Section {
             Section::Disk => "disks",
             Section::Net => "net",
             Section::Vsock => "vsock",
+            Section::Fs => "fs",
         }
     }
 }
@@ -76,7 +80,6 @@ fn foreign_fields(section: Section) -> Vec<(&'static str, Value)> {
             ("rate_limit_groups", Value::Null),
             ("balloon", Value::Null),
             ("generic_vhost_user", Value::Null),
-            ("fs", Value::Null),
             ("pmem", Value::Null),
             ("debug_console", json!({"file": null, "mode": "Off", "iobase": 233})),
             ("devices", Value::Null),
@@ -107,7 +110,6 @@ fn foreign_fields(section: Section) -> Vec<(&'static str, Value)> {
             ("hotplug_method", json!("Acpi")),
             ("hotplug_size", Value::Null),
             ("hotplugged_size", Value::Null),
-            ("shared", json!(false)),
             ("hugepages", json!(false)),
             ("hugepage_size", Value::Null),
             ("prefault", json!(false)),
@@ -169,6 +171,11 @@ fn foreign_fields(section: Section) -> Vec<(&'static str, Value)> {
             pci_common(&mut f);
             f
         }
+        Section::Fs => {
+            let mut f = Vec::new();
+            pci_common(&mut f);
+            f
+        }
     };
     if section == Section::Root {
         // Build-feature fields a Cloud Hypervisor config may carry; accepted at
@@ -220,14 +227,13 @@ fn first_difference(value: &Value, default: &Value) -> Option<String> {
 /// "not supported" (the issue that plans it, or what to do instead).
 fn reason(field: &str) -> Option<&'static str> {
     Some(match field {
-        "fs" => "virtio-fs through vhost-user is planned, #23",
-        "memory.shared" => "guest RAM is private to the VMM; shared memory for vhost-user backends is planned, #23",
         "memory.hugepages" | "memory.hugepage_size" => "guest RAM is not backed by huge pages yet, #22",
         "memory.hotplug_size" | "memory.hotplugged_size" => "memory hotplug is planned, #19",
         "balloon" => "virtio-balloon is not implemented",
         "pmem" => "virtio-pmem is not implemented",
         "platform.num_pci_segments" => "one PCI segment only; more are planned, #22",
         "devices" | "user_devices" | "vdpa" => "device passthrough is not implemented",
+        _ if field.ends_with(".pci_segment") => "one PCI segment only (segment 0); more are planned, #22",
         "numa" => "one NUMA node only",
         _ => return None,
     })
@@ -293,7 +299,7 @@ pub fn vm_config_from_json(body: &[u8]) -> Result<VmConfig, ConfigError> {
     for section in Section::ALL {
         match section {
             Section::Root => strip_foreign(root, section, "", &mut problems),
-            Section::Disk | Section::Net => {
+            Section::Disk | Section::Net | Section::Fs => {
                 if let Some(list) = root.get_mut(section.key()).and_then(Value::as_array_mut) {
                     for (i, item) in list.iter_mut().enumerate() {
                         if let Some(item) = item.as_object_mut() {
@@ -371,7 +377,7 @@ pub fn to_cloud_hypervisor_json(config: &VmConfig) -> Value {
     for section in Section::ALL {
         match section {
             Section::Root => add_foreign(root, section),
-            Section::Disk | Section::Net => {
+            Section::Disk | Section::Net | Section::Fs => {
                 if let Some(list) = root.get_mut(section.key()).and_then(Value::as_array_mut) {
                     for item in list.iter_mut().filter_map(Value::as_object_mut) {
                         add_foreign(item, section);
@@ -628,17 +634,16 @@ mod tests {
     #[test]
     fn kata_body_names_every_missing_feature_and_nothing_else() {
         let body = include_str!("../../../tests/fixtures/kata-clh-vm-create.json");
-        let err = vm_config_from_json(body.as_bytes()).expect_err("Kata's body needs virtio-fs");
+        let err = vm_config_from_json(body.as_bytes()).expect_err("Kata's body needs PCI segments");
         let lines: Vec<String> = err.to_string().lines().map(str::to_string).collect();
         let fields: Vec<&str> = lines.iter().map(|l| l.split(':').next().unwrap_or_default()).collect();
-        assert_eq!(fields, ["fs", "platform.num_pci_segments", "memory.hotplug_size", "memory.shared"], "{lines:?}");
-        assert!(lines[0].starts_with("fs: not supported by Hekivisor (virtio-fs"), "{lines:?}");
+        assert_eq!(fields, ["platform.num_pci_segments", "memory.hotplug_size", "fs[0].pci_segment"], "{lines:?}");
+        assert!(lines[2].contains("one PCI segment only"), "{lines:?}");
         // Without those, the rest of Kata's body is accepted as Kata means it.
         let mut kata: Value = serde_json::from_str(body).expect("fixture");
         let root = kata.as_object_mut().expect("object");
-        root.remove("fs");
         root["platform"]["num_pci_segments"] = json!(1);
-        root["memory"]["shared"] = json!(false);
+        root["fs"][0]["pci_segment"] = json!(0);
         root["memory"].as_object_mut().expect("memory").remove("hotplug_size");
         let config = vm_config_from_json(kata.to_string().as_bytes()).expect("the rest is accepted");
         assert_eq!((config.cpus.boot_vcpus, config.cpus.max_vcpus), (1, 8));
@@ -646,10 +651,36 @@ mod tests {
         let disk = &config.disks.as_ref().expect("the image disk")[0];
         assert!(disk.readonly);
         assert_eq!(config.memory.size, 2 << 30);
+        assert!(config.memory.shared);
+        let fs = &config.fs.as_ref().expect("the share")[0];
+        assert_eq!((fs.tag.as_str(), fs.num_queues, fs.queue_size), ("kataShared", 1, 1024));
         assert_eq!(config.serial.mode, crate::config::ConsoleOutputMode::Off);
         // Kata's agent channel, hybrid vsock, is honoured.
         let vsock = config.vsock.as_ref().expect("Kata's vsock");
         assert_eq!((vsock.cid, vsock.socket.to_str()), (3, Some("/run/vc/vm/3f0c6b1e9a2d/clh.sock")));
+        // vm.info reports the share as Cloud Hypervisor does, and it round-trips.
+        let reported = to_cloud_hypervisor_json(&config);
+        assert_eq!(
+            (reported["fs"][0]["pci_segment"].clone(), reported["memory"]["shared"].clone()),
+            (json!(0), json!(true))
+        );
+        assert_eq!(vm_config_from_json(reported.to_string().as_bytes()).expect("round trip"), config);
+    }
+
+    #[test]
+    fn virtio_fs_is_refused_under_heki_and_without_shared_memory() {
+        let share = r#""fs": [{"tag": "t", "socket": "/s"}]"#;
+        let heki = format!(
+            r#"{{"payload": {{"kernel": "/k"}}, "memory": {{"size": 1048576, "shared": true}}, "heki": {{"enabled": true}}, {share}}}"#
+        );
+        let err = vm_config_from_json(heki.as_bytes()).expect_err("heki").to_string();
+        assert!(err.starts_with("fs: not available with heki enabled"), "{err}");
+        let private = format!(r#"{{"payload": {{"kernel": "/k"}}, {share}}}"#);
+        let err = vm_config_from_json(private.as_bytes()).expect_err("not shared").to_string();
+        assert!(err.starts_with("fs: needs memory.shared=true"), "{err}");
+        let long_tag = r#"{"payload": {"kernel": "/k"}, "memory": {"size": 1048576, "shared": true},
+                          "fs": [{"tag": "0123456789012345678901234567890123456", "socket": "/s"}]}"#;
+        assert!(vm_config_from_json(long_tag.as_bytes()).expect_err("37 bytes").to_string().starts_with("fs.tag"));
     }
 
     #[test]

@@ -87,11 +87,17 @@ pub struct CpuTopology {
 pub struct MemoryConfig {
     /// Guest RAM in bytes.
     pub size: u64,
+    /// Whether guest RAM may be shared with another process: a vhost-user
+    /// backend (`fs`) maps it through the memfd's descriptor. Guest RAM is
+    /// always a `MAP_SHARED` memfd; this says whether its descriptor may
+    /// leave the VMM, and `fs` needs it (as in Cloud Hypervisor).
+    #[serde(default)]
+    pub shared: bool,
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        MemoryConfig { size: DEFAULT_MEMORY_SIZE }
+        MemoryConfig { size: DEFAULT_MEMORY_SIZE, shared: false }
     }
 }
 
@@ -223,6 +229,37 @@ impl NetConfig {
     }
 }
 
+/// A virtio-fs share served by a vhost-user backend such as virtiofsd
+/// (Cloud Hypervisor's `fs[]`; `docs/devices.md`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The name the guest mounts (`mount -t virtiofs <tag> <dir>`), at most 36 bytes.
+    pub tag: String,
+    /// The backend's vhost-user socket, which the VMM connects to.
+    pub socket: PathBuf,
+    /// Request queues (the device also has one high-priority queue).
+    #[serde(default = "default_fs_num_queues")]
+    pub num_queues: usize,
+    #[serde(default = "default_fs_queue_size")]
+    pub queue_size: u16,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// The tag's room in the virtio-fs configuration space.
+pub const FS_TAG_MAX: usize = 36;
+/// Request queues per virtio-fs device; each has an MSI-X vector.
+pub const FS_MAX_QUEUES: usize = 16;
+
+fn default_fs_num_queues() -> usize {
+    1
+}
+
+fn default_fs_queue_size() -> u16 {
+    1024
+}
+
 /// An extra landlock rule (Cloud Hypervisor's `landlock_rules[]`): `path`
 /// (a file, or a directory and everything below it) and `access` (`r`, `w`
 /// or `rw`).
@@ -282,6 +319,7 @@ pub struct VmConfig {
     pub disks: Option<Vec<DiskConfig>>,
     pub net: Option<Vec<NetConfig>>,
     pub vsock: Option<VsockConfig>,
+    pub fs: Option<Vec<FsConfig>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub introspection: Option<IntrospectionConfig>,
     /// Restrict the VMM's file access to the paths this configuration names
@@ -303,6 +341,7 @@ impl Default for VmConfig {
             disks: None,
             net: None,
             vsock: None,
+            fs: None,
             introspection: None,
             landlock_enable: false,
             landlock_rules: None,
@@ -395,6 +434,7 @@ impl VmConfig {
                 ));
             }
         }
+        self.validate_fs()?;
         if self.rng.as_ref().is_some_and(|r| r.iommu) {
             return Err(invalid("rng.iommu", "not supported by Hekivisor"));
         }
@@ -420,6 +460,43 @@ impl VmConfig {
             && payload.kernel.is_none()
         {
             return Err(invalid("payload.kernel", "a kernel is required"));
+        }
+        Ok(())
+    }
+
+    /// virtio-fs shares: well-formed, on shared memory, and never under heki
+    /// (`docs/heki.md`, "vhost-user devices").
+    fn validate_fs(&self) -> Result<(), ConfigError> {
+        let shares = self.fs.as_deref().unwrap_or_default();
+        if shares.is_empty() {
+            return Ok(());
+        }
+        if self.heki.enabled {
+            return Err(invalid(
+                "fs",
+                "not available with heki enabled: a vhost-user backend maps all of guest RAM and writes it \
+                 outside the VMM, where heki's DMA guard cannot refuse a write to locked or private memory",
+            ));
+        }
+        if !self.memory.shared {
+            return Err(invalid("fs", "needs memory.shared=true: the vhost-user backend maps guest RAM"));
+        }
+        if shares.len() > 8 {
+            return Err(invalid("fs", "at most 8 virtio-fs devices"));
+        }
+        for fs in shares {
+            if fs.tag.is_empty() || fs.tag.len() > FS_TAG_MAX {
+                return Err(invalid("fs.tag", format!("'{}': 1 to {FS_TAG_MAX} bytes", fs.tag)));
+            }
+            if fs.num_queues == 0 || fs.num_queues > FS_MAX_QUEUES {
+                return Err(invalid("fs.num_queues", format!("must be 1..={FS_MAX_QUEUES}, got {}", fs.num_queues)));
+            }
+            if !fs.queue_size.is_power_of_two() || fs.queue_size > 32768 {
+                return Err(invalid(
+                    "fs.queue_size",
+                    format!("must be a power of two up to 32768, got {}", fs.queue_size),
+                ));
+            }
         }
         Ok(())
     }

@@ -5,16 +5,19 @@
 pub mod block;
 pub mod console;
 pub mod dma;
+pub mod fs;
 pub mod net;
 pub mod pci;
 pub mod rng;
 pub mod tap;
 #[cfg(test)]
 mod test_rig;
+pub mod vhost_user;
 pub mod vsock;
 
 use crate::heki::CheckedMemory;
 use virtio_queue::{DescriptorChain, Queue};
+use vmm_sys_util::eventfd::EventFd;
 
 pub use dma::{DeviceCounters, DeviceMemory};
 
@@ -31,6 +34,20 @@ pub mod status {
     pub const FEATURES_OK: u8 = 8;
     pub const NEEDS_RESET: u8 = 0x40;
     pub const FAILED: u8 = 0x80;
+}
+
+/// One queue as the driver set it up, for a device whose queues another
+/// process serves (vhost-user). Ring addresses are guest-physical.
+pub struct QueueHandoff<'a> {
+    pub index: usize,
+    pub size: u16,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    /// Signalled by KVM when the guest notifies the queue (its ioeventfd).
+    pub kick: &'a EventFd,
+    /// Raises the queue's MSI-X vector (its irqfd); none without a vector.
+    pub call: Option<&'a EventFd>,
 }
 
 /// What a virtio device does with one descriptor chain.
@@ -67,6 +84,18 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
+    /// Whether another process serves every queue (vhost-user): the transport
+    /// then runs no worker and hands the queues over at DRIVER_OK (`activate`).
+    fn external(&self) -> bool {
+        false
+    }
+    /// DRIVER_OK with every ring valid: an `external` device hands its queues
+    /// over. An error puts the device in NEEDS_RESET.
+    fn activate(&mut self, _features: u64, _queues: &[QueueHandoff<'_>]) -> Result<(), String> {
+        Ok(())
+    }
+    /// The driver reset the device after DRIVER_OK: an `external` device takes its queues back.
+    fn reset(&mut self) {}
     /// Handles one request; returns the number of bytes written to the guest.
     fn process(&mut self, queue: usize, chain: DescriptorChain<&CheckedMemory>, dma: &DeviceMemory) -> u32;
 }

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{DEVICE_ID_BASE, DeviceMemory, VENDOR_ID, VIRTIO_F_VERSION_1, VirtioDevice, status};
+use super::{DEVICE_ID_BASE, DeviceMemory, QueueHandoff, VENDOR_ID, VIRTIO_F_VERSION_1, VirtioDevice, status};
 use crate::devices::gate::DeviceGate;
 use crate::devices::mmio_bus::MmioDevice;
 use crate::devices::msi::MsiRoutes;
@@ -85,6 +85,8 @@ pub struct TransportState {
     msix: Msix,
     config_generation: u8,
     memory: DeviceMemory,
+    /// The queues' notify eventfds, for a device whose backend takes them (`external`).
+    kicks: Vec<EventFd>,
 }
 
 impl TransportState {
@@ -93,6 +95,9 @@ impl TransportState {
     }
 
     fn reset(&mut self) {
+        if self.status & status::DRIVER_OK != 0 {
+            self.device.reset();
+        }
         self.status = 0;
         self.driver_features = 0;
         self.device_feature_select = 0;
@@ -136,6 +141,39 @@ impl TransportState {
         self.queues.get(index).is_some_and(|q| {
             q.ready() && q.avail_idx(mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|i| i.0 != q.next_avail())
         })
+    }
+
+    /// Hands the ready queues to an `external` device's backend; false if it failed.
+    fn activate_external(&mut self) -> bool {
+        let handoffs: Vec<QueueHandoff<'_>> = self
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.ready())
+            .filter_map(|(index, q)| {
+                let vector = self.queue_vectors.get(index).copied().unwrap_or(NO_VECTOR);
+                Some(QueueHandoff {
+                    index,
+                    size: q.size(),
+                    desc_table: q.desc_table(),
+                    avail_ring: q.avail_ring(),
+                    used_ring: q.used_ring(),
+                    kick: self.kicks.get(index)?,
+                    call: self.msix.vectors.get(usize::from(vector)).map(|v| &v.irqfd),
+                })
+            })
+            .collect();
+        match self.device.activate(self.driver_features, &handoffs) {
+            Ok(()) => true,
+            Err(e) => {
+                crate::rate_limited!(
+                    warn,
+                    "{}: cannot start the backend: {e}; device needs reset",
+                    self.memory.device()
+                );
+                false
+            }
+        }
     }
 
     /// The device's host fd and the queue it feeds, while it has one to poll.
@@ -232,6 +270,7 @@ impl VirtioPci {
         }
         let queue_vectors = vec![NO_VECTOR; queues.len()];
         let msix = Msix { enabled: false, function_masked: false, vectors, routes };
+        let kicks = notify.iter().map(EventFd::try_clone).collect::<Result<Vec<_>, _>>()?;
         let state = TransportState {
             device,
             status: 0,
@@ -245,6 +284,7 @@ impl VirtioPci {
             msix,
             config_generation: 0,
             memory,
+            kicks,
         };
         let mut config = [0u8; 256];
         let mut put = |off: usize, bytes: &[u8]| config[off..off.saturating_add(bytes.len())].copy_from_slice(bytes);
@@ -295,15 +335,24 @@ impl VirtioPci {
     }
 
     /// Starts the worker: it drains a queue each time the guest notifies it,
-    /// never while the VM is paused.
-    pub fn spawn_worker(&self, name: String, stop: EventFd, gate: Arc<DeviceGate>) -> std::io::Result<JoinHandle<()>> {
+    /// never while the VM is paused. None for an `external` device, whose
+    /// backend drains the queues.
+    pub fn spawn_worker(
+        &self,
+        name: String,
+        stop: EventFd,
+        gate: Arc<DeviceGate>,
+    ) -> std::io::Result<Option<JoinHandle<()>>> {
+        if self.lock().device.external() {
+            return Ok(None);
+        }
         let state = self.state.clone();
         let notify = self.notify.iter().map(EventFd::try_clone).collect::<std::io::Result<Vec<_>>>()?;
         let (extra, kind) = {
             let s = self.lock();
             (s.device.extra_fd(), s.device.thread_kind())
         };
-        std::thread::Builder::new().name(name).spawn(move || {
+        let worker = std::thread::Builder::new().name(name).spawn(move || {
             crate::seccomp::apply_or_exit(kind);
             let mut fds: Vec<libc::pollfd> = notify
                 .iter()
@@ -364,7 +413,8 @@ impl VirtioPci {
                     fds[extra_index].fd = fd;
                 }
             }
-        })
+        })?;
+        Ok(Some(worker))
     }
 
     fn read_msix_table(&self, offset: u64, data: &mut [u8]) {
@@ -510,7 +560,7 @@ fn write_status(s: &mut TransportState, value: u8) {
     if value & status::DRIVER_OK != 0 && s.status & status::DRIVER_OK == 0 {
         // Rings first: a ring in protected memory is reported, not just invalid.
         let bad = s.queues.iter().any(|q| q.ready() && (!s.rings_allowed(q) || !q.is_valid(&s.memory.mem)));
-        if bad {
+        if bad || (s.device.external() && !s.activate_external()) {
             value |= status::NEEDS_RESET;
         }
     }
@@ -588,7 +638,7 @@ impl MmioDevice for VirtioPci {
 #[cfg(test)]
 #[allow(clippy::arithmetic_side_effects)]
 mod tests {
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
     use heki::{Permissions, ProtectRange, ViolationKind};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -621,6 +671,66 @@ mod tests {
         let mut page = vec![0u8; 4096];
         mem.read_slice(&mut page, GuestAddress(USED)).expect("used ring");
         page
+    }
+
+    /// An `external` device (as vhost-user devices are) that records what the transport hands it.
+    struct Handed {
+        log: Arc<Mutex<Vec<String>>>,
+        fail: bool,
+    }
+
+    impl VirtioDevice for Handed {
+        fn device_type(&self) -> u16 {
+            26
+        }
+        fn external(&self) -> bool {
+            true
+        }
+        fn activate(&mut self, features: u64, queues: &[QueueHandoff<'_>]) -> Result<(), String> {
+            for q in queues {
+                let (desc, avail, used, call) = (q.desc_table, q.avail_ring, q.used_ring, q.call.is_some());
+                let line = format!("{features:#x} q{} n{} {desc:#x} {avail:#x} {used:#x} call={call}", q.index, q.size);
+                self.log.lock().expect("log").push(line);
+            }
+            if self.fail { Err("backend gone".into()) } else { Ok(()) }
+        }
+        fn reset(&mut self) {
+            self.log.lock().expect("log").push("reset".into());
+        }
+        fn process(
+            &mut self,
+            _: usize,
+            _: virtio_queue::DescriptorChain<&crate::heki::CheckedMemory>,
+            _: &DeviceMemory,
+        ) -> u32 {
+            unreachable!("an external device's queues are served elsewhere")
+        }
+    }
+
+    fn started_external(fail: bool) -> (Arc<Mutex<Vec<String>>>, VirtioPci) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (_mem, _heki, dev) = started(Box::new(Handed { log: log.clone(), fail }), "_fs0", 0);
+        (log, dev)
+    }
+
+    #[test]
+    fn an_external_device_gets_its_rings_at_driver_ok_and_runs_no_worker() {
+        let (log, dev) = started_external(false);
+        let expected = format!("{VIRTIO_F_VERSION_1:#x} q0 n4 {DESC:#x} {AVAIL:#x} {USED:#x} call=false");
+        assert_eq!(*log.lock().expect("log"), [expected]);
+        assert_eq!(lock_state(&dev.state).status & status::NEEDS_RESET, 0);
+        let stop = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let worker = dev.spawn_worker("_fs0".into(), stop, Arc::new(DeviceGate::default())).expect("spawn");
+        assert!(worker.is_none(), "the backend drains the queues, not a worker of ours");
+    }
+
+    #[test]
+    fn a_failed_hand_over_needs_reset_and_a_driver_reset_takes_the_queues_back() {
+        let (log, mut dev) = started_external(true);
+        assert_ne!(lock_state(&dev.state).status & status::NEEDS_RESET, 0);
+        dev.write(0x14, &[0]);
+        assert_eq!(lock_state(&dev.state).status, 0);
+        assert_eq!(log.lock().expect("log").last().map(String::as_str), Some("reset"));
     }
 
     #[test]
