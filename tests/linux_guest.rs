@@ -399,7 +399,7 @@ fn linux_lock_is_measured_and_the_locked_text_is_the_loaded_image() {
     assert_eq!(p["image_mismatches"], "0", "text was compared: {p}");
     let ranges: Vec<&str> = p["ranges"].as_str().expect("ranges").split(',').collect();
     let digests: Vec<&str> = p["sha256"].as_str().expect("sha256").split(',').collect();
-    assert_eq!((ranges.len(), digests.len()), (2, 2), "text and rodata: {p}");
+    assert_eq!((ranges.len(), digests.len()), (3, 3), "text, rodata and the IDT page: {p}");
     let kernel = p["kernel_sha256"].as_str().expect("kernel_sha256");
     eprintln!("locked {ranges:?}: sha256 {digests:?}, kernel_sha256 {kernel}");
     assert_eq!(heki["kernel_sha256"], kernel, "{heki}");
@@ -692,4 +692,35 @@ fn real_linux_mounts_a_virtio_fs_share_served_by_virtiofsd() {
     assert_eq!(written, "written-by-linux\n", "{}", ctx());
     let report = ctx();
     assert!(backend.wait_for_exit(Duration::from_secs(10)), "virtiofsd outlived the VM\n{report}");
+}
+
+/// Issue 19, item 4: a rootkit that patches kernel text before heki locks
+/// it (an initcall) gets its patch locked in, but the VMM compares the
+/// locked text with the image it loaded and reports the patched byte: an
+/// `image-mismatch` at the patched address, naming its offset and VA.
+#[test]
+fn a_patch_made_before_the_lock_is_reported_at_its_address() {
+    require_kvm!();
+    let guest = linux_guest("heki");
+    let cmdline = format!("{CMDLINE} heki_test_prelock");
+    let mut vm = LinuxVm::start("linux-heki-prelock", &guest, &cmdline, &["--heki", "enabled=on,policy=deny"]);
+    vm.wait_for_line("heki-test: done");
+    vm.wait_for_guest_end();
+    let serial = vm.serial();
+    let events = vm.events();
+    let ctx = || format!("{}\nevents: {events:#?}", vm.report());
+    assert!(serial.contains("prelock: patched before the lock: yes"), "{}", ctx());
+    // The boot-time line says "patched before the lock"; the report is the one with a result.
+    let report: String = serial.lines().filter(|l| l.contains("prelock: result=")).collect();
+    let prelock = attack(&report, "prelock");
+    // The patch runs (it was locked in), and it is reported.
+    assert_eq!(prelock["result"], "landed", "{}", ctx());
+    let site = hex(&prelock["site"]);
+    let mismatches = violations(&events, "image-mismatch");
+    assert_eq!(mismatches.len(), 1, "exactly the patched byte: {mismatches:#?}\n{}", ctx());
+    let p = &mismatches[0]["properties"];
+    assert_eq!(hex(p["gpa"].as_str().expect("gpa")), site - 0xffff_ffff_8000_0000, "{p}");
+    assert_eq!(hex(p["va"].as_str().expect("va")), site, "{p}");
+    assert_eq!(p["size"], "1", "{p}");
+    assert!(p["offset"].as_str().is_some_and(|o| o.starts_with("0x")), "{p}");
 }
