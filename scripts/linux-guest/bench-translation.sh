@@ -4,8 +4,8 @@
 # (translation=true) and once without (translation=false), RUNS runs each
 # (default 3), interleaved. Two figures per run, from the host's clock:
 #   boot:     VMM start to the first userspace line ("init: userspace up");
-#   syscalls: "bench: start" to "bench: end" around 40,000 system calls
-#             (dd bs=1 count=20000 from /dev/zero to /dev/null).
+#   syscalls: "bench: start" to "bench: end" around 800,000 system calls
+#             (dd bs=1 count=400000 from /dev/zero to /dev/null).
 # Prints each run, the medians and the ratios; see docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

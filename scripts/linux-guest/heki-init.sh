@@ -10,7 +10,7 @@ mount -t proc proc /proc
 case " $(cat /proc/cmdline) " in
 *" hk_bench=syscalls "*)
     echo "bench: start"
-    dd if=/dev/zero of=/dev/null bs=1 count=20000 2>/dev/null
+    dd if=/dev/zero of=/dev/null bs=1 count=400000 2>/dev/null
     echo "bench: end"
     reboot -f
     ;;
