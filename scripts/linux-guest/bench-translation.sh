@@ -4,8 +4,8 @@
 # (translation=true) and once without (translation=false), RUNS runs each
 # (default 3), interleaved. Two figures per run, from the host's clock:
 #   boot:     VMM start to the first userspace line ("init: userspace up");
-#   syscalls: "bench: start" to "bench: end" around 800,000 system calls
-#             (dd bs=1 count=400000 from /dev/zero to /dev/null).
+#   syscalls: "bench: start" to "bench: end" around 200,000 system calls
+#             (dd bs=1 count=100000 from /dev/zero to /dev/null).
 # Prints each run, the medians and the ratios; see docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -37,6 +37,11 @@ one_run() {
         [ -z "$t_user" ] && grep -q "init: userspace up" "$out" && t_user=$(now_ms)
         [ -z "$t_start" ] && grep -q "bench: start" "$out" && t_start=$(now_ms)
         [ -n "$t_start" ] && grep -q "bench: end" "$out" && t_end=$(now_ms)
+        if grep -q "bench: failed" "$out"; then
+            echo "bench: the guest's syscall loop failed" >&2
+            kill "$pid" 2>/dev/null || true
+            return 1
+        fi
         sleep 0.02
     done
     kill "$pid" 2>/dev/null || true
