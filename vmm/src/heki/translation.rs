@@ -4,8 +4,9 @@
 //! The decisions are heki's (`heki::translation`, `heki::judge`); this
 //! module reads and writes guest memory and registers.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use heki::translation::{LockError, NewLock, TranslationLocks, expect};
 use heki::{AbiError, Access, MemoryProtections, PagingMode, Permissions, ProtectRange, Protections, judge};
@@ -15,13 +16,36 @@ use super::runtime::{GuestReader, HekiRuntime};
 use crate::traps::ports::VcpuAccess;
 
 /// The VM's translation locks and what the checks reported.
-#[derive(Default)]
 pub struct TranslationState {
     locks: RwLock<TranslationLocks>,
     /// Set once a range is locked: from then on every register check walks.
     active: AtomicBool,
     /// Under `log`, the last (CR3, VA) reported, so a standing remap is reported once.
     last_logged: Mutex<Option<(u64, u64)>>,
+    /// Per vCPU id: the CR3 last found intact and when (ns since `clock`).
+    /// A busy guest exits thousands of times a second; the same CR3 found
+    /// intact less than `RECHECK` ago is not read again.
+    seen_cr3: [AtomicU64; 256],
+    seen_at: [AtomicU64; 256],
+    clock: Instant,
+}
+
+/// How long a CR3 found intact is trusted at exits. The tick
+/// (`cr_check_interval_ms`, 10 ms by default) is longer, so every tick
+/// checks again: the detection window grows by at most this much.
+const RECHECK: Duration = Duration::from_millis(1);
+
+impl Default for TranslationState {
+    fn default() -> Self {
+        TranslationState {
+            locks: RwLock::default(),
+            active: AtomicBool::new(false),
+            last_logged: Mutex::new(None),
+            seen_cr3: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
+            seen_at: std::array::from_fn(|_| AtomicU64::new(0)),
+            clock: Instant::now(),
+        }
+    }
 }
 
 impl TranslationState {
@@ -128,11 +152,25 @@ impl HekiRuntime {
         if !state.is_active() {
             return false;
         }
+        let id = usize::from(vcpu.id());
+        let now = u64::try_from(state.clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let recheck = u64::try_from(RECHECK.as_nanos()).unwrap_or(u64::MAX);
+        if state.seen_cr3[id].load(Ordering::Relaxed) == sregs.cr3
+            && now.saturating_sub(state.seen_at[id].load(Ordering::Relaxed)) < recheck
+        {
+            return false;
+        }
         let remapped = {
             let locks = state.locks.read().unwrap_or_else(|p| p.into_inner());
             locks.check(&GuestReader(self.kvm_memory()), sregs.cr3)
         };
-        let Some(remapped) = remapped else { return false };
+        let Some(remapped) = remapped else {
+            state.seen_cr3[id].store(sregs.cr3, Ordering::Relaxed);
+            state.seen_at[id].store(now, Ordering::Relaxed);
+            return false;
+        };
+        // Not trusted again until found intact.
+        state.seen_cr3[id].store(u64::MAX, Ordering::Relaxed);
         let memory = MemoryProtections::default();
         let verdict =
             judge(Access::Translation { intact: false }, Protections { memory: &memory, pins: None }, self.policy());
