@@ -181,30 +181,6 @@ impl Api {
     }
 }
 
-/// The `config` Cloud Hypervisor's `vm.info` reports for a plain VM (kernel,
-/// rng, serial, console), as an orchestrator would send it back.
-fn cloud_hypervisor_config(kernel: &Path, serial: &Path) -> String {
-    serde_json::json!({
-        "cpus": {"boot_vcpus": 1, "max_vcpus": 1, "topology": null, "kvm_hyperv": false, "max_phys_bits": 46,
-                 "affinity": null, "features": {"amx": false}, "nested": true, "core_scheduling": "Vm",
-                 "profile": "Host"},
-        "memory": {"size": 134217728, "mergeable": false, "hotplug_method": "Acpi", "hotplug_size": null,
-                   "hotplugged_size": null, "shared": false, "hugepages": false, "hugepage_size": null,
-                   "prefault": false, "reserve": false, "zones": null, "thp": true},
-        "payload": {"firmware": null, "kernel": kernel, "cmdline": null, "initramfs": null},
-        "rate_limit_groups": null, "disks": null, "net": null,
-        "rng": {"src": "/dev/urandom", "iommu": false, "id": null, "pci_segment": 0, "pci_device_id": null},
-        "balloon": null, "fs": null, "pmem": null,
-        "serial": {"file": serial, "mode": "File", "iommu": false, "socket": null},
-        "console": {"file": null, "mode": "Off", "iommu": false, "socket": null, "id": null, "pci_segment": 0},
-        "debug_console": {"file": null, "mode": "Off", "iobase": 233},
-        "devices": null, "user_devices": null, "vdpa": null, "vsock": null, "pvpanic": false, "iommu": false,
-        "numa": null, "watchdog": false, "platform": null, "tpm": null, "preserved_fds": null,
-        "landlock_enable": false, "landlock_rules": null
-    })
-    .to_string()
-}
-
 /// Reads one raw response head (up to the blank line).
 fn raw_head(socket: &Path, request: &[u8]) -> String {
     let mut stream = UnixStream::connect(socket).expect("connect");
@@ -242,7 +218,7 @@ fn the_endpoint_matrix_through_cloud_hypervisors_client() {
     // A short body timeout so the 408 case is quick.
     let mut api = Api { process: common::ApiProcess::start("ch-matrix", &[("HEKIVISOR_API_TIMEOUT_MS", "1000")]) };
     let kernel = common::guests::build("ticker");
-    let config = cloud_hypervisor_config(&kernel, &api.process.serial);
+    let config = common::cloud_hypervisor_config(&kernel, &api.process.serial);
     use ChStatus::*;
 
     // No VM yet.

@@ -124,25 +124,6 @@ impl ChRemote {
     }
 }
 
-/// A Cloud Hypervisor config as its `vm.info` reports one (plain VM: kernel,
-/// rng, serial to a file), the way an orchestrator would keep and resend it.
-fn cloud_hypervisor_config(kernel: &Path, serial: &Path) -> String {
-    serde_json::json!({
-        "cpus": {"boot_vcpus": 1, "max_vcpus": 1, "topology": null, "kvm_hyperv": false, "max_phys_bits": 46,
-                 "affinity": null, "features": {"amx": false}, "nested": true, "core_scheduling": "Vm",
-                 "profile": "Host"},
-        "memory": {"size": 134217728, "mergeable": false, "hotplug_method": "Acpi", "hotplug_size": null,
-                   "hotplugged_size": null, "shared": false, "hugepages": false, "hugepage_size": null,
-                   "prefault": false, "reserve": false, "zones": null, "thp": true},
-        "payload": {"firmware": null, "kernel": kernel, "cmdline": null, "initramfs": null},
-        "rng": {"src": "/dev/urandom", "iommu": false, "id": null, "pci_segment": 0, "pci_device_id": null},
-        "serial": {"file": serial, "mode": "File", "iommu": false, "socket": null},
-        "console": {"file": null, "mode": "Off", "iommu": false, "socket": null, "id": null, "pci_segment": 0},
-        "pvpanic": false, "iommu": false, "watchdog": false, "landlock_enable": false
-    })
-    .to_string()
-}
-
 #[test]
 fn the_real_ch_remote_drives_the_whole_matrix() {
     let bin = match ch_remote_bin() {
@@ -156,7 +137,7 @@ fn the_real_ch_remote_drives_the_whole_matrix() {
     let mut process = common::ApiProcess::start("ch-remote", &[]);
     let mut ch = ChRemote { bin, socket: process.socket.clone(), log: Vec::new() };
     let kernel = common::guests::build("ticker");
-    let config = cloud_hypervisor_config(&kernel, &process.serial);
+    let config = common::cloud_hypervisor_config(&kernel, &process.serial);
     let config_file = process.dir.join("vm.json");
     std::fs::write(&config_file, &config).expect("write the config");
     let config_path = config_file.to_str().expect("UTF-8 path");

@@ -175,3 +175,28 @@ impl Drop for ApiProcess {
         let _ = self.child.wait();
     }
 }
+
+/// The `config` Cloud Hypervisor's `vm.info` reports for a plain VM (kernel,
+/// rng, serial to a file, console off), every section present, as an
+/// orchestrator would keep it and send it back.
+pub fn cloud_hypervisor_config(kernel: &Path, serial: &Path) -> String {
+    serde_json::json!({
+        "cpus": {"boot_vcpus": 1, "max_vcpus": 1, "topology": null, "kvm_hyperv": false, "max_phys_bits": 46,
+                 "affinity": null, "features": {"amx": false}, "nested": true, "core_scheduling": "Vm",
+                 "profile": "Host"},
+        "memory": {"size": 134217728, "mergeable": false, "hotplug_method": "Acpi", "hotplug_size": null,
+                   "hotplugged_size": null, "shared": false, "hugepages": false, "hugepage_size": null,
+                   "prefault": false, "reserve": false, "zones": null, "thp": true},
+        "payload": {"firmware": null, "kernel": kernel, "cmdline": null, "initramfs": null},
+        "rate_limit_groups": null, "disks": null, "net": null,
+        "rng": {"src": "/dev/urandom", "iommu": false, "id": null, "pci_segment": 0, "pci_device_id": null},
+        "balloon": null, "fs": null, "pmem": null,
+        "serial": {"file": serial, "mode": "File", "iommu": false, "socket": null},
+        "console": {"file": null, "mode": "Off", "iommu": false, "socket": null, "id": null, "pci_segment": 0},
+        "debug_console": {"file": null, "mode": "Off", "iobase": 233},
+        "devices": null, "user_devices": null, "vdpa": null, "vsock": null, "pvpanic": false, "iommu": false,
+        "numa": null, "watchdog": false, "platform": null, "tpm": null, "preserved_fds": null,
+        "landlock_enable": false, "landlock_rules": null
+    })
+    .to_string()
+}
