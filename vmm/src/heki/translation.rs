@@ -169,12 +169,17 @@ impl HekiRuntime {
             state.seen_at[id].store(now, Ordering::Relaxed);
             return false;
         };
-        // Not trusted again until found intact.
-        state.seen_cr3[id].store(u64::MAX, Ordering::Relaxed);
         let memory = MemoryProtections::default();
         let verdict =
             judge(Access::Translation { intact: false }, Protections { memory: &memory, pins: None }, self.policy());
-        if !verdict.restores() {
+        if verdict.restores() {
+            // Put back below: not trusted again until found intact.
+            state.seen_cr3[id].store(u64::MAX, Ordering::Relaxed);
+        } else {
+            // Audit mode leaves the remap standing: walk it again at most
+            // once per RECHECK, not at every exit.
+            state.seen_cr3[id].store(sregs.cr3, Ordering::Relaxed);
+            state.seen_at[id].store(now, Ordering::Relaxed);
             let mut last = state.last_logged.lock().unwrap_or_else(|p| p.into_inner());
             if *last == Some((remapped.cr3, remapped.va)) {
                 return false;
