@@ -83,3 +83,55 @@ fn remapping_a_locked_range_or_reloading_the_idt_is_stopped_and_reported() {
     assert_eq!(idt["properties"]["action"], "restored", "{idt}");
     assert!(events.iter().any(|e| e["event"] == "mappings-locked"), "the lock is reported");
 }
+
+/// Found by a hostile review of translation locks: the check must not treat
+/// a vCPU without paging (a second vCPU not started yet: CR3 = 0) as having
+/// a page table (it "restored" an entry into guest memory at GPA 0x800), must
+/// never write into a page the guest locked (a private top-level copy locked
+/// IMMUTABLE), and under `deny` must stop a remap it cannot keep restored:
+/// the VM is paused instead.
+#[test]
+fn a_remap_that_cannot_be_restored_pauses_the_vm_and_nothing_is_written_where_it_must_not_be() {
+    require_kvm!();
+    let dir = common::temp_dir("heki-translation-fight");
+    let serial = dir.join("serial.log");
+    let events = dir.join("events.json");
+    let mut child = std::process::Command::new(common::hekivisor_bin())
+        .arg("--kernel")
+        .arg(guests::build("heki_translation_fight"))
+        .args(["--cpus", "boot=2", "--heki", "enabled=on,policy=deny", "--serial"])
+        .arg(format!("file={}", serial.display()))
+        .arg("--event-monitor")
+        .arg(format!("path={}", events.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start hekivisor");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let paused = loop {
+        let text = std::fs::read_to_string(&events).unwrap_or_default();
+        let all = event_monitor::parse_events(&text).unwrap_or_default();
+        if let Some(e) = all.iter().find(|e| e["source"] == "vm" && e["event"] == "paused") {
+            break Some((e.clone(), all));
+        }
+        if std::time::Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let s = std::fs::read_to_string(&serial).unwrap_or_default();
+    let (pause, all) = paused.unwrap_or_else(|| panic!("the VM was not paused; serial:\n{s}"));
+    assert_eq!(pause["properties"]["cause"], "heki", "{pause}");
+    // GPA 0x800 (the "top-level entry" of CR3 0) is untouched.
+    let before = s.lines().find_map(|l| l.strip_prefix("gpa0x800 before=")).expect("before line");
+    let after = s.lines().find_map(|l| l.strip_prefix("gpa0x800 after=")).expect("after line");
+    assert!(after.starts_with(&format!("{before} ")), "the VMM wrote at 0x800:\n{s}");
+    assert!(!s.contains("vmm_wrote_immutable=1"), "the VMM wrote into a locked page:\n{s}");
+    let translation: Vec<_> =
+        all.iter().filter(|e| e["event"] == "violation" && e["properties"]["kind"] == "translation").collect();
+    assert!(!translation.is_empty(), "the remap was reported");
+    assert!(translation.iter().all(|e| e["properties"]["cr3"] != "0x0"), "no check without paging: {translation:?}");
+}

@@ -30,6 +30,9 @@ pub mod expect {
 pub const MAX_RANGE_LEN: u64 = 1 << 30;
 /// Most ranges a guest may lock.
 pub const MAX_RANGES: usize = 64;
+/// Most recorded mapping runs over all ranges (bounds the VMM's memory: a
+/// range of scattered 4 KiB pages records one run per page).
+pub const MAX_MAPPINGS: usize = 1 << 16;
 
 const PAGE_MASK: u64 = 0xfff;
 /// Physical-address bits of CR3 and of a table entry (bits 12..51).
@@ -160,6 +163,10 @@ impl TranslationLocks {
             return Err(LockError::InvalidArgument);
         }
         let map = page_walk::walk_range(mem, cr3, mode, va, len).map_err(LockError::NotMapped)?;
+        let recorded: usize = self.ranges.iter().map(|r| r.map.mappings.len()).sum();
+        if recorded.saturating_add(map.mappings.len()) > MAX_MAPPINGS {
+            return Err(LockError::NoSpace);
+        }
         for m in &map.mappings {
             let writable = expect & expect::READ_ONLY != 0 && m.flags.writable;
             let executable = expect & expect::NO_EXEC != 0 && m.flags.executable;
@@ -397,6 +404,31 @@ mod tests {
         mem.map(copy, KERNEL_VA, 0x20_0000, 4, P);
         let found = locks.check(&mem, copy).expect("unlocked tables");
         assert!(found.found.contains("unlocked page table"), "{}", found.found);
+    }
+
+    #[test]
+    fn scattered_pages_beyond_the_mapping_budget_are_refused_not_recorded() {
+        let mut mem = Mem::default();
+        let cr3 = mem.alloc();
+        // 512 pages of one PT, each pointing at the same frame: 512 runs.
+        for i in 0..512 {
+            mem.map(cr3, KERNEL_VA + i * 0x1000, 0x20_0000, 1, P);
+        }
+        let mut locks = TranslationLocks::default();
+        let mut locked = 0;
+        loop {
+            match locks.prepare(&mem, cr3, mode(), KERNEL_VA, 512 * 0x1000, 0) {
+                Ok(lock) => {
+                    locks.commit(lock, mode());
+                    locked += 1;
+                }
+                Err(e) => {
+                    assert_eq!(e, LockError::NoSpace);
+                    break;
+                }
+            }
+        }
+        assert_eq!(locked, MAX_RANGES.min(MAX_MAPPINGS / 512));
     }
 
     #[test]

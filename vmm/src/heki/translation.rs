@@ -4,6 +4,7 @@
 //! The decisions are heki's (`heki::translation`, `heki::judge`); this
 //! module reads and writes guest memory and registers.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -20,8 +21,11 @@ pub struct TranslationState {
     locks: RwLock<TranslationLocks>,
     /// Set once a range is locked: from then on every register check walks.
     active: AtomicBool,
-    /// Under `log`, the last (CR3, VA) reported, so a standing remap is reported once.
-    last_logged: Mutex<Option<(u64, u64)>>,
+    /// Per vCPU id, under `log`: the last (CR3, VA) reported, so a standing
+    /// remap is reported once per vCPU.
+    last_logged: Mutex<HashMap<u8, (u64, u64)>>,
+    /// Per vCPU id: (CR3, how many times in a row its translation was put back).
+    restores: Mutex<HashMap<u8, (u64, u32)>>,
     /// Per vCPU id: the CR3 last found intact and when (ns since `clock`).
     /// A busy guest exits thousands of times a second; the same CR3 found
     /// intact less than `RECHECK` ago is not read again.
@@ -35,12 +39,18 @@ pub struct TranslationState {
 /// checks again: the detection window grows by at most this much.
 const RECHECK: Duration = Duration::from_millis(1);
 
+/// A CR3 whose translation had to be put back this many times in a row is
+/// a guest fighting the restore (it rewrites its entry each time): under
+/// `deny` the VM is paused, as the remapped code must not keep running.
+const RESTORES_BEFORE_PAUSE: u32 = 3;
+
 impl Default for TranslationState {
     fn default() -> Self {
         TranslationState {
             locks: RwLock::default(),
             active: AtomicBool::new(false),
-            last_logged: Mutex::new(None),
+            last_logged: Mutex::default(),
+            restores: Mutex::default(),
             seen_cr3: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
             seen_at: std::array::from_fn(|_| AtomicU64::new(0)),
             clock: Instant::now(),
@@ -152,6 +162,11 @@ impl HekiRuntime {
         if !state.is_active() {
             return false;
         }
+        // A vCPU without paging (not started yet, or in real mode) has no
+        // translation to check: its CR3 is not a page table.
+        if PagingMode::from_regs(sregs.cr0, sregs.cr4, sregs.efer).is_err() {
+            return false;
+        }
         let id = usize::from(vcpu.id());
         let now = u64::try_from(state.clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let recheck = u64::try_from(RECHECK.as_nanos()).unwrap_or(u64::MAX);
@@ -165,6 +180,11 @@ impl HekiRuntime {
             locks.check(&GuestReader(self.kvm_memory()), sregs.cr3)
         };
         let Some(remapped) = remapped else {
+            if let Some(entry) = state.restores.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&vcpu.id())
+                && entry.0 == sregs.cr3
+            {
+                entry.1 = 0;
+            }
             state.seen_cr3[id].store(sregs.cr3, Ordering::Relaxed);
             state.seen_at[id].store(now, Ordering::Relaxed);
             return false;
@@ -181,20 +201,38 @@ impl HekiRuntime {
             state.seen_cr3[id].store(sregs.cr3, Ordering::Relaxed);
             state.seen_at[id].store(now, Ordering::Relaxed);
             let mut last = state.last_logged.lock().unwrap_or_else(|p| p.into_inner());
-            if *last == Some((remapped.cr3, remapped.va)) {
+            if last.insert(vcpu.id(), (remapped.cr3, remapped.va)) == Some((remapped.cr3, remapped.va)) {
                 return false;
             }
-            *last = Some((remapped.cr3, remapped.va));
         }
         let mut repaired = verdict.restores();
-        if repaired {
+        // The VMM writes only where the guest could: never into a page heki
+        // locked (a copy the attacker locked IMMUTABLE keeps its bytes; the
+        // VM is paused instead, below).
+        let writable = {
+            let protections = self.enforcer().protections();
+            remapped.repair.iter().all(|&(gpa, _)| protections.range_writable(gpa, 8))
+        };
+        let mut pause = repaired && !writable;
+        if repaired && writable {
             // The VMM acts as the CPU here: it writes the guest's own top-level page.
             for &(gpa, value) in &remapped.repair {
                 if let Err(e) = self.kvm_memory().write_obj(value, GuestAddress(gpa)) {
                     log::error!("heki: cannot restore the top-level entry at {gpa:#x}: {e}");
                     repaired = false;
+                    pause = true;
                 }
             }
+        } else {
+            repaired = false;
+        }
+        if verdict.restores() {
+            // A guest that rewrites its entry after each restore keeps its
+            // remapped code running between checks: stop it.
+            let mut restores = state.restores.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = restores.entry(vcpu.id()).or_insert((remapped.cr3, 0));
+            *entry = if entry.0 == remapped.cr3 { (entry.0, entry.1.saturating_add(1)) } else { (remapped.cr3, 1) };
+            pause |= entry.1 >= RESTORES_BEFORE_PAUSE;
         }
         let id = vcpu.id();
         self.enforcer().enforce(&verdict, &format!("vcpu {id}"), |record| {
@@ -207,6 +245,14 @@ impl HekiRuntime {
             record.details.insert("expected_flags".into(), remapped.expected_flags.to_string());
             record.details.insert("found".into(), remapped.found.clone());
         });
+        if pause && self.policy() == heki::Policy::Deny {
+            log::warn!(
+                "heki: vCPU {id}: the translation of {:#x} (CR3 {:#x}) cannot be kept restored; pausing the VM",
+                remapped.va,
+                remapped.cr3
+            );
+            self.enforcer().control().stop_for_violation(heki::Outcome::Pause, &format!("vcpu {id}"));
+        }
         if repaired {
             // KVM may hold the old translation (TLB, shadow pages): a paging
             // mode change makes it rebuild from the repaired tables.
