@@ -25,8 +25,11 @@ static void rounds(unsigned cpu) {
         for (unsigned c = 0; c < cpus; c++)
             while (arrived[c] < r) cpu_relax();
         if (jitter) {
-            /* Trap at a different moment after each resume. */
-            u64 end = tsc() + (u64)(r * 7919 % 61) * 60000;
+            /* Trap at a different moment after each resume: from at once to
+             * about 14 ms later, so that on a loaded host too some of the
+             * host's racing vm.pause requests land before the trap and some
+             * after it. */
+            u64 end = tsc() + (u64)(r * 7919 % 61) * 600000;
             while (tsc() < end) cpu_relax();
         }
         *(volatile u8 *)(page + 64 * cpu) = (u8)r; /* traps: the page is locked */
