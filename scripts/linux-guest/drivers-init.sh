@@ -15,11 +15,31 @@
 #   /proc/interrupts, for the record
 # With hk_fs=<tag> on the command line, only virtio-fs instead: mounts the
 # share, prints /mnt/from-host.txt, writes /mnt/from-guest.txt, unmounts.
+# Benchmarks (scripts/linux-guest/bench-fs-vsock.sh), with hk_bench=:
+#   vsock   only the vsock listener on port 52, serving one echo
+#   fsblk   reads as many MiB as /dev/vda holds from /dev/zero, /dev/vda and
+#           /mnt/data (virtio-fs share hk_fs),
+#           printing /proc/uptime before and after each
 echo "init: userspace up"
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 # CONFIG_DEVTMPFS_MOUNT does not apply to an initramfs.
 mount -t devtmpfs devtmpfs /dev
+if [ "$hk_bench" = vsock ]; then
+    vsock-echo listen 52
+    reboot -f
+fi
+if [ "$hk_bench" = fsblk ]; then
+    mount -t virtiofs "$hk_fs" /mnt || echo "bench: virtiofs mount failed"
+    # /dev/zero: what the same copy costs the guest without a device.
+    size=$(($(cat /sys/block/vda/size) / 2048))
+    for src in /dev/zero /dev/vda /mnt/data; do
+        t0=$(cut -d' ' -f1 /proc/uptime)
+        bytes=$(dd if="$src" bs=1M count="$size" 2>/dev/null | wc -c)
+        echo "bench: read $src bytes=$bytes from=$t0 to=$(cut -d' ' -f1 /proc/uptime)"
+    done
+    reboot -f
+fi
 if [ -n "$hk_fs" ]; then
     if mount -t virtiofs "$hk_fs" /mnt; then
         echo "drivers: virtiofs read: $(cat /mnt/from-host.txt)"
