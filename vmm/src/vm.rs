@@ -112,7 +112,7 @@ impl Vm {
         kick::install_kick_handler().map_err(VmError::SpawnVcpu)?;
         let kvm_vm = Arc::new(hv.create_vm()?);
         let ram = memory::ram_regions(config.memory.size);
-        let guest_ram = memory::create_guest_ram(&ram)?;
+        let guest_ram = memory::create_guest_ram_backed(&ram, &memory::RamBacking::for_config(&config.memory)?)?;
         // Everything but KVM and the guest-CPU paths uses the host view.
         crate::host_view::watch(&guest_ram.host);
         let mem = guest_ram.host.clone();
