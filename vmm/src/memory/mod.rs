@@ -197,6 +197,23 @@ pub fn register_region(vm: &Vm, mem: &GuestMemoryMmap, gpa: u64, slot: u32) -> R
     Ok(memslot)
 }
 
+/// The hotplug window `config` reserves, if any.
+pub fn hotplug_window(config: &crate::config::VmConfig) -> Option<HotplugWindow> {
+    let size = config.memory.hotplug_size?;
+    Some(HotplugWindow::above(&ram_regions(config.memory.size), size))
+}
+
+/// Fills in what `vm.info` would otherwise report as "the default": the
+/// huge page size in force when `hugepages` is on without a size.
+pub fn report_memory_in_force(config: &crate::config::VmConfig, reported: &mut serde_json::Value) {
+    if config.memory.hugepages
+        && config.memory.hugepage_size.is_none()
+        && let Ok(size) = host_default_huge_page_size()
+    {
+        reported["memory"]["hugepage_size"] = serde_json::json!(size);
+    }
+}
+
 /// Total RAM size.
 pub fn ram_size(mem: &GuestMemoryMmap) -> u64 {
     mem.iter().map(|r| r.len()).sum()
