@@ -44,10 +44,11 @@ impl PciSegments {
             self.next_bar.get_mut(usize::from(segment)).ok_or(PlacementError::NoSuchSegment { segment, count })?;
         let (start, window) = pci_segment_bar_window(segment);
         let bar = next.next_multiple_of(size.max(1));
-        if bar.saturating_add(size) > start + window {
+        let end = bar.saturating_add(size);
+        if end > start.saturating_add(window) {
             return Err(PlacementError::NoBarSpace { segment });
         }
-        *next = bar + size;
+        *next = end;
         Ok(bar)
     }
 
