@@ -259,3 +259,25 @@ fn heki_locks_hold_on_hugepage_backed_ram() {
     assert!(s.contains("bytes 15=44 16=11 17=11 18=44"), "{s}");
     assert!(s.contains("attack done"), "{s}");
 }
+
+/// heki's private memory hides 4 KiB pages of the VMM's view with mprotect,
+/// which huge pages cannot split: on huge-page RAM the feature is not
+/// offered and asking for it is -ENOSYS, and the guest goes on.
+#[test]
+fn private_memory_is_not_offered_on_hugepage_backed_ram() {
+    require_kvm!();
+    let ram = 64u64 << 20;
+    let Some(_pool) = HugePagePool::reserve(ram / HUGE_PAGE + 8) else { return };
+    let run = common::run_vm(
+        "heki-private-hugepages",
+        &guests::build("heki_private"),
+        &["--heki", "enabled=on", "--rng", "src=/dev/urandom", "--memory", "size=64M,hugepages=on"],
+    );
+    let s = &run.serial;
+    assert!(run.status.success(), "stderr: {}\nserial: {s}", run.stderr);
+    assert!(s.contains("feature shared_memory=0\n"), "{s}");
+    assert!(s.contains("private_memory(1): -38\n"), "{s}");
+    assert!(s.contains("query secret: private=0"), "{s}");
+    assert!(s.contains("private scenario done"), "{s}");
+    assert!(!run.stderr.contains("cannot change the VMM's view"), "{}", run.stderr);
+}

@@ -106,7 +106,11 @@ pub(super) fn foreign_fields(section: Section) -> Vec<(&'static str, Value)> {
             ("zones", Value::Null),
             ("thp", json!(true)),
         ],
-        Section::Vsock => vec![("iommu", json!(false))],
+        Section::Vsock => {
+            let mut f = vec![("iommu", json!(false))];
+            pci_common(&mut f);
+            f
+        }
         Section::Payload => vec![("firmware", Value::Null), ("igvm", Value::Null), ("host_data", Value::Null)],
         Section::Serial => vec![("iommu", json!(false)), ("socket", Value::Null)],
         Section::Console => {
@@ -193,7 +197,14 @@ pub(super) fn foreign_fields(section: Section) -> Vec<(&'static str, Value)> {
     if section == Section::Root {
         // Build-feature fields a Cloud Hypervisor config may carry; accepted at
         // their defaults, never reported.
-        fields.extend([("gdb", json!(false)), ("pvmemcontrol", Value::Null), ("ivshmem", Value::Null)]);
+        // `generic-vhost-user` is how Cloud Hypervisor's OpenAPI spells the
+        // section its serde calls `generic_vhost_user`.
+        fields.extend([
+            ("gdb", json!(false)),
+            ("pvmemcontrol", Value::Null),
+            ("ivshmem", Value::Null),
+            ("generic-vhost-user", Value::Null),
+        ]);
     }
     fields
 }
@@ -205,7 +216,7 @@ pub(super) fn any_bool_accepted(section: Section, field: &str) -> bool {
     section == Section::Net && field.starts_with("offload_")
 }
 
-pub(super) const NOT_REPORTED: &[&str] = &["gdb", "pvmemcontrol", "ivshmem"];
+pub(super) const NOT_REPORTED: &[&str] = &["gdb", "pvmemcontrol", "ivshmem", "generic-vhost-user"];
 
 /// Where `value` asks for more than `default`: `None` when it asks for
 /// nothing beyond it (equal, `null` as Cloud Hypervisor's "unset", an empty
@@ -237,6 +248,11 @@ fn reason(field: &str) -> Option<&'static str> {
         "balloon" => "virtio-balloon is not implemented",
         "pmem" => "virtio-pmem is not implemented",
         "devices" | "user_devices" | "vdpa" => "device passthrough is not implemented",
+        "generic_vhost_user" | "generic-vhost-user" => "only virtio-fs is served by a vhost-user backend",
+        "tpm" => "no virtual TPM",
+        "sgx_epc" => "SGX enclaves are not supported",
+        "pci_segments" => "per-segment MMIO aperture weights are not supported; every segment gets 32 MiB",
+        _ if field.ends_with(".pci_device_id") => "devices take the first free slot of their segment",
         "iommu" | "platform.iommu_segments" => "no virtual IOMMU",
         "console.pci_segment" => "the virtio console sits on segment 0",
         "numa" => "one NUMA node only",
