@@ -207,6 +207,10 @@ fn hugepage_backed_ram_boots_and_is_served_from_the_pool() {
     let info: Value = serde_json::from_str(&info).expect("vm.info");
     assert_eq!(info["config"]["memory"]["hugepages"], true);
     assert_eq!(info["config"]["memory"]["hugepage_size"], HUGE_PAGE, "the size in force: {info}");
+    // A reboot builds fresh RAM after the old is released: the pool suffices again.
+    let (status, answer) = request(&vmm.socket, "PUT", "vm.reboot", None);
+    assert_eq!(status, 204, "{answer}");
+    assert_eq!(before - available_huge_pages(), ram / HUGE_PAGE, "the same pages, not twice as many");
 }
 
 #[test]

@@ -95,6 +95,11 @@ pub fn check_huge_page_pool(page_size: u64, bytes: u64) -> Result<(), MemoryErro
 pub fn create_memfd(size: u64, backing: &RamBacking) -> Result<File, MemoryError> {
     let mut flags = libc::MFD_CLOEXEC;
     if let Some(page) = backing.huge_page_size {
+        if !size.is_multiple_of(page) {
+            return Err(MemoryError::NoHugePages {
+                reason: format!("{size} bytes of RAM is not a whole number of {} kB huge pages", page / 1024),
+            });
+        }
         check_huge_page_pool(page, size)?;
         // MFD_HUGE_* encode log2(page size) at MFD_HUGE_SHIFT.
         flags |= libc::MFD_HUGETLB | (page.trailing_zeros() << libc::MFD_HUGE_SHIFT);
