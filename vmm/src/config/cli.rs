@@ -170,7 +170,11 @@ pub struct VmmOptions {
 impl CliArgs {
     pub fn into_options(self) -> Result<VmmOptions, ConfigError> {
         let vm_flags_without_kernel = self.kernel.is_none()
-            && (self.initramfs.is_some() || self.cmdline.is_some() || self.cpus.is_some() || self.memory.is_some());
+            && (self.initramfs.is_some()
+                || self.cmdline.is_some()
+                || self.cpus.is_some()
+                || self.memory.is_some()
+                || self.platform.is_some());
         if vm_flags_without_kernel {
             return Err(ConfigError::Cli {
                 option: "--kernel",
