@@ -218,3 +218,33 @@ pub fn parse_event_monitor(input: &str) -> Result<EventMonitorSpec, ConfigError>
         _ => Err(o.error("give exactly one of path=FILE or fd=N".into())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_takes_huge_pages_prefault_and_a_hotplug_window() {
+        let m = parse_memory("size=1G,hugepages=on,hugepage_size=2M,prefault=on,hotplug_size=16G").expect("valid");
+        assert_eq!(
+            (m.size, m.hugepages, m.hugepage_size, m.prefault, m.hotplug_size),
+            (1 << 30, true, Some(2 << 20), true, Some(16 << 30))
+        );
+        let plain = parse_memory("size=512M").expect("valid");
+        assert_eq!((plain.hugepages, plain.hugepage_size, plain.hotplug_size), (false, None, None));
+        let err = parse_memory("size=1G,hugepage_size=big").expect_err("not a size").to_string();
+        assert!(err.starts_with("--memory: hugepage_size"), "{err}");
+    }
+
+    #[test]
+    fn platform_and_device_segments_parse() {
+        assert_eq!(parse_platform("num_pci_segments=2").map(|p| p.num_pci_segments), Ok(2));
+        assert!(parse_platform("num_pci_segments=70000").is_err(), "over u16");
+        assert!(parse_platform("").is_err(), "num_pci_segments is required");
+        assert_eq!(parse_rng("src=/dev/urandom,pci_segment=1").map(|r| r.pci_segment), Ok(1));
+        assert_eq!(parse_disk("path=/d").map(|d| d.pci_segment), Ok(0));
+        assert_eq!(parse_net("tap=t0,pci_segment=3").map(|n| n.pci_segment), Ok(3));
+        assert_eq!(parse_vsock("cid=3,socket=/v,pci_segment=1").map(|v| v.pci_segment), Ok(1));
+        assert_eq!(parse_fs("tag=t,socket=/s,pci_segment=1").map(|f| f.pci_segment), Ok(1));
+    }
+}
