@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::IntoBytes;
 
 use crate::devices::S5_SLEEP_TYPE;
-use crate::layout::{ACPI_TABLES_END, APIC_START, IOAPIC_START, PCI_MMCONFIG_START, RSDP_START, ports};
+use crate::layout::{ACPI_TABLES_END, APIC_START, IOAPIC_START, RSDP_START, ports};
 
 const OEM_ID: [u8; 6] = *b"HEKIVI";
 const OEM_TABLE_ID: [u8; 8] = *b"HEKIVISR";
@@ -57,7 +57,7 @@ mod fadt {
     pub const BOOT_ARCH: u16 = (1 << 1) | (1 << 2) | (1 << 5);
 }
 
-fn dsdt() -> Sdt {
+fn dsdt(pci_segments: u16) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let mut body = Vec::new();
     // \_S5_: the sleep type the guest writes to power off.
@@ -71,6 +71,7 @@ fn dsdt() -> Sdt {
     let crs_name = aml::Name::new("_CRS".into(), &crs);
     let com1 = aml::Device::new("COM1".into(), vec![&hid_name, &uid_name, &crs_name]);
     aml::Scope::new("_SB_".into(), vec![&com1]).to_aml_bytes(&mut body);
+    crate::acpi_pci::append_pci_aml(pci_segments, &mut body);
     dsdt.append_slice(&body);
     dsdt
 }
@@ -132,16 +133,6 @@ fn madt(cpus: CpuCounts) -> Sdt {
     madt
 }
 
-/// MCFG: the ECAM window of PCI segment 0, bus 0.
-fn mcfg() -> Sdt {
-    let mut mcfg = Sdt::new(*b"MCFG", 44, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    mcfg.append(PCI_MMCONFIG_START);
-    mcfg.append_slice(&[0, 0, 0, 0]); // segment 0, start bus 0, end bus 0
-    mcfg.append_slice(&[0, 0, 0, 0]);
-    mcfg.update_checksum();
-    mcfg
-}
-
 fn xsdt(entries: &[u64]) -> Sdt {
     let mut xsdt = Sdt::new(*b"XSDT", 36, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     for addr in entries {
@@ -155,21 +146,35 @@ fn align16(addr: u64) -> u64 {
     (addr + 15) & !15
 }
 
+/// What the firmware tables describe: the vCPUs and the PCI segments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Machine {
+    pub cpus: CpuCounts,
+    pub pci_segments: u16,
+}
+
+impl From<CpuCounts> for Machine {
+    fn from(cpus: CpuCounts) -> Machine {
+        Machine { cpus, pci_segments: 1 }
+    }
+}
+
 /// Builds every table and its address, starting with the RSDP at `RSDP_START`.
-pub fn build_acpi_tables(cpus: CpuCounts) -> Result<Vec<PlacedTable>, AcpiError> {
+pub fn build_acpi_tables(machine: impl Into<Machine>) -> Result<Vec<PlacedTable>, AcpiError> {
+    let Machine { cpus, pci_segments } = machine.into();
     let mut next = align16(RSDP_START + Rsdp::len() as u64);
     let mut place = |bytes: &[u8]| {
         let addr = next;
         next = align16(addr + bytes.len() as u64);
         addr
     };
-    let dsdt = dsdt();
+    let dsdt = dsdt(pci_segments);
     let dsdt_addr = place(dsdt.as_slice());
     let fadt = fadt(dsdt_addr);
     let fadt_addr = place(fadt.as_slice());
     let madt = madt(cpus);
     let madt_addr = place(madt.as_slice());
-    let mcfg = mcfg();
+    let mcfg = crate::acpi_pci::mcfg(pci_segments, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let mcfg_addr = place(mcfg.as_slice());
     let xsdt = xsdt(&[fadt_addr, madt_addr, mcfg_addr]);
     let xsdt_addr = place(xsdt.as_slice());
@@ -192,8 +197,10 @@ pub fn build_acpi_tables(cpus: CpuCounts) -> Result<Vec<PlacedTable>, AcpiError>
 /// Writes the tables into guest memory, and the MP table that describes the
 /// same machine to kernels without ACPI (`boot/mptable.rs`); returns the
 /// RSDP address.
-pub fn create_acpi_tables(mem: &GuestMemoryMmap, cpus: CpuCounts) -> Result<GuestAddress, AcpiError> {
-    for table in build_acpi_tables(cpus)? {
+pub fn create_acpi_tables(mem: &GuestMemoryMmap, machine: impl Into<Machine>) -> Result<GuestAddress, AcpiError> {
+    let machine = machine.into();
+    let cpus = machine.cpus;
+    for table in build_acpi_tables(machine)? {
         mem.write_slice(&table.bytes, GuestAddress(table.addr)).map_err(AcpiError::GuestMemory)?;
     }
     crate::boot::mptable::write_mptable(mem, cpus)?;
@@ -281,11 +288,8 @@ mod tests {
         }
         let dir = std::env::temp_dir().join(format!("hekivisor-acpi-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        for table in build_acpi_tables(CpuCounts { boot: 2, max: 4 })
-            .expect("tables")
-            .into_iter()
-            .filter(|t| t.signature != "RSDP")
-        {
+        let two_segments = Machine { cpus: CpuCounts { boot: 2, max: 4 }, pci_segments: 2 };
+        for table in build_acpi_tables(two_segments).expect("tables").into_iter().filter(|t| t.signature != "RSDP") {
             let path = dir.join(format!("{}.dat", table.signature.to_lowercase()));
             std::fs::write(&path, &table.bytes).expect("write table");
             let out = std::process::Command::new("iasl")
@@ -304,6 +308,20 @@ mod tests {
             }
             let dsl = std::fs::read_to_string(path.with_extension("dsl")).expect("disassembly written");
             assert!(dsl.contains(&format!("\"{}\"", table.signature)), "{dsl}");
+            if table.signature == "DSDT" {
+                // Both host bridges, with their segment numbers, as iasl reads them.
+                for (bridge, segment) in [("PC00", "Zero"), ("PC01", "One")] {
+                    let at = dsl.find(&format!("Device ({bridge})")).unwrap_or_else(|| panic!("{bridge}:\n{dsl}"));
+                    let device = &dsl[at..];
+                    assert!(device.contains("EisaId (\"PNP0A08\")"), "{dsl}");
+                    let seg = device.find("Name (_SEG, ").map(|i| &device[i..i + 20]).unwrap_or_default();
+                    assert!(seg.contains(segment), "{bridge} _SEG: {seg}\n{dsl}");
+                }
+                assert!(dsl.contains("EisaId (\"PNP0C02\")"), "the ECAM reservation:\n{dsl}");
+            }
+            if table.signature == "MCFG" {
+                assert!(dsl.contains("00000000E0100000"), "segment 1's ECAM base:\n{dsl}");
+            }
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -131,11 +131,15 @@ fn handle(vmm: &mut dyn RequestHandler, request: ApiRequest) -> ApiResult {
         ApiRequest::VmInfo => {
             let state = current_state(vmm)?;
             let config = vmm.vm_config().ok_or_else(no_vm)?;
+            let mut reported = crate::config::to_cloud_hypervisor_json(config);
+            crate::memory::report_memory_in_force(config, &mut reported);
             Ok(Some(json!({
                 // Every Cloud Hypervisor section and field, as its vm.info reports them.
-                "config": crate::config::to_cloud_hypervisor_json(config),
+                "config": reported,
                 "state": state.as_str(),
                 "memory_actual_size": config.memory.size,
+                // Hekivisor's own: where the hotplug window lies (null without one).
+                "memory_hotplug_window": crate::memory::hotplug_window(config),
             })))
         }
         ApiRequest::VmCounters => {

@@ -53,6 +53,19 @@ pub const PCI_MMCONFIG_SIZE: u64 = 0x1000_0000;
 pub const PCI_MMCONFIG_BUS0_SIZE: u64 = 0x10_0000;
 /// Where the VMM places PCI BARs (one 16 KiB BAR per virtio device).
 pub const PCI_BAR_START: u64 = 0xc000_0000;
+/// Each PCI segment has 32 MiB of the BAR area, in segment order; sixteen
+/// segments fill it up to the ECAM window.
+pub const PCI_SEGMENT_BAR_WINDOW: u64 = 0x200_0000;
+
+/// Segment `segment`'s ECAM window (bus 0 only): one MiB each, segment 0 first.
+pub const fn pci_segment_ecam(segment: u16) -> u64 {
+    PCI_MMCONFIG_START + PCI_MMCONFIG_BUS0_SIZE * segment as u64
+}
+
+/// Segment `segment`'s 32-bit BAR window: (start, size).
+pub const fn pci_segment_bar_window(segment: u16) -> (u64, u64) {
+    (PCI_BAR_START + PCI_SEGMENT_BAR_WINDOW * segment as u64, PCI_SEGMENT_BAR_WINDOW)
+}
 /// KVM needs three pages for the TSS and one for the identity map (Intel).
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;

@@ -18,7 +18,7 @@ use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::cpu::hook::ExitHook;
 use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, boot_registers, cpuid, kick, run_vcpu};
 use crate::devices::msi::MsiRoutes;
-use crate::devices::pci::{PciBus, PciConfigIo, PciConfigMmio};
+use crate::devices::pci::PciSegments;
 use crate::devices::virtio::pci::{BAR_SIZE, VirtioPci};
 use crate::devices::virtio::{
     DeviceCounters, DeviceMemory, VirtioDevice,
@@ -112,7 +112,7 @@ impl Vm {
         kick::install_kick_handler().map_err(VmError::SpawnVcpu)?;
         let kvm_vm = Arc::new(hv.create_vm()?);
         let ram = memory::ram_regions(config.memory.size);
-        let guest_ram = memory::create_guest_ram(&ram)?;
+        let guest_ram = memory::create_guest_ram_backed(&ram, &memory::RamBacking::for_config(&config.memory)?)?;
         // Everything but KVM and the guest-CPU paths uses the host view.
         crate::host_view::watch(&guest_ram.host);
         let mem = guest_ram.host.clone();
@@ -160,7 +160,8 @@ impl Vm {
         let cpus = config.cpus.boot_vcpus;
         let counts = crate::acpi::CpuCounts { boot: cpus, max: config.cpus.max_vcpus };
         let topology = config.cpus.effective_topology();
-        let rsdp = crate::acpi::create_acpi_tables(&mem, counts).map_err(|e| VmError::Acpi(e.to_string()))?;
+        let machine = crate::acpi::Machine { cpus: counts, pci_segments: config.pci_segments() };
+        let rsdp = crate::acpi::create_acpi_tables(&mem, machine).map_err(|e| VmError::Acpi(e.to_string()))?;
         let loaded = load_kernel(&mem, config, &ram, rsdp.0)?;
         let entry = loaded.entry;
         if let (Some(heki), Some(image)) = (&heki, loaded.image) {
@@ -463,12 +464,13 @@ fn add_pci_devices(
     mmio: &mut MmioBus,
     console_host: ConsoleHost<'_>,
 ) -> Result<Vec<VirtioHandle>, VmError> {
-    let mut bus = PciBus::default();
-    let mut wanted: Vec<(String, Box<dyn VirtioDevice>, u32)> = Vec::new();
+    let mut segments = PciSegments::new(config.pci_segments());
+    // (name, device, class, PCI segment)
+    let mut wanted: Vec<(String, Box<dyn VirtioDevice>, u32, u16)> = Vec::new();
     if let Some(rng) = &config.rng {
         let source = std::fs::File::open(&rng.src)
             .map_err(|e| VmError::Device(format!("rng source {}: {e}", rng.src.display())))?;
-        wanted.push(("_rng".to_string(), Box::new(Rng::new(source)), CLASS_OTHER));
+        wanted.push(("_rng".to_string(), Box::new(Rng::new(source)), CLASS_OTHER, rng.pci_segment));
     }
     for (i, net) in config.net.iter().flatten().enumerate() {
         let device_err = |e: std::io::Error| VmError::Device(format!("net {i}: {e}"));
@@ -484,10 +486,10 @@ fn add_pci_devices(
         let mac = net.mac_bytes(i).map_err(|e| VmError::Device(e.to_string()))?;
         let name = net.id.clone().unwrap_or_else(|| format!("_net{i}"));
         log::info!("{name}: TAP {}", tap.name);
-        wanted.push((name, Box::new(Net::new(tap, mac)), CLASS_NETWORK));
+        wanted.push((name, Box::new(Net::new(tap, mac)), CLASS_NETWORK, net.pci_segment));
     }
     if let Some(console) = console_device(&config.console, console_host)? {
-        wanted.push(("_console".to_string(), Box::new(console), CLASS_COMMUNICATION));
+        wanted.push(("_console".to_string(), Box::new(console), CLASS_COMMUNICATION, 0));
     }
     for (i, disk) in config.disks.iter().flatten().enumerate() {
         let file = std::fs::OpenOptions::new()
@@ -498,13 +500,13 @@ fn add_pci_devices(
         let name = disk.id.clone().unwrap_or_else(|| format!("_disk{i}"));
         let block = Block::new(file, disk.readonly, name.clone())
             .map_err(|e| VmError::Device(format!("disk {}: {e}", disk.path.display())))?;
-        wanted.push((name, Box::new(block), CLASS_STORAGE));
+        wanted.push((name, Box::new(block), CLASS_STORAGE, disk.pci_segment));
     }
     if let Some(vsock) = &config.vsock {
         let device = Vsock::new(vsock.cid, &vsock.socket).map_err(|e| VmError::Device(crate::error_chain(&e)))?;
         let name = vsock.id.clone().unwrap_or_else(|| "_vsock".to_string());
         log::info!("{name}: guest CID {}, host socket {}", vsock.cid, vsock.socket.display());
-        wanted.push((name, Box::new(device), CLASS_COMMUNICATION));
+        wanted.push((name, Box::new(device), CLASS_COMMUNICATION, vsock.pci_segment));
     }
     for (i, share) in config.fs.iter().flatten().enumerate() {
         // validate() holds this too; the memfd's descriptor leaves the VMM only when asked.
@@ -516,32 +518,27 @@ fn add_pci_devices(
         let fs = Fs::new(share, regions)
             .map_err(|e| VmError::Device(format!("fs {}: {}", share.tag, crate::errors::error_chain(&e))))?;
         log::info!("{name}: virtio-fs '{}' served by {}", share.tag, share.socket.display());
-        wanted.push((name, Box::new(fs), CLASS_STORAGE));
+        wanted.push((name, Box::new(fs), CLASS_STORAGE, share.pci_segment));
     }
     let mut handles = Vec::new();
     let routes = Arc::new(MsiRoutes::new(kvm_vm.clone()));
-    for (name, device, class) in wanted {
+    for (name, device, class, segment) in wanted {
         let counters = Arc::new(DeviceCounters::default());
         let accessor = Arc::new(Accessor::new(name.clone()));
         let checked = CheckedMemory::new(mem.clone(), enforcer.clone(), accessor.clone());
         let memory = DeviceMemory::new(checked, counters.clone());
-        let bar = layout::PCI_BAR_START + BAR_SIZE * handles.len() as u64;
+        let placement = |e: crate::devices::pci::PlacementError| VmError::Device(format!("{name}: {e}"));
+        let bar = segments.allocate_bar(segment, BAR_SIZE).map_err(placement)?;
         let device = VirtioPci::new(device, bar, memory, class, Some(routes.clone())).map_err(VmError::EventFd)?;
         for (address, fd) in device.notifiers() {
             kvm_vm.register_mmio_ioevent(fd, address)?;
         }
         let device = Arc::new(Mutex::new(device));
-        bus.add(device.clone()).ok_or_else(|| VmError::Device("no free PCI slot".into()))?;
+        segments.add(segment, device.clone()).map_err(placement)?;
         mmio.insert(bar, BAR_SIZE, device.clone());
         handles.push(VirtioHandle { name, device, counters, accessor });
     }
-    let bus = Arc::new(bus);
-    pio.insert(layout::ports::PCI_CONFIG_ADDRESS, 8, Arc::new(Mutex::new(PciConfigIo::new(bus.clone()))));
-    mmio.insert(
-        layout::PCI_MMCONFIG_START,
-        layout::PCI_MMCONFIG_BUS0_SIZE,
-        Arc::new(Mutex::new(PciConfigMmio::new(bus))),
-    );
+    segments.install(pio, mmio);
     Ok(handles)
 }
 

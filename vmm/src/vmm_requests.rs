@@ -31,6 +31,10 @@ impl RequestHandler for Vmm {
         self.boot().map_err(|e| match e {
             // A bad kernel path or image is the caller's mistake, not ours.
             VmmError::Vm(crate::vm::VmError::Boot(b)) => ApiError::BadRequest(error_lines(&b)),
+            // So is asking for more huge pages than the host has reserved.
+            VmmError::Vm(crate::vm::VmError::Memory(m)) if m.is_host_shortfall() => {
+                ApiError::BadRequest(error_lines(&m))
+            }
             other => internal(other),
         })
     }

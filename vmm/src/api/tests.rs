@@ -252,8 +252,8 @@ fn bad_bodies_are_400_naming_the_problem() {
         ("vm.create", r#"{"payload": {"kernel": "/k"}, "heki": {"enabeld": true}}"#, "heki.enabeld"),
         (
             "vm.create",
-            r#"{"payload": {"kernel": "/k"}, "memory": {"size": 536870912, "hugepages": true}}"#,
-            "memory.hugepages: not supported by Hekivisor",
+            r#"{"payload": {"kernel": "/k"}, "memory": {"size": 536870912, "mergeable": true}}"#,
+            "memory.mergeable: not supported by Hekivisor",
         ),
         ("vm.create", r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 0}}"#, "cpus.boot_vcpus"),
         ("vm.heki-policy", r#"{"policy": "maybe"}"#, "policy"),

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 
 use clap::{ArgAction, Parser};
 
-use super::options::{OptionValues, parse_size};
-use super::{
-    ConfigError, ConsoleConfig, ConsoleOutputMode, CpuTopology, CpusConfig, HekiConfig, MemoryConfig, PayloadConfig,
-    VmConfig,
+pub use super::cli_values::{
+    parse_api_socket, parse_console, parse_cpus, parse_disk, parse_event_monitor, parse_fs, parse_heki,
+    parse_introspection, parse_landlock_rule, parse_memory, parse_net, parse_platform, parse_rng, parse_vsock,
 };
+use super::{ConfigError, PayloadConfig, VmConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -43,7 +43,9 @@ pub struct CliArgs {
     pub cpus: Option<String>,
 
     /// Guest RAM: size=SIZE in bytes or with a K/M/G suffix (default size=512M)[,shared=on]
-    /// (shared=on lets a vhost-user backend such as --fs map it).
+    /// [,hugepages=on[,hugepage_size=2M|1G]][,prefault=on][,hotplug_size=SIZE]
+    /// (shared=on lets a vhost-user backend such as --fs map it; hugepages=on takes the
+    /// RAM from the host's reserved huge pages; hotplug_size reserves address space above RAM).
     #[arg(long, value_name = "size=SIZE")]
     pub memory: Option<String>,
 
@@ -84,9 +86,13 @@ pub struct CliArgs {
     #[arg(long, value_name = "tag=TAG,socket=PATH")]
     pub fs: Vec<String>,
 
-    /// virtio-rng entropy source: src=PATH (e.g. src=/dev/urandom).
+    /// virtio-rng entropy source: src=PATH (e.g. src=/dev/urandom)[,pci_segment=N].
     #[arg(long, value_name = "src=PATH")]
     pub rng: Option<String>,
+
+    /// PCI segments: num_pci_segments=N (1..=16); a device flag's pci_segment=N places it.
+    #[arg(long, value_name = "num_pci_segments=N")]
+    pub platform: Option<String>,
 
     /// virtio-vsock with a hybrid Unix-socket host end: cid=N,socket=PATH[,id=NAME].
     /// Host clients connect to PATH and send `CONNECT <port>`; a guest connecting to
@@ -164,7 +170,11 @@ pub struct VmmOptions {
 impl CliArgs {
     pub fn into_options(self) -> Result<VmmOptions, ConfigError> {
         let vm_flags_without_kernel = self.kernel.is_none()
-            && (self.initramfs.is_some() || self.cmdline.is_some() || self.cpus.is_some() || self.memory.is_some());
+            && (self.initramfs.is_some()
+                || self.cmdline.is_some()
+                || self.cpus.is_some()
+                || self.memory.is_some()
+                || self.platform.is_some());
         if vm_flags_without_kernel {
             return Err(ConfigError::Cli {
                 option: "--kernel",
@@ -215,10 +225,10 @@ impl CliArgs {
                     config.fs = Some(self.fs.iter().map(|f| parse_fs(f)).collect::<Result<Vec<_>, _>>()?);
                 }
                 if let Some(rng) = &self.rng {
-                    let o = OptionValues::parse("--rng", rng, &["src"])?;
-                    let src =
-                        o.get("src").filter(|s| !s.is_empty()).ok_or_else(|| o.error("src=PATH is required".into()))?;
-                    config.rng = Some(super::RngConfig { src: PathBuf::from(src), iommu: false });
+                    config.rng = Some(parse_rng(rng)?);
+                }
+                if let Some(platform) = &self.platform {
+                    config.platform = Some(parse_platform(platform)?);
                 }
                 if let Some(vsock) = &self.vsock {
                     config.vsock = Some(parse_vsock(vsock)?);
@@ -240,177 +250,10 @@ impl CliArgs {
     }
 }
 
-pub fn parse_cpus(input: &str) -> Result<CpusConfig, ConfigError> {
-    let o = OptionValues::parse("--cpus", input, &["boot", "max", "topology"])?;
-    let boot = o.get_u64("boot")?.ok_or_else(|| o.error("boot=N is required".into()))?;
-    let boot = u8::try_from(boot).map_err(|_| o.error(format!("boot={boot}: at most 254 vCPUs")))?;
-    let max = match o.get_u64("max")? {
-        Some(m) => u8::try_from(m).map_err(|_| o.error(format!("max={m}: at most 254 vCPUs")))?,
-        None => boot,
-    };
-    let topology = match o.get("topology") {
-        None => None,
-        Some(text) => {
-            let levels: Vec<u8> = text.split(':').filter_map(|n| n.parse().ok()).collect();
-            let [threads_per_core, cores_per_die, dies_per_package, packages] = levels[..] else {
-                return Err(o.error(format!("topology={text}: expected THREADS:CORES:DIES:PACKAGES")));
-            };
-            Some(CpuTopology { threads_per_core, cores_per_die, dies_per_package, packages })
-        }
-    };
-    Ok(CpusConfig { boot_vcpus: boot, max_vcpus: max, topology })
-}
-
-pub fn parse_memory(input: &str) -> Result<MemoryConfig, ConfigError> {
-    let o = OptionValues::parse("--memory", input, &["size", "shared"])?;
-    let size = o.get("size").ok_or_else(|| o.error("size=SIZE is required".into()))?;
-    Ok(MemoryConfig { size: parse_size(size).map_err(|e| o.error(e))?, shared: o.get_bool("shared")?.unwrap_or(false) })
-}
-
-pub fn parse_fs(input: &str) -> Result<super::FsConfig, ConfigError> {
-    let o = OptionValues::parse("--fs", input, &["tag", "socket", "num_queues", "queue_size", "id"])?;
-    let tag = o.get("tag").filter(|t| !t.is_empty()).ok_or_else(|| o.error("tag=TAG is required".into()))?;
-    let socket = o.get("socket").filter(|p| !p.is_empty()).ok_or_else(|| o.error("socket=PATH is required".into()))?;
-    let num_queues = o.get_u64("num_queues")?.unwrap_or(1);
-    let queue_size = o.get_u64("queue_size")?.unwrap_or(1024);
-    Ok(super::FsConfig {
-        tag: tag.to_string(),
-        socket: PathBuf::from(socket),
-        num_queues: usize::try_from(num_queues).map_err(|_| o.error(format!("num_queues={num_queues}: too many")))?,
-        queue_size: u16::try_from(queue_size)
-            .map_err(|_| o.error(format!("queue_size={queue_size}: at most 32768")))?,
-        id: o.get("id").map(str::to_string),
-    })
-}
-
-pub fn parse_console(option: &'static str, input: &str) -> Result<ConsoleConfig, ConfigError> {
-    let mode = |mode| Ok(ConsoleConfig { mode, file: None });
-    let refuse = |message: &str| Err(ConfigError::Cli { option, message: message.into() });
-    match input {
-        "off" | "Off" => mode(ConsoleOutputMode::Off),
-        "null" | "Null" => mode(ConsoleOutputMode::Null),
-        "tty" | "Tty" => mode(ConsoleOutputMode::Tty),
-        "pty" | "Pty" if option == "--console" => mode(ConsoleOutputMode::Pty),
-        "pty" | "Pty" => refuse("pty is supported by --console only (off, null, tty, file=PATH)"),
-        _ if input.starts_with("socket=") => refuse("socket=PATH is not supported (off, null, tty, pty, file=PATH)"),
-        _ => {
-            let o = OptionValues::parse(option, input, &["file"])?;
-            let file =
-                o.get("file").filter(|f| !f.is_empty()).ok_or_else(|| o.error("file=PATH needs a path".into()))?;
-            Ok(ConsoleConfig { mode: ConsoleOutputMode::File, file: Some(PathBuf::from(file)) })
-        }
-    }
-}
-
-pub fn parse_landlock_rule(input: &str) -> Result<super::LandlockConfig, ConfigError> {
-    let o = OptionValues::parse("--landlock-rules", input, &["path", "access"])?;
-    let path = o.get("path").filter(|p| !p.is_empty()).ok_or_else(|| o.error("path=PATH is required".into()))?;
-    let access = o.get("access").unwrap_or("rw");
-    if !matches!(access, "r" | "w" | "rw") {
-        return Err(o.error(format!("access={access}: expected r, w or rw")));
-    }
-    Ok(super::LandlockConfig { path: PathBuf::from(path), access: access.to_string() })
-}
-
-pub fn parse_disk(input: &str) -> Result<super::DiskConfig, ConfigError> {
-    let o = OptionValues::parse("--disk", input, &["path", "readonly", "id"])?;
-    let path = o.get("path").filter(|p| !p.is_empty()).ok_or_else(|| o.error("path=FILE is required".into()))?;
-    Ok(super::DiskConfig {
-        path: PathBuf::from(path),
-        readonly: o.get_bool("readonly")?.unwrap_or(false),
-        id: o.get("id").map(str::to_string),
-    })
-}
-
-pub fn parse_net(input: &str) -> Result<super::NetConfig, ConfigError> {
-    let o = OptionValues::parse("--net", input, &["tap", "fd", "ip", "mask", "mac", "id"])?;
-    let fd = o
-        .get("fd")
-        .map(|v| v.parse::<i32>().map_err(|_| o.error(format!("fd={v}: not a file descriptor number"))))
-        .transpose()?;
-    let addr = |key: &str| {
-        o.get(key)
-            .map(|v| v.parse::<std::net::Ipv4Addr>().map_err(|_| o.error(format!("{key}={v}: not an IPv4 address"))))
-            .transpose()
-    };
-    Ok(super::NetConfig {
-        tap: o.get("tap").map(str::to_string),
-        ip: addr("ip")?,
-        mask: addr("mask")?,
-        mac: o.get("mac").map(str::to_string),
-        id: o.get("id").map(str::to_string),
-        fds: fd.map(|fd| vec![fd]),
-    })
-}
-
-pub fn parse_vsock(input: &str) -> Result<super::VsockConfig, ConfigError> {
-    let o = OptionValues::parse("--vsock", input, &["cid", "socket", "id"])?;
-    let cid = o.get_u64("cid")?.ok_or_else(|| o.error("cid=N is required".into()))?;
-    let socket = o.get("socket").filter(|s| !s.is_empty()).ok_or_else(|| o.error("socket=PATH is required".into()))?;
-    Ok(super::VsockConfig { cid, socket: PathBuf::from(socket), id: o.get("id").map(str::to_string) })
-}
-
-pub fn parse_introspection(input: &str) -> Result<super::IntrospectionConfig, ConfigError> {
-    let o = OptionValues::parse("--introspection", input, &["path", "reply_timeout_ms", "reply_poll_us"])?;
-    let path = o.get("path").filter(|p| !p.is_empty()).ok_or_else(|| o.error("path=SOCK is required".into()))?;
-    let reply_timeout_ms = o.get_u64("reply_timeout_ms")?.unwrap_or(super::DEFAULT_REPLY_TIMEOUT_MS);
-    let reply_poll_us = o.get_u64("reply_poll_us")?.unwrap_or(super::DEFAULT_REPLY_POLL_US);
-    Ok(super::IntrospectionConfig { socket: PathBuf::from(path), reply_timeout_ms, reply_poll_us })
-}
-
-pub fn parse_heki(input: &str) -> Result<HekiConfig, ConfigError> {
-    let o = OptionValues::parse("--heki", input, &["enabled", "policy", "cr_check_interval_ms", "translation"])?;
-    let mut config = HekiConfig { enabled: true, ..HekiConfig::default() };
-    if let Some(enabled) = o.get_bool("enabled")? {
-        config.enabled = enabled;
-    }
-    if let Some(policy) = o.get("policy") {
-        config.policy = policy.parse().map_err(|e| o.error(e))?;
-    }
-    if let Some(ms) = o.get_u64("cr_check_interval_ms")? {
-        config.cr_check_interval_ms = ms;
-    }
-    if let Some(translation) = o.get_bool("translation")? {
-        config.translation = translation;
-    }
-    Ok(config)
-}
-
-fn parse_fd(o: &OptionValues<'_>) -> Result<Option<i32>, ConfigError> {
-    o.get("fd")
-        .map(|fd| {
-            fd.parse::<i32>()
-                .ok()
-                .filter(|fd| *fd >= 0)
-                .ok_or_else(|| o.error(format!("fd={fd}: not a file descriptor")))
-        })
-        .transpose()
-}
-
-pub fn parse_api_socket(input: &str) -> Result<ApiSocketSpec, ConfigError> {
-    if !input.contains('=') {
-        return Ok(ApiSocketSpec::Path(PathBuf::from(input)));
-    }
-    let o = OptionValues::parse("--api-socket", input, &["path", "fd"])?;
-    match (o.get("path"), parse_fd(&o)?) {
-        (Some(path), None) if !path.is_empty() => Ok(ApiSocketSpec::Path(PathBuf::from(path))),
-        (None, Some(fd)) => Ok(ApiSocketSpec::Fd(fd)),
-        _ => Err(o.error("give exactly one of path=PATH or fd=N".into())),
-    }
-}
-
-pub fn parse_event_monitor(input: &str) -> Result<EventMonitorSpec, ConfigError> {
-    let o = OptionValues::parse("--event-monitor", input, &["path", "fd"])?;
-    match (o.get("path"), parse_fd(&o)?) {
-        (Some(path), None) if !path.is_empty() => Ok(EventMonitorSpec::Path(PathBuf::from(path))),
-        (None, Some(fd)) => Ok(EventMonitorSpec::Fd(fd)),
-        _ => Err(o.error("give exactly one of path=FILE or fd=N".into())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{ConsoleOutputMode, CpuTopology, CpusConfig};
 
     fn args(list: &[&str]) -> Result<VmmOptions, ConfigError> {
         CliArgs::try_parse_from(std::iter::once("hekivisor").chain(list.iter().copied()))
@@ -447,7 +290,12 @@ mod tests {
         let vsock = o.vm.and_then(|vm| vm.vsock).expect("vsock");
         assert_eq!(
             vsock,
-            crate::config::VsockConfig { cid: 3, socket: "/run/v.sock".into(), id: Some("agent".into()) }
+            crate::config::VsockConfig {
+                cid: 3,
+                socket: "/run/v.sock".into(),
+                id: Some("agent".into()),
+                pci_segment: 0
+            }
         );
     }
 

@@ -224,7 +224,16 @@ impl HekiRuntime {
         // Devices reach guest RAM only through heki-checked memory.
         // Translation locks lock page tables: they need read-only memory too.
         let mappings = if memory != 0 && self.translation { feature::LOCK_MAPPINGS } else { 0 };
-        memory | feature::PIN_CR | msr | feature::DMA_GUARD | feature::SHARED_MEMORY | mappings | feature::PIN_DTR
+        let shared = if self.view_has_huge_pages() { 0 } else { feature::SHARED_MEMORY };
+        memory | feature::PIN_CR | msr | feature::DMA_GUARD | shared | mappings | feature::PIN_DTR
+    }
+
+    /// Private memory hides 4 KiB pages of the host view with `mprotect`,
+    /// which a hugetlbfs mapping (`memory.hugepages`) cannot split: such a
+    /// VM offers no private memory rather than a promise it cannot keep.
+    fn view_has_huge_pages(&self) -> bool {
+        use vm_memory::GuestMemoryBackend;
+        self.host_view.iter().any(|r| r.is_hugetlbfs() == Some(true))
     }
 
     /// The CPUID leaves advertising the ABI.
@@ -437,6 +446,9 @@ impl HekiRuntime {
 
     /// PRIVATE_MEMORY(1): every page not shared becomes inaccessible to the VMM.
     pub fn enable_private_memory(&self) -> Result<(), AbiError> {
+        if self.view_has_huge_pages() {
+            return Err(AbiError::NotImplemented);
+        }
         let ram = self.ram.clone();
         let newly_private = std::cell::RefCell::new(Vec::new());
         self.update_with_view(

@@ -6,6 +6,10 @@
 
 use std::sync::{Arc, Mutex};
 
+mod segments;
+
+pub use segments::{PciSegments, PlacementError};
+
 use super::mmio_bus::MmioDevice;
 use super::{DeviceAction, PioDevice};
 

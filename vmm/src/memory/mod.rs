@@ -1,9 +1,16 @@
 //! Guest RAM: one memfd, mapped twice. KVM's memslots use one mapping (the
 //! guest's own view); every other part of the VMM uses the other, in which
-//! pages the guest made private are `PROT_NONE` (`host_view.rs`).
+//! pages the guest made private are `PROT_NONE` (`host_view.rs`). The memfd
+//! holds ordinary or huge pages (`backing.rs`); address space above RAM may
+//! be reserved for memory added later (`hotplug.rs`).
+
+mod backing;
+mod hotplug;
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd};
+
+pub use backing::{HugePagePool, RamBacking, check_huge_page_pool, host_default_huge_page_size, huge_page_pool};
+pub use hotplug::{HotplugWindow, add_hotplug_ram};
 
 use hypervisor::{MemSlot, Vm};
 use thiserror::Error;
@@ -23,6 +30,27 @@ pub enum MemoryError {
     Register(#[source] hypervisor::HypervisorError),
     #[error("cannot create the memfd that backs guest memory")]
     Memfd(#[source] std::io::Error),
+    #[error("cannot map {size} bytes of guest memory: {reason}")]
+    Map { size: u64, reason: String },
+    #[error("a guest RAM region of {size} bytes does not fit this host's address space")]
+    TooLarge { size: u64 },
+    #[error(
+        "memory.hugepages: {needed} huge pages of {page_kb} kB are needed but only {available} are available \
+         (reserve more: echo N > /sys/kernel/mm/hugepages/hugepages-{page_kb}kB/nr_hugepages)"
+    )]
+    HugePageShortfall { needed: u64, available: u64, page_kb: u64 },
+    #[error("memory.hugepages: {reason}")]
+    NoHugePages { reason: String },
+    #[error("memory hotplug: {0}")]
+    Hotplug(String),
+}
+
+impl MemoryError {
+    /// Whether the configuration asked for what this host cannot give (a
+    /// client error), rather than the VMM failing.
+    pub fn is_host_shortfall(&self) -> bool {
+        matches!(self, MemoryError::HugePageShortfall { .. } | MemoryError::NoHugePages { .. })
+    }
 }
 
 /// Guest RAM seen twice: the same pages, two mappings.
@@ -62,32 +90,21 @@ pub fn create_guest_memory(regions: &[RamRegion]) -> Result<GuestMemoryMmap, Mem
         .map_err(|source| MemoryError::Allocate { size: regions.iter().map(|r| r.size).sum(), source })
 }
 
-/// Backs guest RAM with a memfd and maps it twice (shared mappings).
+/// Backs guest RAM with a memfd of ordinary pages and maps it twice.
 pub fn create_guest_ram(regions: &[RamRegion]) -> Result<GuestRam, MemoryError> {
+    create_guest_ram_backed(regions, &RamBacking::default())
+}
+
+/// Backs guest RAM with a memfd as `backing` says and maps it twice (shared
+/// mappings). Pages are populated in the KVM view only: the host view maps
+/// the same pages, so faulting them in once is enough.
+pub fn create_guest_ram_backed(regions: &[RamRegion], backing: &RamBacking) -> Result<GuestRam, MemoryError> {
     let total: u64 = regions.iter().map(|r| r.size).sum();
-    // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(c"hekivisor-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    file.set_len(total).map_err(MemoryError::Memfd)?;
-    let map = || -> Result<GuestMemoryMmap, MemoryError> {
-        let mut offset = 0u64;
-        let mut ranges = Vec::with_capacity(regions.len());
-        for r in regions {
-            let region_file = file.try_clone().map_err(MemoryError::Memfd)?;
-            ranges.push((
-                GuestAddress(r.start),
-                r.size as usize,
-                Some(vm_memory::FileOffset::new(region_file, offset)),
-            ));
-            offset = offset.saturating_add(r.size);
-        }
-        GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|source| MemoryError::Allocate { size: total, source })
-    };
-    Ok(GuestRam { kvm: map()?, host: map()? })
+    let file = backing::create_memfd(total, backing)?;
+    Ok(GuestRam {
+        kvm: backing::map_regions(&file, 0, regions, backing, backing.prefault)?,
+        host: backing::map_regions(&file, 0, regions, backing, false)?,
+    })
 }
 
 /// The boot memslot layout heki starts from: one writable slot per RAM
@@ -161,6 +178,40 @@ pub fn register_ram(vm: &Vm, mem: &GuestMemoryMmap) -> Result<Vec<MemSlot>, Memo
         slots.push(slot);
     }
     Ok(slots)
+}
+
+/// Registers the region of `mem` that starts at `gpa` as writable memslot `slot`.
+pub fn register_region(vm: &Vm, mem: &GuestMemoryMmap, gpa: u64, slot: u32) -> Result<MemSlot, MemoryError> {
+    let not_found = || {
+        MemoryError::Register(hypervisor::HypervisorError::Ioctl {
+            op: "KVM_SET_USER_MEMORY_REGION",
+            source: std::io::Error::other(format!("no RAM region starts at {gpa:#x}")),
+        })
+    };
+    let region = mem.iter().find(|r| r.start_addr().0 == gpa).ok_or_else(not_found)?;
+    let host = region.get_host_address(MemoryRegionAddress(0)).map_err(|_| not_found())?;
+    let memslot = MemSlot { slot, guest_addr: gpa, size: region.len(), host_addr: host as u64, readonly: false };
+    // SAFETY: the region is a live mapping owned by `mem`; the caller keeps it
+    // alive for as long as the slot exists (as `register_ram`'s callers do).
+    unsafe { vm.set_memslot(&memslot) }.map_err(MemoryError::Register)?;
+    Ok(memslot)
+}
+
+/// The hotplug window `config` reserves, if any.
+pub fn hotplug_window(config: &crate::config::VmConfig) -> Option<HotplugWindow> {
+    let size = config.memory.hotplug_size?;
+    Some(HotplugWindow::above(&ram_regions(config.memory.size), size))
+}
+
+/// Fills in what `vm.info` would otherwise report as "the default": the
+/// huge page size in force when `hugepages` is on without a size.
+pub fn report_memory_in_force(config: &crate::config::VmConfig, reported: &mut serde_json::Value) {
+    if config.memory.hugepages
+        && config.memory.hugepage_size.is_none()
+        && let Ok(size) = host_default_huge_page_size()
+    {
+        reported["memory"]["hugepage_size"] = serde_json::json!(size);
+    }
 }
 
 /// Total RAM size.
