@@ -6,6 +6,7 @@ mod api_handler;
 pub mod boot;
 pub mod config;
 pub mod cpu;
+pub mod device_manager;
 pub mod devices;
 mod errors;
 mod events;

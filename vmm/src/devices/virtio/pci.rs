@@ -326,6 +326,20 @@ impl VirtioPci {
         self.notify.iter().enumerate().map(|(i, fd)| (notify_address(self.bar_address, i), fd))
     }
 
+    /// Undoes what `new` set up in KVM for the interrupts (the device is being
+    /// removed): each vector's MSI route and irqfd; its GSIs become free.
+    pub fn release_interrupts(&self) {
+        let s = self.lock();
+        let Some(routes) = &s.msix.routes else { return };
+        for v in &s.msix.vectors {
+            routes.set(v.gsi, None);
+            if let Err(e) = routes.vm().unregister_irqfd(&v.irqfd, v.gsi) {
+                log::warn!("cannot unregister the irqfd of GSI {}: {e}", v.gsi);
+            }
+            routes.release(v.gsi);
+        }
+    }
+
     pub fn state(&self) -> Arc<Mutex<TransportState>> {
         self.state.clone()
     }

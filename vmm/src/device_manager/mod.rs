@@ -1,0 +1,240 @@
+//! The VM's PCI devices: the bus, the BAR window, and each virtio device
+//! with its worker. Devices are added at boot and, through `vm.add-*`,
+//! while the VM runs; `vm.remove-device` takes one away again and frees
+//! everything it held (worker, ioeventfds, irqfds and GSIs, BAR, slot, host
+//! descriptors), so the next device added can take its slot.
+
+pub mod build;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::gate::DeviceGate;
+use crate::devices::msi::MsiRoutes;
+use crate::devices::pci::{BarWindow, PciBus, PciConfigIo, PciConfigMmio, SLOTS, bar_window::BarWindowDevice};
+use crate::devices::virtio::pci::{BAR_SIZE, VirtioPci};
+use crate::devices::virtio::{DeviceCounters, DeviceMemory};
+use crate::devices::{MmioBus, PioBus};
+use crate::heki::{Accessor, CheckedMemory, Enforcer};
+use crate::layout;
+use crate::vm::VmError;
+pub use build::NewDevice;
+
+/// How long a removal waits for the device's worker to end.
+const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a device sits, as Cloud Hypervisor's `PciDeviceInfo` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PciDeviceInfo {
+    pub id: String,
+    pub slot: u8,
+}
+
+impl PciDeviceInfo {
+    /// `segment:bus:device.function`, as Cloud Hypervisor writes it.
+    pub fn bdf(&self) -> String {
+        format!("0000:00:{:02x}.0", self.slot)
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({ "id": self.id, "bdf": self.bdf() })
+    }
+}
+
+/// A virtio device of this VM, for its worker thread and counters.
+pub struct VirtioHandle {
+    pub name: String,
+    slot: u8,
+    device: Arc<Mutex<VirtioPci>>,
+    pub counters: Arc<DeviceCounters>,
+    accessor: Arc<Accessor>,
+    /// Ends this device's worker alone (a removal) or with the VM.
+    stop: EventFd,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl VirtioHandle {
+    pub fn to_json(&self) -> serde_json::Value {
+        self.counters.to_json(self.accessor.refused.load(Ordering::Relaxed))
+    }
+}
+
+fn lock_device(device: &Mutex<VirtioPci>) -> std::sync::MutexGuard<'_, VirtioPci> {
+    device.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The memory a device reaches the guest through: heki-checked, counted.
+/// Boot-time and hot-added devices get it from here alike, so a hot-added
+/// device cannot DMA where a boot-time one may not.
+pub fn device_memory(
+    mem: &GuestMemoryMmap,
+    enforcer: &Arc<Enforcer>,
+    name: &str,
+) -> (DeviceMemory, Arc<DeviceCounters>, Arc<Accessor>) {
+    let counters = Arc::new(DeviceCounters::default());
+    let accessor = Arc::new(Accessor::new(name.to_string()));
+    let checked = CheckedMemory::new(mem.clone(), enforcer.clone(), accessor.clone());
+    (DeviceMemory::new(checked, counters.clone()), counters, accessor)
+}
+
+pub struct PciDevices {
+    bus: Arc<PciBus>,
+    bars: Arc<BarWindow>,
+    routes: Arc<MsiRoutes>,
+    kvm_vm: Arc<hypervisor::Vm>,
+    mem: GuestMemoryMmap,
+    enforcer: Arc<Enforcer>,
+    gate: Arc<DeviceGate>,
+    handles: Vec<VirtioHandle>,
+    /// Whether workers run (the VM started): a device added later starts its own at once.
+    started: bool,
+}
+
+impl PciDevices {
+    /// The bus with `devices` on it, wired into the port and MMIO buses.
+    pub fn new(
+        kvm_vm: &Arc<hypervisor::Vm>,
+        mem: &GuestMemoryMmap,
+        enforcer: &Arc<Enforcer>,
+        gate: Arc<DeviceGate>,
+        pio: &mut PioBus,
+        mmio: &mut MmioBus,
+        devices: Vec<NewDevice>,
+    ) -> Result<PciDevices, VmError> {
+        let bus = Arc::new(PciBus::default());
+        let bars = Arc::new(BarWindow::new(layout::PCI_BAR_START, BAR_SIZE, SLOTS));
+        let mut this = PciDevices {
+            bus: bus.clone(),
+            bars: bars.clone(),
+            routes: Arc::new(MsiRoutes::new(kvm_vm.clone())),
+            kvm_vm: kvm_vm.clone(),
+            mem: mem.clone(),
+            enforcer: enforcer.clone(),
+            gate,
+            handles: Vec::new(),
+            started: false,
+        };
+        for device in devices {
+            this.add(device)?;
+        }
+        pio.insert(layout::ports::PCI_CONFIG_ADDRESS, 8, Arc::new(Mutex::new(PciConfigIo::new(bus.clone()))));
+        mmio.insert(
+            layout::PCI_MMCONFIG_START,
+            layout::PCI_MMCONFIG_BUS0_SIZE,
+            Arc::new(Mutex::new(PciConfigMmio::new(bus))),
+        );
+        mmio.insert(layout::PCI_BAR_START, bars.len(), Arc::new(Mutex::new(BarWindowDevice(bars))));
+        Ok(this)
+    }
+
+    /// The host view of guest RAM (virtio-fs shares its regions with its backend).
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    pub fn handles(&self) -> &[VirtioHandle] {
+        &self.handles
+    }
+
+    /// Puts `new` in the first free slot; its worker starts at once if the VM runs.
+    pub fn add(&mut self, new: NewDevice) -> Result<PciDeviceInfo, VmError> {
+        if self.handles.iter().any(|h| h.name == new.name) {
+            return Err(VmError::Device(format!("a device with id {} exists already", new.name)));
+        }
+        let slot = self.bus.free_slot().ok_or_else(|| VmError::Device("no free PCI slot".into()))?;
+        let bar = self.bars.bar_address(slot).ok_or_else(|| VmError::Device("no free PCI slot".into()))?;
+        let (memory, counters, accessor) = device_memory(&self.mem, &self.enforcer, &new.name);
+        let device =
+            VirtioPci::new(new.device, bar, memory, new.class, Some(self.routes.clone())).map_err(VmError::EventFd)?;
+        let mut registered = Vec::new();
+        for (address, fd) in device.notifiers() {
+            if let Err(e) = self.kvm_vm.register_mmio_ioevent(fd, address) {
+                for (address, fd) in device.notifiers().take(registered.len()) {
+                    let _ = self.kvm_vm.unregister_mmio_ioevent(fd, address);
+                }
+                device.release_interrupts();
+                return Err(e.into());
+            }
+            registered.push(address);
+        }
+        let device = Arc::new(Mutex::new(device));
+        self.bars.insert(slot, device.clone());
+        self.bus.add(device.clone());
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        let mut handle =
+            VirtioHandle { name: new.name.clone(), slot, device, counters, accessor, stop, worker: None };
+        if self.started {
+            self.start_worker(&mut handle)?;
+        }
+        self.handles.push(handle);
+        Ok(PciDeviceInfo { id: new.name, slot })
+    }
+
+    fn start_worker(&self, handle: &mut VirtioHandle) -> Result<(), VmError> {
+        let stop = handle.stop.try_clone().map_err(VmError::EventFd)?;
+        handle.worker = lock_device(&handle.device)
+            .spawn_worker(handle.name.clone(), stop, self.gate.clone())
+            .map_err(VmError::SpawnVcpu)?;
+        Ok(())
+    }
+
+    /// Starts every device's worker (the VM starts).
+    pub fn start(&mut self) -> Result<(), VmError> {
+        self.started = true;
+        let mut handles = std::mem::take(&mut self.handles);
+        let result = handles.iter_mut().filter(|h| h.worker.is_none()).try_for_each(|h| self.start_worker(h));
+        self.handles = handles;
+        result
+    }
+
+    /// Takes the device `id` off the bus and frees what it held; `None` if there is none.
+    pub fn remove(&mut self, id: &str) -> Option<PciDeviceInfo> {
+        let index = self.handles.iter().position(|h| h.name == id)?;
+        let mut handle = self.handles.remove(index);
+        // The guest can no longer reach it: no config space, no BAR.
+        self.bus.remove(handle.slot);
+        self.bars.remove(handle.slot);
+        stop_workers(std::slice::from_mut(&mut handle));
+        let device = lock_device(&handle.device);
+        for (address, fd) in device.notifiers() {
+            if let Err(e) = self.kvm_vm.unregister_mmio_ioevent(fd, address) {
+                log::warn!("{id}: cannot unregister the ioeventfd at {address:#x}: {e}");
+            }
+        }
+        device.release_interrupts();
+        drop(device);
+        log::info!("{id}: removed from PCI slot {}", handle.slot);
+        // Dropping the handle drops the device and, with it, its host
+        // descriptors (image file, TAP, sockets): the worker held the last other reference.
+        Some(PciDeviceInfo { id: handle.name, slot: handle.slot })
+    }
+
+    /// Ends every worker (the VM stops).
+    pub fn stop(&mut self) {
+        stop_workers(&mut self.handles);
+    }
+}
+
+/// Signals each worker to end and joins it within `WORKER_STOP_TIMEOUT`.
+fn stop_workers(handles: &mut [VirtioHandle]) {
+    for handle in handles.iter() {
+        let _ = handle.stop.write(1);
+    }
+    let deadline = std::time::Instant::now() + WORKER_STOP_TIMEOUT;
+    for handle in handles.iter_mut() {
+        let Some(worker) = handle.worker.take() else { continue };
+        while !worker.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if worker.is_finished() {
+            let _ = worker.join();
+        } else {
+            log::error!("{}: the device worker did not stop in time; leaving it detached", handle.name);
+        }
+    }
+}
