@@ -306,7 +306,7 @@ pub fn http_request(data: &[u8]) {
     };
     let Ok(path) = std::str::from_utf8(path) else { return };
     if let crate::api::Resolved::Request(route) = crate::api::resolve(method, path) {
-        let _ = route.decode(body);
+        let _ = route.decode(body, Default::default());
     }
 }
 

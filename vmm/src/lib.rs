@@ -26,6 +26,7 @@ pub mod traps;
 pub mod vm;
 mod vm_state;
 pub mod vmm;
+mod vmm_hotplug;
 mod vmm_requests;
 
 pub use errors::error_chain;
