@@ -115,7 +115,6 @@ mod tests {
     use std::os::fd::AsRawFd;
 
     use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
-    use tokio::io::AsyncReadExt;
 
     use super::*;
 
@@ -126,46 +125,54 @@ mod tests {
         sendmsg(socket, &[IoSlice::new(bytes)], &mut control, SendFlags::empty()).expect("sendmsg");
     }
 
-    fn read_all(stream: &mut FdStream, n: usize) -> Vec<u8> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        runtime.block_on(async {
-            let mut data = vec![0u8; n];
-            stream.read_exact(&mut data).await.expect("read");
-            data
-        })
+    async fn read_exact(stream: &mut FdStream, n: usize) -> Vec<u8> {
+        let mut data = vec![0u8; n];
+        let mut filled = 0;
+        while filled < n {
+            let mut buf = ReadBuf::new(&mut data[filled..]);
+            std::future::poll_fn(|cx| Pin::new(&mut *stream).poll_read(cx, &mut buf)).await.expect("read");
+            assert!(!buf.filled().is_empty(), "end of stream");
+            filled += buf.filled().len();
+        }
+        data
     }
 
-    fn pair() -> (std::os::unix::net::UnixStream, FdStream, FdStash) {
-        let (client, server) = std::os::unix::net::UnixStream::pair().expect("pair");
-        server.set_nonblocking(true).expect("nonblocking");
+    /// Runs `test` with a connected pair: the client end and our stream over the server end.
+    fn with_pair(test: impl AsyncFnOnce(std::os::unix::net::UnixStream, FdStream, FdStash)) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let server = runtime.block_on(async { UnixStream::from_std(server).expect("tokio stream") });
-        let stash = FdStash::default();
-        (client, FdStream::new(server, stash.clone()), stash)
+        runtime.block_on(async {
+            let (client, server) = std::os::unix::net::UnixStream::pair().expect("pair");
+            server.set_nonblocking(true).expect("nonblocking");
+            let server = UnixStream::from_std(server).expect("tokio stream");
+            let stash = FdStash::default();
+            test(client, FdStream::new(server, stash.clone()), stash).await;
+        });
     }
 
     #[test]
     fn descriptors_sent_with_the_bytes_are_stashed_for_the_request() {
-        let (client, mut stream, stash) = pair();
-        let file = std::fs::File::open("/dev/null").expect("open");
-        send_with_fds(&client, b"PUT", &[file.as_fd(), file.as_fd()]);
-        assert_eq!(read_all(&mut stream, 3), b"PUT");
-        let received = take(&stash);
-        assert_eq!(received.fds.len(), 2);
-        assert!(!received.overflow);
-        assert_ne!(received.fds[0].as_raw_fd(), file.as_raw_fd(), "our own duplicates");
-        assert!(take(&stash).fds.is_empty(), "taken once");
+        with_pair(async |client, mut stream, stash| {
+            let file = std::fs::File::open("/dev/null").expect("open");
+            send_with_fds(&client, b"PUT", &[file.as_fd(), file.as_fd()]);
+            assert_eq!(read_exact(&mut stream, 3).await, b"PUT");
+            let received = take(&stash);
+            assert_eq!(received.fds.len(), 2);
+            assert!(!received.overflow);
+            assert_ne!(received.fds[0].as_raw_fd(), file.as_raw_fd(), "our own duplicates");
+            assert!(take(&stash).fds.is_empty(), "taken once");
+        });
     }
 
     #[test]
     fn more_descriptors_than_the_cap_mark_the_request_and_are_not_kept() {
-        let (client, mut stream, stash) = pair();
-        let file = std::fs::File::open("/dev/null").expect("open");
-        let many: Vec<_> = (0..MAX_FDS + 1).map(|_| file.as_fd()).collect();
-        send_with_fds(&client, b"x", &many);
-        read_all(&mut stream, 1);
-        let received = take(&stash);
-        assert!(received.overflow);
-        assert!(received.fds.len() <= MAX_FDS);
+        with_pair(async |client, mut stream, stash| {
+            let file = std::fs::File::open("/dev/null").expect("open");
+            let many: Vec<_> = (0..MAX_FDS + 1).map(|_| file.as_fd()).collect();
+            send_with_fds(&client, b"x", &many);
+            read_exact(&mut stream, 1).await;
+            let received = take(&stash);
+            assert!(received.overflow);
+            assert!(received.fds.len() <= MAX_FDS);
+        });
     }
 }

@@ -5,6 +5,7 @@
 //! descriptors), so the next device added can take its slot.
 
 pub mod build;
+mod relocation;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,15 @@ use crate::heki::{Accessor, CheckedMemory, Enforcer};
 use crate::layout;
 use crate::vm::VmError;
 pub use build::NewDevice;
+
+/// The end of the high MMIO window (46 bits of physical address).
+const HIGH_MMIO_END: u64 = 1 << 46;
+
+/// The first address above RAM and above 4 GiB.
+fn high_mmio_start(mem: &GuestMemoryMmap) -> u64 {
+    use vm_memory::GuestMemoryBackend;
+    mem.last_addr().0.saturating_add(1).max(layout::RAM_64BIT_START)
+}
 
 /// How long a removal waits for the device's worker to end.
 const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -128,7 +138,12 @@ impl PciDevices {
             layout::PCI_MMCONFIG_BUS0_SIZE,
             Arc::new(Mutex::new(PciConfigMmio::new(bus))),
         );
-        mmio.insert(layout::PCI_BAR_START, bars.len(), Arc::new(Mutex::new(BarWindowDevice(bars))));
+        // Where the VMM places BARs, and everything above RAM, where Linux
+        // puts the 64-bit BAR of a device it finds on a rescan.
+        let window = |start| Arc::new(Mutex::new(BarWindowDevice { map: bars.clone(), start }));
+        mmio.insert(layout::PCI_BAR_START, bars.len(), window(layout::PCI_BAR_START));
+        let high = high_mmio_start(mem);
+        mmio.insert(high, HIGH_MMIO_END - high, window(high));
         Ok(this)
     }
 
@@ -163,8 +178,14 @@ impl PciDevices {
             registered.push(address);
         }
         let device = Arc::new(Mutex::new(device));
-        self.bars.insert(slot, device.clone());
-        self.bus.add(device.clone());
+        self.bars.insert(slot, bar, device.clone());
+        let on_bus = relocation::RelocatableDevice {
+            device: device.clone(),
+            slot,
+            bars: self.bars.clone(),
+            kvm_vm: self.kvm_vm.clone(),
+        };
+        self.bus.add(Arc::new(Mutex::new(on_bus)));
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         let mut handle =
             VirtioHandle { name: new.name.clone(), slot, device, counters, accessor, stop, worker: None };

@@ -134,6 +134,11 @@ impl Tap {
         ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req)
     }
 
+    /// The TAP's descriptor, to hand over (`vm.add-net` sends it as SCM_RIGHTS).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.file)
+    }
+
     pub fn raw_fd(&self) -> libc::c_int {
         self.file.as_raw_fd()
     }
