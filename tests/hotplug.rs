@@ -202,3 +202,62 @@ fn a_disk_added_before_the_boot_joins_the_config_and_the_boot() {
     assert!(vmm.get("vm.counters").get("_disk0").is_some());
     assert_eq!(vmm.fds_on(&image), 1);
 }
+
+/// Runs hk-remote against `vmm` with `stdin` as its descriptor 0.
+fn hk_remote(vmm: &Vmm, args: &[&str], stdin: std::process::Stdio) -> (bool, String, String) {
+    let out = std::process::Command::new(common::hk_remote_bin())
+        .arg("--api-socket")
+        .arg(&vmm.0.socket)
+        .args(args)
+        .stdin(stdin)
+        .output()
+        .expect("run hk-remote");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn hk_remote_adds_and_removes_devices_in_ch_remote_syntax() {
+    require_kvm!();
+    let vmm = Vmm::start("hotplug-hk-remote");
+    vmm.boot("ticker");
+    let null = || std::process::Stdio::null();
+    let image = disk_image(&vmm.0.dir, "hk.img", b"x");
+    let (ok, out, err) = hk_remote(&vmm, &["add-disk", &format!("path={},id=data", image.display())], null());
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).ok(), Some(json!({"id": "data", "bdf": "0000:00:01.0"})));
+
+    // fd=[0]: hk-remote's stdin travels as SCM_RIGHTS. A TAP is taken ...
+    let tap = vmm::devices::virtio::tap::Tap::open(&format!("hkhr{}", std::process::id() % 250))
+        .expect("open a TAP (needs CAP_NET_ADMIN)");
+    let fd = tap.as_fd().try_clone_to_owned().expect("dup");
+    let (ok, out, err) = hk_remote(&vmm, &["add-net", "fd=[0],mac=52:54:00:4b:48:20"], fd.into());
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).ok(), Some(json!({"id": "_net0", "bdf": "0000:00:02.0"})));
+    assert_eq!(vmm.get("vm.info")["config"]["net"][0]["mac"], "52:54:00:4b:48:20");
+    // ... anything else is refused, and said so.
+    let (ok, _, err) = hk_remote(&vmm, &["add-net", "fd=[0]"], null());
+    assert!(!ok && err.contains("not a TAP device"), "{err}");
+    let (ok, _, err) = hk_remote(&vmm, &["add-net", "fd=[0,x]"], null());
+    assert!(!ok && err.contains("'x' is not a descriptor number"), "{err}");
+
+    let (ok, _, err) = hk_remote(&vmm, &["resize", "--cpus", "1", "--memory", "128M"], null());
+    assert!(ok, "{err}");
+    let (ok, _, err) = hk_remote(&vmm, &["resize", "--cpus", "2"], null());
+    assert!(!ok && err.contains("ACPI CPU hotplug"), "{err}");
+    for id in ["data", "_net0"] {
+        let (ok, out, err) = hk_remote(&vmm, &["remove-device", id], null());
+        assert!(ok && out.is_empty(), "{err}");
+    }
+    let (ok, _, err) = hk_remote(&vmm, &["remove-device", "data"], null());
+    assert!(!ok && err.contains("no removable device with id data"), "{err}");
+    let socket = vmm.0.dir.join("vsock.sock");
+    let (ok, out, err) = hk_remote(&vmm, &["add-vsock", &format!("cid=3,socket={}", socket.display())], null());
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).ok(), Some(json!({"id": "_vsock", "bdf": "0000:00:01.0"})));
+    let (ok, _, err) = hk_remote(&vmm, &["add-vsock", &format!("cid=4,socket={}", socket.display())], null());
+    assert!(!ok && err.contains("one per VM"), "{err}");
+    // virtio-fs needs shared memory without heki: refused by name on this VM.
+    let (ok, _, err) = hk_remote(&vmm, &["add-fs", "tag=share,socket=/tmp/nowhere.sock"], null());
+    assert!(!ok && err.contains("fs: not available with heki enabled"), "{err}");
+}

@@ -71,6 +71,11 @@ fn accept_queue_size(device: &mut Map<String, Value>) -> Result<(), ApiError> {
 pub fn decode_add_disk(body: &[u8], _fds: ReceivedFds) -> Result<ApiRequest, ApiError> {
     let mut device = object(body, "DiskConfig")?;
     accept_queue_size(&mut device)?;
+    // `ch-remote add-disk` sends "Unknown" (detect the format); every image
+    // is raw to Hekivisor, which reads no other format.
+    if device.get("image_type").and_then(Value::as_str) == Some("Unknown") {
+        device.insert("image_type".into(), json!("Raw"));
+    }
     let config = device_config("disks", device, json!({}))?;
     let disk: DiskConfig = config.disks.into_iter().flatten().next().ok_or_else(|| bad("no disk in the body"))?;
     Ok(ApiRequest::VmAddDisk(Box::new(disk)))
@@ -188,6 +193,10 @@ mod tests {
             "num_queues":1,"queue_size":1024,"iommu":false}"#;
         let ApiRequest::VmAddDisk(disk) = decode_add_disk(body, fds(0)).expect("accepted") else { panic!() };
         assert_eq!(disk.path, std::path::Path::new("/tmp/x.img"));
+        let ch_remote = br#"{"pci_segment":0,"path":"/x","readonly":false,"direct":false,"num_queues":1,
+            "queue_size":128,"vhost_user":false,"disable_io_uring":false,"disable_aio":false,"backing_files":false,
+            "sparse":true,"image_type":"Unknown","lock_granularity":"ByteRange"}"#;
+        assert!(decode_add_disk(ch_remote, fds(0)).is_ok(), "ch-remote add-disk path=/x");
         let text = message(decode_add_disk(br#"{"path":"/x","vhost_user":true}"#, fds(0)));
         assert!(text.contains("vhost_user: not supported"), "{text}");
         let text = message(decode_add_disk(br#"{"path":"/x","queue_size":1000}"#, fds(0)));
