@@ -8,6 +8,10 @@
 # Needs /dev/kvm, CAP_NET_ADMIN (a TAP) and virtiofsd (scripts/virtiofsd.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo nextest run --test kata_replay --no-capture 2>&1 | grep -E '^kata-replay:|panicked|FAIL' || true
-# The exit status is the test's.
-cargo nextest run --test kata_replay >/dev/null 2>&1
+out=$(mktemp)
+status=0
+cargo nextest run --test kata_replay --no-capture >"$out" 2>&1 || status=$?
+grep -E '^kata-replay:' "$out" || true
+[ "$status" -eq 0 ] || tail -40 "$out" >&2
+rm -f "$out"
+exit "$status"

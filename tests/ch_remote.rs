@@ -153,7 +153,8 @@ fn check_hotplug(ch: &mut ChRemote, dir: &Path) {
     ch.refused(&["add-disk", "path=/nonexistent/hk.img"], None, "BadRequest", "/nonexistent/hk.img");
     let tap = vmm::devices::virtio::tap::Tap::open(&format!("hkch{}", std::process::id() % 250))
         .expect("open a TAP (needs CAP_NET_ADMIN)");
-    let out = ch.run_with_fd(&["add-net", "fd=[0],mac=52:54:00:4b:48:10"], tap.as_fd().try_clone_to_owned().expect("dup"));
+    let out =
+        ch.run_with_fd(&["add-net", "fd=[0],mac=52:54:00:4b:48:10"], tap.as_fd().try_clone_to_owned().expect("dup"));
     assert!(out.success, "{out:?}");
     let net: Value = serde_json::from_str(out.stdout.trim()).expect("PciDeviceInfo");
     assert_eq!(net, serde_json::json!({"id": "_net0", "bdf": "0000:00:03.0"}));

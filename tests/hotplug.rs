@@ -60,7 +60,11 @@ impl Vmm {
     /// Names of the VMM's threads (a device worker is named after its device).
     fn threads(&self) -> Vec<String> {
         let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid())).expect("tasks");
-        tasks.flatten().filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok()).map(|c| c.trim().into()).collect()
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+            .map(|c| c.trim().into())
+            .collect()
     }
 
     /// How many of the VMM's descriptors are open on `path`.
@@ -124,9 +128,15 @@ fn a_hot_added_disk_serves_the_guest_under_the_dma_guard_and_its_removal_frees_s
 
     // The slot and the id are free again.
     let (status, body) = vmm.put("vm.add-disk", json!({"path": image}));
-    assert_eq!((status, serde_json::from_str::<Value>(&body).ok()), (200, Some(json!({"id": "_disk0", "bdf": "0000:00:01.0"}))));
+    assert_eq!(
+        (status, serde_json::from_str::<Value>(&body).ok()),
+        (200, Some(json!({"id": "_disk0", "bdf": "0000:00:01.0"})))
+    );
     let (status, body) = vmm.put("vm.add-disk", json!({"path": image, "id": "second"}));
-    assert_eq!((status, serde_json::from_str::<Value>(&body).ok()), (200, Some(json!({"id": "second", "bdf": "0000:00:02.0"}))));
+    assert_eq!(
+        (status, serde_json::from_str::<Value>(&body).ok()),
+        (200, Some(json!({"id": "second", "bdf": "0000:00:02.0"})))
+    );
     let (status, body) = vmm.put("vm.add-disk", json!({"path": image, "id": "second"}));
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("id second exists already"), "{body}");

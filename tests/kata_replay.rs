@@ -62,7 +62,11 @@ impl Replay {
 
 /// The error lines naming refused fields: "<field>: not supported by Hekivisor ...".
 fn refused_fields(chain: &[String]) -> Vec<String> {
-    chain.iter().filter_map(|l| l.split_once(": not supported by Hekivisor")).map(|(f, _)| f.trim().to_string()).collect()
+    chain
+        .iter()
+        .filter_map(|l| l.split_once(": not supported by Hekivisor"))
+        .map(|(f, _)| f.trim().to_string())
+        .collect()
 }
 
 fn remove_field(body: &mut Value, path: &str) {
@@ -108,7 +112,9 @@ fn kata_clh_sequence_is_answered_as_kata_expects() {
         assert!(!fields.is_empty() && unknown.is_empty(), "vm.create refused more than the known gaps: {}", r.body);
         for field in &fields {
             let why = KNOWN_GAPS.iter().find(|(g, _)| g == field).map_or("", |(_, w)| w);
-            let line = format!("kata-replay: PUT vm.create -> 400 names {field}: KNOWN GAP, needs {why}; sent again without it");
+            let line = format!(
+                "kata-replay: PUT vm.create -> 400 names {field}: KNOWN GAP, needs {why}; sent again without it"
+            );
             println!("{line}");
             replay.lines.push(line);
             remove_field(&mut body, field);
@@ -145,7 +151,10 @@ fn kata_clh_sequence_is_answered_as_kata_expects() {
     // clhPciInfoToPath: "0000:00:DD.0" and nothing else.
     let bdf = pci["bdf"].as_str().expect("bdf");
     let tokens: Vec<&str> = bdf.split([':', '.']).collect();
-    assert!(tokens.len() == 4 && tokens[0] == "0000" && tokens[1] == "00" && tokens[2].len() == 2 && tokens[3] == "0", "{bdf}");
+    assert!(
+        tokens.len() == 4 && tokens[0] == "0000" && tokens[1] == "00" && tokens[2].len() == 2 && tokens[3] == "0",
+        "{bdf}"
+    );
     let id = pci["id"].as_str().expect("id").to_string();
 
     // ResizeVCPUs sends the count it wants even when it is the current one;

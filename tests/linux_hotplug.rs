@@ -110,7 +110,11 @@ impl Guest {
 
     fn threads(&self) -> Vec<String> {
         let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid())).expect("tasks");
-        tasks.flatten().filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok()).map(|c| c.trim().into()).collect()
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+            .map(|c| c.trim().into())
+            .collect()
     }
 
     fn fds_on(&self, path: &Path) -> usize {

@@ -158,9 +158,8 @@ type Request = (&'static str, &'static str, Option<String>, Vec<std::os::fd::Own
 
 fn request(cli: &Cli) -> Result<Request, String> {
     use vmm::config::cli::{parse_disk, parse_fs, parse_net, parse_vsock};
-    let plain = |(method, command, body): (&'static str, &'static str, Option<String>)| {
-        Ok((method, command, body, Vec::new()))
-    };
+    let plain =
+        |(method, command, body): (&'static str, &'static str, Option<String>)| Ok((method, command, body, Vec::new()));
     match &cli.command {
         Command::AddDisk { config } => {
             let disk = parse_disk(config).map_err(|e| e.to_string())?;

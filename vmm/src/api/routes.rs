@@ -3,7 +3,9 @@
 use serde::Deserialize;
 
 use super::fd_stream::ReceivedFds;
-use super::hotplug::{decode_add_disk, decode_add_fs, decode_add_net, decode_add_vsock, decode_remove_device, decode_resize};
+use super::hotplug::{
+    decode_add_disk, decode_add_fs, decode_add_net, decode_add_vsock, decode_remove_device, decode_resize,
+};
 use super::{ApiError, ApiRequest};
 use crate::config::vm_config_from_json;
 

@@ -7,9 +7,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::config::{ConsoleOutputMode, DiskConfig, FsConfig, NetConfig, VmConfig, VsockConfig};
 use crate::devices::virtio::console::{Console, ConsoleHost};
-use crate::devices::virtio::{
-    VirtioDevice, block::Block, fs::Fs, net::Net, rng::Rng, tap::Tap, vsock::Vsock,
-};
+use crate::devices::virtio::{VirtioDevice, block::Block, fs::Fs, net::Net, rng::Rng, tap::Tap, vsock::Vsock};
 use crate::memory;
 use crate::vm::VmError;
 

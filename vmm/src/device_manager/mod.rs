@@ -141,7 +141,7 @@ impl PciDevices {
         // Where the VMM places BARs, and everything above RAM, where Linux
         // puts the 64-bit BAR of a device it finds on a rescan.
         let window = |start| Arc::new(Mutex::new(BarWindowDevice { map: bars.clone(), start }));
-        mmio.insert(layout::PCI_BAR_START, bars.len(), window(layout::PCI_BAR_START));
+        mmio.insert(layout::PCI_BAR_START, bars.window_len(), window(layout::PCI_BAR_START));
         let high = high_mmio_start(mem);
         mmio.insert(high, HIGH_MMIO_END - high, window(high));
         Ok(this)
@@ -187,8 +187,7 @@ impl PciDevices {
         };
         self.bus.add(Arc::new(Mutex::new(on_bus)));
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        let mut handle =
-            VirtioHandle { name: new.name.clone(), slot, device, counters, accessor, stop, worker: None };
+        let mut handle = VirtioHandle { name: new.name.clone(), slot, device, counters, accessor, stop, worker: None };
         if self.started {
             self.start_worker(&mut handle)?;
         }

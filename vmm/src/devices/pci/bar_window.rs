@@ -29,7 +29,7 @@ impl BarWindow {
     }
 
     /// The length of the window the VMM places BARs in.
-    pub fn len(&self) -> u64 {
+    pub fn window_len(&self) -> u64 {
         self.bar_size.saturating_mul(self.read().len() as u64)
     }
 
@@ -138,7 +138,7 @@ mod tests {
     #[test]
     fn each_slot_owns_its_bar_a_moved_bar_answers_at_its_new_address_and_a_removed_one_reads_all_ones() {
         let window = Arc::new(BarWindow::new(0xc000_0000, 0x4000, 32));
-        assert_eq!(window.len(), 31 * 0x4000);
+        assert_eq!(window.window_len(), 31 * 0x4000);
         assert_eq!(window.bar_address(0), None);
         assert_eq!(window.bar_address(1), Some(0xc000_0000));
         assert_eq!(window.bar_address(3), Some(0xc000_8000));
