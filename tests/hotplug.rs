@@ -143,6 +143,19 @@ fn a_hot_added_disk_serves_the_guest_under_the_dma_guard_and_its_removal_frees_s
     let (status, body) = vmm.put("vm.add-disk", json!({"path": vmm.0.dir.join("missing.img")}));
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("missing.img"), "{body}");
+
+    // A reboot builds the added devices again, at the same addresses.
+    assert_eq!(vmm.put("vm.reboot", json!(null)).0, 204);
+    let counters = vmm.get("vm.counters");
+    assert!(counters.get("_disk0").is_some() && counters.get("second").is_some(), "{counters:#}");
+    assert_eq!(vmm.fds_on(&image), 2, "one descriptor per disk on the image");
+    // Not while paused (a paused worker could not be stopped); after the resume, yes.
+    assert_eq!(vmm.put("vm.pause", json!(null)).0, 204);
+    let (status, body) = vmm.put("vm.remove-device", json!({"id": "second"}));
+    assert!(status == 500 && body.contains("resume it first"), "{status} {body}");
+    assert_eq!(vmm.put("vm.resume", json!(null)).0, 204);
+    assert_eq!(vmm.put("vm.remove-device", json!({"id": "second"})).0, 204);
+    wait_until("the image to close", || vmm.fds_on(&image) == 1);
     assert_eq!(vmm.put("vm.shutdown", json!(null)).0, 204);
 }
 

@@ -162,6 +162,11 @@ fn device_error(e: VmError) -> ApiError {
 
 fn remove(vmm: &mut Vmm, id: &str) -> ApiResult {
     let current = vmm.config.as_ref().ok_or_else(no_vm)?;
+    if vmm.state == VmState::Paused {
+        // A paused device's worker may wait on the pause itself, where its
+        // stop signal cannot reach it: it would outlive its removal.
+        return Err(ApiError::Conflict("cannot remove a device while the VM is paused; resume it first".into()));
+    }
     let mut config = current.clone();
     freeze_ids(&mut config);
     let is = |other: &Option<String>| other.as_deref() == Some(id);
