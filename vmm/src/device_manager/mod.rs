@@ -163,6 +163,7 @@ impl PciDevices {
         }
         let slot = self.bus.free_slot().ok_or_else(|| VmError::Device("no free PCI slot".into()))?;
         let bar = self.bars.bar_address(slot).ok_or_else(|| VmError::Device("no free PCI slot".into()))?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         let (memory, counters, accessor) = device_memory(&self.mem, &self.enforcer, &new.name);
         let device =
             VirtioPci::new(new.device, bar, memory, new.class, Some(self.routes.clone())).map_err(VmError::EventFd)?;
@@ -186,12 +187,14 @@ impl PciDevices {
             kvm_vm: self.kvm_vm.clone(),
         };
         self.bus.add(Arc::new(Mutex::new(on_bus)));
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         let mut handle = VirtioHandle { name: new.name.clone(), slot, device, counters, accessor, stop, worker: None };
-        if self.started {
-            self.start_worker(&mut handle)?;
-        }
+        let started = if self.started { self.start_worker(&mut handle) } else { Ok(()) };
         self.handles.push(handle);
+        if let Err(e) = started {
+            // Off the bus again, with everything it took.
+            self.remove(&new.name);
+            return Err(e);
+        }
         Ok(PciDeviceInfo { id: new.name, slot })
     }
 
