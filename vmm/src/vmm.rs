@@ -329,7 +329,7 @@ impl Vmm {
         }
         // Events from the old vCPUs are stale now.
         while self.vcpu_rx.try_recv().is_ok() {}
-        self.boot()?;
+        // Before the new guest runs, so that the event precedes anything it does.
         if self.config.as_ref().is_some_and(|c| c.heki.enabled) {
             crate::events::emit(
                 "heki",
@@ -337,6 +337,7 @@ impl Vmm {
                 &[("reason", "guest reboot: protections and pins cleared, all memory shared again".to_string())],
             );
         }
+        self.boot()?;
         crate::events::emit("vm", "rebooted", &[]);
         Ok(())
     }

@@ -83,8 +83,18 @@ impl AsyncRead for FdStream {
         loop {
             ready!(this.inner.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
+            let room = unfilled.len();
             match this.inner.try_io(Interest::READABLE, || receive(&this.inner, unfilled, &this.stash)) {
                 Ok(n) => {
+                    if n > 0 && n < room {
+                        // A short read drained the socket: forget the readiness
+                        // until epoll reports more, as tokio's own stream does.
+                        // Otherwise the next read finds a client's half-close
+                        // (`shutdown(SHUT_WR)` after its request) at once, and
+                        // hyper drops the connection before answering.
+                        let drained = || Err::<(), _>(std::io::Error::from(std::io::ErrorKind::WouldBlock));
+                        let _ = this.inner.try_io(Interest::READABLE, drained);
+                    }
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
