@@ -166,6 +166,12 @@ fn check_hotplug(ch: &mut ChRemote, dir: &Path) {
     assert_eq!(ch.json(&["add-disk", &disk_arg])["bdf"], "0000:00:02.0", "the freed slot is reused");
     ch.done(&["remove-device", "_disk0"]);
     ch.done(&["remove-device", "_net0"]);
+    let vsock_arg = format!("cid=3,socket={}", dir.join("vsock.sock").display());
+    assert_eq!(ch.json(&["add-vsock", &vsock_arg]), serde_json::json!({"id": "_vsock", "bdf": "0000:00:02.0"}));
+    ch.refused(&["add-vsock", &vsock_arg], None, "BadRequest", "one per VM");
+    ch.done(&["remove-device", "_vsock"]);
+    // This VM's memory is not shared: a virtio-fs share is refused, naming why.
+    ch.refused(&["add-fs", "tag=share,socket=/tmp/nowhere.sock"], None, "BadRequest", "memory.shared");
 }
 
 #[test]

@@ -284,3 +284,27 @@ fn hk_remote_adds_and_removes_devices_in_ch_remote_syntax() {
     let (ok, _, err) = hk_remote(&vmm, &["add-fs", "tag=share,socket=/tmp/nowhere.sock"], null());
     assert!(!ok && err.contains("fs: not available with heki enabled"), "{err}");
 }
+
+#[test]
+fn a_virtio_fs_share_added_at_run_time_connects_to_its_backend_and_its_removal_lets_it_go() {
+    require_kvm!();
+    let vmm = Vmm::start("hotplug-fs");
+    let config = json!({
+        "memory": {"size": 134217728, "shared": true},
+        "payload": {"kernel": common::guests::build("ticker")},
+        "serial": {"mode": "File", "file": vmm.0.serial},
+    });
+    assert_eq!(vmm.put("vm.create", config).0, 204);
+    assert_eq!(vmm.put("vm.boot", json!(null)).0, 204);
+    let share = vmm.0.dir.join("share");
+    std::fs::create_dir_all(&share).expect("share");
+    let mut backend = common::virtiofsd::Virtiofsd::start(&vmm.0.dir, &share);
+    let (status, body) = vmm.put("vm.add-fs", json!({"tag": "hkshare", "socket": backend.socket}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).ok(), Some(json!({"id": "_fs0", "bdf": "0000:00:01.0"})));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(backend.child.try_wait().expect("wait").is_none(), "the backend serves the VM:\n{}", backend.log());
+    assert_eq!(vmm.put("vm.remove-device", json!({"id": "_fs0"})).0, 204);
+    // The VMM closed its vhost-user connection: virtiofsd ends, as with its VM.
+    assert!(backend.wait_for_exit(Duration::from_secs(10)), "virtiofsd is let go:\n{}", backend.log());
+}
