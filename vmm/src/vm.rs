@@ -72,7 +72,7 @@ pub struct Vm {
     /// How many vCPU threads have returned from `run_vcpu`; each then unparks
     /// the thread that started it, so `stop` wakes at once instead of polling.
     vcpus_done: Arc<AtomicUsize>,
-    /// Non-vCPU threads of this VM (the CR check timer, device workers).
+    /// Non-vCPU threads of this VM (the CR check timer; device workers live in `devices`).
     helpers: Vec<JoinHandle<()>>,
     devices: PciDevices,
     /// Signalled to end the CR-check thread.
