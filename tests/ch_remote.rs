@@ -53,11 +53,25 @@ struct ChRemote {
 
 impl ChRemote {
     fn run(&mut self, args: &[&str], stdin: Option<&str>) -> Outcome {
+        self.run_with(args, stdin, None)
+    }
+
+    /// Runs with `fd` as ch-remote's descriptor 0 (for `add-net fd=[0]`).
+    fn run_with_fd(&mut self, args: &[&str], fd: std::os::fd::OwnedFd) -> Outcome {
+        self.run_with(args, None, Some(fd))
+    }
+
+    fn run_with(&mut self, args: &[&str], stdin: Option<&str>, fd: Option<std::os::fd::OwnedFd>) -> Outcome {
+        let input = match (stdin, fd) {
+            (_, Some(fd)) => Stdio::from(fd),
+            (Some(_), None) => Stdio::piped(),
+            (None, None) => Stdio::null(),
+        };
         let mut child = Command::new(&self.bin)
             .arg("--api-socket")
             .arg(&self.socket)
             .args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(input)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -122,6 +136,42 @@ impl ChRemote {
     fn state(&mut self) -> String {
         self.json(&["info"])["state"].as_str().expect("state is a string").to_string()
     }
+}
+
+/// `add-disk`, `add-net fd=[...]` (the TAP travels as SCM_RIGHTS),
+/// `remove-device` and `resize`, in ch-remote's own syntax, on a running VM
+/// whose slot 1 holds its rng.
+fn check_hotplug(ch: &mut ChRemote, dir: &Path) {
+    ch.done(&["resize", "--cpus", "1"]);
+    ch.refused(&["resize", "--cpus", "2"], None, "BadRequest", "desired_vcpus: must be 1..=1 (max_vcpus)");
+    ch.refused(&["resize", "--memory", "256M"], None, "BadRequest", "needs memory hotplug");
+    let image = dir.join("hot.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).expect("disk image");
+    let disk_arg = format!("path={}", image.display());
+    let disk = ch.json(&["add-disk", &disk_arg]);
+    assert_eq!(disk, serde_json::json!({"id": "_disk0", "bdf": "0000:00:02.0"}));
+    ch.refused(&["add-disk", "path=/nonexistent/hk.img"], None, "BadRequest", "/nonexistent/hk.img");
+    let tap = vmm::devices::virtio::tap::Tap::open(&format!("hkch{}", std::process::id() % 250))
+        .expect("open a TAP (needs CAP_NET_ADMIN)");
+    let out =
+        ch.run_with_fd(&["add-net", "fd=[0],mac=52:54:00:4b:48:10"], tap.as_fd().try_clone_to_owned().expect("dup"));
+    assert!(out.success, "{out:?}");
+    let net: Value = serde_json::from_str(out.stdout.trim()).expect("PciDeviceInfo");
+    assert_eq!(net, serde_json::json!({"id": "_net0", "bdf": "0000:00:03.0"}));
+    let null = std::fs::File::open("/dev/null").expect("/dev/null");
+    let out = ch.run_with_fd(&["add-net", "fd=[0]"], null.into());
+    assert!(!out.success && out.stderr.contains("not a TAP device"), "{out:?}");
+    ch.done(&["remove-device", "_disk0"]);
+    ch.refused(&["remove-device", "_disk0"], None, "NotFound", "no removable device with id _disk0");
+    assert_eq!(ch.json(&["add-disk", &disk_arg])["bdf"], "0000:00:02.0", "the freed slot is reused");
+    ch.done(&["remove-device", "_disk0"]);
+    ch.done(&["remove-device", "_net0"]);
+    let vsock_arg = format!("cid=3,socket={}", dir.join("vsock.sock").display());
+    assert_eq!(ch.json(&["add-vsock", &vsock_arg]), serde_json::json!({"id": "_vsock", "bdf": "0000:00:02.0"}));
+    ch.refused(&["add-vsock", &vsock_arg], None, "BadRequest", "one per VM");
+    ch.done(&["remove-device", "_vsock"]);
+    // This VM's memory is not shared: a virtio-fs share is refused, naming why.
+    ch.refused(&["add-fs", "tag=share,socket=/tmp/nowhere.sock"], None, "BadRequest", "memory.shared");
 }
 
 #[test]
@@ -194,7 +244,7 @@ fn the_real_ch_remote_drives_the_whole_matrix() {
     assert!(counters["vcpu0"]["exits"].as_u64().is_some_and(|n| n > 0), "{counters}");
     ch.refused(&["power-button"], None, "NotImplemented", "no ACPI power button device");
     ch.refused(&["snapshot", "file:///tmp/hk-snapshot"], None, "NotImplemented", "does not implement vm.snapshot");
-    ch.refused(&["resize", "--cpus", "2"], None, "NotImplemented", "does not implement vm.resize");
+    check_hotplug(&mut ch, &process.dir);
     ch.refused(&["nmi"], None, "NotImplemented", "does not implement vm.nmi");
 
     // Paused and resumed.

@@ -5,6 +5,7 @@
 //! `Content-Length`, chunked encoding, or until the server closes.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -158,6 +159,11 @@ fn write_request(
     body: Option<&str>,
     keep_alive: bool,
 ) -> std::io::Result<()> {
+    out.write_all(request_text(method, command, body, keep_alive).as_bytes())?;
+    out.flush()
+}
+
+fn request_text(method: &str, command: &str, body: Option<&str>, keep_alive: bool) -> String {
     let connection = if keep_alive { "keep-alive" } else { "close" };
     let mut request =
         format!("{method} {API_PREFIX}{command} HTTP/1.1\r\nHost: localhost\r\nConnection: {connection}\r\n");
@@ -169,8 +175,31 @@ fn write_request(
     } else {
         request.push_str("\r\n");
     }
-    out.write_all(request.as_bytes())?;
-    out.flush()
+    request
+}
+
+/// Writes the whole request in one `sendmsg` carrying `fds` as `SCM_RIGHTS`
+/// (how Cloud Hypervisor's clients and Kata hand over TAP descriptors).
+fn send_request_with_fds(
+    socket: &UnixStream,
+    method: &str,
+    command: &str,
+    body: Option<&str>,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), Error> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+    let text = request_text(method, command, body, false);
+    let mut space = vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(Error::BadResponse("too many descriptors for one message".into()));
+    }
+    let sent = sendmsg(socket, &[std::io::IoSlice::new(text.as_bytes())], &mut control, SendFlags::NOSIGNAL)
+        .map_err(std::io::Error::from)?;
+    // The descriptors went with the first bytes; the rest, if any, follows plainly.
+    let mut rest = socket;
+    rest.write_all(&text.as_bytes()[sent..])?;
+    Ok(())
 }
 
 fn read_line(reader: &mut impl BufRead) -> Result<String, Error> {
@@ -356,6 +385,21 @@ impl ApiClient {
                 }
             }
         }
+    }
+
+    /// Sends a request with `fds` attached as `SCM_RIGHTS` on a connection of
+    /// its own, and returns the response whatever its status.
+    pub fn request_with_fds(
+        &self,
+        method: &str,
+        command: &str,
+        body: Option<&str>,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Response, Error> {
+        let stream = self.open()?;
+        send_request_with_fds(&stream, method, command, body, fds)?;
+        read_response(&mut BufReader::new(stream), method)?
+            .ok_or_else(|| Error::BadResponse("connection closed without a response".into()))
     }
 
     /// Like `request`, but an HTTP error status becomes `Error::Server`.

@@ -48,7 +48,8 @@ ioctl_iow_nr!(KVM_SET_GUEST_DEBUG, KVMIO, 0x9b, kvm_guest_debug);
 
 /// Everything a vCPU thread asks of KVM while the guest runs: its own vCPU
 /// (run, registers, MSRs, exceptions, translation, debugging) and, for heki calls and
-/// MSI-X programming, the VM's memslots, MSR filter, GSI routes and irqfds.
+/// MSI-X programming, the VM's memslots, MSR filter, GSI routes and irqfds;
+/// for a BAR the guest moves, the ioeventfds of its queues.
 pub fn vcpu_thread_ioctls() -> Vec<u64> {
     [
         KVM_RUN(),
@@ -66,6 +67,7 @@ pub fn vcpu_thread_ioctls() -> Vec<u64> {
         KVM_X86_SET_MSR_FILTER(),
         KVM_SET_GSI_ROUTING(),
         KVM_IRQFD(),
+        KVM_IOEVENTFD(),
         KVM_IRQ_LINE(),
         KVM_CHECK_EXTENSION(),
     ]

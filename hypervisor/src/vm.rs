@@ -122,6 +122,18 @@ impl Vm {
             .map_err(ioctl_err("KVM_IOEVENTFD"))
     }
 
+    /// Stops delivering `gsi` on `fd` (a device that was removed).
+    pub fn unregister_irqfd(&self, fd: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()> {
+        self.fd.unregister_irqfd(fd, gsi).map_err(ioctl_err("KVM_IRQFD"))
+    }
+
+    /// Removes the ioeventfd `register_mmio_ioevent` set for `addr` (a device that was removed).
+    pub fn unregister_mmio_ioevent(&self, fd: &vmm_sys_util::eventfd::EventFd, addr: u64) -> Result<()> {
+        self.fd
+            .unregister_ioevent(fd, &kvm_ioctls::IoEventAddress::Mmio(addr), kvm_ioctls::NoDatamatch)
+            .map_err(ioctl_err("KVM_IOEVENTFD"))
+    }
+
     /// Installs the interrupt routing: KVM's default PIC/IOAPIC routes for
     /// GSIs 0..24, plus one MSI route per `(gsi, address, data)`.
     pub fn set_msi_routes(&self, msi: &[(u32, u64, u32)]) -> Result<()> {

@@ -20,6 +20,11 @@
 #   fsblk   reads as many MiB as /dev/vda holds from /dev/zero, /dev/vda and
 #           /mnt/data (virtio-fs share hk_fs),
 #           printing /proc/uptime before and after each
+# With hk_hotplug=1, only devices added and removed at run time
+# (tests/linux_hotplug.rs): commands come one per line on the serial
+# console, each answered by one "hotplug:" line. The guest has no ACPI
+# hotplug notification (docs/api.md), so the host says when to rescan, and
+# the guest releases a device before the host removes it.
 echo "init: userspace up"
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -50,6 +55,44 @@ if [ -n "$hk_fs" ]; then
     fi
     echo "drivers: done"
     reboot -f
+fi
+if [ -n "$hk_hotplug" ]; then
+    echo "hotplug: ready"
+    while read -r command argument; do
+        case "$command" in
+        rescan)
+            echo 1 >/sys/bus/pci/rescan
+            echo "hotplug: rescanned"
+            ;;
+        ping)
+            if ip link set eth0 up && ip addr add "$argument.2/24" dev eth0 &&
+                ping -c 1 -W 10 "$argument.1" >/dev/null; then
+                echo "hotplug: ping: ok"
+            else
+                echo "hotplug: ping: failed"
+            fi
+            ;;
+        read)
+            echo "hotplug: read: $(dd if=/dev/"$argument" bs=22 count=1 2>/dev/null)"
+            ;;
+        release)
+            # The PCI function above the virtio device: the driver lets go of it.
+            if cd -P "/sys/block/$argument/device/.." && echo 1 >remove; then
+                echo "hotplug: released $argument"
+            else
+                echo "hotplug: release failed"
+            fi
+            cd /
+            ;;
+        check)
+            if [ -b "/dev/$argument" ]; then echo "hotplug: $argument present"; else echo "hotplug: $argument absent"; fi
+            ;;
+        end)
+            echo "hotplug: done"
+            reboot -f
+            ;;
+        esac
+    done
 fi
 if [ -b /dev/vda ]; then
     echo "drivers: disk read: $(dd if=/dev/vda bs=22 count=1 2>/dev/null)"

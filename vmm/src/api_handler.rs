@@ -31,6 +31,8 @@ pub(crate) trait RequestHandler {
     fn vm_counters(&self) -> Value;
     /// The `vm.heki*` endpoints.
     fn heki_request(&mut self, request: ApiRequest) -> ApiResult;
+    /// `vm.add-*`, `vm.remove-device` and `vm.resize` (a VM exists).
+    fn hotplug_request(&mut self, request: ApiRequest) -> ApiResult;
     /// Ends the VMM process (after shutting the VM down).
     fn shutdown_vmm(&mut self);
 }
@@ -151,5 +153,14 @@ fn handle(vmm: &mut dyn RequestHandler, request: ApiRequest) -> ApiResult {
         | ApiRequest::VmHekiPolicy(_)
         | ApiRequest::VmHekiViolations
         | ApiRequest::VmHekiPin(_)) => vmm.heki_request(request),
+        request @ (ApiRequest::VmAddDisk(_)
+        | ApiRequest::VmAddNet(_)
+        | ApiRequest::VmAddFs(_)
+        | ApiRequest::VmAddVsock(_)
+        | ApiRequest::VmRemoveDevice(_)
+        | ApiRequest::VmResize(_)) => {
+            current_state(vmm)?;
+            vmm.hotplug_request(request)
+        }
     }
 }

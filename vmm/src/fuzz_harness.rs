@@ -223,7 +223,7 @@ pub fn pci_accesses(data: &[u8]) {
     let rng = Box::new(Rng::new(fixture.entropy.try_clone().expect("clone entropy")));
     let Ok(device) = VirtioPci::new(rng, crate::layout::PCI_BAR_START, memory, 0xff_00_00, None) else { return };
     let device = Arc::new(Mutex::new(device));
-    let mut bus = PciBus::default();
+    let bus = PciBus::default();
     if bus.add(device.clone()).is_none() {
         return;
     }
@@ -306,7 +306,7 @@ pub fn http_request(data: &[u8]) {
     };
     let Ok(path) = std::str::from_utf8(path) else { return };
     if let crate::api::Resolved::Request(route) = crate::api::resolve(method, path) {
-        let _ = route.decode(body);
+        let _ = route.decode(body, Default::default());
     }
 }
 

@@ -7,6 +7,7 @@ mod api_handler;
 pub mod boot;
 pub mod config;
 pub mod cpu;
+pub mod device_manager;
 pub mod devices;
 mod errors;
 mod events;
@@ -26,6 +27,7 @@ pub mod traps;
 pub mod vm;
 mod vm_state;
 pub mod vmm;
+mod vmm_hotplug;
 mod vmm_requests;
 
 pub use errors::error_chain;

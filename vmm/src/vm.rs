@@ -1,7 +1,6 @@
 //! One virtual machine: memory, devices, vCPUs, built from a `VmConfig`.
 
 use std::io::Write;
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -17,19 +16,8 @@ use crate::boot::{BootInputs, Loaded, load_payload};
 use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::cpu::hook::ExitHook;
 use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, boot_registers, cpuid, kick, run_vcpu};
-use crate::devices::msi::MsiRoutes;
-use crate::devices::pci::PciSegments;
-use crate::devices::virtio::pci::{BAR_SIZE, VirtioPci};
-use crate::devices::virtio::{
-    DeviceCounters, DeviceMemory, VirtioDevice,
-    block::Block,
-    console::{Console, ConsoleHost},
-    fs::Fs,
-    net::Net,
-    rng::Rng,
-    tap::Tap,
-    vsock::Vsock,
-};
+use crate::device_manager::{PciDeviceInfo, PciDevices, build};
+use crate::devices::virtio::console::ConsoleHost;
 use crate::devices::{AcpiPmDevice, I8042Device, MmioBus, PioBus, SerialDevice};
 use crate::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
 use crate::introspection::{AgentLink, Hub};
@@ -84,10 +72,10 @@ pub struct Vm {
     /// How many vCPU threads have returned from `run_vcpu`; each then unparks
     /// the thread that started it, so `stop` wakes at once instead of polling.
     vcpus_done: Arc<AtomicUsize>,
-    /// Non-vCPU threads of this VM (the CR check timer, device workers).
+    /// Non-vCPU threads of this VM (the CR check timer; device workers live in `devices`).
     helpers: Vec<JoinHandle<()>>,
-    virtio: Vec<VirtioHandle>,
-    /// Signalled to end the device worker threads.
+    devices: PciDevices,
+    /// Signalled to end the CR-check thread.
     device_stop: EventFd,
     pending_vcpus: Vec<Vcpu>,
     ctx: Arc<VcpuContext>,
@@ -180,7 +168,10 @@ impl Vm {
             _ => None,
         };
         let mut mmio = MmioBus::default();
-        let virtio = add_pci_devices(config, &kvm_vm, &mem, &enforcer, &mut pio, &mut mmio, console)?;
+        let wanted = build::boot_devices(config, &mem, console)?;
+        let devices = PciDevices::new(
+            config.pci_segments(),
+            &kvm_vm, &mem, &enforcer, control.devices.clone(), &mut pio, &mut mmio, wanted)?;
         pio.insert(ports::I8042_DATA, 5, Arc::new(Mutex::new(I8042Device)));
         pio.insert(ports::ACPI_SLEEP_CONTROL, 3, Arc::new(Mutex::new(AcpiPmDevice)));
 
@@ -244,7 +235,7 @@ impl Vm {
             threads: Vec::new(),
             vcpus_done: Arc::new(AtomicUsize::new(0)),
             helpers: Vec::new(),
-            virtio,
+            devices,
             device_stop,
             pending_vcpus,
             ctx,
@@ -273,13 +264,7 @@ impl Vm {
             self.ctx.control.vcpus.register_thread(&handle);
             self.threads.push(handle);
         }
-        for dev in &self.virtio {
-            let stop = self.device_stop.try_clone().map_err(VmError::EventFd)?;
-            let gate = self.ctx.control.devices.clone();
-            let worker =
-                lock_device(&dev.device).spawn_worker(dev.name.clone(), stop, gate).map_err(VmError::SpawnVcpu)?;
-            self.helpers.extend(worker);
-        }
+        self.devices.start()?;
         if let Some(heki) = self.heki.clone() {
             let ctx = self.ctx.clone();
             let interval = Duration::from_millis(heki.cr_check_interval_ms);
@@ -337,7 +322,7 @@ impl Vm {
         if let Some(agent) = &self.agent {
             all.insert("introspection".into(), agent.counters());
         }
-        for dev in &self.virtio {
+        for dev in self.devices.handles() {
             all.insert(dev.name.clone(), dev.to_json());
         }
         serde_json::Value::Object(all)
@@ -345,7 +330,22 @@ impl Vm {
 
     /// Per-device I/O and DMA-guard counters.
     pub fn device_counters(&self) -> serde_json::Value {
-        self.virtio.iter().map(|d| (d.name.clone(), d.to_json())).collect::<serde_json::Map<_, _>>().into()
+        self.devices.handles().iter().map(|d| (d.name.clone(), d.to_json())).collect::<serde_json::Map<_, _>>().into()
+    }
+
+    /// Adds a device while the VM runs (`vm.add-*`); the guest finds it at the returned slot.
+    pub fn add_device(&mut self, device: build::NewDevice) -> Result<PciDeviceInfo, VmError> {
+        self.devices.add(device)
+    }
+
+    /// Removes a device (`vm.remove-device`); `None` if no device has that id.
+    pub fn remove_device(&mut self, id: &str) -> Option<PciDeviceInfo> {
+        self.devices.remove(id)
+    }
+
+    /// The guest memory devices are built against (virtio-fs shares it).
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        self.devices.guest_memory()
     }
 
     pub fn heki(&self) -> Option<&Arc<HekiRuntime>> {
@@ -370,6 +370,7 @@ impl Vm {
             std::thread::park_timeout(Duration::from_millis(1));
         }
         let _ = self.device_stop.write(1);
+        self.devices.stop();
         // Helpers only kick; once they are gone no signal can reach an exited vCPU thread.
         join_within(self.helpers.drain(..), VCPU_STOP_TIMEOUT, "device or CR-check");
         self.ctx.control.vcpus.clear_threads();
@@ -425,145 +426,4 @@ fn load_kernel(mem: &GuestMemoryMmap, config: &VmConfig, ram: &[RamRegion], rsdp
         keep_image: config.heki.enabled,
     };
     Ok(load_payload(mem, &inputs)?)
-}
-
-/// A virtio device of this VM, for its worker thread and counters.
-pub struct VirtioHandle {
-    pub name: String,
-    device: Arc<Mutex<VirtioPci>>,
-    pub counters: Arc<DeviceCounters>,
-    accessor: Arc<Accessor>,
-}
-
-impl VirtioHandle {
-    fn to_json(&self) -> serde_json::Value {
-        self.counters.to_json(self.accessor.refused.load(Ordering::Relaxed))
-    }
-}
-
-fn lock_device(device: &Mutex<VirtioPci>) -> std::sync::MutexGuard<'_, VirtioPci> {
-    device.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// PCI class codes (class, subclass, prog-if) as the config space stores them.
-const CLASS_OTHER: u32 = 0xff_00_00;
-/// Mass storage, other.
-const CLASS_STORAGE: u32 = 0x01_80_00;
-/// Ethernet controller.
-const CLASS_NETWORK: u32 = 0x02_00_00;
-/// Simple communication controller, other.
-const CLASS_COMMUNICATION: u32 = 0x07_80_00;
-
-/// The PCI host bridge, its configuration mechanisms, and the virtio devices.
-fn add_pci_devices(
-    config: &VmConfig,
-    kvm_vm: &Arc<hypervisor::Vm>,
-    mem: &GuestMemoryMmap,
-    enforcer: &Arc<Enforcer>,
-    pio: &mut PioBus,
-    mmio: &mut MmioBus,
-    console_host: ConsoleHost<'_>,
-) -> Result<Vec<VirtioHandle>, VmError> {
-    let mut segments = PciSegments::new(config.pci_segments());
-    // (name, device, class, PCI segment)
-    let mut wanted: Vec<(String, Box<dyn VirtioDevice>, u32, u16)> = Vec::new();
-    if let Some(rng) = &config.rng {
-        let source = std::fs::File::open(&rng.src)
-            .map_err(|e| VmError::Device(format!("rng source {}: {e}", rng.src.display())))?;
-        wanted.push(("_rng".to_string(), Box::new(Rng::new(source)), CLASS_OTHER, rng.pci_segment));
-    }
-    for (i, net) in config.net.iter().flatten().enumerate() {
-        let device_err = |e: std::io::Error| VmError::Device(format!("net {i}: {e}"));
-        let tap = match net.fds.as_deref() {
-            // Each VM (a reboot builds a new one) adopts its own duplicate.
-            Some([fd, ..]) => Tap::from_fd(crate::devices::virtio::tap::duplicate(*fd).map_err(device_err)?),
-            _ => Tap::open(net.tap.as_deref().unwrap_or("hktap%d")),
-        }
-        .map_err(device_err)?;
-        if let (Some(ip), Some(mask)) = (net.ip, net.mask) {
-            tap.configure(ip, mask).map_err(device_err)?;
-        }
-        let mac = net.mac_bytes(i).map_err(|e| VmError::Device(e.to_string()))?;
-        let name = net.id.clone().unwrap_or_else(|| format!("_net{i}"));
-        log::info!("{name}: TAP {}", tap.name);
-        wanted.push((name, Box::new(Net::new(tap, mac)), CLASS_NETWORK, net.pci_segment));
-    }
-    if let Some(console) = console_device(&config.console, console_host)? {
-        wanted.push(("_console".to_string(), Box::new(console), CLASS_COMMUNICATION, 0));
-    }
-    for (i, disk) in config.disks.iter().flatten().enumerate() {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!disk.readonly)
-            .open(&disk.path)
-            .map_err(|e| VmError::Device(format!("disk {}: {e}", disk.path.display())))?;
-        let name = disk.id.clone().unwrap_or_else(|| format!("_disk{i}"));
-        let block = Block::new(file, disk.readonly, name.clone())
-            .map_err(|e| VmError::Device(format!("disk {}: {e}", disk.path.display())))?;
-        wanted.push((name, Box::new(block), CLASS_STORAGE, disk.pci_segment));
-    }
-    if let Some(vsock) = &config.vsock {
-        let device = Vsock::new(vsock.cid, &vsock.socket).map_err(|e| VmError::Device(crate::error_chain(&e)))?;
-        let name = vsock.id.clone().unwrap_or_else(|| "_vsock".to_string());
-        log::info!("{name}: guest CID {}, host socket {}", vsock.cid, vsock.socket.display());
-        wanted.push((name, Box::new(device), CLASS_COMMUNICATION, vsock.pci_segment));
-    }
-    for (i, share) in config.fs.iter().flatten().enumerate() {
-        // validate() holds this too; the memfd's descriptor leaves the VMM only when asked.
-        if !config.memory.shared || config.heki.enabled {
-            return Err(VmError::Device("fs needs memory.shared=true and heki disabled".into()));
-        }
-        let name = share.id.clone().unwrap_or_else(|| format!("_fs{i}"));
-        let regions = memory::shared_regions(mem)?;
-        let fs = Fs::new(share, regions)
-            .map_err(|e| VmError::Device(format!("fs {}: {}", share.tag, crate::errors::error_chain(&e))))?;
-        log::info!("{name}: virtio-fs '{}' served by {}", share.tag, share.socket.display());
-        wanted.push((name, Box::new(fs), CLASS_STORAGE, share.pci_segment));
-    }
-    let mut handles = Vec::new();
-    let routes = Arc::new(MsiRoutes::new(kvm_vm.clone()));
-    for (name, device, class, segment) in wanted {
-        let counters = Arc::new(DeviceCounters::default());
-        let accessor = Arc::new(Accessor::new(name.clone()));
-        let checked = CheckedMemory::new(mem.clone(), enforcer.clone(), accessor.clone());
-        let memory = DeviceMemory::new(checked, counters.clone());
-        let placement = |e: crate::devices::pci::PlacementError| VmError::Device(format!("{name}: {e}"));
-        let bar = segments.allocate_bar(segment, BAR_SIZE).map_err(placement)?;
-        let device = VirtioPci::new(device, bar, memory, class, Some(routes.clone())).map_err(VmError::EventFd)?;
-        for (address, fd) in device.notifiers() {
-            kvm_vm.register_mmio_ioevent(fd, address)?;
-        }
-        let device = Arc::new(Mutex::new(device));
-        segments.add(segment, device.clone()).map_err(placement)?;
-        mmio.insert(bar, BAR_SIZE, device.clone());
-        handles.push(VirtioHandle { name, device, counters, accessor });
-    }
-    segments.install(pio, mmio);
-    Ok(handles)
-}
-
-/// The virtio console of `console`'s mode with its output and input; `None` for `Off` (no device).
-fn console_device(console: &crate::config::ConsoleConfig, host: ConsoleHost<'_>) -> Result<Option<Console>, VmError> {
-    let failed = |what: &str, e: std::io::Error| VmError::Device(format!("console {what}: {e}"));
-    Ok(match console.mode {
-        ConsoleOutputMode::Off => None,
-        ConsoleOutputMode::Null => Some(Console::new(Box::new(std::io::sink()))),
-        ConsoleOutputMode::Tty if host.stdin => {
-            // A duplicate, so the device owns its descriptor; stdin's own flags are left as they are.
-            let input = std::io::stdin().as_fd().try_clone_to_owned().map_err(|e| failed("stdin", e))?;
-            Some(Console::with_input(Box::new(std::io::stdout()), std::fs::File::from(input)))
-        }
-        ConsoleOutputMode::Tty => Some(Console::new(Box::new(std::io::stdout()))),
-        ConsoleOutputMode::Pty => {
-            let pty = host.pty.ok_or_else(|| VmError::Device("console mode Pty needs a pseudo-terminal".into()))?;
-            let (out, input) = pty.endpoints().map_err(|e| failed(&pty.path.display().to_string(), e))?;
-            Some(Console::with_input(Box::new(out), input))
-        }
-        ConsoleOutputMode::File => {
-            let path = console.file.as_ref().ok_or_else(|| VmError::Device("console mode File needs a file".into()))?;
-            let file = std::fs::File::create(path)
-                .map_err(|e| VmError::Device(format!("console file {}: {e}", path.display())))?;
-            Some(Console::new(Box::new(file)))
-        }
-    })
 }

@@ -87,6 +87,9 @@ pub(crate) struct Vmm {
     /// The virtio console's pseudo-terminal (mode `Pty`): one per VM
     /// configuration, kept across reboots.
     pub(crate) console_pty: Option<Pty>,
+    /// TAP descriptors `vm.add-net` received, by device id: the config
+    /// names them, and every boot of this config duplicates them.
+    pub(crate) hotplug_fds: std::collections::HashMap<String, Vec<std::os::fd::OwnedFd>>,
 }
 
 /// Runs the VMM until the guest powers off (CLI) or `vmm.shutdown` (API).
@@ -116,6 +119,7 @@ pub fn run(run_config: VmmRunConfig) -> Result<i32, VmmError> {
         landlocked: false,
         introspection: None,
         console_pty: None,
+        hotplug_fds: Default::default(),
     };
     // A VM given on the command line has its landlock rules known now: restrict
     // before the signal and API threads start, so that they are bound too
@@ -325,7 +329,7 @@ impl Vmm {
         }
         // Events from the old vCPUs are stale now.
         while self.vcpu_rx.try_recv().is_ok() {}
-        self.boot()?;
+        // Before the new guest runs, so that the event precedes anything it does.
         if self.config.as_ref().is_some_and(|c| c.heki.enabled) {
             crate::events::emit(
                 "heki",
@@ -333,6 +337,7 @@ impl Vmm {
                 &[("reason", "guest reboot: protections and pins cleared, all memory shared again".to_string())],
             );
         }
+        self.boot()?;
         crate::events::emit("vm", "rebooted", &[]);
         Ok(())
     }

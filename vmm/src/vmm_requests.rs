@@ -59,6 +59,7 @@ impl RequestHandler for Vmm {
         Vmm::shutdown_vm(self);
         self.config = None;
         self.console_pty = None;
+        self.hotplug_fds.clear();
         self.state = VmState::Shutdown;
         crate::events::emit("vm", "deleted", &[]);
     }
@@ -78,6 +79,10 @@ impl RequestHandler for Vmm {
             devices: vm.map(|vm| vm.device_counters()),
         };
         crate::heki::api::handle(context, request)
+    }
+
+    fn hotplug_request(&mut self, request: ApiRequest) -> ApiResult {
+        crate::vmm_hotplug::handle(self, request)
     }
 
     fn shutdown_vmm(&mut self) {

@@ -2,6 +2,8 @@
 //! Unix socket. The server runs on its own thread; each request travels to
 //! the VMM thread as an `ApiMessage` (mpsc + eventfd) and waits for the reply.
 
+pub mod fd_stream;
+pub mod hotplug;
 mod routes;
 mod server;
 mod socket;
@@ -36,6 +38,12 @@ pub enum ApiRequest {
     VmHekiPolicy(heki::Policy),
     VmHekiViolations,
     VmHekiPin(serde_json::Value),
+    VmAddDisk(Box<crate::config::DiskConfig>),
+    VmAddNet(Box<hotplug::NetRequest>),
+    VmAddFs(Box<crate::config::FsConfig>),
+    VmAddVsock(Box<crate::config::VsockConfig>),
+    VmRemoveDevice(String),
+    VmResize(hotplug::ResizeRequest),
 }
 
 /// `Some(json)` answers 200 with a body, `None` answers 204.

@@ -2,6 +2,10 @@
 
 use serde::Deserialize;
 
+use super::fd_stream::ReceivedFds;
+use super::hotplug::{
+    decode_add_disk, decode_add_fs, decode_add_net, decode_add_vsock, decode_remove_device, decode_resize,
+};
 use super::{ApiError, ApiRequest};
 use crate::config::vm_config_from_json;
 
@@ -35,13 +39,14 @@ pub struct Route {
     /// The path below `/api/v1/`.
     pub path: &'static str,
     pub method: Method,
-    /// Builds the request from the body (already size-limited).
-    decode: fn(&[u8]) -> Result<ApiRequest, ApiError>,
+    /// Builds the request from the body (already size-limited) and the
+    /// descriptors that came with it (closed unless the request keeps them).
+    decode: fn(&[u8], ReceivedFds) -> Result<ApiRequest, ApiError>,
 }
 
 macro_rules! plain {
     ($variant:ident) => {
-        |_body: &[u8]| -> Result<ApiRequest, ApiError> { Ok(ApiRequest::$variant) }
+        |_body: &[u8], _fds: ReceivedFds| -> Result<ApiRequest, ApiError> { Ok(ApiRequest::$variant) }
     };
 }
 
@@ -49,13 +54,13 @@ fn json_value(body: &[u8]) -> Result<serde_json::Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
-fn decode_create(body: &[u8]) -> Result<ApiRequest, ApiError> {
+fn decode_create(body: &[u8], _fds: ReceivedFds) -> Result<ApiRequest, ApiError> {
     vm_config_from_json(body)
         .map(|c| ApiRequest::VmCreate(Box::new(c)))
         .map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
-fn decode_policy(body: &[u8]) -> Result<ApiRequest, ApiError> {
+fn decode_policy(body: &[u8], _fds: ReceivedFds) -> Result<ApiRequest, ApiError> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {
@@ -66,11 +71,11 @@ fn decode_policy(body: &[u8]) -> Result<ApiRequest, ApiError> {
     Ok(ApiRequest::VmHekiPolicy(b.policy))
 }
 
-fn decode_protect(body: &[u8]) -> Result<ApiRequest, ApiError> {
+fn decode_protect(body: &[u8], _fds: ReceivedFds) -> Result<ApiRequest, ApiError> {
     json_value(body).map(ApiRequest::VmHekiProtect)
 }
 
-fn decode_pin(body: &[u8]) -> Result<ApiRequest, ApiError> {
+fn decode_pin(body: &[u8], _fds: ReceivedFds) -> Result<ApiRequest, ApiError> {
     json_value(body).map(ApiRequest::VmHekiPin)
 }
 
@@ -93,24 +98,24 @@ pub static ROUTES: &[Route] = &[
     Route { path: "vm.heki-policy", method: Method::Put, decode: decode_policy },
     Route { path: "vm.heki-violations", method: Method::Get, decode: plain!(VmHekiViolations) },
     Route { path: "vm.heki-pin", method: Method::Put, decode: decode_pin },
+    Route { path: "vm.add-disk", method: Method::Put, decode: decode_add_disk },
+    Route { path: "vm.add-net", method: Method::Put, decode: decode_add_net },
+    Route { path: "vm.add-fs", method: Method::Put, decode: decode_add_fs },
+    Route { path: "vm.add-vsock", method: Method::Put, decode: decode_add_vsock },
+    Route { path: "vm.remove-device", method: Method::Put, decode: decode_remove_device },
+    Route { path: "vm.resize", method: Method::Put, decode: decode_resize },
 ];
 
 /// Cloud Hypervisor endpoints Hekivisor does not implement, with what they do.
 /// They answer 501 (Not Implemented, a status `ch-remote` names) naming the
 /// missing feature, not a bare "unknown endpoint".
 pub static NOT_IMPLEMENTED: &[(&str, &str)] = &[
-    ("vm.resize", "vCPU and memory hotplug, balloon resize"),
     ("vm.resize-disk", "disk resize"),
     ("vm.resize-zone", "memory zones"),
     ("vm.add-device", "VFIO device hotplug"),
     ("vm.add-user-device", "vfio-user device hotplug"),
-    ("vm.remove-device", "device hot-unplug"),
-    ("vm.add-disk", "disk hotplug"),
-    ("vm.add-fs", "virtio-fs"),
     ("vm.add-generic-vhost-user", "vhost-user devices"),
     ("vm.add-pmem", "virtio-pmem"),
-    ("vm.add-net", "network hotplug"),
-    ("vm.add-vsock", "virtio-vsock"),
     ("vm.add-vdpa", "vDPA"),
     ("vm.balloon-stats", "virtio-balloon"),
     ("vm.snapshot", "snapshot"),
@@ -156,8 +161,8 @@ impl Route {
         if self.path.starts_with("vm.heki") { Dialect::Hekivisor } else { Dialect::CloudHypervisor }
     }
 
-    pub fn decode(&self, body: &[u8]) -> Result<ApiRequest, ApiError> {
-        (self.decode)(body)
+    pub fn decode(&self, body: &[u8], fds: ReceivedFds) -> Result<ApiRequest, ApiError> {
+        (self.decode)(body, fds)
     }
 }
 

@@ -26,6 +26,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::fd_stream::{FdStash, FdStream};
 use super::routes::{Dialect, Resolved, resolve};
 use super::{ApiError, ApiMessage, ApiResult};
 
@@ -109,7 +110,10 @@ pub fn start_api_server_with(
                 let header_timeout = shared.limits.read_timeout;
                 OPEN_CONNECTIONS.fetch_add(1, Ordering::AcqRel);
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| handle(req, shared.clone()));
+                    // Descriptors sent as SCM_RIGHTS wait here for the request they came with.
+                    let stash = FdStash::default();
+                    let stream = FdStream::new(stream, stash.clone());
+                    let service = service_fn(move |req| handle(req, shared.clone(), stash.clone()));
                     let connection = http1::Builder::new()
                         .timer(TokioTimer::new())
                         .title_case_headers(true)
@@ -187,12 +191,19 @@ fn keep_alive_header(mut response: Response<Full<Bytes>>, keep: bool) -> Respons
     response
 }
 
-async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    stash: FdStash,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let keep = client_keeps_alive(&req);
-    Ok(keep_alive_header(answer(req, shared).await, keep))
+    let response = answer(req, shared, &stash).await;
+    // Descriptors no request took (a route that takes none) are closed here.
+    drop(super::fd_stream::take(&stash));
+    Ok(keep_alive_header(response, keep))
 }
 
-async fn answer(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<Bytes>> {
+async fn answer(req: Request<Incoming>, shared: Arc<Shared>, stash: &FdStash) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let resolved = resolve(method.as_str(), &path);
@@ -230,7 +241,8 @@ async fn answer(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<By
             return response;
         }
     };
-    let request = match route.decode(&bytes) {
+    // The whole request has arrived, and with it any descriptors sent along.
+    let request = match route.decode(&bytes, super::fd_stream::take(stash)) {
         Ok(r) => r,
         Err(e) => return api_error(&context, &e, route.dialect()),
     };

@@ -206,8 +206,9 @@ fn vmm_errors_map_to_their_status_codes() {
 #[test]
 fn answers_that_ignore_the_body_still_wait_for_it() {
     let server = TestServer::start("late-body", Duration::from_secs(10));
-    let body = r#"{"desired_vcpus":2}"#;
-    for (method, path, status) in [("PUT", "vm.resize", "501"), ("GET", "vm.boot", "405"), ("PUT", "vm.nope", "404")] {
+    let body = r#"{"destination_url":"file:///tmp/snap"}"#;
+    for (method, path, status) in [("PUT", "vm.snapshot", "501"), ("GET", "vm.boot", "405"), ("PUT", "vm.nope", "404")]
+    {
         let mut stream = UnixStream::connect(&server.socket).expect("connect");
         stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
         let head = format!("{method} /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n");

@@ -12,15 +12,25 @@ pub struct MsiRoutes {
     vm: Arc<hypervisor::Vm>,
     routes: Mutex<BTreeMap<u32, (u64, u32)>>,
     next_gsi: AtomicU32,
+    /// GSIs of removed devices, handed out again before new ones.
+    free: Mutex<Vec<u32>>,
 }
 
 impl MsiRoutes {
     pub fn new(vm: Arc<hypervisor::Vm>) -> Self {
-        MsiRoutes { vm, routes: Mutex::default(), next_gsi: AtomicU32::new(FIRST_MSI_GSI) }
+        MsiRoutes { vm, routes: Mutex::default(), next_gsi: AtomicU32::new(FIRST_MSI_GSI), free: Mutex::default() }
     }
 
     pub fn allocate(&self) -> u32 {
+        if let Some(gsi) = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return gsi;
+        }
         self.next_gsi.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Gives back a GSI whose route and irqfd are gone.
+    pub fn release(&self, gsi: u32) {
+        self.free.lock().unwrap_or_else(|p| p.into_inner()).push(gsi);
     }
 
     pub fn vm(&self) -> &hypervisor::Vm {

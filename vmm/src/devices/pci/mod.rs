@@ -4,7 +4,10 @@
 // Guest-supplied offsets: no unchecked arithmetic here.
 #![deny(clippy::arithmetic_side_effects)]
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
+
+pub mod bar_window;
+pub use bar_window::BarWindow;
 
 mod segments;
 
@@ -44,32 +47,54 @@ pub fn fill(space: &[u8], offset: u16, data: &mut [u8]) {
     }
 }
 
-/// Bus 0: one function per slot.
+type Slot = Option<Arc<Mutex<dyn PciDevice>>>;
+
+/// Bus 0: one function per slot. Slots change at run time (hotplug), so
+/// they sit behind a lock that configuration accesses only read.
 pub struct PciBus {
-    slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>>,
+    slots: RwLock<Vec<Slot>>,
 }
 
 impl Default for PciBus {
     fn default() -> Self {
-        let mut slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>> = (0..SLOTS).map(|_| None).collect();
+        let mut slots: Vec<Slot> = (0..SLOTS).map(|_| None).collect();
         slots[0] = Some(Arc::new(Mutex::new(HostBridge)));
-        PciBus { slots }
+        PciBus { slots: RwLock::new(slots) }
     }
 }
 
 impl PciBus {
-    /// Puts a device in the first free slot; returns the slot.
-    pub fn add(&mut self, device: Arc<Mutex<dyn PciDevice>>) -> Option<u8> {
-        let slot = self.slots.iter().position(Option::is_none)?;
-        self.slots[slot] = Some(device);
-        Some(slot as u8)
+    fn slots(&self) -> std::sync::RwLockReadGuard<'_, Vec<Slot>> {
+        self.slots.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn access(&self, bus: u8, slot: u8, function: u8) -> Option<&Arc<Mutex<dyn PciDevice>>> {
+    /// Puts a device in the first free slot; returns the slot.
+    pub fn add(&self, device: Arc<Mutex<dyn PciDevice>>) -> Option<u8> {
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        let slot = slots.iter().position(Option::is_none)?;
+        slots[slot] = Some(device);
+        u8::try_from(slot).ok()
+    }
+
+    /// The first free slot, without taking it.
+    pub fn free_slot(&self) -> Option<u8> {
+        self.slots().iter().position(Option::is_none).and_then(|s| u8::try_from(s).ok())
+    }
+
+    /// Empties `slot` (never the host bridge's); the guest then reads all ones there.
+    pub fn remove(&self, slot: u8) -> bool {
+        if slot == 0 {
+            return false;
+        }
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        slots.get_mut(usize::from(slot)).and_then(Option::take).is_some()
+    }
+
+    fn access(&self, bus: u8, slot: u8, function: u8) -> Option<Arc<Mutex<dyn PciDevice>>> {
         if bus != 0 || function != 0 {
             return None;
         }
-        self.slots.get(usize::from(slot))?.as_ref()
+        self.slots().get(usize::from(slot))?.clone()
     }
 
     pub fn read(&self, bus: u8, slot: u8, function: u8, offset: u16, data: &mut [u8]) {

@@ -7,7 +7,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::{PciBus, PciConfigIo, PciConfigMmio, PciDevice};
+use super::bar_window::{BarWindow, BarWindowDevice};
+use super::{PciBus, PciConfigIo, PciConfigMmio, SLOTS};
+use crate::devices::virtio::pci::BAR_SIZE;
 use crate::devices::{MmioBus, PioBus};
 use crate::layout::{PCI_MMCONFIG_BUS0_SIZE, pci_segment_bar_window, pci_segment_ecam, ports};
 
@@ -18,68 +20,58 @@ pub enum PlacementError {
     NoSuchSegment { segment: u16, count: usize },
     #[error("PCI segment {segment} has no free slot")]
     SegmentFull { segment: u16 },
-    #[error("PCI segment {segment} has no BAR space left")]
-    NoBarSpace { segment: u16 },
 }
 
-/// The buses of every segment, and the next free BAR address of each.
+/// One segment: its bus 0 and where the BARs of its devices sit.
+pub struct PciSegment {
+    pub bus: Arc<PciBus>,
+    pub bars: Arc<BarWindow>,
+}
+
+/// The segments of a VM, wired into the port and MMIO buses.
 pub struct PciSegments {
-    buses: Vec<PciBus>,
-    next_bar: Vec<u64>,
+    segments: Vec<PciSegment>,
 }
 
 impl PciSegments {
-    pub fn new(count: u16) -> PciSegments {
-        let count = count.max(1);
-        PciSegments {
-            buses: (0..count).map(|_| PciBus::default()).collect(),
-            next_bar: (0..count).map(|s| pci_segment_bar_window(s).0).collect(),
-        }
+    /// `count` segments (at least one), each with its configuration
+    /// mechanisms and its BAR window on the buses: 0xCF8 for segment 0, an
+    /// ECAM window for each segment.
+    pub fn install(count: u16, pio: &mut PioBus, mmio: &mut MmioBus) -> PciSegments {
+        let segments = (0..count.max(1))
+            .map(|segment| {
+                let bus = Arc::new(PciBus::default());
+                let (bar_start, bar_window) = pci_segment_bar_window(segment);
+                let bars = Arc::new(BarWindow::new(bar_start, BAR_SIZE, SLOTS));
+                debug_assert!(bars.window_len() <= bar_window, "a segment's BARs fit its window");
+                if segment == 0 {
+                    pio.insert(ports::PCI_CONFIG_ADDRESS, 8, Arc::new(Mutex::new(PciConfigIo::new(bus.clone()))));
+                }
+                mmio.insert(
+                    pci_segment_ecam(segment),
+                    PCI_MMCONFIG_BUS0_SIZE,
+                    Arc::new(Mutex::new(PciConfigMmio::new(bus.clone()))),
+                );
+                let window = BarWindowDevice { map: bars.clone(), start: bar_start };
+                mmio.insert(bar_start, bars.window_len(), Arc::new(Mutex::new(window)));
+                PciSegment { bus, bars }
+            })
+            .collect();
+        PciSegments { segments }
     }
 
-    /// Takes `size` bytes of `segment`'s BAR window (naturally aligned).
-    pub fn allocate_bar(&mut self, segment: u16, size: u64) -> Result<u64, PlacementError> {
-        let count = self.next_bar.len();
-        let next =
-            self.next_bar.get_mut(usize::from(segment)).ok_or(PlacementError::NoSuchSegment { segment, count })?;
-        let (start, window) = pci_segment_bar_window(segment);
-        let bar = next.next_multiple_of(size.max(1));
-        let end = bar.saturating_add(size);
-        if end > start.saturating_add(window) {
-            return Err(PlacementError::NoBarSpace { segment });
-        }
-        *next = end;
-        Ok(bar)
-    }
-
-    /// Puts `device` in the first free slot of `segment`'s bus 0; returns the slot.
-    pub fn add(&mut self, segment: u16, device: Arc<Mutex<dyn PciDevice>>) -> Result<u8, PlacementError> {
-        let count = self.buses.len();
-        let bus = self.buses.get_mut(usize::from(segment)).ok_or(PlacementError::NoSuchSegment { segment, count })?;
-        bus.add(device).ok_or(PlacementError::SegmentFull { segment })
-    }
-
-    /// Puts the configuration mechanisms on the buses: 0xCF8 for segment 0,
-    /// an ECAM window for each segment.
-    pub fn install(self, pio: &mut PioBus, mmio: &mut MmioBus) {
-        for (segment, bus) in (0u16..).zip(self.buses) {
-            let bus = Arc::new(bus);
-            if segment == 0 {
-                pio.insert(ports::PCI_CONFIG_ADDRESS, 8, Arc::new(Mutex::new(PciConfigIo::new(bus.clone()))));
-            }
-            mmio.insert(
-                pci_segment_ecam(segment),
-                PCI_MMCONFIG_BUS0_SIZE,
-                Arc::new(Mutex::new(PciConfigMmio::new(bus))),
-            );
-        }
+    /// Segment `segment`, or why there is none.
+    pub fn get(&self, segment: u16) -> Result<&PciSegment, PlacementError> {
+        self.segments
+            .get(usize::from(segment))
+            .ok_or(PlacementError::NoSuchSegment { segment, count: self.segments.len() })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::pci::fill;
+    use crate::devices::pci::{PciDevice, fill};
 
     /// A device that answers its vendor/device id.
     struct Tagged(u32);
@@ -92,24 +84,20 @@ mod tests {
     }
 
     #[test]
-    fn bars_come_from_each_segments_own_window() {
-        let mut segments = PciSegments::new(2);
-        assert_eq!(segments.allocate_bar(0, 0x4000), Ok(pci_segment_bar_window(0).0));
-        assert_eq!(segments.allocate_bar(1, 0x4000), Ok(pci_segment_bar_window(1).0));
-        assert_eq!(segments.allocate_bar(1, 0x4000), Ok(pci_segment_bar_window(1).0 + 0x4000));
-        assert_eq!(segments.allocate_bar(2, 0x4000), Err(PlacementError::NoSuchSegment { segment: 2, count: 2 }));
-        let window = pci_segment_bar_window(0).1;
-        assert_eq!(segments.allocate_bar(0, window), Err(PlacementError::NoBarSpace { segment: 0 }));
+    fn each_segment_places_bars_in_its_own_window_and_a_missing_one_is_named() {
+        let (mut pio, mut mmio) = (PioBus::default(), MmioBus::default());
+        let segments = PciSegments::install(2, &mut pio, &mut mmio);
+        assert_eq!(segments.get(0).expect("0").bars.bar_address(1), Some(pci_segment_bar_window(0).0));
+        assert_eq!(segments.get(1).expect("1").bars.bar_address(1), Some(pci_segment_bar_window(1).0));
+        assert_eq!(segments.get(2).err(), Some(PlacementError::NoSuchSegment { segment: 2, count: 2 }));
     }
 
     #[test]
     fn a_device_on_segment_1_answers_in_its_ecam_window_and_not_on_segment_0() {
-        let mut segments = PciSegments::new(2);
-        let slot = segments.add(1, Arc::new(Mutex::new(Tagged(0x1044_1af4)))).expect("placed");
+        let (mut pio, mut mmio) = (PioBus::default(), MmioBus::default());
+        let segments = PciSegments::install(2, &mut pio, &mut mmio);
+        let slot = segments.get(1).expect("1").bus.add(Arc::new(Mutex::new(Tagged(0x1044_1af4)))).expect("placed");
         assert_eq!(slot, 1, "slot 0 is the host bridge");
-        let mut mmio = MmioBus::default();
-        let mut pio = PioBus::default();
-        segments.install(&mut pio, &mut mmio);
         let read = |segment: u16, slot: u64| {
             let mut id = [0u8; 4];
             assert!(mmio.read(pci_segment_ecam(segment) + (slot << 15), &mut id), "ECAM mapped");

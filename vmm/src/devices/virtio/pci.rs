@@ -321,9 +321,36 @@ impl VirtioPci {
         Ok(VirtioPci { config, bar_address, bar_probe: [false; 2], state: Arc::new(Mutex::new(state)), notify })
     }
 
+    /// Where BAR 0 sits now.
+    pub fn bar_address(&self) -> u64 {
+        self.bar_address
+    }
+
+    /// Moves BAR 0 (the guest reprogrammed it); the caller moves the MMIO
+    /// range and the ioeventfds (`notifiers` answers the new addresses).
+    pub fn set_bar_address(&mut self, address: u64) {
+        self.bar_address = address;
+        self.config[0x10..0x14].copy_from_slice(&((address as u32) | 0x4).to_le_bytes());
+        self.config[0x14..0x18].copy_from_slice(&((address >> 32) as u32).to_le_bytes());
+    }
+
     /// Each queue's notify register address and eventfd (for ioeventfds).
     pub fn notifiers(&self) -> impl Iterator<Item = (u64, &EventFd)> {
         self.notify.iter().enumerate().map(|(i, fd)| (notify_address(self.bar_address, i), fd))
+    }
+
+    /// Undoes what `new` set up in KVM for the interrupts (the device is being
+    /// removed): each vector's MSI route and irqfd; its GSIs become free.
+    pub fn release_interrupts(&self) {
+        let s = self.lock();
+        let Some(routes) = &s.msix.routes else { return };
+        for v in &s.msix.vectors {
+            routes.set(v.gsi, None);
+            if let Err(e) = routes.vm().unregister_irqfd(&v.irqfd, v.gsi) {
+                log::warn!("cannot unregister the irqfd of GSI {}: {e}", v.gsi);
+            }
+            routes.release(v.gsi);
+        }
     }
 
     pub fn state(&self) -> Arc<Mutex<TransportState>> {

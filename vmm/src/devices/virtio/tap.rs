@@ -8,6 +8,10 @@ use std::os::unix::fs::OpenOptionsExt;
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
+/// Frames carry a `virtio_net_hdr` (10 bytes unless `TUNSETVNETHDRSZ` says
+/// otherwise). Kata opens its TAPs so.
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+const VNET_HDR_LEN: usize = 10;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 /// `TUNGETIFF`: the name of a TAP passed in as a file descriptor.
 const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
@@ -37,6 +41,12 @@ impl IfReq {
 pub struct Tap {
     file: File,
     pub name: String,
+    /// The TAP's own header before each frame (`IFF_VNET_HDR`), 0 without.
+    /// No offload is ever enabled on it, so the header the TAP gives is
+    /// all zeros and the one written is too; frames pass as plain Ethernet.
+    vnet_header: usize,
+    /// Header and frame, for a TAP with a header.
+    scratch: Vec<u8>,
 }
 
 fn ioctl(fd: libc::c_int, request: libc::c_ulong, req: &mut IfReq) -> std::io::Result<()> {
@@ -81,12 +91,17 @@ impl Tap {
         ioctl(file.as_raw_fd(), TUNSETIFF, &mut req)?;
         // The kernel fills in the final name (patterns such as "hktap%d").
         let len = req.name.iter().position(|b| *b == 0).unwrap_or(req.name.len());
-        Ok(Tap { file, name: String::from_utf8_lossy(&req.name[..len]).into_owned() })
+        Ok(Tap::plain(file, String::from_utf8_lossy(&req.name[..len]).into_owned()))
+    }
+
+    fn plain(file: File, name: String) -> Tap {
+        Tap { file, name, vnet_header: 0, scratch: Vec::new() }
     }
 
     /// Adopts a TAP that was opened beforehand and passed in (`--net fd=N`),
     /// so the VMM needs no `CAP_NET_ADMIN`. The descriptor must be a TAP
-    /// opened with `IFF_TAP | IFF_NO_PI`; it is made non-blocking.
+    /// opened with `IFF_TAP | IFF_NO_PI`, with or without `IFF_VNET_HDR`
+    /// (Kata's); it is made non-blocking.
     pub fn from_fd(fd: OwnedFd) -> std::io::Result<Tap> {
         let file = File::from(fd);
         let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: [0; 24] };
@@ -102,7 +117,11 @@ impl Tap {
         }
         set_nonblocking(&file)?;
         let len = req.name.iter().position(|b| *b == 0).unwrap_or(req.name.len());
-        Ok(Tap { file, name: String::from_utf8_lossy(&req.name[..len]).into_owned() })
+        let mut tap = Tap::plain(file, String::from_utf8_lossy(&req.name[..len]).into_owned());
+        if flags & IFF_VNET_HDR != 0 {
+            tap.vnet_header = VNET_HDR_LEN;
+        }
+        Ok(tap)
     }
 
     /// A stand-in moving frames over any datagram descriptor (one end of a
@@ -110,7 +129,7 @@ impl Tap {
     pub fn from_datagram_socket(fd: OwnedFd, name: &str) -> std::io::Result<Tap> {
         let file = File::from(fd);
         set_nonblocking(&file)?;
-        Ok(Tap { file, name: name.to_string() })
+        Ok(Tap::plain(file, name.to_string()))
     }
 
     /// Gives the host side an address and brings the link up.
@@ -134,6 +153,11 @@ impl Tap {
         ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req)
     }
 
+    /// The TAP's descriptor, to hand over (`vm.add-net` sends it as SCM_RIGHTS).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.file)
+    }
+
     pub fn raw_fd(&self) -> libc::c_int {
         self.file.as_raw_fd()
     }
@@ -146,10 +170,76 @@ impl Tap {
     }
 
     pub fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.file.read(buf)
+        if self.vnet_header == 0 {
+            return self.file.read(buf);
+        }
+        self.scratch.resize(self.vnet_header.saturating_add(buf.len()), 0);
+        let n = self.file.read(&mut self.scratch)?;
+        let frame = self.scratch.get(self.vnet_header..n).unwrap_or_default();
+        buf[..frame.len()].copy_from_slice(frame);
+        Ok(frame.len())
     }
 
     pub fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
-        self.file.write_all(frame)
+        if self.vnet_header == 0 {
+            return self.file.write_all(frame);
+        }
+        self.scratch.clear();
+        self.scratch.resize(self.vnet_header, 0);
+        self.scratch.extend_from_slice(frame);
+        self.file.write_all(&self.scratch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Opens TAP `name` with `flags`; `None` without the privilege to.
+    fn open_with_flags(name: &str, flags: libc::c_short) -> Option<File> {
+        let file = OpenOptions::new().read(true).write(true).open("/dev/net/tun").ok()?;
+        let mut req = IfReq::new(name).ok()?;
+        req.data[..2].copy_from_slice(&flags.to_ne_bytes());
+        ioctl(file.as_raw_fd(), TUNSETIFF, &mut req).ok()?;
+        Some(file)
+    }
+
+    #[test]
+    fn a_tap_opened_with_a_vnet_header_as_kata_does_passes_plain_ethernet_frames() {
+        let id = std::process::id() % 200;
+        let name = format!("hkvh{id}");
+        let Some(file) = open_with_flags(&name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) else {
+            eprintln!("SKIPPED: opening a TAP needs CAP_NET_ADMIN");
+            return;
+        };
+        let mut tap = Tap::from_fd(OwnedFd::from(file)).expect("adopt the TAP");
+        assert_eq!(tap.vnet_header, VNET_HDR_LEN);
+        let host = Ipv4Addr::new(10, 250, id as u8, 1);
+        tap.configure(host, Ipv4Addr::new(255, 255, 255, 0)).expect("address the TAP");
+        // A datagram to a neighbour makes the host kernel ask for its MAC: an
+        // ARP request, which must come out as a frame starting with its
+        // broadcast destination, not with the TAP's header.
+        let socket = std::net::UdpSocket::bind((host, 0)).expect("bind");
+        socket.send_to(b"x", (Ipv4Addr::new(10, 250, id as u8, 2), 9)).expect("send");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let mut frame = [0u8; 2048];
+        loop {
+            assert!(std::time::Instant::now() < deadline, "no ARP request came out of the TAP");
+            if !tap.readable() {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                continue;
+            }
+            let n = tap.read_frame(&mut frame).expect("read a frame");
+            if n >= 42 && frame[12..14] == [0x08, 0x06] {
+                assert_eq!(frame[..6], [0xff; 6], "broadcast destination first");
+                assert_eq!(frame[38..42], [10, 250, id as u8, 2], "asks for the neighbour");
+                break;
+            }
+        }
+        // A frame written goes out with a header the TAP accepts (a short write would fail).
+        let mut reply = [0u8; 42];
+        reply[..6].copy_from_slice(&frame[6..12]);
+        reply[12..14].copy_from_slice(&[0x08, 0x06]);
+        tap.write_frame(&reply).expect("write a frame");
     }
 }

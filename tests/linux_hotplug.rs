@@ -1,0 +1,201 @@
+//! The project's Linux guest (drivers flavour) sees devices added and
+//! removed at run time: a TAP handed over with `vm.add-net` as SCM_RIGHTS
+//! carries a ping, a disk added with `vm.add-disk` is read, released by the
+//! guest and removed with `vm.remove-device` (its worker and image closed),
+//! and the next disk takes its slot. Without ACPI hotplug in the guest the
+//! host tells it when to rescan (docs/api.md). Commands go to the guest's
+//! init (scripts/linux-guest/drivers-init.sh, `hk_hotplug=1`) on the serial
+//! console.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use api_client::ApiClient;
+use serde_json::{Value, json};
+use vmm::devices::virtio::tap::Tap;
+
+const CMDLINE: &str = "console=ttyS0 noxsave clearcpuid=smap,popcnt,cx16 panic=-1 hk_hotplug=1";
+const TIMEOUT: Duration = Duration::from_secs(240);
+
+fn linux_guest() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/linux-guest/build.sh");
+    let out = Command::new(&script).arg("drivers").stderr(Stdio::piped()).output().expect("run build.sh");
+    assert!(out.status.success(), "build.sh drivers failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default())
+}
+
+struct Guest {
+    child: Child,
+    stdin: ChildStdin,
+    socket: PathBuf,
+    serial: PathBuf,
+    stderr: PathBuf,
+    dir: PathBuf,
+}
+
+impl Guest {
+    fn start(test: &str) -> Guest {
+        let guest = linux_guest();
+        let dir = common::temp_dir(test);
+        let (socket, serial, stderr) = (dir.join("api.sock"), dir.join("serial.log"), dir.join("stderr.log"));
+        let mut child = Command::new(common::hekivisor_bin())
+            .arg("--kernel")
+            .arg(guest.join("vmlinux"))
+            .arg("--initramfs")
+            .arg(guest.join("initramfs.cpio"))
+            .args(["--cmdline", CMDLINE, "--no-reboot", "--memory", "size=256M", "--serial", "tty"])
+            .args(["--heki", "enabled=on,policy=deny"])
+            .arg("--api-socket")
+            .arg(format!("path={}", socket.display()))
+            .stdin(Stdio::piped())
+            .stdout(std::fs::File::create(&serial).expect("serial file"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("start hekivisor");
+        let stdin = child.stdin.take().expect("stdin pipe");
+        Guest { child, stdin, socket, serial, stderr, dir }
+    }
+
+    fn serial(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned()
+    }
+
+    fn report(&self) -> String {
+        format!("serial:\n{}\nstderr:\n{}", self.serial(), std::fs::read_to_string(&self.stderr).unwrap_or_default())
+    }
+
+    /// The guest's answers so far ("hotplug: ..." lines, from "hotplug:" on).
+    fn answers(&self) -> Vec<String> {
+        self.serial()
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .filter_map(|l| l.find("hotplug: ").map(|at| l[at..].trim_end().to_string()))
+            .collect()
+    }
+
+    fn wait_for_answers(&mut self, count: usize) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(answer) = self.answers().get(count - 1) {
+                return answer.clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("hekivisor ended ({status}) while waiting for answer {count}\n{}", self.report());
+            }
+            assert!(Instant::now() < deadline, "no answer {count} within {TIMEOUT:?}\n{}", self.report());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends one command line to the guest's init and returns its answer.
+    fn command(&mut self, line: &str) -> String {
+        let before = self.answers().len();
+        writeln!(self.stdin, "{line}").expect("write to the serial console");
+        self.stdin.flush().expect("flush");
+        self.wait_for_answers(before + 1)
+    }
+
+    fn put(&self, command: &str, body: Value) -> (u16, Value) {
+        let r = ApiClient::new(&self.socket).request("PUT", command, Some(&body.to_string())).expect("request");
+        (r.status, serde_json::from_str(&r.body).unwrap_or(Value::String(r.body.clone())))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn threads(&self) -> Vec<String> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid())).expect("tasks");
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+            .map(|c| c.trim().into())
+            .collect()
+    }
+
+    fn fds_on(&self, path: &Path) -> usize {
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.pid())).expect("fds");
+        fds.flatten().filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == path)).count()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn disk_image(dir: &Path, name: &str, pattern: &[u8; 22]) -> PathBuf {
+    let path = dir.join(name);
+    let mut image = vec![0u8; 1 << 20];
+    image[..22].copy_from_slice(pattern);
+    std::fs::write(&path, image).expect("disk image");
+    path.canonicalize().expect("absolute path")
+}
+
+#[test]
+fn linux_sees_a_tap_and_a_disk_added_at_run_time_and_the_disk_go() {
+    require_kvm!();
+    let mut guest = Guest::start("linux-hotplug");
+    assert_eq!(guest.wait_for_answers(1), "hotplug: ready");
+
+    // A TAP of this process's own, opened and addressed here (as Kata does),
+    // handed over as SCM_RIGHTS. The body's ip/mask are not applied to it.
+    let id = std::process::id() % 250;
+    let tap = Tap::open(&format!("hkhp{id}")).expect("open a TAP (needs CAP_NET_ADMIN)");
+    let host_ip = format!("10.248.{id}.1").parse().expect("address");
+    tap.configure(host_ip, "255.255.255.0".parse().expect("mask")).expect("address the TAP");
+    let body = json!({"mac": "52:54:00:4b:48:99", "ip": format!("10.249.{id}.1"), "mask": "255.255.255.0"});
+    let r = ApiClient::new(&guest.socket)
+        .request_with_fds("PUT", "vm.add-net", Some(&body.to_string()), &[tap.as_fd()])
+        .expect("vm.add-net");
+    assert_eq!(r.status, 200, "{}\n{}", r.body, guest.report());
+    let net: Value = serde_json::from_str(&r.body).expect("PciDeviceInfo");
+    assert_eq!(net["id"], "_net0");
+    let addresses = Command::new("ip").args(["-4", "addr", "show", "dev", &tap.name]).output().expect("ip");
+    let addresses = String::from_utf8_lossy(&addresses.stdout);
+    assert!(addresses.contains(&format!("10.248.{id}.1")) && !addresses.contains("10.249."), "{addresses}");
+    assert_eq!(guest.command("rescan"), "hotplug: rescanned");
+    assert_eq!(guest.command(&format!("ping 10.248.{id}")), "hotplug: ping: ok", "{}", guest.report());
+
+    // A disk: added, read, released by the guest, removed by the host.
+    let image = disk_image(&guest.dir, "hot.img", b"hekivisor-hotplug-disk");
+    let (status, disk) = guest.put("vm.add-disk", json!({"path": image}));
+    assert_eq!(status, 200, "{disk}\n{}", guest.report());
+    assert_eq!(disk["id"], "_disk0");
+    assert_eq!(guest.command("rescan"), "hotplug: rescanned");
+    assert_eq!(guest.command("read vda"), "hotplug: read: hekivisor-hotplug-disk", "{}", guest.report());
+    assert_eq!(guest.command("release vda"), "hotplug: released vda", "{}", guest.report());
+    assert_eq!(guest.put("vm.remove-device", json!({"id": "_disk0"})).0, 204);
+    assert!(!guest.threads().contains(&"_disk0".to_string()), "the worker ended: {:?}", guest.threads());
+    assert_eq!(guest.fds_on(&image), 0, "the image is closed");
+    // A rescan finds nothing in its slot any more.
+    assert_eq!(guest.command("rescan"), "hotplug: rescanned");
+    assert_eq!(guest.command("check vda"), "hotplug: vda absent", "{}", guest.report());
+
+    // The next disk takes the freed slot, and works.
+    let second = disk_image(&guest.dir, "second.img", b"second-hotplugged-disk");
+    let (status, again) = guest.put("vm.add-disk", json!({"path": second}));
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["bdf"], disk["bdf"], "the freed slot is reused");
+    assert_eq!(guest.command("rescan"), "hotplug: rescanned");
+    assert_eq!(guest.command("read vda"), "hotplug: read: second-hotplugged-disk", "{}", guest.report());
+
+    assert_eq!(guest.command("end"), "hotplug: done");
+    // The guest's reboot ends the VM (--no-reboot); the VMM serves its API until told to go.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = ApiClient::new(&guest.socket);
+    let state = || client.call("GET", "vm.info", None).ok().flatten().unwrap_or_default();
+    while !state().contains("\"state\":\"Shutdown\"") {
+        assert!(Instant::now() < deadline, "the guest did not end the VM\n{}", guest.report());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(guest.put("vmm.shutdown", json!(null)).0, 204);
+    let (status, timed_out) = common::wait_with_timeout(&mut guest.child, Duration::from_secs(30));
+    assert!(!timed_out && status.success(), "the VMM exits cleanly ({status})\n{}", guest.report());
+}
