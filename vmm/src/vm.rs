@@ -171,7 +171,14 @@ impl Vm {
         let wanted = build::boot_devices(config, &mem, console)?;
         let devices = PciDevices::new(
             config.pci_segments(),
-            &kvm_vm, &mem, &enforcer, control.devices.clone(), &mut pio, &mut mmio, wanted)?;
+            &kvm_vm,
+            &mem,
+            &enforcer,
+            control.devices.clone(),
+            &mut pio,
+            &mut mmio,
+            wanted,
+        )?;
         pio.insert(ports::I8042_DATA, 5, Arc::new(Mutex::new(I8042Device)));
         pio.insert(ports::ACPI_SLEEP_CONTROL, 3, Arc::new(Mutex::new(AcpiPmDevice)));
 

@@ -252,7 +252,7 @@ mod tests {
     use crate::config::DiskConfig;
 
     fn disk(id: Option<&str>) -> DiskConfig {
-        DiskConfig { path: "/tmp/x".into(), readonly: false, id: id.map(String::from) }
+        DiskConfig { path: "/tmp/x".into(), readonly: false, id: id.map(String::from), pci_segment: 0 }
     }
 
     #[test]

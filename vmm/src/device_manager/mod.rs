@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::devices::gate::DeviceGate;
 use crate::devices::msi::MsiRoutes;
 use crate::devices::pci::{PciSegments, PlacementError, bar_window::BarWindowDevice};
-use crate::devices::virtio::pci::{BAR_SIZE, VirtioPci};
+use crate::devices::virtio::pci::VirtioPci;
 use crate::devices::virtio::{DeviceCounters, DeviceMemory};
 use crate::devices::{MmioBus, PioBus};
 use crate::heki::{Accessor, CheckedMemory, Enforcer};
@@ -178,8 +178,7 @@ impl PciDevices {
         }
         let device = Arc::new(Mutex::new(device));
         bars.insert(slot, bar, device.clone());
-        let on_bus =
-            relocation::RelocatableDevice { device: device.clone(), slot, bars, kvm_vm: self.kvm_vm.clone() };
+        let on_bus = relocation::RelocatableDevice { device: device.clone(), slot, bars, kvm_vm: self.kvm_vm.clone() };
         bus.add(Arc::new(Mutex::new(on_bus)));
         let segment = new.segment;
         let mut handle =
