@@ -69,7 +69,7 @@ pub struct CliArgs {
     #[arg(long, value_name = "path=SOCK")]
     pub introspection: Option<String>,
 
-    /// virtio-block disk: path=FILE[,readonly=on][,id=NAME] (raw image; repeatable).
+    /// virtio-block disk: path=FILE[,readonly=on][,id=NAME][,num_queues=N][,queue_size=N] (raw image; repeatable).
     #[arg(long, value_name = "path=FILE")]
     pub disk: Vec<String>,
 
@@ -313,12 +313,20 @@ pub fn parse_landlock_rule(input: &str) -> Result<super::LandlockConfig, ConfigE
 }
 
 pub fn parse_disk(input: &str) -> Result<super::DiskConfig, ConfigError> {
-    let o = OptionValues::parse("--disk", input, &["path", "readonly", "id"])?;
+    let o = OptionValues::parse("--disk", input, &["path", "readonly", "id", "num_queues", "queue_size"])?;
     let path = o.get("path").filter(|p| !p.is_empty()).ok_or_else(|| o.error("path=FILE is required".into()))?;
     Ok(super::DiskConfig {
         path: PathBuf::from(path),
         readonly: o.get_bool("readonly")?.unwrap_or(false),
         id: o.get("id").map(str::to_string),
+        num_queues: match o.get_u64("num_queues")? {
+            Some(n) => usize::try_from(n).map_err(|_| o.error(format!("num_queues={n}: too many")))?,
+            None => super::default_disk_num_queues(),
+        },
+        queue_size: match o.get_u64("queue_size")? {
+            Some(n) => u32::try_from(n).map_err(|_| o.error(format!("queue_size={n}: at most 32768")))?,
+            None => super::default_disk_queue_size(),
+        },
     })
 }
 

@@ -135,8 +135,6 @@ fn foreign_fields(section: Section) -> Vec<(&'static str, Value)> {
             let mut f = vec![
                 ("direct", json!(false)),
                 ("iommu", json!(false)),
-                ("num_queues", json!(1)),
-                ("queue_size", json!(128)),
                 ("vhost_user", json!(false)),
                 ("vhost_socket", Value::Null),
                 ("rate_limit_group", Value::Null),
@@ -482,6 +480,24 @@ mod tests {
         assert_eq!(reported["disks"][0]["pci_segment"], 0);
         assert_eq!(reported["net"][0]["vhost_mode"], "Client");
         assert_eq!(vm_config_from_json(reported.to_string().as_bytes()).expect("round trip"), config);
+    }
+
+    #[test]
+    fn disk_queues_up_to_the_spec_are_taken_and_others_refused_by_name() {
+        let disk = |fields: &str| format!(r#"{{"payload": {{"kernel": "/k"}}, "disks": [{{"path": "/d"{fields}}}]}}"#);
+        let config = vm_config_from_json(disk(r#", "num_queues": 2, "queue_size": 1024"#).as_bytes()).expect("valid");
+        let d = &config.disks.as_ref().expect("disk")[0];
+        assert_eq!((d.num_queues, d.queue_size), (2, 1024));
+        for (fields, field) in [
+            (r#", "queue_size": 1000"#, "disks.queue_size"),
+            (r#", "queue_size": 65536"#, "disks.queue_size"),
+            (r#", "queue_size": 0"#, "disks.queue_size"),
+            (r#", "num_queues": 0"#, "disks.num_queues"),
+            (r#", "num_queues": 17"#, "disks.num_queues"),
+        ] {
+            let err = vm_config_from_json(disk(fields).as_bytes()).expect_err(fields).to_string();
+            assert!(err.contains(field), "{fields}: {err}");
+        }
     }
 
     #[test]
