@@ -273,11 +273,11 @@ impl Vm {
             self.threads.push(handle);
         }
         for dev in &self.virtio {
-            let stop = self.device_stop.try_clone().map_err(VmError::EventFd)?;
-            let gate = self.ctx.control.devices.clone();
-            let worker =
-                lock_device(&dev.device).spawn_worker(dev.name.clone(), stop, gate).map_err(VmError::SpawnVcpu)?;
-            self.helpers.extend(worker);
+            let gate = &self.ctx.control.devices;
+            let workers = lock_device(&dev.device)
+                .spawn_workers(&dev.name, &self.device_stop, gate)
+                .map_err(VmError::SpawnVcpu)?;
+            self.helpers.extend(workers);
         }
         if let Some(heki) = self.heki.clone() {
             let ctx = self.ctx.clone();

@@ -1,0 +1,132 @@
+//! The transport with a started device: rings handed over, locked after
+//! DRIVER_OK, paused, and external (vhost-user) hand-over.
+#![allow(clippy::arithmetic_side_effects)]
+
+use std::sync::{Arc, Mutex};
+
+use heki::{Permissions, ProtectRange, ViolationKind};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::*;
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::test_rig::{AVAIL, DESC, USED, started};
+use crate::devices::virtio::{QueueHandoff, VIRTIO_F_VERSION_1, status};
+use crate::heki::HekiRuntime;
+
+const BUFFER: u64 = 0x2_0000;
+
+/// An rng device started by a minimal driver: one queue of 4 in its own pages.
+fn started_rng() -> (GuestMemoryMmap, Arc<HekiRuntime>, VirtioPci) {
+    let source = std::fs::File::open("/dev/zero").expect("/dev/zero");
+    started(Box::new(Rng::new(source)), "_rng", 0)
+}
+
+/// Makes one 16-byte write-only buffer available and lets the worker run.
+fn request(mem: &GuestMemoryMmap, dev: &VirtioPci, n: u16) {
+    mem.write_obj(BUFFER, GuestAddress(DESC)).expect("desc addr");
+    mem.write_obj(16u32, GuestAddress(DESC + 8)).expect("desc len");
+    mem.write_obj(2u16, GuestAddress(DESC + 12)).expect("desc flags: write-only");
+    mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(n % 4))).expect("ring");
+    mem.write_obj(n + 1, GuestAddress(AVAIL + 2)).expect("avail idx");
+    let gate = DeviceGate::default();
+    assert!(dev.process_queue(0, &gate));
+}
+
+fn used_page(mem: &GuestMemoryMmap) -> Vec<u8> {
+    let mut page = vec![0u8; 4096];
+    mem.read_slice(&mut page, GuestAddress(USED)).expect("used ring");
+    page
+}
+
+/// An `external` device (as vhost-user devices are) that records what the transport hands it.
+struct Handed {
+    log: Arc<Mutex<Vec<String>>>,
+    fail: bool,
+}
+
+impl VirtioDevice for Handed {
+    fn device_type(&self) -> u16 {
+        26
+    }
+    fn external(&self) -> bool {
+        true
+    }
+    fn activate(&mut self, features: u64, queues: &[QueueHandoff<'_>]) -> Result<(), String> {
+        for q in queues {
+            let (desc, avail, used, call) = (q.desc_table, q.avail_ring, q.used_ring, q.call.is_some());
+            let line = format!("{features:#x} q{} n{} {desc:#x} {avail:#x} {used:#x} call={call}", q.index, q.size);
+            self.log.lock().expect("log").push(line);
+        }
+        if self.fail { Err("backend gone".into()) } else { Ok(()) }
+    }
+    fn reset(&mut self) {
+        self.log.lock().expect("log").push("reset".into());
+    }
+    fn process(
+        &mut self,
+        _: usize,
+        _: virtio_queue::DescriptorChain<&crate::heki::CheckedMemory>,
+        _: &DeviceMemory,
+    ) -> u32 {
+        unreachable!("an external device's queues are served elsewhere")
+    }
+}
+
+fn started_external(fail: bool) -> (Arc<Mutex<Vec<String>>>, VirtioPci) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (_mem, _heki, dev) = started(Box::new(Handed { log: log.clone(), fail }), "_fs0", 0);
+    (log, dev)
+}
+
+#[test]
+fn an_external_device_gets_its_rings_at_driver_ok_and_runs_no_worker() {
+    let (log, dev) = started_external(false);
+    let expected = format!("{VIRTIO_F_VERSION_1:#x} q0 n4 {DESC:#x} {AVAIL:#x} {USED:#x} call=false");
+    assert_eq!(*log.lock().expect("log"), [expected]);
+    assert_eq!(dev.status() & status::NEEDS_RESET, 0);
+    let stop = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    let workers = dev.spawn_workers("_fs0", &stop, &Arc::new(DeviceGate::default())).expect("spawn");
+    assert!(workers.is_empty(), "the backend drains the queues, not a worker of ours");
+}
+
+#[test]
+fn a_failed_hand_over_needs_reset_and_a_driver_reset_takes_the_queues_back() {
+    let (log, mut dev) = started_external(true);
+    assert_ne!(dev.status() & status::NEEDS_RESET, 0);
+    dev.write(0x14, &[0]);
+    assert_eq!(dev.status(), 0);
+    assert_eq!(log.lock().expect("log").last().map(String::as_str), Some("reset"));
+}
+
+#[test]
+fn a_used_ring_locked_after_driver_ok_is_never_written_again() {
+    let (mem, heki, dev) = started_rng();
+    request(&mem, &dev, 0);
+    assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).expect("idx"), 1, "the device works");
+    let range = ProtectRange { start: USED >> 12, end: (USED >> 12) + 1, perms: Permissions::READ };
+    heki.protect_pages(&[range], "guest").expect("lock the used ring");
+    let before = used_page(&mem);
+    request(&mem, &dev, 1);
+    assert_eq!(used_page(&mem), before, "not one byte of the locked ring changed");
+    assert_ne!(dev.status() & status::NEEDS_RESET, 0);
+    let recent = heki.violations().recent();
+    assert!(recent.iter().any(|v| v.kind == ViolationKind::DmaWrite && v.gpa.is_some_and(|g| g >> 12 == USED >> 12)));
+}
+
+#[test]
+fn a_paused_device_takes_no_request_until_resumed() {
+    let (mem, _heki, dev) = started_rng();
+    mem.write_obj(1u16, GuestAddress(AVAIL + 2)).expect("avail idx");
+    mem.write_obj(BUFFER, GuestAddress(DESC)).expect("desc addr");
+    mem.write_obj(16u32, GuestAddress(DESC + 8)).expect("desc len");
+    mem.write_obj(2u16, GuestAddress(DESC + 12)).expect("write-only");
+    let gate = DeviceGate::default();
+    gate.close();
+    assert!(!dev.process_queue(0, &gate), "cut short by the pause");
+    assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).expect("idx"), 0);
+    gate.resume();
+    assert!(dev.process_queue(0, &gate));
+    assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).expect("idx"), 1);
+}
