@@ -497,7 +497,8 @@ fn add_pci_devices(
             .map_err(|e| VmError::Device(format!("disk {}: {e}", disk.path.display())))?;
         let name = disk.id.clone().unwrap_or_else(|| format!("_disk{i}"));
         let block = Block::new(file, disk.readonly, name.clone())
-            .map_err(|e| VmError::Device(format!("disk {}: {e}", disk.path.display())))?;
+            .map_err(|e| VmError::Device(format!("disk {}: {e}", disk.path.display())))?
+            .with_queues(disk.num_queues, disk.queue_size);
         wanted.push((name, Box::new(block), CLASS_STORAGE));
     }
     if let Some(vsock) = &config.vsock {
