@@ -130,3 +130,112 @@ fn a_paused_device_takes_no_request_until_resumed() {
     assert!(dev.process_queue(0, &gate));
     assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).expect("idx"), 1);
 }
+
+/// Two queues, each with a handler of its own: queue 0's requests wait
+/// until the test releases them (a slow disk), queue 1's complete at once.
+struct SlowAndFast {
+    slow: Option<Slow>,
+}
+
+/// Tells the test it holds a request, then waits for the release.
+struct Slow {
+    started: std::sync::mpsc::Sender<()>,
+    release: std::sync::mpsc::Receiver<()>,
+}
+struct Fast;
+
+impl crate::devices::virtio::QueueHandler for Slow {
+    fn process(&mut self, _: virtio_queue::DescriptorChain<&crate::heki::CheckedMemory>, _: &DeviceMemory) -> u32 {
+        let _ = self.started.send(());
+        let _ = self.release.recv_timeout(std::time::Duration::from_secs(10));
+        0
+    }
+}
+
+impl crate::devices::virtio::QueueHandler for Fast {
+    fn process(&mut self, _: virtio_queue::DescriptorChain<&crate::heki::CheckedMemory>, _: &DeviceMemory) -> u32 {
+        0
+    }
+}
+
+impl VirtioDevice for SlowAndFast {
+    fn device_type(&self) -> u16 {
+        2
+    }
+    fn num_queues(&self) -> usize {
+        2
+    }
+    fn queue_handler(&mut self, queue: usize) -> Option<Box<dyn crate::devices::virtio::QueueHandler>> {
+        match queue {
+            0 => self.slow.take().map(|slow| Box::new(slow) as Box<dyn crate::devices::virtio::QueueHandler>),
+            _ => Some(Box::new(Fast)),
+        }
+    }
+    fn process(
+        &mut self,
+        _: usize,
+        _: virtio_queue::DescriptorChain<&crate::heki::CheckedMemory>,
+        _: &DeviceMemory,
+    ) -> u32 {
+        unreachable!("every queue has a handler of its own")
+    }
+}
+
+/// Makes a one-descriptor chain available on the n-th started queue and notifies queue `index`.
+fn post_and_notify(mem: &GuestMemoryMmap, dev: &Mutex<VirtioPci>, n: u64, index: u16) {
+    let shift = n * crate::devices::virtio::test_rig::QUEUE_STRIDE;
+    mem.write_obj(BUFFER, GuestAddress(DESC + shift)).expect("desc addr");
+    mem.write_obj(16u32, GuestAddress(DESC + shift + 8)).expect("desc len");
+    mem.write_obj(2u16, GuestAddress(DESC + shift + 12)).expect("write-only");
+    mem.write_obj(1u16, GuestAddress(AVAIL + shift + 2)).expect("avail idx");
+    let notify = 0x1000 + 4 * u64::from(index);
+    dev.lock().expect("dev").write(notify, &index.to_le_bytes());
+}
+
+fn used_idx(mem: &GuestMemoryMmap, n: u64) -> u16 {
+    let shift = n * crate::devices::virtio::test_rig::QUEUE_STRIDE;
+    mem.read_obj::<u16>(GuestAddress(USED + shift + 2)).expect("used idx")
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_slow_request_on_one_queue_holds_neither_the_other_queue_nor_the_registers_and_a_pause_waits_for_it() {
+    use std::time::Duration;
+    let (release, held) = std::sync::mpsc::channel();
+    let (started, holding) = std::sync::mpsc::channel();
+    let device = Box::new(SlowAndFast { slow: Some(Slow { started, release: held }) });
+    let (mem, _heki, dev) = crate::devices::virtio::test_rig::started_queues(device, "_disk0", &[0, 1]);
+    let dev = Arc::new(Mutex::new(dev));
+    let (stop, gate) = (EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"), Arc::new(DeviceGate::default()));
+    let workers = dev.lock().expect("dev").spawn_workers("_disk0", &stop, &gate).expect("spawn");
+    assert_eq!(workers.len(), 2, "one worker per queue");
+    let names: Vec<_> = workers.iter().map(|w| w.thread().name().map(str::to_string)).collect();
+    assert_eq!(names, [Some("_disk0".to_string()), Some("_disk0-q1".to_string())]);
+
+    post_and_notify(&mem, &dev, 0, 0);
+    holding.recv_timeout(Duration::from_secs(5)).expect("queue 0's worker holds its request");
+    post_and_notify(&mem, &dev, 1, 1);
+    wait_for("queue 1's completion while queue 0 is busy", || used_idx(&mem, 1) == 1);
+    assert_eq!(used_idx(&mem, 0), 0, "queue 0's request is still in progress");
+    // A vCPU reading device_status is not held by the request in progress.
+    let mut status = [0u8];
+    dev.lock().expect("dev").read(0x14, &mut status);
+    assert_eq!(status[0], 15);
+
+    assert!(gate.pause(Duration::from_millis(50)).is_err(), "a pause waits for the request in progress");
+    release.send(()).expect("release queue 0");
+    gate.pause(Duration::from_secs(5)).expect("paused once the request is done");
+    assert_eq!(used_idx(&mem, 0), 1);
+    gate.resume();
+    stop.write(1).expect("stop");
+    for w in workers {
+        w.join().expect("worker");
+    }
+}
