@@ -9,6 +9,7 @@
 // Guest-supplied numbers: no unchecked arithmetic here.
 #![deny(clippy::arithmetic_side_effects)]
 
+mod connection;
 pub mod muxer;
 pub mod packet;
 
