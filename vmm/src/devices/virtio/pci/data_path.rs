@@ -38,6 +38,8 @@ pub struct DataPath {
     /// Set by a worker that cannot write a used ring, or by a failed start;
     /// reads back as NEEDS_RESET in device_status.
     needs_reset: AtomicBool,
+    /// A driver reset is waiting for the workers: they stop after the chain in hand.
+    resetting: AtomicBool,
     /// The queues' notify eventfds, for a device whose backend takes them (`external`).
     kicks: Vec<EventFd>,
 }
@@ -77,6 +79,7 @@ impl DataPath {
             msix,
             memory,
             needs_reset: AtomicBool::new(false),
+            resetting: AtomicBool::new(false),
             kicks,
         }
     }
@@ -158,11 +161,13 @@ impl DataPath {
     /// progress (the spec wants no ring access after the reset), then the
     /// queues come back; a started device is told.
     pub fn reset(&self, was_started: bool) {
+        self.resetting.store(true, Ordering::Release);
         for index in 0..self.slots.len() {
             if let Some(mut slot) = self.slot(index) {
                 slot.active = None;
             }
         }
+        self.resetting.store(false, Ordering::Release);
         if was_started {
             self.device().reset();
         }
@@ -224,6 +229,9 @@ impl DataPath {
         while server.ready() {
             if gate.is_paused() {
                 finished = false;
+                break;
+            }
+            if self.resetting.load(Ordering::Acquire) {
                 break;
             }
             batch.checkpoint();

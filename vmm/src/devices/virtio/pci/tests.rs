@@ -239,3 +239,34 @@ fn a_slow_request_on_one_queue_holds_neither_the_other_queue_nor_the_registers_a
         w.join().expect("worker");
     }
 }
+
+#[test]
+fn a_driver_reset_waits_only_for_the_chain_in_hand_then_the_queue_is_idle() {
+    use std::time::Duration;
+    let (release, held) = std::sync::mpsc::channel();
+    let (started, holding) = std::sync::mpsc::channel();
+    let device = Box::new(SlowAndFast { slow: Some(Slow { started, release: held }) });
+    let (mem, _heki, dev) = crate::devices::virtio::test_rig::started_queues(device, "_disk0", &[0]);
+    let dev = Arc::new(Mutex::new(dev));
+    let (stop, gate) = (EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"), Arc::new(DeviceGate::default()));
+    let workers = dev.lock().expect("dev").spawn_workers("_disk0", &stop, &gate).expect("spawn");
+    // Two chains available (both at descriptor 0); the first is held by the device.
+    post_and_notify(&mem, &dev, 0, 0);
+    mem.write_obj(2u16, GuestAddress(AVAIL + 2)).expect("avail idx");
+    holding.recv_timeout(Duration::from_secs(5)).expect("the worker holds the first chain");
+    let resetter = {
+        let dev = dev.clone();
+        std::thread::spawn(move || dev.lock().expect("dev").write(0x14, &[0]))
+    };
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(!resetter.is_finished(), "the reset waits for the chain in hand");
+    release.send(()).expect("release");
+    resetter.join().expect("reset");
+    assert_eq!(used_idx(&mem, 0), 1, "the chain in hand completed, the next one was left to the reset");
+    assert!(holding.try_recv().is_err(), "the second chain never reached the device");
+    assert_eq!(dev.lock().expect("dev").status(), 0);
+    stop.write(1).expect("stop");
+    for w in workers {
+        w.join().expect("worker");
+    }
+}
