@@ -172,6 +172,7 @@ impl CommonConfig {
                 data.set_needs_reset();
             }
         }
+        data.set_driver_ok(value & status::DRIVER_OK != 0);
         self.status = value;
     }
 

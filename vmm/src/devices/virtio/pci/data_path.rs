@@ -38,6 +38,9 @@ pub struct DataPath {
     /// Set by a worker that cannot write a used ring, or by a failed start;
     /// reads back as NEEDS_RESET in device_status.
     needs_reset: AtomicBool,
+    /// device_status has DRIVER_OK: a driver that clears it (against the
+    /// spec, without a reset) stops the queues, which keep their place.
+    driver_ok: AtomicBool,
     /// A driver reset is waiting for the workers: they stop after the chain in hand.
     resetting: AtomicBool,
     /// The queues' notify eventfds, for a device whose backend takes them (`external`).
@@ -79,6 +82,7 @@ impl DataPath {
             msix,
             memory,
             needs_reset: AtomicBool::new(false),
+            driver_ok: AtomicBool::new(false),
             resetting: AtomicBool::new(false),
             kicks,
         }
@@ -101,6 +105,15 @@ impl DataPath {
         self.needs_reset.load(Ordering::Acquire)
     }
 
+    pub fn set_driver_ok(&self, on: bool) {
+        self.driver_ok.store(on, Ordering::Release);
+    }
+
+    /// Whether the workers may use the queues now.
+    fn running(&self) -> bool {
+        self.driver_ok.load(Ordering::Acquire) && !self.needs_reset()
+    }
+
     pub fn set_needs_reset(&self) {
         self.needs_reset.store(true, Ordering::Release);
     }
@@ -121,7 +134,8 @@ impl DataPath {
         for (index, queue) in queues.iter().enumerate().filter(|(_, q)| q.ready()) {
             let Some(copy) = worker_copy(queue) else { return false };
             if let Some(mut slot) = self.slot(index) {
-                slot.active = Some(copy);
+                // Set again after being cleared: the queue goes on where it was.
+                slot.active.get_or_insert(copy);
             }
         }
         let mut device = self.device();
@@ -173,6 +187,7 @@ impl DataPath {
         }
         self.queue_vectors.iter().for_each(|v| v.store(NO_VECTOR, Ordering::Relaxed));
         self.needs_reset.store(false, Ordering::Release);
+        self.driver_ok.store(false, Ordering::Release);
     }
 
     /// The device's host fd and the queue it feeds, while it has one to poll.
@@ -183,7 +198,7 @@ impl DataPath {
     /// Whether the guest has made buffers available on `index` that the
     /// device has not used and may use now (started, no reset pending).
     pub fn queue_has_room(&self, index: usize) -> bool {
-        if self.needs_reset() {
+        if !self.running() {
             return false;
         }
         let mem = &self.memory.mem;
@@ -200,7 +215,7 @@ impl DataPath {
         let Some(mut slot) = self.slot(index) else { return true };
         let QueueSlot { active, handler } = &mut *slot;
         let Some(queue) = active.as_mut() else { return true };
-        if self.needs_reset() {
+        if !self.running() {
             return true;
         }
         let mut server = match handler {

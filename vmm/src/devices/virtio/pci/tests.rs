@@ -270,3 +270,15 @@ fn a_driver_reset_waits_only_for_the_chain_in_hand_then_the_queue_is_idle() {
         w.join().expect("worker");
     }
 }
+
+#[test]
+fn a_driver_clearing_driver_ok_stops_the_queue_and_setting_it_again_goes_on_where_it_was() {
+    let (mem, _heki, mut dev) = started_rng();
+    request(&mem, &dev, 0);
+    dev.write(0x14, &[11]);
+    request(&mem, &dev, 1);
+    assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).expect("idx"), 1, "stopped");
+    dev.write(0x14, &[15]);
+    assert!(dev.process_queue(0, &DeviceGate::default()));
+    assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).expect("idx"), 2, "the waiting request only");
+}
