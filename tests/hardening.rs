@@ -32,7 +32,8 @@ impl Vmm {
             .arg(guests::build("hardening"))
             .args(["--serial", "tty", "--heki", "enabled=on", "--rng", "src=/dev/urandom"])
             .arg("--disk")
-            .arg(format!("path={}", disk.display()))
+            // Two queues: the second has a worker of its own, under the same filter.
+            .arg(format!("path={},num_queues=2", disk.display()))
             .arg("--console")
             .arg(format!("file={}", dir.join("console.log").display()))
             .arg("--api-socket")
@@ -128,6 +129,7 @@ fn every_thread_runs_under_a_seccomp_filter_and_sigterm_shuts_down_cleanly() {
         "event-monitor",
         "_rng",
         "_disk0",
+        "_disk0-q1",
         "_console",
         "heki-cr-check",
         "signal-handler",

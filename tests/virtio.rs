@@ -83,6 +83,35 @@ fn block_reads_writes_and_refuses_reads_into_protected_memory() {
 }
 
 #[test]
+fn two_disk_queues_serve_requests_at_once_and_each_refuses_dma_into_a_locked_page() {
+    require_kvm!();
+    let disk = disk_image("virtio-blk-mq", 1 << 20);
+    let disk_arg = format!("path={},num_queues=2,queue_size=1024", disk.display());
+    let run = common::run_vm(
+        "virtio-blk-mq",
+        &guests::build("virtio_blk_mq"),
+        &["--heki", "enabled=on", "--disk", &disk_arg],
+    );
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    let s = &run.serial;
+    for line in [
+        "num_queues=2 config num_queues=2",
+        "status=f",
+        "writes on both queues ok=16",
+        // Each queue reads back what the other wrote.
+        "reads on both queues ok=16 match=16",
+        "protect rc=0",
+        // IOERR on queue 1, and the locked page keeps its contents.
+        "queue 1 read into protected: 1 page=LOCKED PAGE",
+        "queue 0 after: 0 data=queue 0 request 1",
+    ] {
+        assert!(s.contains(line), "{line}: {s}");
+    }
+    let image = std::fs::read(&disk).expect("image");
+    assert_eq!(&image[16 * 512..16 * 512 + 17], b"queue 1 request 0", "queue 1's write reached the host file");
+}
+
+#[test]
 fn a_readonly_disk_refuses_writes() {
     require_kvm!();
     let disk = disk_image("virtio-blk-ro", 1 << 20);

@@ -2,7 +2,10 @@
 # /init of the drivers guest (tests/linux_guest.rs): real Linux virtio drivers
 # against Hekivisor's devices. The host checks these lines:
 #   /dev/vda    sector 0 holds "hekivisor-disk-pattern"; sector 1 is written
-#               with "written-by-linux" for the host to check in the image
+#               with "written-by-linux" for the host to check in the image;
+#               printed: blk-mq's hardware queues, their depth (tags: half
+#               the virtio queue size, two descriptors per request) and
+#               whether the driver took VIRTIO_BLK_F_MQ (feature bit 12)
 #   /dev/hwrng  64 bytes read
 #   eth0        $hk_net.2/24, pings the host at $hk_net.1 (hk_net=A.B.C on the
 #               kernel command line, which passes it to init as a variable;
@@ -98,6 +101,9 @@ if [ -b /dev/vda ]; then
     echo "drivers: disk read: $(dd if=/dev/vda bs=22 count=1 2>/dev/null)"
     echo "written-by-linux" | dd of=/dev/vda bs=512 seek=1 conv=sync,fsync 2>/dev/null &&
         echo "drivers: disk write: ok"
+    echo "drivers: disk queues: $(ls /sys/block/vda/mq | wc -l)" \
+        "tags: $(cat /sys/block/vda/mq/0/nr_tags)" \
+        "mq: $(cut -c13 /sys/block/vda/device/features)"
 else
     echo "drivers: disk: no /dev/vda"
 fi

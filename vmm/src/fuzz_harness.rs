@@ -190,12 +190,9 @@ pub fn virtio_queue_used(data: &[u8]) -> Vec<(u32, u32)> {
         let _ = std::fs::File::from(host.try_clone().expect("clone socket")).write(&frame);
     }
     let gate = DeviceGate::default();
-    let state = dev.state();
-    let mut transport = state.lock().unwrap_or_else(|p| p.into_inner());
-    transport.process_queue(index, &gate);
+    dev.process_queue(index, &gate);
     // A second notification with nothing new must be harmless too.
-    transport.process_queue(index, &gate);
-    drop(transport);
+    dev.process_queue(index, &gate);
 
     let mut page = [0u8; 4096];
     mem.read_slice(&mut page, GuestAddress(PROTECTED_PAGE)).expect("the protected page is in RAM");

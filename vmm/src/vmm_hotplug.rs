@@ -252,7 +252,14 @@ mod tests {
     use crate::config::DiskConfig;
 
     fn disk(id: Option<&str>) -> DiskConfig {
-        DiskConfig { path: "/tmp/x".into(), readonly: false, id: id.map(String::from), pci_segment: 0 }
+        DiskConfig {
+            path: "/tmp/x".into(),
+            readonly: false,
+            id: id.map(String::from),
+            pci_segment: 0,
+            num_queues: 1,
+            queue_size: 256,
+        }
     }
 
     #[test]

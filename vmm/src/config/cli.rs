@@ -71,7 +71,7 @@ pub struct CliArgs {
     #[arg(long, value_name = "path=SOCK")]
     pub introspection: Option<String>,
 
-    /// virtio-block disk: path=FILE[,readonly=on][,id=NAME] (raw image; repeatable).
+    /// virtio-block disk: path=FILE[,readonly=on][,id=NAME][,num_queues=N][,queue_size=N] (raw image; repeatable).
     #[arg(long, value_name = "path=FILE")]
     pub disk: Vec<String>,
 

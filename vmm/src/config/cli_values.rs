@@ -110,13 +110,22 @@ pub fn parse_landlock_rule(input: &str) -> Result<super::LandlockConfig, ConfigE
 }
 
 pub fn parse_disk(input: &str) -> Result<super::DiskConfig, ConfigError> {
-    let o = OptionValues::parse("--disk", input, &["path", "readonly", "id", "pci_segment"])?;
+    let o =
+        OptionValues::parse("--disk", input, &["path", "readonly", "id", "pci_segment", "num_queues", "queue_size"])?;
     let path = o.get("path").filter(|p| !p.is_empty()).ok_or_else(|| o.error("path=FILE is required".into()))?;
     Ok(super::DiskConfig {
         path: PathBuf::from(path),
         readonly: o.get_bool("readonly")?.unwrap_or(false),
         id: o.get("id").map(str::to_string),
         pci_segment: parse_pci_segment(&o)?,
+        num_queues: match o.get_u64("num_queues")? {
+            Some(n) => usize::try_from(n).map_err(|_| o.error(format!("num_queues={n}: too many")))?,
+            None => super::devices::default_disk_num_queues(),
+        },
+        queue_size: match o.get_u64("queue_size")? {
+            Some(n) => u32::try_from(n).map_err(|_| o.error(format!("queue_size={n}: at most 32768")))?,
+            None => super::devices::default_disk_queue_size(),
+        },
     })
 }
 

@@ -20,6 +20,24 @@ pub struct DiskConfig {
     /// The PCI segment the device sits on (`platform.num_pci_segments`).
     #[serde(default)]
     pub pci_segment: u16,
+    /// Request queues (VIRTIO_BLK_F_MQ when more than one), each served by its own worker.
+    #[serde(default = "default_disk_num_queues")]
+    pub num_queues: usize,
+    /// Entries per queue: a power of two up to 32768 (wider than u16 so
+    /// that 65536 is refused by name rather than by the JSON parser).
+    #[serde(default = "default_disk_queue_size")]
+    pub queue_size: u32,
+}
+
+/// Request queues per disk; each has an MSI-X vector.
+pub const DISK_MAX_QUEUES: usize = 16;
+
+pub(crate) fn default_disk_num_queues() -> usize {
+    1
+}
+
+pub(crate) fn default_disk_queue_size() -> u32 {
+    256
 }
 
 /// A virtio-net interface on a host TAP (Cloud Hypervisor's `net[]`).

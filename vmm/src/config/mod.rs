@@ -17,8 +17,8 @@ use thiserror::Error;
 pub use cli::{ApiSocketSpec, CliArgs, EventMonitorSpec, VmmOptions};
 pub use compat::{to_cloud_hypervisor_json, vm_config_from_json};
 pub use devices::{
-    DiskConfig, FS_MAX_QUEUES, FS_TAG_MAX, FsConfig, LandlockConfig, MAX_VSOCK_CID, MAX_VSOCK_SOCKET_PATH,
-    MIN_VSOCK_CID, NetConfig, RngConfig, VsockConfig,
+    DISK_MAX_QUEUES, DiskConfig, FS_MAX_QUEUES, FS_TAG_MAX, FsConfig, LandlockConfig, MAX_VSOCK_CID,
+    MAX_VSOCK_SOCKET_PATH, MIN_VSOCK_CID, NetConfig, RngConfig, VsockConfig,
 };
 pub use memory::{HUGE_PAGE_SIZES, HotplugMethod, MAX_PCI_SEGMENTS, MemoryConfig, PlatformConfig};
 pub use options::parse_size;

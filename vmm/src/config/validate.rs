@@ -55,6 +55,16 @@ impl VmConfig {
         if disks.len() > 16 {
             return Err(invalid("disks", "at most 16 disks"));
         }
+        for disk in disks {
+            if disk.num_queues == 0 || disk.num_queues > super::DISK_MAX_QUEUES {
+                let (got, max) = (disk.num_queues, super::DISK_MAX_QUEUES);
+                return Err(invalid("disks.num_queues", format!("must be 1..={max}, got {got}")));
+            }
+            if !disk.queue_size.is_power_of_two() || disk.queue_size > 32768 {
+                let got = disk.queue_size;
+                return Err(invalid("disks.queue_size", format!("must be a power of two up to 32768, got {got}")));
+            }
+        }
         for (i, net) in self.net.iter().flatten().enumerate() {
             net.mac_bytes(i)?;
             if net.ip.is_some() != net.mask.is_some() {

@@ -103,7 +103,9 @@ pub fn disk(config: &DiskConfig, index: usize) -> Result<NewDevice, VmError> {
     let failed = |e: std::io::Error| VmError::Device(format!("disk {}: {e}", config.path.display()));
     let file = std::fs::OpenOptions::new().read(true).write(!config.readonly).open(&config.path).map_err(failed)?;
     let name = config.id.clone().unwrap_or_else(|| format!("_disk{index}"));
-    let block = Block::new(file, config.readonly, name.clone()).map_err(failed)?;
+    let block = Block::new(file, config.readonly, name.clone())
+        .map_err(failed)?
+        .with_queues(config.num_queues, config.queue_size);
     Ok(NewDevice { name, device: Box::new(block), class: CLASS_STORAGE, segment: config.pci_segment })
 }
 

@@ -65,9 +65,10 @@ pub struct VirtioHandle {
     device: Arc<Mutex<VirtioPci>>,
     pub counters: Arc<DeviceCounters>,
     accessor: Arc<Accessor>,
-    /// Ends this device's worker alone (a removal) or with the VM.
+    /// Ends this device's workers alone (a removal) or with the VM.
     stop: EventFd,
-    worker: Option<JoinHandle<()>>,
+    /// One per queue with a handler of its own, plus one for the rest.
+    workers: Vec<JoinHandle<()>>,
 }
 
 impl VirtioHandle {
@@ -181,8 +182,16 @@ impl PciDevices {
         let on_bus = relocation::RelocatableDevice { device: device.clone(), slot, bars, kvm_vm: self.kvm_vm.clone() };
         bus.add(Arc::new(Mutex::new(on_bus)));
         let segment = new.segment;
-        let mut handle =
-            VirtioHandle { name: new.name.clone(), segment, slot, device, counters, accessor, stop, worker: None };
+        let mut handle = VirtioHandle {
+            name: new.name.clone(),
+            segment,
+            slot,
+            device,
+            counters,
+            accessor,
+            stop,
+            workers: Vec::new(),
+        };
         let started = if self.started { self.start_worker(&mut handle) } else { Ok(()) };
         self.handles.push(handle);
         if let Err(e) = started {
@@ -194,9 +203,8 @@ impl PciDevices {
     }
 
     fn start_worker(&self, handle: &mut VirtioHandle) -> Result<(), VmError> {
-        let stop = handle.stop.try_clone().map_err(VmError::EventFd)?;
-        handle.worker = lock_device(&handle.device)
-            .spawn_worker(handle.name.clone(), stop, self.gate.clone())
+        handle.workers = lock_device(&handle.device)
+            .spawn_workers(&handle.name, &handle.stop, &self.gate)
             .map_err(VmError::SpawnVcpu)?;
         Ok(())
     }
@@ -205,7 +213,7 @@ impl PciDevices {
     pub fn start(&mut self) -> Result<(), VmError> {
         self.started = true;
         let mut handles = std::mem::take(&mut self.handles);
-        let result = handles.iter_mut().filter(|h| h.worker.is_none()).try_for_each(|h| self.start_worker(h));
+        let result = handles.iter_mut().filter(|h| h.workers.is_empty()).try_for_each(|h| self.start_worker(h));
         self.handles = handles;
         result
     }
@@ -247,14 +255,15 @@ fn stop_workers(handles: &mut [VirtioHandle]) {
     }
     let deadline = std::time::Instant::now() + WORKER_STOP_TIMEOUT;
     for handle in handles.iter_mut() {
-        let Some(worker) = handle.worker.take() else { continue };
-        while !worker.is_finished() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        if worker.is_finished() {
-            let _ = worker.join();
-        } else {
-            log::error!("{}: the device worker did not stop in time; leaving it detached", handle.name);
+        for worker in std::mem::take(&mut handle.workers) {
+            while !worker.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if worker.is_finished() {
+                let _ = worker.join();
+            } else {
+                log::error!("{}: a device worker did not stop in time; leaving it detached", handle.name);
+            }
         }
     }
 }

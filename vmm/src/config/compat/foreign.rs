@@ -129,8 +129,6 @@ pub(super) fn foreign_fields(section: Section) -> Vec<(&'static str, Value)> {
             let mut f = vec![
                 ("direct", json!(false)),
                 ("iommu", json!(false)),
-                ("num_queues", json!(1)),
-                ("queue_size", json!(128)),
                 ("vhost_user", json!(false)),
                 ("vhost_socket", Value::Null),
                 ("rate_limit_group", Value::Null),

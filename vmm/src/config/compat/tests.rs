@@ -385,6 +385,24 @@ fn missing_sections_get_defaults_and_bad_json_is_an_error() {
     assert!(vm_config_from_json(br#"{"cpus": {"boot_vcpus": 300, "max_vcpus": 300}}"#).is_err());
 }
 
+#[test]
+fn disk_queues_up_to_the_spec_are_taken_and_others_refused_by_name() {
+    let disk = |fields: &str| format!(r#"{{"payload": {{"kernel": "/k"}}, "disks": [{{"path": "/d"{fields}}}]}}"#);
+    let config = vm_config_from_json(disk(r#", "num_queues": 2, "queue_size": 1024"#).as_bytes()).expect("valid");
+    let d = &config.disks.as_ref().expect("disk")[0];
+    assert_eq!((d.num_queues, d.queue_size), (2, 1024));
+    for (fields, field) in [
+        (r#", "queue_size": 1000"#, "disks.queue_size"),
+        (r#", "queue_size": 65536"#, "disks.queue_size"),
+        (r#", "queue_size": 0"#, "disks.queue_size"),
+        (r#", "num_queues": 0"#, "disks.num_queues"),
+        (r#", "num_queues": 17"#, "disks.num_queues"),
+    ] {
+        let err = vm_config_from_json(disk(fields).as_bytes()).expect_err(fields).to_string();
+        assert!(err.contains(field), "{fields}: {err}");
+    }
+}
+
 proptest::proptest! {
     /// Arbitrary bytes and near-valid JSON never panic the parser.
     #[test]

@@ -279,8 +279,7 @@ mod tests {
     }
 
     fn drain(dev: &VirtioPci) {
-        let state = dev.state();
-        assert!(state.lock().expect("state").process_queue(RECEIVE_QUEUE, &DeviceGate::default()));
+        assert!(dev.process_queue(RECEIVE_QUEUE, &DeviceGate::default()));
     }
 
     /// (used idx, length of used element `n`).
@@ -335,13 +334,12 @@ mod tests {
     #[test]
     fn at_end_of_input_the_device_stops_offering_its_descriptor() {
         let (mem, _heki, dev, input) = started_console();
-        let state = dev.state();
-        assert!(state.lock().expect("state").extra_fd().is_some(), "the input is polled");
+        assert!(dev.extra_fd().is_some(), "the input is polled");
         drop(input);
         post(&mem, 0, &[(BUFFER, 64)]);
         drain(&dev);
         assert_eq!(used(&mem, 0).0, 0, "no buffer is completed empty");
-        assert!(state.lock().expect("state").extra_fd().is_none(), "a hung-up input is no longer polled");
+        assert!(dev.extra_fd().is_none(), "a hung-up input is no longer polled");
     }
 
     #[test]

@@ -50,6 +50,14 @@ pub struct QueueHandoff<'a> {
     pub call: Option<&'a EventFd>,
 }
 
+/// Serves one queue's chains on that queue's own worker thread, without the
+/// device's lock: what a device gives for queues that may run in parallel
+/// (each of virtio-blk's request queues).
+pub trait QueueHandler: Send {
+    /// Handles one request; returns the number of bytes written to the guest.
+    fn process(&mut self, chain: DescriptorChain<&CheckedMemory>, dma: &DeviceMemory) -> u32;
+}
+
 /// What a virtio device does with one descriptor chain.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u16;
@@ -62,6 +70,12 @@ pub trait VirtioDevice: Send {
     }
     fn num_queues(&self) -> usize {
         1
+    }
+    /// A handler serving `queue` on a worker of its own (asked once, when the
+    /// transport is built); `None`: the device's shared worker serves it
+    /// through `process`.
+    fn queue_handler(&mut self, _queue: usize) -> Option<Box<dyn QueueHandler>> {
+        None
     }
     /// Whether the worker drains this queue (a device may hold buffers, e.g. console input).
     fn handles_queue(&self, _queue: usize) -> bool {
@@ -80,7 +94,8 @@ pub trait VirtioDevice: Send {
     fn thread_kind(&self) -> crate::seccomp::ThreadKind {
         crate::seccomp::ThreadKind::DeviceWorker
     }
-    /// Reads the device-specific configuration space.
+    /// Reads the device-specific configuration space. It must not change
+    /// over the device's life: the transport reads it once, at creation.
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }

@@ -9,6 +9,7 @@
 // Guest-supplied numbers: no unchecked arithmetic here.
 #![deny(clippy::arithmetic_side_effects)]
 
+mod connection;
 pub mod muxer;
 pub mod packet;
 
@@ -231,7 +232,7 @@ mod tests {
         mem.write_obj(n, GuestAddress(avail + 4 + 2 * u64::from(n))).expect("ring");
         mem.write_obj(n + 1, GuestAddress(avail + 2)).expect("avail idx");
         let gate = DeviceGate::default();
-        assert!(dev.state().lock().expect("state").process_queue(q, &gate));
+        assert!(dev.process_queue(q, &gate));
     }
 
     /// Queue q's used entry `n`: (used index, length).
