@@ -114,17 +114,26 @@ fn kata_clh_sequence_is_answered_as_kata_expects() {
     let id = pci["id"].as_str().expect("id").to_string();
 
     // ResizeVCPUs sends the count it wants even when it is the current one;
-    // ResizeMemory makes no call without a hotplug_size to grow into.
+    // ResizeMemory makes a call when vm.info reports a hotplug_size.
     let vcpus = info["config"]["cpus"]["boot_vcpus"].clone();
     replay.call("PUT", "vm.resize", Some(&json!({"desired_vcpus": vcpus})), &[204]);
     let hotplug = info["config"]["memory"]["hotplug_size"].as_u64().unwrap_or(0);
     let line = if hotplug == 0 {
         "kata-replay: ResizeMemory: no call (vm.info reports no memory.hotplug_size, as Kata checks)".to_string()
     } else {
+        // The one call of Kata's sequence Hekivisor cannot honour yet: the
+        // window is reserved, but RAM is not added to a running guest
+        // (docs/api.md). Kata fails a container's memory update on it. The
+        // answer must be the 400 that says so, nothing else.
         let size = info["config"]["memory"]["size"].as_u64().unwrap_or(0);
         let desired = json!({"desired_ram": size + (128 << 20)});
-        replay.call("PUT", "vm.resize", Some(&desired), &[204]);
-        "kata-replay: ResizeMemory: grew by 128 MiB".to_string()
+        let r = replay.client.request("PUT", "vm.resize", Some(&desired.to_string())).expect("vm.resize");
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(r.body.contains("desired_ram") && r.body.contains("memory hotplug"), "{}", r.body);
+        format!(
+            "kata-replay: PUT vm.resize (desired_ram +128 MiB) -> 400: KNOWN GAP, not accepted by Kata ({})",
+            r.error_message()
+        )
     };
     println!("{line}");
     replay.lines.push(line);

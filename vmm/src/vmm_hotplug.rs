@@ -234,8 +234,8 @@ fn resize(vmm: &mut Vmm, resize: ResizeRequest) -> ApiResult {
         if running && ram != next.memory.size {
             return Err(bad(format!(
                 "desired_ram: changing a running VM's memory from {} to {ram} bytes needs memory \
-                 hotplug (a reserved memory.hotplug_size window and ACPI memory devices, or \
-                 virtio-mem), which Hekivisor does not have yet",
+                 hotplug: memory.hotplug_size reserves the address space, but telling the guest of \
+                 new RAM needs ACPI memory devices or virtio-mem, which Hekivisor does not have yet",
                 next.memory.size
             )));
         }
