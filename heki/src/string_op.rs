@@ -202,7 +202,8 @@ pub fn plan(insn: &StringInsn, regs: StringRegs, exited: ExitedWrite, source_bas
     // Whole elements left in the page, in the direction of travel.
     let room = |at: u64| {
         let offset = at & (PAGE_SIZE - 1);
-        if descending { offset / size } else { (PAGE_SIZE - offset - size) / size }
+        let bytes = if descending { offset } else { PAGE_SIZE.saturating_sub(offset).saturating_sub(size) };
+        bytes.checked_div(size).unwrap_or(0)
     };
     let mut elements = count.min(room(exited_dest));
     let exited_source = match insn.kind {
@@ -325,8 +326,8 @@ mod tests {
         let insn = decode_rep_string(ADDR32_REP_STOSD).expect("stosd");
         // EDI 0xfffffff0 exited (upper RDI bits are ignored); 3 dwords remain in the page, then EDI wraps to 0.
         let rcx = 0xdead_0000_0000_0010;
-        let chunk = plan(&insn, regs(rcx - 1, 0xbeef_ffff_fff4, 0, 0), ExitedWrite { gpa: 0x7ff0, len: 4 }, 0)
-            .expect("chunk");
+        let chunk =
+            plan(&insn, regs(rcx - 1, 0xbeef_ffff_fff4, 0, 0), ExitedWrite { gpa: 0x7ff0, len: 4 }, 0).expect("chunk");
         assert_eq!(chunk.exited_dest, 0xffff_fff0);
         assert_eq!(chunk.elements, 3);
         assert_eq!(chunk.after.rdi, 0, "EDI wrapped, upper half cleared");
@@ -337,8 +338,7 @@ mod tests {
     #[test]
     fn movs_stops_at_the_end_of_the_source_page_too() {
         let insn = decode_rep_string(REP_MOVSB).expect("movsb");
-        let chunk =
-            plan(&insn, regs(4000, 0x5001, 0x8f01, 0), ExitedWrite { gpa: 0x9000, len: 1 }, 0).expect("chunk");
+        let chunk = plan(&insn, regs(4000, 0x5001, 0x8f01, 0), ExitedWrite { gpa: 0x9000, len: 1 }, 0).expect("chunk");
         assert_eq!(chunk.exited_source, Some(0x8f00));
         assert_eq!(chunk.elements, 255, "the source page ends first");
         assert_eq!(chunk.after.rsi, 0x9000);

@@ -456,7 +456,17 @@ pub struct ViolationRecord {
 impl ViolationRecord {
     /// A record with only kind and action; fill the rest as known.
     pub fn new(kind: ViolationKind, action: RecordedAction) -> Self {
-        ViolationRecord { seq: 0, kind, action, vcpu: None, gpa: None, rip: None, size: None, length: None, details: BTreeMap::new() }
+        ViolationRecord {
+            seq: 0,
+            kind,
+            action,
+            vcpu: None,
+            gpa: None,
+            rip: None,
+            size: None,
+            length: None,
+            details: BTreeMap::new(),
+        }
     }
 
     /// The event properties: hex strings for addresses, as the event list documents.
