@@ -118,8 +118,9 @@ impl Vcpu {
         match result {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
             Err(e) => Err(ioctl_err("KVM_RUN")(e)),
-            // KVM checks `immediate_exit` before it enters the guest, so no
-            // exit can come back; should one, it is an error, never ignored.
+            // KVM checks `immediate_exit` before it enters the guest, so only
+            // the next fragment of a write wider than one exit (callers make
+            // sure the exit was not one) could come back: an error, reported.
             Ok(exit) => Err(HypervisorError::Ioctl {
                 op: "KVM_RUN (immediate_exit)",
                 source: std::io::Error::other(format!("returned an exit: {exit}")),

@@ -87,15 +87,15 @@ impl HekiRuntime {
             self.string_memo().note_not_string(id, rip);
             return None;
         };
-        if vcpu.instructions_watched().unwrap_or(true) {
+        // A shorter write is the fragment of an element split across two
+        // pages; completing its exit would return the next fragment's.
+        if data.len() != usize::from(insn.element) || vcpu.instructions_watched().unwrap_or(true) {
             return None;
         }
-        // The element is retired only once KVM completes the exit; then the
-        // registers are final and ours to change.
-        if let Err(e) = vcpu.complete_pending_exit() {
-            crate::rate_limited!(warn, "heki: cannot complete a string write's exit on vcpu {id}: {e}");
-            return None;
-        }
+        // KVM has written the registers back at the exit (count down,
+        // pointers moved); everything is checked on them before the exit is
+        // completed, so a write that is not this instruction's element (the
+        // first 8 bytes of a wider store, say) is never completed here.
         let regs = vcpu.regs().ok()?;
         if regs.rip != rip {
             return None;
@@ -131,6 +131,15 @@ impl HekiRuntime {
         };
         // The agent sees every write to the pages it tracks, one by one.
         if self.traps().slots().agent_tracks_page(gpa >> heki::PAGE_SHIFT) {
+            return None;
+        }
+        // The element is retired only once KVM completes the exit; then the
+        // registers are final and ours to change. They must not have moved.
+        if let Err(e) = vcpu.complete_pending_exit() {
+            crate::rate_limited!(warn, "heki: cannot complete a string write's exit on vcpu {id}: {e}");
+            return None;
+        }
+        if vcpu.regs().ok()? != regs {
             return None;
         }
         Some(Found { insn, chunk, regs, cpl: sregs.cpl(), source_page })
@@ -394,6 +403,7 @@ mod tests {
         let before = vcpu.regs().expect("regs");
         assert!(!heki.complete_string_write(&mut vcpu, LOCKED, &[0x42]));
         assert_eq!(vcpu.regs().expect("regs"), before, "registers untouched");
+        assert_eq!(vcpu.completions, 0, "a foreign exit is never completed here");
         // Another page offset.
         assert!(!heki.complete_string_write(&mut vcpu, LOCKED + 8, &[0xee]));
         // Watched instructions (guest breakpoints, single-stepping) run element by element.
