@@ -340,8 +340,14 @@ mod tests {
     }
 
     fn runtime(policy: Policy, code: &[u8]) -> (Arc<HekiRuntime>, GuestMemoryMmap) {
+        let (heki, mem, _) = runtime_with_control(policy, code);
+        (heki, mem)
+    }
+
+    fn runtime_with_control(policy: Policy, code: &[u8]) -> (Arc<HekiRuntime>, GuestMemoryMmap, Arc<RecordingControl>) {
         let ram = crate::memory::create_guest_ram(&[crate::memory::RamRegion { start: 0, size: RAM }]).expect("RAM");
-        let enforcer = Arc::new(Enforcer::new(policy, Arc::new(RecordingControl::default())));
+        let control = Arc::new(RecordingControl::default());
+        let enforcer = Arc::new(Enforcer::new(policy, control.clone()));
         let config = HekiConfig { enabled: true, policy, ..HekiConfig::default() };
         let boot = [(PlannedSlot { gpa: 0, size: RAM, readonly: false }, 0)];
         let heki = Arc::new(HekiRuntime::new(&config, enforcer, Arc::new(RecordingSlots::default()), &ram, &boot, 1));
@@ -349,7 +355,7 @@ mod tests {
         ram.kvm.write_slice(code, GuestAddress(CODE)).expect("code");
         let range = ProtectRange { start: LOCKED >> 12, end: (LOCKED >> 12) + 1, perms: Permissions::READ };
         heki.protect_pages(&[range], "test").expect("lock");
-        (heki, ram.kvm)
+        (heki, ram.kvm, control)
     }
 
     fn page(mem: &GuestMemoryMmap) -> Vec<u8> {
@@ -384,6 +390,17 @@ mod tests {
         assert!(heki.complete_string_write(&mut vcpu, LOCKED, &[0xee]));
         assert!(page(&mem).iter().all(|&b| b == 0xee));
         assert_eq!(heki.violations().total(), 1);
+    }
+
+    #[test]
+    fn under_pause_the_run_is_refused_and_the_vm_pauses_once() {
+        let (heki, mem, control) = runtime_with_control(Policy::Pause, REP_STOSB);
+        let mut vcpu = after_first_byte(4096);
+        assert!(heki.complete_string_write(&mut vcpu, LOCKED, &[0xee]));
+        assert!(page(&mem).iter().all(|&b| b == 0x11));
+        let stops: Vec<_> = control.stops.lock().expect("stops").iter().map(|(o, _)| *o).collect();
+        assert_eq!(stops, vec![heki::Outcome::Pause]);
+        assert_eq!(heki.violations().recent()[0].action, heki::RecordedAction::Paused);
     }
 
     #[test]
