@@ -90,7 +90,7 @@ fn locked_memory_survives_every_write_width_string_and_straddling_write() {
 
 /// The `heki_string` guest's cases, each run on plain pages (the CPU's
 /// answer) and on a locked page: "ok NAME" when registers and bytes agree.
-const STRING_CASES: [&str; 19] = [
+const STRING_CASES: [&str; 20] = [
     "rep stosb page",
     "rep stosw page",
     "rep stosd page",
@@ -103,6 +103,7 @@ const STRING_CASES: [&str; 19] = [
     "rep movsb unaligned source",
     "rep stosb descending",
     "rep movsq descending",
+    "rep movsb gs source",
     "rep movsb overlapping",
     "addr32 rep stosd",
     "addr32 rep stosb wrap",

@@ -56,6 +56,8 @@ static const struct kind STOSD = {"stosd", {0xf3, 0xab}, 2, 0};
 static const struct kind STOSQ = {"stosq", {0xf3, 0x48, 0xab}, 3, 0};
 static const struct kind MOVSB = {"movsb", {0xf3, 0xa4}, 2, 1};
 static const struct kind MOVSQ = {"movsq", {0xf3, 0x48, 0xa5}, 3, 1};
+static const struct kind GS_MOVSB = {"gs movsb", {0x65, 0xf3, 0xa4}, 3, 1};
+#define MSR_GS_BASE 0xc0000101
 static const struct kind A32_STOSB = {"addr32 stosb", {0x67, 0xf3, 0xaa}, 3, 0};
 static const struct kind A32_STOSD = {"addr32 stosd", {0x67, 0xf3, 0xab}, 3, 0};
 static const struct kind STOSQ_NOREP = {"stosq", {0x48, 0xab}, 2, 0};
@@ -148,6 +150,10 @@ void guest_main(void) {
     /* DF=1: down from the page above, through the locked page, into the page below. */
     check("rep stosb descending", &STOSB, tgt, 2 * PAGE + 99, PAGE + 200, 0, 1, 0, 0, 0);
     check("rep movsq descending", &MOVSQ, tgt, 2 * PAGE - 8, 512, (u64)src + PAGE - 8, 1, 0, 0, 0);
+    /* A GS-relative source: the segment base counts. */
+    wrmsr(MSR_GS_BASE, 0x1000);
+    check("rep movsb gs source", &GS_MOVSB, tgt, PAGE, 4000, (u64)src + 16 - 0x1000, 0, 0, 0, 0);
+    wrmsr(MSR_GS_BASE, 0);
     /* A movs whose source is the locked page itself (overlapping). */
     check("rep movsb overlapping", &MOVSB, tgt, PAGE + 1, 4000, PAGE, 0, 0, 0, 0);
     /* 32-bit address size: upper halves ignored and cleared, EDI wraps at 4 GiB. */
