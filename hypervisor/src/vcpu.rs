@@ -111,17 +111,23 @@ impl Vcpu {
     /// completes them only on the next `KVM_RUN`) without entering the guest,
     /// so the registers can then be changed: one `KVM_RUN` with
     /// `immediate_exit`, which returns `EINTR` once the completion ran.
-    pub fn complete_pending_exit(&mut self) -> Result<()> {
+    ///
+    /// KVM checks `immediate_exit` only after the completion, and a store
+    /// wider than 8 bytes exits in pieces: completing one piece hands back
+    /// the next as `Some((gpa, data))`; call again until `None`.
+    pub fn complete_pending_exit(&mut self) -> Result<Option<(u64, Vec<u8>)>> {
         self.fd.set_kvm_immediate_exit(1);
-        let result = self.fd.run().map(|exit| format!("{exit:?}"));
+        let result = self.fd.run().map(|exit| match exit {
+            VcpuExit::MmioWrite(gpa, data) => Ok((gpa, data.to_vec())),
+            other => Err(format!("{other:?}")),
+        });
         self.fd.set_kvm_immediate_exit(0);
         match result {
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(None),
             Err(e) => Err(ioctl_err("KVM_RUN")(e)),
-            // KVM checks `immediate_exit` before it enters the guest, so only
-            // the next fragment of a write wider than one exit (callers make
-            // sure the exit was not one) could come back: an error, reported.
-            Ok(exit) => Err(HypervisorError::Ioctl {
+            Ok(Ok(piece)) => Ok(Some(piece)),
+            // No other exit can come back without entering the guest.
+            Ok(Err(exit)) => Err(HypervisorError::Ioctl {
                 op: "KVM_RUN (immediate_exit)",
                 source: std::io::Error::other(format!("returned an exit: {exit}")),
             }),

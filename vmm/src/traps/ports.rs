@@ -52,8 +52,10 @@ pub trait VcpuAccess {
 /// besides `VcpuAccess`.
 pub trait StringExitAccess: VcpuAccess {
     /// Finishes the half-done exit without entering the guest, so the
-    /// registers may be changed (`KVM_RUN` with `immediate_exit`).
-    fn complete_pending_exit(&mut self) -> Result<(), HostError>;
+    /// registers may be changed (`KVM_RUN` with `immediate_exit`). A store
+    /// wider than one exit hands back its next piece (GPA, bytes): call
+    /// again until `None`.
+    fn complete_pending_exit(&mut self) -> Result<Option<(u64, Vec<u8>)>, HostError>;
     /// Whether single instructions are watched (guest debugging, or guest
     /// breakpoints armed in DR7): then each element must run on its own.
     fn instructions_watched(&self) -> Result<bool, HostError>;
@@ -156,7 +158,7 @@ impl VcpuAccess for hypervisor::Vcpu {
 }
 
 impl StringExitAccess for hypervisor::Vcpu {
-    fn complete_pending_exit(&mut self) -> Result<(), HostError> {
+    fn complete_pending_exit(&mut self) -> Result<Option<(u64, Vec<u8>)>, HostError> {
         Ok(hypervisor::Vcpu::complete_pending_exit(self)?)
     }
     fn instructions_watched(&self) -> Result<bool, HostError> {
