@@ -76,12 +76,128 @@ fn locked_memory_survives_every_write_width_string_and_straddling_write() {
     assert!(first["gpa"].as_str().is_some_and(|g| g.starts_with("0x")));
     assert!(first["rip"].as_str().is_some_and(|r| r.starts_with("0x1")));
     assert_eq!(first["size"], "1");
-    // 4 widths + 4096 string bytes + 2 straddles + 1 byte-protected write, each counted.
+    // The `rep stosb` over the page is one violation carrying its 4096 bytes.
+    let string = violations.iter().find(|v| v["properties"]["instruction"] == "rep stosb").expect("string record");
+    assert_eq!(string["properties"]["size"], "4096");
+    assert_eq!(string["properties"]["length"], "4096");
+    // 4 widths + 1 string instruction + 2 straddles + 1 byte-protected write, each counted.
     let suppressed: u64 = heki_events(&all, "suppressed")
         .iter()
         .map(|e| e["properties"]["count"].as_str().and_then(|c| c.parse::<u64>().ok()).expect("count"))
         .sum();
-    assert_eq!(violations.len() as u64 + suppressed, 4 + 4096 + 2 + 1);
+    assert_eq!(violations.len() as u64 + suppressed, 4 + 1 + 2 + 1);
+}
+
+/// The `heki_string` guest's cases, each run on plain pages (the CPU's
+/// answer) and on a locked page: "ok NAME" when registers and bytes agree.
+const STRING_CASES: [&str; 20] = [
+    "rep stosb page",
+    "rep stosw page",
+    "rep stosd page",
+    "rep stosq page",
+    "rep movsb page",
+    "rep movsq page",
+    "rep stosb unlocked-locked",
+    "rep stosb locked-unlocked",
+    "rep stosq split element",
+    "rep movsb unaligned source",
+    "rep stosb descending",
+    "rep movsq descending",
+    "rep movsb gs source",
+    "rep movsb overlapping",
+    "addr32 rep stosd",
+    "addr32 rep stosb wrap",
+    "rep stosb huge count",
+    "stosq",
+    "movsb",
+    "rep stosb protected bytes",
+];
+
+fn assert_string_cases_pass(serial: &str) {
+    assert!(serial.contains("protect rc=0 bytes rc=0"), "{serial}");
+    assert!(!serial.contains("FAIL"), "{serial}");
+    for case in STRING_CASES {
+        assert!(serial.contains(&format!("ok {case}\n")), "{case}: {serial}");
+    }
+    assert!(serial.contains("string done failures=0"), "{serial}");
+}
+
+#[test]
+fn string_instructions_on_locked_pages_compute_what_the_cpu_does_and_locked_bytes_stay() {
+    require_kvm!();
+    let (run, all) = common::run_vm_with_events(
+        "heki-string-deny",
+        &guests::build("heki_string"),
+        &["--heki", "enabled=on", "--cmdline", "mmio-source"],
+    );
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert_string_cases_pass(&run.serial);
+    assert!(run.serial.contains("ok rep movsb mmio source"), "{}", run.serial);
+    // One record per instruction and page, with the locked bytes it tried and all it wrote.
+    let violations = heki_events(&all, "violation");
+    let string = |name: &str| {
+        violations
+            .iter()
+            .filter(|v| v["properties"]["instruction"] == name)
+            .map(|v| (v["properties"]["size"].as_str().unwrap_or(""), v["properties"]["length"].as_str().unwrap_or("")))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(string("rep stosq")[0], ("4096", "4096"), "{violations:?}");
+    assert_eq!(string("rep movsb")[0], ("4096", "4096"));
+    // Straddling: only the 100 locked bytes count; the page with two protected bytes: 2 of 4096.
+    assert!(string("rep stosb").contains(&("100", "100")), "{violations:?}");
+    assert!(string("rep stosb").contains(&("2", "4096")), "{violations:?}");
+    let first = &violations[0]["properties"];
+    assert_eq!((first["kind"].as_str(), first["action"].as_str()), (Some("write"), Some("denied")));
+    assert_eq!(first["elements"], "4096");
+}
+
+#[test]
+fn string_instructions_on_locked_pages_land_in_full_under_log() {
+    require_kvm!();
+    let run = common::run_vm(
+        "heki-string-log",
+        &guests::build("heki_string"),
+        &["--heki", "enabled=on,policy=log", "--cmdline", "log"],
+    );
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    assert_string_cases_pass(&run.serial);
+}
+
+#[test]
+fn a_string_instruction_over_a_locked_page_costs_at_most_four_exits() {
+    require_kvm!();
+    let api = common::ApiProcess::start("heki-string-exits", &[]);
+    let client = api_client::ApiClient::new(&api.socket);
+    let config = serde_json::json!({
+        "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+        "memory": {"size": 67108864},
+        "payload": {"kernel": guests::build("heki_string"), "cmdline": "hold"},
+        "serial": {"mode": "File", "file": api.serial},
+        "heki": {"enabled": true},
+    })
+    .to_string();
+    let put = |command: &str, body: Option<&str>| client.request("PUT", command, body).expect("request").status;
+    assert_eq!(put("vm.create", Some(&config)), 204);
+    assert_eq!(put("vm.boot", None), 204);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let serial = loop {
+        let serial = std::fs::read_to_string(&api.serial).unwrap_or_default();
+        if serial.contains("string done") {
+            break serial;
+        }
+        assert!(std::time::Instant::now() < deadline, "the guest never finished: {serial}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_string_cases_pass(&serial);
+    let counters: serde_json::Value =
+        serde_json::from_str(&client.call("GET", "vm.counters", None).expect("GET").expect("body")).expect("JSON");
+    // The reference runs on plain pages exit nothing: every MMIO exit is a locked
+    // page's. Each case touches one locked page once (the split element twice).
+    let exits = counters["vcpu0"]["mmio_exits"].as_u64().expect("mmio_exits");
+    assert!(exits <= 4 * STRING_CASES.len() as u64, "{exits} MMIO exits for {} cases", STRING_CASES.len());
+    // One violation per case (each writes protected bytes), two for the split element.
+    assert_eq!(counters["heki"]["write"], STRING_CASES.len() as u64 + 1, "{counters}");
 }
 
 fn attack(policy: &str) -> common::Run {

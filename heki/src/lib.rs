@@ -16,6 +16,7 @@ pub mod pins;
 pub mod policy;
 pub mod private;
 pub mod rate_limit;
+pub mod string_op;
 pub mod translation;
 pub mod verdict;
 
@@ -64,6 +65,42 @@ impl WriteCheck {
                 runs.push((start, i - start));
             } else {
                 i += 1;
+            }
+        }
+        runs
+    }
+}
+
+/// Which bytes of a longer vCPU write (a string instruction's run in one
+/// page) a protection forbids.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpanCheck {
+    /// Bit `i % 64` of word `i / 64` set: byte i is forbidden.
+    pub forbidden: Vec<u64>,
+    /// Bytes judged.
+    pub len: usize,
+}
+
+impl SpanCheck {
+    pub fn is_forbidden(&self, i: usize) -> bool {
+        self.forbidden.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    pub fn forbidden_count(&self) -> u64 {
+        self.forbidden.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    pub fn first_forbidden(&self) -> Option<usize> {
+        self.forbidden.iter().enumerate().find(|(_, w)| **w != 0).map(|(i, w)| i * 64 + w.trailing_zeros() as usize)
+    }
+
+    /// The bytes that may land, as (offset, length) runs.
+    pub fn allowed_runs(&self) -> Vec<(usize, usize)> {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for i in (0..self.len).filter(|&i| !self.is_forbidden(i)) {
+            match runs.last_mut() {
+                Some((start, len)) if *start + *len == i => *len += 1,
+                _ => runs.push((i, 1)),
             }
         }
         runs
@@ -167,6 +204,18 @@ impl MemoryProtections {
             }
         }
         WriteCheck { forbidden, len }
+    }
+
+    /// `check_write` over any length, in `MAX_CHECKED_WRITE` steps.
+    pub fn check_span(&self, gpa: u64, len: usize) -> SpanCheck {
+        let mut forbidden = Vec::with_capacity(len.div_ceil(MAX_CHECKED_WRITE));
+        let mut offset = 0;
+        while offset < len {
+            let step = (len - offset).min(MAX_CHECKED_WRITE);
+            forbidden.push(self.check_write(gpa.wrapping_add(offset as u64), step).forbidden);
+            offset += step;
+        }
+        SpanCheck { forbidden, len }
     }
 
     /// Whether any byte of a larger range (device DMA) is write-protected.

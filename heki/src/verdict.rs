@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::pins::{CrViolation, MsrWriteVerdict, VcpuPins};
 use crate::policy::Policy;
-use crate::{MemoryProtections, WriteCheck};
+use crate::{MemoryProtections, SpanCheck, WriteCheck};
 
 /// What kind of guest (or device) action broke a protection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -166,6 +166,10 @@ pub enum Access {
     /// A vCPU write that a read-only memslot turned into an exit (at most
     /// `MAX_CHECKED_WRITE` bytes are judged byte by byte).
     VcpuWrite { gpa: u64, len: usize },
+    /// The run of a string instruction (`rep stos`/`rep movs`) in one page
+    /// that the VMM completes itself after one element exited; judged byte
+    /// by byte over its whole length.
+    StringWrite { gpa: u64, len: usize },
     /// A vCPU write KVM could not emulate: the VMM cannot carry it out, so
     /// not even `log` performs it.
     UnemulableWrite { gpa: u64, len: usize },
@@ -197,6 +201,8 @@ pub enum Breach {
     None,
     /// These bytes of a short write are forbidden.
     Bytes(WriteCheck),
+    /// These bytes of a string instruction's run are forbidden.
+    Span(SpanCheck),
     /// A device range overlaps protected memory.
     Range,
     /// A device range touches a private page.
@@ -239,6 +245,11 @@ pub struct Protections<'a> {
 pub fn judge(access: Access, protections: Protections<'_>, policy: Policy) -> Verdict {
     let (kind, breach, performable) = match access {
         Access::VcpuWrite { gpa, len } => (ViolationKind::Write, bytes_breach(protections.memory, gpa, len), true),
+        Access::StringWrite { gpa, len } => {
+            let check = protections.memory.check_span(gpa, len);
+            let breach = if check.forbidden_count() == 0 { Breach::None } else { Breach::Span(check) };
+            (ViolationKind::Write, breach, true)
+        }
         Access::UnemulableWrite { gpa, len } => {
             (ViolationKind::Write, bytes_breach(protections.memory, gpa, len), false)
         }
@@ -335,6 +346,7 @@ impl Verdict {
                 }
             }
             Breach::Bytes(check) if self.performable => check.allowed_runs(),
+            Breach::Span(check) if self.performable => check.allowed_runs(),
             _ => Vec::new(),
         }
     }
@@ -372,6 +384,10 @@ impl Verdict {
             Breach::Bytes(check) => {
                 record.size = Some(u64::from(check.forbidden.count_ones()));
             }
+            Breach::Span(check) => {
+                record.size = Some(check.forbidden_count());
+                record.length = Some(check.len as u64);
+            }
             Breach::Msr { pinned } => {
                 record.details.insert("pinned".into(), format!("{pinned:#x}"));
             }
@@ -405,6 +421,7 @@ impl Verdict {
     pub fn first_forbidden(&self) -> Option<u64> {
         match &self.breach {
             Breach::Bytes(check) if check.forbidden != 0 => Some(u64::from(check.forbidden.trailing_zeros())),
+            Breach::Span(check) => check.first_forbidden().map(|i| i as u64),
             _ => None,
         }
     }
@@ -424,8 +441,13 @@ pub struct ViolationRecord {
     pub gpa: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rip: Option<u64>,
+    /// Protected bytes the access tried to write (for writes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// For a string instruction completed by the VMM: all the bytes it
+    /// wrote in this run, protected or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub length: Option<u64>,
     /// Extra properties: device, register, MSR index, pinned value...
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub details: BTreeMap<String, String>,
@@ -434,7 +456,17 @@ pub struct ViolationRecord {
 impl ViolationRecord {
     /// A record with only kind and action; fill the rest as known.
     pub fn new(kind: ViolationKind, action: RecordedAction) -> Self {
-        ViolationRecord { seq: 0, kind, action, vcpu: None, gpa: None, rip: None, size: None, details: BTreeMap::new() }
+        ViolationRecord {
+            seq: 0,
+            kind,
+            action,
+            vcpu: None,
+            gpa: None,
+            rip: None,
+            size: None,
+            length: None,
+            details: BTreeMap::new(),
+        }
     }
 
     /// The event properties: hex strings for addresses, as the event list documents.
@@ -451,6 +483,9 @@ impl ViolationRecord {
         }
         if let Some(s) = self.size {
             props.push(("size", s.to_string()));
+        }
+        if let Some(l) = self.length {
+            props.push(("length", l.to_string()));
         }
         props.extend(self.details.iter().map(|(k, v)| (k.as_str(), v.clone())));
         props.push(("seq", self.seq.to_string()));
@@ -679,6 +714,21 @@ mod tests {
             assert_eq!((record.action, record.size), (recorded, Some(3)), "{policy:?}");
             assert_eq!(record.details.get("offset").map(String::as_str), Some("0x1234"));
         }
+    }
+
+    #[test]
+    fn a_string_run_is_judged_byte_by_byte_and_recorded_once_with_its_length() {
+        // 0x1f00..0x2100: 256 bytes of the locked page 1, then 256 of page 2 with bytes 0x2004/5 locked.
+        let v = judge_with(Access::StringWrite { gpa: 0x1f00, len: 512 }, Policy::Deny);
+        assert_eq!(v.bytes_to_apply(512), vec![(256, 4), (262, 250)], "only unprotected bytes land");
+        assert_eq!(v.first_forbidden(), Some(0));
+        let record = v.record().expect("a violation");
+        assert_eq!((record.kind, record.size, record.length), (ViolationKind::Write, Some(258), Some(512)));
+        let logged = judge_with(Access::StringWrite { gpa: 0x1f00, len: 512 }, Policy::Log);
+        assert_eq!(logged.bytes_to_apply(512), vec![(0, 512)], "log writes everything");
+        let clean = judge_with(Access::StringWrite { gpa: 0x3000, len: 4096 }, Policy::Deny);
+        assert!(!clean.is_violation());
+        assert_eq!(clean.bytes_to_apply(4096), vec![(0, 4096)]);
     }
 
     #[test]

@@ -45,6 +45,8 @@ ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
 ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
 // Introspection: single-step and hardware breakpoints.
 ioctl_iow_nr!(KVM_SET_GUEST_DEBUG, KVMIO, 0x9b, kvm_guest_debug);
+// heki: the guest's DR7, before a string instruction is completed at once.
+ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
 
 /// Everything a vCPU thread asks of KVM while the guest runs: its own vCPU
 /// (run, registers, MSRs, exceptions, translation, debugging) and, for heki calls and
@@ -63,6 +65,7 @@ pub fn vcpu_thread_ioctls() -> Vec<u64> {
         KVM_GET_VCPU_EVENTS(),
         KVM_SET_VCPU_EVENTS(),
         KVM_SET_GUEST_DEBUG(),
+        KVM_GET_DEBUGREGS(),
         KVM_SET_USER_MEMORY_REGION(),
         KVM_X86_SET_MSR_FILTER(),
         KVM_SET_GSI_ROUTING(),
@@ -115,5 +118,6 @@ mod tests {
         assert_eq!(KVM_IRQFD(), 0x4020_ae76);
         assert_eq!(KVM_IOEVENTFD(), 0x4040_ae79);
         assert_eq!(KVM_SET_GUEST_DEBUG(), 0x4048_ae9b);
+        assert_eq!(KVM_GET_DEBUGREGS(), 0x8080_aea1);
     }
 }

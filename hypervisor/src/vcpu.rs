@@ -41,11 +41,13 @@ pub struct Vcpu {
     synced_regs: bool,
     /// ... and the special registers (`sync_special_registers`).
     synced_sregs: bool,
+    /// `set_guest_debug` turned single-stepping or breakpoints on.
+    guest_debug: std::sync::atomic::AtomicBool,
 }
 
 impl Vcpu {
     pub(crate) fn new(fd: VcpuFd, id: u8) -> Self {
-        Vcpu { fd, id, synced_regs: false, synced_sregs: false }
+        Vcpu { fd, id, synced_regs: false, synced_sregs: false, guest_debug: Default::default() }
     }
 
     pub fn id(&self) -> u8 {
@@ -103,6 +105,44 @@ impl Vcpu {
             let msr = unsafe { &mut run.__bindgen_anon_1.msr };
             msr.error = u8::from(inject_gp);
         }
+    }
+
+    /// Finishes the exit KVM left half-done (MMIO, PIO, MSR: the KVM API
+    /// completes them only on the next `KVM_RUN`) without entering the guest,
+    /// so the registers can then be changed: one `KVM_RUN` with
+    /// `immediate_exit`, which returns `EINTR` once the completion ran.
+    ///
+    /// KVM checks `immediate_exit` only after the completion, and a store
+    /// wider than 8 bytes exits in pieces: completing one piece hands back
+    /// the next as `Some((gpa, data))`; call again until `None`.
+    pub fn complete_pending_exit(&mut self) -> Result<Option<(u64, Vec<u8>)>> {
+        self.fd.set_kvm_immediate_exit(1);
+        let result = self.fd.run().map(|exit| match exit {
+            VcpuExit::MmioWrite(gpa, data) => Ok((gpa, data.to_vec())),
+            other => Err(format!("{other:?}")),
+        });
+        self.fd.set_kvm_immediate_exit(0);
+        match result {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(None),
+            Err(e) => Err(ioctl_err("KVM_RUN")(e)),
+            Ok(Ok(piece)) => Ok(Some(piece)),
+            // No other exit can come back without entering the guest.
+            Ok(Err(exit)) => Err(HypervisorError::Ioctl {
+                op: "KVM_RUN (immediate_exit)",
+                source: std::io::Error::other(format!("returned an exit: {exit}")),
+            }),
+        }
+    }
+
+    /// Whether single guest instructions are watched: guest debugging set by
+    /// `set_guest_debug`, or breakpoints the guest armed in its own DR7.
+    pub fn instructions_watched(&self) -> Result<bool> {
+        if self.guest_debug.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(true);
+        }
+        let debug = self.fd.get_debug_regs().map_err(ioctl_err("KVM_GET_DEBUGREGS"))?;
+        // DR7 bits 0-7: local and global enables of the four breakpoints.
+        Ok(debug.dr7 & 0xff != 0)
     }
 
     /// Makes the next `run` return `Interrupted` at once; the caller clears it
@@ -259,7 +299,8 @@ impl Vcpu {
             });
         }
         let mut debug = kvm_guest_debug::default();
-        if single_step || !breakpoints.is_empty() {
+        let on = single_step || !breakpoints.is_empty();
+        if on {
             debug.control = KVM_GUESTDBG_ENABLE;
         }
         if single_step {
@@ -275,7 +316,9 @@ impl Vcpu {
             }
             debug.arch.debugreg[7] = dr7;
         }
-        self.fd.set_guest_debug(&debug).map_err(ioctl_err("KVM_SET_GUEST_DEBUG"))
+        self.fd.set_guest_debug(&debug).map_err(ioctl_err("KVM_SET_GUEST_DEBUG"))?;
+        self.guest_debug.store(on, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Queues a hardware exception for delivery on the next entry.

@@ -3,6 +3,8 @@
 /* Exit-path micro-benchmarks, timed with the TSC inside the guest. Only the
  * ratios between lines matter on a host that emulates guest code. */
 #define N 2000
+/* String instructions over the whole locked page: fewer, each far longer. */
+#define N_STRING 10
 #define MSR_LSTAR 0xc0000082
 #define MSR_SYSENTER_ESP 0x175
 
@@ -15,9 +17,11 @@ static inline u64 rdtsc(void) {
     return ((u64)hi << 32) | lo;
 }
 
-static void report(const char *name, u64 start) {
-    printf("bench %s cycles_per_op=%lu\n", name, (rdtsc() - start) / N);
+static void report_n(const char *name, u64 start, u64 n) {
+    printf("bench %s cycles_per_op=%lu\n", name, (rdtsc() - start) / n);
 }
+
+static void report(const char *name, u64 start) { report_n(name, start, N); }
 
 void guest_main(void) {
     u64 t;
@@ -43,6 +47,20 @@ void guest_main(void) {
     t = rdtsc();
     for (int i = 0; i < N; i++) *(volatile u8 *)(locked + (i & 0xfff)) = 1;
     report("denied_write", t);
+    t = rdtsc();
+    for (int i = 0; i < N_STRING; i++) {
+        void *d = locked;
+        u64 n = 4096;
+        __asm__ volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(0) : "memory");
+    }
+    report_n("denied_rep_stosb_page", t, N_STRING);
+    t = rdtsc();
+    for (int i = 0; i < N_STRING; i++) {
+        void *d = locked;
+        u64 n = 512;
+        __asm__ volatile("rep stosq" : "+D"(d), "+c"(n) : "a"(0) : "memory");
+    }
+    report_n("denied_rep_stosq_page", t, N_STRING);
     t = rdtsc();
     for (int i = 0; i < N; i++) *(volatile u8 *)(bytes_page + 8 + (i & 0xff)) = 1;
     report("byte_neighbour_write", t);

@@ -60,6 +60,8 @@ int try_wrmsr(u32 msr, u64 value);
 int try_rdmsr(u32 msr, u64 *value);
 int try_write_cr0(u64 value);
 int try_write_cr4(u64 value);
+/* Where the next exception on this CPU resumes (0: report it and power off). */
+extern volatile u64 fixup_rip;
 
 /* External interrupts seen, per vector (vector 0x40 has a handler). */
 extern volatile u64 irq_count[256];

@@ -149,7 +149,7 @@ struct frame {
 };
 volatile struct exception_record last_exception;
 /* Per-CPU would be nicer; tests fault on one CPU at a time. */
-static volatile u64 fixup_rip;
+volatile u64 fixup_rip;
 static volatile u64 user_return_rsp, user_return_rip, user_result;
 static volatile int in_user;
 

@@ -25,7 +25,11 @@ impl ExitHook for HekiRuntime {
             }
             ExitOutcome::MsrWrite { index, value } => Hooked::Msr(self.on_msr_write(&*vcpu, index, value)),
             ExitOutcome::UnclaimedMmioWrite { gpa, data } => {
-                self.on_unclaimed_mmio_write(vcpu.id(), gpa, &data, || ExitSite::of(&*vcpu));
+                // One element of a `rep stos`/`rep movs`: the rest of its run
+                // in the page is completed now, not one exit per element.
+                if !self.complete_string_write(vcpu, gpa, &data) {
+                    self.on_unclaimed_mmio_write(vcpu.id(), gpa, &data, || ExitSite::of(&*vcpu));
+                }
                 Hooked::Done
             }
             ExitOutcome::EmulationFailure { insn_bytes: Some(bytes) } => {

@@ -13,6 +13,7 @@ pub mod emulation;
 mod hook;
 pub mod pins;
 pub mod runtime;
+pub mod string_write;
 pub mod testing;
 pub mod translation;
 pub mod violations;

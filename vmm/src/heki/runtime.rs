@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::checked_memory::Enforcer;
 use super::pins::PinState;
+use super::string_write::StringWriteMemo;
 use super::translation::TranslationState;
 use super::violations::ViolationLog;
 use crate::config::HekiConfig;
@@ -96,6 +97,7 @@ pub struct HekiRuntime {
     translations: TranslationState,
     /// The ELF kernel the VMM loaded, set once before the vCPUs start.
     kernel_image: OnceLock<KernelImage>,
+    string_memo: StringWriteMemo,
 }
 
 /// What measuring one PROTECT_MEMORY request found.
@@ -163,6 +165,7 @@ impl HekiRuntime {
             msr_filter,
             translations: TranslationState::default(),
             kernel_image: OnceLock::new(),
+            string_memo: StringWriteMemo::new(vcpus),
         }
     }
 
@@ -209,6 +212,11 @@ impl HekiRuntime {
     /// Guest RAM as KVM maps it: the view of the paths that act as the guest's CPU.
     pub(super) fn kvm_memory(&self) -> &GuestMemoryMmap {
         &self.ram_mem
+    }
+
+    /// What the string-write path remembers per vCPU.
+    pub(super) fn string_memo(&self) -> &StringWriteMemo {
+        &self.string_memo
     }
 
     /// Whether the periodic register check has anything to check.

@@ -407,8 +407,13 @@ fn violation_event(record: &heki::ViolationRecord) -> Value {
     event.insert("event".into(), json!("heki-violation"));
     event.insert("kind".into(), json!(record.kind.as_str()));
     event.insert("action".into(), json!(record.action.as_str()));
-    let fields =
-        [("vcpu", record.vcpu.map(u64::from)), ("rip", record.rip), ("gpa", record.gpa), ("size", record.size)];
+    let fields = [
+        ("vcpu", record.vcpu.map(u64::from)),
+        ("rip", record.rip),
+        ("gpa", record.gpa),
+        ("size", record.size),
+        ("length", record.length),
+    ];
     for (name, value) in fields {
         if let Some(value) = value {
             event.insert(name.into(), json!(value));

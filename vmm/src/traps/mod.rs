@@ -61,6 +61,12 @@ impl SlotState {
         self.table.apply(host, plan)
     }
 
+    /// Whether the introspection agent tracks page `page` (its writes then
+    /// go to the agent one by one).
+    pub fn agent_tracks_page(&self, page: u64) -> bool {
+        self.agent.iter().any(|&(start, end)| (start..end).contains(&page))
+    }
+
     /// Records heki's read-only pages once its plan is installed.
     pub fn set_heki_pages(&mut self, pages: Vec<(u64, u64)>) {
         self.heki = pages;

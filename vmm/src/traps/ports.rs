@@ -48,6 +48,19 @@ pub trait VcpuAccess {
     fn exit_cpl(&self) -> Option<u8>;
 }
 
+/// What completing a string instruction at its first trapped element needs
+/// besides `VcpuAccess`.
+pub trait StringExitAccess: VcpuAccess {
+    /// Finishes the half-done exit without entering the guest, so the
+    /// registers may be changed (`KVM_RUN` with `immediate_exit`). A store
+    /// wider than one exit hands back its next piece (GPA, bytes): call
+    /// again until `None`.
+    fn complete_pending_exit(&mut self) -> Result<Option<(u64, Vec<u8>)>, HostError>;
+    /// Whether single instructions are watched (guest debugging, or guest
+    /// breakpoints armed in DR7): then each element must run on its own.
+    fn instructions_watched(&self) -> Result<bool, HostError>;
+}
+
 /// Why vCPUs could not be held out of guest mode.
 #[derive(Debug, thiserror::Error)]
 #[error("vCPUs did not leave guest mode within {0:?}")]
@@ -141,5 +154,14 @@ impl VcpuAccess for hypervisor::Vcpu {
     }
     fn exit_cpl(&self) -> Option<u8> {
         hypervisor::Vcpu::exit_cpl(self).ok()
+    }
+}
+
+impl StringExitAccess for hypervisor::Vcpu {
+    fn complete_pending_exit(&mut self) -> Result<Option<(u64, Vec<u8>)>, HostError> {
+        Ok(hypervisor::Vcpu::complete_pending_exit(self)?)
+    }
+    fn instructions_watched(&self) -> Result<bool, HostError> {
+        Ok(hypervisor::Vcpu::instructions_watched(self)?)
     }
 }
