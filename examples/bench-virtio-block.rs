@@ -17,7 +17,8 @@ use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::pci::VirtioPci;
 use vmm::devices::virtio::{DeviceCounters, DeviceMemory};
 use vmm::heki::testing::{RecordingControl, RecordingSlots};
-use vmm::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
+use vmm::guest_access::{Accessor, CheckedMemory};
+use vmm::heki::{Enforcer, HekiRuntime};
 
 const QUEUE: u64 = 0x10_0000; // descriptor table; rings follow
 const AVAIL: u64 = QUEUE + 0x1000;

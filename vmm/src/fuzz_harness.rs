@@ -21,7 +21,8 @@ use crate::devices::virtio::{
 };
 use crate::devices::{MmioDevice, PioDevice};
 use crate::heki::testing::{RecordingControl, RecordingSlots};
-use crate::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
+use crate::guest_access::{Accessor, CheckedMemory};
+use crate::heki::{Enforcer, HekiRuntime};
 use crate::memory::GuestRam;
 
 /// Guest RAM of the virtio fixture.

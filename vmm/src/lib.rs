@@ -7,6 +7,7 @@ pub mod boot;
 pub mod config;
 pub mod cpu;
 pub mod devices;
+pub mod guest_access;
 mod errors;
 mod events;
 #[doc(hidden)]

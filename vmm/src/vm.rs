@@ -31,7 +31,8 @@ use crate::devices::virtio::{
     vsock::Vsock,
 };
 use crate::devices::{AcpiPmDevice, I8042Device, MmioBus, PioBus, SerialDevice};
-use crate::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
+use crate::guest_access::{Accessor, CheckedMemory};
+use crate::heki::{Enforcer, HekiRuntime};
 use crate::introspection::{AgentLink, Hub};
 use crate::layout::{self, ports};
 use crate::memory::{self, RamRegion};
@@ -212,6 +213,7 @@ impl Vm {
                     hub.clone(),
                     traps.clone(),
                     memory,
+                    enforcer.clone(),
                     guest_ram.kvm.clone(),
                     control.clone(),
                     heki.clone(),

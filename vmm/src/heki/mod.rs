@@ -3,11 +3,12 @@
 //!
 //! vCPU exit → `doorbell` (guest calls), `runtime::on_unclaimed_mmio_write`
 //! (trapped writes), `pins` (MSR writes, CR checks), `emulation` → `heki::judge`
-//! → `checked_memory::Enforcer::enforce` (record, event, pause/shutdown).
-//! Device DMA: `checked_memory::CheckedMemory` → `heki::judge` → `Enforcer`.
+//! → `enforcer::Enforcer::enforce` (record, event, pause/shutdown).
+//! Device DMA: `crate::guest_access::CheckedMemory` asks the `Enforcer` (its
+//! `AccessPolicy`) → `heki::judge` → `Enforcer::enforce`.
 
 pub mod api;
-pub mod checked_memory;
+mod enforcer;
 pub mod doorbell;
 pub mod emulation;
 mod hook;
@@ -17,7 +18,7 @@ pub mod testing;
 pub mod translation;
 pub mod violations;
 
-pub use checked_memory::{Accessor, CheckedMemory, Enforcer};
+pub use enforcer::{Enforcer, ViolationObserver};
 pub use runtime::{ExitSite, HekiRuntime};
 #[cfg(test)]
 mod tests;

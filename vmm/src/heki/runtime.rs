@@ -11,7 +11,8 @@ use heki::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::checked_memory::Enforcer;
+use super::Enforcer;
+use crate::guest_access::AccessPolicy;
 use super::pins::PinState;
 use super::translation::TranslationState;
 use super::violations::ViolationLog;
@@ -310,7 +311,7 @@ impl HekiRuntime {
         measure(&mut next);
         if next.private.is_enabled() {
             // Before the view changes; every read is held either way (see `CheckedMemory::get_slices`).
-            self.enforcer.note_private_memory();
+            self.enforcer.epoch().judge_reads();
         }
         view(&self.host_view).map_err(|e| {
             log::error!("heki: cannot change the VMM's view of guest memory: {e}");
@@ -451,7 +452,7 @@ impl HekiRuntime {
                 // One mprotect per contiguous private run.
                 for &(start, end) in newly_private.borrow().iter() {
                     host_view::set_access(view, start << PAGE_SHIFT, (end - start) << PAGE_SHIFT, false)?;
-                    self.enforcer.mark_private(self.ram_pages(), start, end, true);
+                    self.enforcer.epoch().mark_reads_judged(self.ram_pages(), start, end, true);
                 }
                 Ok(())
             },
@@ -472,7 +473,7 @@ impl HekiRuntime {
             |view| {
                 host_view::set_access(view, gpa, len, share == 1)?;
                 let pages = (gpa >> PAGE_SHIFT, (gpa + len) >> PAGE_SHIFT);
-                self.enforcer.mark_private(self.ram_pages(), pages.0, pages.1, share == 0);
+                self.enforcer.epoch().mark_reads_judged(self.ram_pages(), pages.0, pages.1, share == 0);
                 Ok(())
             },
         )?;

@@ -8,7 +8,8 @@ use heki::{Outcome, Permissions, PlannedSlot, Policy, ProtectRange, ViolationKin
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::testing::{FakeVcpu, RecordingControl, RecordingSlots};
-use super::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
+use super::{Enforcer, HekiRuntime};
+use crate::guest_access::{AccessPolicy, Accessor, CheckedMemory};
 use crate::config::HekiConfig;
 use crate::cpu::hook::MsrDecision;
 
@@ -324,7 +325,7 @@ fn a_read_that_loses_the_race_to_private_memory_is_refused() {
     std::thread::sleep(Duration::from_millis(50));
     assert!(!reader.is_finished(), "the read waits for the pending change");
     change.private.enable();
-    enforcer.note_private_memory();
+    enforcer.epoch().judge_reads();
     drop(change);
     assert!(!reader.join().expect("reader"), "judged after the change: the page is private");
     assert_eq!(rig.heki.violations().recent()[0].kind, ViolationKind::PrivateAccess);

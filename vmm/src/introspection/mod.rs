@@ -379,7 +379,7 @@ impl Hub {
             link.set_debug(vcpu, *step, bps.clone());
         }
         let hub = Arc::downgrade(self);
-        link.memory.enforcer().set_observer(Box::new(move |record| {
+        link.enforcer.set_observer(Box::new(move |record| {
             if let Some(hub) = hub.upgrade() {
                 hub.send_async(violation_event(record));
             }

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 
-use crate::heki::CheckedMemory;
+use crate::guest_access::CheckedMemory;
 use virtio_queue::DescriptorChain;
 use virtio_queue::desc::split::Descriptor;
 

@@ -700,7 +700,7 @@ mod tests {
         fn process(
             &mut self,
             _: usize,
-            _: virtio_queue::DescriptorChain<&crate::heki::CheckedMemory>,
+            _: virtio_queue::DescriptorChain<&crate::guest_access::CheckedMemory>,
             _: &DeviceMemory,
         ) -> u32 {
             unreachable!("an external device's queues are served elsewhere")

@@ -11,7 +11,8 @@ use super::{DeviceMemory, VirtioDevice};
 use crate::config::HekiConfig;
 use crate::devices::mmio_bus::MmioDevice;
 use crate::heki::testing::{RecordingControl, RecordingSlots};
-use crate::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
+use crate::guest_access::{Accessor, CheckedMemory};
+use crate::heki::{Enforcer, HekiRuntime};
 
 /// Where the rig's driver puts the queue: each part in its own page.
 pub const DESC: u64 = 0x1_0000;

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use virtio_queue::DescriptorChain;
 
 use super::{DeviceMemory, VirtioDevice};
-use crate::heki::CheckedMemory;
+use crate::guest_access::CheckedMemory;
 use muxer::{MAX_PAYLOAD, Muxer};
 use packet::{HEADER_LEN, Header};
 
@@ -175,7 +175,8 @@ mod tests {
     use crate::devices::mmio_bus::MmioDevice;
     use crate::devices::virtio::pci::VirtioPci;
     use crate::heki::testing::{RecordingControl, RecordingSlots};
-    use crate::heki::{Accessor, Enforcer, HekiRuntime};
+    use crate::guest_access::Accessor;
+    use crate::heki::{Enforcer, HekiRuntime};
     use packet::{HOST_CID, TYPE_STREAM, op};
 
     /// Queue q's rings: descriptors, available and used ring, a page each.
