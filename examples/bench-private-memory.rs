@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm::config::HekiConfig;
-use vmm::heki::testing::{RecordingControl, RecordingSlots};
+use vmm::testing::{RecordingControl, RecordingSlots};
 use vmm::heki::{Enforcer, HekiRuntime};
 
 const ROUNDS: u32 = 1000;

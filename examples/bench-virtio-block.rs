@@ -16,7 +16,7 @@ use vmm::devices::gate::DeviceGate;
 use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::pci::VirtioPci;
 use vmm::devices::virtio::{DeviceCounters, DeviceMemory};
-use vmm::heki::testing::{RecordingControl, RecordingSlots};
+use vmm::testing::{RecordingControl, RecordingSlots};
 use vmm::guest_access::{Accessor, CheckedMemory};
 use vmm::heki::{Enforcer, HekiRuntime};
 

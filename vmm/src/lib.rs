@@ -10,8 +10,6 @@ pub mod devices;
 pub mod guest_access;
 mod errors;
 mod events;
-#[doc(hidden)]
-pub mod fuzz_harness;
 pub mod heki;
 pub mod host_view;
 pub mod introspection;
@@ -22,6 +20,8 @@ pub mod run_control;
 pub mod sandbox;
 pub mod seccomp;
 pub mod signals;
+#[cfg(any(test, feature = "test-harness"))]
+pub mod testing;
 pub mod traps;
 pub mod vm;
 mod vm_state;

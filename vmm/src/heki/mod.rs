@@ -14,7 +14,6 @@ pub mod emulation;
 mod hook;
 pub mod pins;
 pub mod runtime;
-pub mod testing;
 pub mod translation;
 pub mod violations;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use heki::{Outcome, Permissions, PlannedSlot, Policy, ProtectRange, ViolationKind};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::testing::{FakeVcpu, RecordingControl, RecordingSlots};
+use crate::testing::{FakeVcpu, RecordingControl, RecordingSlots};
 use super::{Enforcer, HekiRuntime};
 use crate::guest_access::{AccessPolicy, Accessor, CheckedMemory};
 use crate::config::HekiConfig;

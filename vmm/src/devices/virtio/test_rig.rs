@@ -10,7 +10,7 @@ use super::pci::VirtioPci;
 use super::{DeviceMemory, VirtioDevice};
 use crate::config::HekiConfig;
 use crate::devices::mmio_bus::MmioDevice;
-use crate::heki::testing::{RecordingControl, RecordingSlots};
+use crate::testing::{RecordingControl, RecordingSlots};
 use crate::guest_access::{Accessor, CheckedMemory};
 use crate::heki::{Enforcer, HekiRuntime};
 

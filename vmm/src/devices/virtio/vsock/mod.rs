@@ -174,7 +174,7 @@ mod tests {
     use crate::devices::gate::DeviceGate;
     use crate::devices::mmio_bus::MmioDevice;
     use crate::devices::virtio::pci::VirtioPci;
-    use crate::heki::testing::{RecordingControl, RecordingSlots};
+    use crate::testing::{RecordingControl, RecordingSlots};
     use crate::guest_access::Accessor;
     use crate::heki::{Enforcer, HekiRuntime};
     use packet::{HOST_CID, TYPE_STREAM, op};

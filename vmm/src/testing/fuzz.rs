@@ -20,7 +20,7 @@ use crate::devices::virtio::{
     DeviceCounters, DeviceMemory, VirtioDevice, block::Block, console::Console, net::Net, rng::Rng, tap::Tap,
 };
 use crate::devices::{MmioDevice, PioDevice};
-use crate::heki::testing::{RecordingControl, RecordingSlots};
+use crate::testing::{RecordingControl, RecordingSlots};
 use crate::guest_access::{Accessor, CheckedMemory};
 use crate::heki::{Enforcer, HekiRuntime};
 use crate::memory::GuestRam;
