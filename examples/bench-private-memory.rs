@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm::config::HekiConfig;
-use vmm::testing::{RecordingControl, RecordingSlots};
 use vmm::heki::{Enforcer, HekiRuntime};
+use vmm::testing::{RecordingControl, RecordingSlots};
 
 const ROUNDS: u32 = 1000;
 

@@ -16,9 +16,9 @@ use vmm::devices::gate::DeviceGate;
 use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::pci::VirtioPci;
 use vmm::devices::virtio::{DeviceCounters, DeviceMemory};
-use vmm::testing::{RecordingControl, RecordingSlots};
 use vmm::guest_access::{Accessor, CheckedMemory};
 use vmm::heki::{Enforcer, HekiRuntime};
+use vmm::testing::{RecordingControl, RecordingSlots};
 
 const QUEUE: u64 = 0x10_0000; // descriptor table; rings follow
 const AVAIL: u64 = QUEUE + 0x1000;

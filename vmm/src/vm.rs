@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{BootInputs, Loaded, load_payload};
 use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::cpu::hook::ExitHook;
+use crate::cpu::run_control::{PauseError, VmControl};
 use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, boot_registers, cpuid, kick, run_vcpu};
 use crate::devices::msi::MsiRoutes;
 use crate::devices::pci::{PciBus, PciConfigIo, PciConfigMmio};
@@ -36,11 +37,10 @@ use crate::heki::{Enforcer, HekiRuntime};
 use crate::introspection::{AgentLink, Hub};
 use crate::layout::{self, ports};
 use crate::memory::{self, RamRegion};
-use crate::run_control::{PauseError, VmControl};
 use crate::traps::VmTraps;
 use crate::traps::ports::KvmSlots;
 
-pub use crate::run_control::VCPU_STOP_TIMEOUT;
+pub use crate::cpu::run_control::VCPU_STOP_TIMEOUT;
 
 #[derive(Debug, Error)]
 pub enum VmError {
@@ -159,7 +159,7 @@ impl Vm {
 
         // vCPUs above boot_vcpus are in the tables (for hotplug) but not created.
         let cpus = config.cpus.boot_vcpus;
-        let counts = crate::acpi::CpuCounts { boot: cpus, max: config.cpus.max_vcpus };
+        let counts = crate::boot::mptable::CpuCounts { boot: cpus, max: config.cpus.max_vcpus };
         let topology = config.cpus.effective_topology();
         let rsdp = crate::acpi::create_acpi_tables(&mem, counts).map_err(|e| VmError::Acpi(e.to_string()))?;
         let loaded = load_kernel(&mem, config, &ram, rsdp.0)?;
@@ -310,6 +310,11 @@ impl Vm {
 
     pub fn resume(&self) {
         self.ctx.control.resume();
+    }
+
+    /// Whether the run control holds the VM paused (the one place that knows).
+    pub fn is_paused(&self) -> bool {
+        self.ctx.control.is_paused()
     }
 
     /// Closes the gates after a heki pause (already closed by whoever

@@ -15,7 +15,7 @@ fn internal(e: VmmError) -> ApiError {
 
 impl RequestHandler for Vmm {
     fn vm_state(&self) -> Option<VmState> {
-        self.config.as_ref().map(|_| self.state)
+        self.config.as_ref().map(|_| self.state())
     }
 
     fn vm_config(&self) -> Option<&VmConfig> {
@@ -64,7 +64,7 @@ impl RequestHandler for Vmm {
     }
 
     fn heki_request(&mut self, request: ApiRequest) -> ApiResult {
-        let running = self.state == VmState::Running;
+        let running = self.state() == VmState::Running;
         let vm = self.vm.as_ref();
         let context = crate::heki::api::HekiApiContext {
             config: self.config.as_mut().map(|c| &mut c.heki),

@@ -235,7 +235,10 @@ impl CliArgs {
             no_reboot: self.no_reboot,
             verbosity: self.verbose,
             log_file: self.log_file,
-            seccomp: self.seccomp.parse().map_err(|message| ConfigError::Cli { option: "--seccomp", message })?,
+            seccomp: self
+                .seccomp
+                .parse::<crate::seccomp::SeccompMode>()
+                .map_err(|e| ConfigError::Cli { option: "--seccomp", message: e.to_string() })?,
         })
     }
 }

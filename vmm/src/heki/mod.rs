@@ -8,9 +8,9 @@
 //! `AccessPolicy`) → `heki::judge` → `Enforcer::enforce`.
 
 pub mod api;
-mod enforcer;
 pub mod doorbell;
 pub mod emulation;
+mod enforcer;
 mod hook;
 pub mod pins;
 pub mod runtime;

@@ -12,11 +12,11 @@ use heki::{
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::Enforcer;
-use crate::guest_access::AccessPolicy;
 use super::pins::PinState;
 use super::translation::TranslationState;
 use super::violations::ViolationLog;
 use crate::config::HekiConfig;
+use crate::guest_access::AccessPolicy;
 use crate::host_view;
 use crate::layout::ports::HEKI_DOORBELL;
 use crate::memory::GuestRam;

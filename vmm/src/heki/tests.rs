@@ -7,11 +7,11 @@ use std::time::Duration;
 use heki::{Outcome, Permissions, PlannedSlot, Policy, ProtectRange, ViolationKind};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::testing::{FakeVcpu, RecordingControl, RecordingSlots};
 use super::{Enforcer, HekiRuntime};
-use crate::guest_access::{AccessPolicy, Accessor, CheckedMemory};
 use crate::config::HekiConfig;
 use crate::cpu::hook::MsrDecision;
+use crate::guest_access::{AccessPolicy, Accessor, CheckedMemory};
+use crate::testing::{FakeVcpu, RecordingControl, RecordingSlots};
 
 const RAM: u64 = 1 << 20;
 const LSTAR: u32 = 0xc000_0082;

@@ -169,7 +169,7 @@ fn pause(vm: &AgentLink, args: &Args<'_>) -> AgentResult {
     if !*paused {
         vm.control
             .vcpus
-            .hold(crate::run_control::VCPU_STOP_TIMEOUT)
+            .hold(crate::cpu::run_control::VCPU_STOP_TIMEOUT)
             .map_err(|e| AgentError::new("ETIMEDOUT", e.to_string()))?;
         *paused = true;
     }

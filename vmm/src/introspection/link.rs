@@ -20,10 +20,10 @@ use super::Hub;
 use super::inbox::{Inbox, Line, LineReader};
 use super::protocol::{self, Action, AgentError, AgentResult, EventLine, Incoming};
 use crate::cpu::hook::{ExitHook, Hooked, MsrDecision};
+use crate::cpu::run_control::VmControl;
 use crate::cpu::{ExitOutcome, VcpuEvent};
 use crate::guest_access::CheckedMemory;
 use crate::heki::{Enforcer, HekiRuntime};
-use crate::run_control::VmControl;
 use crate::traps::VmTraps;
 use crate::traps::ports::VcpuAccess;
 
@@ -551,7 +551,7 @@ impl AgentLink {
             state.result = None;
         }
         self.wake(slot);
-        let deadline = Instant::now() + crate::run_control::VCPU_STOP_TIMEOUT;
+        let deadline = Instant::now() + crate::cpu::run_control::VCPU_STOP_TIMEOUT;
         let mut state = slot.lock();
         loop {
             if let Some(result) = state.result.take() {
@@ -583,7 +583,7 @@ impl AgentLink {
         let slot = self.slot(id).ok_or_else(|| AgentError::new("ENOENT", format!("no vCPU {id}")))?;
         slot.lock().paused = true;
         self.wake(slot);
-        let deadline = Instant::now() + crate::run_control::VCPU_STOP_TIMEOUT;
+        let deadline = Instant::now() + crate::cpu::run_control::VCPU_STOP_TIMEOUT;
         let mut state = slot.lock();
         while !state.parked {
             let now = Instant::now();

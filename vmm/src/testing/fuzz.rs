@@ -20,10 +20,10 @@ use crate::devices::virtio::{
     DeviceCounters, DeviceMemory, VirtioDevice, block::Block, console::Console, net::Net, rng::Rng, tap::Tap,
 };
 use crate::devices::{MmioDevice, PioDevice};
-use crate::testing::{RecordingControl, RecordingSlots};
 use crate::guest_access::{Accessor, CheckedMemory};
 use crate::heki::{Enforcer, HekiRuntime};
 use crate::memory::GuestRam;
+use crate::testing::{RecordingControl, RecordingSlots};
 
 /// Guest RAM of the virtio fixture.
 const RAM_SIZE: u64 = 1 << 20;

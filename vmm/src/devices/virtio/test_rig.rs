@@ -10,9 +10,9 @@ use super::pci::VirtioPci;
 use super::{DeviceMemory, VirtioDevice};
 use crate::config::HekiConfig;
 use crate::devices::mmio_bus::MmioDevice;
-use crate::testing::{RecordingControl, RecordingSlots};
 use crate::guest_access::{Accessor, CheckedMemory};
 use crate::heki::{Enforcer, HekiRuntime};
+use crate::testing::{RecordingControl, RecordingSlots};
 
 /// Where the rig's driver puts the queue: each part in its own page.
 pub const DESC: u64 = 0x1_0000;

@@ -174,9 +174,9 @@ mod tests {
     use crate::devices::gate::DeviceGate;
     use crate::devices::mmio_bus::MmioDevice;
     use crate::devices::virtio::pci::VirtioPci;
-    use crate::testing::{RecordingControl, RecordingSlots};
     use crate::guest_access::Accessor;
     use crate::heki::{Enforcer, HekiRuntime};
+    use crate::testing::{RecordingControl, RecordingSlots};
     use packet::{HOST_CID, TYPE_STREAM, op};
 
     /// Queue q's rings: descriptors, available and used ring, a page each.
