@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm::config::HekiConfig;
 use vmm::devices::MmioDevice;
 use vmm::devices::gate::DeviceGate;
 use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::pci::VirtioPci;
 use vmm::devices::virtio::{DeviceCounters, DeviceMemory};
 use vmm::guest_access::{Accessor, CheckedMemory};
+use vmm::heki::HekiSettings;
 use vmm::heki::{Enforcer, HekiRuntime};
 use vmm::testing::{RecordingControl, RecordingSlots};
 
@@ -52,7 +52,7 @@ fn run(requests: u64, guard: Guard) -> f64 {
     let enforcer = Arc::new(Enforcer::new(heki::Policy::Deny, Arc::new(RecordingControl::default())));
     let _heki = (guard != Guard::Off).then(|| {
         let rt = Arc::new(HekiRuntime::new(
-            &HekiConfig { enabled: true, ..Default::default() },
+            &HekiSettings::default(),
             enforcer.clone(),
             Arc::new(RecordingSlots::default()),
             &ram,

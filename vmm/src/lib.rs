@@ -11,6 +11,7 @@ mod errors;
 mod events;
 pub mod guest_access;
 pub mod heki;
+mod heki_api;
 pub mod host_ioctls;
 pub mod host_view;
 pub mod introspection;

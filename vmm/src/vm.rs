@@ -33,7 +33,7 @@ use crate::devices::virtio::{
 };
 use crate::devices::{AcpiPmDevice, I8042Device, MmioBus, PioBus, SerialDevice};
 use crate::guest_access::{Accessor, CheckedMemory};
-use crate::heki::{Enforcer, HekiRuntime};
+use crate::heki::{Enforcer, HekiRuntime, HekiSettings};
 use crate::introspection::{AgentLink, Hub};
 use crate::layout::{self, ports};
 use crate::memory::{self, RamRegion};
@@ -136,7 +136,10 @@ impl Vm {
         });
         let heki = match (&traps, config.heki.enabled) {
             (Some(traps), true) => Some(Arc::new(HekiRuntime::with_traps(
-                &config.heki,
+                &HekiSettings {
+                    cr_check_interval_ms: config.heki.cr_check_interval_ms,
+                    translation: config.heki.translation,
+                },
                 enforcer.clone(),
                 traps.clone(),
                 &guest_ram,
@@ -338,7 +341,7 @@ impl Vm {
             all.insert(format!("vcpu{id}"), c.to_json());
         }
         if let Some(heki) = &self.heki {
-            all.insert("heki".into(), crate::heki::api::counters(heki));
+            all.insert("heki".into(), crate::heki_api::counters(heki));
         }
         if let Some(agent) = &self.agent {
             all.insert("introspection".into(), agent.counters());

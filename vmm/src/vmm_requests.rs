@@ -66,14 +66,14 @@ impl RequestHandler for Vmm {
     fn heki_request(&mut self, request: ApiRequest) -> ApiResult {
         let running = self.state() == VmState::Running;
         let vm = self.vm.as_ref();
-        let context = crate::heki::api::HekiApiContext {
+        let context = crate::heki_api::HekiApiContext {
             config: self.config.as_mut().map(|c| &mut c.heki),
             runtime: vm.and_then(|vm| vm.heki()).map(|rt| rt.as_ref()),
             running,
             vcpus: vm.map_or(0, |vm| vm.vcpu_count()),
             devices: vm.map(|vm| vm.device_counters()),
         };
-        crate::heki::api::handle(context, request)
+        crate::heki_api::handle(context, request)
     }
 
     fn shutdown_vmm(&mut self) {

@@ -7,17 +7,22 @@
 //! Device DMA: `crate::guest_access::CheckedMemory` asks the `Enforcer` (its
 //! `AccessPolicy`) → `heki::judge` → `Enforcer::enforce`.
 
-pub mod api;
 pub mod doorbell;
 pub mod emulation;
 mod enforcer;
+mod guest_reader;
 mod hook;
+pub mod pin_state;
 pub mod pins;
+mod private_memory;
+mod protection_calls;
 pub mod runtime;
 pub mod translation;
+pub mod translation_state;
 pub mod violations;
 
 pub use enforcer::{Enforcer, ViolationObserver};
-pub use runtime::{ExitSite, HekiRuntime};
+pub use private_memory::PrivateMode;
+pub use runtime::{ExitSite, HekiRuntime, HekiSettings};
 #[cfg(test)]
 mod tests;

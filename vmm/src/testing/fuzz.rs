@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::config::HekiConfig;
 use crate::devices::gate::DeviceGate;
 use crate::devices::pci::{PciBus, PciConfigIo, PciConfigMmio};
 use crate::devices::virtio::pci::{BAR_SIZE, VirtioPci};
@@ -21,6 +20,7 @@ use crate::devices::virtio::{
 };
 use crate::devices::{MmioDevice, PioDevice};
 use crate::guest_access::{Accessor, CheckedMemory};
+use crate::heki::HekiSettings;
 use crate::heki::{Enforcer, HekiRuntime};
 use crate::memory::GuestRam;
 use crate::testing::{RecordingControl, RecordingSlots};
@@ -60,7 +60,7 @@ fn virtio_fixture() -> &'static VirtioFixture {
         let slots = crate::memory::boot_slot_plan(&regions);
         let enforcer = Arc::new(Enforcer::new(heki::Policy::Deny, Arc::new(RecordingControl::default())));
         let heki = Arc::new(HekiRuntime::new(
-            &HekiConfig { enabled: true, ..Default::default() },
+            &HekiSettings::default(),
             enforcer.clone(),
             Arc::new(RecordingSlots::default()),
             &ram,

@@ -170,11 +170,11 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::*;
-    use crate::config::HekiConfig;
     use crate::devices::gate::DeviceGate;
     use crate::devices::mmio_bus::MmioDevice;
     use crate::devices::virtio::pci::VirtioPci;
     use crate::guest_access::Accessor;
+    use crate::heki::HekiSettings;
     use crate::heki::{Enforcer, HekiRuntime};
     use crate::testing::{RecordingControl, RecordingSlots};
     use packet::{HOST_CID, TYPE_STREAM, op};
@@ -194,7 +194,7 @@ mod tests {
             crate::memory::create_guest_ram(&[crate::memory::RamRegion { start: 0, size: 1 << 20 }]).expect("memory");
         let mem = ram.host.clone();
         let enforcer = Arc::new(Enforcer::new(Policy::Deny, Arc::new(RecordingControl::default())));
-        let config = HekiConfig { enabled: true, ..HekiConfig::default() };
+        let config = HekiSettings::default();
         let boot = [(PlannedSlot { gpa: 0, size: 1 << 20, readonly: false }, 0)];
         let heki =
             Arc::new(HekiRuntime::new(&config, enforcer.clone(), Arc::new(RecordingSlots::default()), &ram, &boot, 1));
