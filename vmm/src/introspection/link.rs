@@ -18,7 +18,6 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::Hub;
 use super::inbox::{Inbox, Line, LineReader};
-use super::protocol::{self, Action, AgentError, AgentResult, EventLine, Incoming};
 use crate::cpu::hook::{ExitHook, Hooked, MsrDecision};
 use crate::cpu::run_control::VmControl;
 use crate::cpu::{ExitOutcome, VcpuEvent};
@@ -26,6 +25,7 @@ use crate::guest_access::CheckedMemory;
 use crate::heki::{Enforcer, HekiRuntime};
 use crate::traps::VmTraps;
 use crate::traps::ports::VcpuAccess;
+use introspection_protocol::{self as protocol, Action, AgentError, AgentResult, EventLine, Incoming};
 
 /// A waiting vCPU re-checks the connection and the VM's state this often.
 const WAIT_SLICE: Duration = Duration::from_millis(50);

@@ -12,7 +12,6 @@
 mod commands;
 mod inbox;
 pub mod link;
-pub mod protocol;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -26,8 +25,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use inbox::{Inbox, Line};
+use introspection_protocol::{self as protocol, AgentError, EventLine, Incoming, MAX_LINE};
 pub use link::AgentLink;
-use protocol::{AgentError, EventLine, Incoming, MAX_LINE};
 
 use crate::config::IntrospectionConfig;
 

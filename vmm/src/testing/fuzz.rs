@@ -345,7 +345,7 @@ pub fn kernel_image(data: &[u8]) {
 /// The introspection protocol: `data` is one line from an agent (a command
 /// or a reply to an event), as the channel's reader hands it over.
 pub fn introspection_line(data: &[u8]) {
-    match crate::introspection::protocol::parse_line(data) {
+    match introspection_protocol::parse_line(data) {
         Ok(_) => {}
         // An error reply must always be writable as JSON.
         Err((id, error)) => {
