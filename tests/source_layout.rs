@@ -3,6 +3,7 @@
 //! - the `use crate::…` (and inline `crate::…`, `super::…`) paths of
 //!   production code under `vmm/src` make no cycle between top-level
 //!   folders (modules) nor between files;
+//! - `guest_access`, `devices` and `heki` do not import the layers above them;
 //! - every file a doc names (`ARCHITECTURE.md`, `docs/*.md`) exists.
 //!
 //! Test code (`#[cfg(test)]` modules and files) is left out of the import
@@ -430,6 +431,36 @@ fn no_import_cycle_between_vmm_files() {
         })
         .collect();
     assert!(cycles.is_empty(), "import cycles between files of vmm/src:\n{}", cycles.join("\n"));
+}
+
+/// Layers that must not reach up: (folder, folders it must not import, why).
+const LAYER_RULES: &[(&str, &[&str], &str)] = &[
+    (
+        "guest_access",
+        &["heki", "devices", "api", "config"],
+        "the checked view of guest memory sits below heki and the devices",
+    ),
+    ("devices", &["heki"], "devices see guest memory through guest_access only"),
+    ("heki", &["api", "config", "devices"], "heki takes plain settings and traits, never the API, config or devices"),
+];
+
+#[test]
+fn lower_layers_never_import_upper_ones() {
+    let (graph, _) = build_graph(&vmm_src());
+    let mut broken = Vec::new();
+    for (from, targets) in &graph.file_edges {
+        for (layer, forbidden, why) in LAYER_RULES {
+            if folder(from) != *layer {
+                continue;
+            }
+            for (to, path) in targets {
+                if forbidden.contains(&folder(to).as_str()) && !in_others_area(from) {
+                    broken.push(format!("{from} uses {path} ({to}): {why}"));
+                }
+            }
+        }
+    }
+    assert!(broken.is_empty(), "layering broken:\n{}", broken.join("\n"));
 }
 
 /// Every file of the repository, relative to its root (no build output).
