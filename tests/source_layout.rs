@@ -96,10 +96,10 @@ fn production_code(code: &str) -> (String, BTreeSet<String>) {
             }
             let Some(item) = lines.get(j).map(|l| l.trim()) else { break };
             if item.ends_with(';') {
-                if let Some(name) = item.trim_end_matches(';').split_whitespace().last() {
-                    if item.contains("mod ") {
-                        test_children.insert(name.to_string());
-                    }
+                if let Some(name) = item.trim_end_matches(';').split_whitespace().last()
+                    && item.contains("mod ")
+                {
+                    test_children.insert(name.to_string());
                 }
                 i = j + 1;
                 continue;
@@ -172,7 +172,7 @@ struct SourceFile {
 }
 
 /// Absolute module path of `path` (which may start with `crate`, `super`, `self`).
-fn absolute(path: &str, module: &[String], is_mod_file: bool) -> Option<Vec<String>> {
+fn absolute(path: &str, module: &[String]) -> Option<Vec<String>> {
     let mut segs: Vec<&str> = path.split("::").map(str::trim).filter(|s| !s.is_empty()).collect();
     let mut base: Vec<String> = match segs.first().copied() {
         Some("crate") => Vec::new(),
@@ -180,7 +180,6 @@ fn absolute(path: &str, module: &[String], is_mod_file: bool) -> Option<Vec<Stri
             // `super` of `a/b.rs` is `a`; of `a/b/mod.rs` it is `a` as well.
             let mut m = module.to_vec();
             m.pop();
-            let _ = is_mod_file;
             m
         }
         Some("self") => module.to_vec(),
@@ -197,7 +196,6 @@ fn absolute(path: &str, module: &[String], is_mod_file: bool) -> Option<Vec<Stri
 
 fn parse(file: &str, source: &str) -> (SourceFile, BTreeSet<String>) {
     let module = module_of(file);
-    let is_mod_file = file.ends_with("mod.rs");
     let (code, test_children) = production_code(&code_only(source));
     let mut uses = Vec::new();
     // `use` statements, possibly over several lines.
@@ -236,7 +234,7 @@ fn parse(file: &str, source: &str) -> (SourceFile, BTreeSet<String>) {
                     Some(first) if is_child(first, &code) => format!("self::{p}"),
                     _ => continue,
                 };
-                if let Some(abs) = absolute(&p, &module, is_mod_file) {
+                if let Some(abs) = absolute(&p, &module) {
                     uses.push((abs, public));
                 }
             }
@@ -248,7 +246,7 @@ fn parse(file: &str, source: &str) -> (SourceFile, BTreeSet<String>) {
             continue;
         }
         let tail: String = code[k..].chars().take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':').collect();
-        if let Some(abs) = absolute(tail.trim_end_matches(':'), &module, is_mod_file) {
+        if let Some(abs) = absolute(tail.trim_end_matches(':'), &module) {
             uses.push((abs, false));
         }
     }
@@ -303,7 +301,7 @@ fn build_graph(src: &Path) -> (Graph, Vec<(String, usize)>) {
         for _ in 0..8 {
             let (len, file) = (0..=path.len()).rev().find_map(|n| by_module.get(&path[..n]).map(|f| (n, f.clone())))?;
             match path.get(len).and_then(|name| reexports.get(&(file.clone(), name.clone()))) {
-                Some(target) if target != &path && len + 1 <= path.len() => {
+                Some(target) if target != &path && len < path.len() => {
                     let mut next = target.clone();
                     next.extend(path[len + 1..].iter().cloned());
                     path = next;
@@ -323,10 +321,11 @@ fn build_graph(src: &Path) -> (Graph, Vec<(String, usize)>) {
             if *public && path.starts_with(&file.module) {
                 continue;
             }
-            if let Some(target) = resolve(path) {
-                if &target != rel && target != "lib.rs" {
-                    file_edges.entry(rel.clone()).or_default().entry(target).or_insert_with(|| path.join("::"));
-                }
+            if let Some(target) = resolve(path)
+                && &target != rel
+                && target != "lib.rs"
+            {
+                file_edges.entry(rel.clone()).or_default().entry(target).or_insert_with(|| path.join("::"));
             }
         }
     }

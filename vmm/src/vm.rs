@@ -186,14 +186,13 @@ impl Vm {
                     hub.clone(),
                     traps.clone(),
                     memory,
-                    enforcer.clone(),
                     guest_ram.kvm.clone(),
                     control.clone(),
                     heki.clone(),
                     vcpu_cpuid,
                 ));
                 // Before any vCPU runs: the agent's tracking applies from the first instruction.
-                hub.attach(link.clone());
+                hub.attach(link.clone(), &enforcer);
                 Some(link)
             }
             _ => None,

@@ -24,7 +24,7 @@ use crate::cpu::hook::{ExitHook, Hooked, MsrDecision};
 use crate::cpu::run_control::VmControl;
 use crate::cpu::{ExitOutcome, VcpuEvent};
 use crate::guest_access::CheckedMemory;
-use crate::heki::{Enforcer, HekiRuntime};
+use crate::heki::HekiRuntime;
 use crate::traps::VmTraps;
 use crate::traps::ports::VcpuAccess;
 use introspection_protocol::{self as protocol, Action, EventLine, Incoming};
@@ -36,8 +36,6 @@ pub struct AgentLink {
     pub(super) hub: Arc<Hub>,
     pub(super) traps: Arc<VmTraps>,
     pub(super) memory: CheckedMemory,
-    /// The policy behind `memory`: the agent hears of its violations.
-    pub(super) enforcer: Arc<Enforcer>,
     /// The guest's own view of RAM: tracked writes the agent let through
     /// land here (heki off; with heki on, heki writes them).
     pub(super) ram: GuestMemoryMmap,
@@ -54,14 +52,13 @@ impl AgentLink {
         hub: Arc<Hub>,
         traps: Arc<VmTraps>,
         memory: CheckedMemory,
-        enforcer: Arc<Enforcer>,
         ram: GuestMemoryMmap,
         control: Arc<VmControl>,
         heki: Option<Arc<HekiRuntime>>,
         cpuid: Vec<Vec<CpuidEntry>>,
     ) -> Self {
         let slots = (0..cpuid.len()).map(|_| VcpuSlot::default()).collect();
-        AgentLink { hub, traps, memory, enforcer, ram, control, heki, cpuid, slots, vm_paused: Mutex::new(false) }
+        AgentLink { hub, traps, memory, ram, control, heki, cpuid, slots, vm_paused: Mutex::new(false) }
     }
 
     /// Agent counters for `vm.counters`.

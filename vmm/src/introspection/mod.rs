@@ -34,6 +34,7 @@ pub use link::AgentLink;
 pub use socket::Introspection;
 
 use crate::config::IntrospectionConfig;
+use crate::heki::Enforcer;
 
 /// Asynchronous events queued for the agent before newer ones are dropped (counted).
 const ASYNC_QUEUE: usize = 1024;
@@ -346,8 +347,8 @@ impl Hub {
 
 impl Hub {
     /// Connects a freshly built VM (before its vCPUs run): the agent's
-    /// tracking is installed and violations are forwarded.
-    pub fn attach(self: &Arc<Self>, link: Arc<AgentLink>) {
+    /// tracking is installed and the violations `enforcer` records are forwarded.
+    pub fn attach(self: &Arc<Self>, link: Arc<AgentLink>, enforcer: &Enforcer) {
         let tracking = self.tracking().clone();
         if let Err(e) = self.apply_tracking(&link, &tracking) {
             log::error!("introspection: cannot install the agent's tracking in the new VM: {e}");
@@ -356,7 +357,7 @@ impl Hub {
             link.set_debug(vcpu, *step, bps.clone());
         }
         let hub = Arc::downgrade(self);
-        link.enforcer.set_observer(Box::new(move |record| {
+        enforcer.set_observer(Box::new(move |record| {
             if let Some(hub) = hub.upgrade() {
                 hub.send_async(violation_event(record));
             }
