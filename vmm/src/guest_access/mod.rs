@@ -209,3 +209,6 @@ impl GuestMemory for CheckedMemory {
         Ok(HeldSlices { slices, _hold: Hold::Locked(held) })
     }
 }
+
+#[cfg(test)]
+mod tests;
