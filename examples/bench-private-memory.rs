@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmm::config::HekiConfig;
-use vmm::heki::testing::{RecordingControl, RecordingSlots};
+use vmm::heki::HekiSettings;
 use vmm::heki::{Enforcer, HekiRuntime};
+use vmm::testing::{RecordingControl, RecordingSlots};
 
 const ROUNDS: u32 = 1000;
 
@@ -22,7 +22,7 @@ fn main() {
     let ram = vmm::memory::create_guest_ram(&regions).expect("memory");
     let slots = vmm::memory::boot_slot_plan(&regions);
     let enforcer = Arc::new(Enforcer::new(heki::Policy::Deny, Arc::new(RecordingControl::default())));
-    let config = HekiConfig { enabled: true, ..Default::default() };
+    let config = HekiSettings::default();
     let rt = HekiRuntime::new(&config, enforcer, Arc::new(RecordingSlots::default()), &ram, &slots, 0);
     // Fault the pages in through the host view, so mprotect has page tables to change.
     for page in (0..(201u64 << 20)).step_by(4096) {

@@ -10,14 +10,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm::config::HekiConfig;
 use vmm::devices::MmioDevice;
 use vmm::devices::gate::DeviceGate;
 use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::pci::VirtioPci;
 use vmm::devices::virtio::{DeviceCounters, DeviceMemory};
-use vmm::heki::testing::{RecordingControl, RecordingSlots};
-use vmm::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
+use vmm::guest_access::{Accessor, CheckedMemory};
+use vmm::heki::HekiSettings;
+use vmm::heki::{Enforcer, HekiRuntime};
+use vmm::testing::{RecordingControl, RecordingSlots};
 
 const QUEUE: u64 = 0x10_0000; // descriptor table; rings follow
 const AVAIL: u64 = QUEUE + 0x1000;
@@ -51,7 +52,7 @@ fn run(requests: u64, guard: Guard) -> f64 {
     let enforcer = Arc::new(Enforcer::new(heki::Policy::Deny, Arc::new(RecordingControl::default())));
     let _heki = (guard != Guard::Off).then(|| {
         let rt = Arc::new(HekiRuntime::new(
-            &HekiConfig { enabled: true, ..Default::default() },
+            &HekiSettings::default(),
             enforcer.clone(),
             Arc::new(RecordingSlots::default()),
             &ram,

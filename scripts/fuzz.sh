@@ -10,7 +10,7 @@
 # one ended), crash inputs in fuzz/artifacts/TARGET, full logs in
 # fuzz/logs/TARGET.log. Needs cargo-fuzz (`cargo install cargo-fuzz`); it runs
 # on the stable toolchain through RUSTC_BOOTSTRAP=1. By hand only: CI runs the
-# regression tests of past crashes (vmm/tests/fuzz_regressions.rs) instead.
+# regression tests of past crashes (tests/fuzz_regressions.rs) instead.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 

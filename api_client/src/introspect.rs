@@ -36,29 +36,7 @@ pub enum Error {
     Refused { errno: String, message: String },
 }
 
-/// What an agent answers to an event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    Continue,
-    Deny,
-    Retry,
-    Crash,
-}
-
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Continue => "continue",
-            Action::Deny => "deny",
-            Action::Retry => "retry",
-            Action::Crash => "crash",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Action> {
-        [Action::Continue, Action::Deny, Action::Retry, Action::Crash].into_iter().find(|a| a.as_str() == text)
-    }
-}
+pub use introspection_protocol::{Action, from_hex, to_hex};
 
 /// Sees every message the VMM sends, with the name of the command a reply
 /// answers when this agent sent it (see `Agent::connect_observed`).
@@ -164,7 +142,7 @@ impl Agent {
     pub fn call(&mut self, cmd: &str, args: Value) -> Result<Value, Error> {
         let id = self.next_id;
         self.next_id += 1;
-        let message = json!({"id": id, "cmd": cmd, "args": args});
+        let message = introspection_protocol::command(id, cmd, args);
         self.send_raw(message.to_string().as_bytes())?;
         self.wait_reply(&json!(id))
     }
@@ -241,8 +219,7 @@ impl Agent {
 
     /// Answers event `seq` (formatted directly: this is an agent's hot path).
     pub fn reply(&mut self, seq: u64, action: Action) -> Result<(), Error> {
-        let line = format!("{{\"reply\":{seq},\"action\":\"{}\"}}\n", action.as_str());
-        self.writer.write_all(line.as_bytes())?;
+        self.writer.write_all(introspection_protocol::reply_line(seq, action).as_bytes())?;
         Ok(())
     }
 }
@@ -252,17 +229,4 @@ fn refusal(error: &Value) -> Error {
         errno: error.get("errno").and_then(Value::as_str).unwrap_or("EIO").to_string(),
         message: error.get("message").and_then(Value::as_str).unwrap_or("").to_string(),
     }
-}
-
-/// Hex for `write-memory`.
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Bytes from `read-memory`'s hex.
-pub fn from_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|i| text.get(i..i + 2).and_then(|p| u8::from_str_radix(p, 16).ok())).collect()
 }

@@ -1,6 +1,6 @@
-//! See `vmm::fuzz_harness::introspection_line` for how the input is read.
+//! See `vmm::testing::fuzz::introspection_line` for how the input is read.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| vmm::fuzz_harness::introspection_line(data));
+fuzz_target!(|data: &[u8]| vmm::testing::fuzz::introspection_line(data));

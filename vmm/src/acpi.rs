@@ -12,6 +12,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::IntoBytes;
 
+use crate::boot::mptable::CpuCounts;
 use crate::devices::S5_SLEEP_TYPE;
 use crate::layout::{ACPI_TABLES_END, APIC_START, IOAPIC_START, RSDP_START, ports};
 
@@ -90,21 +91,6 @@ fn fadt(dsdt_addr: u64) -> Sdt {
     fadt.write_u64(fadt::HYPERVISOR_VENDOR, u64::from_le_bytes(*b"HEKIVISR"));
     fadt.update_checksum();
     fadt
-}
-
-/// The vCPUs the firmware tables describe: `boot` running ones, and up to
-/// `max` in all; those above `boot` are present but not started (for hotplug).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CpuCounts {
-    pub boot: u8,
-    pub max: u8,
-}
-
-impl CpuCounts {
-    /// `n` vCPUs, all started.
-    pub fn all(n: u8) -> CpuCounts {
-        CpuCounts { boot: n, max: n }
-    }
 }
 
 fn madt(cpus: CpuCounts) -> Sdt {

@@ -11,20 +11,23 @@ pub mod device_manager;
 pub mod devices;
 mod errors;
 mod events;
-#[doc(hidden)]
-pub mod fuzz_harness;
+pub mod guest_access;
 pub mod heki;
+mod heki_api;
+pub mod host_ioctls;
 pub mod host_view;
 pub mod introspection;
 pub mod layout;
 pub mod logging;
 pub mod memory;
-pub mod run_control;
 pub mod sandbox;
 pub mod seccomp;
 pub mod signals;
+#[cfg(any(test, feature = "test-harness"))]
+pub mod testing;
 pub mod traps;
 pub mod vm;
+pub mod vm_error;
 mod vm_state;
 pub mod vmm;
 mod vmm_hotplug;

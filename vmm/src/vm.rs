@@ -8,48 +8,27 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hypervisor::{Hypervisor, Vcpu};
-use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{BootInputs, Loaded, load_payload};
 use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::cpu::hook::ExitHook;
+use crate::cpu::run_control::VmControl;
 use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, boot_registers, cpuid, kick, run_vcpu};
 use crate::device_manager::{PciDeviceInfo, PciDevices, build};
 use crate::devices::virtio::console::ConsoleHost;
 use crate::devices::{AcpiPmDevice, I8042Device, MmioBus, PioBus, SerialDevice};
-use crate::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
+use crate::guest_access::{Accessor, CheckedMemory};
+use crate::heki::{Enforcer, HekiRuntime, HekiSettings};
 use crate::introspection::{AgentLink, Hub};
 use crate::layout::{self, ports};
 use crate::memory::{self, RamRegion};
-use crate::run_control::{PauseError, VmControl};
 use crate::traps::VmTraps;
 use crate::traps::ports::KvmSlots;
 
-pub use crate::run_control::VCPU_STOP_TIMEOUT;
-
-#[derive(Debug, Error)]
-pub enum VmError {
-    #[error("KVM setup failed")]
-    Hypervisor(#[from] hypervisor::HypervisorError),
-    #[error(transparent)]
-    Memory(#[from] memory::MemoryError),
-    #[error(transparent)]
-    Boot(#[from] crate::boot::BootError),
-    #[error("cannot write ACPI tables: {0}")]
-    Acpi(String),
-    #[error("cannot set up the boot vCPU registers")]
-    BootRegisters(#[source] vm_memory::GuestMemoryError),
-    #[error("cannot create an eventfd")]
-    EventFd(#[source] std::io::Error),
-    #[error("cannot start vCPU thread")]
-    SpawnVcpu(#[source] std::io::Error),
-    #[error(transparent)]
-    Pause(#[from] PauseError),
-    #[error("device setup failed: {0}")]
-    Device(String),
-}
+pub use crate::cpu::run_control::VCPU_STOP_TIMEOUT;
+pub use crate::vm_error::VmError;
 
 /// Where the guest's serial output goes; it outlives a VM across reboots.
 pub type SharedOutput = Arc<Mutex<Box<dyn Write + Send>>>;
@@ -123,7 +102,10 @@ impl Vm {
         });
         let heki = match (&traps, config.heki.enabled) {
             (Some(traps), true) => Some(Arc::new(HekiRuntime::with_traps(
-                &config.heki,
+                &HekiSettings {
+                    cr_check_interval_ms: config.heki.cr_check_interval_ms,
+                    translation: config.heki.translation,
+                },
                 enforcer.clone(),
                 traps.clone(),
                 &guest_ram,
@@ -146,7 +128,7 @@ impl Vm {
 
         // vCPUs above boot_vcpus are in the tables (for hotplug) but not created.
         let cpus = config.cpus.boot_vcpus;
-        let counts = crate::acpi::CpuCounts { boot: cpus, max: config.cpus.max_vcpus };
+        let counts = crate::boot::mptable::CpuCounts { boot: cpus, max: config.cpus.max_vcpus };
         let topology = config.cpus.effective_topology();
         let machine = crate::acpi::Machine { cpus: counts, pci_segments: config.pci_segments() };
         let rsdp = crate::acpi::create_acpi_tables(&mem, machine).map_err(|e| VmError::Acpi(e.to_string()))?;
@@ -217,7 +199,7 @@ impl Vm {
                     vcpu_cpuid,
                 ));
                 // Before any vCPU runs: the agent's tracking applies from the first instruction.
-                hub.attach(link.clone());
+                hub.attach(link.clone(), &enforcer);
                 Some(link)
             }
             _ => None,
@@ -303,6 +285,11 @@ impl Vm {
         self.ctx.control.resume();
     }
 
+    /// Whether the run control holds the VM paused (the one place that knows).
+    pub fn is_paused(&self) -> bool {
+        self.ctx.control.is_paused()
+    }
+
     /// Closes the gates after a heki pause (already closed by whoever
     /// trapped; closing again is harmless and keeps state and gates agreeing).
     pub fn hold_for_heki(&self) {
@@ -324,7 +311,7 @@ impl Vm {
             all.insert(format!("vcpu{id}"), c.to_json());
         }
         if let Some(heki) = &self.heki {
-            all.insert("heki".into(), crate::heki::api::counters(heki));
+            all.insert("heki".into(), crate::heki_api::counters(heki));
         }
         if let Some(agent) = &self.agent {
             all.insert("introspection".into(), agent.counters());

@@ -1,4 +1,6 @@
-//! The VM's lifecycle state, owned by the VMM thread (`vmm.rs`).
+//! The VM's state as the API reports it. The VMM thread (`vmm.rs`) owns the
+//! lifecycle; whether a running VM is paused is the run control's
+//! (`cpu/run_control.rs`), and `Vmm::state` combines the two.
 
 /// Lifecycle state, spelled as Cloud Hypervisor's `vm.info` does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

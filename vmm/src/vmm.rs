@@ -66,6 +66,8 @@ pub(crate) struct Vmm {
     pub(crate) hv: Hypervisor,
     pub(crate) config: Option<VmConfig>,
     pub(crate) vm: Option<Vm>,
+    /// The lifecycle (Created, Running, Shutdown): never `Paused`, which is
+    /// the run control's to know (its gates); `state()` combines the two.
     pub(crate) state: VmState,
     serial_out: Option<SharedOutput>,
     vcpu_tx: Sender<VcpuEvent>,
@@ -342,27 +344,34 @@ impl Vmm {
         Ok(())
     }
 
+    /// The VM's state: its lifecycle, and for a running VM whether the run
+    /// control holds it paused (by `vm.pause` or by a heki violation).
+    pub(crate) fn state(&self) -> VmState {
+        match &self.vm {
+            Some(vm) if self.state == VmState::Running && vm.is_paused() => VmState::Paused,
+            _ => self.state,
+        }
+    }
+
     /// Holds every vCPU out of guest mode (API `vm.pause`, heki `pause` policy).
     pub(crate) fn pause(&mut self) -> Result<(), VmmError> {
         let Some(vm) = &self.vm else { return Ok(()) };
-        if self.state != VmState::Running {
+        if self.state() != VmState::Running {
             return Ok(());
         }
         crate::events::emit("vm", "pausing", &[]);
         vm.pause()?;
-        self.state = VmState::Paused;
         crate::events::emit("vm", "paused", &[]);
         Ok(())
     }
 
     pub(crate) fn resume(&mut self) {
         let Some(vm) = &self.vm else { return };
-        if self.state != VmState::Paused {
+        if self.state() != VmState::Paused {
             return;
         }
         crate::events::emit("vm", "resuming", &[]);
         vm.resume();
-        self.state = VmState::Running;
         crate::events::emit("vm", "resumed", &[]);
     }
 
@@ -409,9 +418,10 @@ impl Vmm {
                 if let Some(vm) = &self.vm {
                     vm.hold_for_heki();
                 }
+                // The run control is paused already (whoever trapped closed
+                // its gates); only a live VM's pause is announced.
                 if self.state == VmState::Running {
                     crate::events::emit("vm", "pausing", &[("cause", "heki".to_string())]);
-                    self.state = VmState::Paused;
                     crate::events::emit("vm", "paused", &[("cause", "heki".to_string()), ("source", source)]);
                 }
             }

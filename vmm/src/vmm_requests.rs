@@ -15,7 +15,7 @@ fn internal(e: VmmError) -> ApiError {
 
 impl RequestHandler for Vmm {
     fn vm_state(&self) -> Option<VmState> {
-        self.config.as_ref().map(|_| self.state)
+        self.config.as_ref().map(|_| self.state())
     }
 
     fn vm_config(&self) -> Option<&VmConfig> {
@@ -69,16 +69,16 @@ impl RequestHandler for Vmm {
     }
 
     fn heki_request(&mut self, request: ApiRequest) -> ApiResult {
-        let running = self.state == VmState::Running;
+        let running = self.state() == VmState::Running;
         let vm = self.vm.as_ref();
-        let context = crate::heki::api::HekiApiContext {
+        let context = crate::heki_api::HekiApiContext {
             config: self.config.as_mut().map(|c| &mut c.heki),
             runtime: vm.and_then(|vm| vm.heki()).map(|rt| rt.as_ref()),
             running,
             vcpus: vm.map_or(0, |vm| vm.vcpu_count()),
             devices: vm.map(|vm| vm.device_counters()),
         };
-        crate::heki::api::handle(context, request)
+        crate::heki_api::handle(context, request)
     }
 
     fn hotplug_request(&mut self, request: ApiRequest) -> ApiResult {

@@ -35,18 +35,33 @@ fn file_bytes<'a>(data: &'a [u8], loads: &[(u64, u64, u64)], start: u64, stop: u
     })
 }
 
+/// Why an ELF vmlinux cannot be read for heki.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("not a 64-bit ELF")]
+    NotElf64(#[source] object::Error),
+    #[error("bad ELF header")]
+    Header(#[source] object::Error),
+    #[error("bad program headers")]
+    ProgramHeaders(#[source] object::Error),
+    #[error("a loadable segment lies outside the file")]
+    SegmentOutsideFile,
+    #[error("bad section headers")]
+    SectionHeaders(#[source] object::Error),
+}
+
 /// Parses an ELF vmlinux into what heki compares locked text with. Host
 /// input, but a malformed file is an error, never a panic.
-pub fn kernel_image(data: &[u8]) -> Result<KernelImage, String> {
-    let header = FileHeader64::<Endianness>::parse(data).map_err(|e| format!("not a 64-bit ELF: {e}"))?;
-    let endian = header.endian().map_err(|e| format!("ELF header: {e}"))?;
+pub fn kernel_image(data: &[u8]) -> Result<KernelImage, ImageError> {
+    let header = FileHeader64::<Endianness>::parse(data).map_err(ImageError::NotElf64)?;
+    let endian = header.endian().map_err(ImageError::Header)?;
     let mut segments = Vec::new();
     let mut loads = Vec::new();
-    for ph in header.program_headers(endian, data).map_err(|e| format!("program headers: {e}"))? {
+    for ph in header.program_headers(endian, data).map_err(ImageError::ProgramHeaders)? {
         if ph.p_type(endian) != PT_LOAD {
             continue;
         }
-        let bytes = ph.data(endian, data).map_err(|_| "a loadable segment lies outside the file".to_string())?;
+        let bytes = ph.data(endian, data).map_err(|_| ImageError::SegmentOutsideFile)?;
         loads.push((ph.p_vaddr(endian), ph.p_offset(endian), bytes.len() as u64));
         segments.push(Segment {
             gpa: ph.p_paddr(endian),
@@ -55,7 +70,7 @@ pub fn kernel_image(data: &[u8]) -> Result<KernelImage, String> {
             bytes: bytes.to_vec(),
         });
     }
-    let table = header.sections(endian, data).map_err(|e| format!("section headers: {e}"))?;
+    let table = header.sections(endian, data).map_err(ImageError::SectionHeaders)?;
     let mut sections = Vec::new();
     for sh in table.iter() {
         let (Ok(name), Ok(bytes)) = (table.section_name(endian, sh), sh.data(endian, data)) else { continue };

@@ -6,7 +6,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header
 use linux_loader::loader::{BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{BootInputs, InitramfsPlacement, e820_map};
+use super::{BootInputs, InitramfsPlacement, KernelError, e820_map};
 use crate::layout::{BOOT_PARAMS_START, CMDLINE_START, HIGH_RAM_START};
 
 /// `xloadflags`: the kernel has a 64-bit entry point at load address + 0x200.
@@ -26,16 +26,15 @@ pub(super) struct LoadedBzImage {
     pub header: setup_header,
 }
 
-pub(super) fn load_bzimage(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedBzImage, String> {
-    let loaded = BzImage::load(mem, None, file, Some(GuestAddress(HIGH_RAM_START)))
-        .map_err(|e| format!("invalid bzImage: {e}"))?;
-    let header = loaded.setup_header.ok_or("bzImage has no setup header")?;
+pub(super) fn load_bzimage(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedBzImage, KernelError> {
+    let loaded =
+        BzImage::load(mem, None, file, Some(GuestAddress(HIGH_RAM_START))).map_err(KernelError::InvalidBzImage)?;
+    let header = loaded.setup_header.ok_or(KernelError::NoSetupHeader)?;
     if header.version < MIN_BOOT_PROTOCOL {
-        let version = header.version;
-        return Err(format!("boot protocol {version:#x} is too old (need 2.06 or newer)"));
+        return Err(KernelError::OldBootProtocol(header.version));
     }
     if header.xloadflags & XLF_KERNEL_64 == 0 {
-        return Err("bzImage has no 64-bit entry point (XLF_KERNEL_64 not set)".into());
+        return Err(KernelError::No64BitEntry);
     }
     let load = loaded.kernel_load.0;
     let kernel_end = loaded.kernel_end.max(load + u64::from(header.init_size));

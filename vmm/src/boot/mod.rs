@@ -2,6 +2,7 @@
 //! the Linux 64-bit boot protocol for bzImage.
 
 mod e820;
+mod errors;
 pub mod image;
 mod linux;
 pub mod mptable;
@@ -9,29 +10,15 @@ mod pvh;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use e820::{E820_RAM, E820_RESERVED, E820Entry, e820_map};
+pub use errors::{BootError, CmdlineError, InitramfsError, KernelError};
 
 use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_RAM_START, LOW_RAM_END};
 use crate::memory::RamRegion;
-
-#[derive(Debug, Error)]
-pub enum BootError {
-    #[error("kernel {path}: {reason}")]
-    Kernel { path: PathBuf, reason: String },
-    #[error("initramfs {path}: {reason}")]
-    Initramfs { path: PathBuf, reason: String },
-    #[error("command line: {0}")]
-    Cmdline(String),
-    #[error("no kernel configured (payload.kernel is missing)")]
-    NoKernel,
-    #[error("cannot write boot structures to guest memory")]
-    GuestMemory(#[source] vm_memory::GuestMemoryError),
-}
 
 /// How the boot vCPU must be started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,14 +56,12 @@ enum KernelFormat {
 
 /// Loads kernel, initramfs and command line, and writes the boot structures.
 pub fn load_payload(mem: &GuestMemoryMmap, inputs: &BootInputs<'_>) -> Result<Loaded, BootError> {
-    let kernel_err = |reason: String| BootError::Kernel { path: inputs.kernel.to_path_buf(), reason };
-    let mut file = File::open(inputs.kernel).map_err(|e| kernel_err(format!("cannot open: {e}")))?;
-    let file_size = file.metadata().map_err(|e| kernel_err(format!("cannot stat: {e}")))?.len();
+    let kernel_err = |source: KernelError| BootError::Kernel { path: inputs.kernel.to_path_buf(), source };
+    let mut file = File::open(inputs.kernel).map_err(|e| kernel_err(KernelError::Open(e)))?;
+    let file_size = file.metadata().map_err(|e| kernel_err(KernelError::Stat(e)))?.len();
     let ram_size: u64 = inputs.ram.iter().map(|r| r.size).sum();
     if file_size > ram_size.saturating_sub(HIGH_RAM_START) {
-        return Err(kernel_err(format!(
-            "image is {file_size} bytes, larger than the {ram_size} bytes of guest memory"
-        )));
+        return Err(kernel_err(KernelError::TooLarge { file_size, ram_size }));
     }
     let format = detect_format(&mut file).map_err(kernel_err)?;
     let cmdline_len = write_cmdline(mem, inputs.cmdline)?;
@@ -89,8 +74,8 @@ pub fn load_payload(mem: &GuestMemoryMmap, inputs: &BootInputs<'_>) -> Result<Lo
                 let mut data = Vec::new();
                 file.seek(SeekFrom::Start(0))
                     .and_then(|_| file.read_to_end(&mut data))
-                    .map_err(|e| kernel_err(format!("cannot read: {e}")))?;
-                Some(image::kernel_image(&data).map_err(kernel_err)?)
+                    .map_err(|e| kernel_err(KernelError::Read(e)))?;
+                Some(image::kernel_image(&data).map_err(|e| kernel_err(KernelError::Image(e)))?)
             } else {
                 None
             };
@@ -101,9 +86,10 @@ pub fn load_payload(mem: &GuestMemoryMmap, inputs: &BootInputs<'_>) -> Result<Lo
             let header = loaded.header;
             let max_cmdline = u64::from(header.cmdline_size);
             if max_cmdline != 0 && cmdline_len > max_cmdline {
-                return Err(BootError::Cmdline(format!(
-                    "{cmdline_len} bytes is longer than the kernel accepts ({max_cmdline})"
-                )));
+                return Err(BootError::Cmdline(CmdlineError::LongerThanKernelAccepts {
+                    len: cmdline_len,
+                    max: max_cmdline,
+                }));
             }
             let limit = u64::from(header.initrd_addr_max).saturating_add(1).min(LOW_RAM_END);
             let initramfs = load_initramfs(mem, inputs, loaded.kernel_end, limit)?;
@@ -114,13 +100,13 @@ pub fn load_payload(mem: &GuestMemoryMmap, inputs: &BootInputs<'_>) -> Result<Lo
     }
 }
 
-fn detect_format(file: &mut File) -> Result<KernelFormat, String> {
+fn detect_format(file: &mut File) -> Result<KernelFormat, KernelError> {
     let mut head = [0u8; 0x206];
-    file.seek(SeekFrom::Start(0)).map_err(|e| format!("cannot read: {e}"))?;
-    let n = read_up_to(file, &mut head).map_err(|e| format!("cannot read: {e}"))?;
+    file.seek(SeekFrom::Start(0)).map_err(KernelError::Read)?;
+    let n = read_up_to(file, &mut head).map_err(KernelError::Read)?;
     if n >= 4 && head[..4] == *b"\x7fELF" {
         if n < 64 {
-            return Err("truncated ELF header".into());
+            return Err(KernelError::TruncatedElfHeader);
         }
         return Ok(KernelFormat::Elf);
     }
@@ -128,9 +114,9 @@ fn detect_format(file: &mut File) -> Result<KernelFormat, String> {
         return Ok(KernelFormat::BzImage);
     }
     if n < 0x206 {
-        return Err(format!("file is truncated ({n} bytes): not an ELF vmlinux or a bzImage"));
+        return Err(KernelError::Truncated(n));
     }
-    Err("not an ELF vmlinux (no ELF magic) or a bzImage (no HdrS header)".into())
+    Err(KernelError::UnknownFormat)
 }
 
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -147,11 +133,11 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// Writes the NUL-terminated command line; returns its length with the NUL.
 fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<u64, BootError> {
     if cmdline.as_bytes().contains(&0) {
-        return Err(BootError::Cmdline("contains a NUL byte".into()));
+        return Err(BootError::Cmdline(CmdlineError::Nul));
     }
     let len = cmdline.len() as u64 + 1;
     if len > CMDLINE_MAX_SIZE {
-        return Err(BootError::Cmdline(format!("{len} bytes exceeds the {CMDLINE_MAX_SIZE}-byte limit")));
+        return Err(BootError::Cmdline(CmdlineError::TooLong { len, max: CMDLINE_MAX_SIZE }));
     }
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
@@ -177,16 +163,15 @@ fn load_initramfs(
     let Some(path) = inputs.initramfs else {
         return Ok(None);
     };
-    let err = |reason: String| BootError::Initramfs { path: path.to_path_buf(), reason };
-    let mut file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
-    let size = file.metadata().map_err(|e| err(format!("cannot stat: {e}")))?.len();
+    let err = |source: InitramfsError| BootError::Initramfs { path: path.to_path_buf(), source };
+    let mut file = File::open(path).map_err(|e| err(InitramfsError::Open(e)))?;
+    let size = file.metadata().map_err(|e| err(InitramfsError::Stat(e)))?.len();
     let low_ram_end = inputs.ram.first().map(|r| r.end()).unwrap_or(0).min(limit);
-    let addr = low_ram_end.checked_sub(size).map(|a| a & !0xfff).filter(|&a| a >= kernel_end).ok_or_else(|| {
-        err(format!(
-            "{size} bytes do not fit in guest memory between the kernel end ({kernel_end:#x}) and {low_ram_end:#x}"
-        ))
-    })?;
-    mem.read_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .map_err(|e| err(format!("cannot read into guest memory: {e}")))?;
+    let addr = low_ram_end
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|&a| a >= kernel_end)
+        .ok_or_else(|| err(InitramfsError::DoesNotFit { size, kernel_end, low_ram_end }))?;
+    mem.read_volatile_from(GuestAddress(addr), &mut file, size as usize).map_err(|e| err(InitramfsError::Read(e)))?;
     Ok(Some(InitramfsPlacement { addr, size }))
 }

@@ -12,7 +12,6 @@
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::acpi::CpuCounts;
 use crate::layout::{APIC_START, IOAPIC_START, MPTABLE_CONFIG_END, MPTABLE_CONFIG_START, MPTABLE_FLOATING_START};
 
 const SPEC_REVISION: u8 = 4;
@@ -28,6 +27,21 @@ const INT: u8 = 0;
 const NMI: u8 = 1;
 const EXTINT: u8 = 3;
 const ALL_LAPICS: u8 = 0xff;
+
+/// The vCPUs the firmware tables describe: `boot` running ones, and up to
+/// `max` in all; those above `boot` are present but not started (for hotplug).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuCounts {
+    pub boot: u8,
+    pub max: u8,
+}
+
+impl CpuCounts {
+    /// `n` vCPUs, all started.
+    pub fn all(n: u8) -> CpuCounts {
+        CpuCounts { boot: n, max: n }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum MpTableError {

@@ -7,7 +7,7 @@ use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_
 use linux_loader::loader::{Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{BootInputs, InitramfsPlacement, e820_map};
+use super::{BootInputs, InitramfsPlacement, KernelError, e820_map};
 use crate::layout::{CMDLINE_START, HIGH_RAM_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START};
 
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
@@ -17,18 +17,16 @@ pub(super) struct LoadedElf {
     pub kernel_end: u64,
 }
 
-pub(super) fn load_elf(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedElf, String> {
+pub(super) fn load_elf(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedElf, KernelError> {
     let loaded = Elf::load(mem, None, file, Some(GuestAddress(HIGH_RAM_START))).map_err(|e| match e {
         linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::ReadKernelImage) => {
-            "a segment does not fit in guest memory or the file is truncated".to_string()
+            KernelError::SegmentDoesNotFit
         }
-        other => format!("invalid ELF image: {other}"),
+        other => KernelError::InvalidElf(other),
     })?;
     match loaded.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => Ok(LoadedElf { entry: entry.0, kernel_end: loaded.kernel_end }),
-        _ => {
-            Err("ELF image has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); build the kernel with CONFIG_PVH=y".into())
-        }
+        _ => Err(KernelError::NoPvhEntry),
     }
 }
 

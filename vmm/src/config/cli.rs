@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use clap::{ArgAction, Parser};
 
 pub use super::cli_values::{
-    parse_api_socket, parse_console, parse_cpus, parse_disk, parse_event_monitor, parse_fs, parse_heki,
-    parse_introspection, parse_landlock_rule, parse_memory, parse_net, parse_platform, parse_rng, parse_vsock,
+    ApiSocketSpec, EventMonitorSpec, parse_api_socket, parse_console, parse_cpus, parse_disk, parse_event_monitor,
+    parse_fs, parse_heki, parse_introspection, parse_landlock_rule, parse_memory, parse_net, parse_platform, parse_rng,
+    parse_vsock,
 };
 use super::{ConfigError, PayloadConfig, VmConfig};
 
@@ -139,21 +140,6 @@ pub struct CliArgs {
     pub log_file: Option<PathBuf>,
 }
 
-/// Where the API socket comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ApiSocketSpec {
-    Path(PathBuf),
-    /// An already listening socket inherited from the parent.
-    Fd(i32),
-}
-
-/// Where events go.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum EventMonitorSpec {
-    Path(PathBuf),
-    Fd(i32),
-}
-
 /// Everything the binary needs to start the VMM.
 #[derive(Debug)]
 pub struct VmmOptions {
@@ -245,7 +231,10 @@ impl CliArgs {
             no_reboot: self.no_reboot,
             verbosity: self.verbose,
             log_file: self.log_file,
-            seccomp: self.seccomp.parse().map_err(|message| ConfigError::Cli { option: "--seccomp", message })?,
+            seccomp: self
+                .seccomp
+                .parse::<crate::seccomp::SeccompMode>()
+                .map_err(|e| ConfigError::Cli { option: "--seccomp", message: e.to_string() })?,
         })
     }
 }

@@ -3,9 +3,23 @@
 
 use std::path::PathBuf;
 
-use super::cli::{ApiSocketSpec, EventMonitorSpec};
 use super::options::{OptionValues, parse_size};
 use super::{ConfigError, ConsoleConfig, ConsoleOutputMode, CpuTopology, CpusConfig, HekiConfig, MemoryConfig};
+
+/// Where the API socket comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiSocketSpec {
+    Path(PathBuf),
+    /// An already listening socket inherited from the parent.
+    Fd(i32),
+}
+
+/// Where events go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventMonitorSpec {
+    Path(PathBuf),
+    Fd(i32),
+}
 
 pub fn parse_cpus(input: &str) -> Result<CpusConfig, ConfigError> {
     let o = OptionValues::parse("--cpus", input, &["boot", "max", "topology"])?;

@@ -7,6 +7,7 @@ pub mod exit;
 pub mod gate;
 pub mod hook;
 pub mod kick;
+pub mod run_control;
 mod topology;
 mod vcpu_thread;
 

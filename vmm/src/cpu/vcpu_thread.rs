@@ -11,8 +11,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::exit::{ExitOutcome, VcpuEvent, handle_exit};
 use super::gate::Entry;
 use super::hook::{ExitHook, Hooked, MsrDecision, complete_msr_write};
+use super::run_control::VmControl;
 use crate::devices::{MmioBus, PioBus};
-use crate::run_control::VmControl;
 
 /// What every vCPU thread of a VM shares.
 pub struct VcpuContext {

@@ -9,7 +9,7 @@ use crate::config::{ConsoleOutputMode, DiskConfig, FsConfig, NetConfig, VmConfig
 use crate::devices::virtio::console::{Console, ConsoleHost};
 use crate::devices::virtio::{VirtioDevice, block::Block, fs::Fs, net::Net, rng::Rng, tap::Tap, vsock::Vsock};
 use crate::memory;
-use crate::vm::VmError;
+use crate::vm_error::VmError;
 
 /// PCI class codes (class, subclass, prog-if) as the config space stores them.
 const CLASS_OTHER: u32 = 0xff_00_00;

@@ -21,9 +21,10 @@ use crate::devices::pci::{PciSegments, PlacementError, bar_window::BarWindowDevi
 use crate::devices::virtio::pci::VirtioPci;
 use crate::devices::virtio::{DeviceCounters, DeviceMemory};
 use crate::devices::{MmioBus, PioBus};
-use crate::heki::{Accessor, CheckedMemory, Enforcer};
+use crate::guest_access::{Accessor, CheckedMemory};
+use crate::heki::Enforcer;
 use crate::layout;
-use crate::vm::VmError;
+use crate::vm_error::VmError;
 pub use build::NewDevice;
 
 /// The end of the high MMIO window (46 bits of physical address).

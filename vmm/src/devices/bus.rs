@@ -1,105 +1,98 @@
-//! The I/O port bus: port ranges mapped to devices.
+//! The one bus type behind both the I/O port bus (`pio_bus.rs`) and the MMIO
+//! bus (`mmio_bus.rs`): sorted address ranges, each mapped to a device that
+//! sees offsets relative to its base.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::DeviceAction;
-
-/// A device behind I/O ports. `offset` is relative to its base port.
-pub trait PioDevice: Send {
-    fn read(&mut self, offset: u16, data: &mut [u8]);
-    fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction;
+struct BusEntry<D: ?Sized> {
+    base: u64,
+    len: u64,
+    device: Arc<Mutex<D>>,
 }
 
-struct BusEntry {
-    base: u16,
-    len: u16,
-    device: Arc<Mutex<dyn PioDevice>>,
+/// Address ranges mapped to devices of one kind (`D`: a device trait).
+pub struct Bus<D: ?Sized> {
+    entries: Vec<BusEntry<D>>,
 }
 
-/// Sorted, non-overlapping port ranges.
-#[derive(Default)]
-pub struct PioBus {
-    entries: Vec<BusEntry>,
+impl<D: ?Sized> Default for Bus<D> {
+    fn default() -> Self {
+        Bus { entries: Vec::new() }
+    }
 }
 
-impl PioBus {
-    /// Adds a device; panics on overlap, which is a wiring bug in the VMM.
-    pub fn insert(&mut self, base: u16, len: u16, device: Arc<Mutex<dyn PioDevice>>) {
-        let end = u32::from(base) + u32::from(len);
-        assert!(
-            self.entries
-                .iter()
-                .all(|e| end <= u32::from(e.base) || u32::from(e.base) + u32::from(e.len) <= u32::from(base)),
-            "I/O port range {base:#x}+{len} overlaps another device"
-        );
+impl<D: ?Sized> Bus<D> {
+    /// Whether `[base, base + len)` meets a range already on the bus.
+    pub fn overlaps(&self, base: u64, len: u64) -> bool {
+        let end = base.saturating_add(len);
+        self.entries.iter().any(|e| base < e.base.saturating_add(e.len) && e.base < end)
+    }
+
+    /// Maps `[base, base + len)` to `device`.
+    pub fn add(&mut self, base: u64, len: u64, device: Arc<Mutex<D>>) {
         self.entries.push(BusEntry { base, len, device });
         self.entries.sort_by_key(|e| e.base);
     }
 
-    fn find(&self, port: u16) -> Option<(&BusEntry, u16)> {
-        let idx = self.entries.partition_point(|e| e.base <= port).checked_sub(1)?;
+    /// The device that claims `addr`, locked, and the offset of `addr` in its range.
+    pub fn device_at(&self, addr: u64) -> Option<(MutexGuard<'_, D>, u64)> {
+        let idx = self.entries.partition_point(|e| e.base <= addr).checked_sub(1)?;
         let entry = &self.entries[idx];
-        let offset = port - entry.base;
-        (offset < entry.len).then_some((entry, offset))
+        let offset = addr - entry.base;
+        // A poisoned device lock only means another vCPU thread panicked
+        // mid-access; the device state is still usable.
+        (offset < entry.len).then(|| (entry.device.lock().unwrap_or_else(|p| p.into_inner()), offset))
     }
-
-    /// Reads from a port; unclaimed ports read as all ones, like an open bus.
-    pub fn read(&self, port: u16, data: &mut [u8]) {
-        match self.find(port) {
-            Some((entry, offset)) => lock(&entry.device).read(offset, data),
-            None => data.fill(0xff),
-        }
-    }
-
-    /// Writes to a port; writes to unclaimed ports are dropped.
-    pub fn write(&self, port: u16, data: &[u8]) -> DeviceAction {
-        match self.find(port) {
-            Some((entry, offset)) => lock(&entry.device).write(offset, data),
-            None => DeviceAction::None,
-        }
-    }
-}
-
-/// A poisoned device lock only means another vCPU thread panicked mid-access;
-/// device state is still usable.
-fn lock<'a>(device: &'a Mutex<dyn PioDevice + 'static>) -> std::sync::MutexGuard<'a, dyn PioDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    struct Recorder(Vec<(u16, u8)>);
+    trait Named: Send {
+        fn name(&self) -> &'static str;
+    }
 
-    impl PioDevice for Recorder {
-        fn read(&mut self, offset: u16, data: &mut [u8]) {
-            data.fill(offset as u8);
+    struct Device(&'static str);
+
+    impl Named for Device {
+        fn name(&self) -> &'static str {
+            self.0
         }
-        fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction {
-            self.0.push((offset, data[0]));
-            DeviceAction::None
+    }
+
+    fn bus() -> Bus<dyn Named> {
+        let mut bus: Bus<dyn Named> = Bus::default();
+        bus.add(0x2000, 0x100, Arc::new(Mutex::new(Device("high"))));
+        bus.add(0x1000, 0x10, Arc::new(Mutex::new(Device("low"))));
+        bus
+    }
+
+    #[test]
+    fn an_address_finds_the_range_that_holds_it_with_its_offset() {
+        let bus = bus();
+        let (device, offset) = bus.device_at(0x100f).expect("claimed");
+        assert_eq!((device.name(), offset), ("low", 0xf));
+        drop(device);
+        let (device, offset) = bus.device_at(0x2000).expect("claimed");
+        assert_eq!((device.name(), offset), ("high", 0));
+    }
+
+    #[test]
+    fn addresses_between_and_around_ranges_are_unclaimed() {
+        let bus = bus();
+        for addr in [0, 0xfff, 0x1010, 0x1fff, 0x2100, u64::MAX] {
+            assert!(bus.device_at(addr).is_none(), "{addr:#x}");
         }
     }
 
     #[test]
-    fn ports_route_to_the_owning_device_with_relative_offsets() {
-        let dev = Arc::new(Mutex::new(Recorder(Vec::new())));
-        let mut bus = PioBus::default();
-        bus.insert(0x3f8, 8, dev.clone());
-        let mut data = [0u8; 1];
-        bus.read(0x3fd, &mut data);
-        assert_eq!(data, [5]);
-        bus.write(0x3f8, b"x");
-        assert_eq!(dev.lock().expect("lock").0, vec![(0, b'x')]);
-    }
-
-    #[test]
-    fn unclaimed_ports_read_all_ones() {
-        let bus = PioBus::default();
-        let mut data = [0u8; 2];
-        bus.read(0x1234, &mut data);
-        assert_eq!(data, [0xff, 0xff]);
-        assert_eq!(bus.write(0x1234, &[1]), DeviceAction::None);
+    fn overlap_is_any_shared_address() {
+        let bus = bus();
+        assert!(bus.overlaps(0x100f, 1));
+        assert!(bus.overlaps(0x0, 0x1001));
+        assert!(bus.overlaps(0x20ff, u64::MAX));
+        assert!(!bus.overlaps(0x1010, 0xff0));
+        assert!(!bus.overlaps(0x2100, 0x10));
     }
 }

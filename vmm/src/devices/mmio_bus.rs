@@ -1,6 +1,8 @@
-//! The MMIO bus: guest-physical ranges outside RAM mapped to devices.
+//! The MMIO bus: guest-physical ranges outside RAM mapped to devices (a `Bus`).
 
 use std::sync::{Arc, Mutex};
+
+use super::bus::Bus;
 
 /// A device behind an MMIO range. `offset` is relative to its base.
 pub trait MmioDevice: Send {
@@ -8,48 +10,25 @@ pub trait MmioDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
-struct Entry {
-    base: u64,
-    len: u64,
-    device: Arc<Mutex<dyn MmioDevice>>,
-}
+/// Guest-physical ranges mapped to devices.
+pub type MmioBus = Bus<dyn MmioDevice>;
 
-#[derive(Default)]
-pub struct MmioBus {
-    entries: Vec<Entry>,
-}
-
-impl MmioBus {
+impl Bus<dyn MmioDevice> {
     pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<dyn MmioDevice>>) {
-        self.entries.push(Entry { base, len, device });
-        self.entries.sort_by_key(|e| e.base);
-    }
-
-    fn find(&self, addr: u64) -> Option<(&Entry, u64)> {
-        let idx = self.entries.partition_point(|e| e.base <= addr).checked_sub(1)?;
-        let e = &self.entries[idx];
-        let off = addr - e.base;
-        (off < e.len).then_some((e, off))
+        self.add(base, len, device);
     }
 
     /// Reads a claimed address; `false` if no device is there.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.find(addr) {
-            Some((e, off)) => {
-                e.device.lock().unwrap_or_else(|p| p.into_inner()).read(off, data);
-                true
-            }
-            None => false,
-        }
+        let Some((mut device, offset)) = self.device_at(addr) else { return false };
+        device.read(offset, data);
+        true
     }
 
+    /// Writes a claimed address; `false` if no device is there.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
-        match self.find(addr) {
-            Some((e, off)) => {
-                e.device.lock().unwrap_or_else(|p| p.into_inner()).write(off, data);
-                true
-            }
-            None => false,
-        }
+        let Some((mut device, offset)) = self.device_at(addr) else { return false };
+        device.write(offset, data);
+        true
     }
 }

@@ -3,118 +3,19 @@
 //! the KVM MSR filter: writes exit to us). Heki's `judge` decides; this
 //! module reads and writes the registers.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use heki::pins::{ControlRegister, DescriptorTable, PINNABLE_MSRS, PinError};
-use heki::{AbiError, Access, MemoryProtections, Policy, Protections, VcpuPins, judge};
+use heki::{AbiError, Access, MemoryProtections, Policy, Protections, judge};
 
+use super::pin_state::{HostPinError, PinRequest, lock};
 use super::runtime::HekiRuntime;
 use crate::cpu::hook::MsrDecision;
 use crate::traps::ports::VcpuAccess;
 
 /// How long a host-side pin waits for the vCPUs to answer.
 const PIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A host-side pin request (`vm.heki-pin`), served by each vCPU thread on its
-/// own registers while every vCPU is held out of guest mode. `apply == false`
-/// only validates.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PinRequest {
-    pub cr0: u64,
-    pub cr4: u64,
-    pub msrs: Vec<u32>,
-    pub apply: bool,
-}
-
-/// Why a host-side pin (`vm.heki-pin`) was refused; the API answers 400 with it.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum HostPinError {
-    #[error("vCPU {vcpu}: cannot read its registers: {reason}")]
-    Registers { vcpu: u8, reason: String },
-    #[error("vCPU {vcpu}: {register}: {source}")]
-    Cr { vcpu: u8, register: &'static str, source: PinError },
-    #[error("vCPU {vcpu}: MSR {index:#x}: {reason}")]
-    MsrUnreadable { vcpu: u8, index: u32, reason: String },
-    #[error("vCPU {vcpu}: {source}")]
-    Msr { vcpu: u8, source: PinError },
-    #[error("{0}")]
-    Hold(String),
-    #[error("vCPUs did not answer the pin request (is the VM running?)")]
-    NoAnswer,
-    #[error("cannot install the MSR filter: {0}")]
-    Filter(String),
-}
-
-/// A descriptor-table register and the (base, limit) last reported for it.
-type LoggedDtr = (DescriptorTable, (u64, u16));
-
-/// Per-vCPU pin state plus the mailbox for host-side requests.
-pub struct PinState {
-    pins: Vec<Mutex<VcpuPins>>,
-    has_cr_pins: Vec<AtomicBool>,
-    /// Last CR violation reported per vCPU under `log`, to report changes once.
-    last_logged: Vec<Mutex<Option<(ControlRegister, u64)>>>,
-    /// The same for descriptor-table registers.
-    last_logged_dtr: Vec<Mutex<Option<LoggedDtr>>>,
-    mailbox: Mutex<Mailbox>,
-    answered: Condvar,
-    /// Serializes computing and installing the VM-wide MSR filter: a guest
-    /// pin and a host pin at once must not install a filter missing one MSR.
-    filter: Mutex<()>,
-}
-
-#[derive(Default)]
-struct Mailbox {
-    requests: Vec<Option<PinRequest>>,
-    results: Vec<Option<Result<(), HostPinError>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl PinState {
-    pub fn new(vcpus: usize) -> Self {
-        PinState {
-            pins: (0..vcpus).map(|_| Mutex::default()).collect(),
-            has_cr_pins: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
-            last_logged: (0..vcpus).map(|_| Mutex::default()).collect(),
-            last_logged_dtr: (0..vcpus).map(|_| Mutex::default()).collect(),
-            mailbox: Mutex::new(Mailbox { requests: vec![None; vcpus], results: vec![None; vcpus] }),
-            answered: Condvar::new(),
-            filter: Mutex::new(()),
-        }
-    }
-
-    fn pins(&self, vcpu: u8) -> Option<MutexGuard<'_, VcpuPins>> {
-        self.pins.get(usize::from(vcpu)).map(lock)
-    }
-
-    pub fn any_cr_pins(&self) -> bool {
-        self.has_cr_pins.iter().any(|b| b.load(Ordering::Relaxed))
-    }
-
-    /// Every vCPU's pins, for `vm.heki`.
-    pub fn snapshot(&self) -> Vec<VcpuPins> {
-        self.pins.iter().map(|m| lock(m).clone()).collect()
-    }
-
-    /// Whether a host request waits for vCPU `id`.
-    pub fn has_request(&self, id: u8) -> bool {
-        lock(&self.mailbox).requests.get(usize::from(id)).is_some_and(Option::is_some)
-    }
-
-    /// Union of pinned MSRs across vCPUs: the VM-wide write filter.
-    fn filtered_msrs(&self) -> Vec<u32> {
-        let mut all: Vec<u32> =
-            self.snapshot().iter().flat_map(|p| p.msrs.keys().copied().collect::<Vec<_>>()).collect();
-        all.sort_unstable();
-        all.dedup();
-        all
-    }
-}
 
 fn pin_errno(_: PinError) -> AbiError {
     AbiError::InvalidArgument

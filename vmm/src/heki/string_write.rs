@@ -11,42 +11,18 @@
 //! a watched instruction, an exit that does not fit the instruction at RIP,
 //! a page the introspection agent tracks) keeps the one-exit-per-element path.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use heki::string_op::{self, ExitedWrite, SourceSegment, StringChunk, StringInsn, StringKind, StringRegs};
 use heki::{Access, PAGE_SIZE, Protections, judge};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::runtime::HekiRuntime;
+pub use super::string_memo::StringWriteMemo;
 use crate::traps::ports::StringExitAccess;
 
 /// EFER.LMA: the vCPU is in long mode.
 const EFER_LMA: u64 = 1 << 10;
 /// The longest x86 instruction.
 const MAX_INSN_LEN: usize = 15;
-
-/// Per vCPU, the last RIP found not to hold a REP string instruction, so a
-/// loop of plain writes to a trapped page pays for one decode, not one per
-/// exit. A stale entry only sends a write down the per-element path.
-pub struct StringWriteMemo {
-    not_string: Vec<AtomicU64>,
-}
-
-impl StringWriteMemo {
-    pub fn new(vcpus: usize) -> Self {
-        StringWriteMemo { not_string: (0..vcpus).map(|_| AtomicU64::new(u64::MAX)).collect() }
-    }
-
-    fn knows_not_string(&self, vcpu: u8, rip: u64) -> bool {
-        self.not_string.get(usize::from(vcpu)).is_some_and(|r| r.load(Ordering::Relaxed) == rip)
-    }
-
-    fn note_not_string(&self, vcpu: u8, rip: u64) {
-        if let Some(r) = self.not_string.get(usize::from(vcpu)) {
-            r.store(rip, Ordering::Relaxed);
-        }
-    }
-}
 
 /// A string instruction at RIP whose element just exited, checked against
 /// that exit, with the rest of its run in the page planned.
@@ -292,5 +268,4 @@ impl HekiRuntime {
 }
 
 #[cfg(test)]
-#[path = "string_write_tests.rs"]
 mod tests;

@@ -7,10 +7,11 @@ use std::time::Duration;
 use heki::{Outcome, Permissions, PlannedSlot, Policy, ProtectRange, ViolationKind};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::testing::{FakeVcpu, RecordingControl, RecordingSlots};
-use super::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
-use crate::config::HekiConfig;
+use super::{Enforcer, HekiRuntime};
 use crate::cpu::hook::MsrDecision;
+use crate::guest_access::{AccessPolicy, Accessor, CheckedMemory};
+use crate::heki::HekiSettings;
+use crate::testing::{FakeVcpu, RecordingControl, RecordingSlots};
 
 const RAM: u64 = 1 << 20;
 const LSTAR: u32 = 0xc000_0082;
@@ -29,7 +30,7 @@ fn rig(policy: Policy) -> Rig {
     let control = Arc::new(RecordingControl::default());
     let slots = Arc::new(RecordingSlots::default());
     let enforcer = Arc::new(Enforcer::new(policy, control.clone()));
-    let config = HekiConfig { enabled: true, policy, ..HekiConfig::default() };
+    let config = HekiSettings::default();
     let boot = [(PlannedSlot { gpa: 0, size: RAM, readonly: false }, 0)];
     let heki = Arc::new(HekiRuntime::new(&config, enforcer, slots.clone(), &ram, &boot, 2));
     Rig { mem: ram.kvm, host_view: ram.host, control, slots, heki }
@@ -185,7 +186,7 @@ fn a_host_pin_captures_each_vcpus_live_value_and_installs_the_filter_while_held(
             })
         })
         .collect();
-    let request = super::pins::PinRequest { msrs: vec![LSTAR], ..Default::default() };
+    let request = super::pin_state::PinRequest { msrs: vec![LSTAR], ..Default::default() };
     rig.heki.pin_from_host(request, 2).expect("pinned");
     served.store(true, std::sync::atomic::Ordering::SeqCst);
     vcpus.into_iter().for_each(|t| t.join().expect("vCPU"));
@@ -324,7 +325,7 @@ fn a_read_that_loses_the_race_to_private_memory_is_refused() {
     std::thread::sleep(Duration::from_millis(50));
     assert!(!reader.is_finished(), "the read waits for the pending change");
     change.private.enable();
-    enforcer.note_private_memory();
+    enforcer.epoch().judge_reads();
     drop(change);
     assert!(!reader.join().expect("reader"), "judged after the change: the page is private");
     assert_eq!(rig.heki.violations().recent()[0].kind, ViolationKind::PrivateAccess);

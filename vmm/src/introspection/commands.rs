@@ -8,8 +8,8 @@ use hypervisor::{Regs, Segment, SpecialRegs, Vcpu};
 use serde_json::{Map, Value, json};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
-use super::protocol::{AgentError, AgentResult, Args, MAX_MEMORY_ACCESS, PROTOCOL_VERSION, from_hex, to_hex};
 use super::{AgentLink, Hub};
+use introspection_protocol::{AgentError, AgentResult, Args, MAX_MEMORY_ACCESS, PROTOCOL_VERSION, from_hex, to_hex};
 
 fn no_vm() -> AgentError {
     AgentError::new("ENODEV", "no VM is running (boot it first)")
@@ -169,7 +169,7 @@ fn pause(vm: &AgentLink, args: &Args<'_>) -> AgentResult {
     if !*paused {
         vm.control
             .vcpus
-            .hold(crate::run_control::VCPU_STOP_TIMEOUT)
+            .hold(crate::cpu::run_control::VCPU_STOP_TIMEOUT)
             .map_err(|e| AgentError::new("ETIMEDOUT", e.to_string()))?;
         *paused = true;
     }
@@ -248,7 +248,7 @@ fn set_registers(vm: &AgentLink, args: &Args<'_>) -> AgentResult {
     let mut changes = Vec::new();
     for (name, value) in wanted {
         let value =
-            super::protocol::number(value).ok_or_else(|| AgentError::inval(format!("regs.{name}: a number")))?;
+            introspection_protocol::number(value).ok_or_else(|| AgentError::inval(format!("regs.{name}: a number")))?;
         if !GPRS.contains(&name.as_str()) {
             return Err(AgentError::inval(format!("regs.{name}: not a general register")));
         }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 use rustix::net::RecvFlags;
 
-use super::protocol::MAX_LINE;
+use introspection_protocol::MAX_LINE;
 
 /// One line from the agent.
 #[derive(Debug, PartialEq, Eq)]

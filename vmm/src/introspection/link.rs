@@ -9,92 +9,40 @@
 //! requests and delivers replies through each vCPU's slot.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use hypervisor::{CpuidEntry, Vcpu};
 use serde_json::{Value, json};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::Hub;
+use super::agent_events::write_event;
 use super::inbox::{Inbox, Line, LineReader};
-use super::protocol::{self, Action, AgentError, AgentResult, EventLine, Incoming};
+use super::vcpu_slot::{SlotState, VcpuSlot, WAIT_SLICE};
 use crate::cpu::hook::{ExitHook, Hooked, MsrDecision};
+use crate::cpu::run_control::VmControl;
 use crate::cpu::{ExitOutcome, VcpuEvent};
-use crate::heki::{CheckedMemory, HekiRuntime};
-use crate::run_control::VmControl;
+use crate::guest_access::CheckedMemory;
+use crate::heki::HekiRuntime;
 use crate::traps::VmTraps;
 use crate::traps::ports::VcpuAccess;
-
-/// A waiting vCPU re-checks the connection and the VM's state this often.
-const WAIT_SLICE: Duration = Duration::from_millis(50);
-
-/// Work for one vCPU's own thread (its registers are only reachable there).
-pub type Request = Box<dyn FnOnce(&mut Vcpu) -> AgentResult + Send>;
-
-#[derive(Default)]
-struct SlotState {
-    request: Option<Request>,
-    result: Option<AgentResult>,
-    /// The event this vCPU waits on, and the agent's answer once it came.
-    waiting: Option<u64>,
-    answer: Option<Action>,
-    /// Paused by the agent; `parked` once the vCPU thread noticed.
-    paused: bool,
-    parked: bool,
-    /// Debug settings to apply before the next entry.
-    debug: Option<(bool, Vec<u64>)>,
-    /// The debug settings in force on the vCPU (single-step, breakpoints).
-    applied: (bool, Vec<u64>),
-    /// Stepping over a breakpoint just answered: breakpoints are off for
-    /// one single step, then `applied` is put back.
-    stepping_over: bool,
-    /// CR0, CR3, CR4 last seen (CR tracking).
-    crs: Option<[u64; 3]>,
-}
-
-#[derive(Default)]
-struct VcpuSlot {
-    state: Mutex<SlotState>,
-    changed: Condvar,
-}
-
-impl VcpuSlot {
-    fn lock(&self) -> MutexGuard<'_, SlotState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
+use introspection_protocol::{self as protocol, Action, EventLine, Incoming};
 
 /// DR6.BS: the debug exit is a single step.
 const DR6_SINGLE_STEP: u64 = 1 << 14;
 
-/// The `write` event of a tracked write. A write that touches a page the
-/// guest keeps private carries `"private": true` instead of its `value`:
-/// private bytes reach no one on the host, the agent included.
-fn write_event(gpa: u64, data: &[u8], heki_locked: bool, private: bool) -> EventLine {
-    let event = EventLine::new("write").num("gpa", gpa).num("size", data.len() as u64);
-    let event = if private {
-        event.flag("private", true)
-    } else {
-        let mut value = [0u8; 8];
-        let n = data.len().min(8);
-        value[..n].copy_from_slice(&data[..n]);
-        event.num("value", u64::from_le_bytes(value))
-    };
-    event.flag("heki_locked", heki_locked)
-}
-
 pub struct AgentLink {
-    hub: Arc<Hub>,
+    pub(super) hub: Arc<Hub>,
     pub(super) traps: Arc<VmTraps>,
     pub(super) memory: CheckedMemory,
     /// The guest's own view of RAM: tracked writes the agent let through
     /// land here (heki off; with heki on, heki writes them).
-    ram: GuestMemoryMmap,
+    pub(super) ram: GuestMemoryMmap,
     pub(super) control: Arc<VmControl>,
     pub(super) heki: Option<Arc<HekiRuntime>>,
     pub(super) cpuid: Vec<Vec<CpuidEntry>>,
-    slots: Vec<VcpuSlot>,
+    pub(super) slots: Vec<VcpuSlot>,
     /// Whether the agent holds every vCPU out of guest mode.
     pub(super) vm_paused: Mutex<bool>,
 }
@@ -127,7 +75,7 @@ impl AgentLink {
         self.slots.len()
     }
 
-    fn slot(&self, id: u8) -> Option<&VcpuSlot> {
+    pub(super) fn slot(&self, id: u8) -> Option<&VcpuSlot> {
         self.slots.get(usize::from(id))
     }
 
@@ -494,137 +442,6 @@ impl AgentLink {
     }
 
     // ---- socket thread side ----
-
-    /// CR tracking starts: each vCPU's CR0, CR3 and CR4 now are the
-    /// baseline its first change is reported against (read on its own thread).
-    pub(super) fn take_cr_baselines(&self) -> Result<(), AgentError> {
-        for id in 0..self.slots.len() {
-            let id = u8::try_from(id).map_err(|_| AgentError::new("ENOENT", "no such vCPU"))?;
-            let crs = self.on_vcpu(
-                id,
-                Box::new(|v| {
-                    let s = v.sregs().map_err(|e| AgentError::new("EIO", crate::error_chain(&e)))?;
-                    Ok(json!([s.cr0, s.cr3, s.cr4]))
-                }),
-            )?;
-            let crs: [u64; 3] =
-                serde_json::from_value(crs).map_err(|e| AgentError::new("EIO", format!("vCPU {id}: {e}")))?;
-            if let Some(slot) = self.slot(id) {
-                slot.lock().crs = Some(crs);
-            }
-        }
-        Ok(())
-    }
-
-    /// CR tracking stops: the next start takes fresh baselines.
-    pub(super) fn clear_cr_baselines(&self) {
-        for slot in &self.slots {
-            slot.lock().crs = None;
-        }
-    }
-
-    /// Delivers the agent's reply to the vCPU waiting on event `seq`.
-    pub(super) fn deliver(&self, seq: u64, action: Action) -> bool {
-        for slot in &self.slots {
-            let mut state = slot.lock();
-            if state.waiting == Some(seq) && state.answer.is_none() {
-                state.answer = Some(action);
-                // Unlocked first: the woken vCPU does not block again on this lock.
-                drop(state);
-                slot.changed.notify_all();
-                return true;
-            }
-        }
-        false
-    }
-
-    /// Runs `request` on vCPU `id`'s thread and waits for its result.
-    pub(super) fn on_vcpu(&self, id: u8, request: Request) -> AgentResult {
-        let slot = self.slot(id).ok_or_else(|| AgentError::new("ENOENT", format!("no vCPU {id}")))?;
-        {
-            let mut state = slot.lock();
-            state.request = Some(request);
-            state.result = None;
-        }
-        self.wake(slot);
-        let deadline = Instant::now() + crate::run_control::VCPU_STOP_TIMEOUT;
-        let mut state = slot.lock();
-        loop {
-            if let Some(result) = state.result.take() {
-                return result;
-            }
-            let now = Instant::now();
-            if now >= deadline || self.control.vcpus.is_stopping() {
-                state.request = None;
-                return Err(AgentError::new("ETIMEDOUT", format!("vCPU {id} did not answer")));
-            }
-            if self.hub.agent_gone() {
-                // Nobody will read the result: the connection's work ends with it.
-                state.request = None;
-                return Err(AgentError::new("ECONNRESET", "the agent disconnected"));
-            }
-            state =
-                slot.changed.wait_timeout(state, (deadline - now).min(WAIT_SLICE)).unwrap_or_else(|p| p.into_inner()).0;
-        }
-    }
-
-    fn wake(&self, slot: &VcpuSlot) {
-        slot.changed.notify_all();
-        self.control.vcpus.notify();
-        self.control.vcpus.kick_all();
-    }
-
-    /// Pauses one vCPU; returns once its thread is parked.
-    pub(super) fn pause_vcpu(&self, id: u8) -> AgentResult {
-        let slot = self.slot(id).ok_or_else(|| AgentError::new("ENOENT", format!("no vCPU {id}")))?;
-        slot.lock().paused = true;
-        self.wake(slot);
-        let deadline = Instant::now() + crate::run_control::VCPU_STOP_TIMEOUT;
-        let mut state = slot.lock();
-        while !state.parked {
-            let now = Instant::now();
-            if now >= deadline || self.control.vcpus.is_stopping() || self.hub.agent_gone() {
-                // A vCPU held elsewhere (an event, a VM pause) parks when it next reaches the gate.
-                return Ok(json!({"vcpu": id, "paused": true, "parked": false}));
-            }
-            state =
-                slot.changed.wait_timeout(state, (deadline - now).min(WAIT_SLICE)).unwrap_or_else(|p| p.into_inner()).0;
-        }
-        Ok(json!({"vcpu": id, "paused": true, "parked": true}))
-    }
-
-    pub(super) fn resume_vcpu(&self, id: u8) {
-        if let Some(slot) = self.slot(id) {
-            slot.lock().paused = false;
-            slot.changed.notify_all();
-        }
-    }
-
-    /// Posts debug settings for vCPU `id` (applied before its next entry).
-    pub(super) fn set_debug(&self, id: u8, single_step: bool, breakpoints: Vec<u64>) {
-        if let Some(slot) = self.slot(id) {
-            slot.lock().debug = Some((single_step, breakpoints));
-            self.wake(slot);
-        }
-    }
-
-    /// Undoes what the agent did to this VM: vCPU pauses, the VM pause,
-    /// debug settings; every waiting vCPU wakes and falls back to the policy.
-    pub(super) fn unhook(&self) {
-        for slot in &self.slots {
-            let mut state = slot.lock();
-            state.paused = false;
-            state.crs = None;
-            state.debug = Some((false, Vec::new()));
-            slot.changed.notify_all();
-        }
-        self.control.vcpus.notify();
-        self.control.vcpus.kick_all();
-        let mut paused = self.vm_paused.lock().unwrap_or_else(|p| p.into_inner());
-        if std::mem::replace(&mut *paused, false) {
-            self.control.vcpus.release();
-        }
-    }
 }
 
 /// The agent sees exits before heki does (`vm.rs` orders the hooks): it may
@@ -645,29 +462,5 @@ impl ExitHook for AgentLink {
 
     fn after_exit(&self, vcpu: &Vcpu) {
         self.check_crs(vcpu);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parsed(event: EventLine) -> Value {
-        serde_json::from_str(&event.finish()).expect("JSON")
-    }
-
-    #[test]
-    fn a_write_event_carries_the_value_of_a_shared_page() {
-        let event = parsed(write_event(0x5000, &[0x11, 0x22, 0, 0, 0, 0, 0, 0], false, false));
-        assert_eq!(event, json!({"event": "write", "gpa": 0x5000, "size": 8, "value": 0x2211, "heki_locked": false}));
-    }
-
-    #[test]
-    fn a_write_event_to_a_private_page_carries_no_byte_of_it() {
-        let data = [0x5e, 0xc7, 0xe7, 0x5e, 0xc7, 0xe7, 0x5e, 0xc7];
-        let line = write_event(0x5000, &data, false, true).finish();
-        let event: Value = serde_json::from_str(&line).expect("JSON");
-        assert_eq!(event, json!({"event": "write", "gpa": 0x5000, "size": 8, "private": true, "heki_locked": false}));
-        assert!(!line.contains(&u64::from_le_bytes(data).to_string()), "{line}");
     }
 }

@@ -9,27 +9,32 @@
 //! events. vCPU threads write their own synchronous events and wait only for
 //! their own replies; the VMM thread never touches the socket.
 
+mod agent_events;
 mod commands;
 mod inbox;
 pub mod link;
-pub mod protocol;
+mod socket;
+mod vcpu_requests;
+mod vcpu_slot;
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use inbox::{Inbox, Line};
+use inbox::Inbox;
+use introspection_protocol::{self as protocol, AgentError, EventLine};
 pub use link::AgentLink;
-use protocol::{AgentError, EventLine, Incoming, MAX_LINE};
+pub use socket::Introspection;
 
 use crate::config::IntrospectionConfig;
+use crate::heki::Enforcer;
 
 /// Asynchronous events queued for the agent before newer ones are dropped (counted).
 const ASYNC_QUEUE: usize = 1024;
@@ -155,6 +160,30 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Hub {
+    fn new(config: &IntrospectionConfig, caps: HostCaps) -> Hub {
+        Hub {
+            reply_timeout: Duration::from_millis(config.reply_timeout_ms),
+            reply_poll: Duration::from_micros(config.reply_poll_us),
+            caps,
+            socket: config.socket.clone(),
+            connection: Mutex::default(),
+            out: Mutex::new(None),
+            tracking: RwLock::default(),
+            link: RwLock::new(None),
+            vm_shape: Mutex::new((0, Vec::new())),
+            heki_configured: AtomicBool::new(false),
+            seq: AtomicU64::new(0),
+            armed: AtomicBool::new(false),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Records the shape of the VM about to be built (for `hello` before boot).
+    fn set_vm_shape(&self, vcpus: usize, ram: Vec<(u64, u64)>, heki: bool) {
+        *lock(&self.vm_shape) = (vcpus, ram);
+        self.heki_configured.store(heki, Ordering::Relaxed);
+    }
+
     pub fn tracking(&self) -> RwLockReadGuard<'_, Tracking> {
         self.tracking.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -316,61 +345,10 @@ impl Hub {
     }
 }
 
-/// The agent channel, owned by the VMM.
-pub struct Introspection {
-    hub: Arc<Hub>,
-}
-
-impl Introspection {
-    /// Creates the socket (mode 0600) and starts accepting agents.
-    pub fn start(config: &IntrospectionConfig, caps: HostCaps) -> Result<Introspection, IntrospectionError> {
-        let listener = bind(&config.socket)?;
-        let hub = Arc::new(Hub {
-            reply_timeout: Duration::from_millis(config.reply_timeout_ms),
-            reply_poll: Duration::from_micros(config.reply_poll_us),
-            caps,
-            socket: config.socket.clone(),
-            connection: Mutex::default(),
-            out: Mutex::new(None),
-            tracking: RwLock::default(),
-            link: RwLock::new(None),
-            vm_shape: Mutex::new((0, Vec::new())),
-            heki_configured: AtomicBool::new(false),
-            seq: AtomicU64::new(0),
-            armed: AtomicBool::new(false),
-            counters: Counters::default(),
-        });
-        let accept_hub = hub.clone();
-        std::thread::Builder::new()
-            .name("introspect-accept".into())
-            .spawn(move || {
-                // Its own filter, which the agents' rx and tx threads inherit.
-                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Introspection);
-                accept_loop(&accept_hub, listener)
-            })
-            .map_err(IntrospectionError::Spawn)?;
-        Ok(Introspection { hub })
-    }
-
-    pub fn socket(&self) -> &Path {
-        &self.hub.socket
-    }
-
-    pub fn hub(&self) -> &Arc<Hub> {
-        &self.hub
-    }
-
-    /// Records the shape of the VM about to be built (for `hello` before boot).
-    pub fn set_vm_shape(&self, vcpus: usize, ram: Vec<(u64, u64)>, heki: bool) {
-        *lock(&self.hub.vm_shape) = (vcpus, ram);
-        self.hub.heki_configured.store(heki, Ordering::Relaxed);
-    }
-}
-
 impl Hub {
     /// Connects a freshly built VM (before its vCPUs run): the agent's
-    /// tracking is installed and violations are forwarded.
-    pub fn attach(self: &Arc<Self>, link: Arc<AgentLink>) {
+    /// tracking is installed and the violations `enforcer` records are forwarded.
+    pub fn attach(self: &Arc<Self>, link: Arc<AgentLink>, enforcer: &Enforcer) {
         let tracking = self.tracking().clone();
         if let Err(e) = self.apply_tracking(&link, &tracking) {
             log::error!("introspection: cannot install the agent's tracking in the new VM: {e}");
@@ -379,7 +357,7 @@ impl Hub {
             link.set_debug(vcpu, *step, bps.clone());
         }
         let hub = Arc::downgrade(self);
-        link.memory.enforcer().set_observer(Box::new(move |record| {
+        enforcer.set_observer(Box::new(move |record| {
             if let Some(hub) = hub.upgrade() {
                 hub.send_async(violation_event(record));
             }
@@ -434,111 +412,6 @@ fn violation_event(record: &heki::ViolationRecord) -> Value {
     Value::Object(event)
 }
 
-fn bind(path: &Path) -> Result<UnixListener, IntrospectionError> {
-    let err = |source| IntrospectionError::Bind { path: path.to_path_buf(), source };
-    if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
-        // Removed only when stale (nobody listens: ECONNREFUSED); a live
-        // socket belongs to someone else, whose agent must not be cut off.
-        match UnixStream::connect(path) {
-            Ok(_) => return Err(IntrospectionError::InUse { path: path.to_path_buf() }),
-            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => std::fs::remove_file(path).map_err(err)?,
-            Err(e) => return Err(err(e)),
-        }
-    }
-    // Created under a 0177 umask so it is never open to others, not even briefly.
-    // SAFETY: umask only changes this process's file-creation mask; it is restored at once.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    // The umask made it 0600 (no chmod: the VMM thread's seccomp filter has none).
-    bound.map_err(err)
-}
-
-fn accept_loop(hub: &Arc<Hub>, listener: UnixListener) {
-    for stream in listener.incoming() {
-        let Ok(mut stream) = stream else { continue };
-        if hub.connection().is_some() {
-            let busy = protocol::reply(
-                &Value::Null,
-                &Err(AgentError::new("EBUSY", "another agent is connected; one agent at a time")),
-            );
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = writeln!(stream, "{busy}");
-            continue;
-        }
-        if let Err(e) = start_connection(hub, stream) {
-            log::error!("introspection: cannot serve the agent: {e}");
-        }
-    }
-}
-
-fn start_connection(hub: &Arc<Hub>, stream: UnixStream) -> std::io::Result<()> {
-    stream.set_write_timeout(Some(hub.reply_timeout.max(Duration::from_millis(100))))?;
-    let writer = stream.try_clone()?;
-    let inbox = Arc::new(Inbox::new(stream)?);
-    let (async_tx, async_rx) = sync_channel(ASYNC_QUEUE);
-    *lock(&hub.out) = Some(writer);
-    {
-        let mut c = lock(&hub.connection);
-        c.generation += 1;
-        c.connected = true;
-        c.async_tx = Some(async_tx);
-        c.inbox = Some(inbox.clone());
-    }
-    hub.counters.connections.fetch_add(1, Ordering::Relaxed);
-    crate::events::emit("introspection", "connected", &[]);
-    hub.write_line(json!({"hello": commands::hello(hub)}).to_string());
-    let tx_hub = hub.clone();
-    std::thread::Builder::new().name("introspect-tx".into()).spawn(move || async_writer(&tx_hub, async_rx))?;
-    let rx_hub = hub.clone();
-    std::thread::Builder::new().name("introspect-rx".into()).spawn(move || {
-        inbox.read_loop(|line| handle_incoming(&rx_hub, line));
-        rx_hub.unhook();
-    })?;
-    Ok(())
-}
-
-fn async_writer(hub: &Hub, rx: Receiver<String>) {
-    // Ends when the connection drops its sender.
-    while let Ok(line) = rx.recv() {
-        if !hub.write_line(line) {
-            break;
-        }
-    }
-}
-
-/// One line from the agent, on `introspect-rx`.
-fn handle_incoming(hub: &Arc<Hub>, line: Line) {
-    match line {
-        Line::Text(text) if text.iter().all(u8::is_ascii_whitespace) => {}
-        Line::Text(text) => handle_line(hub, &text),
-        Line::TooLong => {
-            hub.counters.bad_messages.fetch_add(1, Ordering::Relaxed);
-            let e = AgentError::new("E2BIG", format!("a message is at most {MAX_LINE} bytes"));
-            hub.write_line(protocol::reply(&Value::Null, &Err(e)).to_string());
-        }
-        Line::End => {}
-    }
-}
-
-fn handle_line(hub: &Arc<Hub>, line: &[u8]) {
-    match protocol::parse_line(line) {
-        Err((id, e)) => {
-            hub.counters.bad_messages.fetch_add(1, Ordering::Relaxed);
-            hub.write_line(protocol::reply(&id, &Err(e)).to_string());
-        }
-        Ok(Incoming::Reply { seq, action }) => hub.deliver_reply(seq, action),
-        Ok(Incoming::Command { id, cmd, args }) => {
-            let result = commands::run(hub, &cmd, &args);
-            if result.is_err() {
-                hub.counters.bad_messages.fetch_add(1, Ordering::Relaxed);
-            }
-            hub.write_line(protocol::reply(&id, &result).to_string());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,36 +423,6 @@ mod tests {
         assert!(tracking.tracks_range(0x4ffc, 8), "straddles into page 5");
         assert!(!tracking.tracks_range(0x7000, 8));
         assert_eq!(tracking.page_ranges(), vec![(5, 7), (9, 10)]);
-    }
-
-    #[test]
-    fn a_live_socket_at_the_path_is_refused_and_keeps_working() {
-        let dir = std::env::temp_dir().join(format!("hk-introspect-live-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("agent.sock");
-        let first = UnixListener::bind(&path).expect("the first VMM's socket");
-        let err = bind(&path).expect_err("a live socket must not be replaced");
-        assert!(matches!(&err, IntrospectionError::InUse { path: p } if *p == path), "{err:?}");
-        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
-        // The first owner still accepts: the probe's connection, then a new one.
-        first.set_nonblocking(true).expect("nonblocking");
-        let _probe = first.accept();
-        let _client = UnixStream::connect(&path).expect("the first socket still answers");
-        assert!(first.accept().is_ok());
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_stale_socket_at_the_path_is_replaced() {
-        let dir = std::env::temp_dir().join(format!("hk-introspect-stale-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("agent.sock");
-        // Dropping a listener leaves its file behind: nobody answers there.
-        drop(UnixListener::bind(&path).expect("bind"));
-        let listener = bind(&path).expect("a stale socket is replaced");
-        let _client = UnixStream::connect(&path).expect("the new socket answers");
-        assert!(listener.accept().is_ok());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -595,17 +438,5 @@ mod tests {
             json!({"event": "heki-violation", "kind": "hypercall", "action": "denied", "vcpu": 1,
                    "rip": 0xffff_ffff_8100_0000_u64, "cpl": 3, "device": "_rng", "pinned": 16})
         );
-    }
-
-    #[test]
-    fn the_socket_is_created_mode_0600() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("hk-introspect-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("agent.sock");
-        let _listener = bind(&path).expect("bind");
-        let mode = std::fs::metadata(&path).expect("socket").permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -181,7 +181,7 @@ impl VmTraps {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::heki::testing::{RecordingControl, RecordingSlots};
+    use crate::testing::{RecordingControl, RecordingSlots};
 
     const PAGE: u64 = 4096;
 

@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::heki::CheckedMemory;
+use crate::guest_access::CheckedMemory;
 use virtio_queue::DescriptorChain;
 use virtio_queue::desc::split::Descriptor;
 

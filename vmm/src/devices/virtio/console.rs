@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use crate::heki::CheckedMemory;
+use crate::guest_access::CheckedMemory;
 use virtio_queue::DescriptorChain;
 
 use super::{DeviceMemory, VirtioDevice};

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::heki::CheckedMemory;
-use crate::heki::checked_memory::is_refusal;
+use crate::guest_access::CheckedMemory;
+use crate::guest_access::is_refusal;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DmaError {

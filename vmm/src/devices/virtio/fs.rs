@@ -7,7 +7,7 @@ use virtio_queue::DescriptorChain;
 use super::vhost_user::{SharedRegion, VhostUserConnection, VhostUserError};
 use super::{DeviceMemory, QueueHandoff, VirtioDevice};
 use crate::config::{FS_TAG_MAX, FsConfig};
-use crate::heki::CheckedMemory;
+use crate::guest_access::CheckedMemory;
 
 pub const DEVICE_TYPE_FS: u16 = 26;
 

@@ -15,7 +15,7 @@ mod test_rig;
 pub mod vhost_user;
 pub mod vsock;
 
-use crate::heki::CheckedMemory;
+use crate::guest_access::CheckedMemory;
 use virtio_queue::{DescriptorChain, Queue};
 use vmm_sys_util::eventfd::EventFd;
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::heki::CheckedMemory;
+use crate::guest_access::CheckedMemory;
 use virtio_queue::DescriptorChain;
 
 use super::tap::Tap;

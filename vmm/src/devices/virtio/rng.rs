@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::Read;
 use std::sync::atomic::Ordering;
 
-use crate::heki::CheckedMemory;
+use crate::guest_access::CheckedMemory;
 use virtio_queue::DescriptorChain;
 
 use super::{DeviceMemory, VirtioDevice};

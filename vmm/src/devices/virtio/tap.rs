@@ -6,19 +6,14 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use crate::host_ioctls::{TUNGETIFF, TUNSETIFF};
+
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 /// Frames carry a `virtio_net_hdr` (10 bytes unless `TUNSETVNETHDRSZ` says
 /// otherwise). Kata opens its TAPs so.
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 const VNET_HDR_LEN: usize = 10;
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-/// `TUNGETIFF`: the name of a TAP passed in as a file descriptor.
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
-
-/// The ioctls that open and configure a TAP (for the VMM thread's seccomp filter).
-pub const SETUP_IOCTLS: [libc::c_ulong; 6] =
-    [TUNSETIFF, TUNGETIFF, libc::SIOCSIFADDR, libc::SIOCSIFNETMASK, libc::SIOCGIFFLAGS, libc::SIOCSIFFLAGS];
 
 /// `struct ifreq` with the fields we use.
 #[repr(C)]

@@ -8,10 +8,11 @@ use vm_memory::GuestMemoryMmap;
 
 use super::pci::VirtioPci;
 use super::{DeviceMemory, VirtioDevice};
-use crate::config::HekiConfig;
 use crate::devices::mmio_bus::MmioDevice;
-use crate::heki::testing::{RecordingControl, RecordingSlots};
-use crate::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
+use crate::guest_access::{Accessor, CheckedMemory};
+use crate::heki::HekiSettings;
+use crate::heki::{Enforcer, HekiRuntime};
+use crate::testing::{RecordingControl, RecordingSlots};
 
 /// Where the rig's driver puts the queue: each part in its own page.
 pub const DESC: u64 = 0x1_0000;
@@ -42,7 +43,7 @@ pub fn started_queues(
     let ram = crate::memory::create_guest_ram(&[crate::memory::RamRegion { start: 0, size: RAM }]).expect("memory");
     let mem = ram.host.clone();
     let enforcer = Arc::new(Enforcer::new(Policy::Deny, Arc::new(RecordingControl::default())));
-    let config = HekiConfig { enabled: true, ..HekiConfig::default() };
+    let config = HekiSettings::default();
     let boot = [(PlannedSlot { gpa: 0, size: RAM, readonly: false }, 0)];
     let heki =
         Arc::new(HekiRuntime::new(&config, enforcer.clone(), Arc::new(RecordingSlots::default()), &ram, &boot, 1));

@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::msix::{Msix, NO_VECTOR};
 use crate::devices::gate::DeviceGate;
 use crate::devices::virtio::{DeviceMemory, QueueHandler, QueueHandoff, VirtioDevice};
-use crate::heki::CheckedMemory;
+use crate::guest_access::CheckedMemory;
 
 /// One queue: its running state while the device is started, and the
 /// handler that serves it on a worker of its own, if the device gave one.

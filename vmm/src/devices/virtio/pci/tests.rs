@@ -67,7 +67,7 @@ impl VirtioDevice for Handed {
     fn process(
         &mut self,
         _: usize,
-        _: virtio_queue::DescriptorChain<&crate::heki::CheckedMemory>,
+        _: virtio_queue::DescriptorChain<&crate::guest_access::CheckedMemory>,
         _: &DeviceMemory,
     ) -> u32 {
         unreachable!("an external device's queues are served elsewhere")
@@ -145,7 +145,11 @@ struct Slow {
 struct Fast;
 
 impl crate::devices::virtio::QueueHandler for Slow {
-    fn process(&mut self, _: virtio_queue::DescriptorChain<&crate::heki::CheckedMemory>, _: &DeviceMemory) -> u32 {
+    fn process(
+        &mut self,
+        _: virtio_queue::DescriptorChain<&crate::guest_access::CheckedMemory>,
+        _: &DeviceMemory,
+    ) -> u32 {
         let _ = self.started.send(());
         let _ = self.release.recv_timeout(std::time::Duration::from_secs(10));
         0
@@ -153,7 +157,11 @@ impl crate::devices::virtio::QueueHandler for Slow {
 }
 
 impl crate::devices::virtio::QueueHandler for Fast {
-    fn process(&mut self, _: virtio_queue::DescriptorChain<&crate::heki::CheckedMemory>, _: &DeviceMemory) -> u32 {
+    fn process(
+        &mut self,
+        _: virtio_queue::DescriptorChain<&crate::guest_access::CheckedMemory>,
+        _: &DeviceMemory,
+    ) -> u32 {
         0
     }
 }
@@ -174,7 +182,7 @@ impl VirtioDevice for SlowAndFast {
     fn process(
         &mut self,
         _: usize,
-        _: virtio_queue::DescriptorChain<&crate::heki::CheckedMemory>,
+        _: virtio_queue::DescriptorChain<&crate::guest_access::CheckedMemory>,
         _: &DeviceMemory,
     ) -> u32 {
         unreachable!("every queue has a handler of its own")

@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use virtio_queue::DescriptorChain;
 
 use super::{DeviceMemory, VirtioDevice};
-use crate::heki::CheckedMemory;
+use crate::guest_access::CheckedMemory;
 use muxer::{MAX_PAYLOAD, Muxer};
 use packet::{HEADER_LEN, Header};
 
@@ -171,12 +171,13 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::*;
-    use crate::config::HekiConfig;
     use crate::devices::gate::DeviceGate;
     use crate::devices::mmio_bus::MmioDevice;
     use crate::devices::virtio::pci::VirtioPci;
-    use crate::heki::testing::{RecordingControl, RecordingSlots};
-    use crate::heki::{Accessor, Enforcer, HekiRuntime};
+    use crate::guest_access::Accessor;
+    use crate::heki::HekiSettings;
+    use crate::heki::{Enforcer, HekiRuntime};
+    use crate::testing::{RecordingControl, RecordingSlots};
     use packet::{HOST_CID, TYPE_STREAM, op};
 
     /// Queue q's rings: descriptors, available and used ring, a page each.
@@ -194,7 +195,7 @@ mod tests {
             crate::memory::create_guest_ram(&[crate::memory::RamRegion { start: 0, size: 1 << 20 }]).expect("memory");
         let mem = ram.host.clone();
         let enforcer = Arc::new(Enforcer::new(Policy::Deny, Arc::new(RecordingControl::default())));
-        let config = HekiConfig { enabled: true, ..HekiConfig::default() };
+        let config = HekiSettings::default();
         let boot = [(PlannedSlot { gpa: 0, size: 1 << 20, readonly: false }, 0)];
         let heki =
             Arc::new(HekiRuntime::new(&config, enforcer.clone(), Arc::new(RecordingSlots::default()), &ram, &boot, 1));

@@ -1,10 +1,10 @@
-//! Which guest pages are private, one bit each, for device reads that
-//! check without the protections' lock.
+//! Which guest pages have their reads judged (heki: private pages), one
+//! bit each, for device reads that check without the epoch's lock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// One bit per guest page, readable without a lock; written only under the
-/// protections' write lock while no lock-free access is in flight.
+/// One bit per guest page, readable without a lock; written only during an
+/// epoch change while no lock-free access is in flight.
 pub(super) struct PageBits {
     words: Box<[AtomicU64]>,
 }
@@ -22,7 +22,7 @@ impl PageBits {
     }
 
     /// The shared (clear) pages around `page`, at most `reach` on each side:
-    /// `[first, end)`; `None` if `page` itself is private or beyond the map.
+    /// `[first, end)`; `None` if `page` itself is read-judged or beyond the map.
     pub(super) fn shared_run(&self, page: u64, reach: u64) -> Option<(u64, u64)> {
         if self.get(page)? {
             return None;

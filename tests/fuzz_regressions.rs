@@ -1,11 +1,11 @@
-//! The fuzz targets' harnesses (`vmm::fuzz_harness`), run on stable in the
+//! The fuzz targets' harnesses (`vmm::testing::fuzz`), run on stable in the
 //! normal suite: over every input a fuzzer once crashed on
 //! (`fuzz/regressions/TARGET/`), and over a few thousand pseudo-random
 //! inputs each, so the harnesses cannot rot between fuzzing runs.
 
 use std::path::Path;
 
-use vmm::fuzz_harness as h;
+use vmm::testing::fuzz as h;
 
 /// A fuzz target: its name in `fuzz/` and the harness it calls.
 type Target = (&'static str, fn(&[u8]));
@@ -37,7 +37,7 @@ fn inputs(seed: u64, count: usize, max_len: usize) -> impl Iterator<Item = Vec<u
 
 #[test]
 fn every_recorded_crash_input_runs_clean() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
     let mut ran = 0;
     for (name, target) in TARGETS {
         let Ok(entries) = std::fs::read_dir(root.join(name)) else { continue };

@@ -1,4 +1,6 @@
-//! REST handlers for `vm.heki*`.
+//! REST handlers for `vm.heki*`: the API's side of heki, next to the
+//! VMM's other request handlers (`vmm_requests.rs`); heki itself knows no
+//! API types.
 
 use heki::{AbiError, Permissions, ProtectRange};
 use serde::Deserialize;
@@ -7,7 +9,7 @@ use serde_json::json;
 use crate::api::{ApiError, ApiRequest, ApiResult};
 use crate::config::HekiConfig;
 
-use super::runtime::HekiRuntime;
+use crate::heki::HekiRuntime;
 
 const EXEC_REASON: &str = "execute permissions need kernel support (per-page EPT execute control) that upstream KVM does not offer; EXEC is recorded but not enforced";
 
@@ -268,7 +270,7 @@ fn parse_hex(field: &str, text: &str) -> Result<u64, ApiError> {
     u64::from_str_radix(digits, 16).map_err(|_| ApiError::BadRequest(format!("{field}: '{text}' is not a hex number")))
 }
 
-fn pin_request(body: serde_json::Value) -> Result<super::pins::PinRequest, ApiError> {
+fn pin_request(body: serde_json::Value) -> Result<crate::heki::pin_state::PinRequest, ApiError> {
     let body: PinBody =
         serde_json::from_value(body).map_err(|e| ApiError::BadRequest(format!("invalid vm.heki-pin body: {e}")))?;
     let cr0 = body.cr0.as_deref().map(|v| parse_hex("cr0", v)).transpose()?.unwrap_or(0);
@@ -287,5 +289,5 @@ fn pin_request(body: serde_json::Value) -> Result<super::pins::PinRequest, ApiEr
     if cr0 == 0 && cr4 == 0 && msrs.is_empty() {
         return Err(ApiError::BadRequest("nothing to pin".into()));
     }
-    Ok(super::pins::PinRequest { cr0, cr4, msrs, apply: false })
+    Ok(crate::heki::pin_state::PinRequest { cr0, cr4, msrs, apply: false })
 }

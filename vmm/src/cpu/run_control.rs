@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use heki::Outcome;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::cpu::VcpuEvent;
-use crate::cpu::gate::{GateTimeout, VcpuGate};
+use super::VcpuEvent;
+use super::gate::{GateTimeout, VcpuGate};
 use crate::devices::gate::{DeviceGate, DevicePauseTimeout};
 use crate::traps::ports::{HoldTimeout, RunControl};
 
@@ -59,6 +59,12 @@ impl VmControl {
             self.resume();
         }
         result
+    }
+
+    /// Whether the VM is paused, by `pause` or by a violation: the vCPU gate
+    /// is the one record of it (the device gate follows it).
+    pub fn is_paused(&self) -> bool {
+        self.vcpus.is_paused()
     }
 
     pub fn resume(&self) {

@@ -1,4 +1,6 @@
-//! The agent protocol's wire format: one JSON object per line.
+//! The introspection agent protocol's wire format, one JSON object per
+//! line: defined once here, for the VMM (`vmm::introspection`) and the
+//! agent client (`api_client::introspect`, `hk-introspect`).
 //!
 //! From the agent: a command `{"id", "cmd", "args"}`, or a reply to an event
 //! `{"reply": SEQ, "action"}`. From the VMM: `{"hello": ...}` on connect,
@@ -52,15 +54,31 @@ pub enum Action {
 }
 
 impl Action {
-    pub fn parse(text: &str) -> Option<Action> {
-        Some(match text {
-            "continue" => Action::Continue,
-            "deny" => Action::Deny,
-            "retry" => Action::Retry,
-            "crash" => Action::Crash,
-            _ => return None,
-        })
+    pub const ALL: [Action; 4] = [Action::Continue, Action::Deny, Action::Retry, Action::Crash];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Continue => "continue",
+            Action::Deny => "deny",
+            Action::Retry => "retry",
+            Action::Crash => "crash",
+        }
     }
+
+    pub fn parse(text: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.as_str() == text)
+    }
+}
+
+/// The agent's answer to event `seq`, as one line (newline included), in
+/// the compact form the VMM reads without a JSON tree.
+pub fn reply_line(seq: u64, action: Action) -> String {
+    format!("{{\"reply\":{seq},\"action\":\"{}\"}}\n", action.as_str())
+}
+
+/// A command from the agent: `{"id", "cmd", "args"}`.
+pub fn command(id: u64, cmd: &str, args: Value) -> Value {
+    json!({"id": id, "cmd": cmd, "args": args})
 }
 
 /// One message from the agent.
@@ -300,6 +318,21 @@ pub fn from_hex(text: &str) -> Result<Vec<u8>, AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_the_client_writes_is_what_the_vmm_reads() {
+        for action in Action::ALL {
+            let line = reply_line(0x1234, action);
+            assert!(line.ends_with('\n'));
+            assert_eq!(parse_line(line.trim_end().as_bytes()), Ok(Incoming::Reply { seq: 0x1234, action }));
+            assert_eq!(parse_full(line.trim_end().as_bytes()), Ok(Incoming::Reply { seq: 0x1234, action }));
+        }
+        let sent = command(9, "read-memory", json!({"gpa": "0x1000", "len": 4}));
+        let Ok(Incoming::Command { id, cmd, args }) = parse_line(sent.to_string().as_bytes()) else {
+            panic!("a command: {sent}");
+        };
+        assert_eq!((id, cmd.as_str(), args.get("len")), (json!(9), "read-memory", Some(&json!(4))));
+    }
 
     #[test]
     fn compact_replies_parse_as_the_full_parser_would() {

@@ -6,13 +6,13 @@ use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{CheckedMemory, single_page};
+use super::{CheckedMemory, PAGE_SHIFT, single_page};
 
 thread_local! {
     /// The accessor whose batch this thread is in (its address; 0: none).
     static BATCH: Cell<usize> = const { Cell::new(0) };
     /// Guest-physical bytes `[start, end)` this thread found shared, for
-    /// `WINDOW_OWNER`'s accessor in protections generation `WINDOW_GENERATION`.
+    /// `WINDOW_OWNER`'s accessor in epoch generation `WINDOW_GENERATION`.
     static WINDOW: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
     static WINDOW_OWNER: Cell<usize> = const { Cell::new(0) };
     static WINDOW_GENERATION: Cell<u64> = const { Cell::new(0) };
@@ -49,7 +49,7 @@ impl Batch<'_> {
         }
         if !self.memory.in_batch() {
             self.memory.enter_batch();
-        } else if self.memory.enforcer.writers.load(Ordering::SeqCst) != 0 {
+        } else if self.memory.epoch().writers.load(Ordering::SeqCst) != 0 {
             self.memory.leave_batch();
         }
     }
@@ -91,14 +91,14 @@ impl CheckedMemory {
     /// As `lock_free`, once for the whole batch.
     pub(super) fn enter_batch(&self) -> bool {
         self.accessor.in_flight.fetch_add(1, Ordering::SeqCst);
-        if self.enforcer.writers.load(Ordering::SeqCst) != 0 {
+        if self.epoch().writers.load(Ordering::SeqCst) != 0 {
             self.accessor.in_flight.fetch_sub(1, Ordering::SeqCst);
             return false;
         }
         BATCH.set(self.accessor_id());
-        // The protections cannot change during the batch; a window from an
+        // The policy cannot change during the batch; a window from an
         // older generation (or another device) is forgotten now.
-        let generation = self.enforcer.generation.load(Ordering::SeqCst);
+        let generation = self.epoch().generation.load(Ordering::SeqCst);
         if WINDOW_OWNER.get() != self.accessor_id() || WINDOW_GENERATION.get() != generation {
             WINDOW.set((0, 0));
             WINDOW_OWNER.set(self.accessor_id());
@@ -127,12 +127,12 @@ impl CheckedMemory {
             return false;
         }
         if write {
-            return self.accessor.memo.knows(page, self.enforcer.generation.load(Ordering::Relaxed));
+            return self.accessor.memo.knows(page, self.epoch().generation.load(Ordering::Relaxed));
         }
         // A new window: the run of shared pages around this one.
-        let Some(bits) = self.enforcer.private_pages.get() else { return false };
+        let Some(bits) = self.epoch().read_judged_pages.get() else { return false };
         let Some((first, end)) = bits.shared_run(page, WINDOW_REACH_PAGES) else { return false };
-        WINDOW.set((first << heki::PAGE_SHIFT, end << heki::PAGE_SHIFT));
+        WINDOW.set((first << PAGE_SHIFT, end << PAGE_SHIFT));
         true
     }
 }

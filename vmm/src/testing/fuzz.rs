@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::config::HekiConfig;
 use crate::devices::gate::DeviceGate;
 use crate::devices::pci::{PciBus, PciConfigIo, PciConfigMmio};
 use crate::devices::virtio::pci::{BAR_SIZE, VirtioPci};
@@ -20,9 +19,11 @@ use crate::devices::virtio::{
     DeviceCounters, DeviceMemory, VirtioDevice, block::Block, console::Console, net::Net, rng::Rng, tap::Tap,
 };
 use crate::devices::{MmioDevice, PioDevice};
-use crate::heki::testing::{RecordingControl, RecordingSlots};
-use crate::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
+use crate::guest_access::{Accessor, CheckedMemory};
+use crate::heki::HekiSettings;
+use crate::heki::{Enforcer, HekiRuntime};
 use crate::memory::GuestRam;
+use crate::testing::{RecordingControl, RecordingSlots};
 
 /// Guest RAM of the virtio fixture.
 const RAM_SIZE: u64 = 1 << 20;
@@ -59,7 +60,7 @@ fn virtio_fixture() -> &'static VirtioFixture {
         let slots = crate::memory::boot_slot_plan(&regions);
         let enforcer = Arc::new(Enforcer::new(heki::Policy::Deny, Arc::new(RecordingControl::default())));
         let heki = Arc::new(HekiRuntime::new(
-            &HekiConfig { enabled: true, ..Default::default() },
+            &HekiSettings::default(),
             enforcer.clone(),
             Arc::new(RecordingSlots::default()),
             &ram,
@@ -341,7 +342,7 @@ pub fn kernel_image(data: &[u8]) {
 /// The introspection protocol: `data` is one line from an agent (a command
 /// or a reply to an event), as the channel's reader hands it over.
 pub fn introspection_line(data: &[u8]) {
-    match crate::introspection::protocol::parse_line(data) {
+    match introspection_protocol::parse_line(data) {
         Ok(_) => {}
         // An error reply must always be writable as JSON.
         Err((id, error)) => {

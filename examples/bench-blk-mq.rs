@@ -11,14 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm::config::HekiConfig;
 use vmm::devices::MmioDevice;
 use vmm::devices::gate::DeviceGate;
 use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::pci::VirtioPci;
 use vmm::devices::virtio::{DeviceCounters, DeviceMemory};
-use vmm::heki::testing::{RecordingControl, RecordingSlots};
-use vmm::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
+use vmm::guest_access::{Accessor, CheckedMemory};
+use vmm::heki::{Enforcer, HekiRuntime, HekiSettings};
+use vmm::testing::{RecordingControl, RecordingSlots};
 use vmm_sys_util::eventfd::EventFd;
 
 const QSIZE: u16 = 256;
@@ -104,7 +104,7 @@ fn run(requests: u64, queues: u16) -> f64 {
     let mem = ram.host.clone();
     let enforcer = Arc::new(Enforcer::new(heki::Policy::Deny, Arc::new(RecordingControl::default())));
     let heki = Arc::new(HekiRuntime::new(
-        &HekiConfig { enabled: true, ..Default::default() },
+        &HekiSettings::default(),
         enforcer.clone(),
         Arc::new(RecordingSlots::default()),
         &ram,

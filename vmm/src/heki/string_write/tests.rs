@@ -8,9 +8,9 @@ use hypervisor::{Regs, SpecialRegs};
 use vm_memory::GuestMemoryMmap;
 
 use super::*;
-use crate::config::HekiConfig;
 use crate::heki::Enforcer;
-use crate::heki::testing::{FakeVcpu, RecordingControl, RecordingSlots};
+use crate::heki::HekiSettings;
+use crate::testing::{FakeVcpu, RecordingControl, RecordingSlots};
 use crate::traps::ports::{HostError, VcpuAccess};
 
 const RAM: u64 = 1 << 20;
@@ -91,7 +91,7 @@ fn runtime_with_control(policy: Policy, code: &[u8]) -> (Arc<HekiRuntime>, Guest
     let ram = crate::memory::create_guest_ram(&[crate::memory::RamRegion { start: 0, size: RAM }]).expect("RAM");
     let control = Arc::new(RecordingControl::default());
     let enforcer = Arc::new(Enforcer::new(policy, control.clone()));
-    let config = HekiConfig { enabled: true, policy, ..HekiConfig::default() };
+    let config = HekiSettings::default();
     let boot = [(PlannedSlot { gpa: 0, size: RAM, readonly: false }, 0)];
     let heki = Arc::new(HekiRuntime::new(&config, enforcer, Arc::new(RecordingSlots::default()), &ram, &boot, 1));
     ram.kvm.write_slice(&[0x11; PAGE_SIZE as usize], GuestAddress(LOCKED)).expect("fill");

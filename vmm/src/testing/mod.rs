@@ -1,5 +1,11 @@
+//! Test doubles and harnesses, compiled only for tests and for the
+//! `test-harness` feature (benchmarks, the fuzz crate, the integration
+//! tests): never part of a release build of the VMM.
+//!
 //! Stand-ins for KVM and the VM's run control, so the heki exit path can be
-//! driven without a VM: by unit tests, benchmarks and fuzz targets.
+//! driven without a VM; `fuzz` drives the parsers from one byte string.
+
+pub mod fuzz;
 
 use std::sync::Mutex;
 

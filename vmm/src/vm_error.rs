@@ -1,0 +1,28 @@
+//! Why a VM cannot be built, started or paused.
+
+use thiserror::Error;
+
+use crate::cpu::run_control::PauseError;
+use crate::memory;
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("KVM setup failed")]
+    Hypervisor(#[from] hypervisor::HypervisorError),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Boot(#[from] crate::boot::BootError),
+    #[error("cannot write ACPI tables: {0}")]
+    Acpi(String),
+    #[error("cannot set up the boot vCPU registers")]
+    BootRegisters(#[source] vm_memory::GuestMemoryError),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot start vCPU thread")]
+    SpawnVcpu(#[source] std::io::Error),
+    #[error(transparent)]
+    Pause(#[from] PauseError),
+    #[error("device setup failed: {0}")]
+    Device(String),
+}
