@@ -111,7 +111,7 @@ fn add(vmm: &mut Vmm, wanted: Wanted) -> ApiResult {
         return Err(bad(format!("id: a device with id {id} exists already")));
     }
     config.validate().map_err(|e| bad(e.to_string()))?;
-    let running = matches!(vmm.state, VmState::Running | VmState::Paused);
+    let running = matches!(vmm.state(), VmState::Running | VmState::Paused);
     let answer = match (&mut vmm.vm, running) {
         (Some(vm), true) => {
             let device = build_device(&config, &id, vm.guest_memory()).map_err(device_error)?;
@@ -162,7 +162,7 @@ fn device_error(e: VmError) -> ApiError {
 
 fn remove(vmm: &mut Vmm, id: &str) -> ApiResult {
     let current = vmm.config.as_ref().ok_or_else(no_vm)?;
-    if vmm.state == VmState::Paused {
+    if vmm.state() == VmState::Paused {
         // A paused device's worker may wait on the pause itself, where its
         // stop signal cannot reach it: it would outlive its removal.
         return Err(ApiError::Conflict("cannot remove a device while the VM is paused; resume it first".into()));
