@@ -2,6 +2,7 @@ use kvm_bindings::{KVM_MEM_READONLY, kvm_enable_cap, kvm_pit_config, kvm_userspa
 use kvm_ioctls::{Cap, MsrExitReason, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 
 use crate::error::{HypervisorError, Result, ioctl_err};
+use crate::pit::PitState;
 use crate::vcpu::Vcpu;
 
 /// One KVM memory slot: guest physical range backed by host memory.
@@ -27,28 +28,48 @@ impl Vm {
         Vm { fd, max_memslots, readonly_memory }
     }
 
-    /// Creates the x86 platform pieces that live in the kernel: TSS and
-    /// identity-map pages, the PIC/IOAPIC/LAPIC irqchip and the PIT.
+    /// Creates the x86 platform pieces that live in the kernel from the
+    /// start: TSS and identity-map pages and the PIC/IOAPIC/LAPIC irqchip.
+    /// The PIT is not among them: see [`Vm::create_pit`].
     ///
     /// Call it after the boot memslots are installed. Every in-kernel device
     /// registered here waits for an SRCU grace period on the VM, and the
     /// kernel spaces back-to-back grace periods a jiffy apart: a memslot
     /// installed after the irqchip waited 4-10 ms for that, one installed on
     /// the fresh VM takes 0.2 ms.
-    ///
-    /// The PIT stays although it costs about 12 ms when the VM is closed (its
-    /// teardown waits for grace periods): a Linux guest without kvmclock, such
-    /// as our minimal test kernel, takes its timer ticks from the PIT through
-    /// IOAPIC pin 2 and hangs without it.
     pub fn setup_platform(&self, tss_addr: u64, identity_map_addr: u64) -> Result<()> {
         self.fd.set_identity_map_address(identity_map_addr).map_err(ioctl_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
         self.fd.set_tss_address(tss_addr as usize).map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
         self.fd.create_irq_chip().map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
-        // Flag 1 (KVM_PIT_SPEAKER_DUMMY) keeps port 0x61 in the kernel.
-        let pit = kvm_pit_config { flags: 1, ..Default::default() };
-        self.fd.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
         self.enable_emulation_failure_exits();
         Ok(())
+    }
+
+    /// Creates the in-kernel 8254 PIT, with port 0x61 (speaker, channel 2
+    /// gate) handled in the kernel too; the irqchip must exist. From then on
+    /// KVM answers ports 0x40-0x43 and 0x61 without exits.
+    ///
+    /// The VMM calls this on the guest's first access to those ports rather
+    /// than at boot: a VM with a PIT takes 8-16 ms longer to close (the PIT's
+    /// teardown waits for SRCU grace periods), and its creation starts a
+    /// kernel thread. A Linux guest without kvmclock needs the PIT for its
+    /// ticks and calibration; a guest that never touches the ports does not.
+    /// Works while vCPUs run; fails with EEXIST if the PIT already exists.
+    pub fn create_pit(&self) -> Result<()> {
+        // Flag 1 (KVM_PIT_SPEAKER_DUMMY) keeps port 0x61 in the kernel.
+        let pit = kvm_pit_config { flags: 1, ..Default::default() };
+        self.fd.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))
+    }
+
+    /// The in-kernel PIT's counters and speaker bit.
+    pub fn pit_state(&self) -> Result<PitState> {
+        self.fd.get_pit2().map(|s| PitState::from(&s)).map_err(ioctl_err("KVM_GET_PIT2"))
+    }
+
+    /// Replaces the in-kernel PIT's state. KVM reloads each counter from
+    /// its `count`, restarting channel 0's timer in modes 0-5.
+    pub fn set_pit_state(&self, state: &PitState) -> Result<()> {
+        self.fd.set_pit2(&state.into()).map_err(ioctl_err("KVM_SET_PIT2"))
     }
 
     /// Asks KVM to include the instruction bytes when its emulator fails;

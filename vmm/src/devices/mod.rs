@@ -7,6 +7,7 @@ mod i8042;
 pub mod mmio_bus;
 pub mod msi;
 pub mod pci;
+mod pit;
 mod serial;
 pub mod virtio;
 
@@ -14,6 +15,7 @@ pub use acpi_pm::{AcpiPmDevice, S5_SLEEP_TYPE};
 pub use bus::{PioBus, PioDevice};
 pub use i8042::I8042Device;
 pub use mmio_bus::{MmioBus, MmioDevice};
+pub use pit::OnDemandPit;
 pub use serial::{SerialDevice, SerialOutput};
 
 /// What a device access asks of the VM as a whole.
