@@ -11,6 +11,7 @@ pub mod ioctl_numbers;
 mod pit;
 mod regs;
 mod system;
+mod teardown;
 mod vcpu;
 mod vm;
 
@@ -20,6 +21,7 @@ pub use exit::{EmulationFailure, MsrRead, MsrWrite, SystemEventKind, VmExit};
 pub use pit::{PitChannel, PitState};
 pub use regs::{DescriptorTable, Regs, Segment, SpecialRegs};
 pub use system::{Hypervisor, KVM_DEVICE_ENV};
+pub use teardown::tear_down_vms_in_background_on_this_thread;
 pub use vcpu::{Vcpu, request_immediate_exit_on_this_thread};
 pub use vm::{MemSlot, Vm};
 

@@ -23,6 +23,18 @@ pub struct Vm {
     readonly_memory: bool,
 }
 
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if crate::teardown::in_background_on_this_thread() {
+            use std::os::fd::AsRawFd;
+            // On failure the close below tears the VM down here, as it always did.
+            if let Err(e) = crate::teardown::hand_to_collector(self.fd.as_raw_fd()) {
+                log::debug!("cannot hand the VM to the kernel for teardown; closing it here: {e}");
+            }
+        }
+    }
+}
+
 impl Vm {
     pub(crate) fn new(fd: VmFd, max_memslots: usize, readonly_memory: bool) -> Self {
         Vm { fd, max_memslots, readonly_memory }
