@@ -21,6 +21,9 @@ pub struct Vm {
     fd: VmFd,
     max_memslots: usize,
     readonly_memory: bool,
+    /// The MSI routes last installed, `(gsi, address, data)`: every routing
+    /// table KVM gets is the legacy routes plus these, whoever installs it.
+    msi_routes: std::sync::Mutex<Vec<(u32, u64, u32)>>,
 }
 
 impl Drop for Vm {
@@ -37,7 +40,7 @@ impl Drop for Vm {
 
 impl Vm {
     pub(crate) fn new(fd: VmFd, max_memslots: usize, readonly_memory: bool) -> Self {
-        Vm { fd, max_memslots, readonly_memory }
+        Vm { fd, max_memslots, readonly_memory, msi_routes: std::sync::Mutex::new(Vec::new()) }
     }
 
     /// Creates the x86 platform pieces that live in the kernel from the
@@ -67,10 +70,19 @@ impl Vm {
     /// kernel thread. A Linux guest without kvmclock needs the PIT for its
     /// ticks and calibration; a guest that never touches the ports does not.
     /// Works while vCPUs run; fails with EEXIST if the PIT already exists.
+    ///
+    /// KVM's PIT raises GSI 0, which KVM's default routing sends to IOAPIC
+    /// pin 0; the MP table and the MADT say ISA IRQ 0 is on pin 2, as on a
+    /// PC. So this also installs our routing table, which sends GSI 0 to pin
+    /// 2 (and the PIC's pin 0). With pin 0, Linux found no ticks on pin 2
+    /// ("MP-BIOS bug: 8254 timer not connected to IO-APIC") and spent three
+    /// timer checks (0.7 s here) before settling on ExtINT through the PIC.
     pub fn create_pit(&self) -> Result<()> {
         // Flag 1 (KVM_PIT_SPEAKER_DUMMY) keeps port 0x61 in the kernel.
         let pit = kvm_pit_config { flags: 1, ..Default::default() };
-        self.fd.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))
+        self.fd.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
+        let msi = self.msi_routes.lock().unwrap_or_else(|p| p.into_inner());
+        self.install_routes(&msi)
     }
 
     /// The in-kernel PIT's counters and speaker bit.
@@ -155,27 +167,23 @@ impl Vm {
             .map_err(ioctl_err("KVM_IOEVENTFD"))
     }
 
-    /// Installs the interrupt routing: KVM's default PIC/IOAPIC routes for
-    /// GSIs 0..24, plus one MSI route per `(gsi, address, data)`.
+    /// Installs the interrupt routing: the legacy PIC/IOAPIC routes
+    /// ([`legacy_route_pins`]) plus one MSI route per `(gsi, address, data)`.
     pub fn set_msi_routes(&self, msi: &[(u32, u64, u32)]) -> Result<()> {
+        let mut current = self.msi_routes.lock().unwrap_or_else(|p| p.into_inner());
+        self.install_routes(msi)?;
+        *current = msi.to_vec();
+        Ok(())
+    }
+
+    fn install_routes(&self, msi: &[(u32, u64, u32)]) -> Result<()> {
         use kvm_bindings::{KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KvmIrqRouting, kvm_irq_routing_entry};
         let mut entries = Vec::new();
-        for gsi in 0..24u32 {
+        for (gsi, chip, pin) in legacy_route_pins() {
             let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
-            e.u.irqchip.irqchip = kvm_bindings::KVM_IRQCHIP_IOAPIC;
-            e.u.irqchip.pin = gsi;
+            e.u.irqchip.irqchip = chip;
+            e.u.irqchip.pin = pin;
             entries.push(e);
-            if gsi < 16 {
-                let mut pic = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
-                let (chip, pin) = if gsi < 8 {
-                    (kvm_bindings::KVM_IRQCHIP_PIC_MASTER, gsi)
-                } else {
-                    (kvm_bindings::KVM_IRQCHIP_PIC_SLAVE, gsi - 8)
-                };
-                pic.u.irqchip.irqchip = chip;
-                pic.u.irqchip.pin = pin;
-                entries.push(pic);
-            }
         }
         for &(gsi, address, data) in msi {
             let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_MSI, ..Default::default() };
@@ -224,5 +232,49 @@ impl Vm {
             .map(|&base| MsrFilterRange { flags: MsrFilterRangeFlags::WRITE, base, msr_count: 1, bitmap: &DENY_ONE })
             .collect();
         self.fd.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges).map_err(ioctl_err("KVM_X86_SET_MSR_FILTER"))
+    }
+}
+
+/// The legacy interrupt routes as `(gsi, irqchip, pin)`: GSIs 0-15 to the
+/// PICs' pins (master 0-7, slave 8-15) and GSIs 0-23 to the IOAPIC's pins,
+/// except that GSI 0, the PIT's, goes to IOAPIC pin 2 as the MP table and
+/// the MADT's interrupt source override say, and GSI 2, the PICs' cascade,
+/// has no route (as QEMU does).
+fn legacy_route_pins() -> Vec<(u32, u32, u32)> {
+    use kvm_bindings::{KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
+    let mut routes = Vec::new();
+    for gsi in (0..24u32).filter(|&gsi| gsi != 2) {
+        routes.push((gsi, KVM_IRQCHIP_IOAPIC, if gsi == 0 { 2 } else { gsi }));
+        match gsi {
+            0..8 => routes.push((gsi, KVM_IRQCHIP_PIC_MASTER, gsi)),
+            8..16 => routes.push((gsi, KVM_IRQCHIP_PIC_SLAVE, gsi - 8)),
+            _ => {}
+        }
+    }
+    routes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::{KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
+
+    #[test]
+    fn the_pit_gsi_reaches_ioapic_pin_2_and_the_pic_pin_0() {
+        let routes = legacy_route_pins();
+        let gsi0: Vec<_> = routes.iter().filter(|r| r.0 == 0).collect();
+        assert_eq!(gsi0, [&(0, KVM_IRQCHIP_IOAPIC, 2), &(0, KVM_IRQCHIP_PIC_MASTER, 0)]);
+        assert!(routes.iter().all(|r| r.0 != 2), "the cascade GSI has no route");
+        assert!(!routes.iter().any(|r| r.1 == KVM_IRQCHIP_IOAPIC && r.2 == 0), "nothing else on IOAPIC pin 0");
+    }
+
+    #[test]
+    fn other_isa_gsis_keep_their_pins() {
+        let routes = legacy_route_pins();
+        assert!(routes.contains(&(4, KVM_IRQCHIP_IOAPIC, 4)));
+        assert!(routes.contains(&(4, KVM_IRQCHIP_PIC_MASTER, 4)));
+        assert!(routes.contains(&(12, KVM_IRQCHIP_PIC_SLAVE, 4)));
+        assert!(routes.contains(&(23, KVM_IRQCHIP_IOAPIC, 23)));
+        assert!(!routes.iter().any(|r| r.0 >= 16 && r.1 != KVM_IRQCHIP_IOAPIC));
     }
 }
