@@ -30,7 +30,7 @@ use crate::devices::virtio::{
     tap::Tap,
     vsock::Vsock,
 };
-use crate::devices::{AcpiPmDevice, I8042Device, MmioBus, OnDemandPit, PioBus, SerialDevice};
+use crate::devices::{AcpiPmDevice, CmosRtc, I8042Device, MmioBus, OnDemandPit, PioBus, SerialDevice};
 use crate::heki::{Accessor, CheckedMemory, Enforcer, HekiRuntime};
 use crate::introspection::{AgentLink, Hub};
 use crate::layout::{self, ports};
@@ -182,6 +182,7 @@ impl Vm {
         let virtio = add_pci_devices(config, &kvm_vm, &mem, &enforcer, &mut pio, &mut mmio, console)?;
         I8042Device::attach(&mut pio);
         OnDemandPit::new(kvm_vm.clone()).attach(&mut pio);
+        pio.insert(ports::CMOS_INDEX, 2, Arc::new(Mutex::new(CmosRtc::default())));
         pio.insert(ports::ACPI_SLEEP_CONTROL, 3, Arc::new(Mutex::new(AcpiPmDevice)));
 
         let supported = hv.supported_cpuid()?;

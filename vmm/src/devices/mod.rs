@@ -2,6 +2,7 @@
 
 mod acpi_pm;
 mod bus;
+mod cmos;
 pub mod gate;
 mod i8042;
 pub mod mmio_bus;
@@ -13,6 +14,7 @@ pub mod virtio;
 
 pub use acpi_pm::{AcpiPmDevice, S5_SLEEP_TYPE};
 pub use bus::{PioBus, PioDevice};
+pub use cmos::CmosRtc;
 pub use i8042::I8042Device;
 pub use mmio_bus::{MmioBus, MmioDevice};
 pub use pit::OnDemandPit;
