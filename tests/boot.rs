@@ -195,3 +195,19 @@ fn a_long_cr_check_interval_never_delays_a_reboot() {
     assert_eq!(boots_counted(&run.serial), 1, "{}", run.serial);
     assert!(started.elapsed() < std::time::Duration::from_secs(20), "took {:?}", started.elapsed());
 }
+
+/// The PIT is created on the guest's first access to its ports (it costs
+/// every VM 8-16 ms at close otherwise): that first access must land in it,
+/// and the PIT must then count and drive its output like the one Linux
+/// calibrates against.
+#[test]
+fn the_pit_created_at_first_use_keeps_that_access_and_counts() {
+    require_kvm!();
+    let run = common::run_vm("pit", &guests::build("pit"), &[]);
+    assert!(run.status.success(), "stderr: {}", run.stderr);
+    for line in
+        ["port 0x61 gate and speaker bits=1\n", "channel 2 counts down=1\n", "output 2 high at terminal count=1\n"]
+    {
+        assert!(run.serial.contains(line), "{line}: {}", run.serial);
+    }
+}

@@ -24,6 +24,8 @@ ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_irq_level);
 ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
 ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
 ioctl_iow_nr!(KVM_CREATE_PIT2, KVMIO, 0x77, kvm_pit_config);
+ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+ioctl_iow_nr!(KVM_SET_PIT2, KVMIO, 0xa0, kvm_pit_state2);
 ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
 ioctl_iow_nr!(KVM_ENABLE_CAP, KVMIO, 0xa3, kvm_enable_cap);
 ioctl_iow_nr!(KVM_X86_SET_MSR_FILTER, KVMIO, 0xc6, kvm_msr_filter);
@@ -51,7 +53,8 @@ ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
 /// Everything a vCPU thread asks of KVM while the guest runs: its own vCPU
 /// (run, registers, MSRs, exceptions, translation, debugging) and, for heki calls and
 /// MSI-X programming, the VM's memslots, MSR filter, GSI routes and irqfds;
-/// for a BAR the guest moves, the ioeventfds of its queues.
+/// for a BAR the guest moves, the ioeventfds of its queues; and the PIT,
+/// which the first guest access to its ports creates.
 pub fn vcpu_thread_ioctls() -> Vec<u64> {
     [
         KVM_RUN(),
@@ -73,6 +76,9 @@ pub fn vcpu_thread_ioctls() -> Vec<u64> {
         KVM_IOEVENTFD(),
         KVM_IRQ_LINE(),
         KVM_CHECK_EXTENSION(),
+        KVM_CREATE_PIT2(),
+        KVM_GET_PIT2(),
+        KVM_SET_PIT2(),
     ]
     .to_vec()
 }
@@ -90,7 +96,6 @@ pub fn vmm_thread_ioctls() -> Vec<u64> {
         KVM_SET_TSS_ADDR(),
         KVM_SET_IDENTITY_MAP_ADDR(),
         KVM_CREATE_IRQCHIP(),
-        KVM_CREATE_PIT2(),
         KVM_IOEVENTFD(),
         KVM_ENABLE_CAP(),
         KVM_SET_FPU(),
@@ -119,5 +124,7 @@ mod tests {
         assert_eq!(KVM_IOEVENTFD(), 0x4040_ae79);
         assert_eq!(KVM_SET_GUEST_DEBUG(), 0x4048_ae9b);
         assert_eq!(KVM_GET_DEBUGREGS(), 0x8080_aea1);
+        assert_eq!(KVM_GET_PIT2(), 0x8070_ae9f);
+        assert_eq!(KVM_SET_PIT2(), 0x4070_aea0);
     }
 }

@@ -8,16 +8,20 @@ mod cpuid;
 mod error;
 mod exit;
 pub mod ioctl_numbers;
+mod pit;
 mod regs;
 mod system;
+mod teardown;
 mod vcpu;
 mod vm;
 
 pub use cpuid::CpuidEntry;
 pub use error::{HypervisorError, Result};
 pub use exit::{EmulationFailure, MsrRead, MsrWrite, SystemEventKind, VmExit};
+pub use pit::{PitChannel, PitState};
 pub use regs::{DescriptorTable, Regs, Segment, SpecialRegs};
 pub use system::{Hypervisor, KVM_DEVICE_ENV};
+pub use teardown::tear_down_vms_in_background_on_this_thread;
 pub use vcpu::{Vcpu, request_immediate_exit_on_this_thread};
 pub use vm::{MemSlot, Vm};
 

@@ -54,8 +54,9 @@ mod fadt {
     pub const HYPERVISOR_VENDOR: usize = 268;
     pub const FLAG_RESET_REG_SUP: u32 = 1 << 10;
     pub const FLAG_HW_REDUCED_ACPI: u32 = 1 << 20;
-    /// 8042 present, no VGA, no CMOS RTC.
-    pub const BOOT_ARCH: u16 = (1 << 1) | (1 << 2) | (1 << 5);
+    /// 8042 present, no VGA (bit 5, "CMOS RTC not present", stays clear:
+    /// `devices/cmos.rs` answers at ports 0x70/0x71).
+    pub const BOOT_ARCH: u16 = (1 << 1) | (1 << 2);
 }
 
 fn dsdt(pci_segments: u16) -> Sdt {

@@ -78,6 +78,8 @@ pub mod ports {
     /// i8042 keyboard controller: data and command ports. Writing 0xFE to 0x64 resets.
     pub const I8042_DATA: u16 = 0x60;
     pub const I8042_COMMAND: u16 = 0x64;
+    /// CMOS real-time clock: index port, then the data port at 0x71.
+    pub const CMOS_INDEX: u16 = 0x70;
     /// POST diagnostic port: writes ignored.
     pub const POST_CODE: u16 = 0x80;
     /// ACPI hardware-reduced sleep control register (write 0x34 = S5 + SLP_EN)

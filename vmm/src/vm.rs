@@ -18,7 +18,7 @@ use crate::cpu::run_control::VmControl;
 use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, boot_registers, cpuid, kick, run_vcpu};
 use crate::device_manager::{PciDeviceInfo, PciDevices, build};
 use crate::devices::virtio::console::ConsoleHost;
-use crate::devices::{AcpiPmDevice, I8042Device, MmioBus, PioBus, SerialDevice};
+use crate::devices::{AcpiPmDevice, CmosRtc, I8042Device, MmioBus, OnDemandPit, PioBus, SerialDevice};
 use crate::guest_access::{Accessor, CheckedMemory};
 use crate::heki::{Enforcer, HekiRuntime, HekiSettings};
 use crate::introspection::{AgentLink, Hub};
@@ -161,7 +161,9 @@ impl Vm {
             &mut mmio,
             wanted,
         )?;
-        pio.insert(ports::I8042_DATA, 5, Arc::new(Mutex::new(I8042Device)));
+        I8042Device::attach(&mut pio);
+        OnDemandPit::new(kvm_vm.clone()).attach(&mut pio);
+        pio.insert(ports::CMOS_INDEX, 2, Arc::new(Mutex::new(CmosRtc::default())));
         pio.insert(ports::ACPI_SLEEP_CONTROL, 3, Arc::new(Mutex::new(AcpiPmDevice)));
 
         let supported = hv.supported_cpuid()?;

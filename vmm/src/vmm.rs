@@ -199,6 +199,9 @@ pub fn run(run_config: VmmRunConfig) -> Result<i32, VmmError> {
             }
         }
     }
+    // The process exits next: KVM's own teardown of the VM (8-16 ms of grace
+    // periods) need not hold up the exit status or the last event.
+    hypervisor::tear_down_vms_in_background_on_this_thread();
     vmm.shutdown_vm();
     crate::events::emit("vmm", "shutdown", &[]);
     crate::events::flush();
@@ -308,6 +311,11 @@ impl Vmm {
 
     /// Stops the VM's vCPUs and frees it; the configuration stays.
     pub(crate) fn shutdown_vm(&mut self) {
+        if !self.api_mode {
+            // Without an API the process ends with the VM (`finish_if_cli`), so
+            // KVM's own teardown (8-16 ms of grace periods) can run after it.
+            hypervisor::tear_down_vms_in_background_on_this_thread();
+        }
         if let Some(mut vm) = self.vm.take() {
             vm.stop();
             if let Some(heki) = vm.heki() {

@@ -86,6 +86,8 @@ impl RequestHandler for Vmm {
     }
 
     fn shutdown_vmm(&mut self) {
+        // The process exits after this: KVM may tear the VM down after it.
+        hypervisor::tear_down_vms_in_background_on_this_thread();
         Vmm::shutdown_vm(self);
         self.exit_status = Some(Ok(0));
     }

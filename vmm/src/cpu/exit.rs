@@ -113,7 +113,7 @@ mod tests {
     fn platform_bus() -> PioBus {
         let mut bus = PioBus::default();
         bus.insert(ports::ACPI_SLEEP_CONTROL, 3, Arc::new(Mutex::new(AcpiPmDevice)));
-        bus.insert(ports::I8042_DATA, 5, Arc::new(Mutex::new(I8042Device)));
+        I8042Device::attach(&mut bus);
         bus
     }
 

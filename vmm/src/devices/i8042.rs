@@ -1,13 +1,29 @@
 //! Just enough of the i8042 keyboard controller for the classic reset.
 
-use super::{DeviceAction, PioDevice};
+use std::sync::{Arc, Mutex};
 
-/// Command port offset relative to the data port (0x60 → 0x64).
-const COMMAND_OFFSET: u16 = 4;
+use super::{DeviceAction, PioBus, PioDevice};
+use crate::layout::ports;
+
 const CMD_RESET_CPU: u8 = 0xfe;
 
-#[derive(Default)]
-pub struct I8042Device;
+/// One of the controller's two ports, each on the bus on its own: port 0x61
+/// between them belongs to the PIT (`pit.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum I8042Device {
+    /// Port 0x60.
+    Data,
+    /// Port 0x64.
+    Command,
+}
+
+impl I8042Device {
+    /// Claims ports 0x60 and 0x64 on `bus`.
+    pub fn attach(bus: &mut PioBus) {
+        bus.insert(ports::I8042_DATA, 1, Arc::new(Mutex::new(I8042Device::Data)));
+        bus.insert(ports::I8042_COMMAND, 1, Arc::new(Mutex::new(I8042Device::Command)));
+    }
+}
 
 impl PioDevice for I8042Device {
     fn read(&mut self, _offset: u16, data: &mut [u8]) {
@@ -15,8 +31,8 @@ impl PioDevice for I8042Device {
         data.fill(0);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction {
-        if offset == COMMAND_OFFSET && data.first() == Some(&CMD_RESET_CPU) {
+    fn write(&mut self, _offset: u16, data: &[u8]) -> DeviceAction {
+        if *self == I8042Device::Command && data.first() == Some(&CMD_RESET_CPU) {
             DeviceAction::Reset
         } else {
             DeviceAction::None
@@ -30,7 +46,7 @@ mod tests {
 
     #[test]
     fn reset_command_on_port_0x64_resets() {
-        assert_eq!(I8042Device.write(4, &[0xfe]), DeviceAction::Reset);
-        assert_eq!(I8042Device.write(0, &[0xfe]), DeviceAction::None);
+        assert_eq!(I8042Device::Command.write(0, &[0xfe]), DeviceAction::Reset);
+        assert_eq!(I8042Device::Data.write(0, &[0xfe]), DeviceAction::None);
     }
 }
