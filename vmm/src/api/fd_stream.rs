@@ -77,6 +77,16 @@ fn receive(socket: impl AsFd, buf: &mut [u8], stash: &FdStash) -> std::io::Resul
     Ok(message.bytes)
 }
 
+/// Whether bytes wait behind what `recvmsg` returned. A read stops where
+/// descriptors were attached (ch-remote sends its request line with the
+/// descriptors, then the rest in plain writes), so a short read does not mean
+/// the socket is drained, and the rest, already queued, brings no new
+/// readiness. A half-close (0 bytes) counts as nothing queued.
+fn more_queued(socket: impl AsFd) -> bool {
+    let mut byte = [MaybeUninit::uninit(); 1];
+    matches!(rustix::net::recv(socket, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT), Ok((_, n)) if n > 0)
+}
+
 impl AsyncRead for FdStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
@@ -86,9 +96,13 @@ impl AsyncRead for FdStream {
             let room = unfilled.len();
             match this.inner.try_io(Interest::READABLE, || receive(&this.inner, unfilled, &this.stash)) {
                 Ok(n) => {
-                    if n > 0 && n < room {
+                    if n > 0 && n < room && !more_queued(&this.inner) {
                         // A short read drained the socket: forget the readiness
                         // until epoll reports more, as tokio's own stream does.
+                        // (The API runs on one current-thread runtime: no
+                        // readiness is recorded between this read and the
+                        // clearing, and bytes that arrive later bring a new
+                        // event.)
                         // Otherwise the next read finds a client's half-close
                         // (`shutdown(SHUT_WR)` after its request) at once, and
                         // hyper drops the connection before answering.
@@ -183,6 +197,36 @@ mod tests {
             let received = take(&stash);
             assert!(received.overflow);
             assert!(received.fds.len() <= MAX_FDS);
+        });
+    }
+
+    /// ch-remote's `add-net fd=[..]`: the request line carries the
+    /// descriptors, the rest follows in plain writes, all queued before the
+    /// VMM reads. A read stops at the descriptors' boundary; the rest must be
+    /// read without waiting for readiness that will not come again.
+    #[test]
+    fn bytes_queued_behind_descriptors_are_read_without_new_readiness() {
+        with_pair(async |client, mut stream, stash| {
+            use std::io::Write;
+            let file = std::fs::File::open("/dev/null").expect("open");
+            send_with_fds(&client, b"PUT /x HTTP/1.1\r\n", &[file.as_fd()]);
+            (&client).write_all(b"Content-Length: 0\r\n\r\n").expect("write");
+            let total = b"PUT /x HTTP/1.1\r\nContent-Length: 0\r\n\r\n".len();
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                let mut data = vec![0u8; 256];
+                let mut filled = 0;
+                while filled < total {
+                    let mut buf = ReadBuf::new(&mut data[filled..]);
+                    std::future::poll_fn(|cx| Pin::new(&mut stream).poll_read(cx, &mut buf)).await.expect("read");
+                    filled += buf.filled().len();
+                }
+                data.truncate(filled);
+                data
+            })
+            .await
+            .expect("the queued rest is read at once");
+            assert_eq!(read, b"PUT /x HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+            assert_eq!(take(&stash).fds.len(), 1);
         });
     }
 }
