@@ -150,7 +150,7 @@ fn take_fds(config: &str) -> Result<(String, Vec<i32>), String> {
 }
 
 fn size(text: &str) -> Result<u64, String> {
-    vmm::config::parse_size(text)
+    vmm::config::parse_size(text).map_err(|e| e.to_string())
 }
 
 /// The request and the descriptors to send with it (`add-net fd=[...]`).

@@ -51,7 +51,7 @@ pub fn parse_memory(input: &str) -> Result<MemoryConfig, ConfigError> {
     let size = o.get("size").ok_or_else(|| o.error("size=SIZE is required".into()))?;
     let sized = |key: &str| o.get(key).map(|v| parse_size(v).map_err(|e| o.error(format!("{key}: {e}")))).transpose();
     Ok(MemoryConfig {
-        size: parse_size(size).map_err(|e| o.error(e))?,
+        size: parse_size(size).map_err(|e| o.error(e.to_string()))?,
         shared: o.get_bool("shared")?.unwrap_or(false),
         hugepages: o.get_bool("hugepages")?.unwrap_or(false),
         hugepage_size: sized("hugepage_size")?,

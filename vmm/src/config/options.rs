@@ -62,8 +62,17 @@ impl<'a> OptionValues<'a> {
     }
 }
 
+/// Why a size does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("'{0}' is not a size (examples: 512M, 2G, 1048576)")]
+    NotASize(String),
+    #[error("'{0}' is too large")]
+    TooLarge(String),
+}
+
 /// Parses `512M`, `2G`, `4096`, `64K` into bytes.
-pub fn parse_size(input: &str) -> Result<u64, String> {
+pub fn parse_size(input: &str) -> Result<u64, SizeError> {
     let input = input.trim();
     let (digits, shift) = match input.char_indices().last() {
         Some((i, 'K' | 'k')) => (&input[..i], 10),
@@ -72,8 +81,8 @@ pub fn parse_size(input: &str) -> Result<u64, String> {
         Some((i, 'T' | 't')) => (&input[..i], 40),
         _ => (input, 0),
     };
-    let value: u64 = digits.parse().map_err(|_| format!("'{input}' is not a size (examples: 512M, 2G, 1048576)"))?;
-    value.checked_mul(1u64 << shift).ok_or_else(|| format!("'{input}' is too large"))
+    let value: u64 = digits.parse().map_err(|_| SizeError::NotASize(input.to_string()))?;
+    value.checked_mul(1u64 << shift).ok_or_else(|| SizeError::TooLarge(input.to_string()))
 }
 
 #[cfg(test)]
@@ -89,7 +98,7 @@ mod tests {
         assert!(parse_size("").is_err());
         assert!(parse_size("12X").is_err());
         assert!(parse_size("-1M").is_err());
-        assert!(parse_size("99999999999999999G").unwrap_err().contains("too large"));
+        assert!(parse_size("99999999999999999G").unwrap_err().to_string().contains("too large"));
     }
 
     #[test]

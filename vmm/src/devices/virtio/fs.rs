@@ -5,7 +5,7 @@
 use virtio_queue::DescriptorChain;
 
 use super::vhost_user::{SharedRegion, VhostUserConnection, VhostUserError};
-use super::{DeviceMemory, QueueHandoff, VirtioDevice};
+use super::{ActivateError, DeviceMemory, QueueHandoff, VirtioDevice};
 use crate::config::{FS_TAG_MAX, FsConfig};
 use crate::guest_access::CheckedMemory;
 
@@ -60,8 +60,8 @@ impl VirtioDevice for Fs {
         crate::devices::pci::fill(&self.config, u16::try_from(offset).unwrap_or(u16::MAX), data);
     }
 
-    fn activate(&mut self, features: u64, queues: &[QueueHandoff<'_>]) -> Result<(), String> {
-        self.backend.activate(features, queues).map_err(|e| crate::errors::error_chain(&e))
+    fn activate(&mut self, features: u64, queues: &[QueueHandoff<'_>]) -> Result<(), ActivateError> {
+        self.backend.activate(features, queues).map_err(|e| ActivateError(Box::new(e)))
     }
 
     fn reset(&mut self) {

@@ -58,6 +58,12 @@ pub trait QueueHandler: Send {
     fn process(&mut self, chain: DescriptorChain<&CheckedMemory>, dma: &DeviceMemory) -> u32;
 }
 
+/// Why a device could not take its queues at DRIVER_OK (the transport then
+/// sets NEEDS_RESET).
+#[derive(Debug, thiserror::Error)]
+#[error("the device's backend cannot take its queues")]
+pub struct ActivateError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
+
 /// What a virtio device does with one descriptor chain.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u16;
@@ -106,7 +112,7 @@ pub trait VirtioDevice: Send {
     }
     /// DRIVER_OK with every ring valid: an `external` device hands its queues
     /// over. An error puts the device in NEEDS_RESET.
-    fn activate(&mut self, _features: u64, _queues: &[QueueHandoff<'_>]) -> Result<(), String> {
+    fn activate(&mut self, _features: u64, _queues: &[QueueHandoff<'_>]) -> Result<(), ActivateError> {
         Ok(())
     }
     /// The driver reset the device after DRIVER_OK: an `external` device takes its queues back.

@@ -163,8 +163,9 @@ impl DataPath {
             Err(e) => {
                 crate::rate_limited!(
                     warn,
-                    "{}: cannot start the backend: {e}; device needs reset",
-                    self.memory.device()
+                    "{}: cannot start the backend: {}; device needs reset",
+                    self.memory.device(),
+                    crate::errors::error_chain(&e)
                 );
                 false
             }

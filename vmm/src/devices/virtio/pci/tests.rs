@@ -53,13 +53,13 @@ impl VirtioDevice for Handed {
     fn external(&self) -> bool {
         true
     }
-    fn activate(&mut self, features: u64, queues: &[QueueHandoff<'_>]) -> Result<(), String> {
+    fn activate(&mut self, features: u64, queues: &[QueueHandoff<'_>]) -> Result<(), super::super::ActivateError> {
         for q in queues {
             let (desc, avail, used, call) = (q.desc_table, q.avail_ring, q.used_ring, q.call.is_some());
             let line = format!("{features:#x} q{} n{} {desc:#x} {avail:#x} {used:#x} call={call}", q.index, q.size);
             self.log.lock().expect("log").push(line);
         }
-        if self.fail { Err("backend gone".into()) } else { Ok(()) }
+        if self.fail { Err(super::super::ActivateError("backend gone".into())) } else { Ok(()) }
     }
     fn reset(&mut self) {
         self.log.lock().expect("log").push("reset".into());
