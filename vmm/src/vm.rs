@@ -131,7 +131,7 @@ impl Vm {
         let counts = crate::boot::mptable::CpuCounts { boot: cpus, max: config.cpus.max_vcpus };
         let topology = config.cpus.effective_topology();
         let machine = crate::acpi::Machine { cpus: counts, pci_segments: config.pci_segments() };
-        let rsdp = crate::acpi::create_acpi_tables(&mem, machine).map_err(|e| VmError::Acpi(e.to_string()))?;
+        let rsdp = crate::acpi::create_acpi_tables(&mem, machine)?;
         let loaded = load_kernel(&mem, config, &ram, rsdp.0)?;
         let entry = loaded.entry;
         if let (Some(heki), Some(image)) = (&heki, loaded.image) {

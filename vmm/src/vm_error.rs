@@ -13,8 +13,8 @@ pub enum VmError {
     Memory(#[from] memory::MemoryError),
     #[error(transparent)]
     Boot(#[from] crate::boot::BootError),
-    #[error("cannot write ACPI tables: {0}")]
-    Acpi(String),
+    #[error("cannot write ACPI tables")]
+    Acpi(#[from] crate::acpi::AcpiError),
     #[error("cannot set up the boot vCPU registers")]
     BootRegisters(#[source] vm_memory::GuestMemoryError),
     #[error("cannot create an eventfd")]
