@@ -1099,13 +1099,21 @@ fn translation_and_descriptor_table_violations_reach_the_agent_in_the_schema() {
     let mut agent = vm.connect();
     let mut kinds = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
+    // The agent's events are written by the socket's own thread, so they may
+    // trail the guest's last serial line: once it is there, read on until
+    // the socket has been quiet for a second.
+    let mut quiet_since: Option<Instant> = None;
     while Instant::now() < deadline {
         let Ok(Some(event)) = agent.next_event(Some(Duration::from_millis(200))) else {
             if vm.serial().contains("heki translation done") {
-                break;
+                let since = *quiet_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(1) {
+                    break;
+                }
             }
             continue;
         };
+        quiet_since = None;
         if event["event"] == "heki-violation" {
             if event["kind"] == "translation" {
                 assert!(event["va"].is_u64() && event["cr3"].is_u64() && event["found"].is_string(), "{event}");
