@@ -12,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${RUNS:-3}
+only=${ONLY:-}  # vsock or fsblk: one of the two
 size_mib=${SIZE_MIB:-64}
 cmdline="console=ttyS0 noxsave clearcpuid=smap,popcnt,cx16 panic=-1"
 
@@ -31,7 +32,7 @@ median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[
 
 # --- Boot to the vsock listener ----------------------------------------------
 vsock_ms=()
-for run in $(seq "$runs"); do
+[ "$only" = fsblk ] || for run in $(seq "$runs"); do
     sock="$work/vsock-$run.sock"
     start=$(date +%s%N)
     "$hk" --kernel "$guest/vmlinux" --initramfs "$guest/initramfs.cpio" --cmdline "$cmdline hk_bench=vsock" \
@@ -73,7 +74,7 @@ head -c "$((size_mib << 20))" /dev/urandom >"$work/share/data"
 zero_mbs=()
 blk_mbs=()
 fs_mbs=()
-for run in $(seq "$runs"); do
+[ "$only" = vsock ] || for run in $(seq "$runs"); do
     rm -f "$work/virtiofsd.sock"
     "$virtiofsd" --socket-path "$work/virtiofsd.sock" --shared-dir "$work/share" --sandbox none --cache auto \
         >"$work/virtiofsd.log" 2>&1 &
@@ -102,7 +103,8 @@ for run in $(seq "$runs"); do
 done
 
 echo
-echo "median boot to the vsock listener: $(median "${vsock_ms[@]}") ms ($runs runs)"
+[ "$only" = fsblk ] || echo "median boot to the vsock listener: $(median "${vsock_ms[@]}") ms ($runs runs)"
+[ "$only" = vsock ] && exit 0
 b=$(median "${blk_mbs[@]}")
 f=$(median "${fs_mbs[@]}")
 echo "median read of ${size_mib} MiB: virtio-blk $b MB/s, virtio-fs $f MB/s, /dev/zero $(median "${zero_mbs[@]}") MB/s, fs/blk $(awk -v f="$f" -v b="$b" 'BEGIN {printf "%.2f", f / b}')"
