@@ -142,7 +142,7 @@ pub struct PciHotplugPorts(pub Arc<PciHotplug>);
 impl PioDevice for PciHotplugPorts {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         // Only aligned 32-bit accesses mean anything (the DSDT's fields are DWordAcc).
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
