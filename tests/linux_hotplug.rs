@@ -2,8 +2,10 @@
 //! removed at run time: a TAP handed over with `vm.add-net` as SCM_RIGHTS
 //! carries a ping, a disk added with `vm.add-disk` is read, released by the
 //! guest and removed with `vm.remove-device` (its worker and image closed),
-//! and the next disk takes its slot. Without ACPI hotplug in the guest the
-//! host tells it when to rescan (docs/api.md). Commands go to the guest's
+//! and the next disk takes its slot. Booted with `acpi=off`, the guest hears
+//! of nothing and the host tells it when to rescan (docs/api.md); with ACPI,
+//! its acpiphp finds an added disk and lets a removed one go through the
+//! GED and the DSDT's hotplug slots (docs/platform.md). Commands go to the guest's
 //! init (scripts/linux-guest/drivers-init.sh, `hk_hotplug=1`) on the serial
 //! console.
 
@@ -19,6 +21,10 @@ use serde_json::{Value, json};
 use vmm::devices::virtio::tap::Tap;
 
 const CMDLINE: &str = "console=ttyS0 noxsave clearcpuid=smap,popcnt,cx16 panic=-1 hk_hotplug=1";
+/// The guest's ACPI left out: no hotplug notifications, as in a guest without ACPI.
+const NO_ACPI: &str = "acpi=off";
+/// The VMM's wait for an ACPI guest's eject (device_manager's `EJECT_TIMEOUT`).
+const EJECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TIMEOUT: Duration = Duration::from_secs(240);
 
 fn linux_guest() -> PathBuf {
@@ -38,7 +44,7 @@ struct Guest {
 }
 
 impl Guest {
-    fn start(test: &str) -> Guest {
+    fn start(test: &str, extra_cmdline: &str) -> Guest {
         let guest = linux_guest();
         let dir = common::temp_dir(test);
         let (socket, serial, stderr) = (dir.join("api.sock"), dir.join("serial.log"), dir.join("stderr.log"));
@@ -47,7 +53,15 @@ impl Guest {
             .arg(guest.join("vmlinux"))
             .arg("--initramfs")
             .arg(guest.join("initramfs.cpio"))
-            .args(["--cmdline", CMDLINE, "--no-reboot", "--memory", "size=256M", "--serial", "tty"])
+            .args([
+                "--cmdline",
+                &format!("{CMDLINE} {extra_cmdline}"),
+                "--no-reboot",
+                "--memory",
+                "size=256M",
+                "--serial",
+                "tty",
+            ])
             .args(["--heki", "enabled=on,policy=deny"])
             .arg("--api-socket")
             .arg(format!("path={}", socket.display()))
@@ -104,6 +118,16 @@ impl Guest {
         (r.status, serde_json::from_str(&r.body).unwrap_or(Value::String(r.body.clone())))
     }
 
+    /// Asks `line` until the guest answers `wanted`, as the guest finds
+    /// things out on its own.
+    fn wait_for_answer(&mut self, line: &str, wanted: &str) {
+        let deadline = Instant::now() + TIMEOUT;
+        while self.command(line) != wanted {
+            assert!(Instant::now() < deadline, "no {wanted:?} within {TIMEOUT:?}\n{}", self.report());
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -141,7 +165,7 @@ fn disk_image(dir: &Path, name: &str, pattern: &[u8; 22]) -> PathBuf {
 #[test]
 fn linux_sees_a_tap_and_a_disk_added_at_run_time_and_the_disk_go() {
     require_kvm!();
-    let mut guest = Guest::start("linux-hotplug");
+    let mut guest = Guest::start("linux-hotplug", NO_ACPI);
     assert_eq!(guest.wait_for_answers(1), "hotplug: ready");
 
     // A TAP of this process's own, opened and addressed here (as Kata does),
@@ -198,4 +222,42 @@ fn linux_sees_a_tap_and_a_disk_added_at_run_time_and_the_disk_go() {
     assert_eq!(guest.put("vmm.shutdown", json!(null)).0, 204);
     let (status, timed_out) = common::wait_with_timeout(&mut guest.child, Duration::from_secs(30));
     assert!(!timed_out && status.success(), "the VMM exits cleanly ({status})\n{}", guest.report());
+}
+
+#[test]
+fn linux_with_acpi_finds_an_added_disk_and_lets_a_removed_one_go_unprompted() {
+    require_kvm!();
+    let mut guest = Guest::start("linux-acpi-hotplug", "");
+    assert_eq!(guest.wait_for_answers(1), "hotplug: ready");
+    // acpiphp took the DSDT's slots 1-31 as hotplug slots.
+    assert_eq!(guest.command("slots"), "hotplug: slots: 31", "{}", guest.report());
+
+    // Added: the GED interrupt, a device check on its slot, acpiphp scans it. No rescan.
+    let image = disk_image(&guest.dir, "hot.img", b"hekivisor-hotplug-disk");
+    let (status, disk) = guest.put("vm.add-disk", json!({"path": image}));
+    assert_eq!(status, 200, "{disk}\n{}", guest.report());
+    guest.wait_for_answer("check vda", "hotplug: vda present");
+    assert_eq!(guest.command("read vda"), "hotplug: read: hekivisor-hotplug-disk", "{}", guest.report());
+
+    // Removed: an eject request on its slot; acpiphp lets the device go and
+    // calls _EJ0, and only then does the VMM take it away. The guest is not
+    // told to release it; a VMM that gave up waiting would answer after
+    // EJECT_TIMEOUT and leave the guest a dead /dev/vda.
+    let asked = Instant::now();
+    assert_eq!(guest.put("vm.remove-device", json!({"id": "_disk0"})).0, 204);
+    let took = asked.elapsed();
+    assert!(took < EJECT_TIMEOUT, "the guest ejected the slot (the removal took {took:?})\n{}", guest.report());
+    assert_eq!(guest.command("check vda"), "hotplug: vda absent", "{}", guest.report());
+    assert!(!guest.threads().contains(&"_disk0".to_string()), "the worker ended: {:?}", guest.threads());
+    assert_eq!(guest.fds_on(&image), 0, "the image is closed");
+
+    // The next disk takes the freed slot and is found the same way.
+    let second = disk_image(&guest.dir, "second.img", b"second-hotplugged-disk");
+    let (status, again) = guest.put("vm.add-disk", json!({"path": second}));
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["bdf"], disk["bdf"], "the freed slot is reused");
+    guest.wait_for_answer("check vda", "hotplug: vda present");
+    assert_eq!(guest.command("read vda"), "hotplug: read: second-hotplugged-disk", "{}", guest.report());
+    eprintln!("removal answered after {took:?}");
+    assert_eq!(guest.command("end"), "hotplug: done");
 }

@@ -43,6 +43,8 @@ ioctl_iow_nr!(KVM_SET_FPU, KVMIO, 0x8d, kvm_fpu);
 ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
 ioctl_iow_nr!(KVM_SET_LAPIC, KVMIO, 0x8f, kvm_lapic_state);
 ioctl_iow_nr!(KVM_SET_CPUID2, KVMIO, 0x90, kvm_cpuid2);
+// The TSC frequency, for the guest's CPUID leaf 0x15.
+ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
 ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
 ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
 // Introspection: single-step and hardware breakpoints.
@@ -102,6 +104,7 @@ pub fn vmm_thread_ioctls() -> Vec<u64> {
         KVM_GET_LAPIC(),
         KVM_SET_LAPIC(),
         KVM_SET_CPUID2(),
+        KVM_GET_TSC_KHZ(),
     ]
     .to_vec();
     all.extend(vcpu_thread_ioctls());
@@ -126,5 +129,6 @@ mod tests {
         assert_eq!(KVM_GET_DEBUGREGS(), 0x8080_aea1);
         assert_eq!(KVM_GET_PIT2(), 0x8070_ae9f);
         assert_eq!(KVM_SET_PIT2(), 0x4070_aea0);
+        assert_eq!(KVM_GET_TSC_KHZ(), 0xaea3);
     }
 }

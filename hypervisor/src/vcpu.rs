@@ -224,6 +224,11 @@ impl Vcpu {
         self.fd.set_fpu(&fpu).map_err(ioctl_err("KVM_SET_FPU"))
     }
 
+    /// The guest TSC's frequency in kHz (`KVM_GET_TSC_KHZ`).
+    pub fn tsc_khz(&self) -> Result<u32> {
+        self.fd.get_tsc_khz().map_err(ioctl_err("KVM_GET_TSC_KHZ"))
+    }
+
     pub fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()> {
         let cpuid = to_kvm_cpuid(entries).map_err(|_| HypervisorError::Ioctl {
             op: "KVM_SET_CPUID2",

@@ -25,9 +25,10 @@
 #           printing /proc/uptime before and after each
 # With hk_hotplug=1, only devices added and removed at run time
 # (tests/linux_hotplug.rs): commands come one per line on the serial
-# console, each answered by one "hotplug:" line. The guest has no ACPI
-# hotplug notification (docs/api.md), so the host says when to rescan, and
-# the guest releases a device before the host removes it.
+# console, each answered by one "hotplug:" line. With ACPI (the default)
+# the guest's acpiphp hears of devices added and removed through the GED
+# (docs/platform.md); booted with acpi=off it does not, so the host says
+# when to rescan, and the guest releases a device before the host removes it.
 echo "init: userspace up"
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -88,6 +89,10 @@ if [ -n "$hk_hotplug" ]; then
                 echo "hotplug: release failed"
             fi
             cd /
+            ;;
+        slots)
+            # The hotplug slots acpiphp registered from the DSDT.
+            echo "hotplug: slots: $(ls /sys/bus/pci/slots 2>/dev/null | wc -l)"
             ;;
         check)
             if [ -b "/dev/$argument" ]; then echo "hotplug: $argument present"; else echo "hotplug: $argument absent"; fi

@@ -74,6 +74,7 @@ fn dsdt(pci_segments: u16) -> Sdt {
     let com1 = aml::Device::new("COM1".into(), vec![&hid_name, &uid_name, &crs_name]);
     aml::Scope::new("_SB_".into(), vec![&com1]).to_aml_bytes(&mut body);
     crate::acpi_pci::append_pci_aml(pci_segments, &mut body);
+    crate::acpi_hotplug::append_hotplug_aml(&mut body);
     dsdt.append_slice(&body);
     dsdt
 }
@@ -305,6 +306,17 @@ mod tests {
                     assert!(seg.contains(segment), "{bridge} _SEG: {seg}\n{dsl}");
                 }
                 assert!(dsl.contains("EisaId (\"PNP0C02\")"), "the ECAM reservation:\n{dsl}");
+                // PCI hotplug: the GED, the slots and their notifications.
+                for hotplug in [
+                    "Name (_HID, \"ACPI0013\"",
+                    "Device (SL1F)",
+                    "Method (_EJ0, 1, NotSerialized)",
+                    "Notify (SL01, One)",
+                    "Notify (SL1F, 0x03)",
+                    "OperationRegion (PHPR, SystemIO, 0xAE00, 0x10)",
+                ] {
+                    assert!(dsl.contains(hotplug), "no {hotplug}:\n{dsl}");
+                }
             }
             if table.signature == "MCFG" {
                 assert!(dsl.contains("00000000E0100000"), "segment 1's ECAM base:\n{dsl}");

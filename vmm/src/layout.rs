@@ -93,4 +93,9 @@ pub mod ports {
     pub const HEKI_DOORBELL: u16 = 0x580;
     /// PCI configuration mechanism #1: address at 0xCF8, data at 0xCFC..0xCFF.
     pub const PCI_CONFIG_ADDRESS: u16 = 0xcf8;
+    /// ACPI PCI hotplug registers (`devices/pci_hotplug.rs`): four 32-bit registers.
+    pub const PCI_HOTPLUG: u16 = 0xae00;
+    pub const PCI_HOTPLUG_LEN: u16 = 16;
+    /// The ACPI Generic Event Device's interrupt (an ISA IRQ nothing else uses).
+    pub const GED_IRQ: u32 = 5;
 }

@@ -174,7 +174,9 @@ impl Vm {
             if heki.is_some() || agent.is_some() {
                 vcpu.enable_register_sync();
             }
-            let leaves = cpuid::vcpu_cpuid(&supported, id, &topology, &heki_leaves);
+            let mut extra = heki_leaves.clone();
+            extra.extend(vcpu.tsc_khz().ok().and_then(cpuid::tsc_frequency_leaf));
+            let leaves = cpuid::vcpu_cpuid(&supported, id, &topology, &extra);
             vcpu.set_cpuid(&leaves)?;
             vcpu_cpuid.push(leaves);
             vcpu.setup_lapic_lints()?;

@@ -77,6 +77,36 @@ fn add_sub_leaves(table: &mut Vec<CpuidEntry>, leaf: u32, count: u32) {
 /// KVM_CPUID_FLAG_SIGNIFCANT_INDEX (KVM's spelling): the sub-leaf matters.
 const KVM_CPUID_FLAG_SIGNIFCANT_INDEX: u32 = 1;
 
+/// Leaf 0x15 (TSC and core crystal clock): KVM's local APIC timer counts at
+/// 1 GHz, so that is the crystal; the TSC/crystal ratio is the closest
+/// fraction whose terms keep Linux's `crystal kHz × numerator` within 32 bits.
+/// Without it, a guest must time its TSC against the PIT, which fails on a
+/// loaded host here; a hardware-reduced ACPI guest has no PIT tick to fall
+/// back on and never gets a timer interrupt (docs/linux-guest.md).
+const LEAF_TSC: u32 = 0x15;
+const CRYSTAL_HZ: u32 = 1_000_000_000;
+
+pub fn tsc_frequency_leaf(tsc_khz: u32) -> Option<CpuidEntry> {
+    let crystal_khz = u64::from(CRYSTAL_HZ / 1000);
+    let largest = u64::from(u32::MAX) / crystal_khz;
+    let tsc_khz = u64::from(tsc_khz);
+    let (error, denominator, numerator) = (1..=largest)
+        .filter_map(|denominator| {
+            let numerator = (tsc_khz * denominator + crystal_khz / 2) / crystal_khz;
+            let error = (numerator * crystal_khz).abs_diff(tsc_khz * denominator) * 1_000_000 / denominator;
+            (1..=largest).contains(&numerator).then_some((error, denominator, numerator))
+        })
+        .min()?;
+    log::debug!("TSC {tsc_khz} kHz as 1 GHz x {numerator}/{denominator} (off by {} ppm)", error / tsc_khz.max(1));
+    Some(CpuidEntry {
+        function: LEAF_TSC,
+        eax: denominator as u32,
+        ebx: numerator as u32,
+        ecx: CRYSTAL_HZ,
+        ..Default::default()
+    })
+}
+
 /// Leaf 4 (deterministic cache parameters), one sub-leaf per cache:
 /// EAX[25:14] is the number of APIC ids sharing the cache - 1 (L1 and L2
 /// per core, L3 per package), EAX[31:26] the number of core ids in the
@@ -119,6 +149,22 @@ fn topology_leaf(entry: &mut CpuidEntry, cpu_id: u8, topology: &CpuTopology, v2:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tsc_leaf_gives_linux_the_tsc_frequency_without_overflow() {
+        for tsc_khz in [2_599_998u32, 1_000_000, 3_000_000, 4_500_123, 800_000] {
+            let entry = tsc_frequency_leaf(tsc_khz).expect("a leaf");
+            assert_eq!(entry.ecx, CRYSTAL_HZ);
+            // Linux: crystal_khz * ebx / eax, in 32-bit unsigned arithmetic.
+            let crystal_khz = entry.ecx / 1000;
+            let product = crystal_khz.checked_mul(entry.ebx).expect("no 32-bit overflow");
+            let guest_khz = f64::from(product / entry.eax);
+            let off = (guest_khz - f64::from(tsc_khz)).abs() / f64::from(tsc_khz);
+            // A few ppm at 2.6 GHz; the 32-bit bound costs precision on faster TSCs.
+            assert!(off < 1e-4, "{tsc_khz} kHz read as {guest_khz} ({}/{})", entry.ebx, entry.eax);
+        }
+        assert!(tsc_frequency_leaf(0).is_none());
+    }
 
     fn leaf(function: u32, index: u32) -> CpuidEntry {
         CpuidEntry { function, index, ..Default::default() }

@@ -3,6 +3,11 @@
 //! while the VM runs; `vm.remove-device` takes one away again and frees
 //! everything it held (worker, ioeventfds, irqfds and GSIs, BAR, slot, host
 //! descriptors), so the next device added can take its slot.
+//!
+//! On segment 0 a guest with ACPI hears of both through the hotplug
+//! controller (`devices/pci_hotplug.rs`): an added device is announced, and
+//! a removal first asks the guest to release the device and waits for its
+//! eject, up to `EJECT_TIMEOUT`.
 
 pub mod build;
 mod relocation;
@@ -18,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::devices::gate::DeviceGate;
 use crate::devices::msi::MsiRoutes;
 use crate::devices::pci::{PciSegments, PlacementError, bar_window::BarWindowDevice};
+use crate::devices::pci_hotplug::{PciHotplug, PciHotplugPorts};
 use crate::devices::virtio::pci::VirtioPci;
 use crate::devices::virtio::{DeviceCounters, DeviceMemory};
 use crate::devices::{MmioBus, PioBus};
@@ -38,6 +44,11 @@ fn high_mmio_start(mem: &GuestMemoryMmap) -> u64 {
 
 /// How long a removal waits for the device's worker to end.
 const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a removal waits for an ACPI guest to eject the device before it
+/// takes the device away regardless (as for a guest without ACPI). Linux's
+/// acpiphp needs about a second on this project's emulated KVM.
+const EJECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a device sits, as Cloud Hypervisor's `PciDeviceInfo` reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,6 +115,8 @@ pub struct PciDevices {
     enforcer: Arc<Enforcer>,
     gate: Arc<DeviceGate>,
     handles: Vec<VirtioHandle>,
+    /// Segment 0's ACPI hotplug controller.
+    hotplug: Arc<PciHotplug>,
     /// Whether workers run (the VM started): a device added later starts its own at once.
     started: bool,
 }
@@ -122,10 +135,16 @@ impl PciDevices {
         devices: Vec<NewDevice>,
     ) -> Result<PciDevices, VmError> {
         let segments = PciSegments::install(segment_count, pio, mmio);
+        let first = segments.get(0).map_err(|e| VmError::Device(e.to_string()))?;
+        let ged_interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        kvm_vm.register_irqfd(&ged_interrupt, layout::ports::GED_IRQ)?;
+        let hotplug = Arc::new(PciHotplug::new(first.bus.clone(), ged_interrupt));
+        let hotplug_ports = Arc::new(Mutex::new(PciHotplugPorts(hotplug.clone())));
+        pio.insert(layout::ports::PCI_HOTPLUG, layout::ports::PCI_HOTPLUG_LEN, hotplug_ports);
         // Everything above RAM, where Linux puts the 64-bit BAR of a device
         // it finds on a rescan: a guest without ACPI sees segment 0 only.
         let high = high_mmio_start(mem);
-        let bars = segments.get(0).map_err(|e| VmError::Device(e.to_string()))?.bars.clone();
+        let bars = first.bars.clone();
         mmio.insert(high, HIGH_MMIO_END - high, Arc::new(Mutex::new(BarWindowDevice { map: bars, start: high })));
         let mut this = PciDevices {
             segments,
@@ -135,6 +154,7 @@ impl PciDevices {
             enforcer: enforcer.clone(),
             gate,
             handles: Vec::new(),
+            hotplug,
             started: false,
         };
         for device in devices {
@@ -197,8 +217,11 @@ impl PciDevices {
         self.handles.push(handle);
         if let Err(e) = started {
             // Off the bus again, with everything it took.
-            self.remove(&new.name);
+            self.detach(&new.name);
             return Err(e);
+        }
+        if self.started && segment == 0 {
+            self.hotplug.announce_added(slot);
         }
         Ok(PciDeviceInfo { id: new.name, segment, slot })
     }
@@ -219,8 +242,22 @@ impl PciDevices {
         result
     }
 
-    /// Takes the device `id` off the bus and frees what it held; `None` if there is none.
+    /// Removes the device `id` (`vm.remove-device`); `None` if there is none.
+    /// A guest that uses the hotplug controller releases it first.
     pub fn remove(&mut self, id: &str) -> Option<PciDeviceInfo> {
+        let handle = self.handles.iter().find(|h| h.name == id)?;
+        if self.started && handle.segment == 0 && self.hotplug.guest_uses_acpi() {
+            if self.hotplug.request_eject(handle.slot, EJECT_TIMEOUT) {
+                log::info!("{id}: the guest ejected slot {}", handle.slot);
+            } else {
+                log::warn!("{id}: no eject from the guest within {EJECT_TIMEOUT:?}; removing it regardless");
+            }
+        }
+        self.detach(id)
+    }
+
+    /// Takes the device `id` off the bus and frees what it held; `None` if there is none.
+    fn detach(&mut self, id: &str) -> Option<PciDeviceInfo> {
         let index = self.handles.iter().position(|h| h.name == id)?;
         let mut handle = self.handles.remove(index);
         // The guest can no longer reach it: no config space, no BAR.

@@ -8,6 +8,7 @@ mod i8042;
 pub mod mmio_bus;
 pub mod msi;
 pub mod pci;
+pub mod pci_hotplug;
 mod pio_bus;
 mod pit;
 mod serial;

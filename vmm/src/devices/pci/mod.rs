@@ -81,6 +81,15 @@ impl PciBus {
         self.slots().iter().position(Option::is_none).and_then(|s| u8::try_from(s).ok())
     }
 
+    /// One bit per occupied slot (the host bridge's, bit 0, included).
+    pub fn occupied(&self) -> u32 {
+        self.slots()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_some())
+            .fold(0, |bits, (i, _)| bits | u32::try_from(i).ok().and_then(|i| 1u32.checked_shl(i)).unwrap_or(0))
+    }
+
     /// Empties `slot` (never the host bridge's); the guest then reads all ones there.
     pub fn remove(&self, slot: u8) -> bool {
         if slot == 0 {
