@@ -132,18 +132,14 @@ impl Guest {
         self.child.id()
     }
 
+    /// Names of the VMM's threads (a device worker is named after its device).
     fn threads(&self) -> Vec<String> {
-        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid())).expect("tasks");
-        tasks
-            .flatten()
-            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-            .map(|c| c.trim().into())
-            .collect()
+        common::thread_names(self.pid())
     }
 
+    /// How many of the VMM's descriptors are open on `path`.
     fn fds_on(&self, path: &Path) -> usize {
-        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.pid())).expect("fds");
-        fds.flatten().filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == path)).count()
+        common::fds_open_on(self.pid(), path)
     }
 }
 

@@ -200,3 +200,21 @@ pub fn cloud_hypervisor_config(kernel: &Path, serial: &Path) -> String {
     })
     .to_string()
 }
+
+/// Names of process `pid`'s threads (a device worker is named after its device).
+#[allow(dead_code)]
+pub fn thread_names(pid: u32) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|c| c.trim().into())
+        .collect()
+}
+
+/// How many of process `pid`'s descriptors are open on `path`.
+#[allow(dead_code)]
+pub fn fds_open_on(pid: u32, path: &std::path::Path) -> usize {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fds");
+    fds.flatten().filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path)).count()
+}
