@@ -218,6 +218,14 @@ impl Vcpu {
         self.fd.set_sregs(&raw).map_err(ioctl_err("KVM_SET_SREGS"))
     }
 
+    /// Puts the vCPU back where an application processor starts: waiting for
+    /// the INIT and SIPI with which the guest brings a CPU up. A vCPU the
+    /// guest ejected and the host adds again starts from there.
+    pub fn wait_for_startup(&self) -> Result<()> {
+        let state = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_UNINITIALIZED };
+        self.fd.set_mp_state(state).map_err(ioctl_err("KVM_SET_MP_STATE"))
+    }
+
     /// Resets the FPU to its power-on state (x87 control word 0x37f, MXCSR 0x1f80).
     pub fn reset_fpu(&self) -> Result<()> {
         let fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };

@@ -12,6 +12,9 @@
 #               default 192.168.247)
 #   hvc0        one line written, for the host to find in the console file
 #   dma         a disk read into a page heki locked (refused under heki)
+#   cpus        (hk_hotplug) present and online CPUs; online N brings a
+#               CPU the host added online; topology prints each CPU's
+#               package, die, core and thread siblings
 #   vsock       with hk_vsock=PORT on the command line: listens on vsock port
 #               52 and echoes one line to the host; connects to the host at
 #               PORT, sends a line and prints the host's answer
@@ -96,6 +99,26 @@ if [ -n "$hk_hotplug" ]; then
             ;;
         check)
             if [ -b "/dev/$argument" ]; then echo "hotplug: $argument present"; else echo "hotplug: $argument absent"; fi
+            ;;
+        cpus)
+            # The CPUs the kernel has (ACPI CPU hotplug adds to "present";
+            # a CPU the host added is onlined by "online N", as Kata's agent does).
+            echo "hotplug: cpus: present=$(cat /sys/devices/system/cpu/present)" \
+                "online=$(cat /sys/devices/system/cpu/online)"
+            ;;
+        online)
+            if echo 1 >"/sys/devices/system/cpu/cpu$argument/online"; then
+                echo "hotplug: cpu$argument online"
+            else
+                echo "hotplug: cpu$argument online failed"
+            fi
+            ;;
+        topology)
+            # One line per CPU: the kernel's view of the CPUID/MADT topology.
+            for t in /sys/devices/system/cpu/cpu[0-9]*/topology; do
+                echo "hotplug: topology: ${t%/topology} package=$(cat "$t/physical_package_id")" \
+                    "die=$(cat "$t/die_id") core=$(cat "$t/core_id") threads=$(cat "$t/thread_siblings_list")"
+            done
             ;;
         end)
             echo "hotplug: done"

@@ -59,7 +59,8 @@ mod fadt {
     pub const BOOT_ARCH: u16 = (1 << 1) | (1 << 2);
 }
 
-fn dsdt(pci_segments: u16) -> Sdt {
+fn dsdt(machine: Machine) -> Sdt {
+    let Machine { cpus, pci_segments } = machine;
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let mut body = Vec::new();
     // \_S5_: the sleep type the guest writes to power off.
@@ -75,6 +76,7 @@ fn dsdt(pci_segments: u16) -> Sdt {
     aml::Scope::new("_SB_".into(), vec![&com1]).to_aml_bytes(&mut body);
     crate::acpi_pci::append_pci_aml(pci_segments, &mut body);
     crate::acpi_hotplug::append_hotplug_aml(&mut body);
+    crate::acpi_cpu_hotplug::append_cpu_hotplug_aml(cpus.max, &mut body);
     dsdt.append_slice(&body);
     dsdt
 }
@@ -149,14 +151,15 @@ impl From<CpuCounts> for Machine {
 
 /// Builds every table and its address, starting with the RSDP at `RSDP_START`.
 pub fn build_acpi_tables(machine: impl Into<Machine>) -> Result<Vec<PlacedTable>, AcpiError> {
-    let Machine { cpus, pci_segments } = machine.into();
+    let machine = machine.into();
+    let Machine { cpus, pci_segments } = machine;
     let mut next = align16(RSDP_START + Rsdp::len() as u64);
     let mut place = |bytes: &[u8]| {
         let addr = next;
         next = align16(addr + bytes.len() as u64);
         addr
     };
-    let dsdt = dsdt(pci_segments);
+    let dsdt = dsdt(machine);
     let dsdt_addr = place(dsdt.as_slice());
     let fadt = fadt(dsdt_addr);
     let fadt_addr = place(fadt.as_slice());
@@ -295,6 +298,9 @@ mod tests {
                 assert!(!complaint, "iasl reports a {bad} for {}:\n{text}", table.signature);
             }
             let dsl = std::fs::read_to_string(path.with_extension("dsl")).expect("disassembly written");
+            if std::env::var_os("HEKI_PRINT_DSL").is_some() {
+                eprintln!("{dsl}");
+            }
             assert!(dsl.contains(&format!("\"{}\"", table.signature)), "{dsl}");
             if table.signature == "DSDT" {
                 // Both host bridges, with their segment numbers, as iasl reads them.
@@ -306,6 +312,16 @@ mod tests {
                     assert!(seg.contains(segment), "{bridge} _SEG: {seg}\n{dsl}");
                 }
                 assert!(dsl.contains("EisaId (\"PNP0C02\")"), "the ECAM reservation:\n{dsl}");
+                // CPU hotplug: the controller's scan, each vCPU's device and its notification.
+                for cpu in [
+                    "Method (CSCN, 0, Serialized)",
+                    "Device (C003)",
+                    "Name (_HID, \"ACPI0010\")",
+                    "Notify (C003, Arg1)",
+                    "\\_SB.CPHP.CSCN ()",
+                ] {
+                    assert!(dsl.contains(cpu), "{cpu} missing:\n{dsl}");
+                }
                 // PCI hotplug: the GED, the slots and their notifications.
                 for hotplug in [
                     "Name (_HID, \"ACPI0013\"",

@@ -131,8 +131,10 @@ fn generic_event_device(body: &mut Vec<u8>) {
     let uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let interrupt = aml::Interrupt::new(true, true, false, false, GED_IRQ);
     let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&interrupt]));
+    // Every controller is scanned: each event is read once and cleared.
     let scan = aml::MethodCall::new("\\_SB_.PHPC.SCAN".into(), vec![]);
-    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&scan]);
+    let scan_cpus = aml::MethodCall::new(crate::acpi_cpu_hotplug::SCAN_METHOD.into(), vec![]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&scan, &scan_cpus]);
     aml::Device::new("\\_SB_.GED_".into(), vec![&hid, &uid, &crs, &evt]).to_aml_bytes(body);
 }
 

@@ -96,6 +96,9 @@ pub mod ports {
     /// ACPI PCI hotplug registers (`devices/pci_hotplug.rs`): four 32-bit registers.
     pub const PCI_HOTPLUG: u16 = 0xae00;
     pub const PCI_HOTPLUG_LEN: u16 = 16;
+    /// ACPI CPU hotplug registers (`devices/cpu_hotplug.rs`): select and status.
+    pub const CPU_HOTPLUG: u16 = 0x0cd8;
+    pub const CPU_HOTPLUG_LEN: u16 = 8;
     /// The ACPI Generic Event Device's interrupt (an ISA IRQ nothing else uses).
     pub const GED_IRQ: u32 = 5;
 }

@@ -1,6 +1,7 @@
 //! The Hekivisor VMM: configuration, boot, devices, vCPU loop and API.
 
 pub mod acpi;
+mod acpi_cpu_hotplug;
 mod acpi_hotplug;
 mod acpi_pci;
 pub mod api;

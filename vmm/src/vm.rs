@@ -15,7 +15,7 @@ use crate::boot::{BootInputs, Loaded, load_payload};
 use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::cpu::hook::ExitHook;
 use crate::cpu::run_control::VmControl;
-use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, boot_registers, cpuid, kick, run_vcpu};
+use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, VcpuSetup, boot_registers, kick};
 use crate::device_manager::{PciDeviceInfo, PciDevices, build};
 use crate::devices::virtio::console::ConsoleHost;
 use crate::devices::{AcpiPmDevice, CmosRtc, I8042Device, MmioBus, OnDemandPit, PioBus, SerialDevice};
@@ -29,6 +29,8 @@ use crate::traps::ports::KvmSlots;
 
 pub use crate::cpu::run_control::VCPU_STOP_TIMEOUT;
 pub use crate::vm_error::VmError;
+
+mod vcpu_hotplug;
 
 /// Where the guest's serial output goes; it outlives a VM across reboots.
 pub type SharedOutput = Arc<Mutex<Box<dyn Write + Send>>>;
@@ -63,6 +65,8 @@ pub struct Vm {
     agent: Option<Arc<AgentLink>>,
     kvm_vm: Arc<hypervisor::Vm>,
     serial: Option<Arc<Mutex<SerialDevice>>>,
+    /// Which vCPUs exist, and how to add more (`vm.resize`).
+    vcpus: vcpu_hotplug::VcpuSlots,
 }
 
 impl Vm {
@@ -109,7 +113,8 @@ impl Vm {
                 enforcer.clone(),
                 traps.clone(),
                 &guest_ram,
-                usize::from(config.cpus.boot_vcpus),
+                // Per-vCPU state for every vCPU the guest may get (hotplug).
+                usize::from(config.cpus.max_vcpus),
             ))),
             _ => None,
         };
@@ -166,22 +171,17 @@ impl Vm {
         pio.insert(ports::CMOS_INDEX, 2, Arc::new(Mutex::new(CmosRtc::default())));
         pio.insert(ports::ACPI_SLEEP_CONTROL, 3, Arc::new(Mutex::new(AcpiPmDevice)));
 
-        let supported = hv.supported_cpuid()?;
+        let setup = VcpuSetup {
+            supported: hv.supported_cpuid()?,
+            extra_leaves: heki_leaves,
+            topology,
+            register_sync: heki.is_some() || agent.is_some(),
+        };
         let mut pending_vcpus = Vec::new();
         let mut vcpu_cpuid = Vec::new();
         for id in 0..cpus {
-            let mut vcpu = kvm_vm.create_vcpu(id)?;
-            if heki.is_some() || agent.is_some() {
-                vcpu.enable_register_sync();
-            }
-            let mut extra = heki_leaves.clone();
-            extra.extend(vcpu.tsc_khz().ok().and_then(cpuid::tsc_frequency_leaf));
-            let leaves = cpuid::vcpu_cpuid(&supported, id, &topology, &extra);
-            vcpu.set_cpuid(&leaves)?;
+            let (vcpu, leaves) = setup.create(&kvm_vm, id)?;
             vcpu_cpuid.push(leaves);
-            vcpu.setup_lapic_lints()?;
-            vcpu.reset_fpu()?;
-            vcpu.set_msrs(&[(hypervisor::msr_index::IA32_MISC_ENABLE, 1)])?;
             if id == 0 {
                 let (regs, sregs) = boot_registers(&mem, entry, vcpu.sregs()?).map_err(VmError::BootRegisters)?;
                 vcpu.set_sregs(&sregs)?;
@@ -189,6 +189,10 @@ impl Vm {
             }
             pending_vcpus.push(vcpu);
         }
+        // What the agent sees of the vCPUs the host may add later.
+        let tsc_khz = pending_vcpus.first().and_then(|v: &hypervisor::Vcpu| v.tsc_khz().ok());
+        vcpu_cpuid.extend((cpus..config.cpus.max_vcpus).map(|id| setup.cpuid(id, tsc_khz)));
+        let cpu_hotplug = vcpu_hotplug::install(&kvm_vm, config, &mut pio)?;
 
         let agent = match (agent, &traps) {
             (Some(hub), Some(traps)) => {
@@ -221,7 +225,8 @@ impl Vm {
                 .map(|a| a.clone() as Arc<dyn ExitHook>)
                 .chain(heki.iter().map(|h| h.clone() as Arc<dyn ExitHook>))
                 .collect(),
-            counters: (0..cpus).map(|_| ExitCounters::default()).collect(),
+            counters: (0..config.cpus.max_vcpus).map(|_| ExitCounters::default()).collect(),
+            parking: Default::default(),
         });
         let device_stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         Ok(Vm {
@@ -236,26 +241,15 @@ impl Vm {
             agent,
             kvm_vm,
             serial,
+            vcpus: vcpu_hotplug::VcpuSlots::new(setup, cpu_hotplug, cpus),
         })
     }
 
     /// Starts every vCPU thread.
     pub fn start(&mut self) -> Result<(), VmError> {
-        let starter = std::thread::current();
-        for vcpu in self.pending_vcpus.drain(..) {
-            let ctx = self.ctx.clone();
-            let (done, starter) = (self.vcpus_done.clone(), starter.clone());
-            let handle = std::thread::Builder::new()
-                .name(format!("vcpu{}", vcpu.id()))
-                .spawn(move || {
-                    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Vcpu);
-                    run_vcpu(vcpu, ctx);
-                    done.fetch_add(1, Ordering::Release);
-                    starter.unpark();
-                })
-                .map_err(VmError::SpawnVcpu)?;
-            self.ctx.control.vcpus.register_thread(&handle);
-            self.threads.push(handle);
+        let vcpus: Vec<hypervisor::Vcpu> = self.pending_vcpus.drain(..).collect();
+        for vcpu in vcpus {
+            self.spawn_vcpu(vcpu)?;
         }
         self.devices.start()?;
         if let Some(heki) = self.heki.clone() {
@@ -350,8 +344,9 @@ impl Vm {
         self.heki.as_ref()
     }
 
+    /// The vCPUs the guest has now (boot ones plus those added, less those removed).
     pub fn vcpu_count(&self) -> usize {
-        self.ctx.counters.len()
+        usize::from(self.vcpus.live())
     }
 
     /// Stops and joins every vCPU and helper thread, each within a deadline.
@@ -360,6 +355,7 @@ impl Vm {
             agent.detach();
         }
         self.ctx.control.stop();
+        self.ctx.parking.wake_all();
         let deadline = std::time::Instant::now() + VCPU_STOP_TIMEOUT;
         let all_done = |vm: &Vm| vm.vcpus_done.load(Ordering::Acquire) >= vm.threads.len();
         while !all_done(self) && std::time::Instant::now() < deadline {

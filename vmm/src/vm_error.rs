@@ -25,4 +25,11 @@ pub enum VmError {
     Pause(#[from] PauseError),
     #[error("device setup failed: {0}")]
     Device(String),
+    #[error(
+        "the guest did not release vCPU {id} within {timeout:?} (its ACPI processor driver answers the eject request; \
+         without ACPI CPU hotplug in the guest a vCPU cannot be removed); it stays"
+    )]
+    VcpuNotReleased { id: u8, timeout: std::time::Duration },
+    #[error("vCPU {id} did not leave the guest within {timeout:?} after its eject")]
+    VcpuNotParked { id: u8, timeout: std::time::Duration },
 }

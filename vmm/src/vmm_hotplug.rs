@@ -203,8 +203,11 @@ fn remove(vmm: &mut Vmm, id: &str) -> ApiResult {
     Ok(None)
 }
 
-/// `vm.resize`: before the boot, a new boot size; while running, a size
-/// equal to the current one is answered at once, and a change is refused
+/// How long `vm.resize` waits for the guest to eject each vCPU it removes.
+const VCPU_EJECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `vm.resize`: before the boot, a new boot size; while running, vCPUs are
+/// added or removed through ACPI CPU hotplug, and a memory change is refused
 /// naming what the VMM lacks for it.
 fn resize(vmm: &mut Vmm, resize: ResizeRequest) -> ApiResult {
     let config = vmm.config.as_mut().ok_or_else(no_vm)?;
@@ -220,13 +223,20 @@ fn resize(vmm: &mut Vmm, resize: ResizeRequest) -> ApiResult {
             .filter(|n| (1..=max).contains(n))
             .ok_or_else(|| bad(format!("desired_vcpus: must be 1..={max} (max_vcpus), got {vcpus}")))?;
         if running && wanted != next.cpus.boot_vcpus {
-            return Err(bad(format!(
-                "desired_vcpus: changing a running VM from {} to {wanted} vCPUs needs ACPI CPU hotplug \
-                 (a CPU hotplug controller with _STA/_MAT/_EJ0 methods in the DSDT), which Hekivisor \
-                 does not have yet; the MADT lists vCPUs up to max_vcpus as online-capable, so boot \
-                 with boot_vcpus={wanted} instead",
-                next.cpus.boot_vcpus
-            )));
+            if vmm.state == VmState::Paused && wanted < next.cpus.boot_vcpus {
+                return Err(ApiError::Conflict(
+                    "desired_vcpus: the VM is paused; the guest must run to release a vCPU (resume it first)".into(),
+                ));
+            }
+            let vm = vmm.vm.as_mut().ok_or_else(no_vm)?;
+            let result = vm.resize_vcpus(wanted, VCPU_EJECT_TIMEOUT);
+            // What the guest has now, whether or not every step succeeded.
+            next.cpus.boot_vcpus = u8::try_from(vm.vcpu_count()).unwrap_or(wanted);
+            config.cpus.boot_vcpus = next.cpus.boot_vcpus;
+            result.map_err(|e| match e {
+                crate::vm::VmError::VcpuNotReleased { .. } => ApiError::Conflict(format!("desired_vcpus: {e}")),
+                other => ApiError::Internal(format!("desired_vcpus: {other}")),
+            })?;
         }
         next.cpus.boot_vcpus = wanted;
     }

@@ -24,8 +24,10 @@ pub struct VcpuContext {
     pub heki_port: Option<u16>,
     /// Who sees exits, in order (`vm.rs`): the introspection agent, then heki.
     pub hooks: Vec<Arc<dyn ExitHook>>,
-    /// Exit counters, indexed by vCPU id.
+    /// Exit counters, indexed by vCPU id (every possible vCPU).
     pub counters: Vec<ExitCounters>,
+    /// vCPUs the guest gave back, resting until the host adds them again.
+    pub parking: super::parking::VcpuParking,
 }
 
 /// Lock-free per-vCPU exit counters for `vm.counters`.
@@ -75,6 +77,25 @@ pub fn run_vcpu(mut vcpu: Vcpu, ctx: Arc<VcpuContext>) {
     let gate = &ctx.control.vcpus;
     let mut pending_completion = false;
     loop {
+        if ctx.parking.is_parked(id) {
+            let restart = ctx.parking.rest(
+                id,
+                || !gate.is_stopping(),
+                || ctx.hooks.iter().for_each(|hook| hook.serve(&mut vcpu)),
+            );
+            if gate.is_stopping() {
+                return;
+            }
+            if restart {
+                // A CPU the guest will bring up again from INIT and SIPI.
+                pending_completion = false;
+                if let Err(e) = vcpu.wait_for_startup() {
+                    ctx.control.report(VcpuEvent::Failed { vcpu: id, error: format!("{e}") });
+                    return;
+                }
+            }
+            continue;
+        }
         for hook in &ctx.hooks {
             hook.serve(&mut vcpu);
         }

@@ -3,6 +3,7 @@
 mod acpi_pm;
 mod bus;
 mod cmos;
+pub mod cpu_hotplug;
 pub mod gate;
 mod i8042;
 pub mod mmio_bus;

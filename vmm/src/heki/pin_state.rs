@@ -92,6 +92,24 @@ impl PinState {
         self.pins.iter().map(|m| lock(m).clone()).collect()
     }
 
+    /// vCPU `id` left the guest (CPU hot-unplug, after the guest ejected it
+    /// and the host parked it): if it comes back it is a new CPU, which its
+    /// kernel pins as it brings it online. The MSR filter keeps its MSRs
+    /// (a filtered MSR nobody pins is only an exit more).
+    pub fn forget_vcpu(&self, id: u8) {
+        let id = usize::from(id);
+        if let (Some(pins), Some(has_cr)) = (self.pins.get(id), self.has_cr_pins.get(id)) {
+            *lock(pins) = VcpuPins::default();
+            has_cr.store(false, Ordering::Relaxed);
+        }
+        if let Some(logged) = self.last_logged.get(id) {
+            *lock(logged) = None;
+        }
+        if let Some(logged) = self.last_logged_dtr.get(id) {
+            *lock(logged) = None;
+        }
+    }
+
     /// Whether a host request waits for vCPU `id`.
     pub fn has_request(&self, id: u8) -> bool {
         lock(&self.mailbox).requests.get(usize::from(id)).is_some_and(Option::is_some)
