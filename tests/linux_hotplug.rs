@@ -45,6 +45,10 @@ struct Guest {
 
 impl Guest {
     fn start(test: &str, extra_cmdline: &str) -> Guest {
+        Guest::start_with(test, extra_cmdline, &[])
+    }
+
+    fn start_with(test: &str, extra_cmdline: &str, extra_args: &[&str]) -> Guest {
         let guest = linux_guest();
         let dir = common::temp_dir(test);
         let (socket, serial, stderr) = (dir.join("api.sock"), dir.join("serial.log"), dir.join("stderr.log"));
@@ -63,6 +67,7 @@ impl Guest {
                 "tty",
             ])
             .args(["--heki", "enabled=on,policy=deny"])
+            .args(extra_args)
             .arg("--api-socket")
             .arg(format!("path={}", socket.display()))
             .stdin(Stdio::piped())
@@ -107,10 +112,16 @@ impl Guest {
 
     /// Sends one command line to the guest's init and returns its answer.
     fn command(&mut self, line: &str) -> String {
+        self.command_lines(line, 1).remove(0)
+    }
+
+    /// Sends one command line and returns its `count` answer lines.
+    fn command_lines(&mut self, line: &str, count: usize) -> Vec<String> {
         let before = self.answers().len();
         writeln!(self.stdin, "{line}").expect("write to the serial console");
         self.stdin.flush().expect("flush");
-        self.wait_for_answers(before + 1)
+        self.wait_for_answers(before + count);
+        self.answers()[before..before + count].to_vec()
     }
 
     fn put(&self, command: &str, body: Value) -> (u16, Value) {
@@ -255,5 +266,60 @@ fn linux_with_acpi_finds_an_added_disk_and_lets_a_removed_one_go_unprompted() {
     guest.wait_for_answer("check vda", "hotplug: vda present");
     assert_eq!(guest.command("read vda"), "hotplug: read: second-hotplugged-disk", "{}", guest.report());
     eprintln!("removal answered after {took:?}");
+    assert_eq!(guest.command("end"), "hotplug: done");
+}
+
+/// `vm.resize` gives a running Linux guest more vCPUs and takes them back
+/// through ACPI CPU hotplug; each added vCPU sits where the configured
+/// topology says (two threads per core, two cores); a removed one is
+/// ejected by the guest and parked, and comes back as a new CPU. heki stays
+/// on throughout with no violation. `noreplace-smp` keeps the kernel's LOCK
+/// prefixes, which a kernel booted on one CPU would otherwise strip and
+/// could not put back under heki's text lock (docs/linux-guest.md).
+#[test]
+fn linux_gets_vcpus_added_and_removed_by_resize_where_the_topology_puts_them() {
+    let cpus = ["--cpus", "boot=1,max=4,topology=2:2:1:1"];
+    let mut guest = Guest::start_with("linux-cpu-hotplug", "noreplace-smp", &cpus);
+    assert_eq!(guest.wait_for_answers(1), "hotplug: ready");
+    assert_eq!(guest.command("cpus"), "hotplug: cpus: present=0 online=0");
+
+    let (status, body) = guest.put("vm.resize", json!({"desired_vcpus": 3}));
+    assert_eq!(status, 204, "{body}");
+    guest.wait_for_answer("cpus", "hotplug: cpus: present=0-2 online=0");
+    assert_eq!(guest.command("online 1"), "hotplug: cpu1 online");
+    assert_eq!(guest.command("online 2"), "hotplug: cpu2 online");
+    let topology = guest.command_lines("topology", 3);
+    let line = |cpu: u8, core: u8, threads: &str| {
+        format!("hotplug: topology: /sys/devices/system/cpu/cpu{cpu} package=0 die=0 core={core} threads={threads}")
+    };
+    assert_eq!(topology, [line(0, 0, "0-1"), line(1, 0, "0-1"), line(2, 1, "2")], "{}", guest.report());
+    let info = |guest: &Guest| {
+        let r = ApiClient::new(&guest.socket).request("GET", "vm.info", None).expect("vm.info");
+        serde_json::from_str::<Value>(&r.body).expect("vm.info JSON")["config"]["cpus"]["boot_vcpus"].clone()
+    };
+    assert_eq!(info(&guest), 3);
+
+    // Back to two: the guest offlines and ejects vCPU 2 before the answer.
+    let (status, body) = guest.put("vm.resize", json!({"desired_vcpus": 2}));
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(guest.command("cpus"), "hotplug: cpus: present=0-1 online=0-1");
+    assert_eq!(info(&guest), 2);
+    assert!(guest.threads().iter().any(|t| t == "vcpu2"), "the parked vCPU keeps its thread");
+
+    // vCPU 2 again, and vCPU 3: a parked vCPU starts over from INIT and SIPI.
+    let (status, body) = guest.put("vm.resize", json!({"desired_vcpus": 4}));
+    assert_eq!(status, 204, "{body}");
+    guest.wait_for_answer("cpus", "hotplug: cpus: present=0-3 online=0-1");
+    assert_eq!(guest.command("online 2"), "hotplug: cpu2 online");
+    assert_eq!(guest.command("online 3"), "hotplug: cpu3 online");
+    assert_eq!(guest.command("cpus"), "hotplug: cpus: present=0-3 online=0-3");
+    assert_eq!(guest.command_lines("topology", 4)[3], line(3, 1, "2-3"));
+
+    let (status, body) = guest.put("vm.resize", json!({"desired_vcpus": 5}));
+    assert_eq!(status, 400, "above max_vcpus: {body}");
+    assert!(body.to_string().contains("max_vcpus"), "{body}");
+    let r = ApiClient::new(&guest.socket).request("GET", "vm.heki", None).expect("vm.heki");
+    let heki: Value = serde_json::from_str(&r.body).expect("vm.heki JSON");
+    assert_eq!(heki["counters"]["violations"], 0, "{heki}");
     assert_eq!(guest.command("end"), "hotplug: done");
 }
