@@ -587,11 +587,10 @@ fn real_linux_virtio_drivers_work_and_a_disk_read_into_locked_memory_is_refused(
     assert_eq!(events.iter().filter(|e| e["event"] == "violation").count(), 1, "{}", ctx());
 }
 
-/// A disk offering two queues of 1024 to Linux. Linux gives a disk at most
-/// one request queue per CPU (virtio_blk.c caps num_vqs at nr_cpu_ids), and
-/// the Linux guests here are uniprocessor (docs/linux-guest.md), so the
-/// driver takes MQ and the deeper queue but starts one queue: two queues at
-/// once are driven by the tiny guest of tests/virtio.rs instead.
+/// A disk offering two queues of 1024 to Linux on two vCPUs. Linux gives a
+/// disk at most one request queue per CPU (virtio_blk.c caps num_vqs at
+/// nr_cpu_ids), so the SMP drivers kernel takes MQ, both queues and the
+/// deeper ring.
 #[test]
 fn real_linux_takes_a_multi_queue_disk_of_depth_1024_and_reads_and_writes_through_it() {
     require_kvm!();
@@ -602,8 +601,8 @@ fn real_linux_takes_a_multi_queue_disk_of_depth_1024_and_reads_and_writes_throug
     image[..22].copy_from_slice(b"hekivisor-disk-pattern");
     std::fs::write(&disk, &image).expect("disk image");
     let disk_arg = format!("path={},num_queues=2,queue_size=1024", disk.display());
-    let mut vm =
-        LinuxVm::start("linux-disk-mq", &guest, CMDLINE, &["--heki", "enabled=on,policy=deny", "--disk", &disk_arg]);
+    let args = ["--heki", "enabled=on,policy=deny", "--cpus", "boot=2", "--disk", &disk_arg];
+    let mut vm = LinuxVm::start("linux-disk-mq", &guest, CMDLINE, &args);
     vm.wait_for_line("drivers: done");
     vm.wait_for_guest_end();
     let serial = vm.serial();
@@ -611,8 +610,9 @@ fn real_linux_takes_a_multi_queue_disk_of_depth_1024_and_reads_and_writes_throug
     let ctx = || format!("{}\nevents: {events:#?}", vm.report());
     for line in [
         // MQ taken; one queue per CPU; 1024 entries, two descriptors a request.
-        "drivers: disk queues: 1 tags: 512 mq: 1",
-        "1/0/0 default/read/poll queues",
+        "drivers: disk queues: 2 tags: 512 mq: 1",
+        "2/0/0 default/read/poll queues",
+        "smp: Brought up 1 node, 2 CPUs",
         "drivers: disk read: hekivisor-disk-pattern",
         "drivers: disk write: ok",
     ] {
