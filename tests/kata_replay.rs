@@ -115,8 +115,15 @@ fn kata_clh_sequence_is_answered_as_kata_expects() {
 
     // ResizeVCPUs sends the count it wants even when it is the current one;
     // ResizeMemory makes a call when vm.info reports a hotplug_size.
-    let vcpus = info["config"]["cpus"]["boot_vcpus"].clone();
+    let vcpus = info["config"]["cpus"]["boot_vcpus"].as_u64().expect("boot_vcpus");
     replay.call("PUT", "vm.resize", Some(&json!({"desired_vcpus": vcpus})), &[204]);
+    // A container asking for one CPU more: the vCPU is hot-added (ACPI CPU
+    // hotplug; tests/linux_hotplug.rs has a Linux guest onlining it).
+    if info["config"]["cpus"]["max_vcpus"].as_u64().is_some_and(|max| max > vcpus) {
+        replay.call("PUT", "vm.resize", Some(&json!({"desired_vcpus": vcpus + 1})), &[204]);
+        let now = replay.info("Running");
+        assert_eq!(now["config"]["cpus"]["boot_vcpus"], vcpus + 1, "ResizeVCPUs reads the count back");
+    }
     let hotplug = info["config"]["memory"]["hotplug_size"].as_u64().unwrap_or(0);
     let line = if hotplug == 0 {
         "kata-replay: ResizeMemory: no call (vm.info reports no memory.hotplug_size, as Kata checks)".to_string()

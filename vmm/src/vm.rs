@@ -305,7 +305,8 @@ impl Vm {
     /// Counters for `vm.counters`, one object per component.
     pub fn counters(&self) -> serde_json::Value {
         let mut all = serde_json::Map::new();
-        for (id, c) in self.ctx.counters.iter().enumerate() {
+        // The vCPUs that exist (a parked one keeps its counts), not every possible one.
+        for (id, c) in self.ctx.counters.iter().enumerate().take(usize::from(self.vcpus.created())) {
             all.insert(format!("vcpu{id}"), c.to_json());
         }
         if let Some(heki) = &self.heki {

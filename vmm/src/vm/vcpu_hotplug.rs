@@ -56,6 +56,10 @@ impl VcpuSlots {
     pub(super) fn live(&self) -> u8 {
         self.live
     }
+
+    pub(super) fn created(&self) -> u8 {
+        self.created
+    }
 }
 
 impl Vm {
