@@ -316,7 +316,7 @@ mod tests {
                 for cpu in [
                     "Method (CSCN, 0, Serialized)",
                     "Device (C003)",
-                    "Name (_HID, \"ACPI0010\")",
+                    "Name (_HID, \"ACPI0010\"",
                     "Notify (C003, Arg1)",
                     "\\_SB.CPHP.CSCN ()",
                 ] {
