@@ -94,7 +94,10 @@ fn kata_body_boots_with_the_share_on_segment_1() {
     let (status, answer) = request(&vmm.socket, "PUT", "vm.boot", None);
     assert_eq!(status, 204, "{answer}");
     let serial = || std::fs::read_to_string(&vmm.serial).unwrap_or_default();
-    wait_for("the guest's report", || serial().contains("rng via ecam"));
+    // The report's last line, whole: the serial file may end mid-line.
+    wait_for("the guest's report", || {
+        serial().split_inclusive('\n').any(|l| l.starts_with("rng via ecam") && l.ends_with('\n'))
+    });
     let s = serial();
     assert!(s.contains("mcfg segments=2\n"), "{s}");
     assert!(s.contains("segment 1 slot 1 id=105a1af4 bar=c2000000\n"), "virtio-fs on segment 1: {s}");
