@@ -207,7 +207,10 @@ fn resize_adds_vcpus_and_names_what_a_change_needs() {
     let (status, body) = vmm.put("vm.resize", json!({"desired_vcpus": 3}));
     assert!(status == 400 && body.contains("must be 1..=2 (max_vcpus)"), "{body}");
     let (status, body) = vmm.put("vm.resize", json!({"desired_ram": 268435456}));
-    assert!(status == 400 && body.contains("desired_ram") && body.contains("memory hotplug"), "{body}");
+    assert!(
+        status == 400 && body.contains("desired_ram") && body.contains("memory.hotplug_size reserves no"),
+        "{body}"
+    );
     let (status, body) = vmm.put("vm.resize", json!({"desired_balloon": 1}));
     assert!(status == 400 && body.contains("virtio-balloon"), "{body}");
 }
@@ -276,7 +279,7 @@ fn hk_remote_adds_and_removes_devices_in_ch_remote_syntax() {
     assert!(ok, "{err}");
     assert_eq!(vmm.get("vm.info")["config"]["cpus"]["boot_vcpus"], 2);
     let (ok, _, err) = hk_remote(&vmm, &["resize", "--memory", "1G"], null());
-    assert!(!ok && err.contains("memory hotplug"), "{err}");
+    assert!(!ok && err.contains("memory.hotplug_size"), "{err}");
     for id in ["data", "_net0"] {
         let (ok, out, err) = hk_remote(&vmm, &["remove-device", id], null());
         assert!(ok && out.is_empty(), "{err}");

@@ -57,15 +57,8 @@ impl Guest {
             .arg(guest.join("vmlinux"))
             .arg("--initramfs")
             .arg(guest.join("initramfs.cpio"))
-            .args([
-                "--cmdline",
-                &format!("{CMDLINE} {extra_cmdline}"),
-                "--no-reboot",
-                "--memory",
-                "size=256M",
-                "--serial",
-                "tty",
-            ])
+            .args(["--cmdline", &format!("{CMDLINE} {extra_cmdline}"), "--no-reboot", "--serial", "tty"])
+            .args(if extra_args.contains(&"--memory") { &[][..] } else { &["--memory", "size=256M"][..] })
             .args(["--heki", "enabled=on,policy=deny"])
             .args(extra_args)
             .arg("--api-socket")
@@ -318,6 +311,55 @@ fn linux_gets_vcpus_added_and_removed_by_resize_where_the_topology_puts_them() {
     let (status, body) = guest.put("vm.resize", json!({"desired_vcpus": 5}));
     assert_eq!(status, 400, "above max_vcpus: {body}");
     assert!(body.to_string().contains("max_vcpus"), "{body}");
+    let r = ApiClient::new(&guest.socket).request("GET", "vm.heki", None).expect("vm.heki");
+    let heki: Value = serde_json::from_str(&r.body).expect("vm.heki JSON");
+    assert_eq!(heki["counters"]["violations"], 0, "{heki}");
+    assert_eq!(guest.command("end"), "hotplug: done");
+}
+
+/// `vm.resize` with `desired_ram` plugs memory into a running Linux guest
+/// through ACPI memory devices, a 128 MiB slot at a time; the kernel adds
+/// and onlines each block, with heki on and no violation. Less than the
+/// guest has changes nothing (as in Cloud Hypervisor); an amount that is
+/// not whole slots, or more than the window holds, is refused by name.
+#[test]
+fn linux_gets_memory_plugged_in_by_resize_and_onlines_it() {
+    let memory = ["--memory", "size=256M,hotplug_size=512M"];
+    let mut guest = Guest::start_with("linux-memory-hotplug", "", &memory);
+    assert_eq!(guest.wait_for_answers(1), "hotplug: ready");
+    let total_kb = |answer: &str| -> u64 {
+        answer.split("total_kb=").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0)
+    };
+    let before = guest.command("memory");
+    assert!(before.ends_with("blocks_online=2"), "{before}");
+    const MIB: u64 = 1 << 20;
+
+    let (status, body) = guest.put("vm.resize", json!({"desired_ram": 384 * MIB}));
+    assert_eq!(status, 204, "{body}");
+    let wanted = format!("hotplug: memory: total_kb={} blocks_online=3", total_kb(&before) + 128 * 1024);
+    guest.wait_for_answer("memory", &wanted);
+    let info = |guest: &Guest| {
+        let r = ApiClient::new(&guest.socket).request("GET", "vm.info", None).expect("vm.info");
+        serde_json::from_str::<Value>(&r.body).expect("vm.info JSON")
+    };
+    let now = info(&guest);
+    assert_eq!(now["config"]["memory"]["size"], 256 * MIB, "the boot size stays, as in Cloud Hypervisor");
+    assert_eq!(now["config"]["memory"]["hotplugged_size"], 128 * MIB);
+    assert_eq!(now["memory_actual_size"], 384 * MIB);
+
+    let (status, body) = guest.put("vm.resize", json!({"desired_ram": 385 * MIB}));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("slots of 134217728 bytes"), "{body}");
+    let (status, body) = guest.put("vm.resize", json!({"desired_ram": 768 * MIB}));
+    assert_eq!(status, 204, "{body}");
+    let wanted = format!("hotplug: memory: total_kb={} blocks_online=6", total_kb(&before) + 512 * 1024);
+    guest.wait_for_answer("memory", &wanted);
+    let (status, body) = guest.put("vm.resize", json!({"desired_ram": 896 * MIB}));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("0 bytes of memory.hotplug_size are left"), "{body}");
+    assert_eq!(guest.put("vm.resize", json!({"desired_ram": 256 * MIB})).0, 204, "less: nothing changes");
+    assert_eq!(info(&guest)["memory_actual_size"], 768 * MIB);
+
     let r = ApiClient::new(&guest.socket).request("GET", "vm.heki", None).expect("vm.heki");
     let heki: Value = serde_json::from_str(&r.body).expect("vm.heki JSON");
     assert_eq!(heki["counters"]["violations"], 0, "{heki}");

@@ -14,7 +14,8 @@
 #   dma         a disk read into a page heki locked (refused under heki)
 #   cpus        (hk_hotplug) present and online CPUs; online N brings a
 #               CPU the host added online; topology prints each CPU's
-#               package, die, core and thread siblings
+#               package, die, core and thread siblings; memory prints
+#               MemTotal and the memory blocks online
 #   vsock       with hk_vsock=PORT on the command line: listens on vsock port
 #               52 and echoes one line to the host; connects to the host at
 #               PORT, sends a line and prints the host's answer
@@ -112,6 +113,12 @@ if [ -n "$hk_hotplug" ]; then
             else
                 echo "hotplug: cpu$argument online failed"
             fi
+            ;;
+        memory)
+            # What the kernel has: MemTotal and the memory blocks online
+            # (ACPI memory hotplug adds blocks, onlined by the kernel).
+            echo "hotplug: memory: total_kb=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)" \
+                "blocks_online=$(cat /sys/devices/system/memory/memory*/online | grep -c 1)"
             ;;
         topology)
             # One line per CPU: the kernel's view of the CPUID/MADT topology.

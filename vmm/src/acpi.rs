@@ -60,7 +60,7 @@ mod fadt {
 }
 
 fn dsdt(machine: Machine) -> Sdt {
-    let Machine { cpus, pci_segments } = machine;
+    let Machine { cpus, pci_segments, memory_window } = machine;
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let mut body = Vec::new();
     // \_S5_: the sleep type the guest writes to power off.
@@ -75,8 +75,15 @@ fn dsdt(machine: Machine) -> Sdt {
     let com1 = aml::Device::new("COM1".into(), vec![&hid_name, &uid_name, &crs_name]);
     aml::Scope::new("_SB_".into(), vec![&com1]).to_aml_bytes(&mut body);
     crate::acpi_pci::append_pci_aml(pci_segments, &mut body);
-    crate::acpi_hotplug::append_hotplug_aml(&mut body);
+    let mut scans = vec![crate::acpi_cpu_hotplug::SCAN_METHOD];
+    if memory_window.is_some() {
+        scans.push(crate::acpi_memory_hotplug::SCAN_METHOD);
+    }
+    crate::acpi_hotplug::append_hotplug_aml(&mut body, &scans);
     crate::acpi_cpu_hotplug::append_cpu_hotplug_aml(cpus.max, &mut body);
+    if let Some(window) = &memory_window {
+        crate::acpi_memory_hotplug::append_memory_hotplug_aml(window, &mut body);
+    }
     dsdt.append_slice(&body);
     dsdt
 }
@@ -136,23 +143,25 @@ fn align16(addr: u64) -> u64 {
     (addr + 15) & !15
 }
 
-/// What the firmware tables describe: the vCPUs and the PCI segments.
+/// What the firmware tables describe: the vCPUs, the PCI segments and the
+/// memory hotplug window, if memory can be plugged in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Machine {
     pub cpus: CpuCounts,
     pub pci_segments: u16,
+    pub memory_window: Option<crate::memory::HotplugWindow>,
 }
 
 impl From<CpuCounts> for Machine {
     fn from(cpus: CpuCounts) -> Machine {
-        Machine { cpus, pci_segments: 1 }
+        Machine { cpus, pci_segments: 1, memory_window: None }
     }
 }
 
 /// Builds every table and its address, starting with the RSDP at `RSDP_START`.
 pub fn build_acpi_tables(machine: impl Into<Machine>) -> Result<Vec<PlacedTable>, AcpiError> {
     let machine = machine.into();
-    let Machine { cpus, pci_segments } = machine;
+    let Machine { cpus, pci_segments, .. } = machine;
     let mut next = align16(RSDP_START + Rsdp::len() as u64);
     let mut place = |bytes: &[u8]| {
         let addr = next;
@@ -279,7 +288,9 @@ mod tests {
         }
         let dir = std::env::temp_dir().join(format!("hekivisor-acpi-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let two_segments = Machine { cpus: CpuCounts { boot: 2, max: 4 }, pci_segments: 2 };
+        let window = crate::memory::HotplugWindow { start: 4 << 30, size: 512 << 20 };
+        let two_segments =
+            Machine { cpus: CpuCounts { boot: 2, max: 4 }, pci_segments: 2, memory_window: Some(window) };
         for table in build_acpi_tables(two_segments).expect("tables").into_iter().filter(|t| t.signature != "RSDP") {
             let path = dir.join(format!("{}.dat", table.signature.to_lowercase()));
             std::fs::write(&path, &table.bytes).expect("write table");
@@ -319,6 +330,10 @@ mod tests {
                     "Name (_HID, \"ACPI0010\"",
                     "Notify (C003, Arg1)",
                     "\\_SB.CPHP.CSCN ()",
+                    "\\_SB.MHPC.MSCN ()",
+                    "Device (M003)",
+                    "Name (_HID, EisaId (\"PNP0C80\")",
+                    "0x0000000117FFFFFF, // Range Maximum",
                 ] {
                     assert!(dsl.contains(cpu), "{cpu} missing:\n{dsl}");
                 }

@@ -125,24 +125,28 @@ fn slots(body: &mut Vec<u8>) {
     aml::Scope::new("\\_SB_.PC00".into(), children).to_aml_bytes(body);
 }
 
-/// `\_SB_.GED_`: its interrupt runs `_EVT`, which scans the controller.
-fn generic_event_device(body: &mut Vec<u8>) {
+/// `\_SB_.GED_`: its interrupt runs `_EVT`, which scans the PCI controller
+/// and the others named in `scans` (CPU, memory).
+fn generic_event_device(body: &mut Vec<u8>, scans: &[&str]) {
     let hid = aml::Name::new("_HID".into(), &"ACPI0013");
     let uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let interrupt = aml::Interrupt::new(true, true, false, false, GED_IRQ);
     let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&interrupt]));
     // Every controller is scanned: each event is read once and cleared.
     let scan = aml::MethodCall::new("\\_SB_.PHPC.SCAN".into(), vec![]);
-    let scan_cpus = aml::MethodCall::new(crate::acpi_cpu_hotplug::SCAN_METHOD.into(), vec![]);
-    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&scan, &scan_cpus]);
+    let others: Vec<aml::MethodCall> = scans.iter().map(|m| aml::MethodCall::new((*m).into(), vec![])).collect();
+    let mut steps: Vec<&dyn Aml> = vec![&scan];
+    steps.extend(others.iter().map(|m| m as &dyn Aml));
+    let evt = aml::Method::new("_EVT".into(), 1, true, steps);
     aml::Device::new("\\_SB_.GED_".into(), vec![&hid, &uid, &crs, &evt]).to_aml_bytes(body);
 }
 
-/// Appends the controller, the slots and the GED (after the host bridges).
-pub fn append_hotplug_aml(body: &mut Vec<u8>) {
+/// Appends the controller, the slots and the GED (after the host bridges);
+/// the GED also calls the scan methods `scans` of the other controllers.
+pub fn append_hotplug_aml(body: &mut Vec<u8>, scans: &[&str]) {
     controller(body);
     slots(body);
-    generic_event_device(body);
+    generic_event_device(body, scans);
 }
 
 #[cfg(test)]
@@ -152,7 +156,7 @@ mod tests {
     #[test]
     fn every_slot_but_the_host_bridges_is_described_and_notified() {
         let mut body = Vec::new();
-        append_hotplug_aml(&mut body);
+        append_hotplug_aml(&mut body, &[]);
         let count = |needle: &[u8]| body.windows(needle.len()).filter(|w| *w == needle).count();
         assert_eq!(count(b"SL00"), 0);
         // Each slot: its device name and two Notify targets.

@@ -18,6 +18,8 @@ pub(crate) trait RequestHandler {
     /// The VM's state; `None` while no VM was created.
     fn vm_state(&self) -> Option<VmState>;
     fn vm_config(&self) -> Option<&VmConfig>;
+    /// Bytes of memory plugged into the running VM since its boot.
+    fn hotplugged_memory(&self) -> u64;
     /// Records a configuration (state Created).
     fn create_vm(&mut self, config: VmConfig);
     fn boot_vm(&mut self) -> Result<(), ApiError>;
@@ -135,11 +137,16 @@ fn handle(vmm: &mut dyn RequestHandler, request: ApiRequest) -> ApiResult {
             let config = vmm.vm_config().ok_or_else(no_vm)?;
             let mut reported = crate::config::to_cloud_hypervisor_json(config);
             crate::memory::report_memory_in_force(config, &mut reported);
+            // Memory plugged in since boot, as Cloud Hypervisor reports it.
+            let hotplugged = vmm.hotplugged_memory();
+            if hotplugged > 0 {
+                reported["memory"]["hotplugged_size"] = json!(hotplugged);
+            }
             Ok(Some(json!({
                 // Every Cloud Hypervisor section and field, as its vm.info reports them.
                 "config": reported,
                 "state": state.as_str(),
-                "memory_actual_size": config.memory.size,
+                "memory_actual_size": config.memory.size + hotplugged,
                 // Hekivisor's own: where the hotplug window lies (null without one).
                 "memory_hotplug_window": crate::memory::hotplug_window(config),
             })))

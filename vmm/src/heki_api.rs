@@ -221,7 +221,7 @@ fn protect(rt: &HekiRuntime, body: serde_json::Value) -> ApiResult {
             .gpa
             .checked_add(r.size)
             .ok_or_else(|| ApiError::BadRequest(format!("ranges[{i}]: gpa + size overflows")))?;
-        let range = ProtectRange::from_entry(r.gpa, end, perms.bits(), rt.ram()).map_err(|e| abi_error(i, e))?;
+        let range = ProtectRange::from_entry(r.gpa, end, perms.bits(), &rt.ram()).map_err(|e| abi_error(i, e))?;
         ranges.push(range);
     }
     rt.protect_pages(&ranges, "api").map_err(|e| abi_error(0, e).rename_all())?;

@@ -99,6 +99,9 @@ pub mod ports {
     /// ACPI CPU hotplug registers (`devices/cpu_hotplug.rs`): select and status.
     pub const CPU_HOTPLUG: u16 = 0x0cd8;
     pub const CPU_HOTPLUG_LEN: u16 = 8;
+    /// ACPI memory hotplug registers (`devices/hotplug_slots.rs`): select and status.
+    pub const MEMORY_HOTPLUG: u16 = 0x0ce0;
+    pub const MEMORY_HOTPLUG_LEN: u16 = 8;
     /// The ACPI Generic Event Device's interrupt (an ISA IRQ nothing else uses).
     pub const GED_IRQ: u32 = 5;
 }

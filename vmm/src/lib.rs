@@ -3,7 +3,9 @@
 pub mod acpi;
 mod acpi_cpu_hotplug;
 mod acpi_hotplug;
+mod acpi_memory_hotplug;
 mod acpi_pci;
+mod acpi_slots;
 pub mod api;
 mod api_handler;
 pub mod boot;

@@ -19,6 +19,7 @@ use crate::cpu::{ExitCounters, VcpuContext, VcpuEvent, VcpuSetup, boot_registers
 use crate::device_manager::{PciDeviceInfo, PciDevices, build};
 use crate::devices::virtio::console::ConsoleHost;
 use crate::devices::{AcpiPmDevice, CmosRtc, I8042Device, MmioBus, OnDemandPit, PioBus, SerialDevice};
+use crate::guest_access::AccessPolicy;
 use crate::guest_access::{Accessor, CheckedMemory};
 use crate::heki::{Enforcer, HekiRuntime, HekiSettings};
 use crate::introspection::{AgentLink, Hub};
@@ -30,7 +31,10 @@ use crate::traps::ports::KvmSlots;
 pub use crate::cpu::run_control::VCPU_STOP_TIMEOUT;
 pub use crate::vm_error::VmError;
 
+mod memory_hotplug;
 mod vcpu_hotplug;
+
+pub use memory_hotplug::MemoryResizeError;
 
 /// Where the guest's serial output goes; it outlives a VM across reboots.
 pub type SharedOutput = Arc<Mutex<Box<dyn Write + Send>>>;
@@ -67,6 +71,8 @@ pub struct Vm {
     serial: Option<Arc<Mutex<SerialDevice>>>,
     /// Which vCPUs exist, and how to add more (`vm.resize`).
     vcpus: vcpu_hotplug::VcpuSlots,
+    /// Memory plugged into the hotplug window (`vm.resize`).
+    memory: Option<memory_hotplug::MemoryPlug>,
 }
 
 impl Vm {
@@ -83,16 +89,26 @@ impl Vm {
         kick::install_kick_handler().map_err(VmError::SpawnVcpu)?;
         let kvm_vm = Arc::new(hv.create_vm()?);
         let ram = memory::ram_regions(config.memory.size);
-        let guest_ram = memory::create_guest_ram_backed(&ram, &memory::RamBacking::for_config(&config.memory)?)?;
+        let backing = memory::RamBacking::for_config(&config.memory)?;
+        let mut guest_ram = memory::create_guest_ram_backed(&ram, &backing)?;
+        // The hotplug window, mapped now so that plugged memory needs no new
+        // memory map anywhere (`memory/hotplug.rs`); not with huge pages.
+        let window = memory::hotplug_window(config).filter(|_| backing.huge_page_size.is_none());
+        if let Some(window) = &window {
+            guest_ram = memory::map_window(&guest_ram, window, &backing)?;
+        }
         // Everything but KVM and the guest-CPU paths uses the host view.
         crate::host_view::watch(&guest_ram.host);
         let mem = guest_ram.host.clone();
         // RAM before the irqchip: a memslot on a fresh VM costs no grace-period wait.
-        let boot_slots = memory::register_ram(&kvm_vm, &guest_ram.kvm)?;
+        let boot_slots = memory::register_ram(&kvm_vm, &guest_ram.kvm, window.as_ref())?;
         kvm_vm.setup_platform(layout::KVM_TSS_ADDRESS, layout::KVM_IDENTITY_MAP_ADDRESS)?;
         let control = Arc::new(VmControl::new(events, events_wake.try_clone().map_err(VmError::EventFd)?));
         // Every device access to RAM is judged here, heki enabled or not.
         let enforcer = Arc::new(Enforcer::new(config.heki.policy, control.clone()));
+        if let Some(window) = &window {
+            enforcer.epoch().unplugged().reserve(window.start, window.end());
+        }
         // Read-only memslots and the MSR filter, shared by heki and the introspection agent.
         let traps = (config.heki.enabled || agent.is_some()).then(|| {
             let slots: Vec<(heki::PlannedSlot, u32)> = boot_slots
@@ -135,7 +151,7 @@ impl Vm {
         let cpus = config.cpus.boot_vcpus;
         let counts = crate::boot::mptable::CpuCounts { boot: cpus, max: config.cpus.max_vcpus };
         let topology = config.cpus.effective_topology();
-        let machine = crate::acpi::Machine { cpus: counts, pci_segments: config.pci_segments() };
+        let machine = crate::acpi::Machine { cpus: counts, pci_segments: config.pci_segments(), memory_window: window };
         let rsdp = crate::acpi::create_acpi_tables(&mem, machine)?;
         let loaded = load_kernel(&mem, config, &ram, rsdp.0)?;
         let entry = loaded.entry;
@@ -193,6 +209,15 @@ impl Vm {
         let tsc_khz = pending_vcpus.first().and_then(|v: &hypervisor::Vcpu| v.tsc_khz().ok());
         vcpu_cpuid.extend((cpus..config.cpus.max_vcpus).map(|id| setup.cpuid(id, tsc_khz)));
         let cpu_hotplug = vcpu_hotplug::install(&kvm_vm, config, &mut pio)?;
+        let plug = memory_hotplug::MemoryPlug::install(
+            &kvm_vm,
+            window,
+            &guest_ram,
+            traps.clone(),
+            enforcer.clone(),
+            boot_slots.len(),
+            &mut pio,
+        )?;
 
         let agent = match (agent, &traps) {
             (Some(hub), Some(traps)) => {
@@ -242,6 +267,7 @@ impl Vm {
             kvm_vm,
             serial,
             vcpus: vcpu_hotplug::VcpuSlots::new(setup, cpu_hotplug, cpus),
+            memory: plug,
         })
     }
 

@@ -11,7 +11,7 @@ use crate::api::hotplug::{NetRequest, ResizeRequest};
 use crate::api::{ApiError, ApiRequest, ApiResult};
 use crate::config::VmConfig;
 use crate::device_manager::build;
-use crate::vm::VmError;
+use crate::vm::{MemoryResizeError, VmError};
 use crate::vmm::{VmState, Vmm};
 
 /// A device to add, as configured.
@@ -206,9 +206,9 @@ fn remove(vmm: &mut Vmm, id: &str) -> ApiResult {
 /// How long `vm.resize` waits for the guest to eject each vCPU it removes.
 const VCPU_EJECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// `vm.resize`: before the boot, a new boot size; while running, vCPUs are
-/// added or removed through ACPI CPU hotplug, and a memory change is refused
-/// naming what the VMM lacks for it.
+/// `vm.resize`: before the boot, new boot sizes; while running, vCPUs are
+/// added or removed through ACPI CPU hotplug and memory is plugged in
+/// through ACPI memory devices.
 fn resize(vmm: &mut Vmm, resize: ResizeRequest) -> ApiResult {
     let config = vmm.config.as_mut().ok_or_else(no_vm)?;
     if resize.desired_balloon.is_some() {
@@ -241,15 +241,26 @@ fn resize(vmm: &mut Vmm, resize: ResizeRequest) -> ApiResult {
         next.cpus.boot_vcpus = wanted;
     }
     if let Some(ram) = resize.desired_ram {
-        if running && ram != next.memory.size {
-            return Err(bad(format!(
-                "desired_ram: changing a running VM's memory from {} to {ram} bytes needs memory \
-                 hotplug: memory.hotplug_size reserves the address space, but telling the guest of \
-                 new RAM needs ACPI memory devices or virtio-mem, which Hekivisor does not have yet",
-                next.memory.size
-            )));
+        if running {
+            // Memory is plugged into the running VM; the boot size stays, as
+            // Cloud Hypervisor's `memory.size` does (`hotplugged_size` says the rest).
+            let vm = vmm.vm.as_mut().ok_or_else(no_vm)?;
+            let boot = next.memory.size;
+            vm.resize_memory(boot, ram).map_err(|e| match e {
+                MemoryResizeError::NoWindow(_) if next.memory.hugepages && next.memory.hotplug_size.is_some() => {
+                    bad(format!(
+                        "desired_ram: {}",
+                        MemoryResizeError::NoWindow(
+                            " usable with memory.hugepages (a hugetlbfs window would reserve all its huge pages at boot)"
+                        )
+                    ))
+                }
+                MemoryResizeError::Failed(_) => ApiError::Internal(format!("desired_ram: {e}")),
+                e => bad(format!("desired_ram: {e}")),
+            })?;
+        } else {
+            next.memory.size = ram;
         }
-        next.memory.size = ram;
     }
     next.validate().map_err(|e| bad(e.to_string()))?;
     *config = next;

@@ -22,6 +22,10 @@ impl RequestHandler for Vmm {
         self.config.as_ref()
     }
 
+    fn hotplugged_memory(&self) -> u64 {
+        self.vm.as_ref().map_or(0, |vm| vm.hotplugged_memory())
+    }
+
     fn create_vm(&mut self, config: VmConfig) {
         self.create(config);
         crate::events::emit("vm", "created", &[]);

@@ -3,8 +3,8 @@
 mod acpi_pm;
 mod bus;
 mod cmos;
-pub mod cpu_hotplug;
 pub mod gate;
+pub mod hotplug_slots;
 mod i8042;
 pub mod mmio_bus;
 pub mod msi;

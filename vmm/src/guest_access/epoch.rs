@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard,
 
 use super::accessor::Accessor;
 use super::page_bits::PageBits;
+use super::unplugged::UnpluggedRange;
 
 /// The shared state of one VM's guest-access layer.
 #[derive(Default)]
@@ -27,6 +28,8 @@ pub struct AccessEpoch {
     /// One bit per RAM page, set while its reads are judged: a device read
     /// checks it without the lock (allocated on first use).
     pub(super) read_judged_pages: OnceLock<PageBits>,
+    /// Reserved hotplug address space without RAM yet.
+    unplugged: UnpluggedRange,
 }
 
 /// A change under way: no device access is judged or copying until dropped.
@@ -42,6 +45,11 @@ impl Drop for EpochChange<'_> {
 }
 
 impl AccessEpoch {
+    /// Hotplug address space without RAM: devices may not reach it.
+    pub fn unplugged(&self) -> &UnpluggedRange {
+        &self.unplugged
+    }
+
     /// Waits for every access in flight, then holds new ones off until the
     /// returned change is dropped.
     pub fn change(&self) -> EpochChange<'_> {

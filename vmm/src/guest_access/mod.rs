@@ -27,11 +27,13 @@ mod batch;
 mod epoch;
 mod page_bits;
 mod policy;
+mod unplugged;
 
 pub use accessor::Accessor;
 pub use batch::Batch;
 pub use epoch::{AccessEpoch, EpochChange};
 pub use policy::{AccessPolicy, Decision, DeviceAccess};
+pub use unplugged::UnpluggedRange;
 
 /// The guest page size the layer's memos and maps work in.
 const PAGE_SHIFT: u32 = 12;
@@ -160,6 +162,9 @@ impl GuestMemory for CheckedMemory {
     type Bitmap = ();
 
     fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        if self.epoch().unplugged().touches(addr.0, count as u64) {
+            return false;
+        }
         if self.in_batch() {
             self.leave_batch();
         }
@@ -174,6 +179,10 @@ impl GuestMemory for CheckedMemory {
         count: usize,
         access: Permissions,
     ) -> vm_memory::GuestMemoryResult<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
+        // Reserved for hotplug and not plugged in: as if outside RAM.
+        if self.epoch().unplugged().touches(addr.0, count as u64) {
+            return Err(GuestMemoryError::InvalidGuestAddress(addr));
+        }
         let slices = GuestMemoryBackend::get_slices(&self.ram, addr, count);
         let write = access.has_write();
         if !write && !self.epoch().reads_judged() {

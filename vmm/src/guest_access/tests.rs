@@ -101,3 +101,23 @@ fn a_change_waits_for_a_read_in_flight_and_reads_judged_after_it_are_refused() {
     assert!(!reader.join().expect("reader"), "judged under the new answers");
     assert!(memory.read_obj::<u8>(GuestAddress(0xa000)).is_ok(), "other pages still read");
 }
+
+#[test]
+fn memory_reserved_for_hotplug_is_out_of_reach_until_plugged_and_nobody_is_asked() {
+    let policy = locked_page(0xff);
+    let memory = view(&policy, "_rng");
+    // The upper half of this RAM stands for a hotplug window not plugged in yet.
+    policy.epoch.unplugged().reserve(0x8_0000, 0x10_0000);
+    for (gpa, len) in [(0x8_0000, 1), (0x7_fff0, 0x20), (0xf_fff0, 0x10)] {
+        let err = memory.write_slice(&vec![0xaa; len], GuestAddress(gpa)).expect_err("not RAM yet");
+        assert!(!is_refusal(&err), "out of RAM, not a policy refusal: {err}");
+        assert!(memory.read_slice(&mut vec![0; len], GuestAddress(gpa)).is_err());
+        assert!(!memory.check_range(GuestAddress(gpa), len, Permissions::Write));
+    }
+    assert_eq!(policy.questions.load(Ordering::SeqCst), 0, "no policy question, so no event");
+    memory.write_obj(0x11u8, GuestAddress(0x7_ff00)).expect("boot RAM below the window");
+    policy.epoch.unplugged().plug_up_to(0x9_0000);
+    memory.write_obj(0x5eedu32, GuestAddress(0x8_0100)).expect("plugged in");
+    assert_eq!(memory.read_obj::<u32>(GuestAddress(0x8_0100)).expect("read back"), 0x5eed);
+    assert!(memory.write_obj(0u8, GuestAddress(0x9_0000)).is_err(), "the rest stays out of reach");
+}

@@ -39,7 +39,7 @@ impl PrivateMode {
 impl HekiRuntime {
     /// Pages up to the end of the highest RAM region.
     fn ram_pages(&self) -> u64 {
-        self.ram.regions.iter().map(|&(_, end)| end >> PAGE_SHIFT).max().unwrap_or(0)
+        self.ram().regions.iter().map(|&(_, end)| end >> PAGE_SHIFT).max().unwrap_or(0)
     }
 
     /// Whether the guest made its memory private.
@@ -57,7 +57,7 @@ impl HekiRuntime {
         if self.view_has_huge_pages() {
             return Err(AbiError::NotImplemented);
         }
-        let ram = self.ram.clone();
+        let ram = (*self.ram()).clone();
         let newly_private = std::cell::RefCell::new(Vec::new());
         self.update_with_view(
             |p| {
@@ -86,7 +86,7 @@ impl HekiRuntime {
     /// SET_SHARED: shares `[gpa, gpa + len)` with the host, or makes it private
     /// again (returning only once no device access to it is in flight).
     pub fn set_shared(&self, gpa: u64, len: u64, share: u64) -> Result<(), AbiError> {
-        let ram = self.ram.clone();
+        let ram = (*self.ram()).clone();
         self.update_with_view(
             |p| p.private.set_shared(&ram, gpa, len, share),
             |view| {

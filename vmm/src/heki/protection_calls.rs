@@ -107,7 +107,7 @@ impl HekiRuntime {
 
     /// PROTECT_BYTES.
     pub fn protect_bytes(&self, gpa: u64, len: u64, who: &str) -> Result<(), AbiError> {
-        let ram = self.ram.clone();
+        let ram = (*self.ram()).clone();
         self.update(|p| p.protect_bytes(&ram, gpa, len))?;
         crate::events::emit(
             "heki",
@@ -118,7 +118,7 @@ impl HekiRuntime {
     }
 
     pub fn query(&self, gpa: u64) -> Result<u64, AbiError> {
-        let bits = self.enforcer.protections().query(&self.ram, gpa)?;
+        let bits = self.enforcer.protections().query(&self.ram(), gpa)?;
         // This host always keeps a (PROT_NONE) mapping of private pages.
         let unmapped = bits & heki::private::QUERY_PRIVATE != 0 && self.private_mode() == PrivateMode::Kernel;
         Ok(bits | if unmapped { heki::private::QUERY_UNMAPPED } else { 0 })
@@ -126,7 +126,7 @@ impl HekiRuntime {
 
     /// Decodes a page list from guest memory.
     pub fn decode_page_list(&self, list: u64) -> Result<Vec<ProtectRange>, AbiError> {
-        abi::decode_page_list(&GuestReader(&self.ram_mem), &self.ram, list)
+        abi::decode_page_list(&GuestReader(&self.ram_mem), &self.ram(), list)
     }
 
     /// The page ranges whose permissions differ from the default, as

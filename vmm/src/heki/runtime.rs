@@ -56,7 +56,6 @@ pub struct HekiRuntime {
     pub(super) ram_mem: GuestMemoryMmap,
     /// The VMM's view, where private pages are made inaccessible.
     pub(super) host_view: GuestMemoryMmap,
-    pub(super) ram: RamLayout,
     pub cr_check_interval_ms: u64,
     /// Whether LOCK_MAPPINGS is offered (`HekiSettings::translation`).
     pub(super) translation: bool,
@@ -118,13 +117,11 @@ impl HekiRuntime {
                 false
             }
         };
-        let ram = traps.ram().clone();
         HekiRuntime {
             enforcer,
             traps,
             ram_mem: guest_ram.kvm.clone(),
             host_view: guest_ram.host.clone(),
-            ram,
             cr_check_interval_ms: config.cr_check_interval_ms,
             translation: config.translation,
             pin_state: PinState::new(vcpus),
@@ -223,8 +220,9 @@ impl HekiRuntime {
         self.enforcer.set_policy(policy);
     }
 
-    pub fn ram(&self) -> &RamLayout {
-        &self.ram
+    /// Guest RAM as the guest has it now (boot regions plus plugged memory).
+    pub fn ram(&self) -> Arc<RamLayout> {
+        self.traps.ram()
     }
 
     /// Applies new protections and the memslot layout they need, atomically.
@@ -269,7 +267,7 @@ impl HekiRuntime {
         change(&mut next)?;
         // heki's read-only pages plus the pages the introspection agent tracks.
         let heki_pages = next.readonly_pages();
-        let plan = slots.plan_with_heki(&self.ram, &heki_pages).map_err(|_| AbiError::NoSpace)?;
+        let plan = slots.plan_with_heki(&self.ram(), &heki_pages).map_err(|_| AbiError::NoSpace)?;
         // Waits for device accesses in flight; new ones wait for us.
         let mut protections = self.enforcer.protections_mut();
         if slots.differs(&plan) {
@@ -325,7 +323,7 @@ impl HekiRuntime {
 
     pub(super) fn trapped_write(&self, vcpu: u8, gpa: u64, data: &[u8], site: impl FnOnce() -> ExitSite, apply: bool) {
         let len = data.len();
-        if !self.ram.contains(gpa, len as u64) {
+        if !self.ram().contains(gpa, len as u64) {
             // Not RAM: an access to a device we lack; dropped.
             return;
         }

@@ -44,7 +44,7 @@ impl HekiRuntime {
                 lock_errno(&e)
             })?
         };
-        let ram = self.ram().clone();
+        let ram = (*self.ram()).clone();
         let table_pages = lock.table_pages.clone();
         let top_entries = lock.top_entry_gpas.clone();
         let targets = lock.targets.clone();

@@ -10,7 +10,7 @@ mod hotplug;
 use std::fs::File;
 
 pub use backing::{HugePagePool, RamBacking, check_huge_page_pool, host_default_huge_page_size, huge_page_pool};
-pub use hotplug::{HotplugWindow, add_hotplug_ram};
+pub use hotplug::{HotplugWindow, in_window, map_window};
 
 use hypervisor::{MemSlot, Vm};
 use thiserror::Error;
@@ -155,44 +155,36 @@ pub fn host_address(mem: &GuestMemoryMmap, gpa: u64) -> Option<u64> {
     mem.get_host_address(GuestAddress(gpa)).ok().map(|p| p as u64)
 }
 
-/// Registers every RAM region as one writable memslot, slots 0..n.
-pub fn register_ram(vm: &Vm, mem: &GuestMemoryMmap) -> Result<Vec<MemSlot>, MemoryError> {
+/// Registers every RAM region as one writable memslot, slots 0..n; the
+/// hotplug `window` gets none (memory plugged there gets its own).
+pub fn register_ram(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    window: Option<&HotplugWindow>,
+) -> Result<Vec<MemSlot>, MemoryError> {
     let mut slots = Vec::new();
-    for (index, region) in mem.iter().enumerate() {
-        let host = region.get_host_address(MemoryRegionAddress(0)).map_err(|e| {
-            MemoryError::Register(hypervisor::HypervisorError::Ioctl {
-                op: "KVM_SET_USER_MEMORY_REGION",
-                source: std::io::Error::other(e.to_string()),
-            })
-        })?;
-        let slot = MemSlot {
-            slot: index as u32,
-            guest_addr: region.start_addr().0,
-            size: region.len(),
-            host_addr: host as u64,
-            readonly: false,
-        };
-        // SAFETY: the region is a live mapping owned by `mem`, which the VM keeps
-        // alive for as long as the VM (and so the slot) exists.
-        unsafe { vm.set_memslot(&slot) }.map_err(MemoryError::Register)?;
-        slots.push(slot);
+    for region in mem.iter().filter(|r| !in_window(window, r.start_addr().0)) {
+        slots.push(register_range(vm, mem, region.start_addr().0, region.len(), slots.len() as u32)?);
     }
     Ok(slots)
 }
 
-/// Registers the region of `mem` that starts at `gpa` as writable memslot `slot`.
-pub fn register_region(vm: &Vm, mem: &GuestMemoryMmap, gpa: u64, slot: u32) -> Result<MemSlot, MemoryError> {
-    let not_found = || {
+/// Registers `[gpa, gpa + size)`, inside one region of `mem`, as writable memslot `slot`.
+pub fn register_range(vm: &Vm, mem: &GuestMemoryMmap, gpa: u64, size: u64, slot: u32) -> Result<MemSlot, MemoryError> {
+    let not_ram = || {
         MemoryError::Register(hypervisor::HypervisorError::Ioctl {
             op: "KVM_SET_USER_MEMORY_REGION",
-            source: std::io::Error::other(format!("no RAM region starts at {gpa:#x}")),
+            source: std::io::Error::other(format!("{gpa:#x}+{size:#x} is not one piece of RAM")),
         })
     };
-    let region = mem.iter().find(|r| r.start_addr().0 == gpa).ok_or_else(not_found)?;
-    let host = region.get_host_address(MemoryRegionAddress(0)).map_err(|_| not_found())?;
-    let memslot = MemSlot { slot, guest_addr: gpa, size: region.len(), host_addr: host as u64, readonly: false };
-    // SAFETY: the region is a live mapping owned by `mem`; the caller keeps it
-    // alive for as long as the slot exists (as `register_ram`'s callers do).
+    let (region, offset) = mem.to_region_addr(GuestAddress(gpa)).ok_or_else(not_ram)?;
+    if offset.0.checked_add(size).is_none_or(|end| end > region.len()) {
+        return Err(not_ram());
+    }
+    let host = region.get_host_address(offset).map_err(|_| not_ram())?;
+    let memslot = MemSlot { slot, guest_addr: gpa, size, host_addr: host as u64, readonly: false };
+    // SAFETY: the range lies inside one live region of `mem` (checked above),
+    // which the VM keeps alive for as long as the VM (and so the slot) exists.
     unsafe { vm.set_memslot(&memslot) }.map_err(MemoryError::Register)?;
     Ok(memslot)
 }

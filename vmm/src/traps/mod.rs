@@ -7,7 +7,7 @@
 //! `heki::plan_memslots`. A heki lock therefore never depends on the agent:
 //! the agent removing its tracking leaves heki's pages read-only.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 pub mod memslots;
 pub mod ports;
@@ -85,7 +85,8 @@ pub struct VmTraps {
     filter: Mutex<FilterState>,
     host: Arc<dyn VmSlots>,
     control: Arc<dyn RunControl>,
-    ram: RamLayout,
+    /// Guest RAM: the boot regions, then what `vm.resize` plugged in.
+    ram: RwLock<Arc<RamLayout>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -109,7 +110,7 @@ impl VmTraps {
             filter: Mutex::default(),
             host,
             control,
-            ram,
+            ram: RwLock::new(Arc::new(ram)),
         }
     }
 
@@ -117,8 +118,28 @@ impl VmTraps {
         self.host.as_ref()
     }
 
-    pub fn ram(&self) -> &RamLayout {
-        &self.ram
+    pub fn ram(&self) -> Arc<RamLayout> {
+        self.ram.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Memory hotplug: `[gpa, gpa + size)` becomes RAM and gets its memslot,
+    /// planned with every owner's read-only pages; returns once no vCPU runs
+    /// with the old layout. On failure nothing changes.
+    pub fn add_ram(&self, gpa: u64, size: u64) -> Result<(), TrapError> {
+        let mut slots = self.slots();
+        let mut grown = (*self.ram()).clone();
+        grown.regions.push((gpa, gpa.saturating_add(size)));
+        grown.regions.sort_unstable();
+        let union = merge_ranges(slots.heki.iter().chain(&slots.agent).copied().collect());
+        let plan = plan_memslots(&grown.regions, &union, slots.table.max_slots())?;
+        self.control.hold_vcpus().map_err(TrapError::Hold)?;
+        let applied = slots.table.apply(self.host.as_ref(), &plan);
+        if applied.is_ok() {
+            *self.ram.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(grown);
+        }
+        self.control.release_vcpus();
+        applied?;
+        Ok(())
     }
 
     /// The slot state, locked: heki holds it across a protection change.
@@ -132,7 +153,7 @@ impl VmTraps {
     pub fn set_agent_pages(&self, pages: Vec<(u64, u64)>) -> Result<(), TrapError> {
         let mut slots = self.slots();
         let union = merge_ranges(slots.heki.iter().chain(&pages).copied().collect());
-        let plan = plan_memslots(&self.ram.regions, &union, slots.table.max_slots())?;
+        let plan = plan_memslots(&self.ram().regions, &union, slots.table.max_slots())?;
         if slots.table.differs(&plan) {
             self.control.hold_vcpus().map_err(TrapError::Hold)?;
             let applied = slots.table.apply(self.host.as_ref(), &plan);
@@ -203,7 +224,7 @@ mod tests {
         let (traps, host) = traps();
         {
             let mut slots = traps.slots();
-            let plan = slots.plan_with_heki(traps.ram(), &[(10, 11)]).expect("fits");
+            let plan = slots.plan_with_heki(&traps.ram(), &[(10, 11)]).expect("fits");
             slots.apply(traps.host(), &plan).expect("installed");
             slots.set_heki_pages(vec![(10, 11)]);
         }

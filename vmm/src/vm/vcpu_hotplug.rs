@@ -18,7 +18,7 @@ use super::{Vm, VmError};
 use crate::config::VmConfig;
 use crate::cpu::{VcpuSetup, run_vcpu};
 use crate::devices::PioBus;
-use crate::devices::cpu_hotplug::{CpuHotplug, CpuHotplugPorts};
+use crate::devices::hotplug_slots::{HotplugSlotPorts, HotplugSlots};
 use crate::layout::ports;
 
 /// The controller on the port bus, its interrupt on the GED's line.
@@ -26,14 +26,19 @@ pub(super) fn install(
     kvm_vm: &hypervisor::Vm,
     config: &VmConfig,
     pio: &mut PioBus,
-) -> Result<Arc<CpuHotplug>, VmError> {
+) -> Result<Arc<HotplugSlots>, VmError> {
     let interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
     kvm_vm.register_irqfd(&interrupt, ports::GED_IRQ)?;
-    let controller = Arc::new(CpuHotplug::new(config.cpus.boot_vcpus, config.cpus.max_vcpus, interrupt));
+    let controller = Arc::new(HotplugSlots::new(
+        "vCPU",
+        u32::from(config.cpus.boot_vcpus),
+        u32::from(config.cpus.max_vcpus),
+        interrupt,
+    ));
     pio.insert(
         ports::CPU_HOTPLUG,
         ports::CPU_HOTPLUG_LEN,
-        Arc::new(std::sync::Mutex::new(CpuHotplugPorts(controller.clone()))),
+        Arc::new(std::sync::Mutex::new(HotplugSlotPorts(controller.clone()))),
     );
     Ok(controller)
 }
@@ -41,7 +46,7 @@ pub(super) fn install(
 /// Which vCPUs exist and how to make more.
 pub(super) struct VcpuSlots {
     setup: VcpuSetup,
-    controller: Arc<CpuHotplug>,
+    controller: Arc<HotplugSlots>,
     /// vCPUs with a KVM fd and a thread (running or parked).
     created: u8,
     /// vCPUs the guest has: `0..live`.
@@ -49,7 +54,7 @@ pub(super) struct VcpuSlots {
 }
 
 impl VcpuSlots {
-    pub(super) fn new(setup: VcpuSetup, controller: Arc<CpuHotplug>, boot: u8) -> VcpuSlots {
+    pub(super) fn new(setup: VcpuSetup, controller: Arc<HotplugSlots>, boot: u8) -> VcpuSlots {
         VcpuSlots { setup, controller, created: boot, live: boot }
     }
 
@@ -96,11 +101,11 @@ impl Vm {
             }
             self.vcpus.live = id + 1;
             log::info!("CPU hotplug: vCPU {id} added");
-            self.vcpus.controller.announce_added(id);
+            self.vcpus.controller.announce_added(u32::from(id));
         }
         while self.vcpus.live > target.max(1) {
             let id = self.vcpus.live - 1;
-            if !self.vcpus.controller.request_eject(id, eject_timeout) {
+            if !self.vcpus.controller.request_eject(u32::from(id), eject_timeout) {
                 return Err(VmError::VcpuNotReleased { id, timeout: eject_timeout });
             }
             self.ctx.parking.park(id);

@@ -1,16 +1,19 @@
-//! The ACPI CPU hotplug controller: the registers the DSDT's processor
-//! methods (`acpi_cpu_hotplug.rs`) read and write, and the Generic Event
-//! Device's interrupt that makes the guest look at them.
+//! An ACPI hotplug controller of numbered slots, one per vCPU (CPU hotplug,
+//! `ports::CPU_HOTPLUG`) or per block of hotplug memory (`ports::MEMORY_HOTPLUG`):
+//! the registers the DSDT's methods (`acpi_cpu_hotplug.rs`,
+//! `acpi_memory_hotplug.rs`) read and write, and the Generic Event Device's
+//! interrupt that makes the guest look at them.
 //!
-//! Registers, 32 bits each, at `ports::CPU_HOTPLUG`:
-//! - 0x0 select: the vCPU the status register speaks of.
-//! - 0x4 status: reads bit 0 enabled (the vCPU's `_STA`), bit 1 insert
+//! Registers, 32 bits each:
+//! - 0x0 select: the slot the status register speaks of.
+//! - 0x4 status: reads bit 0 enabled (the slot's `_STA`), bit 1 insert
 //!   pending, bit 2 remove pending; a write of bit 1 or bit 2 acknowledges
-//!   that event, a write of bit 3 says the guest has let the vCPU go (`_EJ0`).
+//!   that event, a write of bit 3 says the guest has let the slot go (`_EJ0`).
 //!
-//! The guest cannot remove a vCPU on its own: an eject counts only for a
-//! vCPU whose removal the host asked for, and only the host (`vm.resize`)
-//! then parks it. A vCPU's heki pins are forgotten only once it is parked.
+//! The guest cannot remove anything on its own: an eject counts only for a
+//! slot whose removal the host asked for, and never for slot 0 (the boot
+//! vCPU). For CPUs, only the host (`vm.resize`) then parks the vCPU, and its
+//! heki pins are forgotten only once it is parked.
 
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -27,7 +30,7 @@ pub const REMOVE_PENDING: u32 = 1 << 2;
 pub const EJECTED: u32 = 1 << 3;
 
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
-struct CpuSlot {
+struct Slot {
     enabled: bool,
     insert_pending: bool,
     remove_pending: bool,
@@ -36,22 +39,26 @@ struct CpuSlot {
 
 struct Registers {
     selected: u32,
-    cpus: Vec<CpuSlot>,
+    cpus: Vec<Slot>,
 }
 
 /// State shared by the register block (vCPU threads) and `vm.resize` (the
 /// VMM thread, which waits for ejects).
-pub struct CpuHotplug {
+pub struct HotplugSlots {
+    /// What the slots hold, for the log ("vCPU", "memory slot").
+    what: &'static str,
     interrupt: EventFd,
     registers: Mutex<Registers>,
     ejected: Condvar,
 }
 
-impl CpuHotplug {
-    /// `max` vCPU slots, the first `boot` enabled; `interrupt` is an irqfd on the GED's line.
-    pub fn new(boot: u8, max: u8, interrupt: EventFd) -> CpuHotplug {
-        let cpus = (0..max).map(|id| CpuSlot { enabled: id < boot, ..Default::default() }).collect();
-        CpuHotplug { interrupt, registers: Mutex::new(Registers { selected: 0, cpus }), ejected: Condvar::new() }
+impl HotplugSlots {
+    /// `count` slots of `what`, the first `enabled` of them enabled;
+    /// `interrupt` is an irqfd on the GED's line.
+    pub fn new(what: &'static str, enabled: u32, count: u32, interrupt: EventFd) -> HotplugSlots {
+        let cpus = (0..count).map(|id| Slot { enabled: id < enabled, ..Default::default() }).collect();
+        let registers = Mutex::new(Registers { selected: 0, cpus });
+        HotplugSlots { what, interrupt, registers, ejected: Condvar::new() }
     }
 
     fn registers(&self) -> MutexGuard<'_, Registers> {
@@ -60,32 +67,32 @@ impl CpuHotplug {
 
     fn raise(&self) {
         if let Err(e) = self.interrupt.write(1) {
-            log::warn!("CPU hotplug: cannot raise the GED interrupt: {e}");
+            log::warn!("{} hotplug: cannot raise the GED interrupt: {e}", self.what);
         }
     }
 
-    /// Whether vCPU `id` is enabled (present for the guest).
-    pub fn is_enabled(&self, id: u8) -> bool {
-        self.registers().cpus.get(usize::from(id)).is_some_and(|c| c.enabled)
+    /// Whether slot `id` is enabled (present for the guest).
+    pub fn is_enabled(&self, id: u32) -> bool {
+        self.registers().cpus.get(id as usize).is_some_and(|c| c.enabled)
     }
 
-    /// vCPU `id` now exists: tell the guest.
-    pub fn announce_added(&self, id: u8) {
+    /// Slot `id` is now filled: tell the guest.
+    pub fn announce_added(&self, id: u32) {
         {
             let mut registers = self.registers();
-            let Some(cpu) = registers.cpus.get_mut(usize::from(id)) else { return };
-            *cpu = CpuSlot { enabled: true, insert_pending: true, ..Default::default() };
+            let Some(cpu) = registers.cpus.get_mut(id as usize) else { return };
+            *cpu = Slot { enabled: true, insert_pending: true, ..Default::default() };
         }
         self.raise();
     }
 
-    /// Asks the guest to let vCPU `id` go and waits up to `timeout` for its
-    /// eject. True if the guest ejected it: the vCPU is then disabled and
-    /// the caller parks it. Otherwise the request is withdrawn.
-    pub fn request_eject(&self, id: u8, timeout: Duration) -> bool {
+    /// Asks the guest to let slot `id` go and waits up to `timeout` for its
+    /// eject. True if the guest ejected it: the slot is then disabled (a
+    /// vCPU's caller parks it). Otherwise the request is withdrawn.
+    pub fn request_eject(&self, id: u32, timeout: Duration) -> bool {
         {
             let mut registers = self.registers();
-            let Some(cpu) = registers.cpus.get_mut(usize::from(id)) else { return false };
+            let Some(cpu) = registers.cpus.get_mut(id as usize) else { return false };
             if !cpu.enabled {
                 return true;
             }
@@ -97,9 +104,9 @@ impl CpuHotplug {
         let deadline = Instant::now() + timeout;
         let mut registers = self.registers();
         loop {
-            let cpu = &mut registers.cpus[usize::from(id)];
+            let cpu = &mut registers.cpus[id as usize];
             if cpu.ejected {
-                *cpu = CpuSlot::default();
+                *cpu = Slot::default();
                 return true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -138,12 +145,15 @@ impl CpuHotplug {
                 }
                 if value & EJECTED != 0 {
                     if cpu.remove_pending && id != 0 {
-                        log::info!("CPU hotplug: the guest ejected vCPU {id}");
+                        log::info!("hotplug: the guest ejected {} {id}", self.what);
                         cpu.remove_pending = false;
                         cpu.ejected = true;
                         self.ejected.notify_all();
                     } else {
-                        log::warn!("CPU hotplug: the guest ejected vCPU {id}, which the host did not ask for; ignored");
+                        log::warn!(
+                            "hotplug: the guest ejected {} {id}, which the host did not ask for; ignored",
+                            self.what
+                        );
                     }
                 } else if value & REMOVE_PENDING != 0 {
                     // Acknowledged: the request stays until the eject or the host's timeout.
@@ -155,9 +165,9 @@ impl CpuHotplug {
 }
 
 /// The register block on the I/O port bus.
-pub struct CpuHotplugPorts(pub std::sync::Arc<CpuHotplug>);
+pub struct HotplugSlotPorts(pub std::sync::Arc<HotplugSlots>);
 
-impl PioDevice for CpuHotplugPorts {
+impl PioDevice for HotplugSlotPorts {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         // Only aligned 32-bit accesses mean anything (the DSDT's fields are DWordAcc).
         if data.len() != 4 || !offset.is_multiple_of(4) {
@@ -179,11 +189,11 @@ impl PioDevice for CpuHotplugPorts {
 mod tests {
     use super::*;
 
-    fn controller(boot: u8, max: u8) -> CpuHotplug {
-        CpuHotplug::new(boot, max, EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
+    fn controller(boot: u32, max: u32) -> HotplugSlots {
+        HotplugSlots::new("vCPU", boot, max, EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
     }
 
-    fn status(c: &CpuHotplug, id: u32) -> u32 {
+    fn status(c: &HotplugSlots, id: u32) -> u32 {
         c.write(SELECT, id);
         c.read(STATUS)
     }
