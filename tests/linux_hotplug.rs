@@ -313,7 +313,14 @@ fn linux_gets_vcpus_added_and_removed_by_resize_where_the_topology_puts_them() {
     assert!(body.to_string().contains("max_vcpus"), "{body}");
     let r = ApiClient::new(&guest.socket).request("GET", "vm.heki", None).expect("vm.heki");
     let heki: Value = serde_json::from_str(&r.body).expect("vm.heki JSON");
-    assert_eq!(heki["counters"]["violations"], 0, "{heki}");
+    let violations = ApiClient::new(&guest.socket).request("GET", "vm.heki-violations", None).expect("violations");
+    assert_eq!(heki["counters"]["violations"], 0, "{}", violations.body);
+    // Each added vCPU took vCPU 0's CR pins (the kernel had set the bits).
+    let boot_pins = &heki["pins"][0];
+    for id in 1..4 {
+        let pins = &heki["pins"][id];
+        assert_eq!((&pins["cr0"], &pins["cr4"]), (&boot_pins["cr0"], &boot_pins["cr4"]), "vCPU {id}: {heki}");
+    }
     assert_eq!(guest.command("end"), "hotplug: done");
 }
 

@@ -221,7 +221,16 @@ impl Vcpu {
     /// Puts the vCPU back where an application processor starts: waiting for
     /// the INIT and SIPI with which the guest brings a CPU up. A vCPU the
     /// guest ejected and the host adds again starts from there.
+    /// Until the INIT arrives, its control registers read as after a reset
+    /// (not the long mode it left), so nothing takes it for a running CPU.
     pub fn wait_for_startup(&self) -> Result<()> {
+        /// CR0 after reset: CD | NW | ET.
+        const CR0_RESET: u64 = 0x6000_0010;
+        let mut sregs = self.fd.get_sregs().map_err(ioctl_err("KVM_GET_SREGS"))?;
+        (sregs.cr0, sregs.cr4, sregs.efer) = (CR0_RESET, 0, 0);
+        // KVM refuses a 64-bit code segment outside long mode.
+        (sregs.cs.l, sregs.cs.db) = (0, 0);
+        self.fd.set_sregs(&sregs).map_err(ioctl_err("KVM_SET_SREGS"))?;
         let state = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_UNINITIALIZED };
         self.fd.set_mp_state(state).map_err(ioctl_err("KVM_SET_MP_STATE"))
     }

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Instant;
 
 use heki::VcpuPins;
 use heki::pins::{ControlRegister, DescriptorTable, PinError};
@@ -45,6 +46,11 @@ pub(super) type LoggedDtr = (DescriptorTable, (u64, u16));
 pub struct PinState {
     pub(super) pins: Vec<Mutex<VcpuPins>>,
     pub(super) has_cr_pins: Vec<AtomicBool>,
+    /// vCPUs the host added after boot, to take vCPU 0's CR pins once they
+    /// run the kernel in long mode (`pins.rs`, `inherit_cr_pins`).
+    pub(super) inheriting: Vec<AtomicBool>,
+    /// When each such vCPU was first seen in long mode with paging.
+    pub(super) long_mode_since: Vec<Mutex<Option<Instant>>>,
     /// Last CR violation reported per vCPU under `log`, to report changes once.
     pub(super) last_logged: Vec<Mutex<Option<(ControlRegister, u64)>>>,
     /// The same for descriptor-table registers.
@@ -71,6 +77,8 @@ impl PinState {
         PinState {
             pins: (0..vcpus).map(|_| Mutex::default()).collect(),
             has_cr_pins: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+            inheriting: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+            long_mode_since: (0..vcpus).map(|_| Mutex::default()).collect(),
             last_logged: (0..vcpus).map(|_| Mutex::default()).collect(),
             last_logged_dtr: (0..vcpus).map(|_| Mutex::default()).collect(),
             mailbox: Mutex::new(Mailbox { requests: vec![None; vcpus], results: vec![None; vcpus] }),
@@ -102,11 +110,26 @@ impl PinState {
             *lock(pins) = VcpuPins::default();
             has_cr.store(false, Ordering::Relaxed);
         }
+        if let Some(flag) = self.inheriting.get(id) {
+            flag.store(false, Ordering::Relaxed);
+        }
         if let Some(logged) = self.last_logged.get(id) {
             *lock(logged) = None;
         }
         if let Some(logged) = self.last_logged_dtr.get(id) {
             *lock(logged) = None;
+        }
+    }
+
+    /// vCPU `id` was added by the host (`vm.resize`): it takes vCPU 0's CR
+    /// pins as soon as it runs the kernel in long mode. A kernel that may be
+    /// compromised by then brings the CPU up, so its own pinning cannot be
+    /// relied on.
+    pub fn expect_inheritance(&self, id: u8) {
+        let id = usize::from(id);
+        if let (Some(flag), Some(since)) = (self.inheriting.get(id), self.long_mode_since.get(id)) {
+            *lock(since) = None;
+            flag.store(true, Ordering::Relaxed);
         }
     }
 

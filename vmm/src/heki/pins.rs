@@ -17,6 +17,10 @@ use crate::traps::ports::VcpuAccess;
 /// How long a host-side pin waits for the vCPUs to answer.
 const PIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a vCPU the host added may run in long mode before it must have
+/// vCPU 0's pinned CR bits (Linux sets them within its first steps there).
+pub(super) const INHERIT_GRACE: Duration = Duration::from_secs(2);
+
 fn pin_errno(_: PinError) -> AbiError {
     AbiError::InvalidArgument
 }
@@ -96,10 +100,12 @@ impl HekiRuntime {
     pub fn check_crs(&self, vcpu: &dyn VcpuAccess) {
         let id = vcpu.id();
         let has_pins = self.pin_state.has_cr_pins.get(usize::from(id)).is_some_and(|b| b.load(Ordering::Relaxed));
-        if !has_pins && !self.translations().is_active() {
+        let inheriting = self.pin_state.inheriting.get(usize::from(id)).is_some_and(|b| b.load(Ordering::Relaxed));
+        if !has_pins && !inheriting && !self.translations().is_active() {
             return;
         }
         let Ok(mut sregs) = vcpu.sregs() else { return };
+        let has_pins = has_pins || (inheriting && self.inherit_cr_pins(id, &sregs));
         let mut restore = false;
         if has_pins {
             restore |= self.check_pinned_crs(vcpu, &mut sregs);
@@ -109,6 +115,53 @@ impl HekiRuntime {
         if restore && let Err(e) = vcpu.set_sregs(&sregs) {
             log::error!("heki: cannot restore pinned registers on vCPU {id}: {e}");
         }
+    }
+
+    /// A vCPU the host added takes vCPU 0's CR pins once it is in long mode
+    /// with paging (its real-mode and 32-bit start legitimately runs without
+    /// them) and either has every pinned bit set, which the kernel does
+    /// early in bringing a CPU up, or has run `INHERIT_GRACE` without them:
+    /// then the pins are taken anyway and the check that follows restores
+    /// the bits and reports it. True once the vCPU has the pins.
+    fn inherit_cr_pins(&self, id: u8, sregs: &hypervisor::SpecialRegs) -> bool {
+        const EFER_LMA: u64 = 1 << 10;
+        const CR0_PG: u64 = 1 << 31;
+        let index = usize::from(id);
+        if sregs.efer & EFER_LMA == 0 || sregs.cr0 & CR0_PG == 0 {
+            return false;
+        }
+        let template = self.pin_state.pins(0).map(|p| (p.cr0, p.cr4)).unwrap_or_default();
+        let stop_inheriting = || self.pin_state.inheriting[index].store(false, Ordering::Relaxed);
+        if id == 0 || template == (0, 0) {
+            // vCPU 0 pinned nothing: there is nothing to take.
+            stop_inheriting();
+            return false;
+        }
+        let reached = sregs.cr0 & template.0 == template.0 && sregs.cr4 & template.1 == template.1;
+        let mut since = lock(&self.pin_state.long_mode_since[index]);
+        let started = *since.get_or_insert_with(Instant::now);
+        if !reached && started.elapsed() < INHERIT_GRACE {
+            return false;
+        }
+        *since = None;
+        drop(since);
+        let Some(mut pins) = self.pin_state.pins(id) else { return false };
+        pins.cr0 |= template.0;
+        pins.cr4 |= template.1;
+        drop(pins);
+        self.pin_state.has_cr_pins[index].store(true, Ordering::Relaxed);
+        stop_inheriting();
+        crate::events::emit(
+            "heki",
+            "pins-inherited",
+            &[
+                ("vcpu", id.to_string()),
+                ("cr0", format!("{:#x}", template.0)),
+                ("cr4", format!("{:#x}", template.1)),
+                ("bits_were_set", reached.to_string()),
+            ],
+        );
+        true
     }
 
     /// CR0/CR4 pins; true if `sregs` was changed to restore them.

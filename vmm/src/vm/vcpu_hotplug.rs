@@ -100,6 +100,11 @@ impl Vm {
                 self.vcpus.created = id + 1;
             }
             self.vcpus.live = id + 1;
+            // The kernel that brings it up may be compromised by now: heki
+            // pins it like vCPU 0 once it runs in long mode.
+            if let Some(heki) = &self.heki {
+                heki.pins().expect_inheritance(id);
+            }
             log::info!("CPU hotplug: vCPU {id} added");
             self.vcpus.controller.announce_added(u32::from(id));
         }
