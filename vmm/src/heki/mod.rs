@@ -27,4 +27,6 @@ pub use enforcer::{Enforcer, ViolationObserver};
 pub use private_memory::PrivateMode;
 pub use runtime::{ExitSite, HekiRuntime, HekiSettings};
 #[cfg(test)]
+mod pin_inheritance_tests;
+#[cfg(test)]
 mod tests;

@@ -16,16 +16,16 @@ use crate::testing::{FakeVcpu, RecordingControl, RecordingSlots};
 const RAM: u64 = 1 << 20;
 const LSTAR: u32 = 0xc000_0082;
 
-struct Rig {
+pub(super) struct Rig {
     /// The guest's view (what the vCPU sees); devices get the host view.
     mem: GuestMemoryMmap,
     host_view: GuestMemoryMmap,
     control: Arc<RecordingControl>,
     slots: Arc<RecordingSlots>,
-    heki: Arc<HekiRuntime>,
+    pub(super) heki: Arc<HekiRuntime>,
 }
 
-fn rig(policy: Policy) -> Rig {
+pub(super) fn rig(policy: Policy) -> Rig {
     let ram = crate::memory::create_guest_ram(&[crate::memory::RamRegion { start: 0, size: RAM }]).expect("memory");
     let control = Arc::new(RecordingControl::default());
     let slots = Arc::new(RecordingSlots::default());
@@ -461,50 +461,4 @@ fn locked_text_unlike_the_image_is_an_image_mismatch_with_its_offset_and_the_loc
     assert_eq!(v.details.get("va").map(String::as_str), Some("0xffffffff81001234"));
     assert_eq!(rig.stops(), vec![Outcome::Pause], "enforced per policy");
     assert_eq!(rig.heki.query(0x11000), Ok(13), "the text is locked all the same");
-}
-
-/// A vCPU the host adds after boot takes vCPU 0's CR pins in long mode:
-/// at once when the kernel has set the bits, so nothing is reported; and a
-/// vCPU that never sets them gets them anyway after the grace, reported.
-#[test]
-fn a_hot_added_vcpu_takes_vcpu_0s_cr_pins_once_in_long_mode() {
-    const LONG_MODE_CR0: u64 = 0x8000_0011; // PG, ET, PE
-    const WP: u64 = 1 << 16;
-    const LMA: u64 = 1 << 10;
-    let rig = rig(Policy::Deny);
-    let boot = FakeVcpu::default();
-    boot.sregs.lock().expect("sregs").cr0 = LONG_MODE_CR0 | WP;
-    rig.heki.pin_cr(&boot, 0, WP).expect("vCPU 0 pins WP");
-
-    // Added, still in real mode (WP clear is normal there): nothing happens.
-    let added = FakeVcpu { id: 1, ..FakeVcpu::default() };
-    rig.heki.pins().expect_inheritance(1);
-    added.sregs.lock().expect("sregs").cr0 = 0x10;
-    rig.heki.check_crs(&added);
-    assert_eq!(rig.heki.pins().snapshot()[1].cr0, 0, "not yet");
-    // In long mode with WP set, as Linux brings a CPU up: pinned, silently.
-    {
-        let mut sregs = added.sregs.lock().expect("sregs");
-        sregs.cr0 = LONG_MODE_CR0 | WP;
-        sregs.efer = LMA;
-    }
-    rig.heki.check_crs(&added);
-    assert_eq!(rig.heki.pins().snapshot()[1].cr0, WP);
-    added.sregs.lock().expect("sregs").cr0 = LONG_MODE_CR0;
-    rig.heki.check_crs(&added);
-    assert_ne!(added.sregs.lock().expect("sregs").cr0 & WP, 0, "a later clear is put back");
-    assert_eq!(rig.heki.violations().counts().get(ViolationKind::Cr), 1);
-
-    // Removed (its pins forgotten) and added again, never setting WP: once the
-    // grace has passed it is pinned all the same and WP is restored.
-    rig.heki.pins().forget_vcpu(1);
-    rig.heki.pins().expect_inheritance(1);
-    added.sregs.lock().expect("sregs").cr0 = LONG_MODE_CR0;
-    rig.heki.check_crs(&added);
-    assert_eq!(rig.heki.pins().snapshot()[1].cr0, 0, "within the grace");
-    std::thread::sleep(super::pins::INHERIT_GRACE + std::time::Duration::from_millis(50));
-    rig.heki.check_crs(&added);
-    assert_eq!(rig.heki.pins().snapshot()[1].cr0, WP);
-    assert_ne!(added.sregs.lock().expect("sregs").cr0 & WP, 0, "restored after the grace");
-    assert_eq!(rig.heki.violations().counts().get(ViolationKind::Cr), 2);
 }
