@@ -144,7 +144,7 @@ impl ChRemote {
 fn check_hotplug(ch: &mut ChRemote, dir: &Path) {
     ch.done(&["resize", "--cpus", "1"]);
     ch.refused(&["resize", "--cpus", "2"], None, "BadRequest", "desired_vcpus: must be 1..=1 (max_vcpus)");
-    ch.refused(&["resize", "--memory", "256M"], None, "BadRequest", "needs memory hotplug");
+    ch.refused(&["resize", "--memory", "256M"], None, "BadRequest", "memory.hotplug_size reserves no address space");
     let image = dir.join("hot.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).expect("disk image");
     let disk_arg = format!("path={}", image.display());
