@@ -122,6 +122,7 @@ impl MemoryPlug {
             self.controller.announce_added(index);
         }
         log::info!("memory hotplug: {added} bytes at {start:#x} plugged in (slots {first}..{last})");
+        crate::events::emit("vm", "memory-plugged", &[("gpa", format!("{start:#x}")), ("size", added.to_string())]);
         Ok(())
     }
 }

@@ -106,6 +106,7 @@ impl Vm {
                 heki.pins().expect_inheritance(id);
             }
             log::info!("CPU hotplug: vCPU {id} added");
+            crate::events::emit("vm", "vcpu-added", &[("vcpu", id.to_string())]);
             self.vcpus.controller.announce_added(u32::from(id));
         }
         while self.vcpus.live > target.max(1) {
@@ -125,6 +126,7 @@ impl Vm {
             }
             self.vcpus.live = id;
             log::info!("CPU hotplug: vCPU {id} removed");
+            crate::events::emit("vm", "vcpu-removed", &[("vcpu", id.to_string())]);
         }
         Ok(())
     }
