@@ -1,0 +1,260 @@
+//! Attacks on vCPU and memory hotplug (`vm.resize`): a guest that writes
+//! garbage to the slot controllers (ports 0xcd8 and 0xce0), ejects what
+//! nobody asked for and points DMA into the unplugged hotplug window; an API
+//! client that sends bad, repeated and concurrent resizes in every VM state.
+//! Each must leave the VMM running and `vm.info` telling the truth.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use api_client::ApiClient;
+use serde_json::{Value, json};
+
+const MIB: u64 = 1 << 20;
+
+struct Vmm(common::ApiProcess);
+
+impl Vmm {
+    fn start(test: &str) -> Vmm {
+        Vmm(common::ApiProcess::start(test, &[("HEKIVISOR_API_TIMEOUT_MS", "2000")]))
+    }
+
+    fn put(&self, command: &str, body: Value) -> (u16, String) {
+        put(&self.0.socket, command, &body.to_string())
+    }
+
+    fn info(&self) -> Value {
+        let body = ApiClient::new(&self.0.socket).call("GET", "vm.info", None).expect("GET").expect("body");
+        serde_json::from_str(&body).expect("JSON")
+    }
+
+    fn create(&self, guest: &str, boot_vcpus: u8, heki: bool) {
+        let config = json!({
+            "cpus": {"boot_vcpus": boot_vcpus, "max_vcpus": 2},
+            "memory": {"size": 128 * MIB, "hotplug_size": 256 * MIB},
+            "payload": {"kernel": common::guests::build(guest)},
+            "serial": {"mode": "File", "file": self.0.serial},
+            "rng": {"src": "/dev/urandom"},
+            "heki": {"enabled": heki, "policy": "deny"},
+        });
+        let (status, body) = self.put("vm.create", config);
+        assert_eq!(status, 204, "{body}");
+    }
+
+    fn boot(&self, guest: &str, boot_vcpus: u8, heki: bool) {
+        self.create(guest, boot_vcpus, heki);
+        let (status, body) = self.put("vm.boot", json!(null));
+        assert_eq!(status, 204, "{body}");
+    }
+
+    fn serial(&self) -> String {
+        std::fs::read_to_string(&self.0.serial).unwrap_or_default()
+    }
+
+    fn wait_for_serial(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !self.serial().contains(needle) {
+            self.assert_alive();
+            assert!(Instant::now() < deadline, "no {needle:?} on the serial port:\n{}", self.serial());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn assert_alive(&self) {
+        let pid = self.0.child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit(") ").next().and_then(|s| s.chars().next());
+        assert!(
+            matches!(state, Some('R' | 'S' | 'D')),
+            "the VMM is gone ({state:?}); stderr:\n{}",
+            std::fs::read_to_string(&self.0.stderr).unwrap_or_default()
+        );
+    }
+
+    /// `vm.info`'s sizes agree with each other and with what we expect.
+    fn assert_sizes(&self, vcpus: u64, hotplugged: u64) {
+        let info = self.info();
+        let memory = &info["config"]["memory"];
+        assert_eq!(info["config"]["cpus"]["boot_vcpus"], vcpus, "{info:#}");
+        assert_eq!(memory["hotplugged_size"].as_u64().unwrap_or(0), hotplugged, "{info:#}");
+        assert_eq!(
+            info["memory_actual_size"].as_u64(),
+            Some(memory["size"].as_u64().expect("size") + hotplugged),
+            "{info:#}"
+        );
+    }
+}
+
+fn put(socket: &std::path::Path, command: &str, body: &str) -> (u16, String) {
+    let r = ApiClient::new(socket).request("PUT", command, Some(body)).expect("request");
+    (r.status, r.body)
+}
+
+fn assert_status(got: (u16, String), status: u16, needle: &str) {
+    assert!(got.0 == status && got.1.contains(needle), "wanted {status} with {needle:?}, got {got:?}");
+}
+
+/// The guest hammers both slot controllers at every width and offset, ejects
+/// vCPU 0 and slots nobody asked for, selects slots far out of range, then
+/// points virtio-rng buffers and rings into the unplugged window and across
+/// the end of what was plugged. It ejects vCPU 1 only when asked.
+#[test]
+fn a_hostile_guest_neither_ends_the_vmm_nor_removes_a_vcpu_nor_reaches_unplugged_memory() {
+    require_kvm!();
+    let vmm = Vmm::start("hotplug-hostile-guest");
+    vmm.boot("hotplug_hostile", 2, true);
+    vmm.wait_for_serial("waiting for memory");
+    let serial = vmm.serial();
+    for line in [
+        "after hammering: cpu0=1 cpu1=1 mem0=0",
+        "unplugged: len=0",
+        "below the window: len=0",
+        "normal: len=16",
+    ] {
+        assert!(serial.contains(line), "{line}\n{serial}");
+    }
+    vmm.assert_sizes(2, 0);
+
+    assert_eq!(vmm.put("vm.resize", json!({"desired_ram": 256 * MIB})), (204, String::new()));
+    vmm.assert_sizes(2, 128 * MIB);
+    vmm.wait_for_serial("waiting for a removal");
+    let serial = vmm.serial();
+    for line in [
+        "plugged: mem0=1 mem1=0",
+        "into plugged: len=16",
+        "straddling the plugged end: len=0",
+        "past the plugged end: len=0",
+        "rings unplugged: needs_reset=1",
+        "after restart: len=16",
+    ] {
+        assert!(serial.contains(line), "{line}\n{serial}");
+    }
+
+    // The removal the host asks for, which the guest answers.
+    assert_eq!(vmm.put("vm.resize", json!({"desired_vcpus": 1})), (204, String::new()));
+    vmm.wait_for_serial("hostile done");
+    assert!(vmm.serial().contains("ejected: cpu0=1 cpu1=0"), "{}", vmm.serial());
+    vmm.assert_sizes(1, 128 * MIB);
+    // Back again, and the VMM still answers and runs.
+    assert_eq!(vmm.put("vm.resize", json!({"desired_vcpus": 2})), (204, String::new()));
+    vmm.assert_sizes(2, 128 * MIB);
+    assert_eq!(vmm.info()["state"], "Running");
+    vmm.assert_alive();
+}
+
+/// Bad values answer 400 and change nothing; a smaller size is no error.
+#[test]
+fn bad_resize_values_are_refused_and_change_nothing() {
+    require_kvm!();
+    let vmm = Vmm::start("hotplug-hostile-values");
+    vmm.boot("ticker", 1, true);
+    let vcpus = "desired_vcpus: must be 1..=2";
+    for (body, status, needle) in [
+        (r#"{"desired_vcpus": 0}"#, 400, vcpus),
+        (r#"{"desired_vcpus": 3}"#, 400, vcpus),
+        (r#"{"desired_vcpus": 258}"#, 400, vcpus),
+        (r#"{"desired_vcpus": 4294967295}"#, 400, vcpus),
+        (r#"{"desired_vcpus": -1}"#, 400, ""),
+        (r#"{"desired_vcpus": 1.5}"#, 400, ""),
+        (r#"{"desired_ram": 18446744073709551615}"#, 400, "desired_ram"),
+        (r#"{"desired_ram": 18446744073709551616}"#, 400, ""),
+        (r#"{"desired_ram": 134217729}"#, 400, "desired_ram"),
+        (r#"{"desired_ram": 402653185}"#, 400, "desired_ram"),
+        (r#"{"desired_ram": 536870912}"#, 400, "desired_ram"),
+        (r#"{"desired_ram": -134217728}"#, 400, ""),
+    ] {
+        assert_status(put(&vmm.0.socket, "vm.resize", body), status, needle);
+        vmm.assert_sizes(1, 0);
+    }
+    // Less than the VM has, or nothing at all: left as it is.
+    for body in [r#"{"desired_ram": 0}"#, r#"{"desired_ram": 4096}"#, r#"{}"#, r#"{"desired_vcpus": 1}"#] {
+        assert_eq!(put(&vmm.0.socket, "vm.resize", body), (204, String::new()), "{body}");
+        vmm.assert_sizes(1, 0);
+    }
+    // The whole window in one go, then nothing more fits.
+    assert_eq!(vmm.put("vm.resize", json!({"desired_ram": 384 * MIB})), (204, String::new()));
+    vmm.assert_sizes(1, 256 * MIB);
+    assert_eq!(vmm.put("vm.resize", json!({"desired_ram": 384 * MIB})), (204, String::new()), "repeated");
+    assert_status(vmm.put("vm.resize", json!({"desired_ram": 512 * MIB})), 400, "desired_ram");
+    vmm.assert_sizes(1, 256 * MIB);
+    vmm.assert_alive();
+}
+
+/// A request that is refused changes nothing, even the part of it that was
+/// good: a client that hears 400 must not find a vCPU added.
+#[test]
+fn a_refused_resize_adds_no_vcpu_on_the_way() {
+    require_kvm!();
+    let vmm = Vmm::start("hotplug-hostile-combined");
+    vmm.boot("ticker", 1, false);
+    assert_status(vmm.put("vm.resize", json!({"desired_vcpus": 2, "desired_ram": 128 * MIB + 1})), 400, "desired_ram");
+    vmm.assert_sizes(1, 0);
+}
+
+/// Many clients resizing at once: each hears 204 or 400, and `vm.info`
+/// ends with one of the sizes asked for.
+#[test]
+fn concurrent_resizes_answer_each_client_and_leave_vm_info_consistent() {
+    require_kvm!();
+    let vmm = Vmm::start("hotplug-hostile-concurrent");
+    vmm.boot("ticker", 1, true);
+    let socket = vmm.0.socket.clone();
+    let clients: Vec<_> = (0..6u64)
+        .map(|i| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let body = json!({"desired_ram": (128 + 128 * (i % 3)) * MIB, "desired_vcpus": 1 + i % 2});
+                put(&socket, "vm.resize", &body.to_string())
+            })
+        })
+        .collect();
+    for client in clients {
+        let (status, body) = client.join().expect("client");
+        assert!(status == 204 || status == 400, "{status} {body}");
+    }
+    let info = vmm.info();
+    let hotplugged = info["config"]["memory"]["hotplugged_size"].as_u64().unwrap_or(0);
+    assert!([0, 128 * MIB, 256 * MIB].contains(&hotplugged), "{info:#}");
+    let vcpus = info["config"]["cpus"]["boot_vcpus"].as_u64().expect("boot_vcpus");
+    vmm.assert_sizes(vcpus, hotplugged);
+    vmm.assert_alive();
+}
+
+/// Resize while paused (adding works, removing says to resume), then around
+/// reboot, shutdown and delete.
+#[test]
+fn resize_while_paused_and_around_reboot_shutdown_and_delete() {
+    require_kvm!();
+    let vmm = Vmm::start("hotplug-hostile-states");
+    vmm.boot("ticker", 1, true);
+    assert_eq!(vmm.put("vm.pause", json!(null)).0, 204);
+    assert_eq!(vmm.put("vm.resize", json!({"desired_vcpus": 2, "desired_ram": 256 * MIB})), (204, String::new()));
+    vmm.assert_sizes(2, 128 * MIB);
+    assert_eq!(vmm.info()["state"], "Paused");
+    assert_status(vmm.put("vm.resize", json!({"desired_vcpus": 1})), 409, "resume it first");
+    vmm.assert_sizes(2, 128 * MIB);
+    assert_eq!(vmm.put("vm.resume", json!(null)).0, 204);
+    assert_eq!(vmm.info()["state"], "Running");
+
+    // A reboot builds the VM again: the vCPUs stay, the plugged memory is
+    // the new VM's (none), and vm.info says so.
+    assert_eq!(vmm.put("vm.reboot", json!(null)).0, 204);
+    let info = vmm.info();
+    let hotplugged = info["config"]["memory"]["hotplugged_size"].as_u64().unwrap_or(0);
+    vmm.assert_sizes(2, hotplugged);
+    assert_eq!(vmm.put("vm.resize", json!({"desired_ram": 384 * MIB})).0, 204);
+    vmm.assert_sizes(2, 256 * MIB);
+
+    assert_eq!(vmm.put("vm.shutdown", json!(null)).0, 204);
+    let (status, body) = vmm.put("vm.resize", json!({"desired_vcpus": 1}));
+    assert!(status == 204 || (400..500).contains(&status), "{status} {body}");
+    let info = vmm.info();
+    let hotplugged = info["config"]["memory"]["hotplugged_size"].as_u64().unwrap_or(0);
+    assert_eq!(hotplugged, 0, "a shut-down VM has nothing plugged in: {info:#}");
+    vmm.assert_sizes(if status == 204 { 1 } else { 2 }, 0);
+
+    assert_eq!(vmm.put("vm.delete", json!(null)).0, 204);
+    assert_status(vmm.put("vm.resize", json!({"desired_vcpus": 1})), 404, "no VM");
+    vmm.assert_alive();
+}
