@@ -60,11 +60,13 @@ void guest_main(void) {
     printf("straddling the plugged end: len=%ld\n", rng_at(&d, WINDOW + SLOT - 8, 16));
     printf("past the plugged end: len=%ld\n", rng_at(&d, WINDOW + SLOT, 16));
     /* The rings themselves in the unplugged part. */
+    virtio_negotiate(&d);
     u8 st = virtio_enable_queue(&d, VIRTQ_SIZE, WINDOW + SLOT, WINDOW + SLOT + 0x1000, WINDOW + SLOT + 0x2000, 0);
     *(volatile u16 *)(d.notify) = 0;
     for (int i = 0; i < 100000; i++) cpu_relax();
     printf("rings unplugged: needs_reset=%d\n", ((st | COMMON8(&d, 0x14)) & 0x40) != 0);
     d.q = &queue;
+    d.avail_idx = d.used_seen = 0;
     printf("restarted: status=%x\n", virtio_start(&d));
     printf("after restart: len=%ld\n", rng_at(&d, (u64)buffer, 16));
 
