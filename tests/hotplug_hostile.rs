@@ -119,6 +119,7 @@ fn a_hostile_guest_neither_ends_the_vmm_nor_removes_a_vcpu_nor_reaches_unplugged
     let serial = vmm.serial();
     for line in [
         "plugged: mem0=1 mem1=0",
+        "after hammering plugged: mem0=1 mem1=0",
         "into plugged: len=16",
         "straddling the plugged end: len=0",
         "past the plugged end: len=0",
@@ -128,6 +129,7 @@ fn a_hostile_guest_neither_ends_the_vmm_nor_removes_a_vcpu_nor_reaches_unplugged
         assert!(serial.contains(line), "{line}\n{serial}");
     }
 
+    vmm.assert_sizes(2, 128 * MIB);
     // The removal the host asks for, which the guest answers.
     assert_eq!(vmm.put("vm.resize", json!({"desired_vcpus": 1})), (204, String::new()));
     vmm.wait_for_serial("hostile done");
@@ -293,4 +295,52 @@ fn a_hot_added_vcpu_kept_in_real_mode_still_ends_up_pinned_or_reported() {
     let pinned = heki["pins"][1]["cr0"] == heki["pins"][0]["cr0"];
     let reported = heki["counters"]["violations"].as_u64().unwrap_or(0) > 0;
     assert!(pinned || reported, "vCPU 1 runs unpinned and unreported: {heki:#}\n{:#}", get("vm.heki-violations"));
+}
+
+/// Before the boot, resize sets the boot sizes: a size no VM can boot with
+/// is refused there, not at the boot.
+#[test]
+fn bad_resize_values_before_the_boot_are_refused_and_the_vm_still_boots() {
+    require_kvm!();
+    let vmm = Vmm::start("hotplug-hostile-preboot");
+    vmm.create("ticker", 1, true);
+    for body in [
+        r#"{"desired_vcpus": 0}"#,
+        r#"{"desired_vcpus": 3}"#,
+        r#"{"desired_ram": 0}"#,
+        r#"{"desired_ram": 1}"#,
+        r#"{"desired_ram": 18446744073709551615}"#,
+        r#"{"desired_ram": 9223372036854775808}"#,
+    ] {
+        let (status, answer) = put(&vmm.0.socket, "vm.resize", body);
+        assert_eq!(status, 400, "{body}: {answer}");
+        vmm.assert_sizes(1, 0);
+        assert_eq!(vmm.info()["config"]["memory"]["size"], 128 * MIB, "{body}");
+    }
+    let (status, body) = vmm.put("vm.boot", json!(null));
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(vmm.info()["state"], "Running");
+}
+
+/// While the VMM waits for a guest that will not eject, other clients are
+/// answered (at worst with the API timeout), and the end state is consistent.
+#[test]
+fn clients_during_a_removal_the_guest_ignores_get_a_clear_answer() {
+    require_kvm!();
+    let vmm = Vmm::start("hotplug-hostile-waiting");
+    vmm.boot("ticker", 2, true);
+    let socket = vmm.0.socket.clone();
+    let removal = std::thread::spawn(move || put(&socket, "vm.resize", r#"{"desired_vcpus": 1}"#));
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let (status, body) = put(&vmm.0.socket, "vm.resize", r#"{"desired_ram": 268435456}"#);
+    assert!(started.elapsed() < Duration::from_secs(12), "{:?}", started.elapsed());
+    assert!(status == 204 || (500..600).contains(&status) || status == 409, "{status} {body}");
+    let (status, body) = removal.join().expect("removal");
+    assert!(status == 500 && body.contains("did not release vCPU 1"), "{status} {body}");
+    let info = vmm.info();
+    let hotplugged = info["config"]["memory"]["hotplugged_size"].as_u64().unwrap_or(0);
+    vmm.assert_sizes(2, hotplugged);
+    assert_eq!(vmm.info()["state"], "Running");
+    vmm.assert_alive();
 }

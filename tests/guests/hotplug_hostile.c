@@ -56,6 +56,8 @@ void guest_main(void) {
     while (!(status(MEM_PORT, 0) & 1)) cpu_relax();
     outl(MEM_PORT + 4, 2);
     printf("plugged: mem0=%x mem1=%x\n", status(MEM_PORT, 0), status(MEM_PORT, 1));
+    hammer(MEM_PORT);
+    printf("after hammering plugged: mem0=%x mem1=%x\n", status(MEM_PORT, 0), status(MEM_PORT, 1));
     printf("into plugged: len=%ld\n", rng_at(&d, WINDOW + 0x1000, 16));
     printf("straddling the plugged end: len=%ld\n", rng_at(&d, WINDOW + SLOT - 8, 16));
     printf("past the plugged end: len=%ld\n", rng_at(&d, WINDOW + SLOT, 16));
