@@ -30,6 +30,10 @@ impl Vmm {
     }
 
     fn create(&self, guest: &str, boot_vcpus: u8, heki: bool) {
+        self.create_with(guest, boot_vcpus, heki, Value::Null);
+    }
+
+    fn create_with(&self, guest: &str, boot_vcpus: u8, heki: bool, introspection: Value) {
         let config = json!({
             "cpus": {"boot_vcpus": boot_vcpus, "max_vcpus": 2},
             "memory": {"size": 128 * MIB, "hotplug_size": 256 * MIB},
@@ -37,6 +41,7 @@ impl Vmm {
             "serial": {"mode": "File", "file": self.0.serial},
             "rng": {"src": "/dev/urandom"},
             "heki": {"enabled": heki, "policy": "deny"},
+            "introspection": introspection,
         });
         let (status, body) = self.put("vm.create", config);
         assert_eq!(status, 204, "{body}");
@@ -342,5 +347,44 @@ fn clients_during_a_removal_the_guest_ignores_get_a_clear_answer() {
     let hotplugged = info["config"]["memory"]["hotplugged_size"].as_u64().unwrap_or(0);
     vmm.assert_sizes(2, hotplugged);
     assert_eq!(vmm.info()["state"], "Running");
+    vmm.assert_alive();
+}
+
+/// An introspection agent holds vCPU 1 (per-vCPU pause) while the host
+/// removes it and the guest ejects it: the removal must either wait for the
+/// agent or fail without leaving the guest and `vm.info` at odds; and once
+/// the agent lets go, the host can give the guest its vCPU back.
+#[test]
+fn a_removal_while_the_agent_holds_the_vcpu_leaves_guest_and_host_agreeing() {
+    require_kvm!();
+    let vmm = Vmm::start("hotplug-hostile-agent");
+    let agent_socket = vmm.0.dir.join("agent.sock");
+    vmm.create_with("hotplug_eject", 2, true, json!({"socket": agent_socket}));
+    assert_eq!(vmm.put("vm.boot", json!(null)).0, 204);
+    vmm.wait_for_serial("ready to eject");
+    let mut agent = loop {
+        match api_client::introspect::Agent::connect(&agent_socket) {
+            Ok(agent) => break agent,
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    let paused = agent.call("pause", json!({"vcpu": 1})).expect("pause vCPU 1");
+    assert_eq!(paused["paused"], true, "{paused}");
+
+    let (status, body) = vmm.put("vm.resize", json!({"desired_vcpus": 1}));
+    vmm.wait_for_serial("ejected vCPU 1");
+    agent.call("resume", json!({"vcpu": 1})).expect("resume vCPU 1");
+    let vcpus = vmm.info()["config"]["cpus"]["boot_vcpus"].as_u64().expect("boot_vcpus");
+    assert!(
+        (status == 204 && vcpus == 1) || (status != 204 && vcpus == 2),
+        "answered {status} {body} with boot_vcpus {vcpus}"
+    );
+    // Whatever happened, asking for 2 again must give the guest vCPU 1:
+    // the slot is enabled (the guest would see it) and its thread runs.
+    let (status, body) = vmm.put("vm.resize", json!({"desired_vcpus": 2}));
+    assert_eq!(status, 204, "{body}");
+    vmm.assert_sizes(2, 0);
+    let regs = agent.call("get-registers", json!({"vcpu": 1}));
+    assert!(regs.is_ok(), "vCPU 1 does not answer: {regs:?}");
     vmm.assert_alive();
 }
