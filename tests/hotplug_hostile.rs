@@ -381,9 +381,18 @@ fn a_removal_while_the_agent_holds_the_vcpu_leaves_guest_and_host_agreeing() {
     );
     // Whatever happened, asking for 2 again must give the guest vCPU 1:
     // the slot is enabled (the guest would see it) and its thread runs.
+    let first = (status, body);
     let (status, body) = vmm.put("vm.resize", json!({"desired_vcpus": 2}));
     assert_eq!(status, 204, "{body}");
     vmm.assert_sizes(2, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, body) = first;
+    let serial = vmm.serial();
+    let last = serial.lines().rev().find(|l| l.starts_with("slot 1 enabled="));
+    assert!(
+        last.is_none_or(|l| l == "slot 1 enabled=1"),
+        "the guest sees vCPU 1 gone while vm.info counts it (first answer {status} {body}):\n{serial}"
+    );
     let regs = agent.call("get-registers", json!({"vcpu": 1}));
     assert!(regs.is_ok(), "vCPU 1 does not answer: {regs:?}");
     vmm.assert_alive();
