@@ -397,3 +397,53 @@ fn a_removal_while_the_agent_holds_the_vcpu_leaves_guest_and_host_agreeing() {
     assert!(regs.is_ok(), "vCPU 1 does not answer: {regs:?}");
     vmm.assert_alive();
 }
+
+/// With heki on and an agent attached, the agent's reads and writes of the
+/// unplugged window fail as outside RAM (and the VMM lives on); memory
+/// plugged in is the agent's at once, up to the plugged end and no further.
+#[test]
+fn an_agent_reaches_plugged_memory_and_nothing_of_the_unplugged_window() {
+    require_kvm!();
+    let vmm = Vmm::start("hotplug-hostile-agent-memory");
+    let agent_socket = vmm.0.dir.join("agent.sock");
+    vmm.create_with("hotplug_eject", 1, true, json!({"socket": agent_socket}));
+    assert_eq!(vmm.put("vm.boot", json!(null)).0, 204);
+    vmm.wait_for_serial("ready to eject");
+    let mut agent = loop {
+        match api_client::introspect::Agent::connect(&agent_socket) {
+            Ok(agent) => break agent,
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    agent.call("track-cr", json!({"enable": true})).expect("track-cr");
+    const WINDOW: u64 = 1 << 32;
+    let errno = |r: Result<Value, api_client::introspect::Error>| match r {
+        Err(api_client::introspect::Error::Refused { errno, .. }) => errno,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let read = |agent: &mut api_client::introspect::Agent, gpa: u64, size: u64| {
+        agent.call("read-memory", json!({"gpa": gpa, "size": size}))
+    };
+    let write = |agent: &mut api_client::introspect::Agent, gpa: u64| {
+        agent.call("write-memory", json!({"gpa": gpa, "data": "5a5a5a5a5a5a5a5a"}))
+    };
+    for gpa in [WINDOW, WINDOW + 0x1000, WINDOW + 256 * MIB - 8, WINDOW - 4] {
+        assert_eq!(errno(read(&mut agent, gpa, 8)), "EFAULT", "read {gpa:#x}");
+        assert_eq!(errno(write(&mut agent, gpa)), "EFAULT", "write {gpa:#x}");
+    }
+    vmm.assert_alive();
+
+    assert_eq!(vmm.put("vm.resize", json!({"desired_ram": 256 * MIB})), (204, String::new()));
+    vmm.assert_sizes(1, 128 * MIB);
+    write(&mut agent, WINDOW + 0x1000).expect("write plugged memory");
+    let data = read(&mut agent, WINDOW + 0x1000, 8).expect("read plugged memory");
+    assert_eq!(data["data"], "5a5a5a5a5a5a5a5a", "{data}");
+    for gpa in [WINDOW + 128 * MIB - 4, WINDOW + 128 * MIB] {
+        assert_eq!(errno(read(&mut agent, gpa, 8)), "EFAULT", "read {gpa:#x}");
+        assert_eq!(errno(write(&mut agent, gpa)), "EFAULT", "write {gpa:#x}");
+    }
+    // No event came of any of it, and the VM runs on.
+    assert!(agent.next_event(Some(Duration::from_millis(300))).expect("events").is_none());
+    assert_eq!(vmm.info()["state"], "Running");
+    vmm.assert_alive();
+}
