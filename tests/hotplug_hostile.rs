@@ -451,3 +451,31 @@ fn an_agent_reaches_plugged_memory_and_nothing_of_the_unplugged_window() {
     assert_eq!(vmm.info()["state"], "Running");
     vmm.assert_alive();
 }
+
+/// The guest maps the window itself: its accesses before the plug reach no
+/// RAM (and the VMM lives on); after the plug it has fresh RAM there, and a
+/// heki lock on it holds against its own writes and a device's DMA.
+#[test]
+fn the_guests_own_accesses_to_the_window_and_a_heki_lock_on_plugged_memory() {
+    require_kvm!();
+    let vmm = Vmm::start("hotplug-hostile-window");
+    vmm.boot("hotplug_window", 1, true);
+    vmm.wait_for_serial("waiting for memory");
+    vmm.assert_alive();
+    assert_eq!(vmm.info()["state"], "Running");
+    assert_eq!(vmm.put("vm.resize", json!({"desired_ram": 256 * MIB})), (204, String::new()));
+    vmm.wait_for_serial("window done");
+    let serial = vmm.serial();
+    for line in [
+        "after the plug: read=0\n",
+        "written: read=1122334455667788",
+        "protect rc=0",
+        "locked after a write: 77",
+        "dma into locked: len=0 value=77",
+        "dma into plugged: len=16",
+    ] {
+        assert!(serial.contains(line), "{line}\n{serial}");
+    }
+    vmm.assert_sizes(1, 128 * MIB);
+    vmm.assert_alive();
+}
