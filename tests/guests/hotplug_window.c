@@ -13,7 +13,7 @@ static struct virtq_page queue ALIGNED_PAGE;
 static u32 mem_status(u32 slot) { outl(MEM_PORT, slot); return inl(MEM_PORT + 4); }
 
 void guest_main(void) {
-    /* Map [4 GiB, 5 GiB) with 2 MiB pages: a fourth... fifth PDPT entry. */
+    /* Map [4 GiB, 5 GiB) with 2 MiB pages: a fifth PDPT entry. */
     for (u64 i = 0; i < 512; i++) pd4[i] = (WINDOW + (i << 21)) | 0x83;
     u64 *pdpt = (u64 *)(pml4[0] & ~0xfffUL);
     pdpt[4] = (u64)pd4 | 0x3;
