@@ -467,6 +467,7 @@ fn the_guests_own_accesses_to_the_window_and_a_heki_lock_on_plugged_memory() {
     vmm.wait_for_serial("window done");
     let serial = vmm.serial();
     for line in [
+        "before the plug: read=ffffffffffffffff",
         "after the plug: read=0\n",
         "written: read=1122334455667788",
         "protect rc=0",
