@@ -478,3 +478,33 @@ fn the_guests_own_accesses_to_the_window_and_a_heki_lock_on_plugged_memory() {
     vmm.assert_sizes(1, 128 * MIB);
     vmm.assert_alive();
 }
+
+/// vCPU 1 ejects itself as soon as asked, while vCPU 0 sends ejects nobody
+/// asked for (of vCPU 0, of vCPU 1, of no slot) in a loop: only the host's
+/// removal happens, and vCPU 1 stops running guest code.
+#[test]
+fn a_vcpu_that_ejects_itself_while_another_hammers_ejects_is_removed_once_and_only_when_asked() {
+    require_kvm!();
+    let vmm = Vmm::start("hotplug-hostile-self-eject");
+    vmm.boot("hotplug_self_eject", 2, true);
+    vmm.wait_for_serial("vCPU 1 runs");
+    let counters = || -> Value {
+        let r = ApiClient::new(&vmm.0.socket).request("GET", "vm.counters", None).expect("counters");
+        serde_json::from_str(&r.body).expect("JSON")
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    vmm.assert_sizes(2, 0);
+    let (status, body) = vmm.put("vm.resize", json!({"desired_vcpus": 1}));
+    assert_eq!((status, body.as_str()), (204, ""));
+    vmm.assert_sizes(1, 0);
+    let exits = |c: Value| c["vcpu1"]["exits"].as_u64().unwrap_or(0);
+    let before = exits(counters());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(exits(counters()), before, "vCPU 1 still runs guest code after its removal");
+    // vCPU 0 keeps ejecting: nothing more goes, and the host can add vCPU 1 back.
+    vmm.assert_sizes(1, 0);
+    assert_eq!(vmm.put("vm.resize", json!({"desired_vcpus": 2})), (204, String::new()));
+    vmm.assert_sizes(2, 0);
+    assert_eq!(vmm.info()["state"], "Running");
+    vmm.assert_alive();
+}
