@@ -499,6 +499,7 @@ fn a_vcpu_that_ejects_itself_while_another_hammers_ejects_is_removed_once_and_on
     vmm.assert_sizes(1, 0);
     let exits = |c: Value| c["vcpu1"]["exits"].as_u64().unwrap_or(0);
     let before = exits(counters());
+    assert!(before > 0, "vCPU 1 ran before its removal");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(exits(counters()), before, "vCPU 1 still runs guest code after its removal");
     // vCPU 0 keeps ejecting: nothing more goes, and the host can add vCPU 1 back.
