@@ -509,3 +509,42 @@ fn a_vcpu_that_ejects_itself_while_another_hammers_ejects_is_removed_once_and_on
     assert_eq!(vmm.info()["state"], "Running");
     vmm.assert_alive();
 }
+
+/// virtio-blk buffers in the unplugged window, across its plugged end and
+/// in memory just plugged: the bad ones fail (no byte of the disk or of
+/// guest memory changes), the good ones work, and the VMM lives on.
+#[test]
+fn virtio_blk_buffers_in_the_window_fail_until_plugged_and_work_after() {
+    require_kvm!();
+    let vmm = Vmm::start("hotplug-hostile-blk");
+    let image = vmm.0.dir.join("disk.img");
+    let mut bytes = vec![0u8; 1 << 20];
+    bytes[..13].copy_from_slice(b"SECTOR ZERO\0\0");
+    bytes[1024..1035].copy_from_slice(b"SECTOR TWO\0");
+    std::fs::write(&image, &bytes).expect("disk image");
+    vmm.create("hotplug_blk_window", 1, true);
+    assert_eq!(vmm.put("vm.add-disk", json!({"path": image})).0, 204);
+    assert_eq!(vmm.put("vm.boot", json!(null)).0, 204);
+    vmm.wait_for_serial("waiting for memory");
+    let serial = vmm.serial();
+    let status = |serial: &str, what: &str| -> u32 {
+        let line = serial.lines().find(|l| l.starts_with(what)).unwrap_or_else(|| panic!("no {what}:\n{serial}"));
+        line[what.len()..].split_whitespace().next().and_then(|n| n.parse().ok()).expect("status")
+    };
+    for what in ["unplugged read: ", "unplugged write: ", "straddling read: "] {
+        assert_ne!(status(&serial, what), 0, "{what}\n{serial}");
+    }
+    assert!(serial.contains("normal read: 0 data=SECTOR ZERO"), "{serial}");
+    assert_eq!(vmm.put("vm.resize", json!({"desired_ram": 256 * MIB})), (204, String::new()));
+    vmm.wait_for_serial("blk window done");
+    let serial = vmm.serial();
+    assert_eq!(status(&serial, "plugged read: "), 0, "{serial}");
+    assert_eq!(status(&serial, "plugged write: "), 0, "{serial}");
+    assert!(serial.contains("sector 3: 0 data=SECTOR ZERO"), "plugged memory carried the data: {serial}");
+    for what in ["across the plugged end: ", "past the plugged end: "] {
+        assert_ne!(status(&serial, what), 0, "{what}\n{serial}");
+    }
+    let after = std::fs::read(&image).expect("image");
+    assert_eq!(&after[1024..1035], b"SECTOR TWO\0", "a write from unplugged memory reached the disk");
+    vmm.assert_alive();
+}
