@@ -30,6 +30,8 @@ pub enum VmError {
          without ACPI CPU hotplug in the guest a vCPU cannot be removed); it stays"
     )]
     VcpuNotReleased { id: u8, timeout: std::time::Duration },
-    #[error("vCPU {id} did not leave the guest within {timeout:?} after its eject")]
+    #[error(
+        "vCPU {id} did not leave the guest within {timeout:?} after its eject (is an introspection agent holding it?); it stays, and the guest is told it is back"
+    )]
     VcpuNotParked { id: u8, timeout: std::time::Duration },
 }

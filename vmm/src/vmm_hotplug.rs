@@ -210,12 +210,28 @@ const VCPU_EJECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1
 /// added or removed through ACPI CPU hotplug and memory is plugged in
 /// through ACPI memory devices.
 fn resize(vmm: &mut Vmm, resize: ResizeRequest) -> ApiResult {
+    // `state()`, not the `state` field: a paused VM is `Running` there.
+    let state = vmm.state();
     let config = vmm.config.as_mut().ok_or_else(no_vm)?;
     if resize.desired_balloon.is_some() {
         return Err(bad("desired_balloon: Hekivisor has no virtio-balloon device"));
     }
-    let running = matches!(vmm.state, VmState::Running | VmState::Paused);
+    let running = matches!(state, VmState::Running | VmState::Paused);
     let mut next = config.clone();
+    let ram_error = |e: MemoryResizeError| match e {
+        MemoryResizeError::NoWindow(_) if next.memory.hugepages && next.memory.hotplug_size.is_some() => bad(format!(
+            "desired_ram: {}",
+            MemoryResizeError::NoWindow(
+                " usable with memory.hugepages (a hugetlbfs window would reserve all its huge pages at boot)"
+            )
+        )),
+        MemoryResizeError::Failed(_) => ApiError::Internal(format!("desired_ram: {e}")),
+        e => bad(format!("desired_ram: {e}")),
+    };
+    // A request is refused whole: its memory is checked before any vCPU changes.
+    if let (true, Some(ram), Some(vm)) = (running, resize.desired_ram, vmm.vm.as_ref()) {
+        vm.check_memory_resize(next.memory.size, ram).map_err(ram_error)?;
+    }
     if let Some(vcpus) = resize.desired_vcpus {
         let max = next.cpus.max_vcpus;
         let wanted = u8::try_from(vcpus)
@@ -223,7 +239,7 @@ fn resize(vmm: &mut Vmm, resize: ResizeRequest) -> ApiResult {
             .filter(|n| (1..=max).contains(n))
             .ok_or_else(|| bad(format!("desired_vcpus: must be 1..={max} (max_vcpus), got {vcpus}")))?;
         if running && wanted != next.cpus.boot_vcpus {
-            if vmm.state == VmState::Paused && wanted < next.cpus.boot_vcpus {
+            if state == VmState::Paused && wanted < next.cpus.boot_vcpus {
                 return Err(ApiError::Conflict(
                     "desired_vcpus: the VM is paused; the guest must run to release a vCPU (resume it first)".into(),
                 ));
@@ -246,18 +262,7 @@ fn resize(vmm: &mut Vmm, resize: ResizeRequest) -> ApiResult {
             // Cloud Hypervisor's `memory.size` does (`hotplugged_size` says the rest).
             let vm = vmm.vm.as_mut().ok_or_else(no_vm)?;
             let boot = next.memory.size;
-            vm.resize_memory(boot, ram).map_err(|e| match e {
-                MemoryResizeError::NoWindow(_) if next.memory.hugepages && next.memory.hotplug_size.is_some() => {
-                    bad(format!(
-                        "desired_ram: {}",
-                        MemoryResizeError::NoWindow(
-                            " usable with memory.hugepages (a hugetlbfs window would reserve all its huge pages at boot)"
-                        )
-                    ))
-                }
-                MemoryResizeError::Failed(_) => ApiError::Internal(format!("desired_ram: {e}")),
-                e => bad(format!("desired_ram: {e}")),
-            })?;
+            vm.resize_memory(boot, ram).map_err(ram_error)?;
         } else {
             next.memory.size = ram;
         }

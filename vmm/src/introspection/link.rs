@@ -96,6 +96,7 @@ impl AgentLink {
         vcpu.sync_special_registers(self.hub.events_armed());
         let Some(slot) = self.slot(vcpu.id()) else { return };
         let mut state = slot.lock();
+        state.has_thread = true;
         loop {
             state = self.serve_locked(slot, state, vcpu);
             if !state.paused || self.control.vcpus.is_stopping() {

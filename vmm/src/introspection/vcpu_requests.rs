@@ -17,6 +17,11 @@ impl AgentLink {
     pub(super) fn take_cr_baselines(&self) -> Result<(), AgentError> {
         for id in 0..self.slots.len() {
             let id = u8::try_from(id).map_err(|_| AgentError::new("ENOENT", "no such vCPU"))?;
+            // A vCPU not added yet (max_vcpus) has no thread to answer; it
+            // takes its baseline at its first check.
+            if !self.slot(id).is_some_and(|s| s.lock().has_thread) {
+                continue;
+            }
             let crs = self.on_vcpu(
                 id,
                 Box::new(|v| {

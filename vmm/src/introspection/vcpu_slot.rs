@@ -32,6 +32,8 @@ pub(super) struct SlotState {
     pub(super) stepping_over: bool,
     /// CR0, CR3, CR4 last seen (CR tracking).
     pub(super) crs: Option<[u64; 3]>,
+    /// A vCPU thread serves this slot (not yet for a vCPU the host may add later).
+    pub(super) has_thread: bool,
 }
 
 #[derive(Default)]

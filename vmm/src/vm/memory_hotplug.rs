@@ -90,9 +90,8 @@ impl MemoryPlug {
         self.plugged
     }
 
-    /// Plugs in `added` more bytes (a whole number of slots, or the rest of
-    /// the window) and tells the guest.
-    pub(super) fn plug(&mut self, added: u64, private_memory: bool) -> Result<(), MemoryResizeError> {
+    /// Whether `added` more bytes could be plugged in (nothing is done).
+    fn check(&self, added: u64, private_memory: bool) -> Result<(), MemoryResizeError> {
         let slot = self.window.slot_size();
         let left = self.window.size - self.plugged;
         if added == 0 {
@@ -104,6 +103,17 @@ impl MemoryPlug {
         if private_memory {
             return Err(MemoryResizeError::PrivateMemory);
         }
+        Ok(())
+    }
+
+    /// Plugs in `added` more bytes (a whole number of slots, or the rest of
+    /// the window) and tells the guest.
+    pub(super) fn plug(&mut self, added: u64, private_memory: bool) -> Result<(), MemoryResizeError> {
+        self.check(added, private_memory)?;
+        if added == 0 {
+            return Ok(());
+        }
+        let slot = self.window.slot_size();
         let start = self.window.start + self.plugged;
         let failed = |e: &dyn std::fmt::Display| MemoryResizeError::Failed(format!("{start:#x}+{added:#x}: {e}"));
         crate::host_view::set_access(&self.ram.host, start, added, true).map_err(|e| failed(&e))?;
@@ -142,6 +152,18 @@ impl super::Vm {
         let private = self.heki.as_ref().is_some_and(|h| h.private_memory_enabled());
         let plug = self.memory.as_mut().ok_or(MemoryResizeError::NoWindow(""))?;
         plug.plug(desired - current, private)
+    }
+
+    /// What `resize_memory` would answer, without plugging anything in (so a
+    /// request that also changes vCPUs is refused before it changes them).
+    pub fn check_memory_resize(&self, boot: u64, desired: u64) -> Result<(), MemoryResizeError> {
+        let current = boot + self.hotplugged_memory();
+        if desired <= current {
+            return Ok(());
+        }
+        let private = self.heki.as_ref().is_some_and(|h| h.private_memory_enabled());
+        let plug = self.memory.as_ref().ok_or(MemoryResizeError::NoWindow(""))?;
+        plug.check(desired - current, private)
     }
 
     /// Bytes plugged in since boot (`vm.info`'s `memory.hotplugged_size`).

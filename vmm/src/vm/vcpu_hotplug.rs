@@ -118,6 +118,10 @@ impl Vm {
             self.ctx.control.vcpus.kick_all();
             let timeout = crate::cpu::run_control::VCPU_STOP_TIMEOUT;
             if !self.ctx.parking.wait_resting(id, timeout) {
+                // Held elsewhere (an agent's pause): it stays the guest's,
+                // and the guest, which ejected it, is told it is back.
+                self.ctx.parking.unpark(id);
+                self.vcpus.controller.announce_added(u32::from(id));
                 return Err(VmError::VcpuNotParked { id, timeout });
             }
             // Out of the guest for good: a later vCPU `id` is a new CPU.
