@@ -52,6 +52,7 @@ ioctl_iow_nr!(KVM_SET_GUEST_DEBUG, KVMIO, 0x9b, kvm_guest_debug);
 // heki: the guest's DR7, before a string instruction is completed at once.
 ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
 // CPU hotplug: a vCPU added again waits for the guest's INIT and SIPI.
+ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
 ioctl_iow_nr!(KVM_SET_MP_STATE, KVMIO, 0x99, kvm_mp_state);
 
 /// Everything a vCPU thread asks of KVM while the guest runs: its own vCPU
@@ -73,6 +74,7 @@ pub fn vcpu_thread_ioctls() -> Vec<u64> {
         KVM_SET_VCPU_EVENTS(),
         KVM_SET_GUEST_DEBUG(),
         KVM_GET_DEBUGREGS(),
+        KVM_GET_MP_STATE(),
         KVM_SET_MP_STATE(),
         KVM_SET_USER_MEMORY_REGION(),
         KVM_X86_SET_MSR_FILTER(),
@@ -134,5 +136,6 @@ mod tests {
         assert_eq!(KVM_SET_PIT2(), 0x4070_aea0);
         assert_eq!(KVM_GET_TSC_KHZ(), 0xaea3);
         assert_eq!(KVM_SET_MP_STATE(), 0x4004_ae99);
+        assert_eq!(KVM_GET_MP_STATE(), 0x8004_ae98);
     }
 }

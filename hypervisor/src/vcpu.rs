@@ -235,6 +235,15 @@ impl Vcpu {
         self.fd.set_mp_state(state).map_err(ioctl_err("KVM_SET_MP_STATE"))
     }
 
+    /// Whether the vCPU has left the wait for INIT and SIPI (`KVM_GET_MP_STATE`).
+    pub fn has_started(&self) -> Result<bool> {
+        let state = self.fd.get_mp_state().map_err(ioctl_err("KVM_GET_MP_STATE"))?;
+        Ok(!matches!(
+            state.mp_state,
+            kvm_bindings::KVM_MP_STATE_UNINITIALIZED | kvm_bindings::KVM_MP_STATE_INIT_RECEIVED
+        ))
+    }
+
     /// Resets the FPU to its power-on state (x87 control word 0x37f, MXCSR 0x1f80).
     pub fn reset_fpu(&self) -> Result<()> {
         let fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };

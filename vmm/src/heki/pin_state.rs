@@ -49,8 +49,8 @@ pub struct PinState {
     /// vCPUs the host added after boot, to take vCPU 0's CR pins once they
     /// run the kernel in long mode (`pins.rs`, `inherit_cr_pins`).
     pub(super) inheriting: Vec<AtomicBool>,
-    /// When each such vCPU was first seen in long mode with paging.
-    pub(super) long_mode_since: Vec<Mutex<Option<Instant>>>,
+    /// When each such vCPU was first seen running (after its INIT and SIPI).
+    pub(super) running_since: Vec<Mutex<Option<Instant>>>,
     /// Last CR violation reported per vCPU under `log`, to report changes once.
     pub(super) last_logged: Vec<Mutex<Option<(ControlRegister, u64)>>>,
     /// The same for descriptor-table registers.
@@ -78,7 +78,7 @@ impl PinState {
             pins: (0..vcpus).map(|_| Mutex::default()).collect(),
             has_cr_pins: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
             inheriting: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
-            long_mode_since: (0..vcpus).map(|_| Mutex::default()).collect(),
+            running_since: (0..vcpus).map(|_| Mutex::default()).collect(),
             last_logged: (0..vcpus).map(|_| Mutex::default()).collect(),
             last_logged_dtr: (0..vcpus).map(|_| Mutex::default()).collect(),
             mailbox: Mutex::new(Mailbox { requests: vec![None; vcpus], results: vec![None; vcpus] }),
@@ -127,7 +127,7 @@ impl PinState {
     /// relied on.
     pub fn expect_inheritance(&self, id: u8) {
         let id = usize::from(id);
-        if let (Some(flag), Some(since)) = (self.inheriting.get(id), self.long_mode_since.get(id)) {
+        if let (Some(flag), Some(since)) = (self.inheriting.get(id), self.running_since.get(id)) {
             *lock(since) = None;
             flag.store(true, Ordering::Relaxed);
         }

@@ -17,8 +17,8 @@ use crate::traps::ports::VcpuAccess;
 /// How long a host-side pin waits for the vCPUs to answer.
 const PIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long a vCPU the host added may run in long mode before it must have
-/// vCPU 0's pinned CR bits (Linux sets them within its first steps there).
+/// How long a vCPU the host added may run before it must have vCPU 0's
+/// pinned CR bits (Linux sets them within its first steps in long mode).
 pub(super) const INHERIT_GRACE: Duration = Duration::from_secs(2);
 
 fn pin_errno(_: PinError) -> AbiError {
@@ -105,7 +105,7 @@ impl HekiRuntime {
             return;
         }
         let Ok(mut sregs) = vcpu.sregs() else { return };
-        let has_pins = has_pins || (inheriting && self.inherit_cr_pins(id, &sregs));
+        let has_pins = has_pins || (inheriting && self.inherit_cr_pins(vcpu, &sregs));
         let mut restore = false;
         if has_pins {
             restore |= self.check_pinned_crs(vcpu, &mut sregs);
@@ -117,17 +117,20 @@ impl HekiRuntime {
         }
     }
 
-    /// A vCPU the host added takes vCPU 0's CR pins once it is in long mode
-    /// with paging (its real-mode and 32-bit start legitimately runs without
-    /// them) and either has every pinned bit set, which the kernel does
-    /// early in bringing a CPU up, or has run `INHERIT_GRACE` without them:
-    /// then the pins are taken anyway and the check that follows restores
-    /// the bits and reports it. True once the vCPU has the pins.
-    fn inherit_cr_pins(&self, id: u8, sregs: &hypervisor::SpecialRegs) -> bool {
+    /// A vCPU the host added takes vCPU 0's CR pins once it runs in long
+    /// mode with paging and has every pinned bit set, which the kernel does
+    /// early in bringing a CPU up (its real-mode and 32-bit start
+    /// legitimately runs without them); or, whatever mode it is in,
+    /// `INHERIT_GRACE` after it started running: then the pins are taken
+    /// anyway and the check that follows restores the bits and reports it.
+    /// True once the vCPU has the pins.
+    fn inherit_cr_pins(&self, vcpu: &dyn VcpuAccess, sregs: &hypervisor::SpecialRegs) -> bool {
         const EFER_LMA: u64 = 1 << 10;
         const CR0_PG: u64 = 1 << 31;
+        let id = vcpu.id();
         let index = usize::from(id);
-        if sregs.efer & EFER_LMA == 0 || sregs.cr0 & CR0_PG == 0 {
+        if !vcpu.has_started() {
+            // Still waiting for INIT and SIPI: the clock has not started.
             return false;
         }
         let template = self.pin_state.pins(0).map(|p| (p.cr0, p.cr4)).unwrap_or_default();
@@ -137,8 +140,9 @@ impl HekiRuntime {
             stop_inheriting();
             return false;
         }
-        let reached = sregs.cr0 & template.0 == template.0 && sregs.cr4 & template.1 == template.1;
-        let mut since = lock(&self.pin_state.long_mode_since[index]);
+        let long_mode = sregs.efer & EFER_LMA != 0 && sregs.cr0 & CR0_PG != 0;
+        let reached = long_mode && sregs.cr0 & template.0 == template.0 && sregs.cr4 & template.1 == template.1;
+        let mut since = lock(&self.pin_state.running_since[index]);
         let started = *since.get_or_insert_with(Instant::now);
         if !reached && started.elapsed() < INHERIT_GRACE {
             return false;

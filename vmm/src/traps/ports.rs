@@ -46,6 +46,11 @@ pub trait VcpuAccess {
     fn exit_rip(&self) -> Option<u64>;
     /// The guest's privilege level at the current exit (CS.DPL).
     fn exit_cpl(&self) -> Option<u8>;
+    /// Whether the vCPU runs code of its own: false while it waits for the
+    /// INIT and SIPI that start an added CPU (its registers are not yet its own).
+    fn has_started(&self) -> bool {
+        true
+    }
 }
 
 /// What completing a string instruction at its first trapped element needs
@@ -154,6 +159,10 @@ impl VcpuAccess for hypervisor::Vcpu {
     }
     fn exit_cpl(&self) -> Option<u8> {
         hypervisor::Vcpu::exit_cpl(self).ok()
+    }
+    fn has_started(&self) -> bool {
+        // If KVM cannot say, count it as started: pins then arm sooner, never later.
+        hypervisor::Vcpu::has_started(self).unwrap_or(true)
     }
 }
 
