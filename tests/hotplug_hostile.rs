@@ -359,12 +359,7 @@ fn a_removal_while_the_agent_holds_the_vcpu_leaves_guest_and_host_agreeing() {
     vmm.create_with("hotplug_eject", 2, true, json!({"socket": agent_socket}));
     assert_eq!(vmm.put("vm.boot", json!(null)).0, 204);
     vmm.wait_for_serial("ready to eject");
-    let mut agent = loop {
-        match api_client::introspect::Agent::connect(&agent_socket) {
-            Ok(agent) => break agent,
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    };
+    let mut agent = connect_agent(&agent_socket);
     let paused = agent.call("pause", json!({"vcpu": 1})).expect("pause vCPU 1");
     assert_eq!(paused["paused"], true, "{paused}");
 
@@ -406,12 +401,7 @@ fn an_agent_reaches_plugged_memory_and_nothing_of_the_unplugged_window() {
     vmm.create_with("hotplug_eject", 1, true, json!({"socket": agent_socket}));
     assert_eq!(vmm.put("vm.boot", json!(null)).0, 204);
     vmm.wait_for_serial("ready to eject");
-    let mut agent = loop {
-        match api_client::introspect::Agent::connect(&agent_socket) {
-            Ok(agent) => break agent,
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    };
+    let mut agent = connect_agent(&agent_socket);
     // CR tracking on a VM with room for more vCPUs (it timed out waiting
     // for vCPU 1, which does not exist yet).
     let started = Instant::now();
@@ -546,4 +536,18 @@ fn virtio_blk_buffers_in_the_window_fail_until_plugged_and_work_after() {
     let after = std::fs::read(&image).expect("image");
     assert_eq!(&after[1024..1035], b"SECTOR TWO\0", "a write from unplugged memory reached the disk");
     vmm.assert_alive();
+}
+
+/// The introspection agent, once its socket listens.
+fn connect_agent(socket: &std::path::Path) -> api_client::introspect::Agent {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match api_client::introspect::Agent::connect(socket) {
+            Ok(agent) => return agent,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "no agent socket at {}: {e}", socket.display());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
 }

@@ -169,17 +169,12 @@ pub struct HotplugSlotPorts(pub std::sync::Arc<HotplugSlots>);
 
 impl PioDevice for HotplugSlotPorts {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
-        // Only aligned 32-bit accesses mean anything (the DSDT's fields are DWordAcc).
-        if data.len() != 4 || !offset.is_multiple_of(4) {
-            data.fill(0);
-            return;
-        }
-        data.copy_from_slice(&self.0.read(offset).to_le_bytes());
+        super::dword_registers::read(offset, data, |offset| self.0.read(offset));
     }
 
     fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction {
-        if let (true, Ok(bytes)) = (offset.is_multiple_of(4), <[u8; 4]>::try_from(data)) {
-            self.0.write(offset, u32::from_le_bytes(bytes));
+        if let Some(value) = super::dword_registers::written(offset, data) {
+            self.0.write(offset, value);
         }
         DeviceAction::None
     }

@@ -3,6 +3,7 @@
 mod acpi_pm;
 mod bus;
 mod cmos;
+mod dword_registers;
 pub mod gate;
 pub mod hotplug_slots;
 mod i8042;

@@ -141,17 +141,12 @@ pub struct PciHotplugPorts(pub Arc<PciHotplug>);
 
 impl PioDevice for PciHotplugPorts {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
-        // Only aligned 32-bit accesses mean anything (the DSDT's fields are DWordAcc).
-        if data.len() != 4 || !offset.is_multiple_of(4) {
-            data.fill(0);
-            return;
-        }
-        data.copy_from_slice(&self.0.read(offset).to_le_bytes());
+        super::dword_registers::read(offset, data, |offset| self.0.read(offset));
     }
 
     fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction {
-        if let (EJECT, Ok(bytes)) = (offset, <[u8; 4]>::try_from(data)) {
-            self.0.eject(u32::from_le_bytes(bytes));
+        if let (EJECT, Some(bits)) = (offset, super::dword_registers::written(offset, data)) {
+            self.0.eject(bits);
         }
         DeviceAction::None
     }
